@@ -1,0 +1,186 @@
+"""The typed configuration of one experiment: a pool, a tracked test set and many training runs.
+
+One file per experiment lives under ``runs/<name>/config.py`` and defines
+``get_config() -> ExperimentConfig``. The config is recorded in ``experiment.json``; a workdir
+holding a different config is refused (see `finetune.trainer`).
+
+References:
+    Simfluence: Guu et al. 2023, https://arxiv.org/abs/2303.08114
+    IA3 / T-Few: Liu et al. 2022, https://arxiv.org/abs/2205.05638
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune.curricula import KINDS
+from finetune.tasks import TASKS, splits
+
+
+class ConfigError(ValueError):
+    """An ExperimentConfig field has a bad value."""
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """A short training phase run once per experiment before the runs (for random-init models).
+
+    It trains all parameters on training-split examples that are neither in the pool nor tracked,
+    so that a random-init model has learned the answer format before the runs start (a model that
+    has not gives flat, uninformative test-loss trajectories). Its result is cached in
+    ``EXP/warmup/`` and is the starting point of every run.
+    """
+
+    steps: int = 300  # optimizer steps of the warm-up
+    batch_size: int = 16  # examples per warm-up step
+    n_examples: int = 1000  # warm-up examples drawn from the train split outside the pool
+    learning_rate: float = 1e-3  # AdamW learning rate, constant
+    seed: int = 0  # seed of the warm-up example draw and order
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "n_examples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"warmup.{name}={getattr(self, name)} must be >= 1")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"warmup.learning_rate={self.learning_rate} must be > 0")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines an experiment; two experiments with equal configs are identical.
+
+    Raises:
+        ConfigError: from ``__post_init__`` for any inconsistent field, naming it and the fix.
+    """
+
+    name: str  # experiment name (the runs/<name> folder)
+    task: str  # "rte" | "copa" | "winogrande"
+    # --- model --------------------------------------------------------------------------------
+    model: str | None = None  # HF checkpoint directory or hub name; None = random init
+    random_init: dict[str, Any] | None = None  # transformers.T5Config kwargs when model is None
+    init_seed: int = 0  # seed of the random init (ignored for pretrained models)
+    tokenizer: str | None = None  # tokenizer dir/file/hub name; None: SIMFLUENCE_TOKENIZER or model
+    method: str = "full"  # "full" (all weights) or "ia3" (only the IA3 scaling vectors)
+    freeze_embeddings: bool = False  # full tuning but keep the shared vocab embedding fixed
+    dtype: str = "float32"  # compute dtype: "float32" | "bfloat16" (params stay float32)
+    # --- optimizer ----------------------------------------------------------------------------
+    optimizer: str = "adamw"  # "adamw" | "adafactor"
+    learning_rate: float = 1e-4  # peak learning rate (T-Few IA3: 3e-3)
+    schedule: str = "constant"  # "constant" | "linear" (decay to 0) | "cosine" (decay to 0)
+    warmup_steps: int = 0  # linear learning-rate warm-up steps at the start of each run
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW only)
+    grad_clip_norm: float | None = None  # clip gradients to this global norm (T-Few: 1.0)
+    # --- data ---------------------------------------------------------------------------------
+    train_split: str = "train"  # split the pool is drawn from
+    test_split: str = "validation"  # split the tracked test examples are drawn from
+    n_train: int = 100  # pool size, drawn once per experiment from train_split
+    n_test: int = 50  # tracked test examples, drawn once per experiment from test_split
+    max_input_length: int = 256  # inputs are truncated to this many tokens (EOS kept)
+    max_target_length: int = 32  # answers likewise
+    length_multiple: int = 16  # each batch is padded to a multiple of this of its own max length
+    data_seed: int = 0  # seed of the pool / test draw
+    # --- runs ---------------------------------------------------------------------------------
+    num_runs: int = 32  # training runs, each under its own random curriculum
+    steps: int = 100  # optimizer steps per run
+    batch_size: int = 8  # training examples per step
+    curriculum: str = "uniform"  # "epochs" | "uniform" | "subset" (see finetune.curricula)
+    subset_size: int | None = None  # examples per run for curriculum "subset"
+    curriculum_seed: int = 0  # run r uses seed (curriculum_seed, r)
+    runs_together: int = 8  # R: runs trained together in one vmapped program (memory bound)
+    checkpoint_steps: tuple[int, ...] = ()  # saved states (orbax), after that many steps; 0=start
+    checkpoint_runs: int | None = None  # only runs 0..checkpoint_runs-1 save checkpoints; None=all
+    warmup: WarmupConfig | None = None  # optional warm-up phase before all runs (random init)
+    output_dir: str | None = None  # default output folder; None: runs/<name>/output
+    notes: str = ""  # free text recorded with the experiment
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded, unused (e.g. the eval split)
+
+    def __post_init__(self):
+        def bad(msg: str):
+            raise ConfigError(f"config {self.name!r}: {msg}")
+
+        if self.task not in TASKS:
+            bad(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        for split_field in ("train_split", "test_split"):
+            value = getattr(self, split_field)
+            if value not in splits(self.task):
+                bad(f"{split_field}={value!r} is not a split of {self.task}; choose one of "
+                    f"{', '.join(splits(self.task))}")
+        if self.model is None and not self.random_init:
+            bad("give model (checkpoint dir or hub name) or random_init (T5Config kwargs)")
+        if self.model is not None and self.random_init:
+            bad("give model or random_init, not both")
+        if self.method not in ("full", "ia3"):
+            bad(f"method={self.method!r}; choose 'full' or 'ia3'")
+        if self.method == "ia3" and self.freeze_embeddings:
+            bad("freeze_embeddings applies to method 'full' only")
+        if self.dtype not in ("float32", "bfloat16"):
+            bad(f"dtype={self.dtype!r}; choose 'float32' or 'bfloat16'")
+        if self.optimizer not in ("adamw", "adafactor"):
+            bad(f"optimizer={self.optimizer!r}; choose 'adamw' or 'adafactor'")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            bad(f"schedule={self.schedule!r}; choose 'constant', 'linear' or 'cosine'")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            bad(f"grad_clip_norm={self.grad_clip_norm} must be > 0 or None")
+        if self.weight_decay < 0:
+            bad(f"weight_decay={self.weight_decay} must be >= 0")
+        if not self.learning_rate > 0:
+            bad(f"learning_rate={self.learning_rate} must be > 0")
+        if self.curriculum not in KINDS:
+            bad(f"curriculum={self.curriculum!r}; choose one of {', '.join(KINDS)}")
+        for name in ("n_train", "n_test", "num_runs", "steps", "batch_size", "runs_together",
+                     "max_input_length", "max_target_length", "length_multiple"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        if not 0 <= self.warmup_steps < self.steps:
+            bad(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+        pool = self.subset_size if self.curriculum == "subset" else self.n_train
+        if self.curriculum == "subset":
+            if self.subset_size is None or not 1 <= self.subset_size <= self.n_train:
+                bad(f"subset_size={self.subset_size} must be in [1, n_train={self.n_train}] "
+                    "for curriculum 'subset'")
+        elif self.subset_size is not None:
+            bad("subset_size is only used with curriculum 'subset'; remove it")
+        if self.batch_size > pool:
+            bad(f"batch_size={self.batch_size} is larger than the pool ({pool} examples); "
+                "lower batch_size or raise n_train")
+        steps = tuple(self.checkpoint_steps)
+        if any(not isinstance(s, int) or not 0 <= s <= self.steps for s in steps):
+            bad(f"checkpoint_steps {list(steps)} must lie in [0, steps={self.steps}] (0 is the "
+                "state before the first step)")
+        if list(steps) != sorted(set(steps)):
+            bad(f"checkpoint_steps {list(steps)} must be increasing without repeats")
+        object.__setattr__(self, "checkpoint_steps", steps)
+        if self.checkpoint_runs is not None and not 0 <= self.checkpoint_runs <= self.num_runs:
+            bad(f"checkpoint_runs={self.checkpoint_runs} must be in [0, num_runs]")
+        if isinstance(self.warmup, dict):
+            object.__setattr__(self, "warmup", WarmupConfig(**self.warmup))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists); `from_dict` inverts it."""
+        d = dataclasses.asdict(self)
+        d["checkpoint_steps"] = list(self.checkpoint_steps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
+        """Rebuilds a config from `to_dict` output.
+
+        Raises:
+            ConfigError: unknown fields.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}")
+        d = dict(d)
+        d["checkpoint_steps"] = tuple(d.get("checkpoint_steps", ()))
+        if d.get("warmup") is not None:
+            d["warmup"] = WarmupConfig(**d["warmup"])
+        return cls(**d)
+
+    def saves_checkpoints(self, run_index: int) -> bool:
+        """Whether run ``run_index`` saves checkpoints."""
+        return bool(self.checkpoint_steps) and (
+            self.checkpoint_runs is None or run_index < self.checkpoint_runs)

@@ -1,0 +1,483 @@
+"""T5 / T0 encoder-decoder in Flax NNX, numerically equal to Hugging Face's PyTorch T5.
+
+Layer 1 of ``finetune`` (a pure network; see STYLE.md). Built from a ``transformers.T5Config``:
+
+- relative position buckets (bidirectional in the encoder, causal in the decoder); one bias
+  table per stack, owned by the stack (HF stores it in block 0 and shares it with every block);
+- RMS layer norm without bias or mean subtraction, computed in float32;
+- ``relu`` (original T5) or gated ``gelu_new`` (T5 v1.1, LM-adapted, T0) feed-forwards;
+- a tied output embedding scaled by ``d_model ** -0.5`` (original T5) or an untied ``lm_head``
+  (v1.1); no ``1/sqrt(d_kv)`` scaling of ``q.k`` (T5 folds it into the initialisation);
+- dropout at HF's sites, driven by an explicit ``dropout_rng`` (no stateful rng in the module);
+- IA3 vectors (Liu et al. 2022) multiplying the keys and values of every attention and the inner
+  activation of every feed-forward, initialised to ones, present only when ``ia3=True``.
+
+Parameters are stored in ``param_dtype``; matmuls run in ``dtype`` (e.g. bfloat16) with float32
+accumulation of attention scores and logits. Self-attention uses one fused ``qkv`` kernel and
+cross-attention one fused ``kv`` kernel; the gated feed-forward one fused ``wi`` kernel
+(``finetune.hf`` maps them to and from HF's separate q/k/v, wi_0/wi_1 matrices).
+
+References:
+    Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+    Transformer", https://arxiv.org/abs/1910.10683.
+    Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+    In-Context Learning" (IA3, T-Few), https://arxiv.org/abs/2205.05638.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = ["T5", "IA3Param", "is_tied", "shift_right"]
+
+_NEG_INF = float(np.finfo(np.float32).min)  # additive mask value, as HF uses for float32
+
+
+class IA3Param(nnx.Param):
+    """An IA3 scaling vector (a ``Param`` subclass, so filters can select IA3 by type)."""
+
+
+def is_tied(config: Any) -> bool:
+    """Whether the output layer reuses ``shared`` (scaled by ``d_model**-0.5``), as original T5.
+
+    transformers >= 5.2x always sets ``tie_word_embeddings=True`` and keeps the checkpoint's
+    intent in ``scale_decoder_outputs``; older versions use ``tie_word_embeddings`` directly.
+    Real checkpoints are either tied+scaled (T5) or untied+unscaled (v1.1, T0).
+    """
+    scale = getattr(config, "scale_decoder_outputs", None)
+    if scale is not None:
+        return bool(scale)
+    return bool(getattr(config, "tie_word_embeddings", True))
+
+
+def shift_right(targets: jax.Array, start_id: int = 0) -> jax.Array:
+    """Decoder inputs: targets shifted right by one with ``start_id`` first.
+
+    Args:
+        targets: int32 [batch, L_tgt].
+        start_id: the decoder start token (T5: the pad id 0).
+
+    Returns:
+        int32 [batch, L_tgt].
+    """
+    start = jnp.full((targets.shape[0], 1), start_id, dtype=targets.dtype)
+    return jnp.concatenate([start, targets[:, :-1]], axis=1)
+
+
+def _relative_buckets(
+    q_len: int, k_len: int, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """Relative position bucket of each (query, key) pair, exactly as HF/Mesh TF compute it.
+
+    Computed with numpy at trace time (the lengths are static), in float32 like torch.
+
+    Returns:
+        int32 [q_len, k_len] in [0, num_buckets).
+    """
+    rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]  # [q, k] memory - query
+    buckets = np.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0).astype(rel.dtype) * num_buckets
+        rel = np.abs(rel)
+    else:
+        rel = -np.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = rel < max_exact
+    safe = np.maximum(rel, 1).astype(np.float32)
+    large = max_exact + (
+        np.log(safe / np.float32(max_exact))
+        / np.float32(math.log(max_distance / max_exact))
+        * np.float32(num_buckets - max_exact)
+    ).astype(rel.dtype)
+    large = np.minimum(large, num_buckets - 1)
+    buckets += np.where(is_small, rel, large)
+    return buckets.astype(np.int32)
+
+
+class _Keys:
+    """Hands out a fresh dropout key per call site (in trace order); None when deterministic."""
+
+    def __init__(self, rng: jax.Array | None):
+        self._rng = rng
+        self._count = 0
+
+    def dropout(self, x: jax.Array, rate: float) -> jax.Array:
+        if self._rng is None or rate == 0.0:
+            return x
+        # One rng_bit_generator op per site, keyed by (user key, site index): compiling a
+        # threefry hash per dropout site made CPU compiles 2-3x slower.
+        data = jax.random.key_data(self._rng).ravel().astype(jnp.uint32)  # [2] or [4]
+        count = jnp.uint32(self._count)
+        site = jnp.stack([data[0], data[1], data[-1] ^ count, count ^ jnp.uint32(0x9E3779B9)])
+        self._count += 1
+        key = jax.random.wrap_key_data(site, impl="unsafe_rbg")
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _activation(name: str):
+    """The feed-forward nonlinearity named by ``config.dense_act_fn`` (HF's ACT2FN names)."""
+    table = {
+        "relu": jax.nn.relu,
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+    }
+    if name not in table:
+        raise ValueError(
+            f"T5Config.dense_act_fn={name!r} is not supported; use one of {sorted(table)} "
+            "(feed_forward_proj 'relu' or 'gated-gelu')"
+        )
+    return table[name]
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class _RMSNorm(nnx.Module):
+    """T5 layer norm: x / rms(x) * scale, no mean subtraction, no bias, computed in float32."""
+
+    def __init__(self, d_model: int, eps: float, *, dtype, param_dtype):
+        self.scale = nnx.Param(jnp.ones((d_model,), param_dtype))  # [d_model]
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)  # [b, l, d]
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)  # [b, l, 1]
+        y = x32 * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class _Attention(nnx.Module):
+    """Multi-head attention without q.k scaling; fused qkv (self) or q + fused kv (cross)."""
+
+    def __init__(self, config, *, cross: bool, ia3: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        d, h, k = config.d_model, config.num_heads, config.d_kv
+        f = config.initializer_factor
+        self.cross = cross
+        self.dtype = dtype
+        self.dropout_rate = float(config.dropout_rate)
+        # HF init: q ~ N(0, (d*d_kv)^-1/2), k, v ~ N(0, d^-1/2), o ~ N(0, (h*d_kv)^-1/2).
+        if cross:
+            self.q = nnx.Param(_normal(rngs, (d, h, k), f * (d * k) ** -0.5, param_dtype))
+            self.kv = nnx.Param(_normal(rngs, (d, 2, h, k), f * d**-0.5, param_dtype))
+        else:
+            qkv = jnp.stack(
+                [
+                    _normal(rngs, (d, h, k), f * (d * k) ** -0.5, param_dtype),
+                    _normal(rngs, (d, h, k), f * d**-0.5, param_dtype),
+                    _normal(rngs, (d, h, k), f * d**-0.5, param_dtype),
+                ],
+                axis=1,
+            )
+            self.qkv = nnx.Param(qkv)  # [d_model, 3, heads, d_kv]
+        self.o = nnx.Param(_normal(rngs, (h, k, d), f * (h * k) ** -0.5, param_dtype))
+        if ia3:
+            self.ia3_k = IA3Param(jnp.ones((h, k), param_dtype))  # [heads, d_kv]
+            self.ia3_v = IA3Param(jnp.ones((h, k), param_dtype))  # [heads, d_kv]
+
+    def __call__(
+        self,
+        x: jax.Array,
+        bias: jax.Array,
+        keys: _Keys,
+        memory: jax.Array | None = None,
+    ) -> jax.Array:
+        """Attention of ``x`` over itself or over ``memory``.
+
+        Args:
+            x: [b, q, d_model] queries' hidden states (compute dtype).
+            bias: float32 additive terms, each broadcastable to [b, heads, q, k] (position
+                bias [1, h, q, k], padding/causal mask [b or 1, 1, q or 1, k]); summed inside
+                the softmax fusion, never materialised per example.
+            keys: dropout keys.
+            memory: [b, k, d_model] encoder output for cross-attention, else None.
+
+        Returns:
+            [b, q, d_model] in the compute dtype.
+        """
+        dt = self.dtype
+        if self.cross:
+            q = jnp.einsum("bqd,dhk->bqhk", x, self.q[...].astype(dt))  # [b, q, h, dk]
+            kv = jnp.einsum("bld,dthk->tblhk", memory, self.kv[...].astype(dt))  # [2, b, l, h, dk]
+            k, v = kv[0], kv[1]
+        else:
+            qkv = jnp.einsum("bld,dthk->tblhk", x, self.qkv[...].astype(dt))  # [3, b, l, h, dk]
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        if hasattr(self, "ia3_k"):  # IA3: l_k * K and l_v * V (T-Few scales the k/v outputs)
+            k = k * self.ia3_k[...].astype(dt)
+            v = v * self.ia3_v[...].astype(dt)
+        # T5: no 1/sqrt(d_kv); scores accumulate and softmax run in float32.
+        scores = jnp.einsum("bqhk,blhk->bhql", q, k, preferred_element_type=jnp.float32)
+        for term in bias:
+            scores = scores + term  # [b, h, q, l]
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = keys.dropout(probs, self.dropout_rate).astype(dt)
+        out = jnp.einsum("bhql,blhk->bqhk", probs, v)  # [b, q, h, dk]
+        return jnp.einsum("bqhk,hkd->bqd", out, self.o[...].astype(dt))  # [b, q, d_model]
+
+
+class _FeedForward(nnx.Module):
+    """wo(dropout(ia3 * act(wi x))) or, gated, wo(dropout(ia3 * act(wi_0 x) * (wi_1 x)))."""
+
+    def __init__(self, config, *, ia3: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        d, ff, f = config.d_model, config.d_ff, config.initializer_factor
+        self.gated = bool(config.is_gated_act)
+        self.act = config.dense_act_fn
+        _activation(self.act)  # fail at construction on an unknown activation
+        self.dtype = dtype
+        self.dropout_rate = float(config.dropout_rate)
+        if self.gated:
+            self.wi = nnx.Param(_normal(rngs, (d, 2, ff), f * d**-0.5, param_dtype))  # [d, 2, ff]
+        else:
+            self.wi = nnx.Param(_normal(rngs, (d, ff), f * d**-0.5, param_dtype))  # [d, ff]
+        self.wo = nnx.Param(_normal(rngs, (ff, d), f * ff**-0.5, param_dtype))  # [ff, d]
+        if ia3:
+            self.ia3_ff = IA3Param(jnp.ones((ff,), param_dtype))  # [d_ff]
+
+    def __call__(self, x: jax.Array, keys: _Keys) -> jax.Array:
+        dt = self.dtype
+        act = _activation(self.act)
+        if self.gated:
+            hh = jnp.einsum("bld,dtf->tblf", x, self.wi[...].astype(dt))  # [2, b, l, ff]
+            h = act(hh[0]) * hh[1]  # [b, l, ff]
+        else:
+            h = act(jnp.einsum("bld,df->blf", x, self.wi[...].astype(dt)))  # [b, l, ff]
+        if hasattr(self, "ia3_ff"):  # IA3: l_ff * inner activation, before wo
+            h = h * self.ia3_ff[...].astype(dt)
+        h = keys.dropout(h, self.dropout_rate)
+        return jnp.einsum("blf,fd->bld", h, self.wo[...].astype(dt))  # [b, l, d_model]
+
+
+class _Block(nnx.Module):
+    """Pre-norm residual block: self-attention, [cross-attention], feed-forward."""
+
+    def __init__(self, config, *, decoder: bool, ia3: bool, dtype, param_dtype, rngs):
+        eps = config.layer_norm_epsilon
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.dropout_rate = float(config.dropout_rate)
+        self.self_norm = _RMSNorm(config.d_model, eps, **kw)
+        self.self_attn = _Attention(config, cross=False, ia3=ia3, rngs=rngs, **kw)
+        if decoder:
+            self.cross_norm = _RMSNorm(config.d_model, eps, **kw)
+            self.cross_attn = _Attention(config, cross=True, ia3=ia3, rngs=rngs, **kw)
+        self.ff_norm = _RMSNorm(config.d_model, eps, **kw)
+        self.ff = _FeedForward(config, ia3=ia3, rngs=rngs, **kw)
+
+    def __call__(self, x, self_bias, keys, memory=None, cross_bias=None):
+        r = self.dropout_rate
+        x = x + keys.dropout(self.self_attn(self.self_norm(x), self_bias, keys), r)
+        if memory is not None:
+            x = x + keys.dropout(self.cross_attn(self.cross_norm(x), cross_bias, keys, memory), r)
+        return x + keys.dropout(self.ff(self.ff_norm(x), keys), r)
+
+
+class _Stack(nnx.Module):
+    """Encoder or decoder stack; the relative position bias table is shared by all blocks."""
+
+    def __init__(self, config, *, decoder: bool, ia3: bool, dtype, param_dtype, rngs):
+        n = config.num_decoder_layers if decoder else config.num_layers
+        self.decoder = decoder
+        self.dtype = dtype
+        self.dropout_rate = float(config.dropout_rate)
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        self.relative_attention_bias = nnx.Param(
+            _normal(
+                rngs,
+                (config.relative_attention_num_buckets, config.num_heads),
+                config.initializer_factor * config.d_model**-0.5,
+                param_dtype,
+            )
+        )  # [buckets, heads]
+        self.blocks = nnx.List(
+            [
+                _Block(
+                    config, decoder=decoder, ia3=ia3, dtype=dtype, param_dtype=param_dtype,
+                    rngs=rngs,
+                )
+                for _ in range(n)
+            ]
+        )
+        self.final_norm = _RMSNorm(
+            config.d_model, config.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype
+        )
+
+    def _position_bias(self, q_len: int, k_len: int) -> jax.Array:
+        buckets = _relative_buckets(
+            q_len, k_len, bidirectional=not self.decoder, num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )  # [q, k]
+        table = self.relative_attention_bias[...].astype(jnp.float32)  # [buckets, h]
+        return jnp.transpose(table[buckets], (2, 0, 1))[None]  # [1, h, q, k]
+
+    def __call__(self, embedded, keys, self_mask, memory=None, cross_mask=None):
+        """Run the stack.
+
+        Args:
+            embedded: [b, l, d_model] token embeddings (compute dtype).
+            keys: dropout keys.
+            self_mask: bool [b or 1, 1, l or 1, l] allowed (query, key) pairs.
+            memory: [b, l_in, d_model] encoder output (decoder only).
+            cross_mask: bool [b, 1, 1, l_in] non-padding encoder positions (decoder only).
+
+        Returns:
+            [b, l, d_model] after the final layer norm and dropout.
+        """
+        length = embedded.shape[1]
+        self_bias = (
+            self._position_bias(length, length),  # [1, h, l, l]
+            jnp.where(self_mask, 0.0, _NEG_INF).astype(jnp.float32),  # [b or 1, 1, l or 1, l]
+        )
+        cross_bias = None
+        if memory is not None:  # T5 cross-attention has no position bias
+            cross_bias = (jnp.where(cross_mask, 0.0, _NEG_INF).astype(jnp.float32),)  # [b,1,1,l_in]
+        x = keys.dropout(embedded, self.dropout_rate)
+        for block in self.blocks:
+            x = block(x, self_bias, keys, memory, cross_bias)
+        return keys.dropout(self.final_norm(x), self.dropout_rate)
+
+
+class T5(nnx.Module):
+    """T5 encoder-decoder (T5, T5 v1.1 / LM-adapted, T0), optionally with IA3 vectors.
+
+    Args:
+        config: a ``transformers.T5Config`` (``feed_forward_proj`` 'relu' or 'gated-gelu').
+        ia3: add IA3 vectors (ones) to every attention's keys/values and every feed-forward.
+        dtype: compute dtype of the matmuls (float32 or bfloat16); norms, softmax and logits
+            stay float32.
+        param_dtype: storage dtype of the parameters.
+        rngs: ``nnx.Rngs`` for the random initialisation (HF's init distributions).
+
+    References:
+        T5: https://arxiv.org/abs/1910.10683; IA3: https://arxiv.org/abs/2205.05638.
+    """
+
+    def __init__(
+        self,
+        config,
+        *,
+        ia3: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if getattr(config, "model_type", None) != "t5":
+            raise ValueError(
+                f"config.model_type={getattr(config, 'model_type', None)!r} is not 't5'; "
+                "build the model from a transformers.T5Config"
+            )
+        self.d_model = config.d_model
+        self.vocab_size = config.vocab_size
+        self.tied = is_tied(config)
+        self.start_id = int(getattr(config, "decoder_start_token_id", None) or 0)
+        self.dtype = dtype
+        self.ia3 = ia3
+        factor = config.initializer_factor
+        self.shared = nnx.Param(
+            _normal(rngs, (config.vocab_size, config.d_model), factor * 1.0, param_dtype)
+        )  # [vocab, d_model]
+        kw = dict(ia3=ia3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.encoder = _Stack(config, decoder=False, **kw)
+        self.decoder = _Stack(config, decoder=True, **kw)
+        if not self.tied:
+            self.lm_head = nnx.Param(
+                _normal(rngs, (config.d_model, config.vocab_size), factor * 1.0, param_dtype)
+            )  # [d_model, vocab]
+
+    def _embed(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.shared[...], ids, axis=0).astype(self.dtype)  # [b, l, d]
+
+    def encode(
+        self, inputs: jax.Array, *, deterministic: bool = True, dropout_rng=None, _keys=None
+    ) -> jax.Array:
+        """Encoder hidden states.
+
+        Args:
+            inputs: int32 [batch, L_in], pad id 0.
+            deterministic: no dropout when True.
+            dropout_rng: PRNG key, required when ``deterministic=False``.
+
+        Returns:
+            [batch, L_in, d_model] in the compute dtype (after the final layer norm).
+        """
+        keys = _keys or _Keys(_dropout_key(deterministic, dropout_rng))
+        mask = (inputs != 0)[:, None, None, :]  # [b, 1, 1, L_in]
+        return self.encoder(self._embed(inputs), keys, mask)
+
+    def decode(
+        self,
+        encoded: jax.Array,
+        inputs: jax.Array,
+        targets: jax.Array,
+        *,
+        deterministic: bool = True,
+        dropout_rng=None,
+        _keys=None,
+    ) -> jax.Array:
+        """Logits of each target token given the encoder output (teacher forcing).
+
+        Args:
+            encoded: [batch, L_in, d_model] from ``encode``.
+            inputs: int32 [batch, L_in] (its padding masks the cross-attention).
+            targets: int32 [batch, L_tgt]; decoder inputs are these shifted right.
+            deterministic: no dropout when True.
+            dropout_rng: PRNG key, required when ``deterministic=False``.
+
+        Returns:
+            float32 [batch, L_tgt, vocab].
+        """
+        keys = _keys or _Keys(_dropout_key(deterministic, dropout_rng))
+        length = targets.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, L_tgt, L_tgt]
+        cross_mask = (inputs != 0)[:, None, None, :]  # [b, 1, 1, L_in]
+        dec_in = shift_right(targets, self.start_id)
+        h = self.decoder(self._embed(dec_in), keys, causal, encoded, cross_mask)  # [b, L, d]
+        if self.tied:
+            h = h * jnp.asarray(self.d_model**-0.5, h.dtype)
+            w = self.shared[...].astype(self.dtype).T  # [d_model, vocab]
+        else:
+            w = self.lm_head[...].astype(self.dtype)  # [d_model, vocab]
+        return jnp.einsum("bld,dv->blv", h, w, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        targets: jax.Array,
+        *,
+        deterministic: bool = True,
+        dropout_rng=None,
+    ) -> jax.Array:
+        """Teacher-forced logits.
+
+        Args:
+            inputs: int32 [batch, L_in], pad id 0.
+            targets: int32 [batch, L_tgt], pad id 0, ending with EOS.
+            deterministic: no dropout when True.
+            dropout_rng: PRNG key, required when ``deterministic=False``.
+
+        Returns:
+            float32 [batch, L_tgt, vocab].
+        """
+        keys = _Keys(_dropout_key(deterministic, dropout_rng))
+        encoded = self.encode(inputs, _keys=keys)
+        return self.decode(encoded, inputs, targets, _keys=keys)
+
+
+def _dropout_key(deterministic: bool, dropout_rng):
+    if deterministic:
+        return None
+    if dropout_rng is None:
+        raise ValueError("deterministic=False needs dropout_rng (a jax.random key)")
+    return dropout_rng

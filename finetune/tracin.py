@@ -1,0 +1,686 @@
+"""TracIn-CP: per-example gradient dot products at saved checkpoints.
+
+TracIn-CP (Pruthi et al. 2020) scores the influence of training example z_i on test example z as
+``sum_k eta_k * grad L(z_i; theta_k) . grad L(z; theta_k)`` over saved checkpoints theta_k. This
+module computes the dot products ``grad L(z_i; theta_k) . grad L(z; theta_k)`` of every pool
+example against every tracked test example at every checkpoint of every run, and writes them as
+``run_XXX/tracin.npz`` (read by the ``tracin-cp`` simulators of ``simfluence``).
+
+Two modes:
+
+- ``exact``: per-example gradients of the pool are computed chunk by chunk (``vmap(grad)``),
+  flattened and dotted with the flattened test gradients; memory is bounded by one chunk of
+  gradients plus the ``[n_test, P]`` test gradients (fine for IA3; for full tuning of a large
+  model use ``projected``).
+- ``projected``: each per-example gradient is multiplied by a seeded Gaussian matrix with
+  N(0, 1/d) entries, generated block by block over the parameter tree (one block per leaf, or
+  per group of rows of a large leaf, from ``fold_in(key, leaf_index)``), so that a
+  ``[parameters, d]`` matrix never exists. Dot products of projections are unbiased estimates
+  of the exact ones with standard deviation ``sqrt((|g1|^2 |g2|^2 + (g1.g2)^2) / d)``
+  (Johnson-Lindenstrauss).
+
+Checkpoint and learning-rate convention (shared with ``simfluence``'s ``tracin-cp``):
+a checkpoint "at step s" is the trainable state after ``s`` optimizer steps (``s = 0`` is the
+initial state). Its learning rate ``eta_k`` is the learning rate of the step that FOLLOWS it,
+step ``s + 1`` (``lr.npy[s]``): the first-order prediction of the loss change at step ``s + 1``
+is ``-(eta / batch) * sum_{i in c_{s+1}} dots[k, :, i]``, since that step's gradient is taken at
+theta_s. A checkpoint at the last step ``T`` (no step follows) gets the learning rate of step T.
+
+References:
+    Pruthi et al. 2020, Estimating Training Data Influence by Tracing Gradient Descent,
+    https://arxiv.org/abs/2002.08484.
+    Guu et al. 2023, Simfluence: Modeling the Influence of Individual Training Examples by
+    Simulating Training Runs, https://arxiv.org/abs/2303.08114.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["add_subcommand", "compute_dots", "count_params", "run_tracin"]
+
+_LOG = logging.getLogger(__name__)
+
+MODES = ("exact", "projected")
+# Largest Gaussian block generated at once in projected mode (elements; 2^24 f32 = 64 MiB).
+# Part of the definition of the projection: changing it changes the random matrix.
+_PROJ_BLOCK_ELEMS = 1 << 24
+_DEFAULT_CHUNK = 32
+
+PyTree = Any
+Batch = dict[str, Any]  # {"inputs": int32 [n, L_in], "targets": int32 [n, L_tgt]}
+LossFn = Callable[[PyTree, Batch], jax.Array]  # (params, batch [b, ...]) -> f32 [b]
+CombineFn = Callable[[PyTree, PyTree], PyTree]  # (trainable, frozen) -> params
+
+
+def count_params(trainable: PyTree) -> int:
+    """Number of scalar parameters in a pytree (``None`` leaves count zero)."""
+    return int(sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(trainable)))
+
+
+def _default_combine() -> CombineFn:
+    from finetune.model import combine  # the model stack; imported only when needed
+
+    return combine
+
+
+def _check_mode(mode: str, proj_dim: int, chunk_size: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}; pass --mode exact or projected")
+    if mode == "projected" and (not isinstance(proj_dim, int | np.integer) or proj_dim < 1):
+        raise ValueError(f"proj_dim={proj_dim!r} must be a positive integer (e.g. 4096)")
+    if not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (e.g. 32)")
+
+
+def _batch_size(batch: Batch, name: str) -> int:
+    sizes = {k: int(np.shape(v)[0]) for k, v in batch.items()}
+    if not sizes or len(set(sizes.values())) != 1:
+        raise ValueError(f"{name}: arrays must share one leading (example) axis, got {sizes}")
+    n = next(iter(sizes.values()))
+    if n < 1:
+        raise ValueError(f"{name} is empty; TracIn needs at least one example")
+    return n
+
+
+def _flatten(tree: PyTree, n: int) -> jax.Array:
+    """Per-example pytree with leaves [n, ...] -> f32 [n, P] (leaves in jax.tree order)."""
+    return jnp.concatenate([x.reshape(n, -1).astype(jnp.float32) for x in jax.tree.leaves(tree)], 1)
+
+
+def _project(tree: PyTree, n: int, key: jax.Array, dim: int) -> jax.Array:
+    """Per-example pytree with leaves [n, ...] -> f32 [n, dim]: ``flat(g) @ R``, R ~ N(0, 1/dim).
+
+    R is generated leaf by leaf, and for leaves with more than ``_PROJ_BLOCK_ELEMS / dim``
+    entries in row blocks of that many entries, each block from ``fold_in(fold_in(key, leaf),
+    block)``, so it is the same matrix for every chunk, checkpoint and run with this seed.
+    """
+    rows_per_block = max(1, _PROJ_BLOCK_ELEMS // dim)
+    out = jnp.zeros((n, dim), jnp.float32)
+    for leaf_index, leaf in enumerate(jax.tree.leaves(tree)):
+        g = leaf.reshape(n, -1).astype(jnp.float32)  # [n, m]
+        m = g.shape[1]
+        leaf_key = jax.random.fold_in(key, leaf_index)
+        n_blocks = -(-m // rows_per_block)
+        rows = min(m, rows_per_block)
+        g = jnp.pad(g, ((0, 0), (0, n_blocks * rows - m))).reshape(n, n_blocks, rows)
+        g = jnp.moveaxis(g, 1, 0)  # [n_blocks, n, rows]
+
+        def block(acc, xs, leaf_key=leaf_key, rows=rows):
+            j, g_block = xs  # g_block [n, rows]
+            r = jax.random.normal(jax.random.fold_in(leaf_key, j), (rows, dim), jnp.float32)
+            return acc + g_block @ r, None
+
+        out, _ = jax.lax.scan(block, out, (jnp.arange(n_blocks), g))
+    return out / jnp.sqrt(jnp.float32(dim))
+
+
+def _chunk_map(fn: Callable[[Batch], jax.Array], batch: Batch, n: int, chunk: int) -> jax.Array:
+    """``fn`` over ``batch`` in chunks of ``chunk`` examples (lax.map): [n_chunks, chunk, ...].
+
+    The last chunk is padded by repeating the last example; callers drop the padded rows.
+    """
+    n_chunks = -(-n // chunk)
+    idx = jnp.minimum(jnp.arange(n_chunks * chunk), n - 1).reshape(n_chunks, chunk)
+    chunks = jax.tree.map(lambda x: jnp.asarray(x)[idx], batch)  # [n_chunks, chunk, ...]
+    return jax.lax.map(fn, chunks)
+
+
+def _make_features(
+    per_example_loss: LossFn, combine: CombineFn, mode: str, proj_dim: int
+) -> Callable[[PyTree, PyTree, Batch, jax.Array], jax.Array]:
+    """(trainable, frozen, chunk [c, ...], key) -> f32 [c, P] (exact) or [c, proj_dim]."""
+
+    def features(trainable: PyTree, frozen: PyTree, chunk: Batch, key: jax.Array) -> jax.Array:
+        c = next(iter(chunk.values())).shape[0]
+
+        def loss_one(t: PyTree, example: Batch) -> jax.Array:
+            one = jax.tree.map(lambda x: x[None], example)  # [1, ...]
+            return per_example_loss(combine(t, frozen), one)[0]
+
+        # vmap(grad) over the examples of the chunk: leaves [c, *leaf_shape].
+        grads = jax.vmap(jax.grad(loss_one), in_axes=(None, 0))(trainable, chunk)
+        if mode == "exact":
+            return _flatten(grads, c)  # [c, P]
+        return _project(grads, c, key, proj_dim)  # [c, d]
+
+    return features
+
+
+@functools.lru_cache(maxsize=16)
+def _make_dots_fn(
+    per_example_loss: LossFn,
+    combine: CombineFn,
+    mode: str,
+    proj_dim: int,
+    chunk_size: int,
+    n_train: int,
+    n_test: int,
+) -> Callable[..., jax.Array]:
+    """Jitted (trainable, frozen, train_batch, test_batch, key) -> f32 [n_test, n_train]."""
+    features = _make_features(per_example_loss, combine, mode, proj_dim)
+
+    def dot(test_feats: jax.Array, feats: jax.Array) -> jax.Array:
+        # [n_test, D] x [chunk, D] -> [n_test, chunk]; exact f32 (no TF32) for long sums.
+        return jnp.einsum("td,cd->tc", test_feats, feats, precision=jax.lax.Precision.HIGHEST)
+
+    def separate(trainable, frozen, train_batch, test_batch, key):
+        """Test features by one lax.map, then train chunks by another (two traced copies)."""
+        c_test = min(chunk_size, n_test)
+        test_feats = _chunk_map(
+            lambda ch: features(trainable, frozen, ch, key), test_batch, n_test, c_test
+        )
+        test_feats = test_feats.reshape(-1, test_feats.shape[-1])[:n_test]  # [n_test, D]
+        c_train = min(chunk_size, n_train)
+        out = _chunk_map(
+            lambda ch: dot(test_feats, features(trainable, frozen, ch, key)),
+            train_batch,
+            n_train,
+            c_train,
+        )  # [n_chunks, n_test, chunk]
+        return jnp.moveaxis(out, 0, 1).reshape(n_test, -1)[:, :n_train]
+
+    def fused(trainable, frozen, train_batch, test_batch, key):
+        """One lax.scan over test chunks then train chunks: the model is traced (and compiled)
+        once. The test features accumulate in the carry; dots of the test chunks are dropped."""
+        c = min(chunk_size, max(n_train, n_test))
+        n_te, n_tr = -(-n_test // c), -(-n_train // c)
+        idx_te = jnp.minimum(jnp.arange(n_te * c), n_test - 1).reshape(n_te, c)
+        idx_tr = jnp.minimum(jnp.arange(n_tr * c), n_train - 1).reshape(n_tr, c)
+        chunks = jax.tree.map(
+            lambda te, tr: jnp.concatenate([jnp.asarray(te)[idx_te], jnp.asarray(tr)[idx_tr]]),
+            test_batch,
+            train_batch,
+        )  # [n_te + n_tr, c, ...]
+        width = count_params(trainable) if mode == "exact" else proj_dim
+        buf = jnp.zeros((n_te * c, width), jnp.float32)  # test features [n_test (padded), D]
+
+        def body(buf, xs):
+            j, chunk = xs
+            feats = features(trainable, frozen, chunk, key)  # [c, D]
+            buf = jax.lax.cond(
+                j < n_te,
+                lambda b: jax.lax.dynamic_update_slice(b, feats, (j * c, 0)),
+                lambda b: b,
+                buf,
+            )
+            return buf, dot(buf[:n_test], feats)
+
+        _, out = jax.lax.scan(body, buf, (jnp.arange(n_te + n_tr), chunks))
+        out = out[n_te:]  # [n_tr, n_test, c]
+        return jnp.moveaxis(out, 0, 1).reshape(n_test, -1)[:, :n_train]
+
+    def dots(trainable, frozen, train_batch, test_batch, key):
+        same = jax.tree.map(
+            lambda a, b: np.shape(a)[1:] == np.shape(b)[1:] and a.dtype == b.dtype,
+            train_batch,
+            test_batch,
+        )
+        if all(jax.tree.leaves(same)):
+            return fused(trainable, frozen, train_batch, test_batch, key)
+        return separate(trainable, frozen, train_batch, test_batch, key)
+
+    return jax.jit(dots)
+
+
+def compute_dots(
+    per_example_loss: LossFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    train_batch: Batch,
+    test_batch: Batch,
+    *,
+    mode: str = "exact",
+    proj_dim: int = 4096,
+    seed: int = 0,
+    chunk_size: int = _DEFAULT_CHUNK,
+    combine: CombineFn | None = None,
+) -> jax.Array:
+    """Gradient dot products of every test example with every training example.
+
+    ``dots[z, i] = grad_t L(z; theta) . grad_t L(z_i; theta)`` where ``grad_t`` is the gradient
+    with respect to the trainable parameters only and ``theta = combine(trainable, frozen)``.
+    One jitted call (compiled once per shapes and settings): per-example gradients by
+    ``vmap(grad)`` over chunks of ``chunk_size`` examples (``lax.map`` over chunks), no Python
+    loop over examples.
+
+    Args:
+        per_example_loss: ``(params, batch) -> f32 [b]``; the loss of each example of a batch
+            (for finetune: token cross-entropy averaged over the target tokens).
+        trainable: pytree of the trainable parameters (IA3 vectors or everything).
+        frozen: pytree of the other parameters (passed to ``combine``; may be empty).
+        train_batch: dict of arrays with leading axis n_train (e.g. inputs int32 [n_train, L_in],
+            targets int32 [n_train, L_tgt]).
+        test_batch: same with leading axis n_test.
+        mode: ``"exact"`` (flattened gradients) or ``"projected"`` (random projection to
+            ``proj_dim`` dimensions; unbiased, relative error about ``sqrt(2 / proj_dim)``).
+        proj_dim: projection dimension d (projected mode only); at most the number of
+            trainable parameters.
+        seed: seed of the projection (projected mode only); the same seed gives the same
+            projection for every checkpoint and run.
+        chunk_size: examples per ``vmap(grad)`` chunk; memory grows with
+            ``chunk_size * (P or proj_dim)`` plus the activations of that many examples.
+        combine: ``(trainable, frozen) -> params``; defaults to ``finetune.model.combine``.
+
+    Returns:
+        f32 [n_test, n_train] dot products.
+
+    Raises:
+        ValueError: unknown mode, bad chunk_size/proj_dim, proj_dim larger than the number of
+            trainable parameters, no trainable parameters, or batches of inconsistent sizes.
+
+    References:
+        Pruthi et al. 2020, https://arxiv.org/abs/2002.08484 (TracIn-CP); random projections as
+        in its Section 3.2 and Park et al. 2023, https://arxiv.org/abs/2303.14186 (TRAK).
+    """
+    _check_mode(mode, proj_dim, chunk_size)
+    n_params = count_params(trainable)
+    if n_params == 0:
+        raise ValueError("the trainable parameters are empty; check the trainable mask")
+    if mode == "projected" and proj_dim > n_params:
+        raise ValueError(
+            f"proj_dim={proj_dim} exceeds the {n_params} trainable parameters; "
+            f"use --proj-dim <= {n_params} or --mode exact"
+        )
+    n_train = _batch_size(train_batch, "train_batch")
+    n_test = _batch_size(test_batch, "test_batch")
+    if combine is None:
+        combine = _default_combine()
+    fn = _make_dots_fn(
+        per_example_loss,
+        combine,
+        mode,
+        int(proj_dim) if mode == "projected" else 0,
+        int(chunk_size),
+        n_train,
+        n_test,
+    )
+    return fn(trainable, frozen, train_batch, test_batch, jax.random.key(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# Over an experiment directory.
+
+
+def _lr_at_checkpoints(run_dir: Path, steps: Sequence[int]) -> np.ndarray:
+    """f32 [K]: lr of step s + 1 for a checkpoint at step s (lr of step T for s == T)."""
+    path = run_dir / "lr.npy"
+    if not path.is_file():
+        raise ValueError(
+            f"{path} is missing; TracIn-CP needs the learning rate of every step "
+            "(finetune run writes it); re-run training for this run"
+        )
+    lr = np.load(path)
+    if lr.ndim != 1 or lr.size == 0:
+        raise ValueError(f"{path}: expected float32 [steps], got shape {lr.shape}")
+    total = lr.shape[0]
+    bad = [s for s in steps if not 0 <= s <= total]
+    if bad:
+        raise ValueError(
+            f"{run_dir}/checkpoints: steps {bad} are outside 0..{total} (the run's {total} steps "
+            f"in {path}); the checkpoints do not belong to this run"
+        )
+    return np.asarray([lr[min(s, total - 1)] for s in steps], np.float32)
+
+
+def _check_like(restored: PyTree, target: PyTree, where: str) -> None:
+    """Raise ValueError at ``where`` unless ``restored`` has the structure/shapes of ``target``."""
+    s_r, s_t = jax.tree.structure(restored), jax.tree.structure(target)
+    if s_r != s_t:
+        raise ValueError(
+            f"{where}: the checkpoint's parameter tree does not match the experiment config "
+            f"({s_r.num_leaves} vs {s_t.num_leaves} leaves); was it written by another config?"
+        )
+    for path, (a, b) in zip(
+        jax.tree_util.tree_leaves_with_path(target),
+        zip(jax.tree.leaves(restored), jax.tree.leaves(target), strict=True),
+        strict=True,
+    ):
+        if np.shape(a) != np.shape(b):
+            name = jax.tree_util.keystr(path[0])
+            raise ValueError(
+                f"{where}: parameter {name} has shape {np.shape(a)} in the checkpoint but "
+                f"{np.shape(b)} in the experiment config; was it written by another config?"
+            )
+
+
+def _restore(run_dir: Path, step: int, target: PyTree) -> PyTree:
+    from finetune.experiment import restore_trainable
+
+    where = f"{run_dir / 'checkpoints'} (step {step})"
+    try:
+        restored = restore_trainable(run_dir, step, target)
+    except Exception as e:  # orbax raises many types for a mismatched or damaged checkpoint
+        first = " ".join(str(e).split(". ")[0].split()) or type(e).__name__
+        raise ValueError(
+            f"{where}: cannot restore it against the experiment config ({first}); was it "
+            "written by another config? Re-train the run under this experiment's config"
+        ) from e
+    _check_like(restored, target, where)
+    return restored
+
+
+def _same_widths(pool: Batch, test: Batch) -> tuple[Batch, Batch]:
+    """Pad token arrays with 0 (the pad id, masked by the loss) to common trailing widths.
+
+    The pool and the test set are padded to their own longest input; one width lets
+    ``compute_dots`` trace the model once (see ``fused``) instead of twice.
+    """
+    out_pool, out_test = {}, {}
+    for key in pool:
+        a, b = np.asarray(pool[key]), np.asarray(test[key])
+        if a.ndim == b.ndim == 2 and a.shape[1] != b.shape[1]:
+            width = max(a.shape[1], b.shape[1])
+            a = np.pad(a, ((0, 0), (0, width - a.shape[1])))
+            b = np.pad(b, ((0, 0), (0, width - b.shape[1])))
+        out_pool[key], out_test[key] = jnp.asarray(a), jnp.asarray(b)
+    return out_pool, out_test
+
+
+def _promised_steps(run_dir: Path) -> list[int] | None:
+    """Checkpoint steps recorded in meta.json by finetune run, if any."""
+    import json
+
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    steps = meta.get("checkpoint_steps") if isinstance(meta, dict) else None
+    return [int(s) for s in steps] if isinstance(steps, list) else None
+
+
+def _select_runs(exp_dir: Path, runs: Sequence[int] | None) -> list[tuple[int, Path]]:
+    from simfluence.runlog import list_runs
+
+    found = list_runs(exp_dir)
+    by_index = {i: (p, complete) for i, p, complete in found}
+    wanted = sorted(by_index) if runs is None else list(dict.fromkeys(int(r) for r in runs))
+    missing = [i for i in wanted if i not in by_index]
+    if missing:
+        raise ValueError(
+            f"{exp_dir}: runs {missing} do not exist (found {sorted(by_index)}); check --runs"
+        )
+    selected = []
+    for i in wanted:
+        path, complete = by_index[i]
+        if not complete:
+            _LOG.warning("%s is incomplete (no meta.json with status complete); skipped", path)
+            continue
+        selected.append((i, Path(path)))
+    return selected
+
+
+def run_tracin(
+    exp_dir: str | Path,
+    *,
+    runs: Sequence[int] | None = None,
+    mode: str = "exact",
+    proj_dim: int = 4096,
+    seed: int = 0,
+    chunk_size: int = _DEFAULT_CHUNK,
+    progress: bool = True,
+) -> list[Path]:
+    """Write ``run_XXX/tracin.npz`` for every complete run of an experiment.
+
+    For each selected run and each of its checkpoints (see the module docstring for the step and
+    learning-rate convention), restores the trainable state, computes the dot products of all
+    n_train pool examples with all n_test tracked examples (``compute_dots``) and writes
+    ``steps`` int32 [K], ``learning_rates`` f32 [K], ``dots`` f32 [K, n_test, n_train], ``mode``,
+    ``proj_dim`` (0 for exact) and ``seed`` atomically through ``simfluence.runlog.write_tracin``.
+    Runs that already have a ``tracin.npz`` are skipped (resumable per run). Every selected run
+    is checked (checkpoints present, lr.npy present) before anything is computed.
+
+    Args:
+        exp_dir: experiment directory (experiment.json, run_XXX/ with checkpoints/).
+        runs: run indices to process; None processes every complete run.
+        mode: ``"exact"`` or ``"projected"`` (see ``compute_dots``).
+        proj_dim: projection dimension for projected mode.
+        seed: projection seed for projected mode.
+        chunk_size: examples per per-example-gradient chunk.
+        progress: show a progress bar and per-checkpoint timing lines on stderr.
+
+    Returns:
+        The paths of the ``tracin.npz`` files written (skipped runs excluded).
+
+    Raises:
+        ValueError: naming the file or run: a selected run without checkpoints or lr.npy, a
+            checkpoint that does not match the experiment config, proj_dim larger than the number
+            of trainable parameters, runs that do not exist, non-finite dot products.
+
+    References:
+        Pruthi et al. 2020, https://arxiv.org/abs/2002.08484.
+    """
+    from finetune.experiment import checkpoint_steps, load_experiment
+    from finetune.model import combine, partition
+    from simfluence.runlog import read_tracin, write_tracin
+
+    exp_dir = Path(exp_dir)
+    _check_mode(mode, proj_dim, chunk_size)
+    selected = _select_runs(exp_dir, runs)
+    plan = []
+    without = []  # complete runs that saved no checkpoints
+    for index, run_dir in selected:
+        steps = sorted(int(s) for s in checkpoint_steps(run_dir))
+        promised = _promised_steps(run_dir)
+        if promised is not None and sorted(promised) != steps:
+            lost = sorted(set(promised) - set(steps))
+            raise ValueError(
+                f"{run_dir / 'checkpoints'}: meta.json lists checkpoints at steps {promised} but "
+                f"found {steps} (missing {lost}); re-run training for run {index}"
+            )
+        if not steps:
+            without.append((index, run_dir))
+            continue
+        if read_tracin(run_dir) is not None:
+            _LOG.info("%s/tracin.npz exists; skipped (delete it to recompute)", run_dir)
+            continue
+        plan.append((index, run_dir, steps, _lr_at_checkpoints(run_dir, steps)))
+    if without and (runs is not None or len(without) == len(selected)):
+        index, run_dir = without[0]
+        names = ", ".join(p.name for _, p in without)
+        raise ValueError(
+            f"{run_dir}: no checkpoints in {run_dir / 'checkpoints'} (runs without checkpoints: "
+            f"{names}); train with checkpoint_steps set in the config (and checkpoint_runs "
+            "covering these runs), or leave them out with --runs"
+        )
+    for _, run_dir in without:
+        _LOG.info("%s saved no checkpoints (checkpoint_runs); skipped", run_dir)
+    if not plan:
+        return []
+
+    exp = load_experiment(exp_dir)
+    target, frozen = partition(exp.params, exp.mask)
+    n_params = count_params(target)
+    if mode == "projected" and proj_dim > n_params:
+        raise ValueError(
+            f"{exp_dir}: --proj-dim {proj_dim} exceeds the {n_params} trainable parameters of "
+            f"this experiment; use --proj-dim <= {n_params} or --mode exact"
+        )
+    n_train = _batch_size(exp.pool_batch, f"{exp_dir} pool")
+    n_test = _batch_size(exp.test_batch, f"{exp_dir} test set")
+    if mode == "exact" and 4 * n_test * n_params > 8 << 30:
+        _LOG.warning(
+            "exact mode holds %d x %d test gradients (%.1f GiB); consider --mode projected",
+            n_test,
+            n_params,
+            4 * n_test * n_params / 2**30,
+        )
+    pool, test = _same_widths(dict(exp.pool_batch), dict(exp.test_batch))
+
+    from tqdm.auto import tqdm
+
+    written = []
+    total = sum(len(p[2]) for p in plan)
+    bar = tqdm(total=total, desc="tracin checkpoints", disable=not progress, file=sys.stderr)
+    for _index, run_dir, steps, lrs in plan:
+        dots = np.empty((len(steps), n_test, n_train), np.float32)
+        for k, step in enumerate(steps):
+            start = time.perf_counter()
+            trainable = _restore(run_dir, step, target)
+            d = compute_dots(
+                exp.per_example_loss,
+                trainable,
+                frozen,
+                pool,
+                test,
+                mode=mode,
+                proj_dim=proj_dim,
+                seed=seed,
+                chunk_size=chunk_size,
+                combine=combine,
+            )
+            dots[k] = np.asarray(d)
+            if not np.isfinite(dots[k]).all():
+                raise ValueError(
+                    f"{run_dir / 'checkpoints'} (step {step}): non-finite gradient dot products; "
+                    "the checkpoint or the loss is not finite"
+                )
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            if progress:
+                bar.write(
+                    f"{run_dir.name} step {step}: {n_test}x{n_train} dots in {elapsed:.2f} s "
+                    f"({(n_train + n_test) / elapsed:.1f} per-example grads/s)",
+                    file=sys.stderr,
+                )
+        write_tracin(
+            run_dir,
+            steps=np.asarray(steps, np.int32),
+            learning_rates=lrs,
+            dots=dots,
+            mode=mode,
+            proj_dim=int(proj_dim) if mode == "projected" else 0,
+            seed=int(seed),
+        )
+        written.append(run_dir / "tracin.npz")
+    bar.close()
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# CLI.
+
+
+def _parse_runs(text: str) -> list[int]:
+    """``"0-19,25"`` -> [0, ..., 19, 25]."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo or lo < 0:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                value = int(part)
+                if value < 0:
+                    raise ValueError
+                out.append(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--runs {text!r}: expected indices and ranges like 0-19 or 0,3,5-7"
+            ) from None
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``finetune tracin EXP ...`` on a subparsers object; its handler returns 0 or 2."""
+    parser = subparsers.add_parser(
+        "tracin",
+        help="TracIn-CP gradient dot products at every checkpoint -> run_XXX/tracin.npz",
+        description=(
+            "For every complete run of EXP that saved checkpoints, at every checkpoint, compute "
+            "the per-example gradient dot products of all training-pool examples with all "
+            "tracked test examples (trainable parameters only: IA3 vectors or the full model) "
+            "and write run_XXX/tracin.npz (steps, learning_rates, dots [K, n_test, n_train]). "
+            "Runs that already have tracin.npz are skipped. A checkpoint at step s is the state "
+            "after s steps; its learning rate is that of step s+1. "
+            "TracIn: Pruthi et al. 2020, arXiv 2002.08484."
+        ),
+    )
+    parser.add_argument("exp", type=Path, metavar="EXP", help="experiment directory")
+    parser.add_argument(
+        "--runs",
+        type=_parse_runs,
+        default=None,
+        help="run indices to process, e.g. 0-19 or 0,3,5-7 (default: every complete run)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="exact",
+        help="exact: flattened per-example gradients (IA3, small models); projected: seeded "
+        "Gaussian projection of each gradient to --proj-dim dimensions, for full tuning of "
+        "large models (default: exact)",
+    )
+    parser.add_argument(
+        "--proj-dim",
+        type=_positive_int,
+        default=4096,
+        help="projection dimension d in projected mode; relative error of a dot product is "
+        "about sqrt(2/d); must not exceed the number of trainable parameters (default: 4096)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random projection (default: 0)"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=_DEFAULT_CHUNK,
+        help="examples per vmapped per-example-gradient chunk; lower it if memory runs out "
+        f"(default: {_DEFAULT_CHUNK})",
+    )
+    parser.set_defaults(func=_cli_main, handler=_cli_main)
+    return parser
+
+
+def _cli_main(args: argparse.Namespace) -> int:
+    try:
+        paths = run_tracin(
+            args.exp,
+            runs=args.runs,
+            mode=args.mode,
+            proj_dim=args.proj_dim,
+            seed=args.seed,
+            chunk_size=args.chunk_size,
+        )
+    except ValueError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} tracin.npz file(s) under {args.exp}")
+    return 0
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry (``python -m finetune.tracin EXP ...``)."""
+    parser = argparse.ArgumentParser(prog="finetune")
+    add_subcommand(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    raise SystemExit(_main())

@@ -1,0 +1,653 @@
+"""The training loop: many fine-tuning runs under random curricula, logging per-step test losses.
+
+Layer 4 of ``finetune`` (STYLE.md): data, cadence, logging, checkpoints. The runs of an
+experiment differ only in their curriculum, so R of them train together in one jitted program:
+``vmap`` over a run axis of the trainable state, the optimizer state and the batches, with the
+frozen weights shared. One device mesh (axis ``"data"``) shards every batch and the tracked test
+set over the examples; parameters are replicated.
+
+Length bucketing: a training step pads its batches (all R runs) to a multiple of
+``length_multiple`` of their own longest input, and the tracked set is cut into buckets of equal
+padded length, so jit compiles once per distinct length (a handful) instead of padding
+everything to the maximum.
+
+Resume: re-running the same command continues. Complete runs are kept; an incomplete run
+restarts from its latest checkpoint (trainable state, optimizer state and its log so far), and
+ends with files identical to those of an uninterrupted run.
+
+References:
+    Simfluence: Guu et al. 2023, https://arxiv.org/abs/2303.08114
+    IA3 / T-Few: Liu et al. 2022, https://arxiv.org/abs/2205.05638
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from finetune import experiment as E
+from finetune.config import ExperimentConfig
+from finetune.curricula import make_curriculum
+from finetune.tasks import TaskError, encode, load_split, pad, pad_choices, round_up
+from simfluence import runlog
+
+_LOG = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+WARMUP_LOG = "warmup.json"
+_SYNC_EVERY = 32  # steps between host syncs of the logged losses (keeps the device queue full)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training or tracked test loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparing the experiment folder
+
+
+def _same_config(info: dict, config: ExperimentConfig) -> list[str]:
+    """Names of the config fields that differ between a workdir's experiment.json and config."""
+    old = info.get("config", {})
+    new = json.loads(json.dumps(config.to_dict(), default=str))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def check_workdir(config: ExperimentConfig, exp_dir: Path) -> dict | None:
+    """Returns experiment.json of an existing workdir holding ``config`` (None: fresh workdir).
+
+    Raises:
+        ExperimentError: the workdir holds a different config, or run folders without
+            experiment.json.
+    """
+    if (exp_dir / "experiment.json").is_file():
+        info = runlog.read_experiment(exp_dir)
+        diff = _same_config(info, config)
+        if diff:
+            raise E.ExperimentError(
+                f"{exp_dir} holds an experiment with a different config (fields {diff}); "
+                f"to start fresh delete it (rm -r {exp_dir}) or pass another --out")
+        return info
+    if exp_dir.is_dir() and any(p.name.startswith("run_") for p in exp_dir.iterdir()):
+        raise E.ExperimentError(
+            f"{exp_dir} holds run folders but no experiment.json; delete it (rm -r {exp_dir}) "
+            "or pass another --out")
+    return None
+
+
+def _resolve_tokenizer(config: ExperimentConfig, tokenizer: str | None) -> str:
+    import os
+
+    name = tokenizer or os.environ.get("SIMFLUENCE_TOKENIZER") or config.tokenizer or config.model
+    if not name:
+        raise TaskError(
+            f"config {config.name!r} uses a random-init model and names no tokenizer; pass "
+            "--tokenizer DIR (a folder with spiece.model) or set SIMFLUENCE_TOKENIZER")
+    return str(name)
+
+
+def prepare_experiment(config: ExperimentConfig, exp_dir: str | Path, *,
+                       data_dir: str | Path | None, tokenizer: str | None) -> dict:
+    """Draws the pool and tracked test set once and writes data.npz, examples.json, then
+    experiment.json (last). A workdir that already holds the config is reused unchanged.
+
+    Everything that can fail on bad input (data files, split sizes, tokenizer) is checked before
+    anything is written.
+
+    Args:
+        config: the experiment config.
+        exp_dir: output folder.
+        data_dir: local data directory (layout of ../shared/data); None loads from the hub.
+        tokenizer: tokenizer path or name; None: SIMFLUENCE_TOKENIZER, config.tokenizer, model.
+
+    Returns:
+        experiment.json's content.
+
+    Raises:
+        TaskError, ExperimentError: bad input (see `finetune.cli` for the exit code).
+    """
+    exp_dir = Path(exp_dir)
+    info = check_workdir(config, exp_dir)
+    if info is not None and (exp_dir / E.DATA_FILE).is_file():
+        return info
+    train = load_split(config.task, config.train_split, data_dir)
+    test = load_split(config.task, config.test_split, data_dir)
+    n_warm = config.warmup.n_examples if config.warmup else 0
+    if config.n_train + n_warm > len(train):
+        extra = f" + warmup.n_examples={n_warm}" if n_warm else ""
+        raise TaskError(f"config {config.name!r}: n_train={config.n_train}{extra} exceeds the "
+                        f"{len(train)} examples of {config.task} {config.train_split}; lower it")
+    if config.n_test > len(test):
+        raise TaskError(f"config {config.name!r}: n_test={config.n_test} exceeds the {len(test)} "
+                        f"examples of {config.task} {config.test_split}; lower it")
+    tok_name = _resolve_tokenizer(config, tokenizer)
+    from finetune.tokenization import load_tokenizer
+
+    try:
+        tok = load_tokenizer(tok_name)
+    except (OSError, ValueError) as e:
+        raise TaskError(f"cannot load tokenizer {tok_name!r}: {str(e).splitlines()[0]}") from None
+
+    def draw(n_total, n, stream, exclude=()):
+        rng = np.random.default_rng(np.random.SeedSequence([config.data_seed, stream]))
+        candidates = np.setdiff1d(np.arange(n_total), np.asarray(exclude, dtype=np.int64))
+        return rng.choice(candidates, size=n, replace=False)
+
+    pool_idx = draw(len(train), config.n_train, 0)
+    test_idx = draw(len(test), config.n_test, 1)
+    warm_idx = draw(len(train), n_warm, 2, exclude=pool_idx) if n_warm else np.zeros(0, int)
+    pool = [train[i] for i in pool_idx]
+    tracked = [test[i] for i in test_idx]
+    warm = [train[i] for i in warm_idx]
+    kw = dict(max_input_length=config.max_input_length,
+              max_target_length=config.max_target_length)
+    enc = {name: encode(tok, exs, **kw) for name, exs in
+           (("pool", pool), ("test", tracked), ("warmup", warm)) if exs}
+    # One target length for everything (answers are short); inputs padded per set here and
+    # per batch / bucket when training.
+    t_len = max(len(c) for e in enc.values() for cs in e.choices for c in cs)
+    arrays: dict[str, np.ndarray] = {}
+    for name, e in enc.items():
+        lengths = np.asarray([len(x) for x in e.inputs], np.int32)
+        arrays[f"{name}_inputs"] = pad(e.inputs, round_up(int(lengths.max()),
+                                                          config.length_multiple))
+        arrays[f"{name}_targets"] = pad(e.targets, t_len)
+        arrays[f"{name}_choices"] = pad_choices(e.choices, t_len)
+        arrays[f"{name}_labels"] = e.labels
+        arrays[f"{name}_lengths"] = lengths
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    runlog.atomic_savez(exp_dir / E.DATA_FILE, **arrays)
+    runlog.atomic_write_json(exp_dir / "examples.json", {
+        "train": [f"{x.input} => {x.target}" for x in pool],
+        "test": [f"{x.input} => {x.target}" for x in tracked],
+    })
+    info = {
+        "n_train": config.n_train,
+        "n_test": config.n_test,
+        "task": config.task,
+        "model": config.model or "random-init",
+        "method": config.method,
+        "train_split": config.train_split,
+        "test_split": config.test_split,
+        "pool_ids": [x.uid for x in pool],
+        "test_ids": [x.uid for x in tracked],
+        "warmup_ids": [x.uid for x in warm],
+        "tokenizer": tok_name,
+        "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
+        "config": json.loads(json.dumps(config.to_dict(), default=str)),
+    }
+    runlog.write_experiment(exp_dir, info)
+    return runlog.read_experiment(exp_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules and the jitted programs
+
+
+def make_schedule(config: ExperimentConfig):
+    """The optax learning-rate schedule of the config (count 0 = step 1)."""
+    import optax
+
+    lr, warm, steps = config.learning_rate, config.warmup_steps, config.steps
+    if config.schedule == "constant":
+        body = optax.constant_schedule(lr)
+    elif config.schedule == "linear":
+        body = optax.linear_schedule(lr, 0.0, steps - warm)
+    else:
+        body = optax.cosine_decay_schedule(lr, steps - warm)
+    if warm == 0:
+        return body
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), body], [warm])
+
+
+def learning_rates(config: ExperimentConfig) -> np.ndarray:
+    """f32 [steps]: the learning rate of each step (lr.npy)."""
+    schedule = make_schedule(config)
+    values = jax.vmap(schedule)(jnp.arange(config.steps, dtype=jnp.int32))
+    return np.asarray(jax.device_get(values), np.float32).reshape(config.steps)
+
+
+def make_optimizer(config: ExperimentConfig, schedule=None):
+    """The optax optimizer of the config (applied to the trainable part only)."""
+    from finetune.steps import make_optimizer as _make
+
+    kw: dict[str, Any] = {}
+    if config.optimizer == "adamw":
+        kw["weight_decay"] = config.weight_decay
+    return _make(config.optimizer, schedule if schedule is not None else make_schedule(config),
+                 grad_clip_norm=config.grad_clip_norm, **kw)
+
+
+def make_mesh(devices: Sequence | None = None):
+    """A 1-D data-parallel mesh ("data",) over the given devices (default: all)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _put(x, sharding):
+    """Places a host array (identical on every process) with ``sharding`` (works multi-host)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+@dataclass
+class TrackedSet:
+    """The tracked test set cut into length buckets.
+
+    Attributes:
+        buckets: tuple of {"inputs": [n_k, L_k], "targets": [n_k, T], "choices": [n_k, C, T]}.
+        index: int [sum n_k]: the test example of each row of the concatenated buckets (rows
+            beyond the real examples repeat one, so each bucket divides over the devices).
+        labels: int [n_test].
+    """
+
+    buckets: tuple
+    index: np.ndarray
+    labels: np.ndarray
+    n: int
+
+    def scatter(self, rows: np.ndarray) -> np.ndarray:
+        """[..., sum n_k] in bucket order -> [..., n] in test order."""
+        out = np.empty(rows.shape[:-1] + (self.n,), rows.dtype)
+        out[..., self.index] = rows
+        return out
+
+
+def make_tracked_set(inputs: np.ndarray, targets: np.ndarray, choices: np.ndarray,
+                     labels: np.ndarray, lengths: np.ndarray, *, multiple: int,
+                     n_devices: int, mesh=None) -> TrackedSet:
+    """Buckets the tracked set by padded input length (a multiple of ``multiple``)."""
+    padded = np.asarray([round_up(int(n), multiple) for n in lengths])
+    buckets, index = [], []
+    for length in sorted(set(padded.tolist())):
+        ids = np.flatnonzero(padded == length)
+        extra = (-len(ids)) % n_devices
+        ids = np.concatenate([ids, np.full(extra, ids[-1])])
+        b = {"inputs": inputs[ids, :length], "targets": targets[ids], "choices": choices[ids]}
+        if mesh is not None:
+            b = {k: _put(v, NamedSharding(mesh, P("data"))) for k, v in b.items()}
+        buckets.append(b)
+        index.append(ids)
+    return TrackedSet(tuple(buckets), np.concatenate(index), np.asarray(labels), len(lengths))
+
+
+def make_programs(per_example_loss: Callable, score_choices: Callable, optimizer, mesh):
+    """The jitted group programs (R runs at once).
+
+    Returns:
+        dict with
+        ``step(trainable_R, opt_R, frozen, batch_R, buckets) -> (trainable_R, opt_R,
+        train_loss f32 [R], test_loss f32 [R, rows])``,
+        ``step_nolog(...)`` the same without the test losses (test_loss is an empty [R, 0]),
+        ``test_losses(trainable_R, frozen, buckets) -> f32 [R, rows]``,
+        ``scores(trainable_R, frozen, buckets) -> f32 [R, rows, C]``.
+    """
+    from finetune.model import combine
+    from finetune.steps import make_train_step
+
+    train_step = make_train_step(per_example_loss, optimizer)
+    replicated = NamedSharding(mesh, P())
+
+    def test_losses_one(trainable, frozen, buckets):
+        params = combine(trainable, frozen)
+        rows = [per_example_loss(params, {"inputs": b["inputs"], "targets": b["targets"]})
+                for b in buckets]
+        return jnp.concatenate(rows)  # [rows]
+
+    def scores_one(trainable, frozen, buckets):
+        params = combine(trainable, frozen)
+        return jnp.concatenate([score_choices(params, b["inputs"], b["choices"])
+                                for b in buckets])  # [rows, C]
+
+    def test_losses(trainable_r, frozen, buckets):
+        out = jax.vmap(test_losses_one, in_axes=(0, None, None))(trainable_r, frozen, buckets)
+        return jax.lax.with_sharding_constraint(out, replicated)
+
+    def scores(trainable_r, frozen, buckets):
+        out = jax.vmap(scores_one, in_axes=(0, None, None))(trainable_r, frozen, buckets)
+        return jax.lax.with_sharding_constraint(out, replicated)
+
+    def advance(trainable_r, opt_r, frozen, batch_r):
+        trainable_r, opt_r, loss_r = jax.vmap(train_step, in_axes=(0, 0, None, 0, None))(
+            trainable_r, opt_r, frozen, batch_r, None)
+        return trainable_r, opt_r, jax.lax.with_sharding_constraint(loss_r, replicated)
+
+    def step(trainable_r, opt_r, frozen, batch_r, buckets):
+        trainable_r, opt_r, loss_r = advance(trainable_r, opt_r, frozen, batch_r)
+        return trainable_r, opt_r, loss_r, test_losses(trainable_r, frozen, buckets)
+
+    def step_nolog(trainable_r, opt_r, frozen, batch_r, buckets):
+        trainable_r, opt_r, loss_r = advance(trainable_r, opt_r, frozen, batch_r)
+        return trainable_r, opt_r, loss_r, jnp.zeros((loss_r.shape[0], 0), jnp.float32)
+
+    return {
+        "step": jax.jit(step, donate_argnums=(0, 1)),
+        "step_nolog": jax.jit(step_nolog, donate_argnums=(0, 1)),
+        "test_losses": jax.jit(test_losses),
+        "scores": jax.jit(scores),
+    }
+
+
+def gather_batch(pool_inputs: np.ndarray, pool_targets: np.ndarray, pool_lengths: np.ndarray,
+                 ids: np.ndarray, multiple: int) -> dict[str, np.ndarray]:
+    """The batches of one step of R runs, padded to a multiple of their own longest input.
+
+    Args:
+        pool_inputs: int32 [n_train, L_max]; pool_targets int32 [n_train, T].
+        pool_lengths: int [n_train] unpadded input lengths.
+        ids: int [R, b] pool positions.
+        multiple: pad the input length to a multiple of this.
+
+    Returns:
+        {"inputs": int32 [R, b, L], "targets": int32 [R, b, T]}.
+    """
+    length = min(round_up(int(pool_lengths[ids].max()), multiple), pool_inputs.shape[1])
+    return {"inputs": pool_inputs[ids, :length], "targets": pool_targets[ids]}
+
+
+def _stack(trees: Sequence) -> Any:
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def _broadcast(tree, r: int):
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (r,) + np.shape(x)), tree)
+
+
+def _take(tree, r: int):
+    return jax.tree.map(lambda x: x[r], tree)
+
+
+def _place(tree, mesh):
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: _put(x, replicated), tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm-up
+
+
+def _warmup(config: ExperimentConfig, exp_dir: Path, graphdef, params, data, mesh,
+            progress: bool) -> None:
+    """Trains all parameters on the warm-up examples and saves them in EXP/warmup."""
+    from finetune.model import make_per_example_loss, make_score_choices, partition
+    from finetune.model import trainable_mask as _mask
+    from finetune.steps import make_optimizer as _make
+
+    w = config.warmup
+    start = time.perf_counter()
+    loss_fn = make_per_example_loss(graphdef)
+    trainable, frozen = partition(params, _mask(params, "full"))
+    opt = _make("adamw", w.learning_rate)
+    progs = make_programs(loss_fn, make_score_choices(graphdef), opt, mesh)
+    n_dev = len(mesh.devices.flat)
+    tracked = make_tracked_set(data["test_inputs"], data["test_targets"], data["test_choices"],
+                               data["test_labels"], data["test_lengths"],
+                               multiple=config.length_multiple, n_devices=n_dev, mesh=mesh)
+    n = len(data["warmup_lengths"])
+    cur = make_curriculum("epochs", n_train=n, steps=w.steps, batch_size=min(w.batch_size, n),
+                          seed=w.seed, run_index=0)
+    tr = _place(_broadcast(trainable, 1), mesh)
+    op = _place(_broadcast(opt.init(trainable), 1), mesh)
+    fr = _place(frozen, mesh)
+    before = tracked.scatter(np.asarray(progs["test_losses"](tr, fr, tracked.buckets)))[0]
+    batch_sharding = _batch_sharding(mesh, cur.shape[1])
+    losses = []
+    from tqdm.auto import tqdm
+
+    for t in tqdm(range(w.steps), desc="warm-up", disable=not progress, file=sys.stderr):
+        batch = gather_batch(data["warmup_inputs"], data["warmup_targets"],
+                             data["warmup_lengths"], cur[t][None], config.length_multiple)
+        batch = {k: _put(v, batch_sharding) for k, v in batch.items()}
+        tr, op, loss, _ = progs["step_nolog"](tr, op, fr, batch, tracked.buckets)
+        losses.append(loss)
+    losses = np.asarray(jnp.concatenate(losses))
+    if not np.isfinite(losses).all():
+        step = int(np.flatnonzero(~np.isfinite(losses))[0]) + 1
+        raise NonFiniteLossError(f"warm-up of {config.name!r}: non-finite training loss at step "
+                                 f"{step}; lower warmup.learning_rate")
+    after = tracked.scatter(np.asarray(progs["test_losses"](tr, fr, tracked.buckets)))[0]
+    acc = float(_accuracy(np.asarray(progs["scores"](tr, fr, tracked.buckets)), tracked)[0])
+    from finetune.model import combine
+
+    params = combine(jax.tree.map(lambda x: np.asarray(x)[0], tr), frozen)
+    E.save_warmup(exp_dir, params)
+    runlog.atomic_write_json(exp_dir / WARMUP_LOG, {
+        "steps": w.steps, "train_loss": losses.tolist(),
+        "test_loss_mean_before": float(before.mean()), "test_loss_mean_after": float(after.mean()),
+        "accuracy_after": acc, "seconds": time.perf_counter() - start})
+
+
+def _batch_sharding(mesh, batch_size: int) -> NamedSharding:
+    n_dev = len(mesh.devices.flat)
+    spec = P(None, "data") if batch_size % n_dev == 0 else P()
+    return NamedSharding(mesh, spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs
+
+
+def _accuracy(scores_rows: np.ndarray, tracked: TrackedSet) -> np.ndarray:
+    """[R, rows, C] scores -> f32 [R] rank-classification accuracy on the tracked set."""
+    per = tracked.scatter(np.moveaxis(scores_rows, -1, 1))  # [R, C, n]
+    return (per.argmin(1) == tracked.labels[None]).mean(1).astype(np.float32)
+
+
+def _resume_step(config: ExperimentConfig, exp_dir: Path, todo: Sequence[int]) -> int:
+    """The latest step checkpointed by every run in ``todo`` (0: start over)."""
+    common = None
+    for r in todo:
+        if not config.saves_checkpoints(r):
+            return 0
+        steps = set(E.checkpoint_steps(runlog.run_dir(exp_dir, r)))
+        common = steps if common is None else common & steps
+    return max(common or {0})
+
+
+def run_experiment(config: ExperimentConfig, exp_dir: str | Path, *,
+                   data_dir: str | Path | None = None, tokenizer: str | None = None,
+                   devices: Sequence | None = None, progress: bool = True,
+                   max_steps_this_call: int | None = None) -> dict:
+    """Trains (or continues) every run of an experiment.
+
+    Args:
+        config: the experiment config.
+        exp_dir: output folder (created; a folder holding another config is refused).
+        data_dir: local data directory; None: the hub.
+        tokenizer: tokenizer path or name (see `prepare_experiment`).
+        devices: devices of the data-parallel mesh (default: all).
+        progress: show a tqdm bar over runs and steps (steps/s, ETA).
+        max_steps_this_call: stop after this many group steps (for tests of resume and for
+            time-limited jobs); the runs in progress stay incomplete and resume from their latest
+            checkpoint on the next call.
+
+    Returns:
+        {"complete": [run indices], "interrupted": bool, "seconds": float}.
+
+    Raises:
+        TaskError, ExperimentError, RunLogError: bad input (nothing half-written).
+        NonFiniteLossError: a loss became non-finite (names the run and the step).
+    """
+    start_all = time.perf_counter()
+    exp_dir = Path(exp_dir)
+    prepare_experiment(config, exp_dir, data_dir=data_dir, tokenizer=tokenizer)
+    mesh = make_mesh(devices)
+    n_dev = len(mesh.devices.flat)
+    data = E._load_data(exp_dir)
+    if config.warmup is not None and not E.warmup_path(exp_dir).is_dir():
+        graphdef, params = E.build_base_model(config)
+        _warmup(config, exp_dir, graphdef, params, data, mesh, progress)
+    exp = E.load_experiment(exp_dir)
+    from finetune.model import partition
+
+    trainable0, frozen = partition(exp.params, exp.mask)
+    schedule = make_schedule(config)
+    lrs = learning_rates(config)
+    optimizer = make_optimizer(config, schedule)
+    progs = make_programs(exp.per_example_loss, exp.score_choices, optimizer, mesh)
+    tracked = make_tracked_set(data["test_inputs"], data["test_targets"], data["test_choices"],
+                               data["test_labels"], data["test_lengths"],
+                               multiple=config.length_multiple, n_devices=n_dev, mesh=mesh)
+    frozen_d = _place(frozen, mesh)
+    batch_sharding = _batch_sharding(mesh, config.batch_size)
+    writer = jax.process_index() == 0
+
+    curricula = {r: make_curriculum(config.curriculum, n_train=config.n_train,
+                                    steps=config.steps, batch_size=config.batch_size,
+                                    seed=config.curriculum_seed, run_index=r,
+                                    subset_size=config.subset_size)
+                 for r in range(config.num_runs)}
+    status = {i: c for i, _, c in runlog.list_runs(exp_dir)}
+    groups = [list(range(g, min(g + config.runs_together, config.num_runs)))
+              for g in range(0, config.num_runs, config.runs_together)]
+    total = config.num_runs * config.steps
+    done = sum(config.steps for r in range(config.num_runs) if status.get(r))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=done, desc=config.name, unit="run-step", smoothing=0.1,
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    start_acc = None
+    steps_this_call = 0
+    interrupted = False
+    for group in groups:
+        todo = [r for r in group if not status.get(r)]
+        if not todo:
+            continue
+        if max_steps_this_call is not None and steps_this_call >= max_steps_this_call:
+            interrupted = True
+            break
+        g_start = time.perf_counter()
+        R = len(todo)
+        dirs = [runlog.run_dir(exp_dir, r) for r in todo]
+        for r, d in zip(todo, dirs, strict=True):  # each curriculum is written before training
+            path = d / "curriculum.npy"
+            if path.is_file() and not np.array_equal(np.load(path), curricula[r]):
+                raise E.ExperimentError(f"{path} differs from the curriculum of run {r}; delete "
+                                        f"{d} to retrain it")
+            if writer:
+                d.mkdir(parents=True, exist_ok=True)
+                runlog.atomic_save_npy(path, curricula[r])
+        s0 = _resume_step(config, exp_dir, todo)
+        losses = np.zeros((R, config.steps + 1, config.n_test), np.float32)
+        train_loss = np.zeros((R, config.steps), np.float32)
+        opt0 = optimizer.init(trainable0)
+        if s0 > 0:
+            restored = [E.restore_checkpoint(d, s0, trainable0, opt0, {
+                "losses": losses[0], "train_loss": train_loss[0]}) for d in dirs]
+            tr = _place(_stack([x[0] for x in restored]), mesh)
+            op = _place(_stack([x[1] for x in restored]), mesh)
+            for i, x in enumerate(restored):
+                losses[i, :s0 + 1] = x[2]["losses"]
+                train_loss[i, :s0] = x[2]["train_loss"]
+        else:
+            tr = _place(_broadcast(trainable0, R), mesh)
+            op = _place(_broadcast(opt0, R), mesh)
+            losses[:, 0] = tracked.scatter(
+                np.asarray(progs["test_losses"](tr, frozen_d, tracked.buckets)))
+        if start_acc is None:
+            tr0 = _place(_broadcast(trainable0, 1), mesh)
+            start_acc = float(_accuracy(
+                np.asarray(progs["scores"](tr0, frozen_d, tracked.buckets)), tracked)[0])
+
+        def flush(pending, upto):
+            if not pending:
+                return
+            tl = np.asarray(jnp.stack([p[1] for p in pending], axis=1))  # [R, k]
+            te = tracked.scatter(np.asarray(jnp.stack([p[2] for p in pending], axis=1)))
+            first = pending[0][0]
+            train_loss[:, first - 1:upto] = tl
+            losses[:, first:upto + 1] = te
+            bad = ~(np.isfinite(tl).all(0) & np.isfinite(te).all((0, 2)))
+            if bad.any():
+                k = int(np.flatnonzero(bad)[0])
+                which = [todo[i] for i in range(R) if not (np.isfinite(tl[i, k])
+                                                          and np.isfinite(te[i, k]).all())]
+                raise NonFiniteLossError(
+                    f"{config.name}: non-finite loss at step {first + k} of run(s) {which}; "
+                    "lower the learning rate (the run stays incomplete)")
+            pending.clear()
+
+        def save(step):
+            for i, (r, d) in enumerate(zip(todo, dirs, strict=True)):
+                if config.saves_checkpoints(r):
+                    # The log so far, at full length (rows after `step` are zero).
+                    E.save_checkpoint(d, step, _take(tr, i), _take(op, i), {
+                        "losses": losses[i], "train_loss": train_loss[i]})
+
+        if s0 == 0 and 0 in config.checkpoint_steps:
+            save(0)
+        pending: list = []
+        bar.set_postfix_str(f"runs {todo[0]}-{todo[-1]}")
+        stopped = False
+        for t in range(s0 + 1, config.steps + 1):
+            ids = np.stack([curricula[r][t - 1] for r in todo])  # [R, b]
+            batch = gather_batch(data["pool_inputs"], data["pool_targets"],
+                                 data["pool_lengths"], ids, config.length_multiple)
+            batch = {k: _put(v, batch_sharding) for k, v in batch.items()}
+            tr, op, tl, te = progs["step"](tr, op, frozen_d, batch, tracked.buckets)
+            pending.append((t, tl, te))
+            if t in config.checkpoint_steps or len(pending) >= _SYNC_EVERY or t == config.steps:
+                flush(pending, t)
+            if t in config.checkpoint_steps:
+                save(t)
+            bar.update(R)
+            steps_this_call += 1
+            if max_steps_this_call is not None and steps_this_call >= max_steps_this_call \
+                    and t < config.steps:
+                stopped = True
+                break
+        if stopped:
+            interrupted = True
+            break
+        end_acc = _accuracy(np.asarray(progs["scores"](tr, frozen_d, tracked.buckets)), tracked)
+        seconds = time.perf_counter() - g_start
+        if writer:
+            for i, (r, d) in enumerate(zip(todo, dirs, strict=True)):
+                _write_metrics(d / METRICS_FILE, train_loss[i], lrs, losses[i])
+                runlog.write_run(d, curricula[r], losses[i], lr=lrs, meta={
+                    "run": r,
+                    "curriculum_seed": [config.curriculum_seed, r],
+                    "steps": config.steps,
+                    "batch_size": config.batch_size,
+                    "accuracy_start": start_acc,
+                    "accuracy_end": float(end_acc[i]),
+                    "test_loss_mean_start": float(losses[i, 0].mean()),
+                    "test_loss_mean_end": float(losses[i, -1].mean()),
+                    "train_loss_mean_last_10": float(train_loss[i, -10:].mean()),
+                    "resumed_from_step": s0,
+                    "runs_together": R,
+                    "devices": n_dev,
+                    "group_seconds": seconds,
+                    "run_steps_per_second": R * (config.steps - s0) / seconds,
+                    "checkpoint_steps": list(config.checkpoint_steps)
+                    if config.saves_checkpoints(r) else [],
+                })
+        for r in todo:
+            status[r] = True
+    bar.close()
+    return {"complete": sorted(r for r, c in status.items() if c and r < config.num_runs),
+            "interrupted": interrupted, "seconds": time.perf_counter() - start_all}
+
+
+def _write_metrics(path: Path, train_loss: np.ndarray, lrs: np.ndarray,
+                   losses: np.ndarray) -> None:
+    """metrics.jsonl: one line per step (mean train loss, lr, mean tracked test loss)."""
+    lines = [json.dumps({"step": t + 1, "train_loss": float(train_loss[t]), "lr": float(lrs[t]),
+                         "test_loss_mean": float(losses[t + 1].mean())})
+             for t in range(len(train_loss))]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,225 @@
+"""Benchmark of the run generator: steps/s of R runs trained together, with and without logging.
+
+Times the exact jitted programs of ``finetune.trainer`` (vmapped group step, length-bucketed
+batches and tracked set) on synthetic token data with RTE-like input lengths (no ``datasets``
+needed, so it runs on an accelerator image without it), and prints:
+
+- compile time and steady-state time per group step for: all runs together with the per-step
+  test-loss logging, all runs together without it, one run alone with and without it;
+- the BASELINE measured in the same process: every input padded to --max-input-length (no
+  length bucketing), all runs together, with logging; and the speed-up over it;
+- the extrapolated wall time of --target-steps steps of all runs, and peak memory.
+
+Target (issue 4): T5-base IA3, 32 runs, batch 8, 100 tracked examples logged every step, 1000
+steps in under 7 minutes on one H200::
+
+    python scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 --runs 32 \\
+        --batch 8 --n-test 100 --steps 20 --dtype bfloat16
+
+Other sizes: ``--model-size demo`` (the CPU demo), ``tiny``, ``t0-3b`` (T0-3B IA3 target: under
+90 minutes for 1000 steps of 32 runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SIZES = {
+    # T5Config kwargs. t5-base: T5 v1.1 LM-adapted base; t0-3b: T0 3B (T5 v1.1 XL LM-adapted).
+    "tiny": dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, num_decoder_layers=1,
+                 feed_forward_proj="relu", tie_word_embeddings=True),
+    "demo": dict(d_model=64, d_ff=256, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2,
+                 feed_forward_proj="relu", tie_word_embeddings=True),
+    "t5-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12,
+                    num_decoder_layers=12, feed_forward_proj="gated-gelu",
+                    tie_word_embeddings=False),
+    "t0-3b": dict(d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24,
+                  num_decoder_layers=24, feed_forward_proj="gated-gelu",
+                  tie_word_embeddings=False),
+}
+
+
+def _lengths(rng, n, max_len):
+    """RTE-like prompted input lengths (median ~79, 90th percentile ~167 T5 tokens)."""
+    x = rng.lognormal(mean=4.4, sigma=0.5, size=n).astype(int) + 20
+    return x.clip(8, max_len)
+
+
+def _synthetic(rng, n, max_len, t_len, vocab):
+    import numpy as np
+
+    lengths = _lengths(rng, n, max_len)
+    inputs = np.zeros((n, max_len), np.int32)
+    for i, n_i in enumerate(lengths):
+        inputs[i, :n_i - 1] = rng.integers(3, vocab, n_i - 1)
+        inputs[i, n_i - 1] = 1  # EOS
+    choices = np.zeros((n, 2, t_len), np.int32)
+    choices[:, :, 0] = rng.integers(3, vocab, (n, 2))
+    choices[:, :, 1] = 1
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    targets = choices[np.arange(n), labels]
+    return inputs, targets, choices, labels, lengths.astype(np.int32)
+
+
+def _peak_memory() -> str:
+    import jax
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if stats and "peak_bytes_in_use" in stats:
+        return f"device peak {stats['peak_bytes_in_use'] / 2**30:.2f} GiB, host {host:.2f} GiB"
+    return f"host peak RSS {host:.2f} GiB"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--synthetic", action="store_true",
+                   help="synthetic token data (required for now; no datasets import)")
+    p.add_argument("--model-size", choices=sorted(SIZES), default="demo")
+    p.add_argument("--method", choices=("full", "ia3"), default="ia3")
+    p.add_argument("--freeze-embeddings", action="store_true")
+    p.add_argument("--runs", type=int, default=32, help="runs trained together (R)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--max-input-length", type=int, default=256)
+    p.add_argument("--target-length", type=int, default=2)
+    p.add_argument("--length-multiple", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--target-steps", type=int, default=1000, help="steps to extrapolate to")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
+    p.add_argument("--skip-single", action="store_true", help="skip the one-run variants")
+    p.add_argument("--skip-baseline", action="store_true", help="skip the padded baseline")
+    args = p.parse_args(argv)
+    if not args.synthetic:
+        p.error("only --synthetic is implemented (real data: time `finetune run` itself)")
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import transformers
+    from flax import nnx
+
+    from finetune import hf
+    from finetune.config import ExperimentConfig
+    from finetune.experiment import make_mask
+    from finetune.model import make_per_example_loss, make_score_choices, partition
+    from finetune.trainer import (
+        _batch_sharding,
+        _broadcast,
+        _place,
+        _put,
+        gather_batch,
+        make_mesh,
+        make_optimizer,
+        make_programs,
+        make_tracked_set,
+    )
+
+    print(f"jax {jax.__version__}, devices: {jax.devices()}", flush=True)
+    cfg_kw = dict(SIZES[args.model_size], vocab_size=32128, dropout_rate=0.0)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    t0 = time.perf_counter()
+    model = hf.init_random(transformers.T5Config(**cfg_kw), ia3=args.method == "ia3", seed=0,
+                           dtype=dtype)
+    graphdef, params = nnx.split(model)
+    del model
+    config = ExperimentConfig(
+        name="bench", task="rte", random_init=cfg_kw, method=args.method,
+        freeze_embeddings=args.freeze_embeddings, optimizer=args.optimizer,
+        learning_rate=3e-3 if args.method == "ia3" else 1e-4, n_train=args.n_train,
+        n_test=args.n_test, num_runs=args.runs, steps=max(args.steps, 2),
+        batch_size=args.batch, runs_together=args.runs, dtype=args.dtype,
+        length_multiple=args.length_multiple)
+    mask = make_mask(config, params)
+    trainable, frozen = partition(params, mask)
+    n_tr = sum(x.size for x in jax.tree.leaves(trainable))
+    n_all = sum(x.size for x in jax.tree.leaves(params))
+    print(f"model {args.model_size} ({n_all / 1e6:.1f}M params, {n_tr / 1e6:.3f}M trainable, "
+          f"{args.method}, compute {args.dtype}); built in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    rng = np.random.default_rng(0)
+    L = args.max_input_length
+    pool = _synthetic(rng, args.n_train, L, args.target_length, 32000)
+    test = _synthetic(rng, args.n_test, L, args.target_length, 32000)
+    print(f"synthetic inputs: mean length {pool[4].mean():.1f}, max {pool[4].max()} (padded max "
+          f"{L}); tracked set {args.n_test}, batch {args.batch}, runs {args.runs}", flush=True)
+    mesh = make_mesh()
+    n_dev = len(mesh.devices.flat)
+    optimizer = make_optimizer(config)
+    progs = make_programs(make_per_example_loss(graphdef), make_score_choices(graphdef),
+                          optimizer, mesh)
+    frozen_d = _place(frozen, mesh)
+    opt0 = optimizer.init(trainable)
+    curricula = rng.integers(0, args.n_train, (args.runs, args.steps + 1, args.batch))
+
+    def measure(name, runs, log, multiple):
+        tracked = make_tracked_set(test[0], test[1], test[2], test[3], test[4],
+                                   multiple=multiple, n_devices=n_dev, mesh=mesh)
+        sharding = _batch_sharding(mesh, args.batch)
+        tr = _place(_broadcast(trainable, runs), mesh)
+        op = _place(_broadcast(opt0, runs), mesh)
+        step = progs["step"] if log else progs["step_nolog"]
+        batches = []
+        for t in range(args.steps + 1):
+            b = gather_batch(pool[0], pool[1], pool[4], curricula[:runs, t], multiple)
+            batches.append({k: _put(v, sharding) for k, v in b.items()})
+        shapes = sorted({b["inputs"].shape[-1] for b in batches})
+        # Compile every shape first (the real loop compiles each once, then reuses it).
+        start = time.perf_counter()
+        seen = set()
+        for b in batches:
+            if b["inputs"].shape[-1] in seen:
+                continue
+            seen.add(b["inputs"].shape[-1])
+            tr, op, loss, te = step(tr, op, frozen_d, b, tracked.buckets)
+        jax.block_until_ready((tr, loss, te))
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for b in batches[1:]:
+            tr, op, loss, te = step(tr, op, frozen_d, b, tracked.buckets)
+        jax.block_until_ready((tr, loss, te))
+        per_step = (time.perf_counter() - start) / args.steps
+        total_runs = args.runs
+        total = per_step * args.target_steps * (total_runs / runs)
+        print(f"{name:<44} R={runs:<3} log={'yes' if log else 'no ':<3} "
+              f"compile {compile_s:6.1f} s ({len(shapes)} shapes) | {per_step * 1e3:8.1f} ms/step "
+              f"| {runs / per_step:8.1f} run-steps/s | {args.target_steps} steps x {total_runs} "
+              f"runs: {total / 60:6.1f} min", flush=True)
+        return per_step * (total_runs / runs)
+
+    results = {}
+    results["together"] = measure("all runs together, bucketed", args.runs, True,
+                                  args.length_multiple)
+    results["together_nolog"] = measure("all runs together, bucketed", args.runs, False,
+                                        args.length_multiple)
+    if not args.skip_single:
+        measure("one run alone (x runs), bucketed", 1, True, args.length_multiple)
+        measure("one run alone (x runs), bucketed", 1, False, args.length_multiple)
+    if not args.skip_baseline:
+        results["baseline"] = measure("BASELINE: all together, padded to max", args.runs, True,
+                                      L)
+        print(f"speed-up of bucketing over the padded baseline (with logging): "
+              f"{results['baseline'] / results['together']:.2f}x")
+    total = results["together"] * args.target_steps
+    print(f"EXTRAPOLATION: {args.target_steps} steps x {args.runs} runs with per-step logging of "
+          f"{args.n_test} tracked examples: {total / 60:.1f} min "
+          f"({'meets' if total < 7 * 60 else 'misses'} the 7-minute T5-base IA3 target)")
+    print(f"logging share: {1 - results['together_nolog'] / results['together']:.0%} of the "
+          "step time")
+    print(_peak_memory())
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    raise SystemExit(main())

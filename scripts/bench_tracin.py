@@ -1,0 +1,243 @@
+"""Benchmark TracIn-CP gradient dot products (finetune.tracin.compute_dots) on a T5.
+
+Random weights and synthetic tokens (no ``datasets``): per-example gradients per second and the
+time of one checkpoint (n_train x n_test dot products), for IA3 and for full tuning, plus the
+total for ``--checkpoints`` checkpoints (first-call compilation included). With
+``--torch-examples N`` it first runs the PyTorch per-example loop of
+``scripts/bench_tracin_torch.py`` (captum TracInCP style, IA3-equivalent trainable vectors) in a
+subprocess on the same dimensions, and prints the throughput ratio.
+
+Goal (issue 5, one H200): IA3 TracIn-CP for n_train=1000, n_test=100 at 10 checkpoints of T5-base
+in < 2 minutes, and >= 10x the throughput of the PyTorch loop.
+
+GPU command (both backends, ~2 minutes on one H100/H200 including compilation):
+    python scripts/bench_tracin.py --preset t5-base --n-train 1000 --n-test 100 \
+        --checkpoints 10 --chunk-size 64 --torch-examples 200 \
+        --full-n-train 64 --full-n-test 8 --full-mode projected --proj-dim 1024
+
+CPU smoke run (this 2-core box, ~2 minutes):
+    python scripts/bench_tracin.py --preset demo --n-train 64 --n-test 8 --checkpoints 2 \
+        --torch-examples 16
+
+References:
+    Pruthi et al. 2020, TracIn, https://arxiv.org/abs/2002.08484.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+sys.path.insert(0, str(HERE))
+
+from bench_tracin_torch import add_size_flags, config_kwargs, synthetic_tokens  # noqa: E402
+
+
+def _run_torch(args: argparse.Namespace) -> dict | None:
+    """The PyTorch baseline in a subprocess (before JAX claims the GPU memory)."""
+    cmd = [
+        sys.executable,
+        str(HERE / "bench_tracin_torch.py"),
+        "--preset",
+        args.preset,
+        "--method",
+        "ia3",
+        "--n-examples",
+        str(args.torch_examples),
+        "--n-train",
+        str(args.n_train),
+        "--n-test",
+        str(args.n_test),
+        "--checkpoints",
+        str(args.checkpoints),
+        "--input-len",
+        str(args.input_len),
+        "--target-len",
+        str(args.target_len),
+        "--seed",
+        str(args.seed),
+    ]
+    for name in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab_size"):
+        if getattr(args, name) is not None:
+            cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"torch baseline failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        return None
+    lines = proc.stdout.strip().splitlines()
+    print(lines[-2] if len(lines) > 1 else "")
+    return json.loads(lines[-1])
+
+
+def _peak_bytes(jax) -> tuple[str, float]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return "device peak", stats["peak_bytes_in_use"] / 2**30
+    return "host max RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _bench(args, jax, jnp, graphdef, params, method, mode, n_train, n_test, proj_dim) -> dict:
+    from finetune.model import combine, make_per_example_loss, partition, trainable_mask
+    from finetune.tracin import compute_dots, count_params
+
+    mask = trainable_mask(params, method)
+    trainable, frozen = partition(params, mask)
+    loss = make_per_example_loss(graphdef)
+    vocab = config_kwargs(args)["vocab_size"]
+    inp, tgt = synthetic_tokens(
+        n_train + n_test, args.input_len, args.target_len, vocab, args.seed + 1
+    )
+    pool = {"inputs": jnp.asarray(inp[:n_train]), "targets": jnp.asarray(tgt[:n_train])}
+    test = {"inputs": jnp.asarray(inp[n_train:]), "targets": jnp.asarray(tgt[n_train:])}
+    n_params = count_params(trainable)
+    if mode == "auto":
+        mode = "exact" if 4 * n_params * (n_test + args.chunk_size) < 4 * 2**30 else "projected"
+    kw = dict(mode=mode, proj_dim=proj_dim, seed=0, chunk_size=args.chunk_size, combine=combine)
+
+    start = time.perf_counter()
+    times = []
+    for k in range(args.checkpoints):
+        # A different "checkpoint" each time (same shapes: no recompilation).
+        moved = jax.tree.map(lambda x, k=k: x * (1.0 + 0.01 * k), trainable)
+        jax.block_until_ready(moved)
+        t0 = time.perf_counter()
+        dots = compute_dots(loss, moved, frozen, pool, test, **kw)
+        dots = jax.block_until_ready(dots)
+        times.append(time.perf_counter() - t0)
+    total = time.perf_counter() - start
+    steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
+    per_s = (n_train + n_test) / steady
+    where, peak = _peak_bytes(jax)
+    finite = bool(jnp.isfinite(dots).all())
+    res = {
+        "method": method,
+        "mode": mode,
+        "proj_dim": proj_dim if mode == "projected" else 0,
+        "n_params_trainable": n_params,
+        "n_train": n_train,
+        "n_test": n_test,
+        "first_call_s": times[0],
+        "steady_s_per_checkpoint": steady,
+        "grads_per_s": per_s,
+        "total_s": total,
+        "checkpoints": args.checkpoints,
+        "peak_gib": peak,
+        "peak_kind": where,
+        "finite": finite,
+    }
+    print(
+        f"[jax {jax.devices()[0].device_kind}] {args.preset} {method} ({mode}"
+        f"{f', d={proj_dim}' if mode == 'projected' else ''}): {n_params} trainable params, "
+        f"n_train={n_train} n_test={n_test}: first call (compile+run) {times[0]:.2f} s, "
+        f"{steady:.3f} s per checkpoint, {per_s:.1f} per-example grads/s; "
+        f"{args.checkpoints} checkpoints in {total:.1f} s; {where} {peak:.2f} GiB; "
+        f"finite={finite}"
+    )
+    return res
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_size_flags(parser)
+    parser.add_argument("--n-train", type=int, default=1000, help="pool size (IA3 run)")
+    parser.add_argument("--n-test", type=int, default=100, help="tracked test set (IA3 run)")
+    parser.add_argument("--checkpoints", type=int, default=10, help="checkpoints to time")
+    parser.add_argument(
+        "--chunk-size", type=int, default=32, help="examples per vmapped per-example-gradient chunk"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of the T5 (parameters stay float32)",
+    )
+    parser.add_argument(
+        "--full-n-train",
+        type=int,
+        default=32,
+        help="pool size for the full-tuning run (0 skips it)",
+    )
+    parser.add_argument("--full-n-test", type=int, default=4, help="test set, full tuning")
+    parser.add_argument(
+        "--full-mode",
+        choices=("auto", "exact", "projected"),
+        default="auto",
+        help="full tuning: exact, projected, or auto (exact if the test gradients fit in 4 GiB)",
+    )
+    parser.add_argument("--proj-dim", type=int, default=1024, help="projection dimension")
+    parser.add_argument(
+        "--torch-examples",
+        type=int,
+        default=0,
+        help="also time the PyTorch per-example loop on this many examples "
+        "(IA3-equivalent; 0 skips)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    args = parser.parse_args(argv)
+
+    torch_res = _run_torch(args) if args.torch_examples > 0 else None
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+    import jax.numpy as jnp
+    import transformers
+    from flax import nnx
+
+    from finetune.network import T5
+
+    print(f"jax {jax.__version__} on {jax.devices()[0]} ({jax.default_backend()})")
+    config = transformers.T5Config(**config_kwargs(args))
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    results = {
+        "preset": args.preset,
+        "config": config_kwargs(args),
+        "dtype": args.dtype,
+        "input_len": args.input_len,
+        "target_len": args.target_len,
+    }
+    graphdef, params = nnx.split(T5(config, ia3=True, dtype=dtype, rngs=nnx.Rngs(args.seed)))
+    results["ia3"] = _bench(
+        args, jax, jnp, graphdef, params, "ia3", "exact", args.n_train, args.n_test, args.proj_dim
+    )
+    if args.full_n_train > 0:
+        results["full"] = _bench(
+            args,
+            jax,
+            jnp,
+            graphdef,
+            params,
+            "full",
+            args.full_mode,
+            args.full_n_train,
+            args.full_n_test,
+            args.proj_dim,
+        )
+    if torch_res is not None:
+        ratio = results["ia3"]["grads_per_s"] / torch_res["grads_per_s"]
+        results["torch"] = torch_res
+        results["ia3_speedup_vs_torch_loop"] = ratio
+        print(
+            f"IA3 per-example grads/s: jax {results['ia3']['grads_per_s']:.1f} vs torch loop "
+            f"{torch_res['grads_per_s']:.1f} ({torch_res['device']}): {ratio:.1f}x "
+            f"(goal >= 10x)"
+        )
+    ia3 = results["ia3"]
+    print(
+        f"IA3 TracIn-CP, {ia3['checkpoints']} checkpoints, n_train={ia3['n_train']}, "
+        f"n_test={ia3['n_test']}: {ia3['total_s']:.1f} s including compilation "
+        f"(goal < 120 s for 10 checkpoints of t5-base, 1000 x 100, on one H200)"
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

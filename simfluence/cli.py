@@ -1,0 +1,643 @@
+"""`simfluence` command line: evaluate, fit, simulate, influence, plot, demo-data, table, figures.
+
+Each command parses its flags and calls library functions. Bad input (a RunLogError or
+ValueError from the library, or bad flags) prints one line `simfluence: error: ...` on stderr and
+exits with code 2; outputs are written atomically, so a failed command leaves no output file.
+
+References:
+    Guu et al., "Simfluence", 2023. https://arxiv.org/abs/2303.08114
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from simfluence.runlog import RunLogError
+
+PROG = "simfluence"
+_EPILOG = (
+    "Experiment folders use the run-log format of simfluence.runlog: EXP/experiment.json and "
+    "EXP/run_XXX/{curriculum.npy, losses.npy, meta.json}."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line and exit with code 2."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {' '.join(str(message).split())}\n")
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument parsing helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _parse_indices(text: str, flag: str) -> list[int]:
+    """'0-19,22,25-27' -> [0, ..., 19, 22, 25, 26, 27] (order kept, duplicates dropped)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi or lo < 0:
+                    raise ValueError
+                items = range(lo, hi + 1)
+            else:
+                v = int(part)
+                if v < 0:
+                    raise ValueError
+                items = [v]
+            out.extend(i for i in items if i not in out)
+    except ValueError:
+        raise ValueError(
+            f"{flag} {text!r}: expected non-negative indices and ranges like 0-19,22"
+        ) from None
+    if not out:
+        raise ValueError(f"{flag} {text!r}: no index given")
+    return out
+
+
+def _parse_split(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0:
+        raise ValueError(f"--split {text!r}: expected three non-negative integers FIT,VALID,TEST")
+    return parts  # type: ignore[return-value]
+
+
+def _load_array(path: str, what: str) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise RunLogError(f"{p}: {what} file not found")
+    try:
+        return np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise RunLogError(f"{p}: cannot read {what} as .npy ({exc})") from exc
+
+
+def _load_inputs(args, sim) -> tuple[np.ndarray, np.ndarray]:
+    """Curriculum int [T, b] and initial losses f32 [n_test], checked against the simulator."""
+    cur = _load_array(args.curriculum, "curriculum")
+    if not np.issubdtype(cur.dtype, np.integer) or cur.ndim != 2 or 0 in cur.shape:
+        raise RunLogError(
+            f"{args.curriculum}: curriculum must be integers [steps, batch], got "
+            f"{cur.dtype} {cur.shape}"
+        )
+    if cur.min() < 0 or cur.max() >= sim.n_train:
+        bad = int(cur.min()) if cur.min() < 0 else int(cur.max())
+        raise RunLogError(
+            f"{args.curriculum}: curriculum id {bad} is outside 0..{sim.n_train - 1} "
+            f"(the simulator's training pool)"
+        )
+    l0 = _load_array(args.initial_losses, "initial losses")
+    if not np.issubdtype(l0.dtype, np.floating) or l0.shape != (sim.n_test,):
+        raise RunLogError(
+            f"{args.initial_losses}: initial losses must be float [{sim.n_test}] (one per test "
+            f"example of the simulator), got {l0.dtype} {l0.shape}"
+        )
+    if not np.isfinite(l0).all():
+        raise RunLogError(f"{args.initial_losses}: initial losses contain NaN or inf")
+    return cur.astype(np.int32), l0.astype(np.float32)
+
+
+def _check_out(path: str, suffixes: Sequence[str], flag: str = "--out") -> Path:
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag} {p}: expected a file ending in {' or '.join(suffixes)}")
+    if p.is_dir():
+        raise ValueError(f"{flag} {p} is a folder; give a file name")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
+
+
+def _cmd_evaluate(args) -> None:
+    from simfluence.evaluate import check_variants, evaluate
+    from simfluence.runlog import atomic_write_json
+    from simfluence.table import format_results
+
+    out = _check_out(args.out, [".json"]) if args.out else None
+    variants = check_variants(args.variants.split(",")) if args.variants else None
+    results = evaluate(
+        args.exp,
+        split=_parse_split(args.split),
+        variants=variants,
+        l2_a=args.l2_a,
+        l2_b=args.l2_b,
+        a_prior=args.a_prior,
+        progress=sys.stderr.isatty(),
+    )
+    if out is not None:
+        atomic_write_json(out, results)
+    sys.stdout.write(format_results(results))
+    if out is not None:
+        sys.stdout.write(f"\nwrote {out}\n")
+
+
+def _cmd_fit(args) -> None:
+    from simfluence import simulators
+    from simfluence.runlog import load_runs, read_experiment
+
+    out = _check_out(args.out, [".npz"])
+    if (args.l2_a is None) != (args.l2_b is None):
+        raise ValueError("give both --l2-a and --l2-b, or neither")
+    if args.valid_runs and args.l2_a is not None:
+        raise ValueError("--valid-runs chooses the lambdas; do not also give --l2-a/--l2-b")
+    info = read_experiment(args.exp)
+    fit_idx = _parse_indices(args.runs, "--runs")
+    runs = load_runs(args.exp, fit_idx)
+    curs, losses = [r.curriculum for r in runs], [r.losses for r in runs]
+    if args.valid_runs:
+        valid_idx = _parse_indices(args.valid_runs, "--valid-runs")
+        overlap = sorted(set(valid_idx) & set(fit_idx))
+        if overlap:
+            raise ValueError(f"--valid-runs {overlap} also appear in --runs; keep them apart")
+        valid = load_runs(args.exp, valid_idx)
+        sys.stderr.write(
+            f"{PROG}: choosing lambdas for {args.variant} on {len(valid)} validation run(s)...\n"
+        )
+        l2_a, l2_b, _ = simulators.select_lambdas(
+            curs,
+            losses,
+            [r.curriculum for r in valid],
+            [r.losses for r in valid],
+            n_train=info["n_train"],
+            variant=args.variant,
+            a_prior=args.a_prior,
+        )
+        source = f"chosen on runs {args.valid_runs}"
+    elif args.l2_a is not None:
+        l2_a, l2_b, source = args.l2_a, args.l2_b, "given"
+    else:
+        l2_a, l2_b, source = simulators.DEFAULT_L2_A, simulators.DEFAULT_L2_B, "defaults"
+    sim = simulators.fit(
+        curs,
+        losses,
+        n_train=info["n_train"],
+        variant=args.variant,
+        l2_a=l2_a,
+        l2_b=l2_b,
+        a_prior=args.a_prior,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    simulators.save_simulator(out, sim)
+    print(
+        f"fitted {args.variant} on {len(runs)} runs (n_test={sim.n_test}, n_train={sim.n_train}); "
+        f"l2_a={sim.l2_a:g}, l2_b={sim.l2_b:g} ({source}), a_prior={sim.a_prior:g}; wrote {out}"
+    )
+
+
+def _cmd_simulate(args) -> None:
+    from simfluence import simulators
+    from simfluence.runlog import atomic_save_npy
+
+    out = _check_out(args.out, [".npy"])
+    sim = simulators.load_simulator(args.sim)
+    cur, l0 = _load_inputs(args, sim)
+    pred = np.asarray(simulators.simulate(sim, cur, l0), np.float32)
+    if not np.isfinite(pred).all():
+        raise ValueError("the simulated losses are not finite (the simulator diverges here)")
+    atomic_save_npy(out, pred)
+    print(
+        f"simulated {cur.shape[0]} steps for {sim.n_test} test examples; final mean loss "
+        f"{float(pred[-1].mean()):.6g} (initial {float(l0.mean()):.6g}); wrote {out} "
+        f"float32 {list(pred.shape)}"
+    )
+
+
+def _texts(exp: str | None) -> dict | None:
+    if exp is None:
+        return None
+    from simfluence.runlog import read_examples
+
+    return read_examples(exp)
+
+
+def _cmd_influence(args) -> None:
+    from simfluence import simulators
+    from simfluence.plots import format_influences, top_influences
+    from simfluence.runlog import atomic_write_json
+
+    out = _check_out(args.out, [".json"]) if args.out else None
+    sim = simulators.load_simulator(args.sim)
+    cur, l0 = _load_inputs(args, sim)
+    if not 0 <= args.test < sim.n_test:
+        raise ValueError(f"--test {args.test} is outside 0..{sim.n_test - 1}")
+    if args.top < 1:
+        raise ValueError(f"--top {args.top} must be >= 1")
+    texts = _texts(args.exp)
+    if texts is not None and len(texts["train"]) != sim.n_train:
+        raise ValueError(
+            f"--exp {args.exp} has {len(texts['train'])} training texts but the simulator has "
+            f"n_train={sim.n_train}; pass the experiment the simulator was fitted on"
+        )
+    inf = np.asarray(simulators.removal_influence(sim, cur, l0, args.test))
+    rows = top_influences(inf, cur, args.top, texts["train"] if texts else None)
+    if out is not None:
+        atomic_write_json(out, {"test_index": args.test, "top": rows})
+    sys.stdout.write(
+        format_influences(rows, args.test, texts["test"][args.test] if texts else None)
+    )
+
+
+def _simulate_runs(sim, runs):
+    from simfluence import simulators
+
+    return [np.asarray(simulators.simulate(sim, r.curriculum, r.losses[0])) for r in runs]
+
+
+def _check_sim_matches(sim, info: dict, sim_path: str, exp: str) -> None:
+    if (sim.n_test, sim.n_train) != (info["n_test"], info["n_train"]):
+        raise ValueError(
+            f"{sim_path}: simulator has n_test={sim.n_test}, n_train={sim.n_train} but {exp} "
+            f"has n_test={info['n_test']}, n_train={info['n_train']}; fit it on this experiment"
+        )
+
+
+def _check_tests(tests: list[int], n_test: int) -> None:
+    bad = [j for j in tests if j >= n_test]
+    if bad:
+        raise ValueError(f"--tests {bad} outside 0..{n_test - 1}")
+
+
+def _cmd_plot(args) -> None:
+    from simfluence import simulators
+    from simfluence.plots import plot_trajectories
+    from simfluence.runlog import load_runs, read_experiment
+
+    out = _check_out(args.out, [".png", ".pdf", ".svg"])
+    info = read_experiment(args.exp)
+    sim = simulators.load_simulator(args.sim)
+    _check_sim_matches(sim, info, args.sim, args.exp)
+    tests = _parse_indices(args.tests, "--tests")
+    _check_tests(tests, info["n_test"])
+    runs = load_runs(args.exp, _parse_indices(args.runs, "--runs"))
+    texts = _texts(args.exp)
+    plot_trajectories(
+        out,
+        [r.losses for r in runs],
+        _simulate_runs(sim, runs),
+        [f"run {r.index}" for r in runs],
+        tests,
+        test_labels=[texts["test"][j] for j in tests] if texts else None,
+        title=f"{sim.variant} simulator vs true losses",
+    )
+    print(f"wrote {out}")
+
+
+def _cmd_demo_data(args) -> None:
+    from simfluence.demo_data import make_demo_experiment
+
+    exp = make_demo_experiment(
+        args.exp,
+        n_runs=args.runs,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        batch=args.batch,
+        steps=args.steps,
+        seed=args.seed,
+        noise=args.noise,
+        tracin=args.tracin,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"wrote a synthetic experiment to {exp}: {args.runs} runs x {args.steps} steps, batch "
+        f"{args.batch}, n_train={args.n_train}, n_test={args.n_test}"
+        + (", with tracin.npz" if args.tracin else "")
+        + f"; try `simfluence evaluate {exp}`"
+    )
+
+
+def _cmd_table(args) -> None:
+    from simfluence.table import format_table, load_results, write_table
+
+    md_path, json_path = write_table(args.results, args.out)
+    sys.stdout.write(format_table(load_results(args.results)))
+    print(f"\nwrote {md_path} and {json_path}")
+
+
+def _cmd_figures(args) -> None:
+    from simfluence import simulators
+    from simfluence.plots import (
+        format_influences,
+        plot_parameters,
+        plot_trajectories,
+        top_influences,
+    )
+    from simfluence.runlog import (
+        atomic_write_json,
+        atomic_write_text,
+        list_runs,
+        load_runs,
+        read_experiment,
+    )
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    info = read_experiment(args.exp)
+    sim = simulators.load_simulator(args.sim)
+    _check_sim_matches(sim, info, args.sim, args.exp)
+    if args.runs:
+        run_idx = _parse_indices(args.runs, "--runs")
+    else:
+        complete = [i for i, _, c in list_runs(args.exp) if c]
+        if not complete:
+            raise RunLogError(f"{args.exp}: no complete runs")
+        run_idx = [complete[-1]]
+    tests = (
+        _parse_indices(args.tests, "--tests") if args.tests else list(range(min(4, info["n_test"])))
+    )
+    _check_tests(tests, info["n_test"])
+    if not 0 <= args.test < info["n_test"]:
+        raise ValueError(f"--test {args.test} is outside 0..{info['n_test'] - 1}")
+    if args.top < 1:
+        raise ValueError(f"--top {args.top} must be >= 1")
+    runs = load_runs(args.exp, run_idx)
+    texts = _texts(args.exp)
+    preds = _simulate_runs(sim, runs)
+    run0 = runs[0]
+    inf = np.asarray(simulators.removal_influence(sim, run0.curriculum, run0.losses[0], args.test))
+    rows = top_influences(inf, run0.curriculum, args.top, texts["train"] if texts else None)
+    listing = (
+        f"simulator {args.sim} ({sim.variant}), curriculum of run {run0.index}\n"
+        + format_influences(rows, args.test, texts["test"][args.test] if texts else None)
+    )
+    # Everything is computed; only now write.
+    out.mkdir(parents=True, exist_ok=True)
+    written = [
+        plot_trajectories(
+            out / "trajectories.png",
+            [r.losses for r in runs],
+            preds,
+            [f"run {r.index}" for r in runs],
+            tests,
+            test_labels=[texts["test"][j] for j in tests] if texts else None,
+            title=f"{sim.variant} simulator vs true losses",
+        ),
+        plot_parameters(
+            out / "parameters.png", np.asarray(sim.A), np.asarray(sim.B), variant=sim.variant
+        ),
+        atomic_write_text(out / "influence.txt", listing),
+        atomic_write_json(
+            out / "influence.json",
+            {"run": run0.index, "test_index": args.test, "variant": sim.variant, "top": rows},
+        ),
+    ]
+    sys.stdout.write(listing)
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_lambda_flags(p) -> None:
+    p.add_argument(
+        "--l2-a",
+        type=float,
+        default=None,
+        metavar="X",
+        help="ridge strength on A - a_prior (give with --l2-b; default: chosen on validation runs)",
+    )
+    p.add_argument(
+        "--l2-b",
+        type=float,
+        default=None,
+        metavar="Y",
+        help="ridge strength on B (give with --l2-a)",
+    )
+    p.add_argument(
+        "--a-prior",
+        type=float,
+        default=None,
+        metavar="P",
+        help="value A is shrunk towards (default 1/batch: an unseen example leaves the loss "
+        "unchanged; 0 = plain ridge)",
+    )
+
+
+def _sim_input_flags(p) -> None:
+    p.add_argument("sim", help="simulator file written by `simfluence fit` (.npz)")
+    p.add_argument(
+        "--curriculum", required=True, help="int .npy [steps, batch] of training-pool ids"
+    )
+    p.add_argument(
+        "--initial-losses",
+        required=True,
+        help="float .npy [n_test]: the observed loss of each test example before training",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `simfluence` argument parser (one subcommand per command)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Simfluence: fit, roll out and score training-run simulators "
+        "(Guu et al. 2023, arXiv 2303.08114) on logged fine-tuning runs.",
+        epilog=_EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser(
+        "evaluate",
+        help="fit every variant on a split of the runs and score it on held-out runs",
+        description="Fit on the first FIT complete runs (by index), choose lambdas on the next "
+        "VALID, score on the next TEST; print a table and optionally write JSON.",
+    )
+    p.add_argument("exp", metavar="EXP", help="experiment folder")
+    p.add_argument(
+        "--split",
+        default="20,2,10",
+        help="FIT,VALID,TEST numbers of complete runs (default 20,2,10)",
+    )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated variants among linear, additive, multiplicative, constant, "
+        "mean-trajectory, tracin-cp, tracin-cp-rescaled (default: all; the tracin ones only "
+        "when fitting runs have tracin.npz)",
+    )
+    _add_lambda_flags(p)
+    p.add_argument("--out", default=None, help="write the results as JSON here (.json)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "fit",
+        help="fit one simulator on chosen runs and save it (.npz)",
+        description="Fit a Simfluence simulator on runs; lambdas from --valid-runs, from "
+        "--l2-a/--l2-b, or the defaults.",
+    )
+    p.add_argument("exp", metavar="EXP", help="experiment folder")
+    p.add_argument("--runs", required=True, help="fitting run indices, e.g. 0-19 or 0-9,12")
+    p.add_argument(
+        "--variant",
+        default="linear",
+        choices=["linear", "additive", "multiplicative"],
+        help="simulator variant (default linear)",
+    )
+    p.add_argument(
+        "--valid-runs",
+        default=None,
+        help="validation run indices to choose lambdas on (log grid, all-steps MSE)",
+    )
+    _add_lambda_flags(p)
+    p.add_argument("--out", required=True, help="output simulator file (.npz)")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser(
+        "simulate",
+        help="predict the loss trajectories of a (new) curriculum",
+        description="Roll a fitted simulator out along a curriculum from given initial losses.",
+    )
+    _sim_input_flags(p)
+    p.add_argument(
+        "--out", required=True, help="output .npy, float32 [steps + 1, n_test] (row 0 = initial)"
+    )
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser(
+        "influence",
+        help="training examples whose removal changes a test example's final loss the most",
+        description="For test example J, the simulated change of its final loss when each "
+        "training example's slots drop out of the curriculum (all examples at once).",
+    )
+    _sim_input_flags(p)
+    p.add_argument("--test", type=int, required=True, metavar="J", help="test example index")
+    p.add_argument("--top", type=int, default=10, help="how many examples to list (default 10)")
+    p.add_argument("--exp", default=None, help="experiment folder whose examples.json gives texts")
+    p.add_argument("--out", default=None, help="also write the listing as JSON (.json)")
+    p.set_defaults(func=_cmd_influence)
+
+    p = sub.add_parser(
+        "plot",
+        help="true vs simulated loss trajectories (one panel per test example)",
+        description="Plot observed (solid) and simulated (dashed) trajectories of chosen runs.",
+    )
+    p.add_argument("exp", metavar="EXP", help="experiment folder")
+    p.add_argument("--sim", required=True, help="simulator file (.npz) from `simfluence fit`")
+    p.add_argument("--runs", required=True, help="run indices to plot, e.g. 22 or 22,23")
+    p.add_argument("--tests", default="0,1,2,3", help="test example indices (default 0,1,2,3)")
+    p.add_argument("--out", required=True, help="output image (.png, .pdf or .svg)")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser(
+        "demo-data",
+        help="write a synthetic experiment from a known linear simulator",
+        description="Write a synthetic experiment (run-log format) generated by a known "
+        "Simfluence-Linear simulator, so every command can be tried without a model.",
+    )
+    p.add_argument("exp", metavar="EXP", help="folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing experiment")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--runs", type=int, default=32, help="number of runs (default 32)")
+    p.add_argument("--n-train", type=int, default=100, help="training pool size (default 100)")
+    p.add_argument("--n-test", type=int, default=50, help="tracked test examples (default 50)")
+    p.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=155,
+        help="steps per run (default 155; steps x batch not a multiple of the pool)",
+    )
+    p.add_argument(
+        "--noise", type=float, default=0.003, help="std of per-step loss noise (default 0.003)"
+    )
+    p.add_argument(
+        "--tracin",
+        action="store_true",
+        help="also write synthetic tracin.npz (oracle first-order dots) to try the TracIn-CP "
+        "variants",
+    )
+    p.set_defaults(func=_cmd_demo_data)
+
+    p = sub.add_parser(
+        "table",
+        help="all finished experiments in one markdown + JSON table",
+        description="Rows = variants, columns = experiments; cells = all-steps MSE ± se / "
+        "final-step ρ ± se, then a second table with across-run ρ / skill / final-step MSE.",
+    )
+    p.add_argument(
+        "results",
+        nargs="+",
+        metavar="RESULTS_OR_EXP",
+        help="results.json files of `simfluence evaluate`, or experiment folders holding one",
+    )
+    p.add_argument(
+        "--out", required=True, help="output markdown (.md); the JSON is written beside it"
+    )
+    p.set_defaults(func=_cmd_table)
+
+    p = sub.add_parser(
+        "figures",
+        help="trajectory plot, fitted A/B distributions and top influences into a folder",
+        description="Write trajectories.png, parameters.png, influence.txt and influence.json.",
+    )
+    p.add_argument("exp", metavar="EXP", help="experiment folder")
+    p.add_argument("--sim", required=True, help="simulator file (.npz) from `simfluence fit`")
+    p.add_argument(
+        "--runs",
+        default=None,
+        help="runs to plot (default: the last complete run); the first one's curriculum is "
+        "used for the influence listing",
+    )
+    p.add_argument("--tests", default=None, help="test examples to plot (default 0-3)")
+    p.add_argument("--test", type=int, default=0, help="test example for influences (default 0)")
+    p.add_argument("--top", type=int, default=10, help="influential examples to list (default 10)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_figures)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(f"{PROG}: warning: {' '.join(str(message).split())}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `simfluence` console script.
+
+    Args:
+        argv: arguments without the program name (None -> sys.argv[1:]).
+
+    Returns:
+        0 on success. Bad input raises SystemExit(2) after one line on stderr.
+    """
+    args = build_parser().parse_args(argv)
+    old = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        args.func(args)
+    except (RunLogError, ValueError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        _fail(f"{where}{exc.strerror or exc}")
+    finally:
+        warnings.showwarning = old
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Fit every simulator on one split of an experiment's runs and score it on held-out runs.
+
+The split is by run index among the complete runs: the first `n_fit` runs fit the simulators,
+the next `n_valid` choose the ridge strengths (Simfluence variants only), the next `n_test` are
+scored. Scores per variant (see `simfluence.metrics`):
+
+- the paper's metrics: all-steps MSE and final-step Spearman (mean +- stderr over held-out runs);
+- final-step MSE (mean +- stderr over held-out runs);
+- `across_run_spearman`: per test example, Spearman across held-out runs of simulated vs true
+  final loss (mean +- stderr over test examples), i.e. does the simulator capture the curriculum;
+- `skill_vs_mean_trajectory`: 1 - all-steps MSE / all-steps MSE of the mean-trajectory baseline.
+
+References:
+    Guu et al., "Simfluence", 2023. https://arxiv.org/abs/2303.08114
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from simfluence import baselines, simulators, tracin
+
+# Names, not the module: the package may re-export the function `metrics` under the same name.
+from simfluence.metrics import across_run_spearman, mean_stderr, skill_score
+from simfluence.metrics import metrics as per_run_metrics
+from simfluence.runlog import Run, RunLogError, list_runs, load_runs, read_experiment
+
+__all__ = ["ALL_VARIANTS", "DEFAULT_SPLIT", "evaluate", "default_variants", "check_variants"]
+
+ALL_VARIANTS = simulators.VARIANTS + baselines.BASELINES + tracin.TRACIN_VARIANTS
+DEFAULT_SPLIT = (20, 2, 10)
+
+
+def check_variants(variants: Sequence[str]) -> list[str]:
+    """Validate variant names (order kept, duplicates dropped).
+
+    Raises:
+        ValueError: an unknown name, naming the choices.
+    """
+    out: list[str] = []
+    for v in variants:
+        v = v.strip()
+        if v not in ALL_VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(ALL_VARIANTS)}")
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise ValueError(f"no variant given; choose from {', '.join(ALL_VARIANTS)}")
+    return out
+
+
+def default_variants(fit_runs: Sequence[Run]) -> list[str]:
+    """Simfluence variants and baselines, plus TracIn-CP when a fitting run has tracin.npz."""
+    out = list(simulators.VARIANTS + baselines.BASELINES)
+    if tracin.has_tracin(fit_runs):
+        out += list(tracin.TRACIN_VARIANTS)
+    return out
+
+
+def _check_split(split: Sequence[int]) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(x) for x in split)
+    except (TypeError, ValueError):
+        raise ValueError(f"split {split!r} must be three integers FIT,VALID,TEST") from None
+    if len(parts) != 3 or min(parts) < 0:
+        raise ValueError(f"split {split!r} must be three non-negative integers FIT,VALID,TEST")
+    n_fit, _, n_test = parts
+    if n_fit < 1:
+        raise ValueError(f"split {parts}: at least one fitting run is needed")
+    if n_test < 2:
+        raise ValueError(
+            f"split {parts}: at least 2 held-out test runs are needed (standard errors and "
+            "across-run Spearman need two or more)"
+        )
+    return parts
+
+
+def _predict_simfluence(sim, runs: Sequence[Run]) -> list[np.ndarray]:
+    """Rollouts grouped by run length (one vmapped call per length)."""
+    out: dict[int, np.ndarray] = {}
+    by_len: dict[int, list[int]] = {}
+    for k, r in enumerate(runs):
+        by_len.setdefault(r.steps, []).append(k)
+    for ks in by_len.values():
+        curs = np.stack([runs[k].curriculum for k in ks])
+        l0 = np.stack([runs[k].losses[0] for k in ks])
+        preds = np.asarray(simulators.simulate_many(sim, curs, l0), dtype=np.float32)
+        for k, p in zip(ks, preds, strict=True):
+            out[k] = p
+    return [out[k] for k in range(len(runs))]
+
+
+def _score(preds: Sequence[np.ndarray], runs: Sequence[Run]) -> dict:
+    per_mse, per_rho, per_fmse = [], [], []
+    for p, r in zip(preds, runs, strict=True):
+        m = per_run_metrics(p, r.losses)
+        per_mse.append(float(m["all_steps_mse"]))
+        per_fmse.append(float(m["final_step_mse"]))
+        rho = float(m["final_step_spearman"])
+        per_rho.append(rho if math.isfinite(rho) else None)
+    for name, vals in (("all-steps MSE", per_mse), ("final-step MSE", per_fmse)):
+        if not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"{name} is not finite: the simulator diverged on a held-out run")
+    defined = [v for v in per_rho if v is not None]
+    if defined:
+        rho = mean_stderr(defined)
+        rho["n_undefined"] = len(per_rho) - len(defined)
+        rho["undefined_reason"] = None
+    else:
+        rho = {
+            "mean": None,
+            "stderr": None,
+            "n_undefined": len(per_rho),
+            "undefined_reason": "the final simulated losses are equal across test examples in "
+            "every held-out run",
+        }
+    across = across_run_spearman(
+        np.stack([p[-1] for p in preds]), np.stack([r.losses[-1] for r in runs])
+    )
+    return {
+        "all_steps_mse": mean_stderr(per_mse),
+        "final_step_spearman": rho,
+        "final_step_mse": mean_stderr(per_fmse),
+        "across_run_spearman": across,
+        "per_run": {
+            "all_steps_mse": per_mse,
+            "final_step_spearman": per_rho,
+            "final_step_mse": per_fmse,
+        },
+    }
+
+
+def _finite(x: np.ndarray) -> bool:
+    return bool(np.isfinite(x).all())
+
+
+def _undefined_scores(reason: str) -> dict:
+    """Scores of a variant whose rollouts are not finite: every metric undefined, with why."""
+    undef = {"mean": None, "stderr": None, "undefined_reason": reason}
+    return {
+        "all_steps_mse": dict(undef),
+        "final_step_spearman": dict(undef),
+        "final_step_mse": dict(undef),
+        "across_run_spearman": dict(undef, n_used=0, n_excluded=0, n_constant_prediction=0),
+        "per_run": {},
+    }
+
+
+def _experiment_name(exp_dir: Path, info: dict) -> str:
+    name = info.get("name")
+    if isinstance(name, str) and name:
+        return name
+    resolved = exp_dir.resolve()
+    # `runs/<config>/output` layouts: the config folder names the experiment.
+    return resolved.parent.name if resolved.name == "output" else resolved.name
+
+
+def evaluate(
+    exp_dir: str | os.PathLike,
+    split: Sequence[int] = DEFAULT_SPLIT,
+    variants: Sequence[str] | None = None,
+    l2_a: float | None = None,
+    l2_b: float | None = None,
+    a_prior: float | None = None,
+    *,
+    grid=None,
+    progress: bool = False,
+) -> dict:
+    """Fit, choose lambdas, and score every requested variant on one experiment.
+
+    Args:
+        exp_dir: experiment folder (run-log format of `simfluence.runlog`).
+        split: (n_fit, n_valid, n_test) numbers of complete runs, taken in index order.
+        variants: names from `ALL_VARIANTS`; None -> linear, additive, multiplicative, constant,
+            mean-trajectory, and tracin-cp, tracin-cp-rescaled when a fitting run has
+            tracin.npz.
+        l2_a, l2_b: fixed ridge strengths for the Simfluence variants (give both or neither);
+            None -> chosen on the validation runs with `simulators.select_lambdas`, or the
+            simulators' defaults when n_valid is 0.
+        a_prior: value A is shrunk towards; None -> 1/batch.
+        grid: lambda grid passed to `select_lambdas` (None = its default log grid).
+        progress: show a tqdm progress bar on stderr.
+
+    Returns:
+        JSON-ready dict: `{"variants": {name: {"all_steps_mse": {"mean", "stderr"},
+        "final_step_spearman": {"mean", "stderr", "n_undefined", "undefined_reason"},
+        "final_step_mse": {"mean", "stderr"}, "across_run_spearman": {"mean", "stderr",
+        "n_used", "n_excluded", "n_constant_prediction", "undefined_reason"},
+        "skill_vs_mean_trajectory": float | None, "l2_a": float | None, "l2_b": float | None,
+        "per_run": {...}, ...}}, "split": {"fit": [...], "valid": [...], "test": [...]},
+        "experiment": {"name", "path", "n_train", "n_test", "batch", "info"}}`.
+
+    Raises:
+        RunLogError: bad run logs, or a split asking for more complete runs than exist.
+        ValueError: fewer than 2 test examples, unknown variant, bad split or lambdas.
+    """
+    exp_dir = Path(exp_dir)
+    n_fit, n_valid, n_heldout = _check_split(split)
+    info = read_experiment(exp_dir)
+    if info["n_test"] < 2:
+        raise ValueError(
+            f"{exp_dir / 'experiment.json'}: n_test={info['n_test']}; final-step Spearman "
+            "across test examples needs at least 2 test examples"
+        )
+    if variants is not None:
+        variants = check_variants(variants)
+    if (l2_a is None) != (l2_b is None):
+        raise ValueError("give both l2_a and l2_b, or neither (then they are chosen on validation)")
+    runs = load_runs(exp_dir)
+    needed = n_fit + n_valid + n_heldout
+    if needed > len(runs):
+        n_inc = sum(1 for _, _, c in list_runs(exp_dir) if not c)
+        raise RunLogError(
+            f"{exp_dir}: split {n_fit},{n_valid},{n_heldout} needs {needed} complete runs but "
+            f"there are {len(runs)} ({n_inc} incomplete); finish more runs or use a smaller split"
+        )
+    fit_runs = runs[:n_fit]
+    valid_runs = runs[n_fit : n_fit + n_valid]
+    test_runs = runs[n_fit + n_valid : needed]
+    if variants is None:
+        variants = default_variants(fit_runs)
+    n_train = info["n_train"]
+    fit_c = [r.curriculum for r in fit_runs]
+    fit_l = [r.losses for r in fit_runs]
+
+    from tqdm import tqdm
+
+    # The mean trajectory is the reference of the skill score: always computed.
+    delta = baselines.fit_mean_trajectory(fit_l)
+    mean_preds = [baselines.mean_trajectory(delta, r.losses[0], r.steps) for r in test_runs]
+    mean_scores = _score(mean_preds, test_runs)
+    ref_mse = mean_scores["all_steps_mse"]["mean"]
+
+    results: dict[str, dict] = {}
+    bar = tqdm(variants, desc="evaluate", file=sys.stderr, disable=not progress, leave=False)
+    for name in bar:
+        bar.set_postfix_str(name)
+        extra: dict = {"l2_a": None, "l2_b": None}
+        if name in simulators.VARIANTS:
+            if l2_a is not None:
+                la, lb, source, search = float(l2_a), float(l2_b), "given", None
+            elif n_valid > 0:
+                la, lb, search = simulators.select_lambdas(
+                    fit_c,
+                    fit_l,
+                    [r.curriculum for r in valid_runs],
+                    [r.losses for r in valid_runs],
+                    n_train=n_train,
+                    variant=name,
+                    a_prior=a_prior,
+                    grid=grid,
+                )
+                source = "validation"
+            else:
+                la, lb, source, search = (
+                    simulators.DEFAULT_L2_A,
+                    simulators.DEFAULT_L2_B,
+                    "default",
+                    None,
+                )
+            sim = simulators.fit(
+                fit_c, fit_l, n_train=n_train, variant=name, l2_a=la, l2_b=lb, a_prior=a_prior
+            )
+            preds = _predict_simfluence(sim, test_runs)
+            # An ablation ignores one lambda: report it as None (not applicable), not 0.
+            extra = {
+                "l2_a": None if name == "additive" else float(sim.l2_a),
+                "l2_b": None if name == "multiplicative" else float(sim.l2_b),
+                "a_prior": float(sim.a_prior),
+                "lambda_source": source,
+            }
+            if search is not None:
+                extra["lambda_search"] = search
+        elif name == "constant":
+            preds = [baselines.constant(r.losses[0], r.steps) for r in test_runs]
+        elif name == "mean-trajectory":
+            preds = mean_preds
+        else:  # TracIn-CP variants
+            tsim = tracin.from_runs(fit_runs, variant=name)
+            preds = [
+                tracin.simulate_tracin(tsim, r.curriculum, r.losses[0], r.lr) for r in test_runs
+            ]
+            extra["scale"] = float(tsim.scale)
+            extra["tracin_runs"] = list(tsim.source_runs)
+        diverged = [r.index for p, r in zip(preds, test_runs, strict=True) if not _finite(p)]
+        if diverged:
+            scores = _undefined_scores(
+                f"the simulated losses are not finite on held-out run(s) "
+                f"{', '.join(map(str, diverged))} (the simulator diverges)"
+            )
+        elif name == "mean-trajectory":
+            scores = mean_scores
+        else:
+            scores = _score(preds, test_runs)
+        mse = scores["all_steps_mse"]["mean"]
+        entry = {k: scores[k] for k in scores if k != "per_run"}
+        entry["skill_vs_mean_trajectory"] = None if mse is None else skill_score(mse, ref_mse)
+        entry.update(extra)
+        entry["per_run"] = scores["per_run"]
+        results[name] = entry
+    bar.close()
+    return {
+        "variants": results,
+        "split": {
+            "fit": [r.index for r in fit_runs],
+            "valid": [r.index for r in valid_runs],
+            "test": [r.index for r in test_runs],
+        },
+        "experiment": {
+            "name": _experiment_name(exp_dir, info),
+            "path": str(exp_dir),
+            "n_train": n_train,
+            "n_test": info["n_test"],
+            "batch": fit_runs[0].batch,
+            "n_complete_runs": len(runs),
+            "info": info,
+        },
+        "reference": (
+            "skill_vs_mean_trajectory = 1 - all_steps_mse / all_steps_mse(mean-trajectory)"
+        ),
+    }

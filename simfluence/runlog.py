@@ -1,0 +1,798 @@
+"""The on-disk run-log format shared by `finetune` (writer) and `simfluence` (reader).
+
+This module is deliberately light (numpy and json only, no jax) so that the fine-tuning side can
+write run logs without importing the simulator stack. Layout::
+
+    EXP/
+      experiment.json   # at least {"n_train": int, "n_test": int}; plus task, model, config, ...
+      examples.json     # optional: {"train": [n_train texts], "test": [n_test texts]}
+      run_000/          # run_<index>, index >= 0, read in numeric order
+        curriculum.npy  # int32 [steps, batch]: positions in the training pool 0..n_train-1
+        losses.npy      # float32 [steps + 1, n_test]: row 0 before the first step, row t after t
+        lr.npy          # optional float32 [steps]: learning rate used at step t (index t-1)
+        metrics.jsonl   # optional, one line per step
+        checkpoints/    # optional orbax checkpoints (finetune)
+        tracin.npz      # optional: steps int32 [K], learning_rates float32 [K],
+                        #   dots float32 [K, n_test, n_train], mode "exact"|"projected",
+                        #   proj_dim int (0 for exact), seed int
+        meta.json       # {"status": "complete", ...}, written LAST; without it a run is incomplete
+
+Every writer goes through a temporary name in the destination folder and `os.replace`, so a
+reader never sees a half-written file. Every validation failure raises `RunLogError` with a
+one-line message naming the file, the problem and the fix.
+
+References:
+    Guu et al., "Simfluence: Modeling the Influence of Individual Training Examples by
+    Simulating Training Runs", 2023. https://arxiv.org/abs/2303.08114
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "RunLogError",
+    "Run",
+    "atomic_save_npy",
+    "atomic_write_json",
+    "atomic_savez",
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "write_experiment",
+    "read_experiment",
+    "run_dir",
+    "write_run",
+    "list_runs",
+    "load_runs",
+    "write_tracin",
+    "read_tracin",
+    "read_examples",
+]
+
+EXPERIMENT_FILE = "experiment.json"
+EXAMPLES_FILE = "examples.json"
+CURRICULUM_FILE = "curriculum.npy"
+LOSSES_FILE = "losses.npy"
+LR_FILE = "lr.npy"
+META_FILE = "meta.json"
+TRACIN_FILE = "tracin.npz"
+TRACIN_MODES = ("exact", "projected")
+_RUN_RE = re.compile(r"^run_(\d+)$")
+
+
+class RunLogError(ValueError):
+    """A run log (or a file given on the command line) is missing or malformed.
+
+    The message is one line naming the file, the problem and the fix.
+    """
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _error(message: str) -> RunLogError:
+    return RunLogError(_one_line(message))
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writers
+# ----------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: str | os.PathLike, write_fn, *, binary: bool = True) -> Path:
+    """Write through a temporary file in the same folder, then `os.replace` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; outputs are not
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
+            write_fn(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_save_npy(path: str | os.PathLike, array: Any) -> Path:
+    """Save one array as `.npy` atomically (temporary name in the same folder, then rename).
+
+    Args:
+        path: destination file; its folder is created if needed. No `.npy` is appended.
+        array: anything `np.asarray` accepts (object arrays are refused).
+
+    Returns:
+        The destination path.
+    """
+    arr = np.asarray(array)
+    if arr.dtype == object:
+        raise _error(f"{path}: refusing to save an object array; convert it to numbers first")
+    return _atomic_write(path, lambda fh: np.save(fh, arr, allow_pickle=False))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented JSON atomically.
+
+    NaN and infinities are refused (they are not JSON); use None for undefined values.
+
+    Args:
+        path: destination file; its folder is created if needed.
+        obj: JSON-serialisable object (numpy scalars/arrays and Paths are converted).
+
+    Returns:
+        The destination path.
+
+    Raises:
+        RunLogError: `obj` holds NaN/inf or something not serialisable.
+    """
+    try:
+        text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise _error(f"{path}: cannot write JSON ({exc}); use None for undefined values") from exc
+    return _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: Any) -> Path:
+    """Save several arrays as an uncompressed `.npz` atomically (no suffix is appended).
+
+    Args:
+        path: destination file; its folder is created if needed.
+        **arrays: name -> array (strings become 0-d unicode arrays; object arrays are refused).
+
+    Returns:
+        The destination path.
+    """
+    converted = {}
+    for name, value in arrays.items():
+        arr = np.asarray(value)
+        if arr.dtype == object:
+            raise _error(f"{path}: array {name!r} has dtype object; convert it to numbers first")
+        converted[name] = arr
+    return _atomic_write(path, lambda fh: np.savez(fh, **converted))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write raw bytes atomically (temporary name in the same folder, then rename)."""
+    return _atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text atomically (temporary name in the same folder, then rename)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiment and examples
+# ----------------------------------------------------------------------------------------------
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
+
+
+def _check_info(info: Any, origin: str) -> dict:
+    if not isinstance(info, dict):
+        raise _error(f"{origin}: expected a JSON object with n_train and n_test, got {info!r:.80}")
+    for key in ("n_train", "n_test"):
+        if key not in info:
+            raise _error(f"{origin}: missing key {key!r}; add it as a positive integer")
+        if not _positive_int(info[key]):
+            raise _error(f"{origin}: {key} must be a positive integer, got {info[key]!r}")
+    return info
+
+
+def write_experiment(exp_dir: str | os.PathLike, info: dict) -> Path:
+    """Create `exp_dir` (if needed) and write `experiment.json` atomically.
+
+    Args:
+        exp_dir: experiment folder.
+        info: dict with at least `n_train` and `n_test` (positive ints), plus anything JSON.
+
+    Returns:
+        Path of the written `experiment.json`.
+
+    Raises:
+        RunLogError: `info` lacks n_train/n_test or they are not positive integers.
+    """
+    exp_dir = Path(exp_dir)
+    _check_info(info, f"experiment info for {exp_dir}")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(exp_dir / EXPERIMENT_FILE, info)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _error(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise _error(f"{path}: cannot read {what} ({exc})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _error(
+            f"{path}: invalid JSON ({exc.msg} at line {exc.lineno}); fix or rewrite it"
+        ) from exc
+
+
+def read_experiment(exp_dir: str | os.PathLike) -> dict:
+    """Read and validate `EXP/experiment.json`.
+
+    Args:
+        exp_dir: experiment folder.
+
+    Returns:
+        The experiment dict (with positive int `n_train`, `n_test`).
+
+    Raises:
+        RunLogError: the folder or file is missing, not JSON, or lacks n_train/n_test.
+    """
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        raise _error(
+            f"{exp_dir}: experiment folder not found; pass a folder holding experiment.json "
+            "(e.g. one made by `simfluence demo-data` or `finetune run`)"
+        )
+    path = exp_dir / EXPERIMENT_FILE
+    if not path.is_file():
+        raise _error(
+            f"{path}: experiment.json not found; {exp_dir} is not an experiment folder "
+            "(it needs experiment.json with n_train and n_test)"
+        )
+    return _check_info(_read_json(path, "experiment.json"), str(path))
+
+
+def read_examples(exp_dir: str | os.PathLike) -> dict | None:
+    """Read the optional `EXP/examples.json` (texts for display).
+
+    Args:
+        exp_dir: experiment folder.
+
+    Returns:
+        `{"train": [n_train str], "test": [n_test str]}`, or None when the file is absent.
+
+    Raises:
+        RunLogError: the file is malformed or its list lengths disagree with experiment.json.
+    """
+    exp_dir = Path(exp_dir)
+    path = exp_dir / EXAMPLES_FILE
+    if not path.is_file():
+        return None
+    data = _read_json(path, "examples.json")
+    info = read_experiment(exp_dir)
+    if not isinstance(data, dict):
+        raise _error(f"{path}: expected an object {{'train': [...], 'test': [...]}}")
+    for key, n_key in (("train", "n_train"), ("test", "n_test")):
+        texts = data.get(key)
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise _error(f"{path}: {key!r} must be a list of strings")
+        if len(texts) != info[n_key]:
+            raise _error(
+                f"{path}: {key!r} has {len(texts)} texts but experiment.json says "
+                f"{n_key}={info[n_key]}; write one text per example"
+            )
+    return {"train": list(data["train"]), "test": list(data["test"])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------
+
+
+def run_dir(exp_dir: str | os.PathLike, index: int) -> Path:
+    """Folder of run `index` inside `exp_dir` (`run_%03d`)."""
+    if not isinstance(index, int | np.integer) or isinstance(index, bool) or index < 0:
+        raise _error(f"run index must be a non-negative integer, got {index!r}")
+    return Path(exp_dir) / f"run_{int(index):03d}"
+
+
+def _validate_curriculum(cur: np.ndarray, origin: str, n_train: int | None) -> np.ndarray:
+    if not np.issubdtype(cur.dtype, np.integer):
+        raise _error(
+            f"{origin}: curriculum dtype is {cur.dtype}, expected integers (int32) "
+            "[steps, batch] of training-pool positions"
+        )
+    if cur.ndim != 2 or cur.shape[0] < 1 or cur.shape[1] < 1:
+        raise _error(
+            f"{origin}: curriculum shape is {cur.shape}, expected [steps, batch] with "
+            "steps >= 1 and batch >= 1"
+        )
+    lo, hi = int(cur.min()), int(cur.max())
+    if lo < 0 or (n_train is not None and hi >= n_train):
+        bad = lo if lo < 0 else hi
+        where = np.argwhere(cur == bad)[0]
+        limit = "n_train-1" if n_train is None else f"{n_train - 1} (n_train-1)"
+        raise _error(
+            f"{origin}: curriculum id {bad} at step {int(where[0]) + 1}, slot {int(where[1])} "
+            f"is outside 0..{limit}; ids are positions in the training pool"
+        )
+    return cur.astype(np.int32, copy=False)
+
+
+def _validate_losses(losses: np.ndarray, origin: str, steps: int, n_test: int | None) -> np.ndarray:
+    if not np.issubdtype(losses.dtype, np.floating):
+        raise _error(
+            f"{origin}: losses dtype is {losses.dtype}, expected float32 [steps+1, n_test]"
+        )
+    if losses.ndim != 2:
+        raise _error(f"{origin}: losses shape is {losses.shape}, expected [steps+1, n_test]")
+    if losses.shape[0] != steps + 1:
+        raise _error(
+            f"{origin}: losses has {losses.shape[0]} rows but the curriculum has {steps} steps; "
+            f"expected steps+1 = {steps + 1} rows (row 0 is the loss before the first step)"
+        )
+    if n_test is not None and losses.shape[1] != n_test:
+        raise _error(
+            f"{origin}: losses has {losses.shape[1]} columns but experiment.json says "
+            f"n_test={n_test}; write one column per tracked test example"
+        )
+    out = losses.astype(np.float32, copy=False)
+    finite = np.isfinite(out)
+    if not finite.all():
+        row, col = (int(v) for v in np.argwhere(~finite)[0])
+        raise _error(
+            f"{origin}: non-finite loss {out[row, col]} at step {row}, test example {col}; "
+            "the run diverged or was logged wrongly: rerun it or delete the run folder"
+        )
+    return out
+
+
+def _validate_lr(lr: np.ndarray, origin: str, steps: int) -> np.ndarray:
+    if not np.issubdtype(lr.dtype, np.floating):
+        raise _error(f"{origin}: learning-rate dtype is {lr.dtype}, expected float32 [steps]")
+    if lr.shape != (steps,):
+        raise _error(
+            f"{origin}: learning rates have shape {lr.shape}, expected [{steps}] (one per step)"
+        )
+    out = lr.astype(np.float32, copy=False)
+    if not np.isfinite(out).all():
+        step = int(np.argwhere(~np.isfinite(out))[0, 0]) + 1
+        raise _error(f"{origin}: non-finite learning rate at step {step}")
+    return out
+
+
+def _experiment_for_run(run_path: Path) -> dict | None:
+    path = run_path.parent / EXPERIMENT_FILE
+    if path.is_file():
+        return _check_info(_read_json(path, "experiment.json"), str(path))
+    return None
+
+
+def write_run(
+    run_dir: str | os.PathLike,
+    curriculum: Any,
+    losses: Any,
+    meta: dict | None = None,
+    lr: Any = None,
+) -> Path:
+    """Validate and write one complete run; `meta.json` is written last.
+
+    An existing `meta.json` is removed first, so a run being rewritten reads as incomplete until
+    the new files are all in place. When `experiment.json` exists in the parent folder, ids and
+    the number of test examples are checked against it.
+
+    Args:
+        run_dir: the run folder (`run_dir(exp_dir, index)`).
+        curriculum: int [steps, batch] training-pool positions.
+        losses: float [steps + 1, n_test] per-test-example losses; row 0 before the first step.
+        meta: extra JSON metadata; `status` is set to "complete".
+        lr: optional float [steps], learning rate used at each step.
+
+    Returns:
+        The run folder.
+
+    Raises:
+        RunLogError: wrong dtype/shape, ids outside 0..n_train-1, non-finite values.
+    """
+    path = Path(run_dir)
+    info = _experiment_for_run(path)
+    n_train = info["n_train"] if info else None
+    n_test = info["n_test"] if info else None
+    cur = _validate_curriculum(np.asarray(curriculum), f"{path / CURRICULUM_FILE}", n_train)
+    los = _validate_losses(np.asarray(losses), f"{path / LOSSES_FILE}", cur.shape[0], n_test)
+    lr_arr = None if lr is None else _validate_lr(np.asarray(lr), f"{path / LR_FILE}", cur.shape[0])
+    meta_out = dict(meta or {})
+    meta_out["status"] = "complete"
+    try:
+        json.dumps(meta_out, default=_json_default, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise _error(f"{path / META_FILE}: meta is not JSON-serialisable ({exc})") from exc
+    path.mkdir(parents=True, exist_ok=True)
+    (path / META_FILE).unlink(missing_ok=True)
+    atomic_save_npy(path / CURRICULUM_FILE, cur)
+    atomic_save_npy(path / LOSSES_FILE, los)
+    if lr_arr is not None:
+        atomic_save_npy(path / LR_FILE, lr_arr)
+    else:
+        (path / LR_FILE).unlink(missing_ok=True)
+    atomic_write_json(path / META_FILE, meta_out)
+    return path
+
+
+def _is_complete(path: Path) -> bool:
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("status") == "complete"
+
+
+def list_runs(exp_dir: str | os.PathLike) -> list[tuple[int, Path, bool]]:
+    """All `run_<index>` folders of an experiment, in numeric order.
+
+    Args:
+        exp_dir: experiment folder.
+
+    Returns:
+        `[(index, path, complete), ...]`; complete means meta.json says status "complete".
+
+    Raises:
+        RunLogError: the folder is missing, or two folders share an index (run_1 and run_001).
+    """
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        raise _error(f"{exp_dir}: experiment folder not found")
+    found: dict[int, Path] = {}
+    for child in exp_dir.iterdir():
+        m = _RUN_RE.match(child.name)
+        if not m or not child.is_dir():
+            continue
+        index = int(m.group(1))
+        if index in found:
+            raise _error(
+                f"{exp_dir}: folders {found[index].name} and {child.name} both hold run {index}; "
+                "remove one"
+            )
+        found[index] = child
+    return [(i, found[i], _is_complete(found[i])) for i in sorted(found)]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One complete, validated run.
+
+    Attributes:
+        index: run index (the number in `run_<index>`).
+        path: the run folder.
+        curriculum: int32 [T, b] training-pool positions consumed at steps 1..T.
+        losses: float32 [T + 1, n_test] test losses; row 0 before the first step.
+        lr: float32 [T] learning rate per step, or None when lr.npy is absent.
+        meta: contents of meta.json.
+    """
+
+    index: int
+    path: Path
+    curriculum: np.ndarray = field(repr=False)
+    losses: np.ndarray = field(repr=False)
+    lr: np.ndarray | None = field(repr=False)
+    meta: dict = field(repr=False)
+
+    @property
+    def steps(self) -> int:
+        """Number of training steps T."""
+        return int(self.curriculum.shape[0])
+
+    @property
+    def batch(self) -> int:
+        """Batch size b."""
+        return int(self.curriculum.shape[1])
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise _error(f"{path}: {what} not found; the run is marked complete but lacks it, rerun it")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise _error(f"{path}: cannot read {what} as .npy ({exc}); rerun the run") from exc
+
+
+def _read_run(index: int, path: Path, info: dict) -> Run:
+    cur = _validate_curriculum(
+        _load_npy(path / CURRICULUM_FILE, "curriculum.npy"),
+        str(path / CURRICULUM_FILE),
+        info["n_train"],
+    )
+    losses = _validate_losses(
+        _load_npy(path / LOSSES_FILE, "losses.npy"),
+        str(path / LOSSES_FILE),
+        cur.shape[0],
+        info["n_test"],
+    )
+    lr = None
+    if (path / LR_FILE).is_file():
+        lr = _validate_lr(_load_npy(path / LR_FILE, "lr.npy"), str(path / LR_FILE), cur.shape[0])
+    meta = _read_json(path / META_FILE, "meta.json")
+    if not isinstance(meta, dict):
+        raise _error(f"{path / META_FILE}: expected a JSON object")
+    for arr in (cur, losses, lr):
+        if arr is not None:
+            arr.setflags(write=False)
+    return Run(index=index, path=path, curriculum=cur, losses=losses, lr=lr, meta=meta)
+
+
+def _format_indices(indices: Iterable[int]) -> str:
+    """Compact `0-3,7,9-10` form of sorted indices."""
+    items = sorted(set(indices))
+    parts, start, prev = [], None, None
+    for i in items:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ",".join(parts) if parts else "none"
+
+
+def load_runs(exp_dir: str | os.PathLike, indices: Sequence[int] | None = None) -> list[Run]:
+    """Load and validate complete runs of an experiment.
+
+    With `indices=None`, every complete run is returned in index order and each incomplete run
+    is skipped with one warning naming them. With explicit `indices`, the runs come back in the
+    order given, and a missing or incomplete run is an error (you asked for it by name).
+
+    Args:
+        exp_dir: experiment folder.
+        indices: run indices to load, or None for all complete runs.
+
+    Returns:
+        List of `Run`, validated against experiment.json (ids < n_train, n_test columns, finite
+        losses, steps+1 loss rows) and sharing one batch size.
+
+    Raises:
+        RunLogError: missing folder/files, bad dtype/shape/ids/NaN, mixed batch sizes, or a
+            requested run that does not exist or is incomplete.
+    """
+    exp_dir = Path(exp_dir)
+    info = read_experiment(exp_dir)
+    listing = list_runs(exp_dir)
+    by_index = {i: (p, c) for i, p, c in listing}
+    if indices is None:
+        incomplete = [p.name for _, p, c in listing if not c]
+        if incomplete:
+            warnings.warn(
+                f"{exp_dir}: skipping {len(incomplete)} incomplete run(s) without a complete "
+                f"meta.json: {', '.join(incomplete)}",
+                UserWarning,
+                stacklevel=2,
+            )
+        chosen = [(i, p) for i, p, c in listing if c]
+    else:
+        chosen = []
+        complete = [i for i, _, c in listing if c]
+        for i in indices:
+            i = int(i)
+            if i not in by_index:
+                raise _error(
+                    f"{exp_dir}: run {i} not found (complete runs: {_format_indices(complete)})"
+                )
+            p, c = by_index[i]
+            if not c:
+                raise _error(
+                    f"{p}: run {i} is incomplete (no meta.json with status complete); "
+                    "finish or rerun it, or leave it out"
+                )
+            chosen.append((i, p))
+    runs = [_read_run(i, p, info) for i, p in chosen]
+    if runs:
+        b0 = runs[0].batch
+        for r in runs[1:]:
+            if r.batch != b0:
+                raise _error(
+                    f"{r.path / CURRICULUM_FILE}: batch size {r.batch} differs from "
+                    f"{runs[0].path.name}'s {b0}; all runs of an experiment share one batch size"
+                )
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# TracIn-CP dot products
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_tracin(
+    steps: np.ndarray,
+    learning_rates: np.ndarray,
+    dots: np.ndarray,
+    mode: Any,
+    proj_dim: Any,
+    seed: Any,
+    origin: str,
+    info: dict | None,
+) -> dict:
+    if not np.issubdtype(steps.dtype, np.integer) or steps.ndim != 1 or steps.size < 1:
+        raise _error(
+            f"{origin}: 'steps' must be integers [K] with K >= 1, got {steps.dtype} {steps.shape}"
+        )
+    if (steps < 0).any() or (np.diff(steps) <= 0).any():
+        raise _error(
+            f"{origin}: 'steps' must be non-negative and strictly increasing, got {steps.tolist()}"
+        )
+    k = steps.shape[0]
+    if not np.issubdtype(learning_rates.dtype, np.floating) or learning_rates.shape != (k,):
+        raise _error(
+            f"{origin}: 'learning_rates' must be float [{k}], got {learning_rates.dtype} "
+            f"{learning_rates.shape}"
+        )
+    if not np.isfinite(learning_rates).all():
+        raise _error(f"{origin}: 'learning_rates' holds non-finite values")
+    if not np.issubdtype(dots.dtype, np.floating) or dots.ndim != 3 or dots.shape[0] != k:
+        raise _error(
+            f"{origin}: 'dots' must be float [K={k}, n_test, n_train], "
+            f"got {dots.dtype} {dots.shape}"
+        )
+    if info is not None and dots.shape[1:] != (info["n_test"], info["n_train"]):
+        raise _error(
+            f"{origin}: 'dots' has shape {dots.shape}, but experiment.json says "
+            f"n_test={info['n_test']}, n_train={info['n_train']}; "
+            "recompute tracin for this experiment"
+        )
+    dots = dots.astype(np.float32, copy=False)
+    if not np.isfinite(dots).all():
+        kk = int(np.argwhere(~np.isfinite(dots))[0, 0])
+        raise _error(
+            f"{origin}: 'dots' holds non-finite values at checkpoint step {int(steps[kk])}"
+        )
+    mode = str(np.asarray(mode).item()) if np.ndim(mode) == 0 else mode
+    if mode not in TRACIN_MODES:
+        raise _error(f"{origin}: 'mode' must be one of {TRACIN_MODES}, got {mode!r}")
+    try:
+        proj_dim_i = int(np.asarray(proj_dim).item())
+        seed_i = int(np.asarray(seed).item())
+    except (TypeError, ValueError) as exc:
+        raise _error(f"{origin}: 'proj_dim' and 'seed' must be integers ({exc})") from exc
+    if (
+        proj_dim_i < 0
+        or (mode == "exact" and proj_dim_i != 0)
+        or (mode == "projected" and proj_dim_i < 1)
+    ):
+        raise _error(
+            f"{origin}: proj_dim={proj_dim_i} does not fit mode {mode!r} "
+            "(exact needs 0, projected a positive dimension)"
+        )
+    return {
+        "steps": steps.astype(np.int32),
+        "learning_rates": learning_rates.astype(np.float32),
+        "dots": dots,
+        "mode": mode,
+        "proj_dim": proj_dim_i,
+        "seed": seed_i,
+    }
+
+
+def write_tracin(
+    run_dir: str | os.PathLike,
+    steps: Any,
+    learning_rates: Any,
+    dots: Any,
+    mode: str,
+    proj_dim: int,
+    seed: int,
+) -> Path:
+    """Validate and write `run_dir/tracin.npz` atomically.
+
+    Args:
+        run_dir: the run folder.
+        steps: int [K] checkpoint steps, strictly increasing.
+        learning_rates: float [K] learning rate at each checkpoint.
+        dots: float [K, n_test, n_train] gradient dot products grad L(z_test) . grad L(z_train).
+        mode: "exact" or "projected".
+        proj_dim: projection dimension (0 for exact).
+        seed: projection seed.
+
+    Returns:
+        Path of the written file.
+
+    Raises:
+        RunLogError: wrong dtype/shape, non-finite values, shape disagreeing with experiment.json.
+
+    References:
+        Pruthi et al., "Estimating Training Data Influence by Tracing Gradient Descent", 2020.
+        https://arxiv.org/abs/2002.08484
+    """
+    path = Path(run_dir)
+    origin = str(path / TRACIN_FILE)
+    checked = _check_tracin(
+        np.asarray(steps),
+        np.asarray(learning_rates),
+        np.asarray(dots),
+        mode,
+        proj_dim,
+        seed,
+        origin,
+        _experiment_for_run(path),
+    )
+    return atomic_savez(
+        path / TRACIN_FILE,
+        steps=checked["steps"],
+        learning_rates=checked["learning_rates"],
+        dots=checked["dots"],
+        mode=np.array(checked["mode"]),
+        proj_dim=np.array(checked["proj_dim"], dtype=np.int64),
+        seed=np.array(checked["seed"], dtype=np.int64),
+    )
+
+
+def read_tracin(run_dir: str | os.PathLike) -> dict | None:
+    """Read and validate `run_dir/tracin.npz`.
+
+    Args:
+        run_dir: the run folder.
+
+    Returns:
+        None when there is no tracin.npz; else a dict with `steps` int32 [K], `learning_rates`
+        float32 [K], `dots` float32 [K, n_test, n_train], `mode` str, `proj_dim` int, `seed` int.
+
+    Raises:
+        RunLogError: unreadable file, missing keys, wrong dtype/shape or non-finite values.
+    """
+    path = Path(run_dir) / TRACIN_FILE
+    if not path.is_file():
+        return None
+    origin = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [
+                k
+                for k in ("steps", "learning_rates", "dots", "mode", "proj_dim", "seed")
+                if k not in data.files
+            ]
+            if missing:
+                raise _error(
+                    f"{origin}: missing arrays {missing}; recompute it with `finetune tracin`"
+                )
+            arrays = {k: data[k] for k in data.files}
+    except RunLogError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise _error(f"{origin}: cannot read as .npz ({exc}); delete it and recompute") from exc
+    return _check_tracin(
+        arrays["steps"],
+        arrays["learning_rates"],
+        arrays["dots"],
+        arrays["mode"],
+        arrays["proj_dim"],
+        arrays["seed"],
+        origin,
+        _experiment_for_run(Path(run_dir)),
+    )

@@ -1,0 +1,809 @@
+"""Simfluence simulators: fit per-example influence tables on logged runs and roll them out.
+
+For one test example and a step that consumes the batch ``c_t`` (repeats counted), the
+Simfluence-Linear simulator predicts
+
+    L_t = alpha(c_t) * L_{t-1} + beta(c_t),  alpha(c_t) = sum_{i in c_t} A_i,
+                                              beta(c_t)  = sum_{i in c_t} B_i,
+
+with one row of ``A`` and ``B`` per test example (arrays ``[n_test, n_train]``). The ablations
+fix one factor: additive (alpha == 1) and multiplicative (beta == 0).
+
+Fitting uses teacher forcing (the observed ``L_{t-1}`` on the right-hand side) over every step
+of every fitting run and minimises, per test example,
+
+    sum_t (L_t - alpha(c_t) L_{t-1} - beta(c_t))^2 + l2_a sum_i (A_i - a0)^2 + l2_b sum_i B_i^2,
+
+a ridge regression whose design rows have only ``2 * batch`` non-zeros. It is solved for all
+test examples at once by preconditioned conjugate gradients on the normal equations
+(``_solvers``), with gathers and scatter-adds instead of dense matrices and an exact 2x2
+block-Jacobi preconditioner per training example.
+
+References:
+    Guu et al., "Simfluence: Modeling the Influence of Individual Training Examples by
+    Simulating Training Runs", 2023. https://arxiv.org/abs/2303.08114
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simfluence import _solvers
+
+VARIANTS = ("linear", "additive", "multiplicative")
+
+# Default ridge strengths; `select_lambdas` tunes them on validation runs.
+DEFAULT_L2_A = 1e-2
+DEFAULT_L2_B = 1e-2
+# Default log grid for `select_lambdas` (both axes for linear, one axis for the ablations).
+DEFAULT_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+@dataclasses.dataclass
+class Simulator:
+    """A fitted Simfluence simulator (one row of A and B per test example).
+
+    Registered as a JAX pytree: ``A`` and ``B`` are leaves, the rest is static metadata, so a
+    Simulator can be passed straight into ``jax.jit``-ed user code.
+
+    Attributes:
+        A: f32 [n_test, n_train], multiplicative influence A_i of training example i on each
+            test example (for "additive" it holds 1/batch, and alpha is taken as exactly 1).
+        B: f32 [n_test, n_train], additive influence B_i (zeros for "multiplicative").
+        variant: one of ``VARIANTS``.
+        l2_a: ridge strength on A - a_prior.
+        l2_b: ridge strength on B.
+        a_prior: the value A is shrunk towards (1/batch by default in `fit`).
+    """
+
+    A: jax.Array | np.ndarray  # [n_test, n_train]
+    B: jax.Array | np.ndarray  # [n_test, n_train]
+    variant: str
+    l2_a: float
+    l2_b: float
+    a_prior: float
+
+    @property
+    def n_test(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def n_train(self) -> int:
+        return int(self.A.shape[1])
+
+
+jax.tree_util.register_dataclass(
+    Simulator, data_fields=["A", "B"], meta_fields=["variant", "l2_a", "l2_b", "a_prior"]
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown simulator variant {variant!r}; use one of {', '.join(VARIANTS)}")
+
+
+def _check_lambda(name: str, value: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a number; pass a float >= 0") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be finite and >= 0")
+    return value
+
+
+def _check_curriculum(cur, n_train: int, what: str) -> np.ndarray:
+    arr = np.asarray(cur)
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(
+            f"{what}: curriculum has shape {arr.shape}; expected int [steps >= 1, batch >= 1]"
+        )
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what}: curriculum dtype is {arr.dtype}; expected integer ids")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= n_train:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"{what}: curriculum id {bad} is outside 0..{n_train - 1} (n_train={n_train}); "
+            "ids must be positions in the training pool"
+        )
+    return arr.astype(np.int32)
+
+
+def _check_losses(loss, steps: int, n_test: int | None, what: str) -> np.ndarray:
+    arr = np.asarray(loss)
+    if (
+        arr.ndim != 2
+        or arr.shape[0] != steps + 1
+        or (n_test is not None and arr.shape[1] != n_test)
+    ):
+        want = f"[{steps + 1}, {n_test if n_test is not None else 'n_test'}]"
+        raise ValueError(
+            f"{what}: losses have shape {arr.shape}; expected {want} "
+            "(row 0 before the first step, row t after step t)"
+        )
+    arr = arr.astype(np.float32, copy=False)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        step, test = np.argwhere(~finite)[0]
+        raise ValueError(
+            f"{what}: non-finite loss {arr[step, test]} at step {step}, test example {test}; "
+            "drop or repair that run"
+        )
+    return arr
+
+
+def _check_runs(curricula, losses, n_train: int, what: str):
+    """Validates a set of runs; returns (curricula int32 list, losses f32 list, batch, n_test)."""
+    if isinstance(n_train, bool) or not isinstance(n_train, int | np.integer) or n_train < 1:
+        raise ValueError(f"n_train={n_train!r} must be a positive int")
+    curricula, losses = list(curricula), list(losses)
+    if len(curricula) == 0:
+        raise ValueError(f"{what}: no runs given; pass at least one (curriculum, losses) pair")
+    if len(curricula) != len(losses):
+        raise ValueError(
+            f"{what}: {len(curricula)} curricula but {len(losses)} loss arrays; pass one per run"
+        )
+    curs, ls = [], []
+    batch, n_test = None, None
+    for r, (c, l) in enumerate(zip(curricula, losses, strict=True)):
+        c = _check_curriculum(c, n_train, f"{what} run {r}")
+        if batch is None:
+            batch = c.shape[1]
+        elif c.shape[1] != batch:
+            raise ValueError(
+                f"{what} run {r}: batch size {c.shape[1]} differs from {batch} of run 0; "
+                "all runs must share one batch size"
+            )
+        l = _check_losses(l, c.shape[0], n_test, f"{what} run {r}")
+        n_test = l.shape[1]
+        curs.append(c)
+        ls.append(l)
+    return curs, ls, int(batch), int(n_test)
+
+
+def _resolve_prior(a_prior, batch: int) -> float:
+    if a_prior is None:
+        return 1.0 / batch
+    try:
+        value = float(a_prior)
+    except (TypeError, ValueError):
+        raise ValueError(f"a_prior={a_prior!r} is not a number; pass a float or None") from None
+    if not math.isfinite(value):
+        raise ValueError(f"a_prior={a_prior!r} must be finite (None means 1/batch)")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting
+# ----------------------------------------------------------------------------------------------
+
+
+def _features(variant: str) -> tuple[bool, bool]:
+    """(uses L_{t-1} feature for A, uses constant feature for B)."""
+    return {"linear": (True, True), "additive": (False, True), "multiplicative": (True, False)}[
+        variant
+    ]
+
+
+def _test_chunks(n_test: int, n_rows: int, budget_bytes: int = 1 << 28) -> list[tuple[int, int]]:
+    """Splits the test axis so one f32 [rows, chunk] array stays under `budget_bytes`."""
+    max_chunk = max(1, budget_bytes // (4 * max(n_rows, 1)))
+    n_chunks = -(-n_test // max_chunk)
+    size = -(-n_test // n_chunks)
+    return [(j, min(j + size, n_test)) for j in range(0, n_test, size)]
+
+
+class _Problem:
+    """Fitting runs flattened to rows, ready for the solver (host arrays)."""
+
+    def __init__(self, curs, ls, n_train, variant, a_prior, batch):
+        self.n_train = n_train
+        self.variant = variant
+        self.batch = batch
+        self.a_prior = a_prior
+        self.ids = np.concatenate(curs, axis=0)  # [rows, batch]
+        self.losses = ls
+        self.n_rows = self.ids.shape[0]
+        self.n_test = ls[0].shape[1]
+        self.use_x, self.use_one = _features(variant)
+        # Solve for deviations from the reference A = 1/batch, B = 0 (alpha = 1, the loss stays
+        # put): the target becomes the loss change L_t - L_{t-1}, which keeps float32 round-off
+        # at the scale of the deviations rather than of the losses.
+        self.a_ref = 1.0 / batch
+        self.chunks = _test_chunks(self.n_test, self.n_rows)
+        self.chunk_size = max(j1 - j0 for j0, j1 in self.chunks)
+        self.structure = _solvers.Structure.build(self.ids, n_train)
+
+    def rows(self, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced x = L_{t-1} and target L_t - L_{t-1} for tests j0:j1, padded."""
+        width = self.chunk_size
+        x = np.zeros((self.n_rows, width), np.float32)  # [rows, chunk]
+        y = np.zeros((self.n_rows, width), np.float32)  # [rows, chunk]
+        r = 0
+        for l in self.losses:
+            t = l.shape[0] - 1
+            prev = l[:-1, j0:j1]
+            x[r : r + t, : j1 - j0] = prev
+            y[r : r + t, : j1 - j0] = l[1:, j0:j1] - prev
+            r += t
+        return x, y
+
+    def to_simulator(self, theta: np.ndarray, l2_a: float, l2_b: float) -> Simulator:
+        """theta: f32 [n_test, F, n_train] deviations -> Simulator."""
+        f = 0
+        if self.use_x:
+            A = np.float32(self.a_ref) + theta[:, f]
+            f += 1
+        else:
+            A = np.full((self.n_test, self.n_train), 1.0 / self.batch, np.float32)
+        if self.use_one:
+            B = theta[:, f]
+        else:
+            B = np.zeros((self.n_test, self.n_train), np.float32)
+        return Simulator(
+            A=jnp.asarray(A, jnp.float32),
+            B=jnp.asarray(B, jnp.float32),
+            variant=self.variant,
+            l2_a=float(l2_a),
+            l2_b=float(l2_b),
+            a_prior=float(self.a_prior),
+        )
+
+
+def _prepare(curricula, losses, n_train, variant, a_prior, what="fitting") -> _Problem:
+    _check_variant(variant)
+    curs, ls, batch, _ = _check_runs(curricula, losses, n_train, what)
+    a0 = _resolve_prior(a_prior, batch)
+    return _Problem(curs, ls, int(n_train), variant, a0, batch)
+
+
+def _lams(problem: _Problem, l2_a: float, l2_b: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge strengths [F] and the deviations [F] they shrink towards (a0 - 1/batch for A)."""
+    lam, prior = [], []
+    if problem.use_x:
+        lam.append(l2_a)
+        prior.append(problem.a_prior - problem.a_ref)
+    if problem.use_one:
+        lam.append(l2_b)
+        prior.append(0.0)
+    return np.asarray(lam, np.float32), np.asarray(prior, np.float32)
+
+
+def fit(
+    curricula: Sequence[np.ndarray],
+    losses: Sequence[np.ndarray],
+    *,
+    n_train: int,
+    variant: str = "linear",
+    l2_a: float = DEFAULT_L2_A,
+    l2_b: float = DEFAULT_L2_B,
+    a_prior: float | None = None,
+    tol: float = 1e-7,
+    max_iter: int = 1000,
+) -> Simulator:
+    """Fits one simulator per test example on teacher-forced fitting runs.
+
+    Minimises exactly, for every test example (all at once),
+    ``sum_runs sum_t (L_t - alpha L_{t-1} - beta)^2 + l2_a sum_i (A_i - a0)^2 + l2_b sum_i B_i^2``
+    with conjugate gradients in float32 (2x2 block-Jacobi preconditioned) and float64 residuals
+    (mixed-precision iterative refinement) to a relative residual of `tol`. Additive fixes alpha == 1 (only B and l2_b matter); multiplicative fixes
+    beta == 0 (only A and l2_a matter).
+
+    Args:
+        curricula: one int array [T_r, batch] per run, training-pool ids in 0..n_train-1
+            (repeats allowed). Runs may differ in length but share one batch size.
+        losses: one f32 array [T_r + 1, n_test] per run; row 0 before the first step.
+        n_train: size of the training pool.
+        variant: "linear", "additive" or "multiplicative".
+        l2_a: ridge strength on A - a0 (ignored by "additive").
+        l2_b: ridge strength on B (ignored by "multiplicative").
+        a_prior: a0, the value A is shrunk towards; None means 1/batch (an example then leaves
+            the loss unchanged), 0 gives plain ridge.
+        tol: float64 relative residual ||G theta - rhs|| / ||rhs|| of the normal equations at
+            which the solver stops, per test example.
+        max_iter: iteration cap of each CG round.
+
+    Returns:
+        A `Simulator` with A, B f32 [n_test, n_train].
+
+    Raises:
+        ValueError: unknown variant, ids out of range, mismatched shapes or batch sizes,
+            non-finite losses or negative lambdas.
+
+    References:
+        Guu et al. 2023, Simfluence, section 3. https://arxiv.org/abs/2303.08114
+    """
+    l2_a = _check_lambda("l2_a", l2_a)
+    l2_b = _check_lambda("l2_b", l2_b)
+    problem = _prepare(curricula, losses, n_train, variant, a_prior)
+    theta = _solve_all(problem, l2_a, l2_b, tol=tol, max_iter=max_iter)
+    return problem.to_simulator(theta, l2_a, l2_b)
+
+
+def _solve_all(problem: _Problem, l2_a, l2_b, *, tol=1e-7, max_iter=1000, x0=None) -> np.ndarray:
+    """Solves every test chunk; returns theta f32 [n_test, F, n_train] (deviation from prior)."""
+    lam, prior = _lams(problem, l2_a, l2_b)
+    n_f = len(lam)
+    out = np.zeros((problem.n_test, n_f, problem.n_train), np.float32)
+    for j0, j1 in problem.chunks:
+        x, y = problem.rows(j0, j1)
+        start = None if x0 is None else _pad_theta(x0[j0:j1], problem.chunk_size)
+        theta, _ = _solvers.solve(
+            problem.structure, x, y, lam, prior, problem.use_x, problem.use_one, tol, max_iter,
+            start,
+        )
+        out[j0:j1] = np.asarray(theta)[: j1 - j0]
+    return out
+
+
+def _pad_theta(theta: np.ndarray, width: int) -> np.ndarray:
+    pad = width - theta.shape[0]
+    if pad:
+        theta = np.concatenate([theta, np.zeros((pad,) + theta.shape[1:], theta.dtype)])
+    return theta
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout
+# ----------------------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnames=("additive",))
+def _rollout(A, B, curriculum, initial_losses, additive: bool):
+    # A, B: [n_test, n_train]; curriculum: [T, b]; initial_losses: [n_test]
+    alpha = jnp.take(A.T, curriculum, axis=0).sum(axis=1)  # [T, n_test]
+    beta = jnp.take(B.T, curriculum, axis=0).sum(axis=1)  # [T, n_test]
+    if additive:
+        alpha = jnp.ones_like(alpha)
+
+    def step(loss, ab):
+        a, b = ab
+        loss = a * loss + b
+        return loss, loss
+
+    l0 = initial_losses.astype(jnp.float32)
+    _, traj = jax.lax.scan(step, l0, (alpha, beta))  # [T, n_test]
+    return jnp.concatenate([l0[None], traj], axis=0)  # [T + 1, n_test]
+
+
+_rollout_many = jax.jit(
+    jax.vmap(_rollout, in_axes=(None, None, 0, 0, None)), static_argnames=("additive",)
+)
+
+
+def _check_sim(sim: Simulator) -> None:
+    if not isinstance(sim, Simulator):
+        raise ValueError(f"expected a Simulator, got {type(sim).__name__}; build one with fit()")
+    _check_variant(sim.variant)
+
+
+def simulate(sim: Simulator, curriculum, initial_losses) -> jax.Array:
+    """Rolls the simulator out along a curriculum from observed initial losses.
+
+    Predictions are fed back (no teacher forcing), all test examples at once, with `lax.scan`.
+    Usable inside `jax.jit` (the Simulator is a pytree); ids are only range-checked for
+    concrete (non-traced) inputs.
+
+    Args:
+        sim: a fitted `Simulator` (A, B [n_test, n_train]).
+        curriculum: int [T, batch], training-pool ids.
+        initial_losses: f32 [n_test], the observed L_0.
+
+    Returns:
+        f32 [T + 1, n_test]; row 0 is `initial_losses`.
+
+    Raises:
+        ValueError: bad shapes, ids out of range or non-finite initial losses.
+
+    References:
+        Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
+    """
+    _check_sim(sim)
+    curriculum, initial_losses = _check_sim_inputs(sim, curriculum, initial_losses, batched=False)
+    return _rollout(sim.A, sim.B, curriculum, initial_losses, sim.variant == "additive")
+
+
+def simulate_many(sim: Simulator, curricula, initial_losses) -> jax.Array:
+    """`simulate` vmapped over runs that share a length.
+
+    Args:
+        sim: a fitted `Simulator`.
+        curricula: int [R, T, batch].
+        initial_losses: f32 [R, n_test].
+
+    Returns:
+        f32 [R, T + 1, n_test].
+
+    Raises:
+        ValueError: bad shapes, ids out of range or non-finite initial losses.
+    """
+    _check_sim(sim)
+    curricula, initial_losses = _check_sim_inputs(sim, curricula, initial_losses, batched=True)
+    return _rollout_many(sim.A, sim.B, curricula, initial_losses, sim.variant == "additive")
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_sim_inputs(sim, curriculum, initial_losses, batched: bool):
+    nd = 3 if batched else 2
+    want_c = "[runs, steps, batch]" if batched else "[steps, batch]"
+    want_l = f"[runs, {sim.n_test}]" if batched else f"[{sim.n_test}]"
+    if curriculum.ndim != nd if hasattr(curriculum, "ndim") else True:
+        curriculum = np.asarray(curriculum)
+    if curriculum.ndim != nd or curriculum.shape[-2] < 1:
+        raise ValueError(f"curriculum has shape {tuple(curriculum.shape)}; expected int {want_c}")
+    if not jnp.issubdtype(curriculum.dtype, jnp.integer):
+        raise ValueError(f"curriculum dtype is {curriculum.dtype}; expected integer ids")
+    if not hasattr(initial_losses, "ndim"):
+        initial_losses = np.asarray(initial_losses, np.float32)
+    shape_ok = initial_losses.ndim == nd - 1 and initial_losses.shape[-1] == sim.n_test
+    if batched and shape_ok:
+        shape_ok = initial_losses.shape[0] == curriculum.shape[0]
+    if not shape_ok:
+        raise ValueError(
+            f"initial_losses have shape {tuple(initial_losses.shape)}; expected {want_l} "
+            f"(the simulator has n_test={sim.n_test})"
+        )
+    if _is_concrete(curriculum):
+        c = np.asarray(curriculum)
+        lo, hi = int(c.min()), int(c.max())
+        if lo < 0 or hi >= sim.n_train:
+            raise ValueError(
+                f"curriculum id {lo if lo < 0 else hi} is outside 0..{sim.n_train - 1} "
+                f"(the simulator has n_train={sim.n_train})"
+            )
+    if _is_concrete(initial_losses):
+        l0 = np.asarray(initial_losses)
+        if not np.isfinite(l0).all():
+            raise ValueError("initial_losses contain NaN or inf; pass the observed finite L_0")
+    return jnp.asarray(curriculum, jnp.int32), jnp.asarray(initial_losses, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lambda selection
+# ----------------------------------------------------------------------------------------------
+
+
+def _grid_points(variant: str, grid) -> list[tuple[float, float]]:
+    values = DEFAULT_GRID if grid is None else grid
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 2 and arr.shape[1] == 2:
+        pts = [(float(a), float(b)) for a, b in arr]
+    elif arr.ndim == 1 and arr.size >= 1:
+        vals = [float(v) for v in arr]
+        if variant == "linear":
+            pts = [(a, b) for a in vals for b in vals]
+        elif variant == "additive":
+            pts = [(0.0, b) for b in vals]
+        else:
+            pts = [(a, 0.0) for a in vals]
+    else:
+        raise ValueError(
+            f"grid has shape {arr.shape}; pass a 1-D list of lambdas or an [G, 2] list of "
+            "(l2_a, l2_b) pairs"
+        )
+    for a, b in pts:
+        _check_lambda("grid l2_a", a)
+        _check_lambda("grid l2_b", b)
+    return pts
+
+
+def select_lambdas(
+    fit_curricula: Sequence[np.ndarray],
+    fit_losses: Sequence[np.ndarray],
+    valid_curricula: Sequence[np.ndarray],
+    valid_losses: Sequence[np.ndarray],
+    *,
+    n_train: int,
+    variant: str,
+    a_prior: float | None = None,
+    grid=None,
+) -> tuple[float, float, list[dict]]:
+    """Chooses (l2_a, l2_b) from a log grid by all-steps MSE of rollouts on validation runs.
+
+    For each grid point the simulator is fitted on the fitting runs (CG warm-started from the
+    previous grid point) and rolled out from each validation run's observed L_0; the score is
+    the mean over validation runs of the mean squared error over steps 1..T and test examples.
+
+    Args:
+        fit_curricula, fit_losses: fitting runs, as in `fit`.
+        valid_curricula, valid_losses: validation runs, same n_test and batch size.
+        n_train: size of the training pool.
+        variant: one of `VARIANTS`.
+        a_prior: as in `fit`.
+        grid: None for the default log grid ``DEFAULT_GRID`` (1e-4..1e2; product grid for
+            linear, l2_b only for additive, l2_a only for multiplicative), a 1-D list of values
+            used the same way, or an [G, 2] list of explicit (l2_a, l2_b) pairs.
+
+    Returns:
+        (l2_a, l2_b, table): the chosen pair (the first one on ties) and one dict
+        {"l2_a", "l2_b", "valid_mse"} per grid point, in grid order. The unused lambda of an
+        ablation is reported as 0.
+
+    Raises:
+        ValueError: as `fit`, for either set of runs, or a malformed grid.
+
+    References:
+        Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
+    """
+    problem = _prepare(fit_curricula, fit_losses, n_train, variant, a_prior)
+    vcurs, vls, vbatch, vn_test = _check_runs(valid_curricula, valid_losses, n_train, "validation")
+    if vn_test != problem.n_test:
+        raise ValueError(
+            f"validation runs have n_test={vn_test} but fitting runs have {problem.n_test}"
+        )
+    pts = _grid_points(variant, grid)
+    # Warm starts work best when consecutive points are close: visit in sorted order.
+    order = sorted(range(len(pts)), key=lambda g: (pts[g][0], pts[g][1]))
+    sse = np.zeros(len(pts), np.float64)
+    additive = variant == "additive"
+    # The score is a mean over runs of per-run means: weight each run's SSE accordingly.
+    weights = [1.0 / (len(vcurs) * c.shape[0] * problem.n_test) for c in vcurs]
+    for j0, j1 in problem.chunks:
+        x, y = problem.rows(j0, j1)
+        start = None
+        for g in order:
+            lam, prior = _lams(problem, *pts[g])
+            theta, _ = _solvers.solve(
+                problem.structure, x, y, lam, prior, problem.use_x, problem.use_one, 1e-7, 1000,
+                start,
+            )
+            start = theta
+            th = np.asarray(theta)[: j1 - j0]
+            sub = _sub_problem(problem, j0, j1)
+            sim = sub.to_simulator(th, *pts[g])
+            for c, l, w in zip(vcurs, vls, weights, strict=True):
+                pred = _rollout(sim.A, sim.B, jnp.asarray(c), jnp.asarray(l[0, j0:j1]), additive)
+                err = np.asarray(pred[1:], np.float64) - l[1:, j0:j1]
+                sse[g] += w * float(np.sum(err * err))
+    table = [
+        {"l2_a": float(a), "l2_b": float(b), "valid_mse": float(s)}
+        for (a, b), s in zip(pts, sse, strict=True)
+    ]
+    best = int(np.argmin(sse))
+    return pts[best][0], pts[best][1], table
+
+
+def _sub_problem(problem: _Problem, j0: int, j1: int):
+    """A shallow view of `problem` whose `to_simulator` builds tests j0:j1 only."""
+    view = object.__new__(_Problem)
+    view.__dict__.update(problem.__dict__)
+    view.n_test = j1 - j0
+    return view
+
+
+# ----------------------------------------------------------------------------------------------
+# Removal influence
+# ----------------------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnames=("additive",))
+def _removal(a, b, curriculum, mult, l0, additive: bool):
+    # a, b: [n_train] for one test example; curriculum, mult: [T, batch]; l0: scalar
+    def step(carry, cm):
+        loss, diff = carry  # scalar, [n_train]
+        ids, m = cm  # [batch], [batch] (m = multiplicity of ids[k] within the batch)
+        ai, bi = a[ids], b[ids]  # [batch]
+        alpha = jnp.float32(1.0) if additive else ai.sum()
+        beta = bi.sum()
+        if additive:
+            alpha_i = alpha
+            new_i = diff[ids] - m * bi
+        else:
+            alpha_i = alpha - m * ai
+            new_i = alpha_i * diff[ids] - m * (ai * loss + bi)
+        diff = (alpha * diff).at[ids].set(new_i)
+        return (alpha * loss + beta, diff), None
+
+    init = (l0.astype(jnp.float32), jnp.zeros_like(a))
+    (_, diff), _ = jax.lax.scan(step, init, (curriculum, mult))
+    return diff
+
+
+def removal_influence(sim: Simulator, curriculum, initial_losses, test_index: int) -> jax.Array:
+    """Exact change of one test example's simulated final loss when each example is removed.
+
+    Removing training example i drops all its slots from the curriculum: at every step where it
+    appears (m times), alpha loses m A_i and beta loses m B_i (for "additive" alpha stays 1).
+    The rollout with all examples and the n_train rollouts with one example removed are run
+    together in one `lax.scan` that carries the differences directly (exact, O(T (n_train +
+    batch)), no gradient approximation).
+
+    Args:
+        sim: a fitted `Simulator`.
+        curriculum: int [T, batch].
+        initial_losses: f32 [n_test], the observed L_0 (only `test_index` is used).
+        test_index: which test example, 0..n_test-1.
+
+    Returns:
+        f32 [n_train]: final loss without example i minus final loss with all (0 for examples
+        absent from the curriculum).
+
+    Raises:
+        ValueError: bad shapes, ids or test index.
+
+    References:
+        Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
+    """
+    _check_sim(sim)
+    cur, l0 = _check_sim_inputs(sim, curriculum, initial_losses, batched=False)
+    if isinstance(test_index, bool) or not isinstance(test_index, int | np.integer):
+        raise ValueError(f"test_index={test_index!r} must be an int in 0..{sim.n_test - 1}")
+    if not 0 <= int(test_index) < sim.n_test:
+        raise ValueError(f"test_index={test_index} is outside 0..{sim.n_test - 1}")
+    c = np.asarray(cur)
+    mult = (c[:, :, None] == c[:, None, :]).sum(-1).astype(np.float32)  # [T, batch]
+    j = int(test_index)
+    return _removal(
+        jnp.asarray(sim.A)[j],
+        jnp.asarray(sim.B)[j],
+        cur,
+        jnp.asarray(mult),
+        l0[j],
+        sim.variant == "additive",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Persistence
+# ----------------------------------------------------------------------------------------------
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    try:
+        from simfluence.runlog import atomic_savez
+    except ImportError:  # runlog not there yet: same behaviour, private copy
+        atomic_savez = None
+    if atomic_savez is not None:
+        atomic_savez(path, **arrays)
+        return
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_simulator(path, sim: Simulator) -> None:
+    """Writes a simulator to an .npz file atomically (temporary name, then rename).
+
+    Args:
+        path: destination file; its folder must exist.
+        sim: the `Simulator` to save (A, B, variant, l2_a, l2_b, a_prior).
+
+    Raises:
+        ValueError: `sim` is not a valid Simulator or the folder does not exist.
+    """
+    _check_sim(sim)
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot save simulator to {path}: folder {path.parent} does not exist")
+    _atomic_savez(
+        path,
+        A=np.asarray(sim.A, np.float32),
+        B=np.asarray(sim.B, np.float32),
+        variant=np.asarray(sim.variant),
+        l2_a=np.asarray(sim.l2_a, np.float64),
+        l2_b=np.asarray(sim.l2_b, np.float64),
+        a_prior=np.asarray(sim.a_prior, np.float64),
+    )
+
+
+def load_simulator(path) -> Simulator:
+    """Reads a simulator written by `save_simulator`.
+
+    Args:
+        path: the .npz file.
+
+    Returns:
+        The `Simulator` (A, B as f32 jax arrays).
+
+    Raises:
+        ValueError: missing file, missing keys, unknown variant or bad shapes, naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"simulator file {path} does not exist; write one with `simfluence fit`")
+    keys = ("A", "B", "variant", "l2_a", "l2_b", "a_prior")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise ValueError(
+                    f"{path}: not a simulator file (missing {', '.join(missing)}); "
+                    "write one with `simfluence fit`"
+                )
+            data = {k: z[k] for k in keys}
+    except ValueError:
+        raise
+    except Exception as e:  # zipfile / pickle errors: one line naming the file
+        raise ValueError(f"{path}: cannot read simulator ({type(e).__name__}: {e})") from None
+    variant = str(data["variant"])
+    if variant not in VARIANTS:
+        raise ValueError(f"{path}: unknown simulator variant {variant!r}; use one of {VARIANTS}")
+    A, B = data["A"], data["B"]
+    if A.ndim != 2 or A.shape != B.shape:
+        raise ValueError(f"{path}: A {A.shape} and B {B.shape} must both be [n_test, n_train]")
+    if not (np.isfinite(A).all() and np.isfinite(B).all()):
+        raise ValueError(f"{path}: A or B contains NaN or inf; refit the simulator")
+    return Simulator(
+        A=jnp.asarray(A, jnp.float32),
+        B=jnp.asarray(B, jnp.float32),
+        variant=variant,
+        l2_a=float(data["l2_a"]),
+        l2_b=float(data["l2_b"]),
+        a_prior=float(data["a_prior"]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic runs from a known linear simulator (tests, benchmarks, demo data)
+# ----------------------------------------------------------------------------------------------
+
+
+def _synthetic_simulator(rng: np.random.Generator, n_train: int, n_test: int, batch: int):
+    """A known, stable linear simulator: losses decay towards a per-test floor.
+
+    Returns (A, B) f32 [n_test, n_train]; alpha of a batch is about 1 - 0.01 and each example
+    pushes its own way through B.
+    """
+    rate = rng.uniform(0.0, 0.02, size=(n_test, n_train))  # per-example pull towards the floor
+    floor = rng.uniform(0.2, 1.0, size=(n_test, 1))
+    push = rng.normal(0.0, 0.01, size=(n_test, n_train))  # example-specific up/down push
+    A = (1.0 - rate) / batch
+    B = (rate * floor + push) / batch
+    return A.astype(np.float32), B.astype(np.float32)
+
+
+def _synthetic_runs(
+    rng: np.random.Generator,
+    A: np.ndarray,
+    B: np.ndarray,
+    n_runs: int,
+    steps: int | Sequence[int],
+    batch: int,
+    noise: float = 0.01,
+):
+    """Random curricula (uniform ids with replacement) and noisy linear-simulator losses.
+
+    Returns (curricula list of int32 [T, batch], losses list of f32 [T + 1, n_test]).
+    """
+    n_test, n_train = A.shape
+    steps_list = [steps] * n_runs if isinstance(steps, int | np.integer) else list(steps)
+    curs, ls = [], []
+    At, Bt = A.T.astype(np.float64), B.T.astype(np.float64)
+    for t_r in steps_list:
+        cur = rng.integers(0, n_train, size=(t_r, batch), dtype=np.int32)
+        alpha = At[cur].sum(1)  # [T, n_test]
+        beta = Bt[cur].sum(1)
+        eps = rng.normal(0.0, noise, size=(t_r, n_test))
+        loss = np.empty((t_r + 1, n_test))
+        loss[0] = rng.uniform(1.5, 3.0, size=n_test)
+        for t in range(t_r):
+            loss[t + 1] = alpha[t] * loss[t] + beta[t] + eps[t]
+        curs.append(cur)
+        ls.append(loss.astype(np.float32))
+    return curs, ls

@@ -1,0 +1,219 @@
+"""TracIn-CP read as a simulator (an additive simulator with gradient-predicted loss changes).
+
+For test example z and step t consuming batch c_t (repeats counted)::
+
+    L_t(z) = L_{t-1}(z) - s * sum_{i in c_t} (eta_t / b) * dots[k(t), z, i]
+
+where dots[k, z, i] = grad L(z; theta_k) . grad L(z_i; theta_k) at checkpoint k (from
+`tracin.npz`), k(t) is the latest checkpoint at or before step t (steps before the first
+checkpoint use the first), eta_t is the run's learning rate at step t (`lr.npy`) when present,
+else the checkpoint's learning rate, b the batch size (the training loss is a batch mean), and
+
+- `tracin-cp`: s = 1 (first-order Taylor step of SGD);
+- `tracin-cp-rescaled`: one scalar s fitted by least squares to the observed per-step loss
+  changes of the fitting runs, s = sum(pred_delta * obs_delta) / sum(pred_delta ** 2) over
+  all steps, test examples and fitting runs.
+
+Design choice: the dot products belong to the checkpoints of a particular run, but a held-out
+(or hypothetical) curriculum has no checkpoints of its own. We therefore simulate every run with
+the dots (and checkpoint learning rates) averaged over the FITTING runs that have `tracin.npz`;
+those must share the checkpoint `steps`. The same averaged dots are used to fit s.
+
+References:
+    Pruthi et al., "Estimating Training Data Influence by Tracing Gradient Descent", 2020.
+    https://arxiv.org/abs/2002.08484
+    Guu et al., "Simfluence", 2023 (TracIn-CP as a special case of Simfluence).
+    https://arxiv.org/abs/2303.08114
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simfluence.runlog import Run, RunLogError, read_tracin
+
+__all__ = [
+    "TRACIN_VARIANTS",
+    "TracInSimulator",
+    "has_tracin",
+    "from_runs",
+    "fit_scale",
+    "predicted_deltas",
+    "simulate_tracin",
+]
+
+TRACIN_VARIANTS = ("tracin-cp", "tracin-cp-rescaled")
+
+
+@dataclass(frozen=True)
+class TracInSimulator:
+    """Averaged TracIn-CP dot products of the fitting runs, plus a scale.
+
+    Attributes:
+        steps: int32 [K] checkpoint steps, strictly increasing.
+        learning_rates: float32 [K] learning rate at each checkpoint (mean over source runs).
+        dots: float32 [K, n_test, n_train] mean dot products over source runs.
+        scale: s (1.0 for plain TracIn-CP).
+        variant: "tracin-cp" or "tracin-cp-rescaled".
+        source_runs: indices of the runs whose tracin.npz were averaged.
+    """
+
+    steps: np.ndarray = field(repr=False)
+    learning_rates: np.ndarray = field(repr=False)
+    dots: np.ndarray = field(repr=False)
+    scale: float = 1.0
+    variant: str = "tracin-cp"
+    source_runs: tuple[int, ...] = ()
+
+
+def has_tracin(runs: Sequence[Run]) -> bool:
+    """Whether any of `runs` has a tracin.npz."""
+    return any((r.path / "tracin.npz").is_file() for r in runs)
+
+
+def from_runs(runs: Sequence[Run], *, variant: str = "tracin-cp") -> TracInSimulator:
+    """Build a TracIn-CP simulator from the fitting runs' tracin.npz (averaged).
+
+    Args:
+        runs: the fitting runs; those with tracin.npz are averaged, the others are ignored.
+        variant: "tracin-cp" (s = 1) or "tracin-cp-rescaled" (s fitted on `runs`).
+
+    Returns:
+        A `TracInSimulator`.
+
+    Raises:
+        RunLogError: no fitting run has tracin.npz, or their checkpoint steps differ.
+        ValueError: unknown variant.
+    """
+    if variant not in TRACIN_VARIANTS:
+        raise ValueError(f"unknown TracIn variant {variant!r}; choose one of {TRACIN_VARIANTS}")
+    loaded = [(r, read_tracin(r.path)) for r in runs]
+    loaded = [(r, t) for r, t in loaded if t is not None]
+    if not loaded:
+        names = ", ".join(r.path.name for r in runs) or "none"
+        raise RunLogError(
+            f"no fitting run has tracin.npz (fitting runs: {names}); run `finetune tracin EXP` "
+            "first or leave out the tracin-cp variants"
+        )
+    r0, t0 = loaded[0]
+    for r, t in loaded[1:]:
+        if not np.array_equal(t["steps"], t0["steps"]):
+            raise RunLogError(
+                f"{r.path / 'tracin.npz'}: checkpoint steps {t['steps'].tolist()} differ from "
+                f"{r0.path.name}'s {t0['steps'].tolist()}; TracIn-CP averages dots over fitting "
+                "runs, which needs the same checkpoint steps"
+            )
+    dots = np.mean([t["dots"] for _, t in loaded], axis=0, dtype=np.float64).astype(np.float32)
+    lrs = np.mean([t["learning_rates"] for _, t in loaded], axis=0).astype(np.float32)
+    sim = TracInSimulator(
+        steps=t0["steps"],
+        learning_rates=lrs,
+        dots=dots,
+        scale=1.0,
+        variant="tracin-cp",
+        source_runs=tuple(r.index for r, _ in loaded),
+    )
+    if variant == "tracin-cp-rescaled":
+        sim = replace(sim, scale=fit_scale(sim, runs), variant=variant)
+    return sim
+
+
+@jax.jit
+def _deltas(dots, ckpt, etas, curriculum):
+    # dots [K, n_test, n_train]; ckpt int [T]; etas [T]; curriculum int [T, b]
+    b = curriculum.shape[1]
+    gathered = dots[ckpt[:, None], :, curriculum]  # [T, b, n_test]
+    return -(etas / b)[:, None] * gathered.sum(axis=1)  # [T, n_test]
+
+
+def _checkpoint_index(ckpt_steps: np.ndarray, n_steps: int) -> np.ndarray:
+    t = np.arange(1, n_steps + 1)
+    k = np.searchsorted(ckpt_steps, t, side="right") - 1  # latest checkpoint with step <= t
+    return np.maximum(k, 0).astype(np.int32)
+
+
+def predicted_deltas(sim: TracInSimulator, curriculum, lr=None) -> np.ndarray:
+    """Unscaled per-step loss changes predicted by TracIn-CP.
+
+    Args:
+        sim: the simulator (its `scale` is not applied here).
+        curriculum: int [T, b] training-pool positions.
+        lr: optional float [T] learning rate per step; else the checkpoints' learning rates.
+
+    Returns:
+        float32 [T, n_test]: -sum_{i in c_t} (eta_t / b) dots[k(t), :, i].
+    """
+    cur = np.asarray(curriculum)
+    if cur.ndim != 2 or not np.issubdtype(cur.dtype, np.integer):
+        raise ValueError(f"curriculum must be int [steps, batch], got {cur.dtype} {cur.shape}")
+    n_train = sim.dots.shape[2]
+    if cur.size and (cur.min() < 0 or cur.max() >= n_train):
+        raise ValueError(f"curriculum ids must lie in 0..{n_train - 1}")
+    ckpt = _checkpoint_index(sim.steps, cur.shape[0])
+    if lr is None:
+        etas = sim.learning_rates[ckpt]
+    else:
+        etas = np.asarray(lr, np.float32)
+        if etas.shape != (cur.shape[0],):
+            raise ValueError(f"lr must be [{cur.shape[0]}], got shape {etas.shape}")
+    return np.asarray(
+        _deltas(jnp.asarray(sim.dots), jnp.asarray(ckpt), jnp.asarray(etas), jnp.asarray(cur))
+    )
+
+
+def simulate_tracin(sim: TracInSimulator, curriculum, initial_losses, lr=None) -> np.ndarray:
+    """Roll out TracIn-CP along a curriculum.
+
+    Args:
+        sim: the simulator.
+        curriculum: int [T, b].
+        initial_losses: float [n_test] observed L_0.
+        lr: optional float [T] learning rates of the run (its lr.npy).
+
+    Returns:
+        float32 [T + 1, n_test]: L_0, then L_0 + s * cumulative predicted changes.
+    """
+    l0 = np.asarray(initial_losses, np.float32)
+    if l0.shape != (sim.dots.shape[1],):
+        raise ValueError(f"initial_losses must be [{sim.dots.shape[1]}], got {l0.shape}")
+    d = predicted_deltas(sim, curriculum, lr) * np.float32(sim.scale)
+    out = np.empty((d.shape[0] + 1, l0.shape[0]), np.float32)
+    out[0] = l0
+    out[1:] = l0 + np.cumsum(d, axis=0, dtype=np.float64)
+    return out
+
+
+def fit_scale(sim: TracInSimulator, runs: Sequence[Run]) -> float:
+    """Least-squares scale s of the predicted per-step loss changes on the fitting runs.
+
+    Minimises sum over runs, steps, test examples of (s * pred_delta - obs_delta)^2, whose
+    solution is s = sum(pred_delta * obs_delta) / sum(pred_delta^2).
+
+    Args:
+        sim: the TracIn-CP simulator (averaged dots).
+        runs: fitting runs (each with curriculum, losses and optional lr).
+
+    Returns:
+        s as a float.
+
+    Raises:
+        ValueError: every predicted change is zero (s undefined).
+    """
+    num = 0.0
+    den = 0.0
+    for r in runs:
+        pred = predicted_deltas(sim, r.curriculum, r.lr).astype(np.float64)
+        obs = np.diff(r.losses.astype(np.float64), axis=0)
+        num += float((pred * obs).sum())
+        den += float((pred * pred).sum())
+    if den <= 0.0:
+        raise ValueError(
+            "tracin-cp-rescaled: every predicted loss change is zero on the fitting runs "
+            "(all dots are 0?); the scale is undefined"
+        )
+    return num / den

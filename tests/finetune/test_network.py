@@ -1,0 +1,163 @@
+"""Parity of finetune.network.T5 with Hugging Face's PyTorch T5 (the reference), float32."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from finetune.hf import load_pretrained  # noqa: E402
+from finetune.model import make_per_example_loss  # noqa: E402
+from finetune.network import _relative_buckets  # noqa: E402
+
+TOL = 1e-4  # fixed up front: float32 end to end
+
+
+def _config(ff: str, tied: bool, **kw):
+    base = dict(
+        vocab_size=120, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+        feed_forward_proj=ff, tie_word_embeddings=tied, dropout_rate=0.1,
+        decoder_start_token_id=0,
+    )
+    base.update(kw)
+    return transformers.T5Config(**base)
+
+
+def _torch_model(config, seed):
+    torch.manual_seed(seed)
+    model = transformers.T5ForConditionalGeneration(config)
+    tied = getattr(config, "scale_decoder_outputs", config.tie_word_embeddings)
+    if not tied:
+        # transformers 5.2x ties lm_head to `shared` whatever the config says; untie it the way an
+        # untied (v1.1) checkpoint is stored, with its own random output matrix.
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.d_model))
+        model.config.tie_word_embeddings = False
+    with torch.no_grad():  # layer norms away from 1 so their weights matter
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(2, 120, size=(3, 11)).astype(np.int32)
+    inputs[0, 7:] = 0  # padded inputs
+    inputs[1, 3:] = 0
+    inputs[:, -1][inputs[:, -1] != 0] = 1
+    inputs[0, 6], inputs[1, 2] = 1, 1
+    targets = rng.integers(2, 120, size=(3, 6)).astype(np.int32)
+    targets[0, 4:] = 0
+    targets[0, 3] = 1
+    targets[1, 1:] = 0
+    targets[1, 0] = 1
+    targets[2, 5] = 1
+    return inputs, targets
+
+
+def _torch_reference(model, inputs, targets):
+    ti, tt = torch.tensor(inputs, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=ti, attention_mask=(ti != 0).long(), labels=tt)
+    logits = out.logits.float().numpy()
+    enc = out.encoder_last_hidden_state.float().numpy()
+    # Per-example loss from the torch logits: mean token CE over non-pad targets.
+    logp = torch.log_softmax(out.logits.double(), -1).numpy()
+    nll = -np.take_along_axis(logp, targets[..., None].astype(np.int64), -1)[..., 0]
+    mask = targets != 0
+    losses = (nll * mask).sum(-1) / mask.sum(-1)
+    return enc, logits, losses
+
+
+CASES = [("relu", True), ("gated-gelu", False), ("gated-gelu", True), ("relu", False)]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{'tied' if t else 'untied'}" for f, t in CASES])
+def pair(request, tmp_path_factory):
+    ff, tied = request.param
+    config = _config(ff, tied)
+    ref = _torch_model(config, seed=CASES.index(request.param))
+    path = tmp_path_factory.mktemp(f"hf-{ff}-{tied}")
+    ref.save_pretrained(path)  # safetensors
+    assert (path / "model.safetensors").is_file()
+    model, cfg = load_pretrained(path)
+    return ref, model, cfg
+
+
+def _jitted(model):
+    """encode, logits and per-example losses as one jitted function (eager is slow on CPU)."""
+    graphdef, params = nnx.split(model)
+    loss_fn = make_per_example_loss(graphdef)
+
+    @jax.jit
+    def run(params, inputs, targets):
+        m = nnx.merge(graphdef, params)
+        losses = loss_fn(params, {"inputs": inputs, "targets": targets})
+        return m.encode(inputs), m(inputs, targets), losses
+
+    return lambda i, t: [np.asarray(x) for x in run(params, jnp.asarray(i), jnp.asarray(t))]
+
+
+def test_encoder_logits_losses_match_torch(pair):
+    ref, model, _ = pair
+    inputs, targets = _batch()
+    enc_ref, logits_ref, loss_ref = _torch_reference(ref, inputs, targets)
+    enc, logits, losses = _jitted(model)(inputs, targets)
+    np.testing.assert_allclose(enc, enc_ref, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(logits, logits_ref, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(losses, loss_ref, atol=TOL, rtol=TOL)
+
+
+def test_relative_buckets_match_hf():
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    for bidirectional in (True, False):
+        for nb, md in ((32, 128), (8, 20)):
+            rel = torch.arange(300)[None, :] - torch.arange(300)[:, None]
+            ref = T5Attention._relative_position_bucket(
+                rel, bidirectional=bidirectional, num_buckets=nb, max_distance=md
+            ).numpy()
+            got = _relative_buckets(300, 300, bidirectional=bidirectional, num_buckets=nb,
+                                    max_distance=md)
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_dropout_changes_output_and_is_deterministic_per_key():
+    from finetune.hf import init_random
+
+    model = init_random(_config("gated-gelu", False), seed=0)
+    graphdef, params = nnx.split(model)
+    inputs, targets = _batch()
+
+    @jax.jit
+    def run(params, rng):
+        return nnx.merge(graphdef, params)(inputs, targets, deterministic=False, dropout_rng=rng)
+
+    a, b, c = run(params, jax.random.key(1)), run(params, jax.random.key(1)), run(
+        params, jax.random.key(2)
+    )
+    d = jax.jit(lambda p: nnx.merge(graphdef, p)(inputs, targets))(params)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(a), np.asarray(c))
+    assert not np.allclose(np.asarray(a), np.asarray(d))
+    with pytest.raises(ValueError, match="dropout_rng"):
+        model(inputs, targets, deterministic=False)
+
+
+def test_bf16_compute_close_to_f32():
+    from finetune.hf import init_random
+
+    cfg = _config("gated-gelu", False)
+    model = init_random(cfg, seed=3)
+    inputs, targets = _batch()
+    ref = _jitted(model)(inputs, targets)[1]
+    bf = init_random(cfg, dtype=jnp.bfloat16)
+    nnx.update(bf, nnx.state(model))
+    got = _jitted(bf)(inputs, targets)[1]
+    assert got.dtype == np.float32
+    # bf16 has ~3 significant digits; logits here are O(1).
+    assert np.max(np.abs(np.asarray(got) - ref)) < 0.05 * max(1.0, np.max(np.abs(ref)))

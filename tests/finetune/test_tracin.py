@@ -1,0 +1,439 @@
+"""Tests of finetune.tracin: per-example gradient dot products (TracIn-CP, arXiv 2002.08484).
+
+References are independent of the code under test: single-example ``jax.grad`` loops flattened
+with ``jax.flatten_util.ravel_pytree``, exact dot products, and observed loss changes of a plain
+SGD loop on a linear least-squares model (where a first-order Taylor step is exact up to
+O(lr^2)). Tolerances are fixed up front.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from finetune import tracin
+
+
+def _combine(trainable, frozen):
+    return {**frozen, **trainable}
+
+
+# ---- a small non-linear model with several leaves (per-example loss over a batch dict) -------
+
+
+def _mlp_loss(params, batch):  # batch {"x": [b, 5], "y": [b]} -> [b]
+    h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])  # [b, 7]
+    out = h @ params["w2"] + params["b2"]  # [b]
+    return 0.5 * (out - batch["y"]) ** 2 + 0.1 * jnp.sum(params["w1"] ** 2)
+
+
+def _mlp_setup(n_train=11, n_test=4, seed=0):
+    k = jax.random.split(jax.random.key(seed), 6)
+    trainable = {
+        "w1": jax.random.normal(k[0], (5, 7)) / 2,
+        "b1": jax.random.normal(k[1], (7,)) / 2,
+        "w2": jax.random.normal(k[2], (7,)),
+    }
+    frozen = {"b2": jnp.float32(0.3)}
+    train = {"x": jax.random.normal(k[3], (n_train, 5)), "y": jax.random.normal(k[4], (n_train,))}
+    test = {"x": jax.random.normal(k[5], (n_test, 5)), "y": jnp.linspace(-1, 1, n_test)}
+    return trainable, frozen, train, test
+
+
+def _loop_grads(loss, trainable, frozen, batch):
+    """Reference: one jax.grad call per example, flattened with ravel_pytree -> [n, P]."""
+    n = batch["y"].shape[0]
+    rows = []
+    for i in range(n):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        g = jax.grad(lambda t, one=one: loss(_combine(t, frozen), one)[0])(trainable)
+        rows.append(np.asarray(ravel_pytree(g)[0]))
+    return np.stack(rows)
+
+
+def test_per_example_grads_equal_single_example_loop():
+    trainable, frozen, train, _ = _mlp_setup()
+    features = tracin._make_features(_mlp_loss, _combine, "exact", 0)
+    got = np.asarray(jax.jit(features)(trainable, frozen, train, jax.random.key(0)))
+    want = _loop_grads(_mlp_loss, trainable, frozen, train)
+    assert got.shape == want.shape == (11, 5 * 7 + 7 + 7)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_dots_equal_loop_dots_and_do_not_recompile():
+    trainable, frozen, train, test = _mlp_setup()
+    g_train = _loop_grads(_mlp_loss, trainable, frozen, train)
+    g_test = _loop_grads(_mlp_loss, trainable, frozen, test)
+    got = tracin.compute_dots(_mlp_loss, trainable, frozen, train, test, combine=_combine)
+    assert got.shape == (4, 11) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), g_test @ g_train.T, rtol=1e-4, atol=1e-5)
+    # A second checkpoint (new values, same shapes) reuses the compiled function.
+    moved = jax.tree.map(lambda x: x * 1.1, trainable)
+    tracin.compute_dots(_mlp_loss, moved, frozen, train, test, combine=_combine)
+    fn = tracin._make_dots_fn(_mlp_loss, _combine, "exact", 0, tracin._DEFAULT_CHUNK, 11, 4)
+    assert fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("mode", ["exact", "projected"])
+@pytest.mark.parametrize("block_elems", [None, 24])  # 24: leaves split into row blocks
+def test_chunked_dots_equal_unchunked(mode, block_elems, monkeypatch):
+    if block_elems is not None:
+        monkeypatch.setattr(tracin, "_PROJ_BLOCK_ELEMS", block_elems)
+        tracin._make_dots_fn.cache_clear()
+    trainable, frozen, train, test = _mlp_setup()
+    kw = dict(mode=mode, proj_dim=8, seed=3, combine=_combine)
+    whole = tracin.compute_dots(_mlp_loss, trainable, frozen, train, test, chunk_size=64, **kw)
+    parts = tracin.compute_dots(_mlp_loss, trainable, frozen, train, test, chunk_size=3, **kw)
+    np.testing.assert_allclose(np.asarray(parts), np.asarray(whole), rtol=1e-5, atol=1e-5)
+    tracin._make_dots_fn.cache_clear()
+
+
+def test_batches_of_different_lengths_take_the_separate_path():
+    """Pool and test arrays with different trailing shapes cannot share one scan; same dots."""
+    trainable, frozen, train, test = _mlp_setup()
+    kw = dict(chunk_size=4, combine=_combine)
+    train_s = {**train, "tokens": jnp.ones((11, 3), jnp.int32)}
+    same = tracin.compute_dots(
+        _mlp_loss, trainable, frozen, train_s, {**test, "tokens": jnp.ones((4, 3), jnp.int32)}, **kw
+    )
+    other = tracin.compute_dots(
+        _mlp_loss, trainable, frozen, train_s, {**test, "tokens": jnp.ones((4, 5), jnp.int32)}, **kw
+    )
+    np.testing.assert_allclose(np.asarray(other), np.asarray(same), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_elems", [None, 64])  # 64 with d=16: row blocks of 4 entries
+def test_projected_dots_unbiased_and_within_jl_scale(block_elems, monkeypatch):
+    if block_elems is not None:
+        monkeypatch.setattr(tracin, "_PROJ_BLOCK_ELEMS", block_elems)
+        tracin._make_dots_fn.cache_clear()
+    d, n_seeds = 16, 48
+    trainable, frozen, train, test = _mlp_setup(n_train=9, n_test=3, seed=1)
+    g_train = _loop_grads(_mlp_loss, trainable, frozen, train)
+    g_test = _loop_grads(_mlp_loss, trainable, frozen, test)
+    exact = g_test @ g_train.T  # [3, 9]
+    norms = np.linalg.norm(g_test, axis=1)[:, None] * np.linalg.norm(g_train, axis=1)[None, :]
+    sd = np.sqrt((norms**2 + exact**2) / d)  # std of one projected dot (Gaussian projection)
+    est = np.stack(
+        [
+            np.asarray(
+                tracin.compute_dots(
+                    _mlp_loss,
+                    trainable,
+                    frozen,
+                    train,
+                    test,
+                    mode="projected",
+                    proj_dim=d,
+                    seed=s,
+                    chunk_size=4,
+                    combine=_combine,
+                )
+            )
+            for s in range(n_seeds)
+        ]
+    )  # [seeds, 3, 9]
+    # Unbiased: the mean over seeds is within 4 standard errors of the exact dot, everywhere.
+    z = (est.mean(0) - exact) / (sd / np.sqrt(n_seeds))
+    assert np.abs(z).max() < 4.5, np.abs(z).max()
+    # Johnson-Lindenstrauss scale: the RMS error relative to |g1||g2| is about sqrt(2/d) at
+    # most (sqrt((1 + cos^2)/d)); neither far above it nor collapsed to zero.
+    rel_rms = np.sqrt(np.mean(((est - exact) / norms) ** 2))
+    assert 0.3 / np.sqrt(d) < rel_rms < 1.25 * np.sqrt(2 / d), rel_rms
+    # Seeds give different projections; the same seed gives the same one.
+    assert not np.allclose(est[0], est[1])
+    again = tracin.compute_dots(
+        _mlp_loss,
+        trainable,
+        frozen,
+        train,
+        test,
+        mode="projected",
+        proj_dim=d,
+        seed=0,
+        chunk_size=4,
+        combine=_combine,
+    )
+    np.testing.assert_array_equal(np.asarray(again), est[0])
+    tracin._make_dots_fn.cache_clear()
+
+
+def test_bad_arguments_raise():
+    trainable, frozen, train, test = _mlp_setup()
+    n_params = tracin.count_params(trainable)
+    with pytest.raises(ValueError, match=f"proj_dim={n_params + 1} exceeds the {n_params}"):
+        tracin.compute_dots(
+            _mlp_loss,
+            trainable,
+            frozen,
+            train,
+            test,
+            mode="projected",
+            proj_dim=n_params + 1,
+            combine=_combine,
+        )
+    with pytest.raises(ValueError, match="mode='fast'"):
+        tracin.compute_dots(_mlp_loss, trainable, frozen, train, test, mode="fast")
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        tracin.compute_dots(_mlp_loss, trainable, frozen, train, test, chunk_size=0)
+    with pytest.raises(ValueError, match="leading"):
+        bad = {"x": train["x"], "y": train["y"][:3]}
+        tracin.compute_dots(_mlp_loss, trainable, frozen, bad, test, combine=_combine)
+
+
+# ---- first-order exactness on linear least squares with plain SGD ----------------------------
+
+
+def _lsq_loss(params, batch):  # 0.5 * (x . w + b - y)^2 per example -> [b]
+    return 0.5 * (batch["x"] @ params["w"] + params["b"] - batch["y"]) ** 2
+
+
+def test_tracin_predicts_sgd_loss_changes_on_least_squares(tmp_path):
+    rng = np.random.default_rng(0)
+    dim, n_train, n_test, batch, steps = 6, 16, 5, 4, 12
+    x_train = rng.normal(size=(n_train, dim)) / np.sqrt(dim)
+    y_train = rng.normal(size=n_train)
+    x_test = rng.normal(size=(n_test, dim)) / np.sqrt(dim)
+    y_test = rng.normal(size=n_test)
+    curriculum = rng.integers(0, n_train, size=(steps, batch))
+    lr = np.linspace(2e-3, 1e-3, steps)  # tiny, decaying: lr.npy[t - 1] is the lr of step t
+    bias = 0.2  # frozen
+
+    # Plain SGD on the batch-mean loss, in float64 numpy (independent of the code under test).
+    w = rng.normal(size=dim)
+    checkpoints = [w.copy()]  # checkpoint at step s = weights after s steps
+    for t in range(steps):
+        xb, yb = x_train[curriculum[t]], y_train[curriculum[t]]
+        w = w - lr[t] * xb.T @ (xb @ w + bias - yb) / batch
+        checkpoints.append(w.copy())
+    losses = np.stack([0.5 * (x_test @ c + bias - y_test) ** 2 for c in checkpoints])  # [T+1, m]
+
+    run_dir = tmp_path / "run_000"
+    run_dir.mkdir()
+    np.save(run_dir / "lr.npy", lr.astype(np.float32))
+    ckpt_steps = list(range(steps + 1))
+    etas = tracin._lr_at_checkpoints(run_dir, ckpt_steps)
+    np.testing.assert_array_equal(etas[:steps], lr.astype(np.float32))
+    assert etas[steps] == np.float32(lr[-1])  # the final checkpoint takes the last step's lr
+
+    train = {"x": jnp.asarray(x_train, jnp.float32), "y": jnp.asarray(y_train, jnp.float32)}
+    test = {"x": jnp.asarray(x_test, jnp.float32), "y": jnp.asarray(y_test, jnp.float32)}
+    frozen = {"b": jnp.float32(bias)}
+    predicted = np.zeros((steps, n_test))
+    for t in range(1, steps + 1):
+        k = t - 1  # the step-t update uses the gradient at the checkpoint at step t - 1
+        dots = tracin.compute_dots(
+            _lsq_loss,
+            {"w": jnp.asarray(checkpoints[k], jnp.float32)},
+            frozen,
+            train,
+            test,
+            chunk_size=5,
+            combine=_combine,
+        )  # [n_test, n_train]
+        predicted[t - 1] = -(etas[k] / batch) * np.asarray(dots)[:, curriculum[t - 1]].sum(1)
+    observed = np.diff(losses, axis=0)  # [T, n_test]
+    # The second-order remainder is 0.5 * (lr * x . g)^2 ~ 1e-3 of the change here.
+    err = np.abs(predicted - observed).max() / np.abs(observed).max()
+    assert err < 1e-2, err
+    # And the prediction is not trivially small: a sign or scale error would fail above.
+    assert np.abs(observed).max() > 1e-4
+
+
+def test_lr_checks(tmp_path):
+    with pytest.raises(ValueError, match="lr.npy is missing"):
+        tracin._lr_at_checkpoints(tmp_path, [0])
+    np.save(tmp_path / "lr.npy", np.ones(4, np.float32))
+    with pytest.raises(ValueError, match=r"steps \[5\] are outside 0..4"):
+        tracin._lr_at_checkpoints(tmp_path, [0, 5])
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="finetune")
+    tracin.add_subcommand(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_cli_parses_flags_and_help_explains_each(capsys):
+    args = _parser().parse_args(
+        [
+            "tracin",
+            "exp",
+            "--runs",
+            "0-3,7",
+            "--mode",
+            "projected",
+            "--proj-dim",
+            "64",
+            "--seed",
+            "5",
+            "--chunk-size",
+            "8",
+        ]
+    )
+    assert args.runs == [0, 1, 2, 3, 7] and args.mode == "projected"
+    assert (args.proj_dim, args.seed, args.chunk_size) == (64, 5, 8)
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(["tracin", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--runs", "--mode", "--proj-dim", "--seed", "--chunk-size", "EXP"):
+        assert flag in text
+    for bad in (["--runs", "3-1"], ["--runs", "x"], ["--proj-dim", "0"], ["--mode", "fast"]):
+        with pytest.raises(SystemExit) as e:
+            _parser().parse_args(["tracin", "exp", *bad])
+        assert e.value.code == 2
+
+
+# ---- end to end on a tiny experiment built through finetune.experiment / trainer ----------------
+
+_TINY_T5 = dict(
+    vocab_size=32128,
+    d_model=8,
+    d_kv=4,
+    d_ff=8,
+    num_layers=1,
+    num_decoder_layers=1,
+    num_heads=2,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    dropout_rate=0.0,
+    relative_attention_num_buckets=4,
+)
+
+
+def _tiny_experiment(exp_dir, data_dir, tokenizer_dir, *, steps=3, batch=2, n_runs=3):
+    """prepare_experiment (data.npz, experiment.json), then runs with hand-made checkpoints.
+
+    No training: run r's checkpoint at step s holds the initial IA3 vectors times
+    (1 + 0.1 * (r + 1) * s), the learning rate of step t is 0.01 * t; runs 0..n_runs-2 save
+    checkpoints at steps 0 and 2, the last run saves none.
+    """
+    from finetune import experiment as E
+    from finetune import trainer
+    from finetune.config import ExperimentConfig
+    from finetune.model import partition
+    from simfluence import runlog
+
+    config = ExperimentConfig(
+        name="tracin-tiny",
+        task="rte",
+        random_init=_TINY_T5,
+        method="ia3",
+        n_train=6,
+        n_test=3,
+        steps=steps,
+        batch_size=batch,
+        num_runs=n_runs,
+        runs_together=1,
+        max_input_length=24,
+        max_target_length=4,
+        length_multiple=8,
+        checkpoint_steps=(0, 2),
+        checkpoint_runs=n_runs - 1,
+    )
+    trainer.prepare_experiment(config, exp_dir, data_dir=data_dir, tokenizer=str(tokenizer_dir))
+    exp = E.load_experiment(exp_dir)
+    trainable, _ = partition(exp.params, exp.mask)
+    rng = np.random.default_rng(0)
+    lr = (0.01 * np.arange(1, steps + 1)).astype(np.float32)
+    for r in range(n_runs):
+        run_dir = runlog.run_dir(exp_dir, r)
+        run_dir.mkdir(parents=True)
+        if r < n_runs - 1:
+            for s in config.checkpoint_steps:
+                moved = jax.tree.map(lambda x, r=r, s=s: x * (1 + 0.1 * (r + 1) * s), trainable)
+                log = {"losses": np.zeros((steps + 1, 3), np.float32)}
+                E.save_checkpoint(run_dir, s, moved, {"count": np.zeros((), np.int32)}, log)
+        runlog.write_run(
+            run_dir,
+            rng.integers(0, 6, size=(steps, batch)).astype(np.int32),
+            rng.uniform(0.5, 1.0, size=(steps + 1, 3)).astype(np.float32),
+            lr=lr,
+            meta={"checkpoint_steps": list(config.checkpoint_steps) if r < n_runs - 1 else []},
+        )
+    return exp, trainable, lr
+
+
+def test_run_tracin_end_to_end(tmp_path, data_dir, t5_tokenizer_dir, capsys):
+    from finetune.cli import main as finetune_main
+    from finetune.model import combine
+    from simfluence import runlog
+
+    exp_dir = tmp_path / "exp"
+    exp, trainable0, lr = _tiny_experiment(exp_dir, data_dir, t5_tokenizer_dir)
+
+    # Bad input first (nothing may be written): an explicitly requested run without
+    # checkpoints, and a projection larger than the trainable parameters.
+    n_params = tracin.count_params(trainable0)
+    assert finetune_main(["tracin", str(exp_dir), "--runs", "1-2"]) == 2
+    err = capsys.readouterr().err
+    assert "run_002" in err and "no checkpoints" in err and "\n" not in err.strip()
+    assert (
+        finetune_main(
+            ["tracin", str(exp_dir), "--mode", "projected", "--proj-dim", str(n_params + 1)]
+        )
+        == 2
+    )
+    assert f"exceeds the {n_params} trainable parameters" in capsys.readouterr().err
+    assert not list(exp_dir.glob("run_*/tracin.npz"))
+
+    # Every run with checkpoints (run 2 has none by config and is skipped).
+    written = tracin.run_tracin(exp_dir, chunk_size=4, progress=False)
+    assert [p.parent.name for p in written] == ["run_000", "run_001"]
+    assert runlog.read_tracin(exp_dir / "run_002") is None
+    got = runlog.read_tracin(exp_dir / "run_001")
+    assert got["dots"].shape == (2, 3, 6) and got["dots"].dtype == np.float32
+    np.testing.assert_array_equal(got["steps"], [0, 2])
+    np.testing.assert_array_equal(got["learning_rates"], lr[[0, 2]])  # lr of step s + 1
+    assert (got["mode"], got["proj_dim"], got["seed"]) == ("exact", 0, 0)
+
+    # Independent reference for a few entries: one jax.grad per example at the checkpoint.
+    from finetune.model import partition
+
+    _, frozen = partition(exp.params, exp.mask)
+    pool, test = tracin._same_widths(dict(exp.pool_batch), dict(exp.test_batch))
+    moved = jax.tree.map(lambda x: x * (1 + 0.1 * 2 * 2), trainable0)  # run 1, step 2
+
+    def grad_of(batch, i):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        g = jax.grad(lambda t: exp.per_example_loss(combine(t, frozen), one)[0])(moved)
+        return np.asarray(ravel_pytree(g)[0], np.float64)
+
+    for z, i in [(0, 0), (2, 5), (1, 3)]:
+        want = grad_of(test, z) @ grad_of(pool, i)
+        np.testing.assert_allclose(got["dots"][1, z, i], want, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(got["dots"][0], got["dots"][1])  # the checkpoints differ
+
+    # Resumable: finished runs are skipped and left untouched.
+    mtime = (exp_dir / "run_000" / "tracin.npz").stat().st_mtime_ns
+    assert tracin.run_tracin(exp_dir, progress=False) == []
+    assert (exp_dir / "run_000" / "tracin.npz").stat().st_mtime_ns == mtime
+
+    # simfluence reads it as a simulator (A2's TracIn-CP variants), when present.
+    sim_tracin = pytest.importorskip("simfluence.tracin")
+    runs = runlog.load_runs(exp_dir)
+    sim = sim_tracin.from_runs(runs[:2], variant="tracin-cp")
+    pred = sim_tracin.simulate_tracin(sim, runs[2].curriculum, runs[2].losses[0], runs[2].lr)
+    assert pred.shape == (4, 3) and np.isfinite(pred).all()
+
+
+def test_run_tracin_rejects_a_checkpoint_of_another_config(tmp_path, data_dir, t5_tokenizer_dir):
+    import json
+
+    exp_dir = tmp_path / "exp"
+    _tiny_experiment(exp_dir, data_dir, t5_tokenizer_dir, n_runs=2)
+    info = json.loads((exp_dir / "experiment.json").read_text())
+    info["config"]["random_init"]["d_ff"] = 12  # the IA3 vectors of wi_1 change shape
+    (exp_dir / "experiment.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"run_000/checkpoints \(step 0\).*another config"):
+        tracin.run_tracin(exp_dir, progress=False)
+    assert not list(exp_dir.glob("run_*/tracin.npz"))

@@ -1,0 +1,366 @@
+"""Every `simfluence` command end to end in tmp_path, and every bad input -> exit 2, one line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from simfluence import runlog, simulators
+from simfluence.cli import build_parser, main
+
+SIZES = ["--runs", "9", "--n-train", "12", "--n-test", "5", "--batch", "2", "--steps", "23"]
+
+
+def _ok(argv, capsys):
+    assert main([str(a) for a in argv]) == 0
+    return capsys.readouterr()
+
+
+def _bad(argv, capsys, match, absent=()):
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("simfluence: error: ")
+    assert match in lines[0], lines[0]
+    for p in absent:
+        assert not p.exists(), p
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A demo experiment, a fitted simulator, and one run's curriculum / initial losses."""
+    d = tmp_path_factory.mktemp("cli")
+    exp = d / "exp"
+    assert main(["demo-data", str(exp), *SIZES, "--tracin"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(exp),
+                "--runs",
+                "0-3",
+                "--l2-a",
+                "0.1",
+                "--l2-b",
+                "0.01",
+                "--out",
+                str(d / "sim.npz"),
+            ]
+        )
+        == 0
+    )
+    run = runlog.load_runs(exp, [8])[0]
+    np.save(d / "cur.npy", run.curriculum)
+    np.save(d / "l0.npy", run.losses[0])
+    return d, exp
+
+
+def test_help_explains_every_flag(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == {
+        "evaluate",
+        "fit",
+        "simulate",
+        "influence",
+        "plot",
+        "demo-data",
+        "table",
+        "figures",
+    }
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, f"{name} {action.dest} has no help"
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0
+        assert "usage:" in capsys.readouterr().out
+
+
+def test_demo_data_is_deterministic_and_refuses_overwrite(tmp_path, work, capsys):
+    _, exp = work
+    other = tmp_path / "exp"
+    _ok(["demo-data", other, *SIZES, "--tracin"], capsys)
+    for f in [
+        "experiment.json",
+        "run_003/curriculum.npy",
+        "run_003/losses.npy",
+        "run_003/tracin.npz",
+        "true_simulator.npz",
+    ]:
+        assert (exp / f).read_bytes() == (other / f).read_bytes(), f
+    _bad(["demo-data", other], capsys, "already exists")
+    _ok(["demo-data", other, *SIZES, "--seed", "1", "--overwrite"], capsys)
+    assert (other / "run_003/losses.npy").read_bytes() != (exp / "run_003/losses.npy").read_bytes()
+    (tmp_path / "notexp").mkdir()
+    _bad(["demo-data", tmp_path / "notexp", "--overwrite"], capsys, "not an experiment folder")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_evaluate_and_table(work, tmp_path, capsys):
+    _, exp = work
+    out = tmp_path / "results.json"
+    res = _ok(
+        [
+            "evaluate",
+            exp,
+            "--split",
+            "4,1,3",
+            "--l2-a",
+            "0.1",
+            "--l2-b",
+            "0.01",
+            "--variants",
+            "linear,constant,tracin-cp",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
+    data = json.loads(out.read_text())
+    assert list(data["variants"]) == ["linear", "constant", "tracin-cp"]
+    for word in ("all-steps MSE", "final-step ρ", "across-run ρ", "skill", "λ_A", "[1]"):
+        assert word in res.out
+    assert "ignores the curriculum" in res.out  # footnote for the constant baseline's dash
+    md = tmp_path / "table.md"
+    res = _ok(["table", out, out, "--out", md], capsys)
+    text = md.read_text()
+    assert text == res.out.split("\nwrote")[0]
+    assert "| linear |" in text and "demo-synthetic (2)" in text
+    tab = json.loads(md.with_suffix(".json").read_text())
+    assert tab["variants"] == ["linear", "tracin-cp", "constant"]
+
+
+def test_fit_simulate_influence_plot_figures(work, tmp_path, capsys):
+    d, exp = work
+    sim_path = tmp_path / "sim.npz"
+    res = _ok(
+        [
+            "fit",
+            exp,
+            "--runs",
+            "0-3",
+            "--valid-runs",
+            "4",
+            "--variant",
+            "additive",
+            "--out",
+            sim_path,
+        ],
+        capsys,
+    )
+    assert "additive" in res.out
+    sim = simulators.load_simulator(sim_path)
+    assert sim.variant == "additive" and sim.A.shape == (5, 12)
+    pred_path = tmp_path / "pred.npy"
+    _ok(
+        [
+            "simulate",
+            d / "sim.npz",
+            "--curriculum",
+            d / "cur.npy",
+            "--initial-losses",
+            d / "l0.npy",
+            "--out",
+            pred_path,
+        ],
+        capsys,
+    )
+    pred = np.load(pred_path)
+    lin = simulators.load_simulator(d / "sim.npz")
+    want = simulators.simulate(lin, np.load(d / "cur.npy"), np.load(d / "l0.npy"))
+    np.testing.assert_array_equal(pred, np.asarray(want))
+    res = _ok(
+        [
+            "influence",
+            d / "sim.npz",
+            "--curriculum",
+            d / "cur.npy",
+            "--initial-losses",
+            d / "l0.npy",
+            "--test",
+            "2",
+            "--top",
+            "3",
+            "--exp",
+            exp,
+            "--out",
+            tmp_path / "inf.json",
+        ],
+        capsys,
+    )
+    rows = json.loads((tmp_path / "inf.json").read_text())["top"]
+    assert len(rows) == 3 and "synthetic training example" in res.out
+    inf = np.asarray(
+        simulators.removal_influence(lin, np.load(d / "cur.npy"), np.load(d / "l0.npy"), 2)
+    )
+    assert rows[0]["train_index"] == int(np.argmax(np.abs(inf)))
+    _ok(
+        [
+            "plot",
+            exp,
+            "--sim",
+            d / "sim.npz",
+            "--runs",
+            "7,8",
+            "--tests",
+            "0,1,2",
+            "--out",
+            tmp_path / "fig.png",
+        ],
+        capsys,
+    )
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    figs = tmp_path / "figs"
+    _ok(
+        ["figures", exp, "--sim", d / "sim.npz", "--out", figs, "--test", "1", "--top", "4"], capsys
+    )
+    assert sorted(p.name for p in figs.iterdir()) == [
+        "influence.json",
+        "influence.txt",
+        "parameters.png",
+        "trajectories.png",
+    ]
+    assert json.loads((figs / "influence.json").read_text())["run"] == 8
+
+
+def test_bad_inputs_exit_2_with_one_line(work, tmp_path, capsys):
+    d, exp = work
+    out_json = tmp_path / "r.json"
+    _bad(["evaluate", tmp_path / "nope", "--out", out_json], capsys, "not found", [out_json])
+    _bad(
+        ["evaluate", exp, "--split", "20,2,10", "--out", out_json],
+        capsys,
+        "needs 32 complete runs",
+        [out_json],
+    )
+    _bad(["evaluate", exp, "--split", "4,x,3"], capsys, "--split")
+    _bad(
+        ["evaluate", exp, "--variants", "linear,bogus", "--out", out_json],
+        capsys,
+        "unknown variant 'bogus'",
+        [out_json],
+    )
+    _bad(["evaluate", exp, "--split", "4,1,3", "--l2-a", "1"], capsys, "both l2_a and l2_b")
+    _bad(["evaluate"], capsys, "required")
+    sim_out = tmp_path / "s.npz"
+    _bad(["fit", exp, "--runs", "0-x", "--out", sim_out], capsys, "--runs", [sim_out])
+    _bad(["fit", exp, "--runs", "0-3,40", "--out", sim_out], capsys, "run 40 not found", [sim_out])
+    _bad(["fit", exp, "--runs", "0-3", "--out", tmp_path / "s.txt"], capsys, ".npz")
+    _bad(["fit", exp, "--runs", "0-3", "--variant", "cubic", "--out", sim_out], capsys, "cubic")
+    _bad(
+        ["fit", exp, "--runs", "0-3", "--valid-runs", "3", "--out", sim_out],
+        capsys,
+        "also appear",
+        [sim_out],
+    )
+    # simulate: wrong dtype, ids out of range, wrong shape, NaN, missing file.
+    pred = tmp_path / "p.npy"
+    cur = np.load(d / "cur.npy")
+    np.save(tmp_path / "fcur.npy", cur.astype(np.float32))
+    np.save(tmp_path / "bigcur.npy", cur + 100)
+    np.save(tmp_path / "l0short.npy", np.ones(3, np.float32))
+    np.save(tmp_path / "l0nan.npy", np.full(5, np.nan, np.float32))
+    base = ["simulate", d / "sim.npz", "--out", pred]
+    _bad(
+        [*base, "--curriculum", tmp_path / "fcur.npy", "--initial-losses", d / "l0.npy"],
+        capsys,
+        "fcur.npy: curriculum must be integers",
+        [pred],
+    )
+    _bad(
+        [*base, "--curriculum", tmp_path / "bigcur.npy", "--initial-losses", d / "l0.npy"],
+        capsys,
+        "outside 0..11",
+        [pred],
+    )
+    _bad(
+        [*base, "--curriculum", d / "cur.npy", "--initial-losses", tmp_path / "l0short.npy"],
+        capsys,
+        "l0short.npy: initial losses must be float [5]",
+        [pred],
+    )
+    _bad(
+        [*base, "--curriculum", d / "cur.npy", "--initial-losses", tmp_path / "l0nan.npy"],
+        capsys,
+        "NaN",
+        [pred],
+    )
+    _bad(
+        [
+            "simulate",
+            tmp_path / "none.npz",
+            "--curriculum",
+            d / "cur.npy",
+            "--initial-losses",
+            d / "l0.npy",
+            "--out",
+            pred,
+        ],
+        capsys,
+        "none.npz",
+        [pred],
+    )
+    _bad(
+        [
+            "influence",
+            d / "sim.npz",
+            "--curriculum",
+            d / "cur.npy",
+            "--initial-losses",
+            d / "l0.npy",
+            "--test",
+            "5",
+        ],
+        capsys,
+        "--test 5 is outside 0..4",
+    )
+    fig = tmp_path / "f.png"
+    _bad(
+        ["plot", exp, "--sim", d / "sim.npz", "--runs", "99", "--out", fig],
+        capsys,
+        "run 99 not found",
+        [fig],
+    )
+    _bad(
+        ["plot", exp, "--sim", d / "sim.npz", "--runs", "8", "--tests", "7", "--out", fig],
+        capsys,
+        "outside 0..4",
+        [fig],
+    )
+    _bad(
+        ["table", tmp_path / "nothing.json", "--out", tmp_path / "t.md"],
+        capsys,
+        "not found",
+        [tmp_path / "t.md", tmp_path / "t.json"],
+    )
+    _bad(["table", exp, "--out", tmp_path / "t.md"], capsys, "no results.json")
+    figs = tmp_path / "figs"
+    _bad(
+        ["figures", exp, "--sim", d / "sim.npz", "--tests", "9", "--out", figs],
+        capsys,
+        "outside",
+        [figs],
+    )
+    assert not list(tmp_path.glob(".*"))  # no temporary files left
+
+
+def test_corrupted_run_is_named(tmp_path, capsys):
+    exp = tmp_path / "exp"
+    _ok(["demo-data", exp, *SIZES], capsys)
+    losses = np.load(exp / "run_002" / "losses.npy")
+    losses[3, 1] = np.nan
+    np.save(exp / "run_002" / "losses.npy", losses)
+    out = tmp_path / "r.json"
+    line = _bad(["evaluate", exp, "--split", "4,1,3", "--out", out], capsys, "run_002", [out])
+    assert "non-finite loss" in line and "step 3" in line
+    (exp / "run_002" / "meta.json").unlink()  # now incomplete: skipped with one warning
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(exp), "--split", "4,1,4"])
+    err = capsys.readouterr().err
+    assert "simfluence: warning:" in err and "run_002" in err
+    assert "needs 9 complete runs but there are 8 (1 incomplete)" in err

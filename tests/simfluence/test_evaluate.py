@@ -1,0 +1,143 @@
+"""evaluate(): JSON schema, metrics against independent recomputation, split and input errors."""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+
+from simfluence import runlog, simulators
+from simfluence.demo_data import make_demo_experiment
+from simfluence.evaluate import ALL_VARIANTS, evaluate
+from simfluence.runlog import RunLogError
+
+SIZES = dict(n_runs=9, n_train=12, n_test=5, batch=2, steps=23)
+GRID = (1e-2, 1.0)
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory):
+    return make_demo_experiment(tmp_path_factory.mktemp("ev") / "exp", tracin=True, **SIZES)
+
+
+@pytest.fixture(scope="module")
+def results(exp):
+    return evaluate(exp, split=(4, 1, 3), grid=GRID)
+
+
+def test_schema(results):
+    assert list(results["variants"]) == list(ALL_VARIANTS)  # tracin.npz present -> all
+    assert results["split"] == {"fit": [0, 1, 2, 3], "valid": [4], "test": [5, 6, 7]}
+    assert results["experiment"]["n_test"] == 5 and results["experiment"]["batch"] == 2
+    json.dumps(results, allow_nan=False)  # no NaN anywhere
+    for name, e in results["variants"].items():
+        for key in ("all_steps_mse", "final_step_mse", "final_step_spearman"):
+            assert set(e[key]) >= {"mean", "stderr"}, (name, key)
+            assert np.isfinite(e[key]["mean"]) and np.isfinite(e[key]["stderr"])
+        ar = e["across_run_spearman"]
+        assert set(ar) >= {"mean", "stderr", "n_used", "n_excluded", "undefined_reason"}
+        assert isinstance(e["skill_vs_mean_trajectory"], float)
+        assert "l2_a" in e and "l2_b" in e
+        assert len(e["per_run"]["all_steps_mse"]) == 3
+    for name in simulators.VARIANTS:
+        e = results["variants"][name]
+        assert e["lambda_source"] == "validation"
+        assert e["l2_a"] in ((None,) if name == "additive" else GRID)
+        assert e["l2_b"] in ((None,) if name == "multiplicative" else GRID)
+
+
+def test_curriculum_blind_baselines_have_undefined_across_run(results):
+    for name in ("constant", "mean-trajectory"):
+        ar = results["variants"][name]["across_run_spearman"]
+        assert ar["mean"] is None and ar["stderr"] is None
+        assert "ignores the curriculum" in ar["undefined_reason"]
+    assert results["variants"]["linear"]["across_run_spearman"]["mean"] is not None
+
+
+def test_metrics_recomputed_independently(exp, results):
+    runs = runlog.load_runs(exp, [5, 6, 7])
+    fit_runs = runlog.load_runs(exp, [0, 1, 2, 3])
+    v = results["variants"]
+    # constant: L_t = L_0.
+    per = [np.mean((r.losses[1:] - r.losses[0]) ** 2) for r in runs]
+    assert v["constant"]["all_steps_mse"]["mean"] == pytest.approx(np.mean(per), rel=1e-5)
+    assert v["constant"]["all_steps_mse"]["stderr"] == pytest.approx(
+        np.std(per, ddof=1) / np.sqrt(3), rel=1e-4
+    )
+    # mean trajectory by hand (all runs have the same length here).
+    delta = np.mean([r.losses - r.losses[0] for r in fit_runs], axis=0)
+    per_mt = [np.mean((r.losses[0] + delta - r.losses)[1:] ** 2) for r in runs]
+    mt = np.mean(per_mt)
+    assert v["mean-trajectory"]["all_steps_mse"]["mean"] == pytest.approx(mt, rel=1e-4)
+    # skill score = 1 - MSE / MSE(mean trajectory), for every variant.
+    for e in v.values():
+        assert e["skill_vs_mean_trajectory"] == pytest.approx(
+            1 - e["all_steps_mse"]["mean"] / mt, rel=1e-4, abs=1e-6
+        )
+    # linear: refit with the chosen lambdas, roll out, score with numpy.
+    lin = v["linear"]
+    sim = simulators.fit(
+        [r.curriculum for r in fit_runs],
+        [r.losses for r in fit_runs],
+        n_train=SIZES["n_train"],
+        variant="linear",
+        l2_a=lin["l2_a"],
+        l2_b=lin["l2_b"],
+    )
+    preds = [np.asarray(simulators.simulate(sim, r.curriculum, r.losses[0])) for r in runs]
+    per_lin = [np.mean((p[1:] - r.losses[1:]) ** 2) for p, r in zip(preds, runs, strict=True)]
+    assert lin["all_steps_mse"]["mean"] == pytest.approx(np.mean(per_lin), rel=1e-4)
+
+
+def test_default_variants_without_tracin_and_fixed_lambdas(tmp_path):
+    e = make_demo_experiment(tmp_path / "e", **SIZES)
+    res = evaluate(e, split=(4, 0, 3), l2_a=0.1, l2_b=0.01, variants=None)
+    assert list(res["variants"]) == [
+        "linear",
+        "additive",
+        "multiplicative",
+        "constant",
+        "mean-trajectory",
+    ]
+    assert res["variants"]["linear"]["lambda_source"] == "given"
+    with pytest.raises(RunLogError, match="tracin.npz"):
+        evaluate(e, split=(4, 0, 3), variants=["tracin-cp"])
+
+
+def test_errors(tmp_path, exp):
+    with pytest.raises(RunLogError, match="needs 13 complete runs but there are 9"):
+        evaluate(exp, split=(10, 1, 2))
+    with pytest.raises(ValueError, match="unknown variant 'lineer'"):
+        evaluate(exp, split=(4, 1, 3), variants=["lineer"])
+    with pytest.raises(ValueError, match="at least 2 held-out"):
+        evaluate(exp, split=(4, 1, 1))
+    with pytest.raises(ValueError, match="both l2_a and l2_b"):
+        evaluate(exp, split=(4, 1, 3), l2_a=1.0)
+    one = make_demo_experiment(tmp_path / "one", n_runs=4, n_train=6, n_test=1, batch=2, steps=5)
+    with pytest.raises(ValueError, match="at least 2 test examples"):
+        evaluate(one, split=(2, 0, 2))
+    with pytest.raises(RunLogError, match="not found"):
+        evaluate(tmp_path / "missing")
+
+
+def test_diverging_simulator_is_undefined_not_nan(exp, monkeypatch):
+    ev = importlib.import_module("simfluence.evaluate")  # the module, not the function
+    from simfluence.table import format_results
+
+    real = ev._predict_simfluence
+
+    def blow_up(sim, runs):
+        preds = real(sim, runs)
+        preds[1] = preds[1].copy()
+        preds[1][-1, 0] = np.inf
+        return preds
+
+    monkeypatch.setattr(ev, "_predict_simfluence", blow_up)
+    res = evaluate(exp, split=(4, 0, 3), variants=["linear", "constant"], l2_a=0.1, l2_b=0.01)
+    json.dumps(res, allow_nan=False)
+    lin = res["variants"]["linear"]
+    assert lin["all_steps_mse"]["mean"] is None and lin["skill_vs_mean_trajectory"] is None
+    assert "held-out run(s) 5" in lin["all_steps_mse"]["undefined_reason"]
+    assert res["variants"]["constant"]["all_steps_mse"]["mean"] is not None
+    text = format_results(res)
+    assert "| linear | — [1] |" in text and "diverges" in text and "nan" not in text.lower()

@@ -1,0 +1,120 @@
+"""Metrics against scipy and numpy references (ties included)."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+# The module, even if the package re-exports the function `metrics` under the same name.
+M = importlib.import_module("simfluence.metrics")
+
+
+def _traj(rng, t=6, n=9, ties=False):
+    pred = rng.normal(size=(t + 1, n)).astype(np.float32)
+    true = rng.normal(size=(t + 1, n)).astype(np.float32)
+    if ties:
+        pred = np.round(pred * 2) / 2  # many ties
+        true = np.round(true)
+    return pred, true
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_rankdata_and_spearman_match_scipy(ties):
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        pred, true = _traj(rng, ties=ties)
+        np.testing.assert_allclose(
+            M.rankdata(pred), stats.rankdata(pred, method="average", axis=-1), rtol=0, atol=1e-6
+        )
+        got = float(M.final_step_spearman(pred, true))
+        want = stats.spearmanr(pred[-1], true[-1]).statistic
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_per_run_metrics_match_numpy():
+    rng = np.random.default_rng(2)
+    pred, true = _traj(rng, t=11, n=5)
+    m = M.metrics(pred, true)
+    np.testing.assert_allclose(m["all_steps_mse"], np.mean((pred[1:] - true[1:]) ** 2), rtol=1e-6)
+    np.testing.assert_allclose(m["final_step_mse"], np.mean((pred[-1] - true[-1]) ** 2), rtol=1e-6)
+    # Step 0 is given, never scored.
+    pred2 = pred.copy()
+    pred2[0] += 100.0
+    assert float(M.all_steps_mse(pred2, true)) == pytest.approx(float(m["all_steps_mse"]))
+    # Batched over runs (leading axis) equals per-run calls, and works under jit.
+    pb, tb = np.stack([pred, pred[::-1]]), np.stack([true, true])
+    batched = jax.jit(M.metrics)(jnp.asarray(pb), jnp.asarray(tb))
+    for r in range(2):
+        single = M.metrics(pb[r], tb[r])
+        for k in single:
+            np.testing.assert_allclose(batched[k][r], single[k], rtol=1e-6, atol=1e-7)
+
+
+def test_final_step_spearman_constant_is_nan():
+    pred = np.ones((3, 4), np.float32)
+    true = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert np.isnan(float(M.final_step_spearman(pred, true)))
+
+
+def test_mean_stderr():
+    v = [1.0, 2.0, 4.0, 7.0]
+    out = M.mean_stderr(v)
+    assert out["mean"] == pytest.approx(np.mean(v))
+    assert out["stderr"] == pytest.approx(stats.sem(v))
+    assert M.mean_stderr([3.0]) == {"mean": 3.0, "stderr": None}
+    with pytest.raises(ValueError):
+        M.mean_stderr([1.0, float("nan")])
+    with pytest.raises(ValueError):
+        M.mean_stderr([])
+
+
+def test_across_run_spearman_matches_scipy_with_exclusions():
+    rng = np.random.default_rng(3)
+    r, n = 6, 8
+    true = rng.normal(size=(r, n)).astype(np.float32)
+    pred = (true + 0.7 * rng.normal(size=(r, n))).astype(np.float32)
+    pred[:, 1] = np.round(pred[:, 1])  # ties in predictions
+    true[:, 2] = 0.5  # constant truth: excluded
+    pred[:, 5] = 1.25  # constant prediction: counts as rho = 0
+    out = M.across_run_spearman(pred, true)
+    want = []
+    for j in range(n):
+        if j == 2:
+            continue
+        want.append(0.0 if j == 5 else stats.spearmanr(pred[:, j], true[:, j]).statistic)
+    assert out["n_used"] == n - 1 and out["n_excluded"] == 1
+    assert out["n_constant_prediction"] == 1 and out["undefined_reason"] is None
+    assert out["mean"] == pytest.approx(np.mean(want), abs=1e-5)
+    assert out["stderr"] == pytest.approx(stats.sem(want), abs=1e-5)
+
+
+def test_across_run_spearman_known_ranks():
+    true = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]])
+    pred = np.array([[0.1, 0.1], [0.2, 0.2], [0.3, 0.3]])  # example 0 perfect, example 1 reversed
+    out = M.across_run_spearman(pred, true)
+    assert out["mean"] == pytest.approx(0.0) and out["n_used"] == 2
+    assert out["stderr"] == pytest.approx(1.0)
+
+
+def test_across_run_spearman_constant_prediction_is_undefined():
+    rng = np.random.default_rng(4)
+    true = rng.normal(size=(5, 4))
+    # A curriculum-blind prediction: the same in every run, up to float32 rounding noise.
+    base = rng.normal(size=4).astype(np.float32)
+    pred = np.stack([base * (1 + 1e-7 * k) for k in range(5)])
+    out = M.across_run_spearman(pred, true)
+    assert out["mean"] is None and out["stderr"] is None
+    assert "do not vary" in out["undefined_reason"]
+    out2 = M.across_run_spearman(true, np.ones((5, 4)))
+    assert out2["mean"] is None and out2["n_excluded"] == 4 and "true" in out2["undefined_reason"]
+    with pytest.raises(ValueError, match="at least 2"):
+        M.across_run_spearman(true[:1], true[:1])
+
+
+def test_skill_score():
+    assert M.skill_score(0.5, 2.0) == pytest.approx(0.75)
+    assert M.skill_score(3.0, 2.0) == pytest.approx(-0.5)
+    assert M.skill_score(1.0, 0.0) is None

@@ -1,0 +1,268 @@
+"""Simfluence simulators against independent references: dense solves and numpy loops."""
+
+import numpy as np
+import pytest
+
+from simfluence import simulators as S
+
+# Tolerances, fixed up front.
+FIT_RTOL = 1e-4  # CG (float32) vs dense float64 solve, relative to the largest |A|, |B|
+DEV_RTOL = 1e-3  # A - a0 (the fitted deviation itself) relative to its largest magnitude
+ROLL_RTOL = 1e-5  # float32 scan vs float64 numpy loop
+
+N_TRAIN, N_TEST, BATCH = 12, 5, 3
+LENGTHS = (30, 17, 25)
+
+
+def _runs(seed=0, lengths=LENGTHS, unseen=1):
+    """Runs of different lengths with repeats inside batches; the last `unseen` ids never used."""
+    rng = np.random.default_rng(seed)
+    A, B = S._synthetic_simulator(rng, N_TRAIN, N_TEST, BATCH)
+    curs, ls = [], []
+    for t_r in lengths:
+        c = rng.integers(0, N_TRAIN - unseen, (t_r, BATCH)).astype(np.int32)
+        c[::4, 1] = c[::4, 0]  # a repeat in every fourth batch
+        loss = np.empty((t_r + 1, N_TEST))
+        loss[0] = rng.uniform(1.5, 3.0, N_TEST)
+        for t in range(t_r):  # the known linear simulator plus process noise
+            alpha, beta = A[:, c[t]].sum(1), B[:, c[t]].sum(1)
+            loss[t + 1] = alpha * loss[t] + beta + rng.normal(0, 0.01, N_TEST)
+        curs.append(c)
+        ls.append(loss.astype(np.float32))
+    return A, B, curs, ls
+
+
+def _numpy_rollout(A, B, cur, l0, additive=False):
+    """Plain float64 loop; `cur` may be a list of ragged batches."""
+    A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    loss = np.asarray(l0, np.float64).copy()
+    out = [loss.copy()]
+    for batch in cur:
+        alpha = np.ones(A.shape[0]) if additive else np.zeros(A.shape[0])
+        beta = np.zeros(A.shape[0])
+        for i in batch:
+            if not additive:
+                alpha += A[:, i]
+            beta += B[:, i]
+        loss = alpha * loss + beta
+        out.append(loss.copy())
+    return np.stack(out)
+
+
+def _dense_fit(curs, ls, n, variant, l2_a, l2_b, a0):
+    """Per test example: dense design X, normal equations with the prior, np.linalg.solve."""
+    b = curs[0].shape[1]
+    ids = np.concatenate(curs)
+    M = np.zeros((ids.shape[0], n))  # [rows, n_train] counts with repeats
+    for r in range(ids.shape[0]):
+        for k in range(b):
+            M[r, ids[r, k]] += 1
+    n_test = ls[0].shape[1]
+    A = np.zeros((n_test, n))
+    B = np.zeros((n_test, n))
+    for j in range(n_test):
+        x = np.concatenate([l[:-1, j] for l in ls]).astype(np.float64)
+        y = np.concatenate([l[1:, j] for l in ls]).astype(np.float64)
+        if variant == "linear":
+            X = np.concatenate([M * x[:, None], M], axis=1)
+            reg = np.diag(np.concatenate([np.full(n, l2_a), np.full(n, l2_b)]))
+            rhs = X.T @ y + np.concatenate([np.full(n, l2_a * a0), np.zeros(n)])
+            theta = np.linalg.solve(X.T @ X + reg, rhs)
+            A[j], B[j] = theta[:n], theta[n:]
+        elif variant == "additive":  # alpha == 1: regress L_t - L_{t-1} on counts
+            B[j] = np.linalg.solve(M.T @ M + l2_b * np.eye(n), M.T @ (y - x))
+            A[j] = 1.0 / b
+        else:  # beta == 0
+            X = M * x[:, None]
+            A[j] = np.linalg.solve(X.T @ X + l2_a * np.eye(n), X.T @ y + l2_a * a0)
+    return A, B
+
+
+@pytest.mark.parametrize("variant", S.VARIANTS)
+@pytest.mark.parametrize("a_prior", [None, 0.0])
+def test_fit_matches_dense_solve(variant, a_prior):
+    _, _, curs, ls = _runs()
+    l2_a, l2_b = 0.3, 0.05
+    sim = S.fit(curs, ls, n_train=N_TRAIN, variant=variant, l2_a=l2_a, l2_b=l2_b, a_prior=a_prior)
+    a0 = 1.0 / BATCH if a_prior is None else a_prior
+    dA, dB = _dense_fit(curs, ls, N_TRAIN, variant, l2_a, l2_b, a0)
+    A, B = np.asarray(sim.A), np.asarray(sim.B)
+    assert A.shape == B.shape == (N_TEST, N_TRAIN) and A.dtype == np.float32
+    scale = max(np.abs(dA).max(), np.abs(dB).max())
+    np.testing.assert_allclose(A, dA, rtol=0, atol=FIT_RTOL * scale)
+    np.testing.assert_allclose(B, dB, rtol=0, atol=FIT_RTOL * scale)
+    if variant != "additive":
+        dev = dA - a0
+        np.testing.assert_allclose(A - a0, dev, rtol=0, atol=DEV_RTOL * np.abs(dev).max())
+    if variant != "multiplicative":
+        np.testing.assert_allclose(B, dB, rtol=0, atol=DEV_RTOL * np.abs(dB).max())
+    # The never-seen example sits exactly at the prior.
+    if variant != "additive":
+        np.testing.assert_allclose(A[:, -1], a0, atol=1e-7)
+    np.testing.assert_allclose(B[:, -1], 0.0, atol=1e-7)
+    assert (sim.variant, sim.l2_a, sim.l2_b, sim.a_prior) == (variant, l2_a, l2_b, a0)
+
+
+def _all_steps_mse(pred, true):
+    return float(np.mean((np.asarray(pred)[1:] - true[1:]) ** 2))
+
+
+def test_recovery_of_a_known_linear_simulator():
+    rng = np.random.default_rng(3)
+    n_train, n_test, batch = 20, 8, 2
+    A, B = S._synthetic_simulator(rng, n_train, n_test, batch)
+    curs, ls = S._synthetic_runs(rng, A, B, 12, 200, batch, noise=0.01)
+    fit_c, fit_l, held_c, held_l = curs[:8], ls[:8], curs[8:], ls[8:]
+    truth = S.Simulator(A=A, B=B, variant="linear", l2_a=0.0, l2_b=0.0, a_prior=1 / batch)
+    mse = {}
+    for variant in S.VARIANTS:
+        sim = S.fit(fit_c, fit_l, n_train=n_train, variant=variant, l2_a=1e-3, l2_b=1e-3)
+        mse[variant] = np.mean(
+            [_all_steps_mse(S.simulate(sim, c, l[0]), l) for c, l in zip(held_c, held_l)]
+        )
+    true_mse = np.mean(
+        [_all_steps_mse(S.simulate(truth, c, l[0]), l) for c, l in zip(held_c, held_l)]
+    )
+    assert mse["linear"] < 0.5 * mse["additive"], mse
+    assert mse["linear"] < 0.5 * mse["multiplicative"], mse
+    assert mse["linear"] < 1.5 * true_mse, (mse, true_mse)
+
+
+@pytest.mark.parametrize("variant", S.VARIANTS)
+def test_rollout_matches_numpy_loop(variant):
+    rng = np.random.default_rng(1)
+    # alpha within a few percent of 1 keeps the losses O(1), where a relative tolerance applies.
+    A = rng.uniform(0.32, 0.345, (N_TEST, N_TRAIN)).astype(np.float32)
+    B = rng.normal(0, 0.02, (N_TEST, N_TRAIN)).astype(np.float32)
+    if variant == "multiplicative":
+        B[:] = 0
+    sim = S.Simulator(A=A, B=B, variant=variant, l2_a=0.0, l2_b=0.0, a_prior=1 / BATCH)
+    curs = rng.integers(0, N_TRAIN, (3, 40, BATCH)).astype(np.int32)
+    curs[:, ::5, 2] = curs[:, ::5, 0]  # repeats count twice
+    l0 = rng.uniform(1, 3, (3, N_TEST)).astype(np.float32)
+    many = np.asarray(S.simulate_many(sim, curs, l0))
+    assert many.shape == (3, 41, N_TEST) and many.dtype == np.float32
+    for r in range(3):
+        one = np.asarray(S.simulate(sim, curs[r], l0[r]))
+        ref = _numpy_rollout(A, B, curs[r], l0[r], additive=variant == "additive")
+        np.testing.assert_allclose(one, ref, rtol=ROLL_RTOL, atol=0)
+        np.testing.assert_allclose(many[r], one, rtol=1e-6, atol=0)
+
+
+def test_simulate_is_usable_inside_jit_and_compiles_once():
+    import jax
+
+    rng = np.random.default_rng(2)
+    A = rng.uniform(0.3, 0.35, (N_TEST, N_TRAIN)).astype(np.float32)
+    B = rng.normal(0, 0.01, (N_TEST, N_TRAIN)).astype(np.float32)
+    sim = S.Simulator(A=A, B=B, variant="linear", l2_a=0.0, l2_b=0.0, a_prior=1 / 3)
+    cur = rng.integers(0, N_TRAIN, (25, 3)).astype(np.int32)
+    l0 = np.ones(N_TEST, np.float32)
+
+    @jax.jit
+    def final(s, c, l):
+        return S.simulate(s, c, l)[-1]
+
+    ref = _numpy_rollout(A, B, cur, l0)[-1]
+    np.testing.assert_allclose(final(sim, cur, l0), ref, rtol=ROLL_RTOL)
+    before = S._rollout._cache_size()
+    S.simulate(sim, cur, l0)
+    S.simulate(sim, cur + 0, l0 * 2)
+    assert S._rollout._cache_size() == before + 1  # second call with the same shapes reuses it
+
+
+@pytest.mark.parametrize("variant", S.VARIANTS)
+def test_removal_influence_matches_brute_force(variant):
+    rng = np.random.default_rng(4)
+    A = rng.uniform(0.3, 0.36, (N_TEST, N_TRAIN)).astype(np.float32)
+    B = rng.normal(0, 0.02, (N_TEST, N_TRAIN)).astype(np.float32)
+    if variant == "multiplicative":
+        B[:] = 0
+    sim = S.Simulator(A=A, B=B, variant=variant, l2_a=0.0, l2_b=0.0, a_prior=1 / 3)
+    cur = rng.integers(0, N_TRAIN - 1, (30, BATCH)).astype(np.int32)  # id N_TRAIN-1 absent
+    cur[3] = [2, 2, 5]  # a repeated slot
+    l0 = rng.uniform(1, 2, N_TEST).astype(np.float32)
+    j = 3
+    infl = np.asarray(S.removal_influence(sim, cur, l0, j))
+    assert infl.shape == (N_TRAIN,) and infl.dtype == np.float32
+    additive = variant == "additive"
+    full = _numpy_rollout(A, B, cur, l0, additive)[-1, j]
+    for i in [2, 5, 7, N_TRAIN - 1]:
+        dropped = [[k for k in batch if k != i] for batch in cur]
+        brute = _numpy_rollout(A, B, dropped, l0, additive)[-1, j] - full
+        assert infl[i] == pytest.approx(brute, abs=1e-5 * max(1.0, abs(full)))
+    assert infl[N_TRAIN - 1] == 0.0
+
+
+def test_select_lambdas_picks_the_lowest_validation_mse():
+    _, _, curs, ls = _runs(seed=5, lengths=(30, 17, 25, 20, 20))
+    fit_c, fit_l, val_c, val_l = curs[:3], ls[:3], curs[3:], ls[3:]
+    grid = [1e-3, 1.0, 1e3]
+    l2_a, l2_b, table = S.select_lambdas(
+        fit_c, fit_l, val_c, val_l, n_train=N_TRAIN, variant="linear", grid=grid
+    )
+    pts = [(a, b) for a in grid for b in grid]
+    assert [(row["l2_a"], row["l2_b"]) for row in table] == pts
+    brute = []
+    for a, b in pts:
+        sim = S.fit(fit_c, fit_l, n_train=N_TRAIN, variant="linear", l2_a=a, l2_b=b)
+        brute.append(
+            np.mean([_all_steps_mse(S.simulate(sim, c, l[0]), l) for c, l in zip(val_c, val_l)])
+        )
+    np.testing.assert_allclose([row["valid_mse"] for row in table], brute, rtol=1e-3)
+    assert (l2_a, l2_b) == pts[int(np.argmin(brute))]
+    # Ablations search one axis only.
+    a, b, table = S.select_lambdas(
+        fit_c, fit_l, val_c, val_l, n_train=N_TRAIN, variant="additive", grid=grid
+    )
+    assert [row["l2_b"] for row in table] == grid and a == 0.0 and b in grid
+
+
+def test_save_load_round_trip(tmp_path):
+    _, _, curs, ls = _runs()
+    sim = S.fit(curs, ls, n_train=N_TRAIN, variant="linear", l2_a=0.3, l2_b=0.05)
+    path = tmp_path / "sim.npz"
+    S.save_simulator(path, sim)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sim.npz"]  # no temporary left
+    back = S.load_simulator(path)
+    np.testing.assert_array_equal(np.asarray(back.A), np.asarray(sim.A))
+    np.testing.assert_array_equal(np.asarray(back.B), np.asarray(sim.B))
+    assert (back.variant, back.l2_a, back.l2_b, back.a_prior) == (
+        sim.variant,
+        sim.l2_a,
+        sim.l2_b,
+        sim.a_prior,
+    )
+
+
+def test_bad_inputs_raise_one_line_errors(tmp_path):
+    _, _, curs, ls = _runs()
+
+    def raises(match, fn, *a, **k):
+        with pytest.raises(ValueError, match=match) as info:
+            fn(*a, **k)
+        assert "\n" not in str(info.value)
+
+    raises("unknown simulator variant 'cubic'", S.fit, curs, ls, n_train=N_TRAIN, variant="cubic")
+    bad = [c.copy() for c in curs]
+    bad[1][0, 0] = N_TRAIN
+    raises(f"run 1: curriculum id {N_TRAIN} is outside", S.fit, bad, ls, n_train=N_TRAIN)
+    raises("run 0: losses have shape", S.fit, curs, [ls[0][:-1]] + ls[1:], n_train=N_TRAIN)
+    raises("losses have shape", S.fit, curs, [ls[0], ls[1][:, :2], ls[2]], n_train=N_TRAIN)
+    nan = [l.copy() for l in ls]
+    nan[2][4, 1] = np.nan
+    raises("run 2: non-finite loss nan at step 4, test example 1", S.fit, curs, nan,
+           n_train=N_TRAIN)
+    raises("batch size 2 differs", S.fit, [curs[0], curs[1][:, :2]], ls[:2], n_train=N_TRAIN)
+    raises("2 curricula but 3 loss arrays", S.fit, curs[:2], ls, n_train=N_TRAIN)
+    raises("l2_a=-1.0", S.fit, curs, ls, n_train=N_TRAIN, l2_a=-1.0)
+    sim = S.fit(curs, ls, n_train=N_TRAIN)
+    raises("curriculum id -1 is outside", S.simulate, sim, np.full((3, 3), -1), ls[0][0])
+    raises("initial_losses have shape", S.simulate, sim, curs[0], np.ones(N_TEST + 1))
+    raises("initial_losses contain NaN", S.simulate, sim, curs[0], np.full(N_TEST, np.inf))
+    raises("test_index=9 is outside", S.removal_influence, sim, curs[0], ls[0][0], 9)
+    raises("does not exist", S.load_simulator, tmp_path / "missing.npz")
+    np.savez(tmp_path / "other.npz", A=np.zeros((2, 2)))
+    raises("missing B, variant", S.load_simulator, tmp_path / "other.npz")
+    raises("grid has shape", S.select_lambdas, curs, ls, curs, ls, n_train=N_TRAIN,
+           variant="linear", grid=[[1.0, 2.0, 3.0]])

@@ -1,16 +1,38 @@
-# Thin wrappers over the CLIs. `make help` lists the targets.
+# Thin wrappers over the `finetune` and `simfluence` CLIs. `make help` lists the targets.
+#   make runs CONFIG=runs/<name>      training runs        -> $(EXP) (default runs/<name>/output)
+#   make tracin CONFIG=runs/<name>    TracIn-CP dots       -> $(EXP)/run_XXX/tracin.npz
+#   make simulate CONFIG=runs/<name>  every simulator      -> $(EXP)/results.json, sim_linear.npz
+#   make figures CONFIG=runs/<name>   plots + influences   -> $(EXP)/figures/
+#   make table                        every results.json   -> results/table.md (+ table.json)
+# Every target skips finished work and completes unfinished work; run it again after a kill.
 SHELL := /bin/bash
 PY_BOOT ?= python3
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 SHARED ?= $(abspath ../shared)
+# Offline defaults for the data and the T5 vocabulary, when ../shared is beside the checkout.
+ifneq ($(wildcard $(SHARED)/data),)
 export SIMFLUENCE_DATA_DIR ?= $(SHARED)/data
+endif
+ifneq ($(wildcard $(SHARED)/tokenizers/t5/spiece.model),)
 export SIMFLUENCE_TOKENIZER ?= $(SHARED)/tokenizers/t5
+endif
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
-OUT ?= runs/demo/output
+export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test demo bench lint
+CONFIG ?= runs/demo
+OUT ?=
+EXP = $(if $(OUT),$(OUT),$(patsubst %/,%,$(CONFIG))/output)
+SPLIT ?= 20,2,10
+FIT_RUNS ?= 0-19
+VALID_RUNS ?= 20-21
+PLOT_RUN ?= 22
+TESTS ?= 0,1,2,3
+FINETUNE = $(PYTHON) -m finetune.cli
+SIMFLUENCE = $(PYTHON) -m simfluence.cli
+
+.PHONY: help install test test-all demo runs tracin simulate table figures bench lint tpu-submit
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -23,15 +45,51 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## Create .venv and install the project with its test extra.
 
-test: install  ## Run the default test suite (CPU, no network).
+test: install  ## The default test suite (CPU, no network, < 10 min on 2 cores).
 	$(PYTHON) -m pytest -q tests
 
-demo: install  ## The embedded default end to end on CPU; writes $(OUT).
-	$(PYTHON) -m simfluence.cli demo-data $(OUT) --overwrite
-	$(PYTHON) -m simfluence.cli evaluate $(OUT) --split 20,2,10 --out $(OUT)/results.json
+test-all: install  ## Every test, the slow ones too.
+	$(PYTHON) -m pytest -q -m "slow or not slow" tests
 
-bench: install  ## Every benchmark script that fits this machine.
+demo: install  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots).
+	$(MAKE) --no-print-directory runs tracin simulate figures CONFIG=runs/demo OUT=$(EXP)
+	$(SIMFLUENCE) table $(EXP)/results.json --out $(EXP)/table.md
+	@echo "demo outputs in $(EXP): results.json, table.md, figures/"
+
+runs: install  ## Training runs of CONFIG=runs/<name> (resumes an interrupted experiment).
+	$(FINETUNE) run $(CONFIG) --out $(EXP)
+
+tracin: install  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
+	$(FINETUNE) tracin $(EXP)
+
+simulate: install  ## `simfluence evaluate` with every variant on $(EXP); fits the linear simulator.
+	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json
+	$(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant linear \
+	  --out $(EXP)/sim_linear.npz
+
+figures: install  ## Trajectories, fitted A/B distributions and top influences for $(EXP).
+	$(SIMFLUENCE) figures $(EXP) --sim $(EXP)/sim_linear.npz --runs $(PLOT_RUN) --tests $(TESTS) \
+	  --out $(EXP)/figures
+
+table: install  ## All finished experiments (runs/*/output) into results/table.md and .json.
+	@files="$(wildcard runs/*/output/results.json)"; \
+	if [ -z "$$files" ]; then echo "make table: no runs/*/output/results.json yet; run make simulate first" >&2; exit 2; fi; \
+	mkdir -p results && $(SIMFLUENCE) table $$files --out results/table.md
+
+bench: install  ## Every benchmark script that fits this machine (CPU sizes).
 	$(PYTHON) scripts/bench_fit.py
+	$(PYTHON) scripts/bench_model.py
+	$(PYTHON) scripts/bench_runs.py
+	$(PYTHON) scripts/bench_tracin.py
 
 lint: install  ## ruff format --check and ruff check.
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
+
+TPU_TARGET ?= runs
+ACCELERATOR ?= v4-8
+TPU_VERSION ?= tpu-ubuntu2204-base
+tpu-submit:  ## make TPU_TARGET (runs) for CONFIG on every worker of TPU VM TPU in ZONE; OUT=gs://... CREATE=1 DRY_RUN=1
+	scripts/tpu/submit.sh --tpu "$(TPU)" --zone "$(ZONE)" --config "$(CONFIG)" --out "$(OUT)" \
+	  --target "$(TPU_TARGET)" --accelerator-type "$(ACCELERATOR)" --version "$(TPU_VERSION)" \
+	  $(if $(PROJECT),--project "$(PROJECT)") $(if $(CREATE),--create) \
+	  $(if $(DETACH),--detach) $(if $(DRY_RUN),--dry-run)

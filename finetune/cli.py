@@ -37,8 +37,10 @@ def load_config(path: str | Path):
     path = Path(path)
     file = path / "config.py" if path.is_dir() else path
     if not file.is_file():
-        raise _UsageError(f"config {path} not found; pass a runs/<name> folder holding "
-                          "config.py, or the config.py file itself")
+        raise _UsageError(
+            f"config {path} not found; pass a runs/<name> folder holding "
+            "config.py, or the config.py file itself"
+        )
     spec = importlib.util.spec_from_file_location(f"_finetune_config_{file.parent.name}", file)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -50,8 +52,10 @@ def load_config(path: str | Path):
         raise _UsageError(f"{file} defines no get_config(); it must return an ExperimentConfig")
     config = get()
     if not isinstance(config, ExperimentConfig):
-        raise _UsageError(f"{file}: get_config() returned {type(config).__name__}, not "
-                          "finetune.config.ExperimentConfig")
+        raise _UsageError(
+            f"{file}: get_config() returned {type(config).__name__}, not "
+            "finetune.config.ExperimentConfig"
+        )
     return config, file.parent
 
 
@@ -61,15 +65,24 @@ def _run(args: argparse.Namespace) -> int:
     config, folder = load_config(args.config)
     out = args.out or (Path(config.output_dir) if config.output_dir else folder / "output")
     data_dir = args.data_dir or os.environ.get("SIMFLUENCE_DATA_DIR") or None
-    result = trainer.run_experiment(config, out, data_dir=data_dir, tokenizer=args.tokenizer,
-                                    progress=not args.no_progress,
-                                    max_steps_this_call=args.max_steps)
+    result = trainer.run_experiment(
+        config,
+        out,
+        data_dir=data_dir,
+        tokenizer=args.tokenizer,
+        progress=not args.no_progress,
+        max_steps_this_call=args.max_steps,
+    )
     if result["interrupted"]:
-        print(f"stopped after --max-steps {args.max_steps}; {len(result['complete'])} of "
-              f"{config.num_runs} runs complete in {out} (run the same command to continue)")
+        print(
+            f"stopped after --max-steps {args.max_steps}; {len(result['complete'])} of "
+            f"{config.num_runs} runs complete in {out} (run the same command to continue)"
+        )
         return 0
-    print(f"{len(result['complete'])} of {config.num_runs} runs complete in {out} "
-          f"({result['seconds']:.1f} s this call)")
+    print(
+        f"{len(result['complete'])} of {config.num_runs} runs complete in {out} "
+        f"({result['seconds']:.1f} s this call)"
+    )
     if args.tracin:
         from finetune import tracin
 
@@ -81,32 +94,52 @@ def _run(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune",
-        description="Fine-tuning runs under random curricula (Simfluence run logs) and TracIn-CP.")
+        description="Fine-tuning runs under random curricula (Simfluence run logs) and TracIn-CP.",
+    )
     dist = parser.add_argument_group("multi-host (jax.distributed; see finetune.distributed)")
-    dist.add_argument("--coordinator-address", default=None,
-                      help="HOST:PORT of process 0 (same on every process)")
+    dist.add_argument(
+        "--coordinator-address", default=None, help="HOST:PORT of process 0 (same on every process)"
+    )
     dist.add_argument("--num-processes", type=int, default=None, help="number of processes")
     dist.add_argument("--process-id", type=int, default=None, help="index of this process")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
-        "run", help="train every run of an experiment config (resumes an interrupted one)",
+        "run",
+        help="train every run of an experiment config (resumes an interrupted one)",
         description="Train the runs of CONFIG (a runs/<name> folder or its config.py). "
-                    "Re-running the same command continues: complete runs are kept, incomplete "
-                    "ones restart from their latest checkpoint.")
+        "Re-running the same command continues: complete runs are kept, incomplete "
+        "ones restart from their latest checkpoint.",
+    )
     run.add_argument("config", metavar="CONFIG", help="runs/<name> folder or its config.py")
-    run.add_argument("--out", type=Path, default=None,
-                     help="experiment folder (default: the config's output_dir, else "
-                          "runs/<name>/output)")
-    run.add_argument("--data-dir", default=None,
-                     help="data directory in the layout of ../shared/data (default: "
-                          "$SIMFLUENCE_DATA_DIR, else the Hugging Face hub)")
-    run.add_argument("--tokenizer", default=None,
-                     help="tokenizer dir / spiece.model / hub name (default: "
-                          "$SIMFLUENCE_TOKENIZER, else the config's tokenizer or model)")
-    run.add_argument("--tracin", action="store_true",
-                     help="compute TracIn-CP dot products (finetune tracin) after training")
-    run.add_argument("--max-steps", type=int, default=None,
-                     help="stop after this many (group) steps; run again to continue")
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="experiment folder (default: the config's output_dir, else runs/<name>/output)",
+    )
+    run.add_argument(
+        "--data-dir",
+        default=None,
+        help="data directory in the layout of ../shared/data (default: "
+        "$SIMFLUENCE_DATA_DIR, else the Hugging Face hub)",
+    )
+    run.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer dir / spiece.model / hub name (default: "
+        "$SIMFLUENCE_TOKENIZER, else the config's tokenizer or model)",
+    )
+    run.add_argument(
+        "--tracin",
+        action="store_true",
+        help="compute TracIn-CP dot products (finetune tracin) after training",
+    )
+    run.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many (group) steps; run again to continue",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
     try:
@@ -129,8 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:  # helper module not there yet: single process only
             distributed = None
         if distributed is not None:  # no-op on a single process (see finetune.distributed)
-            distributed.initialize(args.coordinator_address, args.num_processes,
-                                   args.process_id)
+            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         handler = getattr(args, "handler", None) or args.func
         return int(handler(args) or 0)
     except ValueError as e:

@@ -69,7 +69,7 @@ class ExperimentConfig:
     optimizer: str = "adamw"  # "adamw" | "adafactor"
     learning_rate: float = 1e-4  # peak learning rate (T-Few IA3: 3e-3)
     schedule: str = "constant"  # "constant" | "linear" (decay to 0) | "cosine" (decay to 0)
-    warmup_steps: int = 0  # linear learning-rate warm-up steps at the start of each run
+    warmup_steps: int = 0  # linear lr warm-up at the start of each run (step t: lr*t/warmup_steps)
     weight_decay: float = 0.0  # decoupled weight decay (AdamW only)
     grad_clip_norm: float | None = None  # clip gradients to this global norm (T-Few: 1.0)
     # --- data ---------------------------------------------------------------------------------
@@ -105,8 +105,10 @@ class ExperimentConfig:
         for split_field in ("train_split", "test_split"):
             value = getattr(self, split_field)
             if value not in splits(self.task):
-                bad(f"{split_field}={value!r} is not a split of {self.task}; choose one of "
-                    f"{', '.join(splits(self.task))}")
+                bad(
+                    f"{split_field}={value!r} is not a split of {self.task}; choose one of "
+                    f"{', '.join(splits(self.task))}"
+                )
         if self.model is None and not self.random_init:
             bad("give model (checkpoint dir or hub name) or random_init (T5Config kwargs)")
         if self.model is not None and self.random_init:
@@ -129,8 +131,17 @@ class ExperimentConfig:
             bad(f"learning_rate={self.learning_rate} must be > 0")
         if self.curriculum not in KINDS:
             bad(f"curriculum={self.curriculum!r}; choose one of {', '.join(KINDS)}")
-        for name in ("n_train", "n_test", "num_runs", "steps", "batch_size", "runs_together",
-                     "max_input_length", "max_target_length", "length_multiple"):
+        for name in (
+            "n_train",
+            "n_test",
+            "num_runs",
+            "steps",
+            "batch_size",
+            "runs_together",
+            "max_input_length",
+            "max_target_length",
+            "length_multiple",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(f"{name}={getattr(self, name)!r} must be an integer >= 1")
         if not 0 <= self.warmup_steps < self.steps:
@@ -138,17 +149,23 @@ class ExperimentConfig:
         pool = self.subset_size if self.curriculum == "subset" else self.n_train
         if self.curriculum == "subset":
             if self.subset_size is None or not 1 <= self.subset_size <= self.n_train:
-                bad(f"subset_size={self.subset_size} must be in [1, n_train={self.n_train}] "
-                    "for curriculum 'subset'")
+                bad(
+                    f"subset_size={self.subset_size} must be in [1, n_train={self.n_train}] "
+                    "for curriculum 'subset'"
+                )
         elif self.subset_size is not None:
             bad("subset_size is only used with curriculum 'subset'; remove it")
         if self.batch_size > pool:
-            bad(f"batch_size={self.batch_size} is larger than the pool ({pool} examples); "
-                "lower batch_size or raise n_train")
+            bad(
+                f"batch_size={self.batch_size} is larger than the pool ({pool} examples); "
+                "lower batch_size or raise n_train"
+            )
         steps = tuple(self.checkpoint_steps)
         if any(not isinstance(s, int) or not 0 <= s <= self.steps for s in steps):
-            bad(f"checkpoint_steps {list(steps)} must lie in [0, steps={self.steps}] (0 is the "
-                "state before the first step)")
+            bad(
+                f"checkpoint_steps {list(steps)} must lie in [0, steps={self.steps}] (0 is the "
+                "state before the first step)"
+            )
         if list(steps) != sorted(set(steps)):
             bad(f"checkpoint_steps {list(steps)} must be increasing without repeats")
         object.__setattr__(self, "checkpoint_steps", steps)
@@ -183,4 +200,5 @@ class ExperimentConfig:
     def saves_checkpoints(self, run_index: int) -> bool:
         """Whether run ``run_index`` saves checkpoints."""
         return bool(self.checkpoint_steps) and (
-            self.checkpoint_runs is None or run_index < self.checkpoint_runs)
+            self.checkpoint_runs is None or run_index < self.checkpoint_runs
+        )

@@ -23,8 +23,16 @@ def _epochs(rng: np.random.Generator, ids: np.ndarray, steps: int, batch: int) -
     return order[:need].reshape(steps, batch)
 
 
-def make_curriculum(kind: str, *, n_train: int, steps: int, batch_size: int, seed: int,
-                    run_index: int, subset_size: int | None = None) -> np.ndarray:
+def make_curriculum(
+    kind: str,
+    *,
+    n_train: int,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    run_index: int,
+    subset_size: int | None = None,
+) -> np.ndarray:
     """Draws the curriculum of one run.
 
     Args:
@@ -58,8 +66,9 @@ def make_curriculum(kind: str, *, n_train: int, steps: int, batch_size: int, see
         out = _epochs(rng, ids, steps, batch_size)
     else:
         if subset_size is None or not batch_size <= subset_size <= n_train:
-            raise ValueError(f"subset_size={subset_size} must be in [batch_size={batch_size}, "
-                             f"n_train={n_train}]")
+            raise ValueError(
+                f"subset_size={subset_size} must be in [batch_size={batch_size}, n_train={n_train}]"
+            )
         subset = np.sort(rng.choice(n_train, size=subset_size, replace=False))
         out = _epochs(rng, subset, steps, batch_size)
     return out.astype(np.int32)

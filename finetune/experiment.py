@@ -19,7 +19,6 @@ References:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +98,9 @@ def build_base_model(config: ExperimentConfig):
         import transformers
 
         t5_config = transformers.T5Config(**config.random_init)
-        model = hf.init_random(t5_config, ia3=ia3, seed=config.init_seed,
-                               dtype=_dtype(config.dtype))
+        model = hf.init_random(
+            t5_config, ia3=ia3, seed=config.init_seed, dtype=_dtype(config.dtype)
+        )
     graphdef, params = nnx.split(model)
     return graphdef, params
 
@@ -111,8 +111,10 @@ def make_mask(config: ExperimentConfig, params):
 
     mask = trainable_mask(params, config.method)
     if config.freeze_embeddings:
+
         def drop(path, m):
             return False if _is_embedding(path) else m
+
         mask = jax.tree_util.tree_map_with_path(drop, mask)
     return mask
 
@@ -158,7 +160,8 @@ def initial_params(config: ExperimentConfig, exp_dir: str | Path):
         if not warmup_path(exp_dir).is_dir():
             raise ExperimentError(
                 f"{warmup_path(exp_dir)} not found; the warm-up of this experiment has not run "
-                "yet (finetune run CONFIG runs it)")
+                "yet (finetune run CONFIG runs it)"
+            )
         params = restore_warmup(exp_dir, params)
     return graphdef, params
 
@@ -179,8 +182,10 @@ def read_config(exp_dir: str | Path) -> ExperimentConfig:
     """The ExperimentConfig recorded in ``EXP/experiment.json``."""
     info = runlog.read_experiment(exp_dir)
     if "config" not in info:
-        raise ExperimentError(f"{Path(exp_dir) / 'experiment.json'} has no 'config'; it was not "
-                              "written by finetune run")
+        raise ExperimentError(
+            f"{Path(exp_dir) / 'experiment.json'} has no 'config'; it was not "
+            "written by finetune run"
+        )
     return ExperimentConfig.from_dict(info["config"])
 
 
@@ -206,8 +211,10 @@ def load_experiment(exp_dir: str | Path, *, _params=None) -> Experiment:
         graphdef, params = initial_params(config, exp_dir)
     else:
         graphdef, params = _params
-    examples = runlog.read_examples(exp_dir) or {"train": [""] * info["n_train"],
-                                                "test": [""] * info["n_test"]}
+    examples = runlog.read_examples(exp_dir) or {
+        "train": [""] * info["n_train"],
+        "test": [""] * info["n_test"],
+    }
     return Experiment(
         config=config,
         graphdef=graphdef,
@@ -231,10 +238,14 @@ def load_experiment(exp_dir: str | Path, *, _params=None) -> Experiment:
 def _manager(run_dir: str | Path, *, create: bool = False):
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
-                                           enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(run_dir).resolve() / CHECKPOINT_DIR, options=options,
-                                 item_names=("trainable", "opt_state", "log"))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=create, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(
+        Path(run_dir).resolve() / CHECKPOINT_DIR,
+        options=options,
+        item_names=("trainable", "opt_state", "log"),
+    )
 
 
 def checkpoint_steps(run_dir: str | Path) -> list[int]:
@@ -272,12 +283,17 @@ def restore_trainable(run_dir: str | Path, step: int, target_trainable):
 
     steps = checkpoint_steps(run_dir)
     if step not in steps:
-        raise ExperimentError(f"{Path(run_dir) / CHECKPOINT_DIR}: no checkpoint at step {step} "
-                              f"(found {steps})")
+        raise ExperimentError(
+            f"{Path(run_dir) / CHECKPOINT_DIR}: no checkpoint at step {step} (found {steps})"
+        )
     mngr = _manager(run_dir)
     try:
-        out = mngr.restore(step, args=ocp.args.Composite(
-            trainable=ocp.args.StandardRestore(_abstract(target_trainable))))
+        out = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardRestore(_abstract(target_trainable))
+            ),
+        )
         return out["trainable"]
     finally:
         mngr.close()
@@ -289,10 +305,15 @@ def save_checkpoint(run_dir: str | Path, step: int, trainable, opt_state, log: d
 
     mngr = _manager(run_dir, create=True)
     try:
-        mngr.save(step, args=ocp.args.Composite(
-            trainable=ocp.args.StandardSave(trainable),
-            opt_state=ocp.args.StandardSave(opt_state),
-            log=ocp.args.StandardSave(log)), force=True)
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardSave(trainable),
+                opt_state=ocp.args.StandardSave(opt_state),
+                log=ocp.args.StandardSave(log),
+            ),
+            force=True,
+        )
         mngr.wait_until_finished()
     finally:
         mngr.close()
@@ -304,10 +325,14 @@ def restore_checkpoint(run_dir: str | Path, step: int, trainable, opt_state, log
 
     mngr = _manager(run_dir)
     try:
-        out = mngr.restore(step, args=ocp.args.Composite(
-            trainable=ocp.args.StandardRestore(_abstract(trainable)),
-            opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-            log=ocp.args.StandardRestore(_abstract(log))))
+        out = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardRestore(_abstract(trainable)),
+                opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+                log=ocp.args.StandardRestore(_abstract(log)),
+            ),
+        )
         return out["trainable"], out["opt_state"], out["log"]
     finally:
         mngr.close()
@@ -316,8 +341,3 @@ def restore_checkpoint(run_dir: str | Path, step: int, trainable, opt_state, log
 def config_fingerprint(config: ExperimentConfig) -> str:
     """Canonical JSON of a config, for comparing the config of a workdir with a new one."""
     return json.dumps(config.to_dict(), sort_keys=True, default=str)
-
-
-def _env_path(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value or None

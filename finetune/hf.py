@@ -48,7 +48,13 @@ class CheckpointError(ValueError):
 
 
 def init_random(
-    config, *, ia3: bool = False, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32
+    config,
+    *,
+    ia3: bool = False,
+    seed: int = 0,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    scan_layers: bool = False,
 ) -> T5:
     """A randomly initialised T5 (HF's init distributions) from a ``T5Config``.
 
@@ -58,17 +64,19 @@ def init_random(
         seed: PRNG seed of the initialisation.
         dtype: compute dtype.
         param_dtype: parameter dtype.
+        scan_layers: ``lax.scan`` over each stack's blocks (faster compiles of deep models).
 
     Returns:
         ``finetune.network.T5``.
     """
-    def build(seed):
-        return T5(config, ia3=ia3, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
-
-    # One jitted initialisation (eager init compiles one kernel per parameter shape).
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build(0)))
-    state = jax.jit(lambda s: nnx.split(build(s))[1])(seed)
-    return nnx.merge(graphdef, state)
+    return T5(
+        config,
+        ia3=ia3,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=nnx.Rngs(seed),
+        scan_layers=scan_layers,
+    )
 
 
 def _resolve(path_or_name: str | os.PathLike) -> Path:
@@ -225,46 +233,76 @@ def _hf_map(model: T5, config) -> list[tuple[str, tuple, Callable, Callable]]:
             # HF [inner, d] -> [d, h, k]: x.T.reshape; back: reshape(d, inner).T
             for j, n in enumerate("qkv"):
                 sliced(
-                    f"{sa}.{n}.weight", blk.self_attn.qkv, (inner, d), j,
-                    lambda x: x.T.reshape(d, h, k), lambda y: y.reshape(d, inner).T,
+                    f"{sa}.{n}.weight",
+                    blk.self_attn.qkv,
+                    (inner, d),
+                    j,
+                    lambda x: x.T.reshape(d, h, k),
+                    lambda y: y.reshape(d, inner).T,
                 )
             plain(
-                f"{sa}.o.weight", blk.self_attn.o, (d, inner),
-                lambda x: x.T.reshape(h, k, d), lambda y: np.asarray(y).reshape(inner, d).T,
+                f"{sa}.o.weight",
+                blk.self_attn.o,
+                (d, inner),
+                lambda x: x.T.reshape(h, k, d),
+                lambda y: np.asarray(y).reshape(inner, d).T,
             )
-            plain(f"{base}.{idx['self']}.layer_norm.weight", blk.self_norm.scale, (d,), ident,
-                  ident)
+            plain(
+                f"{base}.{idx['self']}.layer_norm.weight", blk.self_norm.scale, (d,), ident, ident
+            )
             if decoder:
                 ca = f"{base}.{idx['cross']}.EncDecAttention"
                 plain(
-                    f"{ca}.q.weight", blk.cross_attn.q, (inner, d),
-                    lambda x: x.T.reshape(d, h, k), lambda y: np.asarray(y).reshape(d, inner).T,
+                    f"{ca}.q.weight",
+                    blk.cross_attn.q,
+                    (inner, d),
+                    lambda x: x.T.reshape(d, h, k),
+                    lambda y: np.asarray(y).reshape(d, inner).T,
                 )
                 for j, n in enumerate("kv"):
                     sliced(
-                        f"{ca}.{n}.weight", blk.cross_attn.kv, (inner, d), j,
-                        lambda x: x.T.reshape(d, h, k), lambda y: y.reshape(d, inner).T,
+                        f"{ca}.{n}.weight",
+                        blk.cross_attn.kv,
+                        (inner, d),
+                        j,
+                        lambda x: x.T.reshape(d, h, k),
+                        lambda y: y.reshape(d, inner).T,
                     )
                 plain(
-                    f"{ca}.o.weight", blk.cross_attn.o, (d, inner),
-                    lambda x: x.T.reshape(h, k, d), lambda y: np.asarray(y).reshape(inner, d).T,
+                    f"{ca}.o.weight",
+                    blk.cross_attn.o,
+                    (d, inner),
+                    lambda x: x.T.reshape(h, k, d),
+                    lambda y: np.asarray(y).reshape(inner, d).T,
                 )
-                plain(f"{base}.{idx['cross']}.layer_norm.weight", blk.cross_norm.scale, (d,),
-                      ident, ident)
+                plain(
+                    f"{base}.{idx['cross']}.layer_norm.weight",
+                    blk.cross_norm.scale,
+                    (d,),
+                    ident,
+                    ident,
+                )
             dr = f"{base}.{idx['ff']}.DenseReluDense"
             if config.is_gated_act:
                 for j in range(2):
-                    sliced(f"{dr}.wi_{j}.weight", blk.ff.wi, (ff, d), j,
-                           lambda x: x.T, lambda y: y.T)
+                    sliced(
+                        f"{dr}.wi_{j}.weight", blk.ff.wi, (ff, d), j, lambda x: x.T, lambda y: y.T
+                    )
             else:
-                plain(f"{dr}.wi.weight", blk.ff.wi, (ff, d), lambda x: x.T,
-                      lambda y: np.asarray(y).T)
+                plain(
+                    f"{dr}.wi.weight", blk.ff.wi, (ff, d), lambda x: x.T, lambda y: np.asarray(y).T
+                )
             plain(f"{dr}.wo.weight", blk.ff.wo, (d, ff), lambda x: x.T, lambda y: np.asarray(y).T)
             plain(f"{base}.{idx['ff']}.layer_norm.weight", blk.ff_norm.scale, (d,), ident, ident)
         plain(f"{prefix}.final_layer_norm.weight", stack.final_norm.scale, (d,), ident, ident)
     if not model.tied:
-        plain("lm_head.weight", model.lm_head, (config.vocab_size, d), lambda x: x.T,
-              lambda y: np.asarray(y).T)
+        plain(
+            "lm_head.weight",
+            model.lm_head,
+            (config.vocab_size, d),
+            lambda x: x.T,
+            lambda y: np.asarray(y).T,
+        )
     return entries
 
 
@@ -287,6 +325,7 @@ def load_pretrained(
     ia3: bool = False,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
+    scan_layers: bool = False,
 ) -> tuple[T5, Any]:
     """Load a Hugging Face T5 / T5 v1.1 / T0 checkpoint into ``finetune.network.T5``.
 
@@ -295,6 +334,7 @@ def load_pretrained(
         ia3: add IA3 vectors initialised to ones (the loaded model is then unchanged).
         dtype: compute dtype (float32 or bfloat16).
         param_dtype: dtype the parameters are stored in.
+        scan_layers: ``lax.scan`` over each stack's blocks (faster compiles of deep models).
 
     Returns:
         ``(model, config)``.
@@ -309,7 +349,14 @@ def load_pretrained(
     if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:
         tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]
     model = nnx.eval_shape(
-        lambda: T5(config, ia3=ia3, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        lambda: T5(
+            config,
+            ia3=ia3,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(0),
+            scan_layers=scan_layers,
+        )
     )
     entries = _hf_map(model, config)
     if not is_tied(config) and "lm_head.weight" not in tensors and "shared.weight" in tensors:
@@ -320,6 +367,17 @@ def load_pretrained(
             stacklevel=2,
         )
         tensors["lm_head.weight"] = tensors["shared.weight"]
+    if (
+        is_tied(config)
+        and "lm_head.weight" in tensors
+        and "shared.weight" in tensors
+        and not np.array_equal(tensors["lm_head.weight"], tensors["shared.weight"])
+    ):
+        raise CheckpointError(
+            f"{directory}: config.json ties the output layer to shared.weight (original T5), but "
+            "the checkpoint has a different lm_head.weight; set tie_word_embeddings=false in "
+            "config.json if this is a v1.1 / T0-style untied checkpoint"
+        )
     missing = [name for name, _, _, _ in entries if name not in tensors]
     wrong = [
         f"{name}: checkpoint {tuple(tensors[name].shape)} != expected {shape}"

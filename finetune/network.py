@@ -108,18 +108,28 @@ class _Keys:
         self._rng = rng
         self._count = 0
 
+    def fold(self, index) -> _Keys:
+        """Keys for one scanned layer (``index`` may be traced); independent of other sites."""
+        if self._rng is None:
+            return _Keys(None)
+        return _Keys(jax.random.fold_in(self._rng, jnp.uint32(1 << 20) + index))
+
     def dropout(self, x: jax.Array, rate: float) -> jax.Array:
         if self._rng is None or rate == 0.0:
             return x
         # One rng_bit_generator op per site, keyed by (user key, site index): compiling a
-        # threefry hash per dropout site made CPU compiles 2-3x slower.
+        # threefry hash per dropout site made CPU compiles 2-3x slower. 16 random bits per
+        # element (half the traffic of 32): drop when bits < threshold, rescale by the exact
+        # keep probability so the expectation is unchanged.
         data = jax.random.key_data(self._rng).ravel().astype(jnp.uint32)  # [2] or [4]
         count = jnp.uint32(self._count)
         site = jnp.stack([data[0], data[1], data[-1] ^ count, count ^ jnp.uint32(0x9E3779B9)])
         self._count += 1
         key = jax.random.wrap_key_data(site, impl="unsafe_rbg")
-        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-        return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        threshold = min(int(round(rate * 65536)), 65535)
+        keep_prob = 1.0 - threshold / 65536
+        bits = jax.random.bits(key, x.shape, jnp.uint16)
+        return jnp.where(bits >= threshold, x / keep_prob, 0).astype(x.dtype)
 
 
 def _activation(name: str):
@@ -141,7 +151,19 @@ def _activation(name: str):
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
-    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    """N(0, std^2) initial values, drawn from the next ``rngs.params()`` key.
+
+    With a concrete key the draw is done by numpy (seeded by the key's bits): eager jax.random
+    compiles one kernel per parameter shape, which made tiny CPU inits take many seconds.
+    Under tracing (jit/eval_shape) it falls back to ``jax.random.normal``.
+    """
+    key = rngs.params()
+    try:
+        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    values = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    return jnp.asarray(values * np.float32(std), dtype=dtype)
 
 
 class _RMSNorm(nnx.Module):
@@ -218,10 +240,11 @@ class _Attention(nnx.Module):
         if hasattr(self, "ia3_k"):  # IA3: l_k * K and l_v * V (T-Few scales the k/v outputs)
             k = k * self.ia3_k[...].astype(dt)
             v = v * self.ia3_v[...].astype(dt)
-        # T5: no 1/sqrt(d_kv); scores accumulate and softmax run in float32.
-        scores = jnp.einsum("bqhk,blhk->bhql", q, k, preferred_element_type=jnp.float32)
+        # T5: no 1/sqrt(d_kv). Scores are stored in the compute dtype (the [b, h, q, l] tensors
+        # dominate memory traffic in bf16); bias, mask and softmax are evaluated in float32.
+        scores = jnp.einsum("bqhk,blhk->bhql", q, k).astype(jnp.float32)  # [b, h, q, l]
         for term in bias:
-            scores = scores + term  # [b, h, q, l]
+            scores = scores + term
         probs = jax.nn.softmax(scores, axis=-1)
         probs = keys.dropout(probs, self.dropout_rate).astype(dt)
         out = jnp.einsum("bhql,blhk->bqhk", probs, v)  # [b, q, h, dk]
@@ -286,9 +309,12 @@ class _Block(nnx.Module):
 class _Stack(nnx.Module):
     """Encoder or decoder stack; the relative position bias table is shared by all blocks."""
 
-    def __init__(self, config, *, decoder: bool, ia3: bool, dtype, param_dtype, rngs):
+    def __init__(
+        self, config, *, decoder: bool, ia3: bool, dtype, param_dtype, rngs, scan_layers=False
+    ):
         n = config.num_decoder_layers if decoder else config.num_layers
         self.decoder = decoder
+        self.scan_layers = scan_layers
         self.dtype = dtype
         self.dropout_rate = float(config.dropout_rate)
         self.num_buckets = config.relative_attention_num_buckets
@@ -304,7 +330,11 @@ class _Stack(nnx.Module):
         self.blocks = nnx.List(
             [
                 _Block(
-                    config, decoder=decoder, ia3=ia3, dtype=dtype, param_dtype=param_dtype,
+                    config,
+                    decoder=decoder,
+                    ia3=ia3,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
                     rngs=rngs,
                 )
                 for _ in range(n)
@@ -316,7 +346,10 @@ class _Stack(nnx.Module):
 
     def _position_bias(self, q_len: int, k_len: int) -> jax.Array:
         buckets = _relative_buckets(
-            q_len, k_len, bidirectional=not self.decoder, num_buckets=self.num_buckets,
+            q_len,
+            k_len,
+            bidirectional=not self.decoder,
+            num_buckets=self.num_buckets,
             max_distance=self.max_distance,
         )  # [q, k]
         table = self.relative_attention_bias[...].astype(jnp.float32)  # [buckets, h]
@@ -344,8 +377,24 @@ class _Stack(nnx.Module):
         if memory is not None:  # T5 cross-attention has no position bias
             cross_bias = (jnp.where(cross_mask, 0.0, _NEG_INF).astype(jnp.float32),)  # [b,1,1,l_in]
         x = keys.dropout(embedded, self.dropout_rate)
-        for block in self.blocks:
-            x = block(x, self_bias, keys, memory, cross_bias)
+        if self.scan_layers and len(self.blocks) > 1:
+            # lax.scan over the blocks' stacked parameters: compile time no longer grows with
+            # depth (the stacking copies the block weights once per step).
+            block_def, _ = nnx.split(self.blocks[0])
+            stacked = jax.tree.map(
+                lambda *xs: jnp.stack(xs), *[nnx.split(b)[1] for b in self.blocks]
+            )  # [layers, ...] per parameter
+
+            def body(h, layer):
+                index, state = layer
+                block = nnx.merge(block_def, state)
+                return block(h, self_bias, keys.fold(index), memory, cross_bias), None
+
+            index = jnp.arange(len(self.blocks), dtype=jnp.uint32)
+            x, _ = jax.lax.scan(body, x, (index, stacked))
+        else:
+            for block in self.blocks:
+                x = block(x, self_bias, keys, memory, cross_bias)
         return keys.dropout(self.final_norm(x), self.dropout_rate)
 
 
@@ -359,6 +408,8 @@ class T5(nnx.Module):
             stay float32.
         param_dtype: storage dtype of the parameters.
         rngs: ``nnx.Rngs`` for the random initialisation (HF's init distributions).
+        scan_layers: run each stack's blocks with ``lax.scan`` (same parameters and results,
+            compile time independent of depth; dropout masks differ from the unrolled loop).
 
     References:
         T5: https://arxiv.org/abs/1910.10683; IA3: https://arxiv.org/abs/2205.05638.
@@ -372,6 +423,7 @@ class T5(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
+        scan_layers: bool = False,
     ):
         if getattr(config, "model_type", None) != "t5":
             raise ValueError(
@@ -388,7 +440,7 @@ class T5(nnx.Module):
         self.shared = nnx.Param(
             _normal(rngs, (config.vocab_size, config.d_model), factor * 1.0, param_dtype)
         )  # [vocab, d_model]
-        kw = dict(ia3=ia3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(ia3=ia3, dtype=dtype, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers)
         self.encoder = _Stack(config, decoder=False, **kw)
         self.decoder = _Stack(config, decoder=True, **kw)
         if not self.tied:

@@ -69,7 +69,7 @@ def make_optimizer(
 def make_train_step(
     per_example_loss: Callable[..., jax.Array], optimizer: optax.GradientTransformation
 ) -> Callable:
-    """Build ``train_step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss)``.
+    """Build ``train_step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, l)``.
 
     Args:
         per_example_loss: ``(params, batch, dropout_rng=None) -> float32 [b]``
@@ -77,7 +77,7 @@ def make_train_step(
         optimizer: from ``make_optimizer``, with ``opt_state = optimizer.init(trainable)``.
 
     Returns:
-        A pure function. ``rng``: a PRNG key for dropout, or None for no dropout. ``loss`` is the
+        A pure function. ``rng``: a PRNG key for dropout, or None for no dropout. ``l`` is the
         batch mean of the per-example losses before the update (float32 scalar).
     """
 

@@ -89,8 +89,9 @@ def _copa(record: dict) -> Example:
         f"Option 1: {record['choice1']}\n"
         f"Option 2: {record['choice2']}"
     )
-    return Example(str(record["idx"]), text, (record["choice1"], record["choice2"]),
-                   int(record["label"]))
+    return Example(
+        str(record["idx"]), text, (record["choice1"], record["choice2"]), int(record["label"])
+    )
 
 
 def _winogrande(record: dict) -> Example:
@@ -100,8 +101,9 @@ def _winogrande(record: dict) -> Example:
         f"- {record['option1']}\n"
         f"- {record['option2']}"
     )
-    return Example(str(record["qID"]), text, (record["option1"], record["option2"]),
-                   int(record["answer"]) - 1)
+    return Example(
+        str(record["qID"]), text, (record["option1"], record["option2"]), int(record["answer"]) - 1
+    )
 
 
 @dataclass(frozen=True)
@@ -117,28 +119,42 @@ _SPECS: dict[str, _TaskSpec] = {
     "rte": _TaskSpec(
         "rte",
         {"train": "train.jsonl", "validation": "val.jsonl"},
-        {"train": ("aps/super_glue", "rte", "train"),
-         "validation": ("aps/super_glue", "rte", "validation")},
+        {
+            "train": ("aps/super_glue", "rte", "train"),
+            "validation": ("aps/super_glue", "rte", "validation"),
+        },
         ("premise", "hypothesis", "label", "idx"),
         _rte,
     ),
     "copa": _TaskSpec(
         "copa",
         {"train": "train.jsonl", "validation": "val.jsonl"},
-        {"train": ("aps/super_glue", "copa", "train"),
-         "validation": ("aps/super_glue", "copa", "validation")},
+        {
+            "train": ("aps/super_glue", "copa", "train"),
+            "validation": ("aps/super_glue", "copa", "validation"),
+        },
         ("premise", "choice1", "choice2", "question", "label", "idx"),
         _copa,
     ),
     "winogrande": _TaskSpec(
         "winogrande",
         # "train" is the largest training set available locally (train_l, 10234 examples).
-        {"train": "train_l.jsonl", "train_xs": "train_xs.jsonl", "train_s": "train_s.jsonl",
-         "train_m": "train_m.jsonl", "train_l": "train_l.jsonl", "validation": "dev.jsonl"},
-        {"train": ("allenai/winogrande", "winogrande_l", "train"),
-         **{f"train_{s}": ("allenai/winogrande", f"winogrande_{s}", "train")
-            for s in ("xs", "s", "m", "l")},
-         "validation": ("allenai/winogrande", "winogrande_l", "validation")},
+        {
+            "train": "train_l.jsonl",
+            "train_xs": "train_xs.jsonl",
+            "train_s": "train_s.jsonl",
+            "train_m": "train_m.jsonl",
+            "train_l": "train_l.jsonl",
+            "validation": "dev.jsonl",
+        },
+        {
+            "train": ("allenai/winogrande", "winogrande_l", "train"),
+            **{
+                f"train_{s}": ("allenai/winogrande", f"winogrande_{s}", "train")
+                for s in ("xs", "s", "m", "l")
+            },
+            "validation": ("allenai/winogrande", "winogrande_l", "validation"),
+        },
         ("qID", "sentence", "option1", "option2", "answer"),
         _winogrande,
     ),
@@ -183,15 +199,19 @@ def _check_jsonl(path: Path, fields: Sequence[str]) -> int:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{number}: malformed JSON line ({e.msg}); fix or "
-                                "replace the file") from None
+                raise TaskError(
+                    f"{path}:{number}: malformed JSON line ({e.msg}); fix or replace the file"
+                ) from None
             if not isinstance(record, dict):
-                raise TaskError(f"{path}:{number}: expected a JSON object, got "
-                                f"{type(record).__name__}")
+                raise TaskError(
+                    f"{path}:{number}: expected a JSON object, got {type(record).__name__}"
+                )
             missing = [k for k in fields if k not in record or record[k] is None]
             if missing:
-                raise TaskError(f"{path}:{number}: record lacks field(s) {missing}; a labelled "
-                                f"{path.parent.name} record needs {list(fields)}")
+                raise TaskError(
+                    f"{path}:{number}: record lacks field(s) {missing}; a labelled "
+                    f"{path.parent.name} record needs {list(fields)}"
+                )
             count += 1
     if count == 0:
         raise TaskError(f"{path} holds no records")
@@ -255,8 +275,9 @@ class Encoded:
         return [c[int(y)] for c, y in zip(self.choices, self.labels, strict=True)]
 
 
-def encode(tokenizer, examples: Sequence[Example], *, max_input_length: int,
-           max_target_length: int) -> Encoded:
+def encode(
+    tokenizer, examples: Sequence[Example], *, max_input_length: int, max_target_length: int
+) -> Encoded:
     """Tokenizes examples; inputs and choices are truncated and always end with EOS.
 
     Args:
@@ -268,6 +289,7 @@ def encode(tokenizer, examples: Sequence[Example], *, max_input_length: int,
     Returns:
         The unpadded token ids.
     """
+
     def ids(texts: list[str], max_length: int) -> list[np.ndarray]:
         out = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         return [np.asarray(x, dtype=np.int32) for x in out]
@@ -277,7 +299,7 @@ def encode(tokenizer, examples: Sequence[Example], *, max_input_length: int,
     flat_ids = ids(flat, max_target_length)
     choices, k = [], 0
     for e in examples:
-        choices.append(flat_ids[k:k + len(e.choices)])
+        choices.append(flat_ids[k : k + len(e.choices)])
         k += len(e.choices)
     labels = np.asarray([e.label for e in examples], dtype=np.int32)
     return Encoded(inputs, choices, labels)
@@ -294,7 +316,7 @@ def pad(seqs: Sequence[np.ndarray], length: int) -> np.ndarray:
     for i, s in enumerate(seqs):
         if len(s) > length:
             raise ValueError(f"sequence of length {len(s)} does not fit in {length}")
-        out[i, :len(s)] = s
+        out[i, : len(s)] = s
     return out
 
 

@@ -8,10 +8,11 @@ example against every tracked test example at every checkpoint of every run, and
 
 Two modes:
 
-- ``exact``: per-example gradients of the pool are computed chunk by chunk (``vmap(grad)``),
-  flattened and dotted with the flattened test gradients; memory is bounded by one chunk of
-  gradients plus the ``[n_test, P]`` test gradients (fine for IA3; for full tuning of a large
-  model use ``projected``).
+- ``exact``: per-example gradients are computed chunk by chunk (``vmap(grad)`` inside one
+  ``lax.scan`` over the test chunks, then the pool chunks), flattened, and each pool chunk is
+  dotted with the flattened test gradients; memory is bounded by one chunk of gradients plus the
+  ``[n_test, P]`` test gradients, never ``[n_train, P]`` (fine for IA3 and small models; for
+  full tuning of a large model use ``projected``).
 - ``projected``: each per-example gradient is multiplied by a seeded Gaussian matrix with
   N(0, 1/d) entries, generated block by block over the parameter tree (one block per leaf, or
   per group of rows of a large leaf, from ``fold_in(key, leaf_index)``), so that a
@@ -25,6 +26,10 @@ initial state). Its learning rate ``eta_k`` is the learning rate of the step tha
 step ``s + 1`` (``lr.npy[s]``): the first-order prediction of the loss change at step ``s + 1``
 is ``-(eta / batch) * sum_{i in c_{s+1}} dots[k, :, i]``, since that step's gradient is taken at
 theta_s. A checkpoint at the last step ``T`` (no step follows) gets the learning rate of step T.
+So a simulator should pair step t with the latest checkpoint at or before step ``t - 1``.
+
+Checkpoints with identical contents (step 0 of runs that share their start state) are computed
+once per ``run_tracin`` call and reused.
 
 References:
     Pruthi et al. 2020, Estimating Training Data Influence by Tracing Gradient Descent,
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import logging
 import sys
 import time
@@ -114,6 +120,10 @@ def _project(tree: PyTree, n: int, key: jax.Array, dim: int) -> jax.Array:
         leaf_key = jax.random.fold_in(key, leaf_index)
         n_blocks = -(-m // rows_per_block)
         rows = min(m, rows_per_block)
+        if n_blocks == 1:  # most leaves: one block, no loop (keeps compilation short)
+            r = jax.random.normal(jax.random.fold_in(leaf_key, 0), (m, dim), jnp.float32)
+            out = out + g @ r  # [n, m] @ [m, dim]
+            continue
         g = jnp.pad(g, ((0, 0), (0, n_blocks * rows - m))).reshape(n, n_blocks, rows)
         g = jnp.moveaxis(g, 1, 0)  # [n_blocks, n, rows]
 
@@ -246,14 +256,15 @@ def compute_dots(
     seed: int = 0,
     chunk_size: int = _DEFAULT_CHUNK,
     combine: CombineFn | None = None,
-) -> jax.Array:
+) -> jax.Array:  # f32 [n_test, n_train]
     """Gradient dot products of every test example with every training example.
 
     ``dots[z, i] = grad_t L(z; theta) . grad_t L(z_i; theta)`` where ``grad_t`` is the gradient
     with respect to the trainable parameters only and ``theta = combine(trainable, frozen)``.
     One jitted call (compiled once per shapes and settings): per-example gradients by
-    ``vmap(grad)`` over chunks of ``chunk_size`` examples (``lax.map`` over chunks), no Python
-    loop over examples.
+    ``vmap(grad)`` over chunks of ``chunk_size`` examples, one ``lax.scan`` over the test chunks
+    then the pool chunks (the model is traced once), no Python loop over examples. Pool and test
+    arrays with different trailing shapes take two scans instead (the model is traced twice).
 
     Args:
         per_example_loss: ``(params, batch) -> f32 [b]``; the loss of each example of a batch
@@ -371,6 +382,16 @@ def _restore(run_dir: Path, step: int, target: PyTree) -> PyTree:
     return restored
 
 
+def _digest(tree: PyTree) -> str:
+    """Content hash of a parameter tree (identical checkpoints share their dot products)."""
+    h = hashlib.blake2b(digest_size=20)
+    for leaf in jax.tree.leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _same_widths(pool: Batch, test: Batch) -> tuple[Batch, Batch]:
     """Pad token arrays with 0 (the pad id, masked by the loss) to common trailing widths.
 
@@ -443,7 +464,8 @@ def run_tracin(
 
     Args:
         exp_dir: experiment directory (experiment.json, run_XXX/ with checkpoints/).
-        runs: run indices to process; None processes every complete run.
+        runs: run indices to process (each must have checkpoints); None processes every
+            complete run that saved checkpoints (an error if none did).
         mode: ``"exact"`` or ``"projected"`` (see ``compute_dots``).
         proj_dim: projection dimension for projected mode.
         seed: projection seed for projected mode.
@@ -482,8 +504,18 @@ def run_tracin(
         if not steps:
             without.append((index, run_dir))
             continue
-        if read_tracin(run_dir) is not None:
-            _LOG.info("%s/tracin.npz exists; skipped (delete it to recompute)", run_dir)
+        done = read_tracin(run_dir)
+        if done is not None:
+            asked = (mode, int(proj_dim) if mode == "projected" else 0, int(seed))
+            have = (done["mode"], int(done["proj_dim"]), int(done["seed"]))
+            message = (
+                f"{run_dir / 'tracin.npz'} exists (mode={have[0]} proj_dim={have[1]} "
+                f"seed={have[2]}); skipped, delete it to recompute"
+            )
+            if have != asked and not mode == have[0] == "exact":
+                _LOG.warning("%s", message)
+            elif progress:
+                print(message, file=sys.stderr)
             continue
         plan.append((index, run_dir, steps, _lr_at_checkpoints(run_dir, steps)))
     if without and (runs is not None or len(without) == len(selected)):
@@ -521,6 +553,7 @@ def run_tracin(
     from tqdm.auto import tqdm
 
     written = []
+    seen: dict[str, np.ndarray] = {}  # dots of checkpoints already computed, by content
     total = sum(len(p[2]) for p in plan)
     bar = tqdm(total=total, desc="tracin checkpoints", disable=not progress, file=sys.stderr)
     for _index, run_dir, steps, lrs in plan:
@@ -528,19 +561,24 @@ def run_tracin(
         for k, step in enumerate(steps):
             start = time.perf_counter()
             trainable = _restore(run_dir, step, target)
-            d = compute_dots(
-                exp.per_example_loss,
-                trainable,
-                frozen,
-                pool,
-                test,
-                mode=mode,
-                proj_dim=proj_dim,
-                seed=seed,
-                chunk_size=chunk_size,
-                combine=combine,
-            )
-            dots[k] = np.asarray(d)
+            digest = _digest(trainable)
+            reused = digest in seen
+            if reused:  # e.g. step 0, the same start state in every run
+                dots[k] = seen[digest]
+            else:
+                d = compute_dots(
+                    exp.per_example_loss,
+                    trainable,
+                    frozen,
+                    pool,
+                    test,
+                    mode=mode,
+                    proj_dim=proj_dim,
+                    seed=seed,
+                    chunk_size=chunk_size,
+                    combine=combine,
+                )
+                dots[k] = seen[digest] = np.asarray(d)
             if not np.isfinite(dots[k]).all():
                 raise ValueError(
                     f"{run_dir / 'checkpoints'} (step {step}): non-finite gradient dot products; "
@@ -549,9 +587,15 @@ def run_tracin(
             elapsed = time.perf_counter() - start
             bar.update(1)
             if progress:
+                rate = (
+                    "same state as an earlier checkpoint, reused"
+                    if reused
+                    else f"{(n_train + n_test) / elapsed:.1f} per-example grads/s"
+                    + (", includes compilation" if len(seen) == 1 else "")
+                )
                 bar.write(
                     f"{run_dir.name} step {step}: {n_test}x{n_train} dots in {elapsed:.2f} s "
-                    f"({(n_train + n_test) / elapsed:.1f} per-example grads/s)",
+                    f"({rate})",
                     file=sys.stderr,
                 )
         write_tracin(
@@ -625,7 +669,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         "--runs",
         type=_parse_runs,
         default=None,
-        help="run indices to process, e.g. 0-19 or 0,3,5-7 (default: every complete run)",
+        help="run indices to process, e.g. 0-19 or 0,3,5-7; each must have checkpoints "
+        "(default: every complete run that saved checkpoints)",
     )
     parser.add_argument(
         "--mode",

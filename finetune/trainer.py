@@ -78,12 +78,14 @@ def check_workdir(config: ExperimentConfig, exp_dir: Path) -> dict | None:
         if diff:
             raise E.ExperimentError(
                 f"{exp_dir} holds an experiment with a different config (fields {diff}); "
-                f"to start fresh delete it (rm -r {exp_dir}) or pass another --out")
+                f"to start fresh delete it (rm -r {exp_dir}) or pass another --out"
+            )
         return info
     if exp_dir.is_dir() and any(p.name.startswith("run_") for p in exp_dir.iterdir()):
         raise E.ExperimentError(
             f"{exp_dir} holds run folders but no experiment.json; delete it (rm -r {exp_dir}) "
-            "or pass another --out")
+            "or pass another --out"
+        )
     return None
 
 
@@ -94,12 +96,18 @@ def _resolve_tokenizer(config: ExperimentConfig, tokenizer: str | None) -> str:
     if not name:
         raise TaskError(
             f"config {config.name!r} uses a random-init model and names no tokenizer; pass "
-            "--tokenizer DIR (a folder with spiece.model) or set SIMFLUENCE_TOKENIZER")
+            "--tokenizer DIR (a folder with spiece.model) or set SIMFLUENCE_TOKENIZER"
+        )
     return str(name)
 
 
-def prepare_experiment(config: ExperimentConfig, exp_dir: str | Path, *,
-                       data_dir: str | Path | None, tokenizer: str | None) -> dict:
+def prepare_experiment(
+    config: ExperimentConfig,
+    exp_dir: str | Path,
+    *,
+    data_dir: str | Path | None,
+    tokenizer: str | None,
+) -> dict:
     """Draws the pool and tracked test set once and writes data.npz, examples.json, then
     experiment.json (last). A workdir that already holds the config is reused unchanged.
 
@@ -127,11 +135,15 @@ def prepare_experiment(config: ExperimentConfig, exp_dir: str | Path, *,
     n_warm = config.warmup.n_examples if config.warmup else 0
     if config.n_train + n_warm > len(train):
         extra = f" + warmup.n_examples={n_warm}" if n_warm else ""
-        raise TaskError(f"config {config.name!r}: n_train={config.n_train}{extra} exceeds the "
-                        f"{len(train)} examples of {config.task} {config.train_split}; lower it")
+        raise TaskError(
+            f"config {config.name!r}: n_train={config.n_train}{extra} exceeds the "
+            f"{len(train)} examples of {config.task} {config.train_split}; lower it"
+        )
     if config.n_test > len(test):
-        raise TaskError(f"config {config.name!r}: n_test={config.n_test} exceeds the {len(test)} "
-                        f"examples of {config.task} {config.test_split}; lower it")
+        raise TaskError(
+            f"config {config.name!r}: n_test={config.n_test} exceeds the {len(test)} "
+            f"examples of {config.task} {config.test_split}; lower it"
+        )
     tok_name = _resolve_tokenizer(config, tokenizer)
     from finetune.tokenization import load_tokenizer
 
@@ -151,28 +163,34 @@ def prepare_experiment(config: ExperimentConfig, exp_dir: str | Path, *,
     pool = [train[i] for i in pool_idx]
     tracked = [test[i] for i in test_idx]
     warm = [train[i] for i in warm_idx]
-    kw = dict(max_input_length=config.max_input_length,
-              max_target_length=config.max_target_length)
-    enc = {name: encode(tok, exs, **kw) for name, exs in
-           (("pool", pool), ("test", tracked), ("warmup", warm)) if exs}
+    kw = dict(max_input_length=config.max_input_length, max_target_length=config.max_target_length)
+    enc = {
+        name: encode(tok, exs, **kw)
+        for name, exs in (("pool", pool), ("test", tracked), ("warmup", warm))
+        if exs
+    }
     # One target length for everything (answers are short); inputs padded per set here and
     # per batch / bucket when training.
     t_len = max(len(c) for e in enc.values() for cs in e.choices for c in cs)
     arrays: dict[str, np.ndarray] = {}
     for name, e in enc.items():
         lengths = np.asarray([len(x) for x in e.inputs], np.int32)
-        arrays[f"{name}_inputs"] = pad(e.inputs, round_up(int(lengths.max()),
-                                                          config.length_multiple))
+        arrays[f"{name}_inputs"] = pad(
+            e.inputs, round_up(int(lengths.max()), config.length_multiple)
+        )
         arrays[f"{name}_targets"] = pad(e.targets, t_len)
         arrays[f"{name}_choices"] = pad_choices(e.choices, t_len)
         arrays[f"{name}_labels"] = e.labels
         arrays[f"{name}_lengths"] = lengths
     exp_dir.mkdir(parents=True, exist_ok=True)
     runlog.atomic_savez(exp_dir / E.DATA_FILE, **arrays)
-    runlog.atomic_write_json(exp_dir / "examples.json", {
-        "train": [f"{x.input} => {x.target}" for x in pool],
-        "test": [f"{x.input} => {x.target}" for x in tracked],
-    })
+    runlog.atomic_write_json(
+        exp_dir / "examples.json",
+        {
+            "train": [f"{x.input} => {x.target}" for x in pool],
+            "test": [f"{x.input} => {x.target}" for x in tracked],
+        },
+    )
     info = {
         "n_train": config.n_train,
         "n_test": config.n_test,
@@ -209,7 +227,13 @@ def make_schedule(config: ExperimentConfig):
         body = optax.cosine_decay_schedule(lr, steps - warm)
     if warm == 0:
         return body
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), body], [warm])
+
+    def schedule(count):
+        # Linear warm-up: step t <= warm (count t-1) uses lr * t / warm, never 0.
+        ramp = lr * (count + 1) / warm
+        return jnp.where(count < warm, ramp, body(jnp.maximum(count - warm, 0)))
+
+    return schedule
 
 
 def learning_rates(config: ExperimentConfig) -> np.ndarray:
@@ -226,15 +250,20 @@ def make_optimizer(config: ExperimentConfig, schedule=None):
     kw: dict[str, Any] = {}
     if config.optimizer == "adamw":
         kw["weight_decay"] = config.weight_decay
-    return _make(config.optimizer, schedule if schedule is not None else make_schedule(config),
-                 grad_clip_norm=config.grad_clip_norm, **kw)
+    return _make(
+        config.optimizer,
+        schedule if schedule is not None else make_schedule(config),
+        grad_clip_norm=config.grad_clip_norm,
+        **kw,
+    )
 
 
 def make_mesh(devices: Sequence | None = None):
     """A 1-D data-parallel mesh ("data",) over the given devices (default: all)."""
     devices = list(devices) if devices is not None else jax.devices()
-    return jax.make_mesh((len(devices),), ("data",), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh(
+        (len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,)
+    )
 
 
 def _put(x, sharding):
@@ -266,9 +295,17 @@ class TrackedSet:
         return out
 
 
-def make_tracked_set(inputs: np.ndarray, targets: np.ndarray, choices: np.ndarray,
-                     labels: np.ndarray, lengths: np.ndarray, *, multiple: int,
-                     n_devices: int, mesh=None) -> TrackedSet:
+def make_tracked_set(
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    choices: np.ndarray,
+    labels: np.ndarray,
+    lengths: np.ndarray,
+    *,
+    multiple: int,
+    n_devices: int,
+    mesh=None,
+) -> TrackedSet:
     """Buckets the tracked set by padded input length (a multiple of ``multiple``)."""
     padded = np.asarray([round_up(int(n), multiple) for n in lengths])
     buckets, index = [], []
@@ -303,14 +340,17 @@ def make_programs(per_example_loss: Callable, score_choices: Callable, optimizer
 
     def test_losses_one(trainable, frozen, buckets):
         params = combine(trainable, frozen)
-        rows = [per_example_loss(params, {"inputs": b["inputs"], "targets": b["targets"]})
-                for b in buckets]
+        rows = [
+            per_example_loss(params, {"inputs": b["inputs"], "targets": b["targets"]})
+            for b in buckets
+        ]
         return jnp.concatenate(rows)  # [rows]
 
     def scores_one(trainable, frozen, buckets):
         params = combine(trainable, frozen)
-        return jnp.concatenate([score_choices(params, b["inputs"], b["choices"])
-                                for b in buckets])  # [rows, C]
+        return jnp.concatenate(
+            [score_choices(params, b["inputs"], b["choices"]) for b in buckets]
+        )  # [rows, C]
 
     def test_losses(trainable_r, frozen, buckets):
         out = jax.vmap(test_losses_one, in_axes=(0, None, None))(trainable_r, frozen, buckets)
@@ -322,7 +362,8 @@ def make_programs(per_example_loss: Callable, score_choices: Callable, optimizer
 
     def advance(trainable_r, opt_r, frozen, batch_r):
         trainable_r, opt_r, loss_r = jax.vmap(train_step, in_axes=(0, 0, None, 0, None))(
-            trainable_r, opt_r, frozen, batch_r, None)
+            trainable_r, opt_r, frozen, batch_r, None
+        )
         return trainable_r, opt_r, jax.lax.with_sharding_constraint(loss_r, replicated)
 
     def step(trainable_r, opt_r, frozen, batch_r, buckets):
@@ -341,8 +382,42 @@ def make_programs(per_example_loss: Callable, score_choices: Callable, optimizer
     }
 
 
-def gather_batch(pool_inputs: np.ndarray, pool_targets: np.ndarray, pool_lengths: np.ndarray,
-                 ids: np.ndarray, multiple: int) -> dict[str, np.ndarray]:
+_PROGRAM_CACHE: dict = {}
+
+
+def _cached_programs(config: ExperimentConfig, exp, optimizer, mesh) -> dict:
+    """`make_programs`, reused within a process for the same network, optimizer and mesh.
+
+    The loss functions are pure functions of the graphdef, so equal graphdefs give equal programs;
+    a second `run_experiment` in the same process (e.g. resuming) then compiles nothing again.
+    """
+    key = (
+        exp.graphdef,
+        mesh,
+        config.optimizer,
+        config.learning_rate,
+        config.schedule,
+        config.warmup_steps,
+        config.steps,
+        config.weight_decay,
+        config.grad_clip_norm,
+    )
+    if key not in _PROGRAM_CACHE:
+        if len(_PROGRAM_CACHE) >= 4:
+            _PROGRAM_CACHE.clear()
+        _PROGRAM_CACHE[key] = make_programs(
+            exp.per_example_loss, exp.score_choices, optimizer, mesh
+        )
+    return _PROGRAM_CACHE[key]
+
+
+def gather_batch(
+    pool_inputs: np.ndarray,
+    pool_targets: np.ndarray,
+    pool_lengths: np.ndarray,
+    ids: np.ndarray,
+    multiple: int,
+) -> dict[str, np.ndarray]:
     """The batches of one step of R runs, padded to a multiple of their own longest input.
 
     Args:
@@ -379,8 +454,9 @@ def _place(tree, mesh):
 # Warm-up
 
 
-def _warmup(config: ExperimentConfig, exp_dir: Path, graphdef, params, data, mesh,
-            progress: bool) -> None:
+def _warmup(
+    config: ExperimentConfig, exp_dir: Path, graphdef, params, data, mesh, progress: bool
+) -> None:
     """Trains all parameters on the warm-up examples and saves them in EXP/warmup."""
     from finetune.model import make_per_example_loss, make_score_choices, partition
     from finetune.model import trainable_mask as _mask
@@ -389,16 +465,31 @@ def _warmup(config: ExperimentConfig, exp_dir: Path, graphdef, params, data, mes
     w = config.warmup
     start = time.perf_counter()
     loss_fn = make_per_example_loss(graphdef)
+    # All weights train, the vocabulary embedding included (even when the runs freeze it): a
+    # random embedding tied to the output layer makes learning the answer format very slow.
     trainable, frozen = partition(params, _mask(params, "full"))
     opt = _make("adamw", w.learning_rate)
     progs = make_programs(loss_fn, make_score_choices(graphdef), opt, mesh)
     n_dev = len(mesh.devices.flat)
-    tracked = make_tracked_set(data["test_inputs"], data["test_targets"], data["test_choices"],
-                               data["test_labels"], data["test_lengths"],
-                               multiple=config.length_multiple, n_devices=n_dev, mesh=mesh)
+    tracked = make_tracked_set(
+        data["test_inputs"],
+        data["test_targets"],
+        data["test_choices"],
+        data["test_labels"],
+        data["test_lengths"],
+        multiple=config.length_multiple,
+        n_devices=n_dev,
+        mesh=mesh,
+    )
     n = len(data["warmup_lengths"])
-    cur = make_curriculum("epochs", n_train=n, steps=w.steps, batch_size=min(w.batch_size, n),
-                          seed=w.seed, run_index=0)
+    cur = make_curriculum(
+        "epochs",
+        n_train=n,
+        steps=w.steps,
+        batch_size=min(w.batch_size, n),
+        seed=w.seed,
+        run_index=0,
+    )
     tr = _place(_broadcast(trainable, 1), mesh)
     op = _place(_broadcast(opt.init(trainable), 1), mesh)
     fr = _place(frozen, mesh)
@@ -408,26 +499,40 @@ def _warmup(config: ExperimentConfig, exp_dir: Path, graphdef, params, data, mes
     from tqdm.auto import tqdm
 
     for t in tqdm(range(w.steps), desc="warm-up", disable=not progress, file=sys.stderr):
-        batch = gather_batch(data["warmup_inputs"], data["warmup_targets"],
-                             data["warmup_lengths"], cur[t][None], config.length_multiple)
+        batch = gather_batch(
+            data["warmup_inputs"],
+            data["warmup_targets"],
+            data["warmup_lengths"],
+            cur[t][None],
+            config.length_multiple,
+        )
         batch = {k: _put(v, batch_sharding) for k, v in batch.items()}
         tr, op, loss, _ = progs["step_nolog"](tr, op, fr, batch, tracked.buckets)
         losses.append(loss)
     losses = np.asarray(jnp.concatenate(losses))
     if not np.isfinite(losses).all():
         step = int(np.flatnonzero(~np.isfinite(losses))[0]) + 1
-        raise NonFiniteLossError(f"warm-up of {config.name!r}: non-finite training loss at step "
-                                 f"{step}; lower warmup.learning_rate")
+        raise NonFiniteLossError(
+            f"warm-up of {config.name!r}: non-finite training loss at step "
+            f"{step}; lower warmup.learning_rate"
+        )
     after = tracked.scatter(np.asarray(progs["test_losses"](tr, fr, tracked.buckets)))[0]
     acc = float(_accuracy(np.asarray(progs["scores"](tr, fr, tracked.buckets)), tracked)[0])
     from finetune.model import combine
 
     params = combine(jax.tree.map(lambda x: np.asarray(x)[0], tr), frozen)
     E.save_warmup(exp_dir, params)
-    runlog.atomic_write_json(exp_dir / WARMUP_LOG, {
-        "steps": w.steps, "train_loss": losses.tolist(),
-        "test_loss_mean_before": float(before.mean()), "test_loss_mean_after": float(after.mean()),
-        "accuracy_after": acc, "seconds": time.perf_counter() - start})
+    runlog.atomic_write_json(
+        exp_dir / WARMUP_LOG,
+        {
+            "steps": w.steps,
+            "train_loss": losses.tolist(),
+            "test_loss_mean_before": float(before.mean()),
+            "test_loss_mean_after": float(after.mean()),
+            "accuracy_after": acc,
+            "seconds": time.perf_counter() - start,
+        },
+    )
 
 
 def _batch_sharding(mesh, batch_size: int) -> NamedSharding:
@@ -457,10 +562,16 @@ def _resume_step(config: ExperimentConfig, exp_dir: Path, todo: Sequence[int]) -
     return max(common or {0})
 
 
-def run_experiment(config: ExperimentConfig, exp_dir: str | Path, *,
-                   data_dir: str | Path | None = None, tokenizer: str | None = None,
-                   devices: Sequence | None = None, progress: bool = True,
-                   max_steps_this_call: int | None = None) -> dict:
+def run_experiment(
+    config: ExperimentConfig,
+    exp_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    tokenizer: str | None = None,
+    devices: Sequence | None = None,
+    progress: bool = True,
+    max_steps_this_call: int | None = None,
+) -> dict:
     """Trains (or continues) every run of an experiment.
 
     Args:
@@ -497,157 +608,267 @@ def run_experiment(config: ExperimentConfig, exp_dir: str | Path, *,
     schedule = make_schedule(config)
     lrs = learning_rates(config)
     optimizer = make_optimizer(config, schedule)
-    progs = make_programs(exp.per_example_loss, exp.score_choices, optimizer, mesh)
-    tracked = make_tracked_set(data["test_inputs"], data["test_targets"], data["test_choices"],
-                               data["test_labels"], data["test_lengths"],
-                               multiple=config.length_multiple, n_devices=n_dev, mesh=mesh)
+    progs = _cached_programs(config, exp, optimizer, mesh)
+    tracked = make_tracked_set(
+        data["test_inputs"],
+        data["test_targets"],
+        data["test_choices"],
+        data["test_labels"],
+        data["test_lengths"],
+        multiple=config.length_multiple,
+        n_devices=n_dev,
+        mesh=mesh,
+    )
     frozen_d = _place(frozen, mesh)
     batch_sharding = _batch_sharding(mesh, config.batch_size)
     writer = jax.process_index() == 0
 
-    curricula = {r: make_curriculum(config.curriculum, n_train=config.n_train,
-                                    steps=config.steps, batch_size=config.batch_size,
-                                    seed=config.curriculum_seed, run_index=r,
-                                    subset_size=config.subset_size)
-                 for r in range(config.num_runs)}
+    curricula = {
+        r: make_curriculum(
+            config.curriculum,
+            n_train=config.n_train,
+            steps=config.steps,
+            batch_size=config.batch_size,
+            seed=config.curriculum_seed,
+            run_index=r,
+            subset_size=config.subset_size,
+        )
+        for r in range(config.num_runs)
+    }
     status = {i: c for i, _, c in runlog.list_runs(exp_dir)}
-    groups = [list(range(g, min(g + config.runs_together, config.num_runs)))
-              for g in range(0, config.num_runs, config.runs_together)]
+    groups = [
+        list(range(g, min(g + config.runs_together, config.num_runs)))
+        for g in range(0, config.num_runs, config.runs_together)
+    ]
     total = config.num_runs * config.steps
     done = sum(config.steps for r in range(config.num_runs) if status.get(r))
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=done, desc=config.name, unit="run-step", smoothing=0.1,
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    start_acc = None
-    steps_this_call = 0
+    bar = tqdm(
+        total=total,
+        initial=done,
+        desc=config.name,
+        unit="run-step",
+        smoothing=0.1,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    ctx = _Context(
+        config=config,
+        exp_dir=exp_dir,
+        mesh=mesh,
+        progs=progs,
+        tracked=tracked,
+        trainable0=trainable0,
+        opt0=optimizer.init(trainable0),
+        frozen=frozen_d,
+        data=data,
+        lrs=lrs,
+        curricula=curricula,
+        batch_sharding=batch_sharding,
+        writer=writer,
+        bar=bar,
+    )
+    budget = max_steps_this_call
     interrupted = False
     for group in groups:
         todo = [r for r in group if not status.get(r)]
         if not todo:
             continue
-        if max_steps_this_call is not None and steps_this_call >= max_steps_this_call:
+        if budget is not None and budget <= 0:
             interrupted = True
             break
-        g_start = time.perf_counter()
-        R = len(todo)
-        dirs = [runlog.run_dir(exp_dir, r) for r in todo]
-        for r, d in zip(todo, dirs, strict=True):  # each curriculum is written before training
-            path = d / "curriculum.npy"
-            if path.is_file() and not np.array_equal(np.load(path), curricula[r]):
-                raise E.ExperimentError(f"{path} differs from the curriculum of run {r}; delete "
-                                        f"{d} to retrain it")
-            if writer:
-                d.mkdir(parents=True, exist_ok=True)
-                runlog.atomic_save_npy(path, curricula[r])
-        s0 = _resume_step(config, exp_dir, todo)
-        losses = np.zeros((R, config.steps + 1, config.n_test), np.float32)
-        train_loss = np.zeros((R, config.steps), np.float32)
-        opt0 = optimizer.init(trainable0)
-        if s0 > 0:
-            restored = [E.restore_checkpoint(d, s0, trainable0, opt0, {
-                "losses": losses[0], "train_loss": train_loss[0]}) for d in dirs]
-            tr = _place(_stack([x[0] for x in restored]), mesh)
-            op = _place(_stack([x[1] for x in restored]), mesh)
-            for i, x in enumerate(restored):
-                losses[i, :s0 + 1] = x[2]["losses"]
-                train_loss[i, :s0] = x[2]["train_loss"]
-        else:
-            tr = _place(_broadcast(trainable0, R), mesh)
-            op = _place(_broadcast(opt0, R), mesh)
-            losses[:, 0] = tracked.scatter(
-                np.asarray(progs["test_losses"](tr, frozen_d, tracked.buckets)))
-        if start_acc is None:
-            tr0 = _place(_broadcast(trainable0, 1), mesh)
-            start_acc = float(_accuracy(
-                np.asarray(progs["scores"](tr0, frozen_d, tracked.buckets)), tracked)[0])
-
-        def flush(pending, upto):
-            if not pending:
-                return
-            tl = np.asarray(jnp.stack([p[1] for p in pending], axis=1))  # [R, k]
-            te = tracked.scatter(np.asarray(jnp.stack([p[2] for p in pending], axis=1)))
-            first = pending[0][0]
-            train_loss[:, first - 1:upto] = tl
-            losses[:, first:upto + 1] = te
-            bad = ~(np.isfinite(tl).all(0) & np.isfinite(te).all((0, 2)))
-            if bad.any():
-                k = int(np.flatnonzero(bad)[0])
-                which = [todo[i] for i in range(R) if not (np.isfinite(tl[i, k])
-                                                          and np.isfinite(te[i, k]).all())]
-                raise NonFiniteLossError(
-                    f"{config.name}: non-finite loss at step {first + k} of run(s) {which}; "
-                    "lower the learning rate (the run stays incomplete)")
-            pending.clear()
-
-        def save(step):
-            for i, (r, d) in enumerate(zip(todo, dirs, strict=True)):
-                if config.saves_checkpoints(r):
-                    # The log so far, at full length (rows after `step` are zero).
-                    E.save_checkpoint(d, step, _take(tr, i), _take(op, i), {
-                        "losses": losses[i], "train_loss": train_loss[i]})
-
-        if s0 == 0 and 0 in config.checkpoint_steps:
-            save(0)
-        pending: list = []
-        bar.set_postfix_str(f"runs {todo[0]}-{todo[-1]}")
-        stopped = False
-        for t in range(s0 + 1, config.steps + 1):
-            ids = np.stack([curricula[r][t - 1] for r in todo])  # [R, b]
-            batch = gather_batch(data["pool_inputs"], data["pool_targets"],
-                                 data["pool_lengths"], ids, config.length_multiple)
-            batch = {k: _put(v, batch_sharding) for k, v in batch.items()}
-            tr, op, tl, te = progs["step"](tr, op, frozen_d, batch, tracked.buckets)
-            pending.append((t, tl, te))
-            if t in config.checkpoint_steps or len(pending) >= _SYNC_EVERY or t == config.steps:
-                flush(pending, t)
-            if t in config.checkpoint_steps:
-                save(t)
-            bar.update(R)
-            steps_this_call += 1
-            if max_steps_this_call is not None and steps_this_call >= max_steps_this_call \
-                    and t < config.steps:
-                stopped = True
-                break
+        used, stopped = _train_group(ctx, todo, budget)
+        if budget is not None:
+            budget -= used
         if stopped:
             interrupted = True
             break
-        end_acc = _accuracy(np.asarray(progs["scores"](tr, frozen_d, tracked.buckets)), tracked)
-        seconds = time.perf_counter() - g_start
-        if writer:
-            for i, (r, d) in enumerate(zip(todo, dirs, strict=True)):
-                _write_metrics(d / METRICS_FILE, train_loss[i], lrs, losses[i])
-                runlog.write_run(d, curricula[r], losses[i], lr=lrs, meta={
+        for r in todo:
+            status[r] = True
+    bar.close()
+    return {
+        "complete": sorted(r for r, c in status.items() if c and r < config.num_runs),
+        "interrupted": interrupted,
+        "seconds": time.perf_counter() - start_all,
+    }
+
+
+@dataclass
+class _Context:
+    """What every group of runs of one experiment shares."""
+
+    config: ExperimentConfig
+    exp_dir: Path
+    mesh: Any
+    progs: dict
+    tracked: TrackedSet
+    trainable0: Any
+    opt0: Any
+    frozen: Any
+    data: dict
+    lrs: np.ndarray
+    curricula: dict
+    batch_sharding: Any
+    writer: bool
+    bar: Any
+    start_accuracy: float | None = None
+
+
+def _train_group(ctx: _Context, todo: list[int], budget: int | None) -> tuple[int, bool]:
+    """Trains the runs ``todo`` together (from their latest common checkpoint) and writes them.
+
+    Returns:
+        (group steps taken, whether the step budget stopped the group before its end).
+    """
+    config, progs, tracked, mesh = ctx.config, ctx.progs, ctx.tracked, ctx.mesh
+    g_start = time.perf_counter()
+    R = len(todo)
+    dirs = [runlog.run_dir(ctx.exp_dir, r) for r in todo]
+    for r, d in zip(todo, dirs, strict=True):  # each curriculum is written before training
+        path = d / "curriculum.npy"
+        if path.is_file() and not np.array_equal(np.load(path), ctx.curricula[r]):
+            raise E.ExperimentError(
+                f"{path} differs from the curriculum of run {r}; delete {d} to retrain it"
+            )
+        if ctx.writer:
+            d.mkdir(parents=True, exist_ok=True)
+            runlog.atomic_save_npy(path, ctx.curricula[r])
+    s0 = _resume_step(config, ctx.exp_dir, todo)
+    losses = np.zeros((R, config.steps + 1, config.n_test), np.float32)
+    train_loss = np.zeros((R, config.steps), np.float32)
+    if s0 > 0:
+        restored = [
+            E.restore_checkpoint(
+                d, s0, ctx.trainable0, ctx.opt0, {"losses": losses[0], "train_loss": train_loss[0]}
+            )
+            for d in dirs
+        ]
+        tr = _place(_stack([x[0] for x in restored]), mesh)
+        op = _place(_stack([x[1] for x in restored]), mesh)
+        for i, x in enumerate(restored):
+            losses[i, : s0 + 1] = x[2]["losses"][: s0 + 1]
+            train_loss[i, :s0] = x[2]["train_loss"][:s0]
+    else:
+        tr = _place(_broadcast(ctx.trainable0, R), mesh)
+        op = _place(_broadcast(ctx.opt0, R), mesh)
+        losses[:, 0] = tracked.scatter(
+            np.asarray(progs["test_losses"](tr, ctx.frozen, tracked.buckets))
+        )
+    if ctx.start_accuracy is None:  # same for every run; R copies reuse the end-of-run program
+        tr0 = _place(_broadcast(ctx.trainable0, R), mesh)
+        ctx.start_accuracy = float(
+            _accuracy(np.asarray(progs["scores"](tr0, ctx.frozen, tracked.buckets)), tracked)[0]
+        )
+        del tr0
+
+    def flush(pending: list, upto: int) -> None:
+        """Copies the logged losses of steps pending[0].step..upto to the host; checks them."""
+        if not pending:
+            return
+        tl = np.asarray(jnp.stack([p[1] for p in pending], axis=1))  # [R, k]
+        te = tracked.scatter(np.asarray(jnp.stack([p[2] for p in pending], axis=1)))
+        first = pending[0][0]
+        train_loss[:, first - 1 : upto] = tl
+        losses[:, first : upto + 1] = te
+        finite = np.isfinite(tl) & np.isfinite(te).all(2)  # [R, k]
+        if not finite.all():
+            k = int(np.flatnonzero(~finite.all(0))[0])
+            which = [todo[i] for i in range(R) if not finite[i, k]]
+            raise NonFiniteLossError(
+                f"{config.name}: non-finite loss at step {first + k} of run(s) {which}; "
+                "lower the learning rate (the run stays incomplete)"
+            )
+        pending.clear()
+
+    def save(step: int, tr, op) -> None:
+        # One transfer of the stacked state; slicing device arrays per run would dispatch (and
+        # compile) one small program per leaf and run.
+        host_tr, host_op = jax.device_get((tr, op))
+        for i, (r, d) in enumerate(zip(todo, dirs, strict=True)):
+            if config.saves_checkpoints(r):
+                # The log so far, at full length (rows after `step` are zero).
+                E.save_checkpoint(
+                    d,
+                    step,
+                    _take(host_tr, i),
+                    _take(host_op, i),
+                    {"losses": losses[i], "train_loss": train_loss[i]},
+                )
+
+    if s0 == 0 and 0 in config.checkpoint_steps:
+        save(0, tr, op)
+    pending: list = []
+    ctx.bar.set_postfix_str(f"runs {todo[0]}-{todo[-1]}")
+    used = 0
+    for t in range(s0 + 1, config.steps + 1):
+        ids = np.stack([ctx.curricula[r][t - 1] for r in todo])  # [R, b]
+        batch = gather_batch(
+            ctx.data["pool_inputs"],
+            ctx.data["pool_targets"],
+            ctx.data["pool_lengths"],
+            ids,
+            config.length_multiple,
+        )
+        batch = {k: _put(v, ctx.batch_sharding) for k, v in batch.items()}
+        tr, op, tl, te = progs["step"](tr, op, ctx.frozen, batch, tracked.buckets)
+        pending.append((t, tl, te))
+        if t in config.checkpoint_steps or len(pending) >= _SYNC_EVERY or t == config.steps:
+            flush(pending, t)
+        if t in config.checkpoint_steps:
+            save(t, tr, op)
+        ctx.bar.update(R)
+        used += 1
+        if budget is not None and used >= budget and t < config.steps:
+            flush(pending, t)
+            return used, True
+    end_acc = _accuracy(np.asarray(progs["scores"](tr, ctx.frozen, tracked.buckets)), tracked)
+    seconds = time.perf_counter() - g_start
+    if ctx.writer:
+        for i, (r, d) in enumerate(zip(todo, dirs, strict=True)):
+            _write_metrics(d / METRICS_FILE, train_loss[i], ctx.lrs, losses[i])
+            runlog.write_run(
+                d,
+                ctx.curricula[r],
+                losses[i],
+                lr=ctx.lrs,
+                meta={
                     "run": r,
                     "curriculum_seed": [config.curriculum_seed, r],
                     "steps": config.steps,
                     "batch_size": config.batch_size,
-                    "accuracy_start": start_acc,
+                    "accuracy_start": ctx.start_accuracy,
                     "accuracy_end": float(end_acc[i]),
                     "test_loss_mean_start": float(losses[i, 0].mean()),
                     "test_loss_mean_end": float(losses[i, -1].mean()),
                     "train_loss_mean_last_10": float(train_loss[i, -10:].mean()),
                     "resumed_from_step": s0,
                     "runs_together": R,
-                    "devices": n_dev,
+                    "devices": len(mesh.devices.flat),
                     "group_seconds": seconds,
                     "run_steps_per_second": R * (config.steps - s0) / seconds,
                     "checkpoint_steps": list(config.checkpoint_steps)
-                    if config.saves_checkpoints(r) else [],
-                })
-        for r in todo:
-            status[r] = True
-    bar.close()
-    return {"complete": sorted(r for r, c in status.items() if c and r < config.num_runs),
-            "interrupted": interrupted, "seconds": time.perf_counter() - start_all}
+                    if config.saves_checkpoints(r)
+                    else [],
+                },
+            )
+    return used, False
 
 
-def _write_metrics(path: Path, train_loss: np.ndarray, lrs: np.ndarray,
-                   losses: np.ndarray) -> None:
+def _write_metrics(path: Path, train_loss: np.ndarray, lrs: np.ndarray, losses: np.ndarray) -> None:
     """metrics.jsonl: one line per step (mean train loss, lr, mean tracked test loss)."""
-    lines = [json.dumps({"step": t + 1, "train_loss": float(train_loss[t]), "lr": float(lrs[t]),
-                         "test_loss_mean": float(losses[t + 1].mean())})
-             for t in range(len(train_loss))]
+    lines = [
+        json.dumps(
+            {
+                "step": t + 1,
+                "train_loss": float(train_loss[t]),
+                "lr": float(lrs[t]),
+                "test_loss_mean": float(losses[t + 1].mean()),
+            }
+        )
+        for t in range(len(train_loss))
+    ]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(path)

@@ -85,7 +85,9 @@ def main(argv=None) -> None:
     p.add_argument("--n-test", type=int, default=1000, help="test examples tracked")
     p.add_argument("--runs", type=int, default=20, help="fitting runs")
     p.add_argument(
-        "--steps", type=int, default=None,
+        "--steps",
+        type=int,
+        default=None,
         help="steps per fitting run (default 2 * n_train: each example seen as often as at the "
         "default sizes)",
     )
@@ -96,13 +98,18 @@ def main(argv=None) -> None:
     p.add_argument("--l2-a", type=float, default=S.DEFAULT_L2_A, help="ridge on A - a0")
     p.add_argument("--l2-b", type=float, default=S.DEFAULT_L2_B, help="ridge on B")
     p.add_argument(
-        "--dense-tests", type=int, default=3,
+        "--dense-tests",
+        type=int,
+        default=3,
         help="test examples timed with the dense baseline (0 skips it; skipped above 2000 "
         "training examples)",
     )
     p.add_argument("--rollout-runs", type=int, default=10, help="runs in the rollout benchmark")
     p.add_argument("--rollout-steps", type=int, default=2000, help="steps per rollout run")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic experiment")
+    p.add_argument(
+        "--no-warm", action="store_true", help="skip the second (warm) fit call of each variant"
+    )
     args = p.parse_args(argv)
     steps = args.steps if args.steps is not None else 2 * args.n_train
     variants = [v for v in args.variants.split(",") if v]
@@ -110,7 +117,9 @@ def main(argv=None) -> None:
         if v not in S.VARIANTS:
             p.error(f"unknown variant {v!r}; use {','.join(S.VARIANTS)}")
 
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+    )
     print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     print(
         f"experiment: n_train={args.n_train} n_test={args.n_test} runs={args.runs} "
@@ -127,11 +136,14 @@ def main(argv=None) -> None:
     for v in variants:
         kw = dict(n_train=args.n_train, variant=v, l2_a=args.l2_a, l2_b=args.l2_b)
         sims[v], cold = _timed(S.fit, curs, losses, **kw)
-        _, warm = _timed(S.fit, curs, losses, **kw)
         cold_times[v] = cold
+        warm_txt = ""
+        if not args.no_warm:
+            _, warm = _timed(S.fit, curs, losses, **kw)
+            warm_txt = f", second call {warm:7.2f} s"
         print(
             f"fit {v:15s} all {args.n_test} tests: first call {cold:7.2f} s "
-            f"(compilation included), second call {warm:7.2f} s; process peak {_peak_gb():.2f} GB"
+            f"(compilation included){warm_txt}; process peak {_peak_gb():.2f} GB"
         )
 
     if args.dense_tests > 0 and args.n_train <= 2000 and "linear" in sims:
@@ -142,8 +154,8 @@ def main(argv=None) -> None:
         times = {"dense": [], "pairs": []}
         errs = {"A": [], "B": [], "A-a0": []}
         for j in tests:
-            x = np.concatenate([l[:-1, j] for l in losses]).astype(np.float64)
-            y = np.concatenate([l[1:, j] for l in losses]).astype(np.float64)
+            x = np.concatenate([loss[:-1, j] for loss in losses]).astype(np.float64)
+            y = np.concatenate([loss[1:, j] for loss in losses]).astype(np.float64)
             for how in ("dense", "pairs"):
                 t1 = time.perf_counter()
                 dA, dB = _dense_fit_one(ids, x, y, args.n_train, args.l2_a, args.l2_b, a0, how)
@@ -152,10 +164,17 @@ def main(argv=None) -> None:
             errs["A"].append(np.linalg.norm(fA - dA) / np.linalg.norm(dA))
             errs["B"].append(np.linalg.norm(fB - dB) / np.linalg.norm(dB))
             errs["A-a0"].append(np.linalg.norm(fA - dA) / np.linalg.norm(dA - a0))
-        print(f"peak after dense baseline: {_peak_gb():.2f} GB (the dense X alone is "
-              f"{ids.shape[0] * 2 * args.n_train * 8 / 2**30:.2f} GB)")
+        print(
+            f"peak after dense baseline: {_peak_gb():.2f} GB (the dense X alone is "
+            f"{ids.shape[0] * 2 * args.n_train * 8 / 2**30:.2f} GB)"
+        )
         _, ours = _timed(
-            S.fit, curs, losses, n_train=args.n_train, variant="linear", l2_a=args.l2_a,
+            S.fit,
+            curs,
+            losses,
+            n_train=args.n_train,
+            variant="linear",
+            l2_a=args.l2_a,
             l2_b=args.l2_b,
         )
         for how, label in (

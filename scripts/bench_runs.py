@@ -33,16 +33,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SIZES = {
     # T5Config kwargs. t5-base: T5 v1.1 LM-adapted base; t0-3b: T0 3B (T5 v1.1 XL LM-adapted).
-    "tiny": dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, num_decoder_layers=1,
-                 feed_forward_proj="relu", tie_word_embeddings=True),
-    "demo": dict(d_model=64, d_ff=256, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2,
-                 feed_forward_proj="relu", tie_word_embeddings=True),
-    "t5-base": dict(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12,
-                    num_decoder_layers=12, feed_forward_proj="gated-gelu",
-                    tie_word_embeddings=False),
-    "t0-3b": dict(d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24,
-                  num_decoder_layers=24, feed_forward_proj="gated-gelu",
-                  tie_word_embeddings=False),
+    "tiny": dict(
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_heads=4,
+        num_layers=1,
+        num_decoder_layers=1,
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+    ),
+    "demo": dict(
+        d_model=64,
+        d_ff=256,
+        d_kv=16,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+    ),
+    "t5-base": dict(
+        d_model=768,
+        d_ff=2048,
+        d_kv=64,
+        num_heads=12,
+        num_layers=12,
+        num_decoder_layers=12,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    ),
+    "t0-3b": dict(
+        d_model=2048,
+        d_ff=5120,
+        d_kv=64,
+        num_heads=32,
+        num_layers=24,
+        num_decoder_layers=24,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -58,7 +88,7 @@ def _synthetic(rng, n, max_len, t_len, vocab):
     lengths = _lengths(rng, n, max_len)
     inputs = np.zeros((n, max_len), np.int32)
     for i, n_i in enumerate(lengths):
-        inputs[i, :n_i - 1] = rng.integers(3, vocab, n_i - 1)
+        inputs[i, : n_i - 1] = rng.integers(3, vocab, n_i - 1)
         inputs[i, n_i - 1] = 1  # EOS
     choices = np.zeros((n, 2, t_len), np.int32)
     choices[:, :, 0] = rng.integers(3, vocab, (n, 2))
@@ -81,8 +111,11 @@ def _peak_memory() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--synthetic", action="store_true",
-                   help="synthetic token data (required for now; no datasets import)")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="synthetic token data (required for now; no datasets import)",
+    )
     p.add_argument("--model-size", choices=sorted(SIZES), default="demo")
     p.add_argument("--method", choices=("full", "ia3"), default="ia3")
     p.add_argument("--freeze-embeddings", action="store_true")
@@ -97,9 +130,18 @@ def main(argv=None) -> int:
     p.add_argument("--target-steps", type=int, default=1000, help="steps to extrapolate to")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
-    p.add_argument("--skip-single", action="store_true", help="skip the one-run variants")
-    p.add_argument("--skip-baseline", action="store_true", help="skip the padded baseline")
+    p.add_argument(
+        "--variants",
+        default="together,nolog,single,baseline",
+        help="comma list of: together (all runs, logging), nolog (all runs, no "
+        "logging), single (one run alone, with and without logging), baseline "
+        "(all runs padded to the maximum, logging)",
+    )
     args = p.parse_args(argv)
+    variants = set(args.variants.split(","))
+    unknown = variants - {"together", "nolog", "single", "baseline"}
+    if unknown or "together" not in variants:
+        p.error(f"--variants {args.variants!r}: must include 'together'; unknown {sorted(unknown)}")
     if not args.synthetic:
         p.error("only --synthetic is implemented (real data: time `finetune run` itself)")
 
@@ -129,42 +171,67 @@ def main(argv=None) -> int:
     cfg_kw = dict(SIZES[args.model_size], vocab_size=32128, dropout_rate=0.0)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     t0 = time.perf_counter()
-    model = hf.init_random(transformers.T5Config(**cfg_kw), ia3=args.method == "ia3", seed=0,
-                           dtype=dtype)
+    model = hf.init_random(
+        transformers.T5Config(**cfg_kw), ia3=args.method == "ia3", seed=0, dtype=dtype
+    )
     graphdef, params = nnx.split(model)
     del model
     config = ExperimentConfig(
-        name="bench", task="rte", random_init=cfg_kw, method=args.method,
-        freeze_embeddings=args.freeze_embeddings, optimizer=args.optimizer,
-        learning_rate=3e-3 if args.method == "ia3" else 1e-4, n_train=args.n_train,
-        n_test=args.n_test, num_runs=args.runs, steps=max(args.steps, 2),
-        batch_size=args.batch, runs_together=args.runs, dtype=args.dtype,
-        length_multiple=args.length_multiple)
+        name="bench",
+        task="rte",
+        random_init=cfg_kw,
+        method=args.method,
+        freeze_embeddings=args.freeze_embeddings,
+        optimizer=args.optimizer,
+        learning_rate=3e-3 if args.method == "ia3" else 1e-4,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        num_runs=args.runs,
+        steps=max(args.steps, 2),
+        batch_size=args.batch,
+        runs_together=args.runs,
+        dtype=args.dtype,
+        length_multiple=args.length_multiple,
+    )
     mask = make_mask(config, params)
     trainable, frozen = partition(params, mask)
     n_tr = sum(x.size for x in jax.tree.leaves(trainable))
     n_all = sum(x.size for x in jax.tree.leaves(params))
-    print(f"model {args.model_size} ({n_all / 1e6:.1f}M params, {n_tr / 1e6:.3f}M trainable, "
-          f"{args.method}, compute {args.dtype}); built in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    print(
+        f"model {args.model_size} ({n_all / 1e6:.1f}M params, {n_tr / 1e6:.3f}M trainable, "
+        f"{args.method}, compute {args.dtype}); built in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     rng = np.random.default_rng(0)
     L = args.max_input_length
     pool = _synthetic(rng, args.n_train, L, args.target_length, 32000)
     test = _synthetic(rng, args.n_test, L, args.target_length, 32000)
-    print(f"synthetic inputs: mean length {pool[4].mean():.1f}, max {pool[4].max()} (padded max "
-          f"{L}); tracked set {args.n_test}, batch {args.batch}, runs {args.runs}", flush=True)
+    print(
+        f"synthetic inputs: mean length {pool[4].mean():.1f}, max {pool[4].max()} (padded max "
+        f"{L}); tracked set {args.n_test}, batch {args.batch}, runs {args.runs}",
+        flush=True,
+    )
     mesh = make_mesh()
     n_dev = len(mesh.devices.flat)
     optimizer = make_optimizer(config)
-    progs = make_programs(make_per_example_loss(graphdef), make_score_choices(graphdef),
-                          optimizer, mesh)
+    progs = make_programs(
+        make_per_example_loss(graphdef), make_score_choices(graphdef), optimizer, mesh
+    )
     frozen_d = _place(frozen, mesh)
     opt0 = optimizer.init(trainable)
     curricula = rng.integers(0, args.n_train, (args.runs, args.steps + 1, args.batch))
 
     def measure(name, runs, log, multiple):
-        tracked = make_tracked_set(test[0], test[1], test[2], test[3], test[4],
-                                   multiple=multiple, n_devices=n_dev, mesh=mesh)
+        tracked = make_tracked_set(
+            test[0],
+            test[1],
+            test[2],
+            test[3],
+            test[4],
+            multiple=multiple,
+            n_devices=n_dev,
+            mesh=mesh,
+        )
         sharding = _batch_sharding(mesh, args.batch)
         tr = _place(_broadcast(trainable, runs), mesh)
         op = _place(_broadcast(opt0, runs), mesh)
@@ -184,38 +251,57 @@ def main(argv=None) -> int:
             tr, op, loss, te = step(tr, op, frozen_d, b, tracked.buckets)
         jax.block_until_ready((tr, loss, te))
         compile_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for b in batches[1:]:
-            tr, op, loss, te = step(tr, op, frozen_d, b, tracked.buckets)
-        jax.block_until_ready((tr, loss, te))
-        per_step = (time.perf_counter() - start) / args.steps
+        per_step = float("inf")
+        for _ in range(2):  # best of two passes: the first may still pay one-off costs
+            start = time.perf_counter()
+            for b in batches[1:]:
+                tr, op, loss, te = step(tr, op, frozen_d, b, tracked.buckets)
+            jax.block_until_ready((tr, loss, te))
+            per_step = min(per_step, (time.perf_counter() - start) / args.steps)
         total_runs = args.runs
         total = per_step * args.target_steps * (total_runs / runs)
-        print(f"{name:<44} R={runs:<3} log={'yes' if log else 'no ':<3} "
-              f"compile {compile_s:6.1f} s ({len(shapes)} shapes) | {per_step * 1e3:8.1f} ms/step "
-              f"| {runs / per_step:8.1f} run-steps/s | {args.target_steps} steps x {total_runs} "
-              f"runs: {total / 60:6.1f} min", flush=True)
+        print(
+            f"{name:<44} R={runs:<3} log={'yes' if log else 'no ':<3} "
+            f"compile {compile_s:6.1f} s ({len(shapes)} shapes) | {per_step * 1e3:8.1f} ms/step "
+            f"| {runs / per_step:8.1f} run-steps/s | {args.target_steps} steps x {total_runs} "
+            f"runs: {total / 60:6.1f} min",
+            flush=True,
+        )
         return per_step * (total_runs / runs)
 
     results = {}
-    results["together"] = measure("all runs together, bucketed", args.runs, True,
-                                  args.length_multiple)
-    results["together_nolog"] = measure("all runs together, bucketed", args.runs, False,
-                                        args.length_multiple)
-    if not args.skip_single:
+    results["together"] = measure(
+        "all runs together, bucketed", args.runs, True, args.length_multiple
+    )
+    if "nolog" in variants:
+        results["together_nolog"] = measure(
+            "all runs together, bucketed", args.runs, False, args.length_multiple
+        )
+    if "single" in variants:
         measure("one run alone (x runs), bucketed", 1, True, args.length_multiple)
         measure("one run alone (x runs), bucketed", 1, False, args.length_multiple)
-    if not args.skip_baseline:
-        results["baseline"] = measure("BASELINE: all together, padded to max", args.runs, True,
-                                      L)
-        print(f"speed-up of bucketing over the padded baseline (with logging): "
-              f"{results['baseline'] / results['together']:.2f}x")
+    if "baseline" in variants:
+        results["baseline"] = measure("BASELINE: all together, padded to max", args.runs, True, L)
+        print(
+            f"speed-up of bucketing over the padded baseline (with logging): "
+            f"{results['baseline'] / results['together']:.2f}x"
+        )
     total = results["together"] * args.target_steps
-    print(f"EXTRAPOLATION: {args.target_steps} steps x {args.runs} runs with per-step logging of "
-          f"{args.n_test} tracked examples: {total / 60:.1f} min "
-          f"({'meets' if total < 7 * 60 else 'misses'} the 7-minute T5-base IA3 target)")
-    print(f"logging share: {1 - results['together_nolog'] / results['together']:.0%} of the "
-          "step time")
+    print(
+        f"EXTRAPOLATION: {args.target_steps} steps x {args.runs} runs with per-step logging of "
+        f"{args.n_test} tracked examples: {total / 60:.1f} min"
+    )
+    if args.model_size == "t5-base" and args.method == "ia3":
+        verdict = "meets" if total < 7 * 60 else "misses"
+        print(
+            f"{verdict} the issue-4 target (T5-base IA3, 32 runs, 1000 steps < 7 min on one "
+            "H200) if this device is an H200 and --runs 32 --batch 8 --n-test 100"
+        )
+    if "together_nolog" in results:
+        print(
+            f"logging share: {1 - results['together_nolog'] / results['together']:.0%} of "
+            "the step time"
+        )
     print(_peak_memory())
     return 0
 

@@ -10,14 +10,25 @@ subprocess on the same dimensions, and prints the throughput ratio.
 Goal (issue 5, one H200): IA3 TracIn-CP for n_train=1000, n_test=100 at 10 checkpoints of T5-base
 in < 2 minutes, and >= 10x the throughput of the PyTorch loop.
 
-GPU command (both backends, ~2 minutes on one H100/H200 including compilation):
-    python scripts/bench_tracin.py --preset t5-base --n-train 1000 --n-test 100 \
-        --checkpoints 10 --chunk-size 64 --torch-examples 200 \
-        --full-n-train 64 --full-n-test 8 --full-mode projected --proj-dim 1024
+GPU commands (each prints the device; figures also go to the --json file):
+    # A. The goal: IA3, t5-base, 1000 x 100, 10 checkpoints, plus the PyTorch loop on 200
+    #    examples (expected ~1.5-2 minutes on one H100/H200, compilation included).
+    python scripts/bench_tracin.py --preset t5-base --input-len 256 --target-len 4 \
+        --n-train 1000 --n-test 100 --checkpoints 10 --chunk-size 64 --torch-examples 200 \
+        --full-n-train 0 --json $OUT/bench_tracin_ia3.json
+    # B. Optional: full tuning of t5-base, projected (d=1024), 24 x 8, 2 checkpoints
+    #    (expected ~1-2 minutes; the Gaussian blocks are regenerated per chunk: RNG-bound).
+    python scripts/bench_tracin.py --preset t5-base --input-len 256 --target-len 4 \
+        --n-train 0 --full-mode projected --proj-dim 1024 --full-n-train 24 --full-n-test 8 \
+        --full-chunk-size 8 --full-checkpoints 2 --json $OUT/bench_tracin_full.json
 
-CPU smoke run (this 2-core box, ~2 minutes):
-    python scripts/bench_tracin.py --preset demo --n-train 64 --n-test 8 --checkpoints 2 \
-        --torch-examples 16
+CPU runs (this 2-core box):
+    python scripts/bench_tracin.py --preset demo --input-len 96 --target-len 8 \
+        --n-train 100 --n-test 50 --checkpoints 3 --freeze-embeddings \
+        --full-n-train 100 --full-n-test 50 --full-checkpoints 3 --torch-examples 50
+    python scripts/bench_tracin.py --preset t5-base --n-train 16 --n-test 4 --checkpoints 2 \
+        --chunk-size 4 --torch-examples 8 --full-n-train 4 --full-n-test 1 \
+        --full-chunk-size 2 --full-mode exact --full-checkpoints 2
 
 References:
     Pruthi et al. 2020, TracIn, https://arxiv.org/abs/2002.08484.
@@ -84,11 +95,17 @@ def _peak_bytes(jax) -> tuple[str, float]:
     return "host max RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _bench(args, jax, jnp, graphdef, params, method, mode, n_train, n_test, proj_dim) -> dict:
+def _bench(
+    args, jax, jnp, graphdef, params, method, mode, n_train, n_test, proj_dim, checkpoints, chunk
+) -> dict:
     from finetune.model import combine, make_per_example_loss, partition, trainable_mask
     from finetune.tracin import compute_dots, count_params
 
     mask = trainable_mask(params, method)
+    if method == "full" and args.freeze_embeddings:  # as runs/demo: the vocabulary stays fixed
+        mask = jax.tree_util.tree_map_with_path(
+            lambda path, m: m and "shared" not in jax.tree_util.keystr(path), mask
+        )
     trainable, frozen = partition(params, mask)
     loss = make_per_example_loss(graphdef)
     vocab = config_kwargs(args)["vocab_size"]
@@ -99,12 +116,12 @@ def _bench(args, jax, jnp, graphdef, params, method, mode, n_train, n_test, proj
     test = {"inputs": jnp.asarray(inp[n_train:]), "targets": jnp.asarray(tgt[n_train:])}
     n_params = count_params(trainable)
     if mode == "auto":
-        mode = "exact" if 4 * n_params * (n_test + args.chunk_size) < 4 * 2**30 else "projected"
-    kw = dict(mode=mode, proj_dim=proj_dim, seed=0, chunk_size=args.chunk_size, combine=combine)
+        mode = "exact" if 4 * n_params * (n_test + chunk) < 16 * 2**30 else "projected"
+    kw = dict(mode=mode, proj_dim=proj_dim, seed=0, chunk_size=chunk, combine=combine)
 
     start = time.perf_counter()
     times = []
-    for k in range(args.checkpoints):
+    for k in range(checkpoints):
         # A different "checkpoint" each time (same shapes: no recompilation).
         moved = jax.tree.map(lambda x, k=k: x * (1.0 + 0.01 * k), trainable)
         jax.block_until_ready(moved)
@@ -137,8 +154,8 @@ def _bench(args, jax, jnp, graphdef, params, method, mode, n_train, n_test, proj
         f"[jax {jax.devices()[0].device_kind}] {args.preset} {method} ({mode}"
         f"{f', d={proj_dim}' if mode == 'projected' else ''}): {n_params} trainable params, "
         f"n_train={n_train} n_test={n_test}: first call (compile+run) {times[0]:.2f} s, "
-        f"{steady:.3f} s per checkpoint, {per_s:.1f} per-example grads/s; "
-        f"{args.checkpoints} checkpoints in {total:.1f} s; {where} {peak:.2f} GiB; "
+        f"{steady:.3f} s per checkpoint, {per_s:.3g} per-example grads/s; "
+        f"{checkpoints} checkpoints in {total:.1f} s; {where} {peak:.2f} GiB; "
         f"finite={finite}"
     )
     return res
@@ -147,7 +164,7 @@ def _bench(args, jax, jnp, graphdef, params, method, mode, n_train, n_test, proj
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_size_flags(parser)
-    parser.add_argument("--n-train", type=int, default=1000, help="pool size (IA3 run)")
+    parser.add_argument("--n-train", type=int, default=1000, help="pool size (IA3 run; 0 skips it)")
     parser.add_argument("--n-test", type=int, default=100, help="tracked test set (IA3 run)")
     parser.add_argument("--checkpoints", type=int, default=10, help="checkpoints to time")
     parser.add_argument(
@@ -171,6 +188,20 @@ def main(argv=None) -> None:
         choices=("auto", "exact", "projected"),
         default="auto",
         help="full tuning: exact, projected, or auto (exact if the test gradients fit in 4 GiB)",
+    )
+    parser.add_argument(
+        "--freeze-embeddings",
+        action="store_true",
+        help="full tuning without the shared vocabulary embedding (runs/demo)",
+    )
+    parser.add_argument(
+        "--full-checkpoints", type=int, default=2, help="checkpoints timed for the full-tuning run"
+    )
+    parser.add_argument(
+        "--full-chunk-size",
+        type=int,
+        default=None,
+        help="chunk size for the full-tuning run (default: --chunk-size)",
     )
     parser.add_argument("--proj-dim", type=int, default=1024, help="projection dimension")
     parser.add_argument(
@@ -204,37 +235,33 @@ def main(argv=None) -> None:
         "target_len": args.target_len,
     }
     graphdef, params = nnx.split(T5(config, ia3=True, dtype=dtype, rngs=nnx.Rngs(args.seed)))
-    results["ia3"] = _bench(
-        args, jax, jnp, graphdef, params, "ia3", "exact", args.n_train, args.n_test, args.proj_dim
-    )
+    if args.n_train > 0:
+        results["ia3"] = _bench(
+            args, jax, jnp, graphdef, params, "ia3", "exact", args.n_train, args.n_test,
+            args.proj_dim, args.checkpoints, args.chunk_size,
+        )  # fmt: skip
     if args.full_n_train > 0:
         results["full"] = _bench(
-            args,
-            jax,
-            jnp,
-            graphdef,
-            params,
-            "full",
-            args.full_mode,
-            args.full_n_train,
-            args.full_n_test,
-            args.proj_dim,
-        )
-    if torch_res is not None:
+            args, jax, jnp, graphdef, params, "full", args.full_mode, args.full_n_train,
+            args.full_n_test, args.proj_dim, args.full_checkpoints,
+            args.full_chunk_size or args.chunk_size,
+        )  # fmt: skip
+    if torch_res is not None and "ia3" in results:
         ratio = results["ia3"]["grads_per_s"] / torch_res["grads_per_s"]
         results["torch"] = torch_res
         results["ia3_speedup_vs_torch_loop"] = ratio
         print(
-            f"IA3 per-example grads/s: jax {results['ia3']['grads_per_s']:.1f} vs torch loop "
-            f"{torch_res['grads_per_s']:.1f} ({torch_res['device']}): {ratio:.1f}x "
+            f"IA3 per-example grads/s: jax {results['ia3']['grads_per_s']:.3g} vs torch loop "
+            f"{torch_res['grads_per_s']:.3g} ({torch_res['device']}): {ratio:.1f}x "
             f"(goal >= 10x)"
         )
-    ia3 = results["ia3"]
-    print(
-        f"IA3 TracIn-CP, {ia3['checkpoints']} checkpoints, n_train={ia3['n_train']}, "
-        f"n_test={ia3['n_test']}: {ia3['total_s']:.1f} s including compilation "
-        f"(goal < 120 s for 10 checkpoints of t5-base, 1000 x 100, on one H200)"
-    )
+    if "ia3" in results:
+        ia3 = results["ia3"]
+        print(
+            f"IA3 TracIn-CP, {ia3['checkpoints']} checkpoints, n_train={ia3['n_train']}, "
+            f"n_test={ia3['n_test']}: {ia3['total_s']:.1f} s including compilation "
+            f"(goal < 120 s for 10 checkpoints of t5-base, 1000 x 100, on one H200)"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
 

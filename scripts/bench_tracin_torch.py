@@ -47,7 +47,7 @@ PRESETS = {
         feed_forward_proj="relu",
         relative_attention_num_buckets=8,
     ),
-    # A small gated model of the size of the demo experiment (random init).
+    # runs/demo/config.py: relu FFN, tied embedding, the real T5 vocabulary (random init).
     "demo": dict(
         vocab_size=32128,
         d_model=64,
@@ -55,8 +55,9 @@ PRESETS = {
         d_ff=128,
         num_layers=2,
         num_heads=4,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+        relative_attention_num_buckets=32,
     ),
     # T5 v1.1 / LM-adapted base (the T0 family at base size): gated-gelu, untied lm_head.
     "t5-base": dict(
@@ -234,7 +235,7 @@ def main(argv=None) -> dict:
     }
     print(
         f"[torch {result['device']}] {args.preset} {args.method}: {n_params} trainable params, "
-        f"{per_s:.1f} per-example grads/s; extrapolated {per_ckpt:.1f} s per checkpoint, "
+        f"{per_s:.3g} per-example grads/s; extrapolated {per_ckpt:.1f} s per checkpoint, "
         f"{per_ckpt * args.checkpoints:.1f} s for {args.checkpoints} checkpoints "
         f"(n_train={args.n_train}, n_test={args.n_test})"
     )

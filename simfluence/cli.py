@@ -132,7 +132,7 @@ def _check_out(path: str, suffixes: Sequence[str], flag: str = "--out") -> Path:
 
 
 def _cmd_evaluate(args) -> None:
-    from simfluence.evaluate import check_variants, evaluate
+    from simfluence.evaluation import check_variants, evaluate
     from simfluence.runlog import atomic_write_json
     from simfluence.table import format_results
 

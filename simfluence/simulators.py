@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -39,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simfluence import _solvers
+from simfluence.runlog import atomic_savez
 
 VARIANTS = ("linear", "additive", "multiplicative")
 
@@ -161,7 +160,7 @@ def _check_runs(curricula, losses, n_train: int, what: str):
         )
     curs, ls = [], []
     batch, n_test = None, None
-    for r, (c, l) in enumerate(zip(curricula, losses, strict=True)):
+    for r, (c, loss) in enumerate(zip(curricula, losses, strict=True)):
         c = _check_curriculum(c, n_train, f"{what} run {r}")
         if batch is None:
             batch = c.shape[1]
@@ -170,10 +169,10 @@ def _check_runs(curricula, losses, n_train: int, what: str):
                 f"{what} run {r}: batch size {c.shape[1]} differs from {batch} of run 0; "
                 "all runs must share one batch size"
             )
-        l = _check_losses(l, c.shape[0], n_test, f"{what} run {r}")
-        n_test = l.shape[1]
+        loss = _check_losses(loss, c.shape[0], n_test, f"{what} run {r}")
+        n_test = loss.shape[1]
         curs.append(c)
-        ls.append(l)
+        ls.append(loss)
     return curs, ls, int(batch), int(n_test)
 
 
@@ -201,7 +200,7 @@ def _features(variant: str) -> tuple[bool, bool]:
     ]
 
 
-def _test_chunks(n_test: int, n_rows: int, budget_bytes: int = 1 << 28) -> list[tuple[int, int]]:
+def _test_chunks(n_test: int, n_rows: int, budget_bytes: int = 1 << 27) -> list[tuple[int, int]]:
     """Splits the test axis so one f32 [rows, chunk] array stays under `budget_bytes`."""
     max_chunk = max(1, budget_bytes // (4 * max(n_rows, 1)))
     n_chunks = -(-n_test // max_chunk)
@@ -236,11 +235,11 @@ class _Problem:
         x = np.zeros((self.n_rows, width), np.float32)  # [rows, chunk]
         y = np.zeros((self.n_rows, width), np.float32)  # [rows, chunk]
         r = 0
-        for l in self.losses:
-            t = l.shape[0] - 1
-            prev = l[:-1, j0:j1]
+        for loss in self.losses:
+            t = loss.shape[0] - 1
+            prev = loss[:-1, j0:j1]
             x[r : r + t, : j1 - j0] = prev
-            y[r : r + t, : j1 - j0] = l[1:, j0:j1] - prev
+            y[r : r + t, : j1 - j0] = loss[1:, j0:j1] - prev
             r += t
         return x, y
 
@@ -300,10 +299,13 @@ def fit(
     """Fits one simulator per test example on teacher-forced fitting runs.
 
     Minimises exactly, for every test example (all at once),
-    ``sum_runs sum_t (L_t - alpha L_{t-1} - beta)^2 + l2_a sum_i (A_i - a0)^2 + l2_b sum_i B_i^2``
+
+        sum_runs sum_t (L_t - alpha L_{t-1} - beta)^2
+            + l2_a sum_i (A_i - a0)^2 + l2_b sum_i B_i^2
+
     with conjugate gradients in float32 (2x2 block-Jacobi preconditioned) and float64 residuals
-    (mixed-precision iterative refinement) to a relative residual of `tol`. Additive fixes alpha == 1 (only B and l2_b matter); multiplicative fixes
-    beta == 0 (only A and l2_a matter).
+    (mixed-precision iterative refinement) to a relative residual of `tol`. Additive fixes
+    alpha == 1 (only B and l2_b matter); multiplicative fixes beta == 0 (only A and l2_a).
 
     Args:
         curricula: one int array [T_r, batch] per run, training-pool ids in 0..n_train-1
@@ -345,7 +347,15 @@ def _solve_all(problem: _Problem, l2_a, l2_b, *, tol=1e-7, max_iter=1000, x0=Non
         x, y = problem.rows(j0, j1)
         start = None if x0 is None else _pad_theta(x0[j0:j1], problem.chunk_size)
         theta, _ = _solvers.solve(
-            problem.structure, x, y, lam, prior, problem.use_x, problem.use_one, tol, max_iter,
+            problem.structure,
+            x,
+            y,
+            lam,
+            prior,
+            problem.use_x,
+            problem.use_one,
+            tol,
+            max_iter,
             start,
         )
         out[j0:j1] = np.asarray(theta)[: j1 - j0]
@@ -365,26 +375,26 @@ def _pad_theta(theta: np.ndarray, width: int) -> np.ndarray:
 
 
 @partial(jax.jit, static_argnames=("additive",))
-def _rollout(A, B, curriculum, initial_losses, additive: bool):
-    # A, B: [n_test, n_train]; curriculum: [T, b]; initial_losses: [n_test]
-    alpha = jnp.take(A.T, curriculum, axis=0).sum(axis=1)  # [T, n_test]
-    beta = jnp.take(B.T, curriculum, axis=0).sum(axis=1)  # [T, n_test]
-    if additive:
-        alpha = jnp.ones_like(alpha)
+def _rollout_runs(A, B, curricula, initial_losses, additive: bool):
+    # A, B: [n_test, n_train]; curricula: [R, T, b]; initial_losses: [R, n_test]
+    n_test = A.shape[0]
+    # One row per training example holding its A and B for every test example; gathering
+    # b rows per step inside the scan keeps the table in cache (no [T, b, n_test] temporaries).
+    table = B.T if additive else jnp.concatenate([A.T, B.T], axis=1)  # [n_train, (2) n_test]
 
-    def step(loss, ab):
-        a, b = ab
-        loss = a * loss + b
+    def step(loss, ids):  # loss: [R, n_test]; ids: [R, b]
+        g = table.at[ids].get(mode="promise_in_bounds").sum(axis=1)  # [R, (2) n_test]
+        loss = loss + g if additive else g[:, :n_test] * loss + g[:, n_test:]
         return loss, loss
 
     l0 = initial_losses.astype(jnp.float32)
-    _, traj = jax.lax.scan(step, l0, (alpha, beta))  # [T, n_test]
-    return jnp.concatenate([l0[None], traj], axis=0)  # [T + 1, n_test]
+    _, traj = jax.lax.scan(step, l0, jnp.swapaxes(curricula, 0, 1))  # [T, R, n_test]
+    return jnp.swapaxes(jnp.concatenate([l0[None], traj], axis=0), 0, 1)  # [R, T + 1, n_test]
 
 
-_rollout_many = jax.jit(
-    jax.vmap(_rollout, in_axes=(None, None, 0, 0, None)), static_argnames=("additive",)
-)
+def _rollout(A, B, curriculum, initial_losses, additive: bool):
+    """One run: curriculum [T, b], initial_losses [n_test] -> [T + 1, n_test]."""
+    return _rollout_runs(A, B, curriculum[None], initial_losses[None], additive)[0]
 
 
 def _check_sim(sim: Simulator) -> None:
@@ -435,18 +445,22 @@ def simulate_many(sim: Simulator, curricula, initial_losses) -> jax.Array:
     """
     _check_sim(sim)
     curricula, initial_losses = _check_sim_inputs(sim, curricula, initial_losses, batched=True)
-    return _rollout_many(sim.A, sim.B, curricula, initial_losses, sim.variant == "additive")
+    return _rollout_runs(sim.A, sim.B, curricula, initial_losses, sim.variant == "additive")
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def _concrete(x) -> np.ndarray | None:
+    """`x` as numpy, or None while tracing (inside the caller's jit)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 def _check_sim_inputs(sim, curriculum, initial_losses, batched: bool):
     nd = 3 if batched else 2
     want_c = "[runs, steps, batch]" if batched else "[steps, batch]"
     want_l = f"[runs, {sim.n_test}]" if batched else f"[{sim.n_test}]"
-    if curriculum.ndim != nd if hasattr(curriculum, "ndim") else True:
+    if not hasattr(curriculum, "ndim"):
         curriculum = np.asarray(curriculum)
     if curriculum.ndim != nd or curriculum.shape[-2] < 1:
         raise ValueError(f"curriculum has shape {tuple(curriculum.shape)}; expected int {want_c}")
@@ -462,16 +476,16 @@ def _check_sim_inputs(sim, curriculum, initial_losses, batched: bool):
             f"initial_losses have shape {tuple(initial_losses.shape)}; expected {want_l} "
             f"(the simulator has n_test={sim.n_test})"
         )
-    if _is_concrete(curriculum):
-        c = np.asarray(curriculum)
+    c = _concrete(curriculum)
+    if c is not None:
         lo, hi = int(c.min()), int(c.max())
         if lo < 0 or hi >= sim.n_train:
             raise ValueError(
                 f"curriculum id {lo if lo < 0 else hi} is outside 0..{sim.n_train - 1} "
                 f"(the simulator has n_train={sim.n_train})"
             )
-    if _is_concrete(initial_losses):
-        l0 = np.asarray(initial_losses)
+    l0 = _concrete(initial_losses)
+    if l0 is not None:
         if not np.isfinite(l0).all():
             raise ValueError("initial_losses contain NaN or inf; pass the observed finite L_0")
     return jnp.asarray(curriculum, jnp.int32), jnp.asarray(initial_losses, jnp.float32)
@@ -545,7 +559,7 @@ def select_lambdas(
         Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
     """
     problem = _prepare(fit_curricula, fit_losses, n_train, variant, a_prior)
-    vcurs, vls, vbatch, vn_test = _check_runs(valid_curricula, valid_losses, n_train, "validation")
+    vcurs, vls, _, vn_test = _check_runs(valid_curricula, valid_losses, n_train, "validation")
     if vn_test != problem.n_test:
         raise ValueError(
             f"validation runs have n_test={vn_test} but fitting runs have {problem.n_test}"
@@ -563,16 +577,24 @@ def select_lambdas(
         for g in order:
             lam, prior = _lams(problem, *pts[g])
             theta, _ = _solvers.solve(
-                problem.structure, x, y, lam, prior, problem.use_x, problem.use_one, 1e-7, 1000,
+                problem.structure,
+                x,
+                y,
+                lam,
+                prior,
+                problem.use_x,
+                problem.use_one,
+                1e-7,
+                1000,
                 start,
             )
             start = theta
             th = np.asarray(theta)[: j1 - j0]
             sub = _sub_problem(problem, j0, j1)
             sim = sub.to_simulator(th, *pts[g])
-            for c, l, w in zip(vcurs, vls, weights, strict=True):
-                pred = _rollout(sim.A, sim.B, jnp.asarray(c), jnp.asarray(l[0, j0:j1]), additive)
-                err = np.asarray(pred[1:], np.float64) - l[1:, j0:j1]
+            for c, loss, w in zip(vcurs, vls, weights, strict=True):
+                pred = _rollout(sim.A, sim.B, jnp.asarray(c), jnp.asarray(loss[0, j0:j1]), additive)
+                err = np.asarray(pred[1:], np.float64) - loss[1:, j0:j1]
                 sse[g] += w * float(np.sum(err * err))
     table = [
         {"l2_a": float(a), "l2_b": float(b), "valid_mse": float(s)}
@@ -667,42 +689,19 @@ def removal_influence(sim: Simulator, curriculum, initial_losses, test_index: in
 # ----------------------------------------------------------------------------------------------
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
-    try:
-        from simfluence.runlog import atomic_savez
-    except ImportError:  # runlog not there yet: same behaviour, private copy
-        atomic_savez = None
-    if atomic_savez is not None:
-        atomic_savez(path, **arrays)
-        return
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_simulator(path, sim: Simulator) -> None:
     """Writes a simulator to an .npz file atomically (temporary name, then rename).
 
     Args:
-        path: destination file; its folder must exist.
+        path: destination file (its folder is created if needed; no suffix is appended).
         sim: the `Simulator` to save (A, B, variant, l2_a, l2_b, a_prior).
 
     Raises:
-        ValueError: `sim` is not a valid Simulator or the folder does not exist.
+        ValueError: `sim` is not a valid Simulator.
     """
     _check_sim(sim)
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ValueError(f"cannot save simulator to {path}: folder {path.parent} does not exist")
-    _atomic_savez(
-        path,
+    atomic_savez(
+        Path(path),
         A=np.asarray(sim.A, np.float32),
         B=np.asarray(sim.B, np.float32),
         variant=np.asarray(sim.variant),

@@ -132,8 +132,15 @@ def _deltas(dots, ckpt, etas, curriculum):
 
 
 def _checkpoint_index(ckpt_steps: np.ndarray, n_steps: int) -> np.ndarray:
+    """k(t) for t = 1..T: the latest checkpoint whose parameters step t starts from.
+
+    A checkpoint at step s holds the parameters after s steps (finetune's convention), and step t
+    updates the parameters after t - 1 steps, so k(t) is the latest checkpoint with s <= t - 1
+    ("at or before step t" when a checkpoint is named by the step it feeds). Steps before the
+    first checkpoint use the first one.
+    """
     t = np.arange(1, n_steps + 1)
-    k = np.searchsorted(ckpt_steps, t, side="right") - 1  # latest checkpoint with step <= t
+    k = np.searchsorted(ckpt_steps, t - 1, side="right") - 1
     return np.maximum(k, 0).astype(np.int32)
 
 

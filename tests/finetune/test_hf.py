@@ -33,7 +33,8 @@ def _torch_logits(model, inputs, targets):
     ti = torch.tensor(inputs, dtype=torch.long)
     with torch.no_grad():
         out = model(
-            input_ids=ti, attention_mask=(ti != 0).long(),
+            input_ids=ti,
+            attention_mask=(ti != 0).long(),
             labels=torch.tensor(targets, dtype=torch.long),
         )
     return out.logits.float().numpy()
@@ -51,9 +52,17 @@ def _batch(vocab):
 
 def _small_config(**kw):
     base = dict(
-        vocab_size=100, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False, decoder_start_token_id=0,
+        vocab_size=100,
+        d_model=16,
+        d_kv=4,
+        d_ff=24,
+        num_layers=1,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
     )
     base.update(kw)
     return transformers.T5Config(**base)
@@ -67,8 +76,11 @@ def saved(tmp_path_factory):
     _, state = nnx.split(model)
     rng = np.random.default_rng(0)
     state = jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
-        if "ia3_" in jax.tree_util.keystr(path) else x,
+        lambda path, x: (
+            jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
+            if "ia3_" in jax.tree_util.keystr(path)
+            else x
+        ),
         state,
     )
     nnx.update(model, state)

@@ -10,8 +10,10 @@ FIT_RTOL = 1e-4  # CG (float32) vs dense float64 solve, relative to the largest 
 DEV_RTOL = 1e-3  # A - a0 (the fitted deviation itself) relative to its largest magnitude
 ROLL_RTOL = 1e-5  # float32 scan vs float64 numpy loop
 
-N_TRAIN, N_TEST, BATCH = 12, 5, 3
-LENGTHS = (30, 17, 25)
+# One set of sizes for every fit in this file, so the jitted solver compiles once per variant:
+# 1600 design rows (8 runs of different lengths, or 8 x 200 in the recovery test).
+N_TRAIN, N_TEST, BATCH = 20, 8, 3
+LENGTHS = (300, 180, 220, 200, 200, 150, 170, 180)
 
 
 def _runs(seed=0, lengths=LENGTHS, unseen=1):
@@ -61,8 +63,8 @@ def _dense_fit(curs, ls, n, variant, l2_a, l2_b, a0):
     A = np.zeros((n_test, n))
     B = np.zeros((n_test, n))
     for j in range(n_test):
-        x = np.concatenate([l[:-1, j] for l in ls]).astype(np.float64)
-        y = np.concatenate([l[1:, j] for l in ls]).astype(np.float64)
+        x = np.concatenate([loss[:-1, j] for loss in ls]).astype(np.float64)
+        y = np.concatenate([loss[1:, j] for loss in ls]).astype(np.float64)
         if variant == "linear":
             X = np.concatenate([M * x[:, None], M], axis=1)
             reg = np.diag(np.concatenate([np.full(n, l2_a), np.full(n, l2_b)]))
@@ -109,7 +111,7 @@ def _all_steps_mse(pred, true):
 
 def test_recovery_of_a_known_linear_simulator():
     rng = np.random.default_rng(3)
-    n_train, n_test, batch = 20, 8, 2
+    n_train, n_test, batch = N_TRAIN, N_TEST, BATCH
     A, B = S._synthetic_simulator(rng, n_train, n_test, batch)
     curs, ls = S._synthetic_runs(rng, A, B, 12, 200, batch, noise=0.01)
     fit_c, fit_l, held_c, held_l = curs[:8], ls[:8], curs[8:], ls[8:]
@@ -118,10 +120,16 @@ def test_recovery_of_a_known_linear_simulator():
     for variant in S.VARIANTS:
         sim = S.fit(fit_c, fit_l, n_train=n_train, variant=variant, l2_a=1e-3, l2_b=1e-3)
         mse[variant] = np.mean(
-            [_all_steps_mse(S.simulate(sim, c, l[0]), l) for c, l in zip(held_c, held_l)]
+            [
+                _all_steps_mse(S.simulate(sim, c, lo[0]), lo)
+                for c, lo in zip(held_c, held_l, strict=True)
+            ]
         )
     true_mse = np.mean(
-        [_all_steps_mse(S.simulate(truth, c, l[0]), l) for c, l in zip(held_c, held_l)]
+        [
+            _all_steps_mse(S.simulate(truth, c, lo[0]), lo)
+            for c, lo in zip(held_c, held_l, strict=True)
+        ]
     )
     assert mse["linear"] < 0.5 * mse["additive"], mse
     assert mse["linear"] < 0.5 * mse["multiplicative"], mse
@@ -160,15 +168,15 @@ def test_simulate_is_usable_inside_jit_and_compiles_once():
     l0 = np.ones(N_TEST, np.float32)
 
     @jax.jit
-    def final(s, c, l):
-        return S.simulate(s, c, l)[-1]
+    def final(s, c, l0):
+        return S.simulate(s, c, l0)[-1]
 
     ref = _numpy_rollout(A, B, cur, l0)[-1]
     np.testing.assert_allclose(final(sim, cur, l0), ref, rtol=ROLL_RTOL)
-    before = S._rollout._cache_size()
+    before = S._rollout_runs._cache_size()
     S.simulate(sim, cur, l0)
     S.simulate(sim, cur + 0, l0 * 2)
-    assert S._rollout._cache_size() == before + 1  # second call with the same shapes reuses it
+    assert S._rollout_runs._cache_size() == before + 1  # second call with the same shapes reuses it
 
 
 @pytest.mark.parametrize("variant", S.VARIANTS)
@@ -195,9 +203,9 @@ def test_removal_influence_matches_brute_force(variant):
 
 
 def test_select_lambdas_picks_the_lowest_validation_mse():
-    _, _, curs, ls = _runs(seed=5, lengths=(30, 17, 25, 20, 20))
-    fit_c, fit_l, val_c, val_l = curs[:3], ls[:3], curs[3:], ls[3:]
-    grid = [1e-3, 1.0, 1e3]
+    _, _, curs, ls = _runs(seed=5, lengths=LENGTHS + (150, 150))
+    fit_c, fit_l, val_c, val_l = curs[:-2], ls[:-2], curs[-2:], ls[-2:]
+    grid = [1e-2, 1e2]
     l2_a, l2_b, table = S.select_lambdas(
         fit_c, fit_l, val_c, val_l, n_train=N_TRAIN, variant="linear", grid=grid
     )
@@ -207,7 +215,12 @@ def test_select_lambdas_picks_the_lowest_validation_mse():
     for a, b in pts:
         sim = S.fit(fit_c, fit_l, n_train=N_TRAIN, variant="linear", l2_a=a, l2_b=b)
         brute.append(
-            np.mean([_all_steps_mse(S.simulate(sim, c, l[0]), l) for c, l in zip(val_c, val_l)])
+            np.mean(
+                [
+                    _all_steps_mse(S.simulate(sim, c, lo[0]), lo)
+                    for c, lo in zip(val_c, val_l, strict=True)
+                ]
+            )
         )
     np.testing.assert_allclose([row["valid_mse"] for row in table], brute, rtol=1e-3)
     assert (l2_a, l2_b) == pts[int(np.argmin(brute))]
@@ -248,13 +261,14 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     bad[1][0, 0] = N_TRAIN
     raises(f"run 1: curriculum id {N_TRAIN} is outside", S.fit, bad, ls, n_train=N_TRAIN)
     raises("run 0: losses have shape", S.fit, curs, [ls[0][:-1]] + ls[1:], n_train=N_TRAIN)
-    raises("losses have shape", S.fit, curs, [ls[0], ls[1][:, :2], ls[2]], n_train=N_TRAIN)
-    nan = [l.copy() for l in ls]
+    raises("losses have shape", S.fit, curs[:3], [ls[0], ls[1][:, :2], ls[2]], n_train=N_TRAIN)
+    nan = [loss.copy() for loss in ls]
     nan[2][4, 1] = np.nan
-    raises("run 2: non-finite loss nan at step 4, test example 1", S.fit, curs, nan,
-           n_train=N_TRAIN)
+    raises(
+        "run 2: non-finite loss nan at step 4, test example 1", S.fit, curs, nan, n_train=N_TRAIN
+    )
     raises("batch size 2 differs", S.fit, [curs[0], curs[1][:, :2]], ls[:2], n_train=N_TRAIN)
-    raises("2 curricula but 3 loss arrays", S.fit, curs[:2], ls, n_train=N_TRAIN)
+    raises("2 curricula but 3 loss arrays", S.fit, curs[:2], ls[:3], n_train=N_TRAIN)
     raises("l2_a=-1.0", S.fit, curs, ls, n_train=N_TRAIN, l2_a=-1.0)
     sim = S.fit(curs, ls, n_train=N_TRAIN)
     raises("curriculum id -1 is outside", S.simulate, sim, np.full((3, 3), -1), ls[0][0])
@@ -264,5 +278,14 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     raises("does not exist", S.load_simulator, tmp_path / "missing.npz")
     np.savez(tmp_path / "other.npz", A=np.zeros((2, 2)))
     raises("missing B, variant", S.load_simulator, tmp_path / "other.npz")
-    raises("grid has shape", S.select_lambdas, curs, ls, curs, ls, n_train=N_TRAIN,
-           variant="linear", grid=[[1.0, 2.0, 3.0]])
+    raises(
+        "grid has shape",
+        S.select_lambdas,
+        curs,
+        ls,
+        curs,
+        ls,
+        n_train=N_TRAIN,
+        variant="linear",
+        grid=[[1.0, 2.0, 3.0]],
+    )

@@ -34,7 +34,7 @@ def _numpy_rollout(dots, lrs, ckpt_steps, cur, l0, lr=None, scale=1.0):
     for t in range(1, t_steps + 1):
         k = 0
         for j, s in enumerate(ckpt_steps):
-            if s <= t:
+            if s <= t - 1:  # the checkpoint holds the parameters that step t starts from
                 k = j
         eta = lr[t - 1] if lr is not None else lrs[k]
         change = np.zeros(dots.shape[1])

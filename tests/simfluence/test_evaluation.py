@@ -8,7 +8,7 @@ import pytest
 
 from simfluence import runlog, simulators
 from simfluence.demo_data import make_demo_experiment
-from simfluence.evaluate import ALL_VARIANTS, evaluate
+from simfluence.evaluation import ALL_VARIANTS, evaluate
 from simfluence.runlog import RunLogError
 
 SIZES = dict(n_runs=9, n_train=12, n_test=5, batch=2, steps=23)
@@ -121,7 +121,7 @@ def test_errors(tmp_path, exp):
 
 
 def test_diverging_simulator_is_undefined_not_nan(exp, monkeypatch):
-    ev = importlib.import_module("simfluence.evaluate")  # the module, not the function
+    ev = importlib.import_module("simfluence.evaluation")  # the module, not the function
     from simfluence.table import format_results
 
     real = ev._predict_simfluence

@@ -2,7 +2,7 @@
 
 The split is by run index among the complete runs: the first `n_fit` runs fit the simulators,
 the next `n_valid` choose the ridge strengths (Simfluence variants only), the next `n_test` are
-scored. Scores per variant (see `simfluence.metrics`):
+scored. Scores per variant (see `simfluence.scoring`):
 
 - the paper's metrics: all-steps MSE and final-step Spearman (mean +- stderr over held-out runs);
 - final-step MSE (mean +- stderr over held-out runs);
@@ -27,8 +27,8 @@ import numpy as np
 from simfluence import baselines, simulators, tracin
 
 # Names, not the module: the package may re-export the function `metrics` under the same name.
-from simfluence.metrics import across_run_spearman, mean_stderr, skill_score
-from simfluence.metrics import metrics as per_run_metrics
+from simfluence.scoring import across_run_spearman, mean_stderr, skill_score
+from simfluence.scoring import metrics as per_run_metrics
 from simfluence.runlog import Run, RunLogError, list_runs, load_runs, read_experiment
 
 __all__ = ["ALL_VARIANTS", "DEFAULT_SPLIT", "evaluate", "default_variants", "check_variants"]

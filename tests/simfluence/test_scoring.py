@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 # The module, even if the package re-exports the function `metrics` under the same name.
-M = importlib.import_module("simfluence.metrics")
+M = importlib.import_module("simfluence.scoring")
 
 
 def _traj(rng, t=6, n=9, ties=False):

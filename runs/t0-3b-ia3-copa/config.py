@@ -1,0 +1,49 @@
+"""T0-3B with IA3 (T-Few) on COPA: 32 runs x 1000 steps.
+
+Command (from the repository root, with a network for the weights, or HF_HOME holding them)::
+
+    finetune run runs/t0-3b-ia3-copa --data-dir ../shared/data --tracin
+    simfluence evaluate runs/t0-3b-ia3-copa/output --split 20,2,10
+
+Hardware it was sized for: one NVIDIA H200 (8 runs at once, 4 groups), or a TPU v4-8. Expected
+time: target under 90 minutes on one H200 for 32 runs x 1000 steps (issue 4); time it with
+scripts/bench_runs.py --model-size t0-3b first. Disk: under 1 MB per checkpoint (the IA3 vectors
+and their optimizer state).
+
+Setup: pool = the whole COPA training split (400 examples); 100 tracked validation examples; 32
+runs (20 fit / 2 validation / 10 test) of 1000 steps of batch 8 under "uniform" curricula (slots
+drawn with replacement); T-Few's IA3 recipe (Liu et al. 2022): Adafactor, lr 3e-3, 1000 steps,
+batch 8, linear decay after a 6% warm-up, gradient clipping at 1.0; plain cross-entropy (T-Few's
+unlikelihood and length-normalised losses are not used). Runs trained together: 8 (activation
+memory bound for full tuning). Checkpoints for TracIn-CP at steps (0, 100, 200, 300, 400, 500, 600,
+700, 800, 900, 1000) of the 20 fitting runs."""
+
+from finetune.config import ExperimentConfig
+
+
+def get_config() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="t0-3b-ia3-copa",
+        task="copa",
+        model="bigscience/T0_3B",
+        method="ia3",
+        dtype="bfloat16",
+        optimizer="adafactor",
+        learning_rate=3e-3,
+        schedule="linear",
+        warmup_steps=60,
+        grad_clip_norm=1.0,
+        n_train=400,
+        n_test=100,
+        max_input_length=256,
+        max_target_length=32,
+        length_multiple=16,
+        num_runs=32,
+        steps=1000,
+        batch_size=8,
+        curriculum="uniform",
+        runs_together=8,
+        checkpoint_steps=(0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000),
+        checkpoint_runs=20,
+        extra={"split": [20, 2, 10]},
+    )

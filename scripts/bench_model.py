@@ -1,0 +1,255 @@
+"""Train-step speed of the Flax T5 (finetune.network) at T5/T0 sizes; prints a table.
+
+One train step = forward + backward + optimizer (AdamW) on synthetic tokens, bf16 compute,
+random weights (no checkpoint, no `datasets`). Sizes are T5 v1.1 (gated-gelu) dimensions; T0-3B
+= t5-v1_1-xl. The PyTorch baseline is scripts/bench_model_torch.py (same points, same printout);
+run both in one device call and compare examples/s.
+
+GPU (exact command, ~2-3 min for both scripts on one H100/H200; compile dominates)::
+
+    python scripts/bench_model.py && python scripts/bench_model_torch.py
+
+CPU: defaults to the small size at batch 8 only (and says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from finetune.model import make_per_example_loss, partition, trainable_mask  # noqa: E402
+from finetune.network import T5  # noqa: E402
+from finetune.steps import make_optimizer, make_train_step  # noqa: E402
+
+# name: (d_model, d_ff, layers (each stack), heads); d_kv 64, vocab 32128, gated-gelu (v1.1).
+# The issue's PyTorch reference points (H200): small/32, base/8, base/32, large/32, T0-3B/8.
+REFERENCE_POINTS = [("small", 32), ("base", 8), ("base", 32), ("large", 32), ("t0-3b", 8)]
+SIZES = {
+    "small": (512, 1024, 6, 8),
+    "base": (768, 2048, 12, 12),
+    "large": (1024, 2816, 24, 16),
+    "t0-3b": (2048, 5120, 24, 32),
+}
+PEAK_BF16 = 989e12  # dense bf16 FLOP/s of one H100 SXM / H200 (no sparsity)
+
+
+def t5_config(size: str, dropout: float) -> transformers.T5Config:
+    d, ff, n, h = SIZES[size]
+    return transformers.T5Config(
+        vocab_size=32128,
+        d_model=d,
+        d_ff=ff,
+        num_layers=n,
+        num_decoder_layers=n,
+        num_heads=h,
+        d_kv=64,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=dropout,
+        decoder_start_token_id=0,
+    )
+
+
+def _stack_params(params, name: str) -> int:
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if jax.tree_util.keystr(path).startswith(f"['{name}']"):
+            total += int(np.prod(leaf.shape))
+    return total
+
+
+def step_flops(params, batch: int, l_in: int, l_tgt: int) -> float:
+    """6 x params x tokens per stack: encoder params x encoder tokens, decoder (+ output
+    layer) params x decoder tokens. Embedding lookups are not matmuls and are not counted."""
+    enc = _stack_params(params, "encoder")
+    dec = _stack_params(params, "decoder") + _stack_params(params, "lm_head")
+    return 6.0 * (enc * batch * l_in + dec * batch * l_tgt)
+
+
+def build(config, *, ia3: bool, param_dtype, scan: bool, seed: int = 0):
+    """graphdef and params, initialised by one jitted function (rbg keys: cheap to compile)."""
+
+    def make(key):
+        return T5(
+            config,
+            ia3=ia3,
+            dtype=jnp.bfloat16,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(key),
+            scan_layers=scan,
+        )
+
+    key = jax.random.key(seed, impl="rbg")
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(key)))
+    params = jax.jit(lambda k: nnx.split(make(k))[1])(key)
+    return graphdef, params
+
+
+def synthetic_batch(batch: int, l_in: int, l_tgt: int, seed: int):
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(2, 32000, size=(batch, l_in)).astype(np.int32)
+    targets = rng.integers(2, 32000, size=(batch, l_tgt)).astype(np.int32)
+    inputs[:, -1] = 1
+    targets[:, -1] = 1
+    return {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets)}
+
+
+def peak_memory_gb() -> tuple[float, str]:
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**30, "device peak_bytes_in_use (process so far)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host ru_maxrss"
+
+
+def run_point(size, batch, method, args):
+    config = t5_config(size, args.dropout)
+    param_dtype = jnp.dtype(args.param_dtype)
+    graphdef, params = build(
+        config, ia3=method == "ia3", param_dtype=param_dtype, scan=args.layers == "scan"
+    )
+    flops = step_flops(params, batch, args.input_len, args.target_len)
+    trainable, frozen = partition(params, trainable_mask(params, method))
+    del params
+    optimizer = make_optimizer("adamw", 1e-4)
+    opt_state = optimizer.init(trainable)
+    step = jax.jit(
+        make_train_step(make_per_example_loss(graphdef), optimizer), donate_argnums=(0, 1)
+    )
+    batches = [synthetic_batch(batch, args.input_len, args.target_len, s) for s in range(2)]
+    base_key = jax.random.key(0, impl="rbg")
+    rng0 = jax.random.fold_in(base_key, 0) if args.dropout > 0 else None
+    t0 = time.perf_counter()
+    compiled = step.lower(trainable, opt_state, frozen, batches[0], rng0).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    step_gb = float("nan")
+    if mem is not None:
+        step_gb = (
+            mem.temp_size_in_bytes
+            + mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes
+        ) / 2**30
+
+    def run(i):
+        nonlocal trainable, opt_state
+        rng = jax.random.fold_in(base_key, i) if args.dropout > 0 else None
+        trainable, opt_state, loss = compiled(trainable, opt_state, frozen, batches[i % 2], rng)
+        return loss
+
+    for i in range(args.warmup):
+        loss = run(i)
+    loss.block_until_ready()
+    t0 = time.perf_counter()
+    for i in range(args.iters):
+        loss = run(args.warmup + i)
+    loss.block_until_ready()
+    ms = (time.perf_counter() - t0) / args.iters * 1e3
+    if not np.isfinite(float(loss)):
+        raise FloatingPointError(f"{size} b{batch} {method}: non-finite loss {float(loss)}")
+    peak, _ = peak_memory_gb()
+    return ms, compile_s, step_gb, peak, flops
+
+
+def main(argv=None):
+    on_gpu = jax.default_backend() != "cpu"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default=None, help=f"comma list of {list(SIZES)}")
+    p.add_argument("--batches", default=None, help="comma list, e.g. 8,32")
+    p.add_argument(
+        "--points",
+        choices=("grid", "reference"),
+        default="grid",
+        help="grid: every size x batch; reference: only the issue's 5 reference points",
+    )
+    p.add_argument("--methods", default="full,ia3", help="comma list of full,ia3")
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--target-len", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate (train mode)")
+    p.add_argument(
+        "--layers",
+        choices=("scan", "unroll"),
+        default="scan",
+        help="lax.scan over blocks (compile time independent of depth) or unrolled",
+    )
+    p.add_argument(
+        "--param-dtype",
+        default="bfloat16",
+        help="parameter/optimizer-state dtype (bfloat16 like the torch baseline)",
+    )
+    args = p.parse_args(argv)
+    sizes = args.sizes.split(",") if args.sizes else (list(SIZES) if on_gpu else ["small"])
+    batches = (
+        [int(b) for b in args.batches.split(",")] if args.batches else ([8, 32] if on_gpu else [8])
+    )
+    methods = args.methods.split(",")
+    for s in sizes:
+        if s not in SIZES:
+            p.error(f"--sizes: unknown size {s!r}; choose from {list(SIZES)}")
+    for m in methods:
+        if m not in ("full", "ia3"):
+            p.error(f"--methods: unknown method {m!r}; choose full or ia3")
+    dev = jax.devices()[0]
+    print(
+        f"device: {dev.platform} {dev.device_kind} x{jax.device_count()} | jax {jax.__version__}"
+        f" | flax T5 ({args.layers} layers), bf16 compute, params {args.param_dtype}, AdamW,"
+        f" dropout {args.dropout}"
+        f" | input {args.input_len} target {args.target_len}"
+        f" | {args.warmup} warm-up + {args.iters} timed steps"
+    )
+    if not on_gpu and not args.sizes:
+        print(
+            "CPU backend: running the small size at batch 8 only (pass --sizes/--batches "
+            "for more; GPU runs all sizes at batch 8 and 32)"
+        )
+    print(
+        f"{'size':>6} {'batch':>5} {'method':>6} {'ms/step':>9} {'ex/s':>8} {'compile s':>9} "
+        f"{'step GB':>8} {'peak GB':>8} {'%bf16 peak':>10}"
+    )
+    if args.points == "reference":
+        points = [(s, b) for s, b in REFERENCE_POINTS if s in sizes]
+    else:
+        points = [(s, b) for s in sizes for b in batches]
+    for size, batch in points:
+        for method in methods:
+            try:
+                ms, cs, sgb, peak, flops = run_point(size, batch, method, args)
+            except Exception as err:  # OOM at the largest points: report, go on
+                msg = str(err).splitlines()[0][:80]
+                print(f"{size:>6} {batch:>5} {method:>6}  FAILED: {type(err).__name__}: {msg}")
+                continue
+            mfu = flops / (ms / 1e3) / PEAK_BF16 * 100
+            print(
+                f"{size:>6} {batch:>5} {method:>6} {ms:9.2f} {batch / ms * 1e3:8.1f} "
+                f"{cs:9.1f} {sgb:8.2f} {peak:8.2f} {mfu:9.1f}%",
+                flush=True,
+            )
+    _, what = peak_memory_gb()
+    print(
+        f"peak GB: {what}; step GB: XLA memory_analysis of the compiled step "
+        "(arguments + outputs + temporaries - donated aliases)"
+    )
+    print(
+        f"%bf16 peak: 6 x params x tokens per stack (encoder params x {args.input_len} tokens, "
+        f"decoder + lm_head params x {args.target_len} tokens, per example) / step time / "
+        f"{PEAK_BF16:.0f} FLOP/s (H100 SXM / H200 dense bf16; meaningful only on those GPUs; "
+        "IA3 skips weight gradients so its true FLOPs are lower)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""PyTorch baseline for scripts/bench_model.py: transformers T5 in eager bf16 with AdamW.
+
+Same points and printout as the Flax benchmark: ``transformers.T5ForConditionalGeneration``
+(gated-gelu v1.1 dimensions, random weights, parameters in bfloat16), ``torch.optim.AdamW``,
+train mode (dropout), synthetic tokens, input 256, target 8. Run it in the same device call as
+bench_model.py and compare examples/s.
+
+GPU::
+
+    python scripts/bench_model_torch.py
+
+CPU: small size at batch 8 only (and says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import numpy as np
+import torch
+import transformers
+
+# The issue's PyTorch reference points (H200): small/32, base/8, base/32, large/32, T0-3B/8.
+REFERENCE_POINTS = [("small", 32), ("base", 8), ("base", 32), ("large", 32), ("t0-3b", 8)]
+SIZES = {
+    "small": (512, 1024, 6, 8),
+    "base": (768, 2048, 12, 12),
+    "large": (1024, 2816, 24, 16),
+    "t0-3b": (2048, 5120, 24, 32),
+}
+
+
+def t5_config(size: str, dropout: float) -> transformers.T5Config:
+    d, ff, n, h = SIZES[size]
+    return transformers.T5Config(
+        vocab_size=32128,
+        d_model=d,
+        d_ff=ff,
+        num_layers=n,
+        num_decoder_layers=n,
+        num_heads=h,
+        d_kv=64,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=dropout,
+        decoder_start_token_id=0,
+    )
+
+
+def synthetic_batch(batch, l_in, l_tgt, seed, device):
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(2, 32000, size=(batch, l_in))
+    targets = rng.integers(2, 32000, size=(batch, l_tgt))
+    inputs[:, -1] = 1
+    targets[:, -1] = 1
+    return (torch.tensor(inputs, device=device), torch.tensor(targets, device=device))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_point(size, batch, method, args, device):
+    config = t5_config(size, args.dropout)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.T5ForConditionalGeneration(config)
+    model = model.to(torch.bfloat16).train()
+    if method == "ia3":
+        # T-Few IA3 on HF T5 (as PEFT does it): a ones vector after k, v and wi_1; only those
+        # train. Gated FF: scaling wi_1's output == scaling the inner activation.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        vectors = []
+
+        def hook(vec):
+            return lambda mod, inp, out: out * vec
+
+        for name, mod in model.named_modules():
+            if name.endswith((".k", ".v", ".wi_1")) and isinstance(mod, torch.nn.Linear):
+                vec = torch.nn.Parameter(
+                    torch.ones(mod.out_features, device=device, dtype=torch.bfloat16)
+                )
+                mod.register_forward_hook(hook(vec))
+                vectors.append(vec)
+        params = vectors
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    batches = [synthetic_batch(batch, args.input_len, args.target_len, s, device) for s in range(2)]
+
+    def step(i):
+        inputs, targets = batches[i % 2]
+        out = model(input_ids=inputs, attention_mask=(inputs != 0).long(), labels=targets)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup):
+        loss = step(i)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(args.iters):
+        loss = step(args.warmup + i)
+    sync(device)
+    ms = (time.perf_counter() - t0) / args.iters * 1e3
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {float(loss)}")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return ms, peak
+
+
+def main(argv=None):
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default=None, help=f"comma list of {list(SIZES)}")
+    p.add_argument("--batches", default=None, help="comma list, e.g. 8,32")
+    p.add_argument(
+        "--points",
+        choices=("grid", "reference"),
+        default="grid",
+        help="grid: every size x batch; reference: only the issue's 5 reference points",
+    )
+    p.add_argument("--methods", default="full,ia3", help="comma list of full,ia3")
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--target-len", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate (train mode)")
+    args = p.parse_args(argv)
+    sizes = args.sizes.split(",") if args.sizes else (list(SIZES) if on_gpu else ["small"])
+    batches = (
+        [int(b) for b in args.batches.split(",")] if args.batches else ([8, 32] if on_gpu else [8])
+    )
+    methods = args.methods.split(",")
+    for s in sizes:
+        if s not in SIZES:
+            p.error(f"--sizes: unknown size {s!r}; choose from {list(SIZES)}")
+    name = torch.cuda.get_device_name(0) if on_gpu else "cpu"
+    print(
+        f"device: {device.type} {name} | torch {torch.__version__} | transformers "
+        f"{transformers.__version__} eager, params bfloat16, AdamW, dropout {args.dropout}"
+        f" | input {args.input_len} target {args.target_len}"
+        f" | {args.warmup} warm-up + {args.iters} timed steps"
+    )
+    if not on_gpu and not args.sizes:
+        print("CPU: running the small size at batch 8 only (GPU runs all sizes at 8 and 32)")
+    print(f"{'size':>6} {'batch':>5} {'method':>6} {'ms/step':>9} {'ex/s':>8} {'peak GB':>8}")
+    if args.points == "reference":
+        points = [(s, b) for s, b in REFERENCE_POINTS if s in sizes]
+    else:
+        points = [(s, b) for s in sizes for b in batches]
+    for size, batch in points:
+        for method in methods:
+            try:
+                ms, peak = run_point(size, batch, method, args, device)
+                if on_gpu:
+                    torch.cuda.empty_cache()  # the point's model and optimizer are freed
+            except Exception as err:  # OOM at the largest points: report, go on
+                msg = str(err).splitlines()[0][:80]
+                print(f"{size:>6} {batch:>5} {method:>6}  FAILED: {type(err).__name__}: {msg}")
+                if on_gpu:
+                    torch.cuda.empty_cache()
+                continue
+            print(
+                f"{size:>6} {batch:>5} {method:>6} {ms:9.2f} {batch / ms * 1e3:8.1f} {peak:8.2f}",
+                flush=True,
+            )
+    print("peak GB: torch.cuda.max_memory_allocated per point (host ru_maxrss on CPU)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""ExperimentConfig checks, the committed runs/ configs, and the demo's issue-7 regime."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from finetune.cli import load_config
+from finetune.config import ConfigError, ExperimentConfig, WarmupConfig
+
+RUNS = Path(__file__).resolve().parents[2] / "runs"
+PAPER = [
+    f"{m}-{t}"
+    for m in ("t5-base-lm-adapt-full", "t0-3b-full", "t0-3b-ia3")
+    for t in ("rte", "copa", "winogrande")
+]
+
+
+def _base(**kw):
+    args = dict(
+        name="t",
+        task="rte",
+        random_init={"d_model": 8},
+        n_train=10,
+        n_test=4,
+        num_runs=2,
+        steps=5,
+        batch_size=2,
+    )
+    args.update(kw)
+    return ExperimentConfig(**args)
+
+
+def test_round_trip():
+    c = _base(checkpoint_steps=(0, 2, 5), warmup=WarmupConfig(steps=3))
+    assert ExperimentConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ConfigError, match="unknown config field"):
+        ExperimentConfig.from_dict({**c.to_dict(), "lr": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"task": "mnli"}, "unknown task 'mnli'"),
+        ({"test_split": "test"}, "test_split='test' is not a split of rte"),
+        ({"batch_size": 11}, "batch_size=11 is larger than the pool"),
+        ({"curriculum": "subset", "subset_size": 3, "batch_size": 4}, "larger than the pool"),
+        ({"curriculum": "subset"}, "subset_size=None"),
+        ({"checkpoint_steps": (2, 6)}, r"checkpoint_steps \[2, 6\] must lie in \[0, steps=5\]"),
+        ({"checkpoint_steps": (3, 2)}, "increasing"),
+        ({"method": "lora"}, "method='lora'"),
+        ({"optimizer": "sgd"}, "optimizer='sgd'"),
+        ({"steps": 0}, "steps=0 must be an integer >= 1"),
+        ({"random_init": None}, "give model"),
+        ({"model": "x"}, "not both"),
+        ({"learning_rate": 0.0}, "learning_rate=0.0"),
+        ({"warmup_steps": 5}, "warmup_steps=5"),
+    ],
+)
+def test_bad_fields(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        _base(**kw)
+
+
+def test_every_field_has_a_comment():
+    source = (Path(__file__).resolve().parents[2] / "finetune" / "config.py").read_text()
+    body = source.split("class ExperimentConfig")[1].split("def __post_init__")[0]
+    for f in dataclasses.fields(ExperimentConfig):
+        line = next(x for x in body.splitlines() if re.match(rf"\s+{f.name}: ", x))
+        assert "#" in line, f"field {f.name} has no comment"
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_configs_load_and_document_themselves(name):
+    config, folder = load_config(RUNS / name)
+    assert config.name == name and folder == RUNS / name
+    doc = " ".join((RUNS / name / "config.py").read_text().split('"""')[1].split())
+    assert f"finetune run runs/{name}" in doc
+    assert "Hardware" in doc and "Expected time" in doc
+    assert config.num_runs == 32 and config.steps == 1000 and config.batch_size == 8
+    if config.method == "ia3":
+        assert config.learning_rate == 3e-3  # T-Few
+
+
+def test_demo_is_in_the_informative_regime():
+    config, _ = load_config(RUNS / "demo")
+    slots = config.steps * config.batch_size
+    assert slots % config.n_train != 0  # issue 7: counts must differ between runs
+    fit_runs = 20
+    assert fit_runs * slots / config.n_train >= 40  # each example seen >= 40x on average
+    assert config.num_runs == 32 and config.extra["split"] == [20, 2, 10]
+    assert config.random_init["vocab_size"] == 32128 and config.warmup is not None
+    assert config.checkpoint_runs >= fit_runs and config.checkpoint_steps

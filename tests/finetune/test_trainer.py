@@ -1,0 +1,156 @@
+"""The vmapped group program: R runs together == one at a time; sharded == single device."""
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+
+from finetune import hf
+from finetune.model import make_per_example_loss, make_score_choices, partition, trainable_mask
+from finetune.steps import make_optimizer
+from finetune.trainer import (
+    _batch_sharding,
+    _broadcast,
+    _place,
+    _put,
+    gather_batch,
+    make_mesh,
+    make_programs,
+    make_tracked_set,
+)
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # float32 reassociation only; fixed before running
+
+
+def _data(rng, n, vocab=60, max_len=24):
+    lengths = rng.integers(3, max_len + 1, n)
+    inputs = np.zeros((n, max_len), np.int32)
+    for i, k in enumerate(lengths):
+        inputs[i, : k - 1] = rng.integers(3, vocab, k - 1)
+        inputs[i, k - 1] = 1
+    choices = np.zeros((n, 2, 3), np.int32)
+    choices[:, :, 0] = rng.integers(3, vocab, (n, 2))
+    choices[:, :, 1] = 1
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    return inputs, choices[np.arange(n), labels], choices, labels, lengths.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = transformers.T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_ff=32,
+        d_kv=8,
+        num_heads=2,
+        num_layers=1,
+        num_decoder_layers=1,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=8,
+    )
+    graphdef, params = nnx.split(hf.init_random(config, seed=0))
+    trainable, frozen = partition(params, trainable_mask(params, "full"))
+    rng = np.random.default_rng(0)
+    pool, test = _data(rng, 16), _data(rng, 5)
+    optimizer = make_optimizer("adamw", 1e-2)
+    fns = (make_per_example_loss(graphdef), make_score_choices(graphdef))
+    return dict(
+        trainable=trainable,
+        frozen=frozen,
+        pool=pool,
+        test=test,
+        optimizer=optimizer,
+        fns=fns,
+        params=params,
+    )
+
+
+_PROGRAMS = {}
+
+
+def _programs(s, devices):
+    """One set of jitted programs per device count, shared by the tests (compiles are slow)."""
+    key = len(devices)
+    if key not in _PROGRAMS:
+        mesh = make_mesh(devices)
+        _PROGRAMS[key] = (mesh, make_programs(*s["fns"], s["optimizer"], mesh))
+    return _PROGRAMS[key]
+
+
+def _train(s, devices, curricula, multiple=24, test_multiple=8):
+    """Runs curricula [R, T, b] together on a mesh; returns (train [R, T], test [R, T, n], tr).
+
+    Batches are padded to ``multiple`` = the maximum input length (one shape, one compile per
+    R); the tracked set is cut into buckets of ``test_multiple``.
+    """
+    mesh, progs = _programs(s, devices)
+    n_dev = len(devices)
+    tracked = make_tracked_set(
+        *s["test"][:4], s["test"][4], multiple=multiple, n_devices=n_dev, mesh=mesh
+    )
+    r = curricula.shape[0]
+    tr = _place(_broadcast(s["trainable"], r), mesh)
+    op = _place(_broadcast(s["optimizer"].init(s["trainable"]), r), mesh)
+    fr = _place(s["frozen"], mesh)
+    sharding = _batch_sharding(mesh, curricula.shape[2])
+    train, test = [], []
+    for t in range(curricula.shape[1]):
+        batch = gather_batch(s["pool"][0], s["pool"][1], s["pool"][4], curricula[:, t], multiple)
+        batch = {k: _put(v, sharding) for k, v in batch.items()}
+        tr, op, tl, te = progs["step"](tr, op, fr, batch, tracked.buckets)
+        train.append(np.asarray(tl))
+        test.append(tracked.scatter(np.asarray(te)))
+    return np.stack(train, 1), np.stack(test, 1), jax.device_get(tr), progs
+
+
+def test_runs_together_equal_runs_alone(setup):
+    rng = np.random.default_rng(1)
+    curricula = rng.integers(0, 16, (2, 3, 8))
+    dev = jax.devices()[:1]
+    train, test, tr, progs = _train(setup, dev, curricula)
+    assert progs["step"]._cache_size() == 1  # the second and third calls did not recompile
+    for r in range(2):
+        train1, test1, tr1, _ = _train(setup, dev, curricula[r : r + 1])
+        np.testing.assert_allclose(train1[0], train[r], **TOL)
+        np.testing.assert_allclose(test1[0], test[r], **TOL)
+        for a, b in zip(jax.tree.leaves(tr1), jax.tree.leaves(tr), strict=True):
+            np.testing.assert_allclose(a[0], b[r], **TOL)
+    # The runs differ (different curricula), so the comparison is not vacuous.
+    assert np.abs(test[0] - test[1]).max() > 1e-4
+
+
+def test_sharded_step_equals_single_device(setup):
+    assert len(jax.devices()) == 8, "conftest sets 8 fake CPU devices"
+    rng = np.random.default_rng(2)
+    curricula = rng.integers(0, 16, (2, 2, 8))
+    train1, test1, tr1, _ = _train(setup, jax.devices()[:1], curricula)
+    train8, test8, tr8, _ = _train(setup, jax.devices(), curricula)
+    np.testing.assert_allclose(train8, train1, **TOL)
+    np.testing.assert_allclose(test8, test1, **TOL)
+    for a, b in zip(jax.tree.leaves(tr8), jax.tree.leaves(tr1), strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_bucketed_tracked_losses_match_unpadded_reference(setup):
+    """The logged losses (length buckets + scatter) are each example's own loss, in test order."""
+    from finetune.model import combine
+
+    curricula = np.random.default_rng(1).integers(0, 16, (2, 3, 8))  # as in the test above
+    _, test, tr, _ = _train(setup, jax.devices()[:1], curricula)
+    inputs, targets = setup["test"][:2]
+    for r in range(2):
+        params = combine(jax.tree.map(lambda x, r=r: x[r], tr), setup["frozen"])
+        # Reference: all examples in one batch padded to the maximum, in test order (no buckets).
+        want = jax.jit(setup["fns"][0])(params, {"inputs": inputs, "targets": targets})
+        np.testing.assert_allclose(test[r, -1], np.asarray(want), **TOL)
+    assert np.unique(np.round(test[0, -1], 4)).size == len(inputs)  # distinct: order checked
+
+
+def test_gather_batch_pads_to_multiple_of_own_max(setup):
+    pool = setup["pool"]
+    ids = np.array([[0, 1], [2, 3]])
+    batch = gather_batch(pool[0], pool[1], pool[4], ids, 8)
+    length = batch["inputs"].shape[-1]
+    assert length % 8 == 0 and length - 8 < pool[4][ids].max() <= length
+    assert batch["inputs"].shape[:2] == (2, 2) and batch["targets"].shape == (2, 2, 3)

@@ -44,15 +44,15 @@ SIZES = {
         tie_word_embeddings=True,
     ),
     "demo": dict(
-        d_model=64,
-        d_ff=256,
-        d_kv=16,
+        d_model=32,
+        d_ff=128,
+        d_kv=8,
         num_heads=4,
         num_layers=2,
         num_decoder_layers=2,
         feed_forward_proj="relu",
         tie_word_embeddings=True,
-    ),
+    ),  # runs/demo
     "t5-base": dict(
         d_model=768,
         d_ff=2048,

@@ -29,6 +29,10 @@ FIT_RUNS ?= 0-19
 VALID_RUNS ?= 20-21
 PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
+TABLE_INPUTS ?= $(wildcard runs/*/output/results.json)
+TABLE_OUT ?= results/table.md
+# Tests run the targets with INSTALL_DEP= and PYTHON=<their interpreter>.
+INSTALL_DEP ?= install
 FINETUNE = $(PYTHON) -m finetune.cli
 SIMFLUENCE = $(PYTHON) -m simfluence.cli
 
@@ -51,38 +55,39 @@ test: install  ## The default test suite (CPU, no network, < 10 min on 2 cores).
 test-all: install  ## Every test, the slow ones too.
 	$(PYTHON) -m pytest -q -m "slow or not slow" tests
 
-demo: install  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots).
-	$(MAKE) --no-print-directory runs tracin simulate figures CONFIG=runs/demo OUT=$(EXP)
+demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots).
+	$(MAKE) --no-print-directory runs tracin simulate figures CONFIG=runs/demo OUT=$(EXP) \
+	  INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON)
 	$(SIMFLUENCE) table $(EXP)/results.json --out $(EXP)/table.md
 	@echo "demo outputs in $(EXP): results.json, table.md, figures/"
 
-runs: install  ## Training runs of CONFIG=runs/<name> (resumes an interrupted experiment).
+runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interrupted experiment).
 	$(FINETUNE) run $(CONFIG) --out $(EXP)
 
-tracin: install  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
+tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
 	$(FINETUNE) tracin $(EXP)
 
-simulate: install  ## `simfluence evaluate` with every variant on $(EXP); fits the linear simulator.
+simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); fits the linear simulator.
 	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json
 	$(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant linear \
 	  --out $(EXP)/sim_linear.npz
 
-figures: install  ## Trajectories, fitted A/B distributions and top influences for $(EXP).
+figures: $(INSTALL_DEP)  ## Trajectories, fitted A/B distributions and top influences for $(EXP).
 	$(SIMFLUENCE) figures $(EXP) --sim $(EXP)/sim_linear.npz --runs $(PLOT_RUN) --tests $(TESTS) \
 	  --out $(EXP)/figures
 
-table: install  ## All finished experiments (runs/*/output) into results/table.md and .json.
-	@files="$(wildcard runs/*/output/results.json)"; \
-	if [ -z "$$files" ]; then echo "make table: no runs/*/output/results.json yet; run make simulate first" >&2; exit 2; fi; \
-	mkdir -p results && $(SIMFLUENCE) table $$files --out results/table.md
+table: $(INSTALL_DEP)  ## All finished experiments (runs/*/output) into results/table.md and .json.
+	@if [ -z "$(strip $(TABLE_INPUTS))" ]; then \
+	  echo "make table: no runs/*/output/results.json yet; run make simulate first" >&2; exit 2; fi
+	mkdir -p $(dir $(TABLE_OUT)) && $(SIMFLUENCE) table $(TABLE_INPUTS) --out $(TABLE_OUT)
 
-bench: install  ## Every benchmark script that fits this machine (CPU sizes).
+bench: $(INSTALL_DEP)  ## Every benchmark script that fits this machine (CPU sizes).
 	$(PYTHON) scripts/bench_fit.py
 	$(PYTHON) scripts/bench_model.py
 	$(PYTHON) scripts/bench_runs.py
 	$(PYTHON) scripts/bench_tracin.py
 
-lint: install  ## ruff format --check and ruff check.
+lint: $(INSTALL_DEP)  ## ruff format --check and ruff check.
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
 
 TPU_TARGET ?= runs

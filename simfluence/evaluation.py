@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from simfluence import baselines, simulators, tracin
+from simfluence.runlog import Run, RunLogError, list_runs, load_runs, read_experiment
 
 # Names, not the module: the package may re-export the function `metrics` under the same name.
 from simfluence.scoring import across_run_spearman, mean_stderr, skill_score
 from simfluence.scoring import metrics as per_run_metrics
-from simfluence.runlog import Run, RunLogError, list_runs, load_runs, read_experiment
 
 __all__ = ["ALL_VARIANTS", "DEFAULT_SPLIT", "evaluate", "default_variants", "check_variants"]
 

@@ -630,8 +630,10 @@ def _removal(a, b, curriculum, mult, l0, additive: bool):
             alpha_i = alpha
             new_i = diff[ids] - m * bi
         else:
-            alpha_i = alpha - m * ai
-            new_i = alpha_i * diff[ids] - m * (ai * loss + bi)
+            # The removed slots become neutral: A = 1/batch, B = 0 (see removal_influence).
+            excess = ai - jnp.float32(1.0 / curriculum.shape[1])
+            alpha_i = alpha - m * excess
+            new_i = alpha_i * diff[ids] - m * (excess * loss + bi)
         diff = (alpha * diff).at[ids].set(new_i)
         return (alpha * loss + beta, diff), None
 
@@ -643,8 +645,12 @@ def _removal(a, b, curriculum, mult, l0, additive: bool):
 def removal_influence(sim: Simulator, curriculum, initial_losses, test_index: int) -> jax.Array:
     """Exact change of one test example's simulated final loss when each example is removed.
 
-    Removing training example i drops all its slots from the curriculum: at every step where it
-    appears (m times), alpha loses m A_i and beta loses m B_i (for "additive" alpha stays 1).
+    Removing training example i drops its slots from the curriculum. The simulator was fitted at
+    one batch size, where A_i is about 1/batch, so a batch that merely lost a slot would lose about
+    1/batch of the loss through alpha: an artefact of the batch shrinking, not an effect of the
+    example. A removed slot is therefore treated as a neutral slot, one that leaves the loss
+    unchanged (A = 1/batch, B = 0): at every step where example i appears m times, alpha loses
+    m (A_i - 1/batch) and beta loses m B_i (for "additive" alpha stays 1).
     The rollout with all examples and the n_train rollouts with one example removed are run
     together in one `lax.scan` that carries the differences directly (exact, O(T (n_train +
     batch)), no gradient approximation).

@@ -195,9 +195,12 @@ def test_removal_influence_matches_brute_force(variant):
     assert infl.shape == (N_TRAIN,) and infl.dtype == np.float32
     additive = variant == "additive"
     full = _numpy_rollout(A, B, cur, l0, additive)[-1, j]
+    # A removed slot becomes a neutral example (A = 1/batch, B = 0): column N_TRAIN here.
+    A_n = np.concatenate([A, np.full((N_TEST, 1), 1 / BATCH, np.float32)], axis=1)
+    B_n = np.concatenate([B, np.zeros((N_TEST, 1), np.float32)], axis=1)
     for i in [2, 5, 7, N_TRAIN - 1]:
-        dropped = [[k for k in batch if k != i] for batch in cur]
-        brute = _numpy_rollout(A, B, dropped, l0, additive)[-1, j] - full
+        neutral = np.where(cur == i, N_TRAIN, cur)
+        brute = _numpy_rollout(A_n, B_n, neutral, l0, additive)[-1, j] - full
         assert infl[i] == pytest.approx(brute, abs=1e-5 * max(1.0, abs(full)))
     assert infl[N_TRAIN - 1] == 0.0
 

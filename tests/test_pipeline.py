@@ -1,0 +1,169 @@
+"""The make targets end to end on a tiny config: runs -> tracin -> simulate -> figures -> table.
+
+Runs the real Makefile (with the test's interpreter and no install step), so the targets users
+type are what is tested; then reruns everything and checks that finished work is kept as is.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_CONFIG = '''"""Tiny pipeline-test config."""
+
+from finetune.config import ExperimentConfig
+
+
+def get_config():
+    return ExperimentConfig(
+        name="pipeline",
+        task="rte",
+        random_init=dict(
+            vocab_size=32128, d_model=8, d_ff=16, d_kv=4, num_heads=2, num_layers=1,
+            num_decoder_layers=1, feed_forward_proj="relu", dropout_rate=0.0,
+            relative_attention_num_buckets=8,
+        ),
+        freeze_embeddings=True,
+        learning_rate=1e-2,
+        n_train=8,
+        n_test=4,
+        max_input_length=32,
+        max_target_length=4,
+        length_multiple=32,
+        num_runs=5,
+        steps=5,
+        batch_size=2,
+        curriculum="uniform",
+        runs_together=5,
+        checkpoint_steps=(0, 3),
+    )
+'''
+
+VARIANTS = (
+    "linear",
+    "additive",
+    "multiplicative",
+    "tracin-cp",
+    "tracin-cp-rescaled",
+    "constant",
+    "mean-trajectory",
+)
+
+
+def _make(target: str, config: Path, exp: Path, data_dir: Path, tok: Path, **extra) -> None:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    variables = {
+        "CONFIG": str(config),
+        "OUT": str(exp),
+        "PYTHON": sys.executable,
+        "INSTALL_DEP": "",
+        "SPLIT": "2,1,2",
+        "FIT_RUNS": "0-1",
+        "VALID_RUNS": "2",
+        "PLOT_RUN": "4",
+        "TESTS": "0,1",
+        **extra,
+    }
+    env = {
+        **os.environ,
+        "SIMFLUENCE_DATA_DIR": str(data_dir),
+        "SIMFLUENCE_TOKENIZER": str(tok),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    cmd = ["make", "--no-print-directory", "-C", str(REPO), target]
+    cmd += [f"{k}={v}" for k, v in variables.items()]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (
+        f"make {target} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+
+
+def _snapshot(exp: Path) -> dict[str, bytes]:
+    names = ("losses.npy", "curriculum.npy", "tracin.npz")
+    return {
+        str(p.relative_to(exp)): p.read_bytes()
+        for p in sorted(exp.glob("run_*/*"))
+        if p.name in names
+    }
+
+
+def test_make_targets_end_to_end_and_rerun(tmp_path, data_dir, t5_tokenizer_dir):
+    config = tmp_path / "pipeline"
+    config.mkdir()
+    (config / "config.py").write_text(TINY_CONFIG)
+    exp = tmp_path / "exp"
+    table = tmp_path / "results" / "table.md"
+    args = (config, exp, data_dir, t5_tokenizer_dir)
+
+    for target in ("runs", "tracin", "simulate", "figures"):
+        _make(target, *args)
+    _make("table", *args, TABLE_INPUTS=str(exp / "results.json"), TABLE_OUT=str(table))
+
+    # runs: five complete runs in the run-log format, with checkpoints and TracIn-CP dots.
+    from simfluence import runlog
+
+    runs = runlog.load_runs(exp)
+    assert [r.index for r in runs] == [0, 1, 2, 3, 4]
+    for r in runs:
+        assert r.curriculum.shape == (5, 2) and r.losses.shape == (6, 4)
+        tr = runlog.read_tracin(r.path)
+        assert tr is not None and tr["dots"].shape == (2, 4, 8)
+        assert list(tr["steps"]) == [0, 3]
+
+    # simulate: every variant scored, finite wherever the metric is defined.
+    results = json.loads((exp / "results.json").read_text())
+    assert set(results["variants"]) == set(VARIANTS)
+    for name, row in results["variants"].items():
+        for metric in ("all_steps_mse", "final_step_spearman", "final_step_mse"):
+            assert math.isfinite(row[metric]["mean"]), (name, metric, row[metric])
+    assert results["split"]["fit"] == [0, 1] and results["split"]["test"] == [3, 4]
+    assert (exp / "sim_linear.npz").is_file()
+
+    # figures and table.
+    for name in ("trajectories.png", "parameters.png", "influence.txt", "influence.json"):
+        assert (exp / "figures" / name).stat().st_size > 0, name
+    text = table.read_text()
+    for name in VARIANTS:
+        assert f"| {name} |" in text
+    assert json.loads(table.with_suffix(".json").read_text())
+
+    # A second pass keeps every finished file bitwise as it was and gives the same results.
+    before = _snapshot(exp)
+    for target in ("runs", "tracin", "simulate"):
+        _make(target, *args)
+    assert _snapshot(exp) == before
+    again = json.loads((exp / "results.json").read_text())
+    assert again["variants"] == results["variants"]
+
+
+def test_make_table_without_results_fails_cleanly(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    proc = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(REPO),
+            "table",
+            "INSTALL_DEP=",
+            f"PYTHON={sys.executable}",
+            "TABLE_INPUTS=",
+            f"TABLE_OUT={tmp_path}/t.md",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "run make simulate first" in proc.stderr
+    assert not (tmp_path / "t.md").exists()

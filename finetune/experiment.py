@@ -300,11 +300,18 @@ def restore_trainable(run_dir: str | Path, step: int, target_trainable):
 
 
 def save_checkpoint(run_dir: str | Path, step: int, trainable, opt_state, log: dict) -> None:
-    """Saves the trainable state, optimizer state and the run's log so far at ``step``."""
+    """Saves the trainable state, optimizer state and the run's log so far at ``step``.
+
+    A run resumed from an earlier checkpoint re-reaches steps that an interrupted pass may have
+    checkpointed already (step 0 always, or a step some runs of a group saved before the kill).
+    Training is deterministic, so such a checkpoint holds this same state and is kept as is.
+    """
     import orbax.checkpoint as ocp
 
     mngr = _manager(run_dir, create=True)
     try:
+        if step in mngr.all_steps():
+            return
         mngr.save(
             step,
             args=ocp.args.Composite(

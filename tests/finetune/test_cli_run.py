@@ -123,6 +123,21 @@ def test_resume_is_bitwise_identical(finished, data_dir, t5_tokenizer_dir):
             assert a == (out2 / f"run_{r:03d}" / name).read_bytes(), name
 
 
+def test_resume_from_step_0_after_a_kill(tmp_path, data_dir, t5_tokenizer_dir):
+    """A run killed before its second checkpoint resumes from step 0, which is checkpointed."""
+    cfg = _write_config(tmp_path / "c0", checkpoint_steps=(0, 4))
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert _run(cfg, whole, data_dir, t5_tokenizer_dir) == 0
+    assert _run(cfg, cut, data_dir, t5_tokenizer_dir, "--max-steps", "2") == 0
+    assert E.checkpoint_steps(cut / "run_000") == [0]
+    assert _run(cfg, cut, data_dir, t5_tokenizer_dir) == 0
+    for r in range(2):
+        assert E.checkpoint_steps(cut / f"run_{r:03d}") == [0, 4]
+        for name in FILES:
+            a = (whole / f"run_{r:03d}" / name).read_bytes()
+            assert a == (cut / f"run_{r:03d}" / name).read_bytes(), name
+
+
 def _bad(capsys, code, *needles):
     err = capsys.readouterr().err.strip()
     assert code == 2, err

@@ -455,7 +455,14 @@ def _place(tree, mesh):
 
 
 def _warmup(
-    config: ExperimentConfig, exp_dir: Path, graphdef, params, data, mesh, progress: bool
+    config: ExperimentConfig,
+    exp_dir: Path,
+    graphdef,
+    params,
+    data,
+    tracked: TrackedSet,
+    mesh,
+    progress: bool,
 ) -> None:
     """Trains all parameters on the warm-up examples and saves them in EXP/warmup."""
     from finetune.model import make_per_example_loss, make_score_choices, partition
@@ -470,17 +477,6 @@ def _warmup(
     trainable, frozen = partition(params, _mask(params, "full"))
     opt = _make("adamw", w.learning_rate)
     progs = make_programs(loss_fn, make_score_choices(graphdef), opt, mesh)
-    n_dev = len(mesh.devices.flat)
-    tracked = make_tracked_set(
-        data["test_inputs"],
-        data["test_targets"],
-        data["test_choices"],
-        data["test_labels"],
-        data["test_lengths"],
-        multiple=config.length_multiple,
-        n_devices=n_dev,
-        mesh=mesh,
-    )
     n = len(data["warmup_lengths"])
     cur = make_curriculum(
         "epochs",
@@ -598,17 +594,7 @@ def run_experiment(
     mesh = make_mesh(devices)
     n_dev = len(mesh.devices.flat)
     data = E._load_data(exp_dir)
-    if config.warmup is not None and not E.warmup_path(exp_dir).is_dir():
-        graphdef, params = E.build_base_model(config)
-        _warmup(config, exp_dir, graphdef, params, data, mesh, progress)
-    exp = E.load_experiment(exp_dir)
-    from finetune.model import partition
-
-    trainable0, frozen = partition(exp.params, exp.mask)
-    schedule = make_schedule(config)
-    lrs = learning_rates(config)
-    optimizer = make_optimizer(config, schedule)
-    progs = _cached_programs(config, exp, optimizer, mesh)
+    # One bucketing of the tracked set serves the warm-up and the runs.
     tracked = make_tracked_set(
         data["test_inputs"],
         data["test_targets"],
@@ -619,6 +605,17 @@ def run_experiment(
         n_devices=n_dev,
         mesh=mesh,
     )
+    if config.warmup is not None and not E.warmup_path(exp_dir).is_dir():
+        graphdef, params = E.build_base_model(config)
+        _warmup(config, exp_dir, graphdef, params, data, tracked, mesh, progress)
+    exp = E.load_experiment(exp_dir)
+    from finetune.model import partition
+
+    trainable0, frozen = partition(exp.params, exp.mask)
+    schedule = make_schedule(config)
+    lrs = learning_rates(config)
+    optimizer = make_optimizer(config, schedule)
+    progs = _cached_programs(config, exp, optimizer, mesh)
     frozen_d = _place(frozen, mesh)
     batch_sharding = _batch_sharding(mesh, config.batch_size)
     writer = jax.process_index() == 0

@@ -25,40 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import transformers  # noqa: E402
+from _t5_points import add_point_args, select_points, t5_config  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from finetune.model import make_per_example_loss, partition, trainable_mask  # noqa: E402
 from finetune.network import T5  # noqa: E402
 from finetune.steps import make_optimizer, make_train_step  # noqa: E402
 
-# name: (d_model, d_ff, layers (each stack), heads); d_kv 64, vocab 32128, gated-gelu (v1.1).
-# The PyTorch reference points (H200): small/32, base/8, base/32, large/32, T0-3B/8.
-REFERENCE_POINTS = [("small", 32), ("base", 8), ("base", 32), ("large", 32), ("t0-3b", 8)]
-SIZES = {
-    "small": (512, 1024, 6, 8),
-    "base": (768, 2048, 12, 12),
-    "large": (1024, 2816, 24, 16),
-    "t0-3b": (2048, 5120, 24, 32),
-}
 PEAK_BF16 = 989e12  # dense bf16 FLOP/s of one H100 SXM / H200 (no sparsity)
-
-
-def t5_config(size: str, dropout: float) -> transformers.T5Config:
-    d, ff, n, h = SIZES[size]
-    return transformers.T5Config(
-        vocab_size=32128,
-        d_model=d,
-        d_ff=ff,
-        num_layers=n,
-        num_decoder_layers=n,
-        num_heads=h,
-        d_kv=64,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        dropout_rate=dropout,
-        decoder_start_token_id=0,
-    )
 
 
 def _stack_params(params, name: str) -> int:
@@ -166,20 +140,7 @@ def run_point(size, batch, method, args):
 def main(argv=None):
     on_gpu = jax.default_backend() != "cpu"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default=None, help=f"comma list of {list(SIZES)}")
-    p.add_argument("--batches", default=None, help="comma list, e.g. 8,32")
-    p.add_argument(
-        "--points",
-        choices=("grid", "reference"),
-        default="grid",
-        help="grid: every size x batch; reference: only the issue's 5 reference points",
-    )
-    p.add_argument("--methods", default="full,ia3", help="comma list of full,ia3")
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--target-len", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate (train mode)")
+    add_point_args(p)
     p.add_argument(
         "--layers",
         choices=("scan", "unroll"),
@@ -192,17 +153,7 @@ def main(argv=None):
         help="parameter/optimizer-state dtype (bfloat16 like the torch baseline)",
     )
     args = p.parse_args(argv)
-    sizes = args.sizes.split(",") if args.sizes else (list(SIZES) if on_gpu else ["small"])
-    batches = (
-        [int(b) for b in args.batches.split(",")] if args.batches else ([8, 32] if on_gpu else [8])
-    )
-    methods = args.methods.split(",")
-    for s in sizes:
-        if s not in SIZES:
-            p.error(f"--sizes: unknown size {s!r}; choose from {list(SIZES)}")
-    for m in methods:
-        if m not in ("full", "ia3"):
-            p.error(f"--methods: unknown method {m!r}; choose full or ia3")
+    points, methods = select_points(p, args, on_gpu)
     dev = jax.devices()[0]
     print(
         f"device: {dev.platform} {dev.device_kind} x{jax.device_count()} | jax {jax.__version__}"
@@ -220,10 +171,6 @@ def main(argv=None):
         f"{'size':>6} {'batch':>5} {'method':>6} {'ms/step':>9} {'ex/s':>8} {'compile s':>9} "
         f"{'step GB':>8} {'peak GB':>8} {'%bf16 peak':>10}"
     )
-    if args.points == "reference":
-        points = [(s, b) for s, b in REFERENCE_POINTS if s in sizes]
-    else:
-        points = [(s, b) for s in sizes for b in batches]
     for size, batch in points:
         for method in methods:
             try:

@@ -21,32 +21,7 @@ import time
 import numpy as np
 import torch
 import transformers
-
-# The PyTorch reference points (H200): small/32, base/8, base/32, large/32, T0-3B/8.
-REFERENCE_POINTS = [("small", 32), ("base", 8), ("base", 32), ("large", 32), ("t0-3b", 8)]
-SIZES = {
-    "small": (512, 1024, 6, 8),
-    "base": (768, 2048, 12, 12),
-    "large": (1024, 2816, 24, 16),
-    "t0-3b": (2048, 5120, 24, 32),
-}
-
-
-def t5_config(size: str, dropout: float) -> transformers.T5Config:
-    d, ff, n, h = SIZES[size]
-    return transformers.T5Config(
-        vocab_size=32128,
-        d_model=d,
-        d_ff=ff,
-        num_layers=n,
-        num_decoder_layers=n,
-        num_heads=h,
-        d_kv=64,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        dropout_rate=dropout,
-        decoder_start_token_id=0,
-    )
+from _t5_points import add_point_args, select_points, t5_config
 
 
 def synthetic_batch(batch, l_in, l_tgt, seed, device):
@@ -123,29 +98,9 @@ def main(argv=None):
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default=None, help=f"comma list of {list(SIZES)}")
-    p.add_argument("--batches", default=None, help="comma list, e.g. 8,32")
-    p.add_argument(
-        "--points",
-        choices=("grid", "reference"),
-        default="grid",
-        help="grid: every size x batch; reference: only the issue's 5 reference points",
-    )
-    p.add_argument("--methods", default="full,ia3", help="comma list of full,ia3")
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--target-len", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate (train mode)")
+    add_point_args(p)
     args = p.parse_args(argv)
-    sizes = args.sizes.split(",") if args.sizes else (list(SIZES) if on_gpu else ["small"])
-    batches = (
-        [int(b) for b in args.batches.split(",")] if args.batches else ([8, 32] if on_gpu else [8])
-    )
-    methods = args.methods.split(",")
-    for s in sizes:
-        if s not in SIZES:
-            p.error(f"--sizes: unknown size {s!r}; choose from {list(SIZES)}")
+    points, methods = select_points(p, args, on_gpu)
     name = torch.cuda.get_device_name(0) if on_gpu else "cpu"
     print(
         f"device: {device.type} {name} | torch {torch.__version__} | transformers "
@@ -156,10 +111,6 @@ def main(argv=None):
     if not on_gpu and not args.sizes:
         print("CPU: running the small size at batch 8 only (GPU runs all sizes at 8 and 32)")
     print(f"{'size':>6} {'batch':>5} {'method':>6} {'ms/step':>9} {'ex/s':>8} {'peak GB':>8}")
-    if args.points == "reference":
-        points = [(s, b) for s, b in REFERENCE_POINTS if s in sizes]
-    else:
-        points = [(s, b) for s in sizes for b in batches]
     for size, batch in points:
         for method in methods:
             try:

@@ -1,0 +1,84 @@
+"""Sizes, points and flags shared by bench_model.py (Flax) and bench_model_torch.py (PyTorch).
+
+One definition, so the Flax benchmark and its PyTorch baseline always measure the same
+dimensions and points. Imports transformers only (no jax, no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import transformers
+
+# The issue's PyTorch reference points (H200): small/32, base/8, base/32, large/32, T0-3B/8.
+REFERENCE_POINTS = [("small", 32), ("base", 8), ("base", 32), ("large", 32), ("t0-3b", 8)]
+# name: (d_model, d_ff, layers (each stack), heads); d_kv 64, vocab 32128, gated-gelu (v1.1).
+SIZES = {
+    "small": (512, 1024, 6, 8),
+    "base": (768, 2048, 12, 12),
+    "large": (1024, 2816, 24, 16),
+    "t0-3b": (2048, 5120, 24, 32),
+}
+METHODS = ("full", "ia3")
+
+
+def t5_config(size: str, dropout: float) -> transformers.T5Config:
+    """T5 v1.1 (gated-gelu, untied) config of one benchmark size."""
+    d, ff, n, h = SIZES[size]
+    return transformers.T5Config(
+        vocab_size=32128,
+        d_model=d,
+        d_ff=ff,
+        num_layers=n,
+        num_decoder_layers=n,
+        num_heads=h,
+        d_kv=64,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=dropout,
+        decoder_start_token_id=0,
+    )
+
+
+def add_point_args(p: argparse.ArgumentParser) -> None:
+    """The flags both benchmarks take: which points, input/target lengths, steps, dropout."""
+    p.add_argument("--sizes", default=None, help=f"comma list of {list(SIZES)}")
+    p.add_argument("--batches", default=None, help="comma list, e.g. 8,32")
+    p.add_argument(
+        "--points",
+        choices=("grid", "reference"),
+        default="grid",
+        help="grid: every size x batch; reference: only the issue's 5 reference points",
+    )
+    p.add_argument("--methods", default="full,ia3", help="comma list of full,ia3")
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--target-len", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate (train mode)")
+
+
+def select_points(
+    p: argparse.ArgumentParser, args: argparse.Namespace, on_gpu: bool
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """(size, batch) points and methods from the flags; CPU defaults to small at batch 8.
+
+    Raises:
+        SystemExit: (through ``p.error``) an unknown size or method.
+    """
+    sizes = args.sizes.split(",") if args.sizes else (list(SIZES) if on_gpu else ["small"])
+    batches = (
+        [int(b) for b in args.batches.split(",")] if args.batches else ([8, 32] if on_gpu else [8])
+    )
+    methods = args.methods.split(",")
+    for s in sizes:
+        if s not in SIZES:
+            p.error(f"--sizes: unknown size {s!r}; choose from {list(SIZES)}")
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"--methods: unknown method {m!r}; choose full or ia3")
+    if args.points == "reference":
+        points = [(s, b) for s, b in REFERENCE_POINTS if s in sizes]
+    else:
+        points = [(s, b) for s in sizes for b in batches]
+    return points, methods

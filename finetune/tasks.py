@@ -248,7 +248,14 @@ def load_split(task: str, split: str, data_dir: str | Path | None = None) -> lis
         ds = datasets.load_dataset("json", data_files=str(path), split="train")
     else:
         name, config, hub_split = spec.hub[split]
-        ds = datasets.load_dataset(name, config, split=hub_split)
+        try:
+            ds = datasets.load_dataset(name, config, split=hub_split)
+        except (ConnectionError, OSError) as e:  # offline, unreachable, or not cached
+            raise TaskError(
+                f"could not load {task!r} split {split!r} from the Hugging Face hub ({name}: "
+                f"{type(e).__name__}); pass --data-dir DIR (layout of ../shared/data) or set "
+                "SIMFLUENCE_DATA_DIR"
+            ) from None
     try:
         return [spec.template(dict(r)) for r in ds]
     except (KeyError, ValueError) as e:

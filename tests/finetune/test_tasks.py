@@ -102,3 +102,9 @@ def test_encode_truncates_keeps_eos_and_pads(data_dir, t5_tokenizer_dir):
 
 def test_round_up():
     assert [tasks.round_up(n, 16) for n in (1, 16, 17, 33)] == [16, 16, 32, 48]
+
+
+def test_hub_unreachable_names_the_data_dir_fix():
+    # conftest forces the hub offline: loading without a data directory must fail in one line.
+    with pytest.raises(tasks.TaskError, match=r"from the Hugging Face hub .*pass --data-dir DIR"):
+        tasks.load_split("rte", "train", None)

@@ -65,6 +65,8 @@ class ExperimentConfig:
     method: str = "full"  # "full" (all weights) or "ia3" (only the IA3 scaling vectors)
     freeze_embeddings: bool = False  # full tuning but keep the shared vocab embedding fixed
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16" (params stay float32)
+    scan_layers: bool = False  # lax.scan over each stack's blocks: compile time independent of
+    #   depth (set it for 12+ layers); same parameters, dropout masks differ from unrolled
     # --- optimizer ----------------------------------------------------------------------------
     optimizer: str = "adamw"  # "adamw" | "adafactor"
     learning_rate: float = 1e-4  # peak learning rate (T-Few IA3: 3e-3)
@@ -80,6 +82,8 @@ class ExperimentConfig:
     max_input_length: int = 256  # inputs are truncated to this many tokens (EOS kept)
     max_target_length: int = 32  # answers likewise
     length_multiple: int = 16  # each batch is padded to a multiple of this of its own max length
+    tracked_buckets: int = 4  # at most this many padded lengths in the tracked set (one traced
+    #   forward each in the logging program; see finetune.trainer.bucket_lengths)
     data_seed: int = 0  # seed of the pool / test draw
     # --- runs ---------------------------------------------------------------------------------
     num_runs: int = 32  # training runs, each under its own random curriculum
@@ -117,6 +121,8 @@ class ExperimentConfig:
             bad(f"method={self.method!r}; choose 'full' or 'ia3'")
         if self.method == "ia3" and self.freeze_embeddings:
             bad("freeze_embeddings applies to method 'full' only")
+        if not isinstance(self.scan_layers, bool):
+            bad(f"scan_layers={self.scan_layers!r} must be True or False")
         if self.dtype not in ("float32", "bfloat16"):
             bad(f"dtype={self.dtype!r}; choose 'float32' or 'bfloat16'")
         if self.optimizer not in ("adamw", "adafactor"):
@@ -141,6 +147,7 @@ class ExperimentConfig:
             "max_input_length",
             "max_target_length",
             "length_multiple",
+            "tracked_buckets",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(f"{name}={getattr(self, name)!r} must be an integer >= 1")

@@ -93,13 +93,19 @@ def build_base_model(config: ExperimentConfig):
 
     ia3 = config.method == "ia3"
     if config.model is not None:
-        model, _ = hf.load_pretrained(config.model, ia3=ia3, dtype=_dtype(config.dtype))
+        model, _ = hf.load_pretrained(
+            config.model, ia3=ia3, dtype=_dtype(config.dtype), scan_layers=config.scan_layers
+        )
     else:
         import transformers
 
         t5_config = transformers.T5Config(**config.random_init)
         model = hf.init_random(
-            t5_config, ia3=ia3, seed=config.init_seed, dtype=_dtype(config.dtype)
+            t5_config,
+            ia3=ia3,
+            seed=config.init_seed,
+            dtype=_dtype(config.dtype),
+            scan_layers=config.scan_layers,
         )
     graphdef, params = nnx.split(model)
     return graphdef, params

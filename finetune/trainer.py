@@ -7,9 +7,10 @@ frozen weights shared. One device mesh (axis ``"data"``) shards every batch and 
 set over the examples; parameters are replicated.
 
 Length bucketing: a training step pads its batches (all R runs) to a multiple of
-``length_multiple`` of their own longest input, and the tracked set is cut into buckets of equal
-padded length, so jit compiles once per distinct length (a handful) instead of padding
-everything to the maximum.
+``length_multiple`` of their own longest input, and the tracked set is cut into at most
+``tracked_buckets`` buckets of equal padded length (chosen to minimise padding), so jit compiles
+once per distinct length instead of padding everything to the maximum. Training and logging are
+separate programs: a new batch length recompiles only the training step.
 
 Resume: re-running the same command continues. Complete runs are kept; an incomplete run
 restarts from its latest checkpoint (trainable state, optimizer state and its log so far), and
@@ -295,6 +296,59 @@ class TrackedSet:
         return out
 
 
+def bucket_lengths(
+    lengths: np.ndarray, *, multiple: int, max_buckets: int | None, n_devices: int = 1
+) -> np.ndarray:
+    """The padded length of each example when at most ``max_buckets`` lengths are allowed.
+
+    Each length is first rounded up to a multiple of ``multiple``; when that leaves more than
+    ``max_buckets`` distinct values, neighbouring values are merged (each group padded to its
+    largest) by an exact dynamic program that minimises the padded tokens, counting each group's
+    rows rounded up to a multiple of ``n_devices`` as they are laid out. Every bucket is one
+    traced forward pass in the logging program, so fewer buckets compile faster.
+
+    Args:
+        lengths: int [n] unpadded input lengths.
+        multiple: pad to a multiple of this.
+        max_buckets: the most distinct padded lengths (None: no limit).
+        n_devices: rows of each bucket are padded to a multiple of this.
+
+    Returns:
+        int [n] padded length per example.
+    """
+    padded = np.asarray([round_up(int(n), multiple) for n in lengths], np.int64)
+    values, counts = np.unique(padded, return_counts=True)
+    m = len(values)
+    if max_buckets is None or m <= max_buckets:
+        return padded
+    k_max = max_buckets
+    csum = np.concatenate([[0], np.cumsum(counts)])
+
+    def cost(a: int, b: int) -> int:  # one bucket over distinct values a..b (inclusive)
+        rows = int(csum[b + 1] - csum[a])
+        return (-(-rows // n_devices) * n_devices) * int(values[b])
+
+    inf = float("inf")
+    # best[k][j]: least padded tokens for values 0..j-1 in k buckets; cut[k][j]: its last start.
+    best = [[inf] * (m + 1) for _ in range(k_max + 1)]
+    cut = [[0] * (m + 1) for _ in range(k_max + 1)]
+    best[0][0] = 0
+    for k in range(1, k_max + 1):
+        for j in range(1, m + 1):
+            for a in range(k - 1, j):  # last bucket covers values a..j-1
+                c = best[k - 1][a] + cost(a, j - 1)
+                if c < best[k][j]:
+                    best[k][j], cut[k][j] = c, a
+    k = min(range(1, k_max + 1), key=lambda kk: (best[kk][m], kk))
+    target = np.empty(m, np.int64)
+    j = m
+    while k > 0:
+        a = cut[k][j]
+        target[a:j] = values[j - 1]
+        j, k = a, k - 1
+    return target[np.searchsorted(values, padded)]
+
+
 def make_tracked_set(
     inputs: np.ndarray,
     targets: np.ndarray,
@@ -305,9 +359,12 @@ def make_tracked_set(
     multiple: int,
     n_devices: int,
     mesh=None,
+    max_buckets: int | None = None,
 ) -> TrackedSet:
-    """Buckets the tracked set by padded input length (a multiple of ``multiple``)."""
-    padded = np.asarray([round_up(int(n), multiple) for n in lengths])
+    """Buckets the tracked set by padded input length (see `bucket_lengths`)."""
+    padded = bucket_lengths(
+        lengths, multiple=multiple, max_buckets=max_buckets, n_devices=n_devices
+    )
     buckets, index = [], []
     for length in sorted(set(padded.tolist())):
         ids = np.flatnonzero(padded == length)
@@ -326,8 +383,10 @@ def make_programs(per_example_loss: Callable, score_choices: Callable, optimizer
 
     Returns:
         dict with
+        ``advance(trainable_R, opt_R, frozen, batch_R) -> (trainable_R, opt_R, train_loss
+        f32 [R])`` (jitted; donates the states),
         ``step(trainable_R, opt_R, frozen, batch_R, buckets) -> (trainable_R, opt_R,
-        train_loss f32 [R], test_loss f32 [R, rows])``,
+        train_loss f32 [R], test_loss f32 [R, rows])``: ``advance`` then ``test_losses``,
         ``step_nolog(...)`` the same without the test losses (test_loss is an empty [R, 0]),
         ``test_losses(trainable_R, frozen, buckets) -> f32 [R, rows]``,
         ``scores(trainable_R, frozen, buckets) -> f32 [R, rows, C]``.
@@ -366,18 +425,25 @@ def make_programs(per_example_loss: Callable, score_choices: Callable, optimizer
         )
         return trainable_r, opt_r, jax.lax.with_sharding_constraint(loss_r, replicated)
 
+    # The training step and the tracked-set logging are two programs, not one: the step is
+    # compiled once per padded batch length, the logging (one traced forward per tracked
+    # bucket) once per experiment. Fused, every new batch length recompiled the logging too.
+    advance_jit = jax.jit(advance, donate_argnums=(0, 1))
+    test_losses_jit = jax.jit(test_losses)
+
     def step(trainable_r, opt_r, frozen, batch_r, buckets):
-        trainable_r, opt_r, loss_r = advance(trainable_r, opt_r, frozen, batch_r)
-        return trainable_r, opt_r, loss_r, test_losses(trainable_r, frozen, buckets)
+        trainable_r, opt_r, loss_r = advance_jit(trainable_r, opt_r, frozen, batch_r)
+        return trainable_r, opt_r, loss_r, test_losses_jit(trainable_r, frozen, buckets)
 
     def step_nolog(trainable_r, opt_r, frozen, batch_r, buckets):
-        trainable_r, opt_r, loss_r = advance(trainable_r, opt_r, frozen, batch_r)
+        trainable_r, opt_r, loss_r = advance_jit(trainable_r, opt_r, frozen, batch_r)
         return trainable_r, opt_r, loss_r, jnp.zeros((loss_r.shape[0], 0), jnp.float32)
 
     return {
-        "step": jax.jit(step, donate_argnums=(0, 1)),
-        "step_nolog": jax.jit(step_nolog, donate_argnums=(0, 1)),
-        "test_losses": jax.jit(test_losses),
+        "advance": advance_jit,
+        "step": step,
+        "step_nolog": step_nolog,
+        "test_losses": test_losses_jit,
         "scores": jax.jit(scores),
     }
 
@@ -604,6 +670,7 @@ def run_experiment(
         multiple=config.length_multiple,
         n_devices=n_dev,
         mesh=mesh,
+        max_buckets=config.tracked_buckets,
     )
     if config.warmup is not None and not E.warmup_path(exp_dir).is_dir():
         graphdef, params = E.build_base_model(config)

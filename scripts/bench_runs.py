@@ -126,6 +126,18 @@ def main(argv=None) -> int:
     p.add_argument("--max-input-length", type=int, default=256)
     p.add_argument("--target-length", type=int, default=2)
     p.add_argument("--length-multiple", type=int, default=16)
+    p.add_argument(
+        "--tracked-buckets",
+        type=int,
+        default=4,
+        help="most padded lengths in the tracked set (ExperimentConfig.tracked_buckets)",
+    )
+    p.add_argument(
+        "--layers",
+        choices=("scan", "unroll"),
+        default="scan",
+        help="lax.scan over blocks (ExperimentConfig.scan_layers) or unrolled",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--target-steps", type=int, default=1000, help="steps to extrapolate to")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -172,7 +184,11 @@ def main(argv=None) -> int:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     t0 = time.perf_counter()
     model = hf.init_random(
-        transformers.T5Config(**cfg_kw), ia3=args.method == "ia3", seed=0, dtype=dtype
+        transformers.T5Config(**cfg_kw),
+        ia3=args.method == "ia3",
+        seed=0,
+        dtype=dtype,
+        scan_layers=args.layers == "scan",
     )
     graphdef, params = nnx.split(model)
     del model
@@ -192,6 +208,8 @@ def main(argv=None) -> int:
         runs_together=args.runs,
         dtype=args.dtype,
         length_multiple=args.length_multiple,
+        tracked_buckets=args.tracked_buckets,
+        scan_layers=args.layers == "scan",
     )
     mask = make_mask(config, params)
     trainable, frozen = partition(params, mask)
@@ -221,7 +239,7 @@ def main(argv=None) -> int:
     opt0 = optimizer.init(trainable)
     curricula = rng.integers(0, args.n_train, (args.runs, args.steps + 1, args.batch))
 
-    def measure(name, runs, log, multiple):
+    def measure(name, runs, log, multiple, max_buckets):
         tracked = make_tracked_set(
             test[0],
             test[1],
@@ -231,6 +249,14 @@ def main(argv=None) -> int:
             multiple=multiple,
             n_devices=n_dev,
             mesh=mesh,
+            max_buckets=max_buckets,
+        )
+        lens = [int(b["inputs"].shape[-1]) for b in tracked.buckets]
+        tokens = sum(int(np.prod(b["inputs"].shape)) for b in tracked.buckets)
+        print(
+            f"[{name}, R={runs}, log={log}] tracked buckets {lens} ({tokens} padded tokens, "
+            f"{int(test[4].sum())} real); compiling...",
+            flush=True,
         )
         sharding = _batch_sharding(mesh, args.batch)
         tr = _place(_broadcast(trainable, runs), mesh)
@@ -248,8 +274,14 @@ def main(argv=None) -> int:
             if b["inputs"].shape[-1] in seen:
                 continue
             seen.add(b["inputs"].shape[-1])
+            t_shape = time.perf_counter()
             tr, op, loss, te = step(tr, op, frozen_d, b, tracked.buckets)
-        jax.block_until_ready((tr, loss, te))
+            jax.block_until_ready((tr, loss, te))
+            print(
+                f"  batch length {b['inputs'].shape[-1]}: first step (compile + run) "
+                f"{time.perf_counter() - t_shape:.1f} s",
+                flush=True,
+            )
         compile_s = time.perf_counter() - start
         per_step = float("inf")
         for _ in range(2):  # best of two passes: the first may still pay one-off costs
@@ -271,17 +303,29 @@ def main(argv=None) -> int:
 
     results = {}
     results["together"] = measure(
-        "all runs together, bucketed", args.runs, True, args.length_multiple
+        "all runs together, bucketed", args.runs, True, args.length_multiple, args.tracked_buckets
     )
     if "nolog" in variants:
         results["together_nolog"] = measure(
-            "all runs together, bucketed", args.runs, False, args.length_multiple
+            "all runs together, bucketed",
+            args.runs,
+            False,
+            args.length_multiple,
+            args.tracked_buckets,
         )
     if "single" in variants:
-        measure("one run alone (x runs), bucketed", 1, True, args.length_multiple)
-        measure("one run alone (x runs), bucketed", 1, False, args.length_multiple)
+        for log in (True, False):
+            measure(
+                "one run alone (x runs), bucketed",
+                1,
+                log,
+                args.length_multiple,
+                args.tracked_buckets,
+            )
     if "baseline" in variants:
-        results["baseline"] = measure("BASELINE: all together, padded to max", args.runs, True, L)
+        results["baseline"] = measure(
+            "BASELINE: all together, padded to max", args.runs, True, L, 1
+        )
         print(
             f"speed-up of bucketing over the padded baseline (with logging): "
             f"{results['baseline'] / results['together']:.2f}x"

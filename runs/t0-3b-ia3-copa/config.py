@@ -28,6 +28,7 @@ def get_config() -> ExperimentConfig:
         model="bigscience/T0_3B",
         method="ia3",
         dtype="bfloat16",
+        scan_layers=True,  # 12-24 layers per stack: compile time independent of depth
         optimizer="adafactor",
         learning_rate=3e-3,
         schedule="linear",

@@ -26,6 +26,7 @@ def get_config() -> ExperimentConfig:
         model="google/t5-base-lm-adapt",
         method="full",
         dtype="bfloat16",
+        scan_layers=True,  # 12-24 layers per stack: compile time independent of depth
         optimizer="adafactor",
         learning_rate=1e-3,
         schedule="constant",

@@ -56,6 +56,8 @@ def test_round_trip():
         ({"model": "x"}, "not both"),
         ({"learning_rate": 0.0}, "learning_rate=0.0"),
         ({"warmup_steps": 5}, "warmup_steps=5"),
+        ({"tracked_buckets": 0}, "tracked_buckets=0 must be an integer >= 1"),
+        ({"scan_layers": "yes"}, "scan_layers='yes' must be True or False"),
     ],
 )
 def test_bad_fields(kw, match):
@@ -92,3 +94,16 @@ def test_demo_is_in_the_informative_regime():
     assert config.num_runs == 32 and config.extra["split"] == [20, 2, 10]
     assert config.random_init["vocab_size"] == 32128 and config.warmup is not None
     assert config.checkpoint_runs >= fit_runs and config.checkpoint_steps
+
+
+def test_scan_layers_reaches_the_network():
+    from flax import nnx
+
+    from finetune.experiment import build_base_model
+
+    for scan in (False, True):
+        model = nnx.merge(*build_base_model(_base(scan_layers=scan, random_init=_TINY)))
+        assert model.encoder.scan_layers is scan and model.decoder.scan_layers is scan
+
+
+_TINY = dict(vocab_size=32, d_model=8, d_ff=16, d_kv=4, num_heads=2, num_layers=2)

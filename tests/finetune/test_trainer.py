@@ -14,6 +14,7 @@ from finetune.trainer import (
     _broadcast,
     _place,
     _put,
+    bucket_lengths,
     gather_batch,
     make_mesh,
     make_programs,
@@ -109,7 +110,8 @@ def test_runs_together_equal_runs_alone(setup):
     curricula = rng.integers(0, 16, (2, 3, 8))
     dev = jax.devices()[:1]
     train, test, tr, progs = _train(setup, dev, curricula)
-    assert progs["step"]._cache_size() == 1  # the second and third calls did not recompile
+    # The second and third calls did not recompile (one training and one logging program).
+    assert progs["advance"]._cache_size() == 1 and progs["test_losses"]._cache_size() == 1
     for r in range(2):
         train1, test1, tr1, _ = _train(setup, dev, curricula[r : r + 1])
         np.testing.assert_allclose(train1[0], train[r], **TOL)
@@ -154,3 +156,72 @@ def test_gather_batch_pads_to_multiple_of_own_max(setup):
     length = batch["inputs"].shape[-1]
     assert length % 8 == 0 and length - 8 < pool[4][ids].max() <= length
     assert batch["inputs"].shape[:2] == (2, 2) and batch["targets"].shape == (2, 2, 3)
+
+
+def _brute_force_padding(lengths, multiple, max_buckets, n_devices):
+    """Least padded tokens over every split of the sorted distinct lengths into <= K groups."""
+    import itertools
+
+    padded = -(-np.maximum(lengths, 1) // multiple) * multiple
+    values, counts = np.unique(padded, return_counts=True)
+    m, best = len(values), None
+    for k in range(1, min(max_buckets, m) + 1):
+        for cuts in itertools.combinations(range(1, m), k - 1):
+            bounds = (0, *cuts, m)
+            total = 0
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                rows = counts[a:b].sum()
+                total += -(-rows // n_devices) * n_devices * values[b - 1]
+            best = total if best is None else min(best, total)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bucket_lengths_minimise_padding(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 120, rng.integers(5, 40))
+    multiple, k, n_dev = [4, 8, 16][seed % 3], 1 + seed % 4, [1, 3][seed % 2]
+    padded = bucket_lengths(lengths, multiple=multiple, max_buckets=k, n_devices=n_dev)
+    rounded = -(-lengths // multiple) * multiple
+    assert np.all(padded >= rounded) and np.all(padded % multiple == 0)
+    assert len(np.unique(padded)) <= k
+    # Monotone: a longer input never gets a shorter bucket.
+    order = np.argsort(lengths, kind="stable")
+    assert np.all(np.diff(padded[order]) >= 0)
+    rows = {v: (padded == v).sum() for v in np.unique(padded)}
+    got = sum(-(-n // n_dev) * n_dev * v for v, n in rows.items())
+    assert got == _brute_force_padding(lengths, multiple, k, n_dev)
+    # No cap (or a cap above the distinct count) keeps the plain rounding.
+    np.testing.assert_array_equal(
+        bucket_lengths(lengths, multiple=multiple, max_buckets=None), rounded
+    )
+
+
+def test_capped_buckets_log_the_same_losses_and_compile_logging_once(setup):
+    """Fewer tracked buckets change only the padding: same per-example losses. A new batch
+    length recompiles the training program, never the logging one."""
+    dev = jax.devices()[:1]
+    mesh, progs = _programs(setup, dev)
+    test = setup["test"]
+    tr = _place(_broadcast(setup["trainable"], 1), mesh)
+    fr = _place(setup["frozen"], mesh)
+    sets = [
+        make_tracked_set(*test, multiple=4, n_devices=1, mesh=mesh, max_buckets=k)
+        for k in (None, 1)
+    ]
+    assert len(sets[0].buckets) > 1 and len(sets[1].buckets) == 1
+    losses = [s.scatter(np.asarray(progs["test_losses"](tr, fr, s.buckets))) for s in sets]
+    np.testing.assert_allclose(losses[1], losses[0], **TOL)
+
+    op = _place(_broadcast(setup["optimizer"].init(setup["trainable"]), 1), mesh)
+    sharding = _batch_sharding(mesh, 2)
+    pool = setup["pool"]
+    short, long = np.argsort(pool[4])[:2], np.argsort(pool[4])[-2:]
+    n_log = progs["test_losses"]._cache_size()
+    n_adv = progs["advance"]._cache_size()
+    for ids in (short, long):
+        batch = gather_batch(pool[0], pool[1], pool[4], ids[None], 4)
+        batch = {k: _put(v, sharding) for k, v in batch.items()}
+        tr, op, _, te = progs["step"](tr, op, fr, batch, sets[1].buckets)
+    assert progs["advance"]._cache_size() == n_adv + 2  # two batch lengths: two programs
+    assert progs["test_losses"]._cache_size() == n_log  # logging reused as compiled above

@@ -67,6 +67,8 @@ class ExperimentConfig:
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16" (params stay float32)
     scan_layers: bool = False  # lax.scan over each stack's blocks: compile time independent of
     #   depth (set it for 12+ layers); same parameters, dropout masks differ from unrolled
+    attention: str = "einsum"  # "einsum" | "xla" | "cudnn": jax.nn.dot_product_attention where
+    #   no attention dropout applies (logging, scoring, TracIn); "cudnn" = fused GPU kernel, bf16
     # --- optimizer ----------------------------------------------------------------------------
     optimizer: str = "adamw"  # "adamw" | "adafactor"
     learning_rate: float = 1e-4  # peak learning rate (T-Few IA3: 3e-3)
@@ -121,6 +123,10 @@ class ExperimentConfig:
             bad(f"method={self.method!r}; choose 'full' or 'ia3'")
         if self.method == "ia3" and self.freeze_embeddings:
             bad("freeze_embeddings applies to method 'full' only")
+        if self.attention not in ("einsum", "xla", "cudnn"):
+            bad(f"attention={self.attention!r}; choose 'einsum', 'xla' or 'cudnn'")
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            bad("attention='cudnn' needs dtype='bfloat16' (the fused kernel is bf16/fp16 only)")
         if not isinstance(self.scan_layers, bool):
             bad(f"scan_layers={self.scan_layers!r} must be True or False")
         if self.dtype not in ("float32", "bfloat16"):

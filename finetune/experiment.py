@@ -94,7 +94,11 @@ def build_base_model(config: ExperimentConfig):
     ia3 = config.method == "ia3"
     if config.model is not None:
         model, _ = hf.load_pretrained(
-            config.model, ia3=ia3, dtype=_dtype(config.dtype), scan_layers=config.scan_layers
+            config.model,
+            ia3=ia3,
+            dtype=_dtype(config.dtype),
+            scan_layers=config.scan_layers,
+            attention=config.attention,
         )
     else:
         import transformers
@@ -106,6 +110,7 @@ def build_base_model(config: ExperimentConfig):
             seed=config.init_seed,
             dtype=_dtype(config.dtype),
             scan_layers=config.scan_layers,
+            attention=config.attention,
         )
     graphdef, params = nnx.split(model)
     return graphdef, params

@@ -55,6 +55,7 @@ def init_random(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     scan_layers: bool = False,
+    attention: str = "einsum",
 ) -> T5:
     """A randomly initialised T5 (HF's init distributions) from a ``T5Config``.
 
@@ -65,6 +66,7 @@ def init_random(
         dtype: compute dtype.
         param_dtype: parameter dtype.
         scan_layers: ``lax.scan`` over each stack's blocks (faster compiles of deep models).
+        attention: "einsum", "xla" or "cudnn" (see ``finetune.network.T5``).
 
     Returns:
         ``finetune.network.T5``.
@@ -76,6 +78,7 @@ def init_random(
         param_dtype=param_dtype,
         rngs=nnx.Rngs(seed),
         scan_layers=scan_layers,
+        attention=attention,
     )
 
 
@@ -326,6 +329,7 @@ def load_pretrained(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     scan_layers: bool = False,
+    attention: str = "einsum",
 ) -> tuple[T5, Any]:
     """Load a Hugging Face T5 / T5 v1.1 / T0 checkpoint into ``finetune.network.T5``.
 
@@ -335,6 +339,7 @@ def load_pretrained(
         dtype: compute dtype (float32 or bfloat16).
         param_dtype: dtype the parameters are stored in.
         scan_layers: ``lax.scan`` over each stack's blocks (faster compiles of deep models).
+        attention: "einsum", "xla" or "cudnn" (see ``finetune.network.T5``).
 
     Returns:
         ``(model, config)``.
@@ -356,6 +361,7 @@ def load_pretrained(
             param_dtype=param_dtype,
             rngs=nnx.Rngs(0),
             scan_layers=scan_layers,
+            attention=attention,
         )
     )
     entries = _hf_map(model, config)

@@ -27,7 +27,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,12 +101,32 @@ def _relative_buckets(
     return buckets.astype(np.int32)
 
 
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
+class _AttnInputs(NamedTuple):
+    """What one attention needs besides q/k/v, in both forms (built once per stack call).
+
+    ``terms`` are float32 additive terms for the einsum path; ``position``, ``kv_lengths`` and
+    ``causal`` are the same information for ``jax.nn.dot_product_attention`` (right padding).
+    """
+
+    terms: tuple  # each broadcastable to [b, h, q, k], float32
+    position: jax.Array | None  # [1, h, q, k] float32 relative position bias, or None
+    kv_lengths: jax.Array | None  # int32 [b] non-padding keys (right-padded), or None
+    causal: bool  # decoder self-attention
+
+
 class _Keys:
     """Hands out a fresh dropout key per call site (in trace order); None when deterministic."""
 
     def __init__(self, rng: jax.Array | None):
         self._rng = rng
         self._count = 0
+
+    @property
+    def deterministic(self) -> bool:
+        return self._rng is None
 
     def fold(self, index) -> _Keys:
         """Keys for one scanned layer (``index`` may be traced); independent of other sites."""
@@ -184,10 +204,21 @@ class _RMSNorm(nnx.Module):
 class _Attention(nnx.Module):
     """Multi-head attention without q.k scaling; fused qkv (self) or q + fused kv (cross)."""
 
-    def __init__(self, config, *, cross: bool, ia3: bool, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config,
+        *,
+        cross: bool,
+        ia3: bool,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        attention: str = "einsum",
+    ):
         d, h, k = config.d_model, config.num_heads, config.d_kv
         f = config.initializer_factor
         self.cross = cross
+        self.attention = attention
         self.dtype = dtype
         self.dropout_rate = float(config.dropout_rate)
         # HF init: q ~ N(0, (d*d_kv)^-1/2), k, v ~ N(0, d^-1/2), o ~ N(0, (h*d_kv)^-1/2).
@@ -212,7 +243,7 @@ class _Attention(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        bias: jax.Array,
+        attn: _AttnInputs,
         keys: _Keys,
         memory: jax.Array | None = None,
     ) -> jax.Array:
@@ -220,9 +251,9 @@ class _Attention(nnx.Module):
 
         Args:
             x: [b, q, d_model] queries' hidden states (compute dtype).
-            bias: float32 additive terms, each broadcastable to [b, heads, q, k] (position
-                bias [1, h, q, k], padding/causal mask [b or 1, 1, q or 1, k]); summed inside
-                the softmax fusion, never materialised per example.
+            attn: position bias and masks. The einsum path adds ``attn.terms`` (position bias
+                [1, h, q, k], padding/causal mask [b or 1, 1, q or 1, k]) inside the softmax
+                fusion; the fused path passes them to ``jax.nn.dot_product_attention``.
             keys: dropout keys.
             memory: [b, k, d_model] encoder output for cross-attention, else None.
 
@@ -240,14 +271,29 @@ class _Attention(nnx.Module):
         if hasattr(self, "ia3_k"):  # IA3: l_k * K and l_v * V (T-Few scales the k/v outputs)
             k = k * self.ia3_k[...].astype(dt)
             v = v * self.ia3_v[...].astype(dt)
-        # T5: no 1/sqrt(d_kv). Scores are stored in the compute dtype (the [b, h, q, l] tensors
-        # dominate memory traffic in bf16); bias, mask and softmax are evaluated in float32.
-        scores = jnp.einsum("bqhk,blhk->bhql", q, k).astype(jnp.float32)  # [b, h, q, l]
-        for term in bias:
-            scores = scores + term
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = keys.dropout(probs, self.dropout_rate).astype(dt)
-        out = jnp.einsum("bhql,blhk->bqhk", probs, v)  # [b, q, h, dk]
+        if self.attention != "einsum" and (keys.deterministic or self.dropout_rate == 0.0):
+            # Fused kernel (cuDNN flash attention on GPU) when the probabilities need no
+            # dropout: the [b, h, q, l] scores are never written to memory. scale=1: T5 has
+            # no 1/sqrt(d_kv).
+            out = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                bias=None if attn.position is None else attn.position.astype(dt),
+                scale=1.0,
+                is_causal=attn.causal,
+                key_value_seq_lengths=attn.kv_lengths,
+                implementation=self.attention,
+            )  # [b, q, h, dk]
+        else:
+            # T5: no 1/sqrt(d_kv). The q.k product is rounded to the compute dtype; bias, mask
+            # and softmax are evaluated in float32.
+            scores = jnp.einsum("bqhk,blhk->bhql", q, k).astype(jnp.float32)  # [b, h, q, l]
+            for term in attn.terms:
+                scores = scores + term
+            probs = jax.nn.softmax(scores, axis=-1)
+            probs = keys.dropout(probs, self.dropout_rate).astype(dt)
+            out = jnp.einsum("bhql,blhk->bqhk", probs, v)  # [b, q, h, dk]
         return jnp.einsum("bqhk,hkd->bqd", out, self.o[...].astype(dt))  # [b, q, d_model]
 
 
@@ -286,23 +332,26 @@ class _FeedForward(nnx.Module):
 class _Block(nnx.Module):
     """Pre-norm residual block: self-attention, [cross-attention], feed-forward."""
 
-    def __init__(self, config, *, decoder: bool, ia3: bool, dtype, param_dtype, rngs):
+    def __init__(
+        self, config, *, decoder: bool, ia3: bool, dtype, param_dtype, rngs, attention="einsum"
+    ):
         eps = config.layer_norm_epsilon
         kw = dict(dtype=dtype, param_dtype=param_dtype)
+        akw = dict(kw, attention=attention)
         self.dropout_rate = float(config.dropout_rate)
         self.self_norm = _RMSNorm(config.d_model, eps, **kw)
-        self.self_attn = _Attention(config, cross=False, ia3=ia3, rngs=rngs, **kw)
+        self.self_attn = _Attention(config, cross=False, ia3=ia3, rngs=rngs, **akw)
         if decoder:
             self.cross_norm = _RMSNorm(config.d_model, eps, **kw)
-            self.cross_attn = _Attention(config, cross=True, ia3=ia3, rngs=rngs, **kw)
+            self.cross_attn = _Attention(config, cross=True, ia3=ia3, rngs=rngs, **akw)
         self.ff_norm = _RMSNorm(config.d_model, eps, **kw)
         self.ff = _FeedForward(config, ia3=ia3, rngs=rngs, **kw)
 
-    def __call__(self, x, self_bias, keys, memory=None, cross_bias=None):
+    def __call__(self, x, self_attn, keys, memory=None, cross_attn=None):
         r = self.dropout_rate
-        x = x + keys.dropout(self.self_attn(self.self_norm(x), self_bias, keys), r)
+        x = x + keys.dropout(self.self_attn(self.self_norm(x), self_attn, keys), r)
         if memory is not None:
-            x = x + keys.dropout(self.cross_attn(self.cross_norm(x), cross_bias, keys, memory), r)
+            x = x + keys.dropout(self.cross_attn(self.cross_norm(x), cross_attn, keys, memory), r)
         return x + keys.dropout(self.ff(self.ff_norm(x), keys), r)
 
 
@@ -310,7 +359,16 @@ class _Stack(nnx.Module):
     """Encoder or decoder stack; the relative position bias table is shared by all blocks."""
 
     def __init__(
-        self, config, *, decoder: bool, ia3: bool, dtype, param_dtype, rngs, scan_layers=False
+        self,
+        config,
+        *,
+        decoder: bool,
+        ia3: bool,
+        dtype,
+        param_dtype,
+        rngs,
+        scan_layers=False,
+        attention="einsum",
     ):
         n = config.num_decoder_layers if decoder else config.num_layers
         self.decoder = decoder
@@ -336,6 +394,7 @@ class _Stack(nnx.Module):
                     dtype=dtype,
                     param_dtype=param_dtype,
                     rngs=rngs,
+                    attention=attention,
                 )
                 for _ in range(n)
             ]
@@ -361,7 +420,8 @@ class _Stack(nnx.Module):
         Args:
             embedded: [b, l, d_model] token embeddings (compute dtype).
             keys: dropout keys.
-            self_mask: bool [b or 1, 1, l or 1, l] allowed (query, key) pairs.
+            self_mask: bool [b, 1, 1, l] non-padding positions (encoder; inputs right-padded)
+                or [1, 1, l, l] causal (decoder).
             memory: [b, l_in, d_model] encoder output (decoder only).
             cross_mask: bool [b, 1, 1, l_in] non-padding encoder positions (decoder only).
 
@@ -369,13 +429,25 @@ class _Stack(nnx.Module):
             [b, l, d_model] after the final layer norm and dropout.
         """
         length = embedded.shape[1]
-        self_bias = (
-            self._position_bias(length, length),  # [1, h, l, l]
-            jnp.where(self_mask, 0.0, _NEG_INF).astype(jnp.float32),  # [b or 1, 1, l or 1, l]
+        position = self._position_bias(length, length)  # [1, h, l, l]
+
+        def lengths(mask):  # [b, 1, 1, l] -> int32 [b] (right padding)
+            return jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32)
+
+        self_attn = _AttnInputs(
+            terms=(position, jnp.where(self_mask, 0.0, _NEG_INF).astype(jnp.float32)),
+            position=position,
+            kv_lengths=None if self.decoder else lengths(self_mask),
+            causal=self.decoder,
         )
-        cross_bias = None
+        cross_attn = None
         if memory is not None:  # T5 cross-attention has no position bias
-            cross_bias = (jnp.where(cross_mask, 0.0, _NEG_INF).astype(jnp.float32),)  # [b,1,1,l_in]
+            cross_attn = _AttnInputs(
+                terms=(jnp.where(cross_mask, 0.0, _NEG_INF).astype(jnp.float32),),  # [b,1,1,l_in]
+                position=None,
+                kv_lengths=lengths(cross_mask),
+                causal=False,
+            )
         x = keys.dropout(embedded, self.dropout_rate)
         if self.scan_layers and len(self.blocks) > 1:
             # lax.scan over the blocks' stacked parameters: compile time no longer grows with
@@ -388,13 +460,13 @@ class _Stack(nnx.Module):
             def body(h, layer):
                 index, state = layer
                 block = nnx.merge(block_def, state)
-                return block(h, self_bias, keys.fold(index), memory, cross_bias), None
+                return block(h, self_attn, keys.fold(index), memory, cross_attn), None
 
             index = jnp.arange(len(self.blocks), dtype=jnp.uint32)
             x, _ = jax.lax.scan(body, x, (index, stacked))
         else:
             for block in self.blocks:
-                x = block(x, self_bias, keys, memory, cross_bias)
+                x = block(x, self_attn, keys, memory, cross_attn)
         return keys.dropout(self.final_norm(x), self.dropout_rate)
 
 
@@ -410,6 +482,10 @@ class T5(nnx.Module):
         rngs: ``nnx.Rngs`` for the random initialisation (HF's init distributions).
         scan_layers: run each stack's blocks with ``lax.scan`` (same parameters and results,
             compile time independent of depth; dropout masks differ from the unrolled loop).
+        attention: "einsum" (default: explicit scores, float32 softmax), or "xla" / "cudnn":
+            ``jax.nn.dot_product_attention`` with that implementation wherever the attention
+            probabilities need no dropout (evaluation, or dropout rate 0); "cudnn" is the fused
+            GPU kernel (bf16/fp16 only). Training with attention dropout keeps the einsum path.
 
     References:
         T5: https://arxiv.org/abs/1910.10683; IA3: https://arxiv.org/abs/2205.05638.
@@ -424,7 +500,10 @@ class T5(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
         scan_layers: bool = False,
+        attention: str = "einsum",
     ):
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={attention!r}; choose one of {ATTENTION_IMPLS}")
         if getattr(config, "model_type", None) != "t5":
             raise ValueError(
                 f"config.model_type={getattr(config, 'model_type', None)!r} is not 't5'; "
@@ -440,7 +519,14 @@ class T5(nnx.Module):
         self.shared = nnx.Param(
             _normal(rngs, (config.vocab_size, config.d_model), factor * 1.0, param_dtype)
         )  # [vocab, d_model]
-        kw = dict(ia3=ia3, dtype=dtype, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers)
+        kw = dict(
+            ia3=ia3,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scan_layers=scan_layers,
+            attention=attention,
+        )
         self.encoder = _Stack(config, decoder=False, **kw)
         self.decoder = _Stack(config, decoder=True, **kw)
         if not self.tied:

@@ -51,7 +51,7 @@ def step_flops(params, batch: int, l_in: int, l_tgt: int) -> float:
     return 6.0 * (enc * batch * l_in + dec * batch * l_tgt)
 
 
-def build(config, *, ia3: bool, param_dtype, scan: bool, seed: int = 0):
+def build(config, *, ia3: bool, param_dtype, scan: bool, attention: str = "einsum", seed=0):
     """graphdef and params, initialised by one jitted function (rbg keys: cheap to compile)."""
 
     def make(key):
@@ -62,6 +62,7 @@ def build(config, *, ia3: bool, param_dtype, scan: bool, seed: int = 0):
             param_dtype=param_dtype,
             rngs=nnx.Rngs(key),
             scan_layers=scan,
+            attention=attention,
         )
 
     key = jax.random.key(seed, impl="rbg")
@@ -87,12 +88,26 @@ def peak_memory_gb() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host ru_maxrss"
 
 
-def run_point(size, batch, method, args):
+def _phase(name: str) -> None:
+    """Progress marker on stderr: a point that stalls is attributed to its phase."""
+    print(f"[phase {name} at {time.perf_counter() - _T0:.1f} s]", file=sys.stderr, flush=True)
+
+
+_T0 = time.perf_counter()
+
+
+def run_point(size, batch, method, layers, args):
     config = t5_config(size, args.dropout)
     param_dtype = jnp.dtype(args.param_dtype)
+    _phase(f"build {size} b{batch} {method} {layers}")
     graphdef, params = build(
-        config, ia3=method == "ia3", param_dtype=param_dtype, scan=args.layers == "scan"
+        config,
+        ia3=method == "ia3",
+        param_dtype=param_dtype,
+        scan=layers == "scan",
+        attention=args.attention,
     )
+    jax.block_until_ready(params)
     flops = step_flops(params, batch, args.input_len, args.target_len)
     trainable, frozen = partition(params, trainable_mask(params, method))
     del params
@@ -104,6 +119,7 @@ def run_point(size, batch, method, args):
     batches = [synthetic_batch(batch, args.input_len, args.target_len, s) for s in range(2)]
     base_key = jax.random.key(0, impl="rbg")
     rng0 = jax.random.fold_in(base_key, 0) if args.dropout > 0 else None
+    _phase("lower + compile")
     t0 = time.perf_counter()
     compiled = step.lower(trainable, opt_state, frozen, batches[0], rng0).compile()
     compile_s = time.perf_counter() - t0
@@ -123,9 +139,11 @@ def run_point(size, batch, method, args):
         trainable, opt_state, loss = compiled(trainable, opt_state, frozen, batches[i % 2], rng)
         return loss
 
+    _phase("warm-up steps")
     for i in range(args.warmup):
         loss = run(i)
     loss.block_until_ready()
+    _phase("timed steps")
     t0 = time.perf_counter()
     for i in range(args.iters):
         loss = run(args.warmup + i)
@@ -143,9 +161,23 @@ def main(argv=None):
     add_point_args(p)
     p.add_argument(
         "--layers",
-        choices=("scan", "unroll"),
         default="scan",
-        help="lax.scan over blocks (compile time independent of depth) or unrolled",
+        help="comma list of scan (lax.scan over blocks: compile time independent of depth) "
+        "and unroll",
+    )
+    p.add_argument(
+        "--attention",
+        choices=("einsum", "xla", "cudnn"),
+        default="einsum",
+        help="attention implementation (finetune.network.T5); the fused ones apply only where "
+        "no attention dropout is needed, so train with --dropout 0 to time them",
+    )
+    p.add_argument(
+        "--point-timeout",
+        type=float,
+        default=0,
+        help="run each point in its own process killed after this many seconds (0: in this "
+        "process); a killed point prints TIMEOUT with the phase it was in, and the rest go on",
     )
     p.add_argument(
         "--param-dtype",
@@ -154,10 +186,15 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     points, methods = select_points(p, args, on_gpu)
+    layer_modes = args.layers.split(",")
+    for mode in layer_modes:
+        if mode not in ("scan", "unroll"):
+            p.error(f"--layers: unknown mode {mode!r}; choose scan and/or unroll")
     dev = jax.devices()[0]
     print(
         f"device: {dev.platform} {dev.device_kind} x{jax.device_count()} | jax {jax.__version__}"
-        f" | flax T5 ({args.layers} layers), bf16 compute, params {args.param_dtype}, AdamW,"
+        f" | flax T5 ({args.layers} layers, {args.attention} attention), bf16 compute,"
+        f" params {args.param_dtype}, AdamW,"
         f" dropout {args.dropout}"
         f" | input {args.input_len} target {args.target_len}"
         f" | {args.warmup} warm-up + {args.iters} timed steps"
@@ -168,23 +205,29 @@ def main(argv=None):
             "for more; GPU runs all sizes at batch 8 and 32)"
         )
     print(
-        f"{'size':>6} {'batch':>5} {'method':>6} {'ms/step':>9} {'ex/s':>8} {'compile s':>9} "
+        f"{'size':>6} {'batch':>5} {'method':>6} {'layers':>6} {'ms/step':>9} {'ex/s':>8} "
+        f"{'compile s':>9} "
         f"{'step GB':>8} {'peak GB':>8} {'%bf16 peak':>10}"
     )
     for size, batch in points:
         for method in methods:
-            try:
-                ms, cs, sgb, peak, flops = run_point(size, batch, method, args)
-            except Exception as err:  # OOM at the largest points: report, go on
-                msg = str(err).splitlines()[0][:80]
-                print(f"{size:>6} {batch:>5} {method:>6}  FAILED: {type(err).__name__}: {msg}")
-                continue
-            mfu = flops / (ms / 1e3) / PEAK_BF16 * 100
-            print(
-                f"{size:>6} {batch:>5} {method:>6} {ms:9.2f} {batch / ms * 1e3:8.1f} "
-                f"{cs:9.1f} {sgb:8.2f} {peak:8.2f} {mfu:9.1f}%",
-                flush=True,
-            )
+            for layers in layer_modes:
+                head = f"{size:>6} {batch:>5} {method:>6} {layers:>6}"
+                if args.point_timeout > 0:
+                    print(_in_subprocess(size, batch, method, layers, args, argv), flush=True)
+                    continue
+                try:
+                    ms, cs, sgb, peak, flops = run_point(size, batch, method, layers, args)
+                except Exception as err:  # OOM at the largest points: report, go on
+                    msg = str(err).splitlines()[0][:80]
+                    print(f"{head}  FAILED: {type(err).__name__}: {msg}", flush=True)
+                    continue
+                mfu = flops / (ms / 1e3) / PEAK_BF16 * 100
+                print(
+                    f"{head} {ms:9.2f} {batch / ms * 1e3:8.1f} "
+                    f"{cs:9.1f} {sgb:8.2f} {peak:8.2f} {mfu:9.1f}%",
+                    flush=True,
+                )
     _, what = peak_memory_gb()
     print(
         f"peak GB: {what}; step GB: XLA memory_analysis of the compiled step "
@@ -196,6 +239,47 @@ def main(argv=None):
         f"{PEAK_BF16:.0f} FLOP/s (H100 SXM / H200 dense bf16; meaningful only on those GPUs; "
         "IA3 skips weight gradients so its true FLOPs are lower)"
     )
+
+
+def _in_subprocess(size, batch, method, layers, args, argv) -> str:
+    """One point in a child process under a time limit; returns its table row (or why not).
+
+    The child is this script restricted to the point, without --point-timeout; its stderr phase
+    markers say where a killed point was (build, compile, warm-up or timing). Peak memory is
+    then per point, not per process so far.
+    """
+    import subprocess
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    drop = {"--sizes", "--batches", "--methods", "--layers", "--points", "--point-timeout"}
+    child, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in drop:
+            skip = "=" not in a
+            continue
+        child.append(a)
+    child += ["--sizes", size, "--batches", str(batch), "--methods", method, "--layers", layers]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *child]
+    head = f"{size:>6} {batch:>5} {method:>6} {layers:>6}"
+    try:
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.point_timeout, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        phases = [
+            x for x in (err.stderr or b"").decode(errors="replace").splitlines() if "[phase" in x
+        ]
+        where = phases[-1] if phases else "before the first phase"
+        return f"{head}  TIMEOUT after {args.point_timeout:.0f} s, last {where}"
+    rows = [x for x in out.stdout.splitlines() if x.startswith(head)]
+    if out.returncode != 0 or not rows:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1][:100]
+        return f"{head}  FAILED (exit {out.returncode}): {tail}"
+    return rows[-1]
 
 
 if __name__ == "__main__":

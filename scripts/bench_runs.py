@@ -133,6 +133,12 @@ def main(argv=None) -> int:
         help="most padded lengths in the tracked set (ExperimentConfig.tracked_buckets)",
     )
     p.add_argument(
+        "--attention",
+        choices=("einsum", "xla", "cudnn"),
+        default="einsum",
+        help="attention implementation for the logging forward (ExperimentConfig.attention)",
+    )
+    p.add_argument(
         "--layers",
         choices=("scan", "unroll"),
         default="scan",
@@ -179,7 +185,11 @@ def main(argv=None) -> int:
         make_tracked_set,
     )
 
-    print(f"jax {jax.__version__}, devices: {jax.devices()}", flush=True)
+    print(
+        f"jax {jax.__version__}, devices: {jax.devices()}; {args.layers} layers, "
+        f"{args.attention} attention, {args.tracked_buckets} tracked buckets",
+        flush=True,
+    )
     cfg_kw = dict(SIZES[args.model_size], vocab_size=32128, dropout_rate=0.0)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     t0 = time.perf_counter()
@@ -189,6 +199,7 @@ def main(argv=None) -> int:
         seed=0,
         dtype=dtype,
         scan_layers=args.layers == "scan",
+        attention=args.attention,
     )
     graphdef, params = nnx.split(model)
     del model
@@ -210,6 +221,7 @@ def main(argv=None) -> int:
         length_multiple=args.length_multiple,
         tracked_buckets=args.tracked_buckets,
         scan_layers=args.layers == "scan",
+        attention=args.attention,
     )
     mask = make_mask(config, params)
     trainable, frozen = partition(params, mask)

@@ -1,25 +1,47 @@
 #!/usr/bin/env bash
-# One GPU call for every device measurement (issues 3, 4, 5), each under its own time limit,
+# Device measurements for issues 3, 4 and 5 in one call, each step under its own time limit,
 # logs to $OUT (or ./device-logs). Run from the repository root on the GPU machine:
-#   bash scripts/device_bench.sh
+#   bash scripts/device_bench.sh [STAGE...]      STAGE: model, runs, tracin (default: model runs)
+# Budget: model ~330 s, runs ~240 s, tracin ~110 s of limits; one device call may run 600 s.
 set -uo pipefail
 OUT=${OUT:-device-logs}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+STAGES=${*:-model runs}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
 python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 step() {  # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s): $*"
   local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"
+  timeout "$limit" "$@" 2>"$OUT/$name.err" | tee "$OUT/$name.log"
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s; last stderr: $(grep -v Warning "$OUT/$name.err" | tail -n 1)"
 }
-step model_jax 190 python3 scripts/bench_model.py --points reference --methods full,ia3 --warmup 3 --iters 10
-step model_torch 100 python3 scripts/bench_model_torch.py --points reference --methods full --warmup 2 --iters 5
-step runs 130 python3 scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 --runs 32 \
-  --batch 8 --n-test 100 --steps 10 --dtype bfloat16 --variants together,nolog,baseline
-step tracin 110 python3 scripts/bench_tracin.py --preset t5-base --input-len 256 --target-len 4 \
-  --n-train 1000 --n-test 100 --checkpoints 10 --chunk-size 64 --torch-examples 100 \
-  --full-n-train 0 --json "$OUT/bench_tracin_ia3.json"
+for stage in $STAGES; do
+  case $stage in
+  model)
+    # The issue's 5 reference points, PyTorch baseline first (same call), then the Flax T5 with
+    # scanned and unrolled layers, each point in its own process under a 60 s limit.
+    step model_torch 110 python3 scripts/bench_model_torch.py --points reference --methods full \
+      --warmup 2 --iters 5
+    step model_jax 330 python3 scripts/bench_model.py --points reference --methods full \
+      --layers scan,unroll --warmup 2 --iters 5 --point-timeout 60
+    ;;
+  runs)
+    # T5-base IA3, 32 runs x batch 8, 100 tracked examples logged every step (issue 4 protocol).
+    step runs_cudnn 130 python3 scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 \
+      --runs 32 --batch 8 --n-test 100 --steps 5 --dtype bfloat16 --attention cudnn \
+      --variants together,nolog
+    step runs_einsum 110 python3 scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 \
+      --runs 32 --batch 8 --n-test 100 --steps 5 --dtype bfloat16 --attention einsum \
+      --variants together,baseline
+    ;;
+  tracin)
+    step tracin 110 python3 scripts/bench_tracin.py --preset t5-base --input-len 256 --target-len 4 \
+      --n-train 1000 --n-test 100 --checkpoints 10 --chunk-size 64 --torch-examples 100 \
+      --full-n-train 0 --json "$OUT/bench_tracin_ia3.json"
+    ;;
+  *) echo "unknown stage $stage (model, runs, tracin)"; exit 2 ;;
+  esac
+done

@@ -58,6 +58,8 @@ def test_round_trip():
         ({"warmup_steps": 5}, "warmup_steps=5"),
         ({"tracked_buckets": 0}, "tracked_buckets=0 must be an integer >= 1"),
         ({"scan_layers": "yes"}, "scan_layers='yes' must be True or False"),
+        ({"attention": "flash"}, "attention='flash'; choose"),
+        ({"attention": "cudnn"}, "needs dtype='bfloat16'"),
     ],
 )
 def test_bad_fields(kw, match):

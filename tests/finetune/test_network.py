@@ -186,3 +186,61 @@ def test_scan_layers_equals_unrolled():
     a = _jitted(unrolled)(inputs, targets)[1]
     b = _jitted(scanned)(inputs, targets)[1]
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _with_attention(model, cfg, attention, **kw):
+    """The same weights in a T5 whose attention runs through jax.nn.dot_product_attention."""
+    from finetune.hf import init_random
+
+    other = init_random(cfg, ia3=model.ia3, seed=1, attention=attention, **kw)
+    nnx.update(other, nnx.state(model))
+    return other
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+def test_fused_attention_path_matches_torch(pair, scan):
+    """attention="xla" (jax.nn.dot_product_attention: position bias, causal flag and key
+    lengths instead of additive masks) against the PyTorch reference, same tolerance."""
+    ref, model, cfg = pair
+    fused = _with_attention(model, cfg, "xla", scan_layers=scan)
+    inputs, targets = _batch()
+    enc_ref, logits_ref, loss_ref = _torch_reference(ref, inputs, targets)
+    enc, logits, losses = _jitted(fused)(inputs, targets)
+    np.testing.assert_allclose(enc, enc_ref, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(logits, logits_ref, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(losses, loss_ref, atol=TOL, rtol=TOL)
+
+
+def test_fused_attention_gradients_and_dropout_fallback():
+    """Gradients through the fused path equal the einsum path's; with attention dropout in
+    training the model keeps the einsum path (bitwise the same as attention="einsum")."""
+    from finetune.hf import init_random
+    from finetune.model import make_per_example_loss
+
+    inputs, targets = _batch()
+    batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets)}
+    for rate in (0.0, 0.1):
+        cfg = _config("gated-gelu", False, dropout_rate=rate)
+        models = [init_random(cfg, ia3=True, seed=3, attention=a) for a in ("einsum", "xla")]
+        nnx.update(models[1], nnx.state(models[0]))
+        key = jax.random.key(0)
+
+        def grads(model, rate=rate, key=key):
+            graphdef, params = nnx.split(model)
+            loss = make_per_example_loss(graphdef)
+            rng = key if rate > 0 else None
+            return jax.jit(jax.grad(lambda p: loss(p, batch, rng).sum()))(params)
+
+        a, b = (jax.tree.leaves(grads(m)) for m in models)
+        for x, y in zip(a, b, strict=True):
+            if rate > 0:
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+            else:
+                np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_attention_is_refused():
+    from finetune.hf import init_random
+
+    with pytest.raises(ValueError, match="attention='flash'; choose one of"):
+        init_random(_config("relu", True), attention="flash")

@@ -184,7 +184,8 @@ def evaluate(
             None -> chosen on the validation runs with `simulators.select_lambdas`, or the
             simulators' defaults when n_valid is 0.
         a_prior: value A is shrunk towards; None -> 1/batch.
-        grid: lambda grid passed to `select_lambdas` (None = its default log grid).
+        grid: lambda grid passed to `select_lambdas` (None = its default log grid, extended
+            by decades while the best point lies on its edge; a given grid is used as is).
         progress: show a tqdm progress bar on stderr.
 
     Returns:
@@ -195,6 +196,13 @@ def evaluate(
         "skill_vs_mean_trajectory": float | None, "l2_a": float | None, "l2_b": float | None,
         "per_run": {...}, ...}}, "split": {"fit": [...], "valid": [...], "test": [...]},
         "experiment": {"name", "path", "n_train", "n_test", "batch", "info"}}`.
+        Simfluence variants whose lambdas were chosen on validation runs also hold
+        "lambda_search" (every evaluated point, see `simulators.select_lambdas`),
+        "lambda_grid" ("default": the default grid, extended at its edges up to
+        `simulators.DEFAULT_GRID_CAPS`; "given": `grid` as given), "lambda_at_edge" (bool:
+        a chosen lambda is the largest or smallest value searched on its axis, so the choice
+        is limited by the search range) and "lambda_edges" ({"l2_a"/"l2_b": "upper"|"lower"}
+        for those axes). With the default grid an edge is a cap, and a warning says so.
 
     Raises:
         RunLogError: bad run logs, or a split asking for more complete runs than exist.
@@ -277,6 +285,12 @@ def evaluate(
             }
             if search is not None:
                 extra["lambda_search"] = search
+                # Whether the choice is limited by the searched range: with the default grid
+                # an edge is a cap of its extension, with a given grid the grid's own edge.
+                edges = simulators._lambda_edges(search, name, la, lb)
+                extra["lambda_grid"] = "default" if grid is None else "given"
+                extra["lambda_at_edge"] = bool(edges)
+                extra["lambda_edges"] = edges
         elif name == "constant":
             preds = [baselines.constant(r.losses[0], r.steps) for r in test_runs]
         elif name == "mean-trajectory":

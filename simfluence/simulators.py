@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -46,6 +47,12 @@ DEFAULT_L2_A = 1e-2
 DEFAULT_L2_B = 1e-2
 # Default log grid for `select_lambdas` (both axes for linear, one axis for the ablations).
 DEFAULT_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+# Hard limits of the default grid's extension: while the best point lies on an edge of the
+# searched grid, `select_lambdas` adds decades along that axis up to these values.
+DEFAULT_GRID_CAPS = (1e-8, 1e6)
+# Validation MSEs within this relative distance of the lowest one are ties (about what float32
+# fits and rollouts resolve); `select_lambdas` breaks ties towards stronger regularisation.
+_TIE_RTOL = 1e-4
 
 
 @dataclasses.dataclass
@@ -520,6 +527,167 @@ def _grid_points(variant: str, grid) -> list[tuple[float, float]]:
     return pts
 
 
+def _log_gap(p: tuple[float, float], q: tuple[float, float]) -> float:
+    """Distance of two lambda points in decades (0, an unused axis, counts as 1e-30)."""
+    return sum(
+        abs(math.log10(max(u, 1e-30)) - math.log10(max(v, 1e-30)))
+        for u, v in zip(p, q, strict=True)
+    )
+
+
+class _ValidationScore:
+    """Validation all-steps MSE of the fits at given lambda points.
+
+    Each test chunk's CG solve is warm-started from the previous solve of that chunk, across
+    calls too, so the extension rounds of the default search start near a solved point.
+    """
+
+    def __init__(self, problem: _Problem, vcurs, vls):
+        self.problem = problem
+        self.valid = list(zip(vcurs, vls, strict=True))
+        # The score is a mean over runs of per-run means: weight each run's SSE accordingly.
+        self.weights = [1.0 / (len(vcurs) * c.shape[0] * problem.n_test) for c in vcurs]
+        self.last: dict[int, tuple[tuple[float, float], jax.Array]] = {}  # chunk -> point, theta
+
+    def __call__(self, pts: Sequence[tuple[float, float]]) -> np.ndarray:
+        """pts: (l2_a, l2_b) pairs -> f64 [len(pts)] validation MSEs."""
+        problem = self.problem
+        mse = np.zeros(len(pts), np.float64)
+        additive = problem.variant == "additive"
+        # Warm starts work best when consecutive points are close: visit in sorted order,
+        # starting from the end nearer to the chunk's last solved point.
+        order = sorted(range(len(pts)), key=lambda g: pts[g])
+        for c, (j0, j1) in enumerate(problem.chunks):
+            x, y = problem.rows(j0, j1)
+            sub = _sub_problem(problem, j0, j1)
+            seq, start = order, None
+            if c in self.last:
+                point, start = self.last[c]
+                if _log_gap(point, pts[order[-1]]) < _log_gap(point, pts[order[0]]):
+                    seq = order[::-1]
+            for g in seq:
+                lam, prior = _lams(problem, *pts[g])
+                theta, _ = _solvers.solve(
+                    problem.structure,
+                    x,
+                    y,
+                    lam,
+                    prior,
+                    problem.use_x,
+                    problem.use_one,
+                    1e-7,
+                    1000,
+                    start,
+                )
+                start = theta
+                sim = sub.to_simulator(np.asarray(theta)[: j1 - j0], *pts[g])
+                for (cur, loss), w in zip(self.valid, self.weights, strict=True):
+                    pred = _rollout(
+                        sim.A, sim.B, jnp.asarray(cur), jnp.asarray(loss[0, j0:j1]), additive
+                    )
+                    err = np.asarray(pred[1:], np.float64) - loss[1:, j0:j1]
+                    mse[g] += w * float(np.sum(err * err))
+            self.last[c] = (pts[seq[-1]], start)
+        return mse
+
+
+def _best(pts: Sequence[tuple[float, float]], mses: Sequence[float]) -> int:
+    """Index of the chosen point: the strongest regularisation among the ties of the lowest MSE.
+
+    MSEs within a relative `_TIE_RTOL` of the lowest finite one are ties; among them the point
+    with the largest log10(l2_a) + log10(l2_b) wins (then the larger l2_a, then l2_b, then the
+    first in `pts`). A diverged fit (non-finite MSE) never wins.
+    """
+    finite = [g for g in range(len(mses)) if math.isfinite(mses[g])]
+    if not finite:
+        return 0
+    low = min(mses[g] for g in finite)
+    ties = [g for g in finite if mses[g] <= low + _TIE_RTOL * abs(low)]
+    return max(ties, key=lambda g: (_log_strength(pts[g]), pts[g], -g))
+
+
+def _log_strength(p: tuple[float, float]) -> float:
+    """log10(l2_a) + log10(l2_b), with 0 (an unused axis) counted as 1e-30."""
+    return sum(math.log10(max(v, 1e-30)) for v in p)
+
+
+def _next_decade(value: float, up: bool) -> float:
+    """`value` times (up) or divided by 10, within DEFAULT_GRID_CAPS, as a short decimal."""
+    lo, hi = DEFAULT_GRID_CAPS
+    nxt = float(f"{value * 10.0 if up else value / 10.0:.12g}")
+    return min(nxt, hi) if up else max(nxt, lo)
+
+
+def _extended_search(score, use_a: bool, use_b: bool):
+    """Default-grid search that grows an axis by decades while the best point is on its edge.
+
+    Starts from the product of ``DEFAULT_GRID`` over the used axes. While the best point (see
+    `_best`) has the largest (smallest) value searched on a used axis, and that value is below
+    (above) its cap in ``DEFAULT_GRID_CAPS``, that axis gets one more decade and the new points
+    of the product grid are scored. The grid stays a product grid, so the final choice is the
+    exhaustive choice over the extended grid, and it is interior or at a cap on every axis.
+
+    Args:
+        score: callable mapping a list of (l2_a, l2_b) points to their validation MSEs; it
+            is called once per round, with only the points not scored before.
+        use_a: whether the variant uses l2_a (else that axis holds 0).
+        use_b: whether the variant uses l2_b (else that axis holds 0).
+
+    Returns:
+        (points, mses, rounds): every evaluated point in grid order (l2_a, then l2_b,
+        ascending), its MSE, and the round that scored it (0 = the default grid, k = k-th
+        extension).
+    """
+    lo, hi = DEFAULT_GRID_CAPS
+    axes = [sorted(float(v) for v in DEFAULT_GRID) if use else [0.0] for use in (use_a, use_b)]
+    found: dict[tuple[float, float], tuple[float, int]] = {}
+    new = [(a, b) for a in axes[0] for b in axes[1]]
+    rnd = 0
+    while new:
+        for p, m in zip(new, score(new), strict=True):
+            found[p] = (float(m), rnd)
+        pts = sorted(found)
+        best = pts[_best(pts, [found[p][0] for p in pts])]
+        for k, use in enumerate((use_a, use_b)):
+            vals = axes[k]
+            if not use:
+                continue
+            if best[k] == vals[-1] and vals[-1] < hi * (1 - 1e-9):
+                vals.append(_next_decade(vals[-1], up=True))
+            elif best[k] == vals[0] and vals[0] > lo * (1 + 1e-9):
+                vals.insert(0, _next_decade(vals[0], up=False))
+        rnd += 1
+        new = [(a, b) for a in axes[0] for b in axes[1] if (a, b) not in found]
+    pts = sorted(found)
+    return pts, [found[p][0] for p in pts], [found[p][1] for p in pts]
+
+
+def _lambda_edges(table: Sequence[dict], variant: str, l2_a: float, l2_b: float) -> dict:
+    """Used lambda axes whose chosen value is the largest or smallest one searched.
+
+    Args:
+        table: the search table of `select_lambdas` (rows with "l2_a", "l2_b").
+        variant: the simulator variant (an ablation's unused axis is never an edge).
+        l2_a: the chosen l2_a.
+        l2_b: the chosen l2_b.
+
+    Returns:
+        {"l2_a": "upper" | "lower", "l2_b": ...} for the axes at an edge (axes searched at a
+        single value are never at an edge); empty when the choice is interior.
+    """
+    use_a, use_b = _features(variant)
+    out = {}
+    for name, use, value in (("l2_a", use_a, l2_a), ("l2_b", use_b, l2_b)):
+        vals = {float(row[name]) for row in table}
+        if not use or len(vals) < 2:
+            continue
+        if value == max(vals):
+            out[name] = "upper"
+        elif value == min(vals):
+            out[name] = "lower"
+    return out
+
+
 def select_lambdas(
     fit_curricula: Sequence[np.ndarray],
     fit_losses: Sequence[np.ndarray],
@@ -531,26 +699,45 @@ def select_lambdas(
     a_prior: float | None = None,
     grid=None,
 ) -> tuple[float, float, list[dict]]:
-    """Chooses (l2_a, l2_b) from a log grid by all-steps MSE of rollouts on validation runs.
+    """Chooses (l2_a, l2_b) on a log grid by all-steps MSE of rollouts on validation runs.
 
     For each grid point the simulator is fitted on the fitting runs (CG warm-started from the
-    previous grid point) and rolled out from each validation run's observed L_0; the score is
-    the mean over validation runs of the mean squared error over steps 1..T and test examples.
+    previously fitted point) and rolled out from each validation run's observed L_0; the score
+    is the mean over validation runs of the mean squared error over steps 1..T and test
+    examples.
+
+    With the default grid the search does not stop at the grid's edge: while the best point
+    has the largest (smallest) value searched on a lambda axis the variant uses, that axis is
+    extended by one more decade, up to ``DEFAULT_GRID_CAPS`` (1e-8..1e6), and the new points
+    of the product grid are scored. The choice is then the exhaustive choice over the extended
+    product grid, interior or at a cap on every axis; at a cap a one-line `UserWarning` says so
+    (the validation MSE may improve beyond it). A grid given by the caller is searched exactly
+    as given.
+
+    Validation MSEs within a relative 1e-4 of the lowest one count as ties (float32 fits and
+    rollouts resolve no finer), and ties go to the strongest regularisation (largest
+    log10(l2_a) + log10(l2_b)): on a plateau, where a lambda no longer matters, the search
+    neither chases round-off towards the lower cap nor picks a needlessly weak ridge.
 
     Args:
-        fit_curricula, fit_losses: fitting runs, as in `fit`.
-        valid_curricula, valid_losses: validation runs, same n_test and batch size.
+        fit_curricula: fitting runs' curricula, as in `fit`.
+        fit_losses: fitting runs' losses, as in `fit`.
+        valid_curricula: validation runs' curricula, int [T_r, batch] each.
+        valid_losses: validation runs' losses, f32 [T_r + 1, n_test] each (same n_test).
         n_train: size of the training pool.
         variant: one of `VARIANTS`.
         a_prior: as in `fit`.
-        grid: None for the default log grid ``DEFAULT_GRID`` (1e-4..1e2; product grid for
-            linear, l2_b only for additive, l2_a only for multiplicative), a 1-D list of values
-            used the same way, or an [G, 2] list of explicit (l2_a, l2_b) pairs.
+        grid: None for the default log grid ``DEFAULT_GRID`` (1e-4..1e2, extended at its
+            edges as above; product grid for linear, l2_b only for additive, l2_a only for
+            multiplicative), a 1-D list of values used the same way but never extended, or an
+            [G, 2] list of explicit (l2_a, l2_b) pairs.
 
     Returns:
-        (l2_a, l2_b, table): the chosen pair (the first one on ties) and one dict
-        {"l2_a", "l2_b", "valid_mse"} per grid point, in grid order. The unused lambda of an
-        ablation is reported as 0.
+        (l2_a, l2_b, table): the chosen pair (lowest finite validation MSE, ties broken as
+        above) and one dict {"l2_a", "l2_b", "valid_mse", "round"} per evaluated
+        point: in grid order (l2_a, then l2_b, ascending) for the default search, where
+        "round" is 0 for the default grid and k for the k-th extension; in the given order
+        (all "round" 0) for a given grid. The unused lambda of an ablation is reported as 0.
 
     Raises:
         ValueError: as `fit`, for either set of runs, or a malformed grid.
@@ -564,44 +751,30 @@ def select_lambdas(
         raise ValueError(
             f"validation runs have n_test={vn_test} but fitting runs have {problem.n_test}"
         )
-    pts = _grid_points(variant, grid)
-    # Warm starts work best when consecutive points are close: visit in sorted order.
-    order = sorted(range(len(pts)), key=lambda g: (pts[g][0], pts[g][1]))
-    sse = np.zeros(len(pts), np.float64)
-    additive = variant == "additive"
-    # The score is a mean over runs of per-run means: weight each run's SSE accordingly.
-    weights = [1.0 / (len(vcurs) * c.shape[0] * problem.n_test) for c in vcurs]
-    for j0, j1 in problem.chunks:
-        x, y = problem.rows(j0, j1)
-        start = None
-        for g in order:
-            lam, prior = _lams(problem, *pts[g])
-            theta, _ = _solvers.solve(
-                problem.structure,
-                x,
-                y,
-                lam,
-                prior,
-                problem.use_x,
-                problem.use_one,
-                1e-7,
-                1000,
-                start,
-            )
-            start = theta
-            th = np.asarray(theta)[: j1 - j0]
-            sub = _sub_problem(problem, j0, j1)
-            sim = sub.to_simulator(th, *pts[g])
-            for c, loss, w in zip(vcurs, vls, weights, strict=True):
-                pred = _rollout(sim.A, sim.B, jnp.asarray(c), jnp.asarray(loss[0, j0:j1]), additive)
-                err = np.asarray(pred[1:], np.float64) - loss[1:, j0:j1]
-                sse[g] += w * float(np.sum(err * err))
+    score = _ValidationScore(problem, vcurs, vls)
+    if grid is None:
+        pts, mses, rounds = _extended_search(score, problem.use_x, problem.use_one)
+    else:
+        pts = _grid_points(variant, grid)
+        mses, rounds = [float(m) for m in score(pts)], [0] * len(pts)
     table = [
-        {"l2_a": float(a), "l2_b": float(b), "valid_mse": float(s)}
-        for (a, b), s in zip(pts, sse, strict=True)
+        {"l2_a": float(a), "l2_b": float(b), "valid_mse": float(m), "round": int(r)}
+        for (a, b), m, r in zip(pts, mses, rounds, strict=True)
     ]
-    best = int(np.argmin(sse))
-    return pts[best][0], pts[best][1], table
+    l2_a, l2_b = pts[_best(pts, mses)]
+    edges = _lambda_edges(table, variant, l2_a, l2_b)
+    if grid is None and edges:
+        chosen = {"l2_a": l2_a, "l2_b": l2_b}
+        at = ", ".join(f"{k}={chosen[k]:g} ({side} cap)" for k, side in edges.items())
+        lo, hi = DEFAULT_GRID_CAPS
+        warnings.warn(
+            f"{variant} simulator: the lambdas chosen on the validation runs are at a cap of "
+            f"the lambda search {lo:g}..{hi:g}: {at}; the validation MSE may still improve "
+            "beyond it (pass a wider grid to search further)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return l2_a, l2_b, table
 
 
 def _sub_problem(problem: _Problem, j0: int, j1: int):

@@ -45,10 +45,13 @@ class _Notes:
     def __init__(self) -> None:
         self.reasons: list[str] = []
 
-    def mark(self, reason: str) -> str:
+    def ref(self, reason: str) -> str:
         if reason not in self.reasons:
             self.reasons.append(reason)
-        return f"{DASH} [{self.reasons.index(reason) + 1}]"
+        return f"[{self.reasons.index(reason) + 1}]"
+
+    def mark(self, reason: str) -> str:
+        return f"{DASH} {self.ref(reason)}"
 
     def lines(self) -> list[str]:
         return [f"[{i + 1}] {r}" for i, r in enumerate(self.reasons)]
@@ -89,6 +92,24 @@ def _lam(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0e}"
 
 
+def _lam_cell(entry: dict, key: str, notes: _Notes) -> str:
+    """The lambda, with a footnote when it is the largest or smallest value searched."""
+    text = _lam(entry.get(key))
+    side = (entry.get("lambda_edges") or {}).get(key)
+    if side is None:
+        return text
+    symbol = "λ_A" if key == "l2_a" else "λ_B"
+    if entry.get("lambda_grid") == "default":
+        where = f"at the {side} cap of the extended default lambda search"
+    else:
+        where = f"at the {side} edge of the given lambda grid"
+    reason = (
+        f"{symbol} {where}: the validation MSE may improve beyond it, so the choice is "
+        "limited by the searched range"
+    )
+    return f"{text} {notes.ref(reason)}"
+
+
 def _ordered(names) -> list[str]:
     known = [v for v in VARIANT_ORDER if v in names]
     return known + sorted(v for v in names if v not in VARIANT_ORDER)
@@ -104,7 +125,8 @@ def format_results(results: dict) -> str:
     """Markdown table of one experiment's `evaluate` results, with footnotes for dashes.
 
     Columns: variant, all-steps MSE +- se, final-step rho +- se, final-step MSE +- se,
-    across-run rho +- se, skill vs mean trajectory, lambda_A, lambda_B.
+    across-run rho +- se, skill vs mean trajectory, lambda_A, lambda_B (with a footnote when
+    a lambda is at the edge of the searched range, see `evaluate`).
     """
     notes = _Notes()
     rows = []
@@ -119,8 +141,8 @@ def format_results(results: dict) -> str:
                 _pm(e.get("final_step_mse"), "mse", notes, "final-step MSE"),
                 _pm(e.get("across_run_spearman"), "rho", notes, "across-run ρ"),
                 _skill(e, notes),
-                _lam(e.get("l2_a")),
-                _lam(e.get("l2_b")),
+                _lam_cell(e, "l2_a", notes),
+                _lam_cell(e, "l2_b", notes),
             ]
         )
     header = [

@@ -364,3 +364,17 @@ def test_corrupted_run_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "simfluence: warning:" in err and "run_002" in err
     assert "needs 9 complete runs but there are 8 (1 incomplete)" in err
+
+
+def test_evaluate_warns_in_one_line_when_a_lambda_is_at_the_cap(
+    flat_validation_exp, tmp_path, capsys
+):
+    out = tmp_path / "r.json"
+    argv = ["evaluate", flat_validation_exp, "--split", "3,1,2", "--variants", "additive"]
+    res = _ok([*argv, "--out", out], capsys)
+    warns = [line for line in res.err.splitlines() if line.startswith("simfluence: warning:")]
+    assert len(warns) == 1, res.err
+    assert "additive simulator" in warns[0] and "l2_b=1e+06 (upper cap)" in warns[0]
+    entry = json.loads(out.read_text())["variants"]["additive"]
+    assert entry["lambda_at_edge"] is True and entry["lambda_edges"] == {"l2_b": "upper"}
+    assert "| 1e+06 [1] |" in res.out and "upper cap of the extended default" in res.out

@@ -44,6 +44,12 @@ def test_schema(results):
         assert e["lambda_source"] == "validation"
         assert e["l2_a"] in ((None,) if name == "additive" else GRID)
         assert e["l2_b"] in ((None,) if name == "multiplicative" else GRID)
+        # A given grid is searched as given; on a two-value grid every choice is an edge.
+        assert e["lambda_grid"] == "given" and {r["round"] for r in e["lambda_search"]} == {0}
+        assert len(e["lambda_search"]) == (4 if name == "linear" else 2)
+        edges = {k: "upper" if e[k] == max(GRID) else "lower" for k in ("l2_a", "l2_b")}
+        edges = {k: side for k, side in edges.items() if e[k] is not None}
+        assert e["lambda_at_edge"] is True and e["lambda_edges"] == edges
 
 
 def test_curriculum_blind_baselines_have_undefined_across_run(results):
@@ -141,3 +147,21 @@ def test_diverging_simulator_is_undefined_not_nan(exp, monkeypatch):
     assert res["variants"]["constant"]["all_steps_mse"]["mean"] is not None
     text = format_results(res)
     assert "| linear | — [1] |" in text and "diverges" in text and "nan" not in text.lower()
+
+
+def test_lambda_at_the_cap_is_flagged_and_warned(flat_validation_exp):
+    from simfluence.table import format_results
+
+    with pytest.warns(UserWarning, match=r"additive simulator: .* at a cap .*l2_b=1e\+06") as rec:
+        res = evaluate(flat_validation_exp, split=(3, 1, 2), variants=["additive", "constant"])
+    assert len([w for w in rec if "lambda search" in str(w.message)]) == 1
+    json.dumps(res, allow_nan=False)
+    e = res["variants"]["additive"]
+    assert e["l2_b"] == simulators.DEFAULT_GRID_CAPS[1] and e["lambda_grid"] == "default"
+    assert e["lambda_at_edge"] is True and e["lambda_edges"] == {"l2_b": "upper"}
+    searched = sorted(row["l2_b"] for row in e["lambda_search"])
+    assert searched == [float(f"1e{k}") for k in range(-4, 7)]  # every decade up to the cap
+    assert "lambda_at_edge" not in res["variants"]["constant"]
+    text = format_results(res)
+    assert "| 1e+06 [1] |" in text
+    assert "[1] λ_B at the upper cap of the extended default lambda search" in text

@@ -292,3 +292,271 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
         variant="linear",
         grid=[[1.0, 2.0, 3.0]],
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Lambda search beyond the default grid
+# ----------------------------------------------------------------------------------------------
+
+# Validation MSE of the search (float32 fits and rollouts) vs the float64 dense reference:
+# relative MSE_RTOL, plus the error LOSS_ATOL of one float32-rolled-out loss (|L| <= 3, <= 300
+# steps) propagated into the MSE, which dominates when the MSE itself is tiny.
+MSE_RTOL = 1e-4
+LOSS_ATOL = 1e-5
+# The reference search's decisions must be unambiguous: at every round, the runner-up MSE is at
+# least this much (relative) above the best one, more than the ties' 1e-4 plus twice the
+# relative MSE error allowed above (about 2e-4 at the MSEs of these runs).
+PATH_MARGIN = 1e-3
+CAP_EXPONENTS = (-8, 6)  # the default search's caps 1e-8 and 1e6, as powers of ten
+
+
+def _mse_close(mse: float, ref: float) -> bool:
+    return abs(mse - ref) <= MSE_RTOL * ref + 2 * np.sqrt(ref) * LOSS_ATOL + LOSS_ATOL**2
+
+
+def _dense_validation_mse(fit_c, fit_l, val_c, val_l, variant, a0):
+    """float64 reference for one lambda point: dense ridge fits, numpy rollouts, mean MSE.
+
+    The per-test Gram matrices are built once (dense counts, as in `_dense_fit`); each call
+    solves them at (l2_a, l2_b) and rolls every validation run out from its L_0.
+    """
+    n = N_TRAIN
+    ids = np.concatenate(fit_c)
+    M = np.zeros((ids.shape[0], n))  # [rows, n_train] counts with repeats
+    np.add.at(M, (np.arange(ids.shape[0])[:, None], ids), 1.0)
+    x = np.concatenate([loss[:-1] for loss in fit_l]).astype(np.float64)  # [rows, n_test]
+    y = np.concatenate([loss[1:] for loss in fit_l]).astype(np.float64)
+    grams = []
+    for j in range(x.shape[1]):
+        if variant == "additive":  # alpha == 1: regress L_t - L_{t-1} on counts
+            grams.append((M.T @ M, M.T @ (y[:, j] - x[:, j])))
+        else:
+            X = M * x[:, j : j + 1]
+            if variant == "linear":
+                X = np.concatenate([X, M], axis=1)
+            grams.append((X.T @ X, X.T @ y[:, j]))
+    counts = []
+    for c in val_c:
+        C = np.zeros((c.shape[0], n))  # [T, n_train]
+        np.add.at(C, (np.arange(c.shape[0])[:, None], c), 1.0)
+        counts.append(C)
+    cache = {}
+
+    def mse(l2_a, l2_b):
+        if (l2_a, l2_b) in cache:
+            return cache[l2_a, l2_b]
+        A = np.full((x.shape[1], n), 1.0 / BATCH)
+        B = np.zeros((x.shape[1], n))
+        for j, (G, r) in enumerate(grams):
+            if variant == "linear":
+                lam = np.concatenate([np.full(n, l2_a), np.full(n, l2_b)])
+                prior = np.concatenate([np.full(n, a0), np.zeros(n)])
+                theta = np.linalg.solve(G + np.diag(lam), r + lam * prior)
+                A[j], B[j] = theta[:n], theta[n:]
+            elif variant == "additive":
+                B[j] = np.linalg.solve(G + l2_b * np.eye(n), r)
+            else:
+                A[j] = np.linalg.solve(G + l2_a * np.eye(n), r + l2_a * a0)
+        per_run = []
+        for C, loss in zip(counts, val_l, strict=True):
+            alpha = np.ones((C.shape[0], x.shape[1])) if variant == "additive" else C @ A.T
+            beta = C @ B.T  # [T, n_test]
+            pred = loss[0].astype(np.float64)
+            sse = 0.0
+            for t in range(C.shape[0]):
+                pred = alpha[t] * pred + beta[t]
+                sse += np.sum((pred - loss[t + 1]) ** 2)
+            per_run.append(sse / (C.shape[0] * x.shape[1]))
+        cache[l2_a, l2_b] = float(np.mean(per_run))
+        return cache[l2_a, l2_b]
+
+    return mse
+
+
+def _decade(k: int) -> float:
+    return float(f"1e{k}")
+
+
+def _reference_search(mse, use_a: bool, use_b: bool):
+    """The extension rule on reference MSEs, by powers of ten; returns (points, best point).
+
+    Start from 1e-4..1e2 on every used axis; while the exhaustive best point of the current
+    product grid has an axis at the largest (smallest) exponent and that exponent is below
+    (above) its cap, add one decade there. Asserts that every round's best point is unique by
+    PATH_MARGIN, so ties (and their tie-break) play no part.
+    """
+    span = [[-4, 2] if use else None for use in (use_a, use_b)]
+    while True:
+        axes = [[_decade(k) for k in range(s[0], s[1] + 1)] if s else [0.0] for s in span]
+        pts = [(a, b) for a in axes[0] for b in axes[1]]
+        vals = np.array([mse(*p) for p in pts])
+        order = np.argsort(vals)
+        assert vals[order[1]] > (1 + PATH_MARGIN) * vals[order[0]], "ambiguous reference path"
+        best = pts[order[0]]
+        grown = False
+        for k, s in enumerate(span):
+            if s is None:
+                continue
+            if best[k] == _decade(s[1]) and s[1] < CAP_EXPONENTS[1]:
+                s[1] += 1
+                grown = True
+            elif best[k] == _decade(s[0]) and s[0] > CAP_EXPONENTS[0]:
+                s[0] -= 1
+                grown = True
+        if not grown:
+            return pts, best
+
+
+def _weak_runs(seed: int):
+    """Runs whose per-example effects are small against the noise: strong ridge wins."""
+    rng = np.random.default_rng(seed)
+    rate = rng.uniform(0.0, 1e-3, (N_TEST, N_TRAIN))
+    floor = rng.uniform(0.2, 1.0, (N_TEST, 1))
+    push = rng.normal(0.0, 5e-4, (N_TEST, N_TRAIN))
+    A, B = (1.0 - rate) / BATCH, (rate * floor + push) / BATCH
+    curs, ls = [], []
+    for t_r in LENGTHS + (150, 150):
+        c = rng.integers(0, N_TRAIN, (t_r, BATCH)).astype(np.int32)
+        loss = np.empty((t_r + 1, N_TEST))
+        loss[0] = rng.uniform(1.5, 3.0, N_TEST)
+        for t in range(t_r):
+            loss[t + 1] = A[:, c[t]].sum(1) * loss[t] + B[:, c[t]].sum(1)
+            loss[t + 1] += rng.normal(0.0, 0.02, N_TEST)
+        curs.append(c)
+        ls.append(loss.astype(np.float32))
+    return curs[:-2], ls[:-2], curs[-2:], ls[-2:]
+
+
+def _flat_validation_runs(seed: int):
+    """Fitting runs that are pure noise, validation runs whose losses never move.
+
+    Any learned deviation from the prior then hurts on validation: the validation MSE keeps
+    falling as the ridge grows, so the search must run into the upper caps.
+    """
+    rng = np.random.default_rng(seed)
+    curs, ls = [], []
+    for k, t_r in enumerate(LENGTHS + (150, 150)):
+        curs.append(rng.integers(0, N_TRAIN, (t_r, BATCH)).astype(np.int32))
+        loss = np.repeat(rng.uniform(1.5, 3.0, (1, N_TEST)), t_r + 1, axis=0)
+        if k < len(LENGTHS):
+            loss[1:] += np.cumsum(rng.normal(0.0, 0.01, (t_r, N_TEST)), axis=0)
+        ls.append(loss.astype(np.float32))
+    return curs[:-2], ls[:-2], curs[-2:], ls[-2:]
+
+
+def _search(runs, variant, grid=None):
+    """select_lambdas, returning also the cap warnings it raised."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        l2_a, l2_b, table = S.select_lambdas(*runs, n_train=N_TRAIN, variant=variant, grid=grid)
+    msgs = [str(w.message) for w in caught if "lambda search" in str(w.message)]
+    return l2_a, l2_b, table, msgs
+
+
+def _check_against_reference(table, mse):
+    pts = [(row["l2_a"], row["l2_b"]) for row in table]
+    assert pts == sorted(set(pts)), "each point once, in grid order"
+    for row, p in zip(table, pts, strict=True):
+        assert _mse_close(row["valid_mse"], mse(*p)), (p, row["valid_mse"], mse(*p))
+    return pts
+
+
+def test_extended_search_runs_into_the_caps_like_an_exhaustive_search():
+    runs = _flat_validation_runs(seed=0)
+    mse = _dense_validation_mse(*runs, "linear", 1 / BATCH)
+    l2_a, l2_b, table, msgs = _search(runs, "linear")
+    ref_pts, ref_best = _reference_search(mse, True, True)
+    assert ref_best == (1e6, 1e6)  # the scenario: both lambdas want to grow past the caps
+    pts = _check_against_reference(table, mse)
+    assert set(pts) == set(ref_pts)  # exactly the extended product grid, nothing else
+    assert (l2_a, l2_b) == ref_best
+    default = {(a, b) for a in S.DEFAULT_GRID for b in S.DEFAULT_GRID}
+    assert {p for p, row in zip(pts, table, strict=True) if row["round"] == 0} == default
+    assert S._lambda_edges(table, "linear", l2_a, l2_b) == {"l2_a": "upper", "l2_b": "upper"}
+    assert len(msgs) == 1 and "\n" not in msgs[0]
+    assert "l2_a=1e+06 (upper cap), l2_b=1e+06 (upper cap)" in msgs[0]
+
+
+@pytest.mark.parametrize("variant", ["additive", "multiplicative"])
+def test_extended_search_finds_an_optimum_beyond_the_default_grid(variant):
+    runs = _weak_runs(seed=1)
+    mse = _dense_validation_mse(*runs, variant, 1 / BATCH)
+    l2_a, l2_b, table, msgs = _search(runs, variant)
+    use_a = variant == "multiplicative"
+    ref_pts, ref_best = _reference_search(mse, use_a, not use_a)
+    pts = _check_against_reference(table, mse)
+    assert set(pts) == set(ref_pts) and (l2_a, l2_b) == ref_best
+    chosen = l2_a if use_a else l2_b
+    assert max(S.DEFAULT_GRID) < chosen < _decade(CAP_EXPONENTS[1])  # beyond 1e2, interior
+    # Exhaustive over every decade up to the caps: the same point, by a clear margin.
+    axis = [_decade(k) for k in range(CAP_EXPONENTS[0], CAP_EXPONENTS[1] + 1)]
+    full = sorted((mse(*((v, 0.0) if use_a else (0.0, v))), v) for v in axis)
+    assert full[0][1] == chosen and full[1][0] > (1 + PATH_MARGIN) * full[0][0]
+    assert S._lambda_edges(table, variant, l2_a, l2_b) == {} and msgs == []
+
+
+def test_a_given_grid_is_searched_exactly_as_given():
+    runs = _weak_runs(seed=1)
+    mse = _dense_validation_mse(*runs, "additive", 1 / BATCH)
+    grid = [1e-2, 1e-1, 1.0, 10.0, 100.0]
+    l2_a, l2_b, table, msgs = _search(runs, "additive", grid=grid)
+    assert [(row["l2_a"], row["l2_b"], row["round"]) for row in table] == [
+        (0.0, g, 0) for g in grid
+    ]
+    ref = sorted((mse(0.0, g), g) for g in grid)
+    assert ref[1][0] > (1 + PATH_MARGIN) * ref[0][0]
+    assert (l2_a, l2_b) == (0.0, ref[0][1])
+    for row in table:
+        assert _mse_close(row["valid_mse"], mse(0.0, row["l2_b"]))
+    # The optimum lies beyond this grid: flagged as an edge, but a given grid never warns.
+    assert l2_b == max(grid)
+    assert S._lambda_edges(table, "additive", l2_a, l2_b) == {"l2_b": "upper"}
+    assert msgs == []
+
+
+def test_extension_rule_and_ties_on_analytic_scores():
+    def bowl(a_opt, b_opt):
+        def score(pts):
+            calls.append(list(pts))
+            return [
+                (np.log10(a) - np.log10(a_opt)) ** 2 + (np.log10(b) - np.log10(b_opt)) ** 2
+                for a, b in pts
+            ]
+
+        return score
+
+    exps = range(CAP_EXPONENTS[0], CAP_EXPONENTS[1] + 1)
+    for a_opt, b_opt in [(2e3, 7e-7), (1e9, 1e-12), (0.5, 3.0)]:
+        calls = []
+        pts, mses, rounds = S._extended_search(bowl(a_opt, b_opt), True, True)
+        flat = [p for call in calls for p in call]
+        assert len(flat) == len(set(flat)) == len(pts) and set(flat) == set(pts)
+        # Exhaustive over the capped decades, worked out independently per axis (separable).
+        want = tuple(_decade(min(exps, key=lambda k: abs(k - np.log10(v)))) for v in (a_opt, b_opt))
+        assert pts[S._best(pts, mses)] == want
+        # The grid grew exactly one decade past the optimum (or to the cap), never further.
+        for k in range(2):
+            vals = sorted({p[k] for p in pts})
+            e = round(np.log10(want[k]))
+            assert vals[0] == _decade(min(-4, max(e - 1, CAP_EXPONENTS[0])))
+            assert vals[-1] == _decade(max(2, min(e + 1, CAP_EXPONENTS[1])))
+        default = {(a, b) for a in S.DEFAULT_GRID for b in S.DEFAULT_GRID}
+        assert {p for p, r in zip(pts, rounds, strict=True) if r == 0} == default
+
+    def plateau(pts):  # up to 1e0 better towards small a by far less than the ties' 1e-4
+        return [1.0 + 1e-6 * np.log10(a) + max(0.0, np.log10(a)) ** 2 for a, _ in pts]
+
+    pts, mses, _ = S._extended_search(plateau, True, False)
+    assert pts[S._best(pts, mses)] == (1.0, 0.0)  # strongest ridge among the ties
+    assert min(p[0] for p in pts) == 1e-4  # ties at the lower edge do not extend the grid
+
+    def rising_then_flat(pts):
+        return [max(1.0, 3.0 - np.log10(a)) for a, _ in pts]
+
+    pts, mses, _ = S._extended_search(rising_then_flat, True, False)
+    assert pts[S._best(pts, mses)] == (1e6, 0.0)  # flat from 1e2 upwards: up to the cap
+    # A diverged fit never wins; 1e0 and 1e2 then tie, and the stronger ridge wins.
+    nan = [np.nan if a == 1e1 else abs(np.log10(a) - 1.0) for a, _ in pts]
+    assert pts[S._best(pts, nan)] == (1e2, 0.0)

@@ -275,6 +275,12 @@ class _Attention(nnx.Module):
             # Fused kernel (cuDNN flash attention on GPU) when the probabilities need no
             # dropout: the [b, h, q, l] scores are never written to memory. scale=1: T5 has
             # no 1/sqrt(d_kv).
+            q_lengths = None
+            if attn.kv_lengths is not None:
+                # Every query row is real (padded queries attend like HF's do). Derived from
+                # kv_lengths, not a constant, so that under vmap both length vectors carry
+                # the same batch axis (cuDNN's batching rule reshapes them together).
+                q_lengths = attn.kv_lengths * 0 + q.shape[1]
             out = jax.nn.dot_product_attention(
                 q,
                 k,
@@ -282,6 +288,7 @@ class _Attention(nnx.Module):
                 bias=None if attn.position is None else attn.position.astype(dt),
                 scale=1.0,
                 is_causal=attn.causal,
+                query_seq_lengths=q_lengths,
                 key_value_seq_lengths=attn.kv_lengths,
                 implementation=self.attention,
             )  # [b, q, h, dk]

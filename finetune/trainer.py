@@ -378,8 +378,19 @@ def make_tracked_set(
     return TrackedSet(tuple(buckets), np.concatenate(index), np.asarray(labels), len(lengths))
 
 
-def make_programs(per_example_loss: Callable, score_choices: Callable, optimizer, mesh):
+def make_programs(
+    per_example_loss: Callable,
+    score_choices: Callable,
+    optimizer,
+    mesh,
+    *,
+    broadcast_tracked: bool = False,
+):
     """The jitted group programs (R runs at once).
+
+    ``broadcast_tracked``: give the tracked buckets an explicit run axis before the vmap over
+    runs (instead of closing over them unbatched). Needed by the fused cuDNN attention, whose
+    batching rule requires every per-example operand (the key lengths) to carry the run axis.
 
     Returns:
         dict with
@@ -411,12 +422,19 @@ def make_programs(per_example_loss: Callable, score_choices: Callable, optimizer
             [score_choices(params, b["inputs"], b["choices"]) for b in buckets]
         )  # [rows, C]
 
+    def over_runs(fn, trainable_r, frozen, buckets):
+        if not broadcast_tracked:
+            return jax.vmap(fn, in_axes=(0, None, None))(trainable_r, frozen, buckets)
+        r = jax.tree.leaves(trainable_r)[0].shape[0]
+        buckets_r = jax.tree.map(lambda x: jnp.broadcast_to(x, (r,) + x.shape), buckets)
+        return jax.vmap(fn, in_axes=(0, None, 0))(trainable_r, frozen, buckets_r)
+
     def test_losses(trainable_r, frozen, buckets):
-        out = jax.vmap(test_losses_one, in_axes=(0, None, None))(trainable_r, frozen, buckets)
+        out = over_runs(test_losses_one, trainable_r, frozen, buckets)  # [R, rows]
         return jax.lax.with_sharding_constraint(out, replicated)
 
     def scores(trainable_r, frozen, buckets):
-        out = jax.vmap(scores_one, in_axes=(0, None, None))(trainable_r, frozen, buckets)
+        out = over_runs(scores_one, trainable_r, frozen, buckets)  # [R, rows, C]
         return jax.lax.with_sharding_constraint(out, replicated)
 
     def advance(trainable_r, opt_r, frozen, batch_r):
@@ -472,7 +490,11 @@ def _cached_programs(config: ExperimentConfig, exp, optimizer, mesh) -> dict:
         if len(_PROGRAM_CACHE) >= 4:
             _PROGRAM_CACHE.clear()
         _PROGRAM_CACHE[key] = make_programs(
-            exp.per_example_loss, exp.score_choices, optimizer, mesh
+            exp.per_example_loss,
+            exp.score_choices,
+            optimizer,
+            mesh,
+            broadcast_tracked=config.attention != "einsum",
         )
     return _PROGRAM_CACHE[key]
 
@@ -542,7 +564,13 @@ def _warmup(
     # random embedding tied to the output layer makes learning the answer format very slow.
     trainable, frozen = partition(params, _mask(params, "full"))
     opt = _make("adamw", w.learning_rate)
-    progs = make_programs(loss_fn, make_score_choices(graphdef), opt, mesh)
+    progs = make_programs(
+        loss_fn,
+        make_score_choices(graphdef),
+        opt,
+        mesh,
+        broadcast_tracked=config.attention != "einsum",
+    )
     n = len(data["warmup_lengths"])
     cur = make_curriculum(
         "epochs",

@@ -245,9 +245,43 @@ def main(argv=None) -> int:
     n_dev = len(mesh.devices.flat)
     optimizer = make_optimizer(config)
     progs = make_programs(
-        make_per_example_loss(graphdef), make_score_choices(graphdef), optimizer, mesh
+        make_per_example_loss(graphdef),
+        make_score_choices(graphdef),
+        optimizer,
+        mesh,
+        broadcast_tracked=args.attention != "einsum",
     )
     frozen_d = _place(frozen, mesh)
+    if args.attention != "einsum":
+        # The fused attention must log the losses the default path logs: compare once, at the
+        # initial state of two runs, before any timing.
+        ref_def = nnx.split(
+            hf.init_random(
+                transformers.T5Config(**cfg_kw),
+                ia3=args.method == "ia3",
+                seed=0,
+                dtype=dtype,
+                scan_layers=args.layers == "scan",
+            )
+        )[0]
+        ref = make_programs(
+            make_per_example_loss(ref_def), make_score_choices(ref_def), optimizer, mesh
+        )
+        tracked = make_tracked_set(
+            *test,
+            multiple=args.length_multiple,
+            n_devices=n_dev,
+            mesh=mesh,
+            max_buckets=args.tracked_buckets,
+        )
+        tr2 = _place(_broadcast(trainable, 2), mesh)
+        got = np.asarray(progs["test_losses"](tr2, frozen_d, tracked.buckets))
+        want = np.asarray(ref["test_losses"](tr2, frozen_d, tracked.buckets))
+        print(
+            f"{args.attention} attention vs einsum, logged losses at the start: max |diff| "
+            f"{np.abs(got - want).max():.2e} (mean loss {want.mean():.3f})",
+            flush=True,
+        )
     opt0 = optimizer.init(trainable)
     curricula = rng.integers(0, args.n_train, (args.runs, args.steps + 1, args.batch))
 

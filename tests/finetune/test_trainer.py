@@ -225,3 +225,39 @@ def test_capped_buckets_log_the_same_losses_and_compile_logging_once(setup):
         tr, op, _, te = progs["step"](tr, op, fr, batch, sets[1].buckets)
     assert progs["advance"]._cache_size() == n_adv + 2  # two batch lengths: two programs
     assert progs["test_losses"]._cache_size() == n_log  # logging reused as compiled above
+
+
+def test_fused_attention_programs_log_the_same_losses(setup):
+    """The programs the trainer builds for attention="xla" (tracked buckets broadcast over the
+    run axis) log the losses and scores of the default einsum programs."""
+    config = transformers.T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_ff=32,
+        d_kv=8,
+        num_heads=2,
+        num_layers=1,
+        num_decoder_layers=1,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=8,
+    )
+    graphdef = nnx.split(hf.init_random(config, seed=0, attention="xla"))[0]
+    mesh, ref = _programs(setup, jax.devices()[:1])
+    fused = make_programs(
+        make_per_example_loss(graphdef),
+        make_score_choices(graphdef),
+        setup["optimizer"],
+        mesh,
+        broadcast_tracked=True,
+    )
+    tracked = make_tracked_set(*setup["test"], multiple=4, n_devices=1, mesh=mesh)
+    # Two runs with different trainable states, so a mix-up of the run axis would show.
+    leaves = jax.tree.leaves(setup["trainable"])
+    tr = _place(_broadcast(setup["trainable"], 2), mesh)
+    tr = jax.tree.map(lambda x: x.at[1].multiply(1.1), tr)
+    assert len(leaves) > 0
+    for name in ("test_losses", "scores"):
+        got = np.asarray(fused[name](tr, _place(setup["frozen"], mesh), tracked.buckets))
+        want = np.asarray(ref[name](tr, _place(setup["frozen"], mesh), tracked.buckets))
+        np.testing.assert_allclose(got, want, **TOL)
+        assert np.abs(want[0] - want[1]).max() > 1e-4

@@ -37,19 +37,22 @@ def _data(rng, n, vocab=60, max_len=24):
     return inputs, choices[np.arange(n), labels], choices, labels, lengths.astype(np.int32)
 
 
+_TINY_T5 = dict(
+    vocab_size=64,
+    d_model=16,
+    d_ff=32,
+    d_kv=8,
+    num_heads=2,
+    num_layers=1,
+    num_decoder_layers=1,
+    dropout_rate=0.0,
+    relative_attention_num_buckets=8,
+)
+
+
 @pytest.fixture(scope="module")
 def setup():
-    config = transformers.T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_ff=32,
-        d_kv=8,
-        num_heads=2,
-        num_layers=1,
-        num_decoder_layers=1,
-        dropout_rate=0.0,
-        relative_attention_num_buckets=8,
-    )
+    config = transformers.T5Config(**_TINY_T5)
     graphdef, params = nnx.split(hf.init_random(config, seed=0))
     trainable, frozen = partition(params, trainable_mask(params, "full"))
     rng = np.random.default_rng(0)
@@ -230,17 +233,7 @@ def test_capped_buckets_log_the_same_losses_and_compile_logging_once(setup):
 def test_fused_attention_programs_log_the_same_losses(setup):
     """The programs the trainer builds for attention="xla" (tracked buckets broadcast over the
     run axis) log the losses and scores of the default einsum programs."""
-    config = transformers.T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_ff=32,
-        d_kv=8,
-        num_heads=2,
-        num_layers=1,
-        num_decoder_layers=1,
-        dropout_rate=0.0,
-        relative_attention_num_buckets=8,
-    )
+    config = transformers.T5Config(**_TINY_T5)
     graphdef = nnx.split(hf.init_random(config, seed=0, attention="xla"))[0]
     mesh, ref = _programs(setup, jax.devices()[:1])
     fused = make_programs(

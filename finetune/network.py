@@ -219,6 +219,10 @@ class _Attention(nnx.Module):
         f = config.initializer_factor
         self.cross = cross
         self.attention = attention
+        # Cross-attention with few queries (short targets, long inputs): "auto" moves the key
+        # and value projections to the query side when that costs fewer FLOPs (see __call__);
+        # "always" / "never" force one form (tests compare them).
+        self.cross_mode = "auto"
         self.dtype = dtype
         self.dropout_rate = float(config.dropout_rate)
         # HF init: q ~ N(0, (d*d_kv)^-1/2), k, v ~ N(0, d^-1/2), o ~ N(0, (h*d_kv)^-1/2).
@@ -261,6 +265,8 @@ class _Attention(nnx.Module):
             [b, q, d_model] in the compute dtype.
         """
         dt = self.dtype
+        if self.cross and self._project_queries(x.shape[1], memory.shape[1]):
+            return self._cross_projected(x, attn, keys, memory)
         if self.cross:
             q = jnp.einsum("bqd,dhk->bqhk", x, self.q[...].astype(dt))  # [b, q, h, dk]
             kv = jnp.einsum("bld,dthk->tblhk", memory, self.kv[...].astype(dt))  # [2, b, l, h, dk]
@@ -301,6 +307,47 @@ class _Attention(nnx.Module):
             probs = jax.nn.softmax(scores, axis=-1)
             probs = keys.dropout(probs, self.dropout_rate).astype(dt)
             out = jnp.einsum("bhql,blhk->bqhk", probs, v)  # [b, q, h, dk]
+        return jnp.einsum("bqhk,hkd->bqd", out, self.o[...].astype(dt))  # [b, q, d_model]
+
+    def _project_queries(self, n_q: int, n_k: int) -> bool:
+        """Whether cross-attention of n_q queries over n_k memory rows takes the projected form.
+
+        Multiply-adds per example: the usual form projects all n_k memory rows to keys and
+        values, n_k d (h dk) each, then spends n_q n_k (h dk) on scores and as much on outputs;
+        the projected form maps the queries to and the outputs from d_model per head,
+        n_q (h dk) d each, and attends over the raw memory, n_q h n_k d for scores and as much
+        for outputs. With 2-8 target tokens over 100+ input tokens the projected form is 5-20x
+        cheaper. Shapes are static, so this is decided at trace time.
+        """
+        if self.cross_mode != "auto":
+            return self.cross_mode == "always"
+        d, h, dk = self.q[...].shape
+        usual = 2 * n_k * d * h * dk + 2 * n_q * n_k * h * dk
+        projected = 2 * n_q * h * dk * d + 2 * n_q * h * n_k * d
+        return projected < usual
+
+    def _cross_projected(self, x, attn: _AttnInputs, keys: _Keys, memory):
+        """Cross-attention with the key/value projections moved to the query side (exact).
+
+        q.(W_k m) = (W_k^T q).m and p.(m W_v) = (p.m) W_v, per head; IA3's l_k scales the query
+        instead of the keys (q.(l_k * k) = (l_k * q).k) and l_v scales the output of each head.
+        The [b, l_in, h, dk] keys and values are never formed.
+        """
+        dt = self.dtype
+        kv = self.kv[...].astype(dt)  # [d, 2, h, dk]
+        q = jnp.einsum("bqd,dhk->bqhk", x, self.q[...].astype(dt))  # [b, q, h, dk]
+        if hasattr(self, "ia3_k"):
+            q = q * self.ia3_k[...].astype(dt)
+        q_mem = jnp.einsum("bqhk,dhk->bqhd", q, kv[:, 0])  # [b, q, h, d_model]
+        scores = jnp.einsum("bqhd,bld->bhql", q_mem, memory).astype(jnp.float32)  # [b,h,q,l]
+        for term in attn.terms:
+            scores = scores + term
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = keys.dropout(probs, self.dropout_rate).astype(dt)
+        read = jnp.einsum("bhql,bld->bqhd", probs, memory)  # [b, q, h, d_model]
+        out = jnp.einsum("bqhd,dhk->bqhk", read, kv[:, 1])  # [b, q, h, dk]
+        if hasattr(self, "ia3_v"):
+            out = out * self.ia3_v[...].astype(dt)
         return jnp.einsum("bqhk,hkd->bqd", out, self.o[...].astype(dt))  # [b, q, d_model]
 
 

@@ -244,3 +244,55 @@ def test_unknown_attention_is_refused():
 
     with pytest.raises(ValueError, match="attention='flash'; choose one of"):
         init_random(_config("relu", True), attention="flash")
+
+
+def _set_cross_mode(model, mode):
+    for block in model.decoder.blocks:
+        block.cross_attn.cross_mode = mode
+    return model
+
+
+def test_projected_cross_attention_matches_torch(pair):
+    """Cross-attention with the key/value projections moved to the query side (what "auto"
+    picks for short targets over long inputs) against the PyTorch reference."""
+    ref, model, cfg = pair
+    projected = _set_cross_mode(_with_attention(model, cfg, "einsum"), "always")
+    inputs, targets = _batch()
+    enc_ref, logits_ref, loss_ref = _torch_reference(ref, inputs, targets)
+    enc, logits, losses = _jitted(projected)(inputs, targets)
+    np.testing.assert_allclose(logits, logits_ref, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(losses, loss_ref, atol=TOL, rtol=TOL)
+
+
+def test_projected_cross_attention_gradients_and_dropout():
+    """Same gradients (IA3 and full) and the same dropout masks as the usual form."""
+    from finetune.hf import init_random
+    from finetune.model import make_per_example_loss
+
+    inputs, targets = _batch()
+    batch = {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets)}
+    cfg = _config("gated-gelu", False, dropout_rate=0.1)
+    models = [init_random(cfg, ia3=True, seed=4) for _ in range(2)]
+    nnx.update(models[1], nnx.state(models[0]))
+    _set_cross_mode(models[0], "never")
+    _set_cross_mode(models[1], "always")
+    key = jax.random.key(1)
+
+    def grads(model):
+        graphdef, params = nnx.split(model)
+        loss = make_per_example_loss(graphdef)
+        return jax.jit(jax.value_and_grad(lambda p: loss(p, batch, key).sum()))(params)
+
+    (la, ga), (lb, gb) = (grads(m) for m in models)
+    np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+
+
+def test_auto_cross_mode_picks_the_cheaper_form():
+    from finetune.hf import init_random
+
+    model = init_random(_config("relu", True, d_model=64, d_kv=16, num_heads=4))
+    attn = model.decoder.blocks[0].cross_attn
+    assert attn._project_queries(2, 128)  # 2 targets over 128 inputs: projected
+    assert not attn._project_queries(32, 16)  # more queries than memory rows: usual

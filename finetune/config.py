@@ -95,6 +95,9 @@ class ExperimentConfig:
     subset_size: int | None = None  # examples per run for curriculum "subset"
     curriculum_seed: int = 0  # run r uses seed (curriculum_seed, r)
     runs_together: int = 8  # R: runs trained together in one vmapped program (memory bound)
+    train_length_groups: int | None = None  # IA3 only: sort the R x batch examples of a step
+    #   by length into this many groups of fixed padded length (each example uses its own run's
+    #   IA3 vectors) instead of padding all runs to the step's longest input; None: off
     checkpoint_steps: tuple[int, ...] = ()  # saved states (orbax), after that many steps; 0=start
     checkpoint_runs: int | None = None  # only runs 0..checkpoint_runs-1 save checkpoints; None=all
     warmup: WarmupConfig | None = None  # optional warm-up phase before all runs (random init)
@@ -127,6 +130,12 @@ class ExperimentConfig:
             bad(f"attention={self.attention!r}; choose 'einsum', 'xla' or 'cudnn'")
         if self.attention == "cudnn" and self.dtype != "bfloat16":
             bad("attention='cudnn' needs dtype='bfloat16' (the fused kernel is bf16/fp16 only)")
+        if self.train_length_groups is not None:
+            if self.method != "ia3":
+                bad("train_length_groups needs method='ia3' (each example gathers its run's IA3)")
+            g = self.train_length_groups
+            if not isinstance(g, int) or not 1 <= g <= self.batch_size:
+                bad(f"train_length_groups={g!r} must be an integer in [1, {self.batch_size}]")
         if not isinstance(self.scan_layers, bool):
             bad(f"scan_layers={self.scan_layers!r} must be True or False")
         if self.dtype not in ("float32", "bfloat16"):

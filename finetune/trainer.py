@@ -399,9 +399,14 @@ def make_programs(
         ``step(trainable_R, opt_R, frozen, batch_R, buckets) -> (trainable_R, opt_R,
         train_loss f32 [R], test_loss f32 [R, rows])``: ``advance`` then ``test_losses``,
         ``step_nolog(...)`` the same without the test losses (test_loss is an empty [R, 0]),
+        ``advance_flat`` / ``step_flat(trainable_R, opt_R, frozen, groups, buckets)`` the same
+        step with the R x b examples in length groups (`gather_flat`; IA3-sized trainable
+        trees only: every example gathers its run's trainable parameters),
         ``test_losses(trainable_R, frozen, buckets) -> f32 [R, rows]``,
         ``scores(trainable_R, frozen, buckets) -> f32 [R, rows, C]``.
     """
+    import optax
+
     from finetune.model import combine
     from finetune.steps import make_train_step
 
@@ -443,6 +448,36 @@ def make_programs(
         )
         return trainable_r, opt_r, jax.lax.with_sharding_constraint(loss_r, replicated)
 
+    def advance_flat(trainable_r, opt_r, frozen, groups):
+        """The step of R runs with the examples of all runs flattened into length groups.
+
+        Each example runs the model with its own run's trainable (IA3) parameters, gathered by
+        its run index, so examples of different runs share a padded length. The gradient of
+        the sum of the runs' mean losses with respect to the stacked parameters is each run's
+        own gradient (the runs do not interact); the optimizer then updates each run.
+        """
+        n_runs = jax.tree.leaves(trainable_r)[0].shape[0]
+
+        def one(tr, inputs, targets):  # a single example, its run's parameters
+            params = combine(tr, frozen)
+            return per_example_loss(params, {"inputs": inputs[None], "targets": targets[None]})[0]
+
+        def objective(tr_r):
+            total = jnp.zeros((n_runs,), jnp.float32)
+            count = jnp.zeros((n_runs,), jnp.float32)
+            for g in groups:
+                tr_i = jax.tree.map(lambda x, g=g: x[g["run"]], tr_r)  # [n_g, ...]
+                losses = jax.vmap(one)(tr_i, g["inputs"], g["targets"])  # [n_g]
+                total = total + jax.ops.segment_sum(losses, g["run"], n_runs)
+                count = count + jax.ops.segment_sum(jnp.ones_like(losses), g["run"], n_runs)
+            loss_r = total / count  # [R] each run's batch mean
+            return loss_r.sum(), loss_r
+
+        (_, loss_r), grads_r = jax.value_and_grad(objective, has_aux=True)(trainable_r)
+        updates_r, opt_r = jax.vmap(optimizer.update)(grads_r, opt_r, trainable_r)
+        trainable_r = jax.vmap(optax.apply_updates)(trainable_r, updates_r)
+        return trainable_r, opt_r, jax.lax.with_sharding_constraint(loss_r, replicated)
+
     # The training step and the tracked-set logging are two programs, not one: the step is
     # compiled once per padded batch length, the logging (one traced forward per tracked
     # bucket) once per experiment. Fused, every new batch length recompiled the logging too.
@@ -457,10 +492,18 @@ def make_programs(
         trainable_r, opt_r, loss_r = advance_jit(trainable_r, opt_r, frozen, batch_r)
         return trainable_r, opt_r, loss_r, jnp.zeros((loss_r.shape[0], 0), jnp.float32)
 
+    advance_flat_jit = jax.jit(advance_flat, donate_argnums=(0, 1))
+
+    def step_flat(trainable_r, opt_r, frozen, groups, buckets):
+        trainable_r, opt_r, loss_r = advance_flat_jit(trainable_r, opt_r, frozen, groups)
+        return trainable_r, opt_r, loss_r, test_losses_jit(trainable_r, frozen, buckets)
+
     return {
         "advance": advance_jit,
         "step": step,
         "step_nolog": step_nolog,
+        "advance_flat": advance_flat_jit,
+        "step_flat": step_flat,
         "test_losses": test_losses_jit,
         "scores": jax.jit(scores),
     }
@@ -519,6 +562,71 @@ def gather_batch(
     """
     length = min(round_up(int(pool_lengths[ids].max()), multiple), pool_inputs.shape[1])
     return {"inputs": pool_inputs[ids, :length], "targets": pool_targets[ids]}
+
+
+def flat_group_lengths(
+    pool_lengths: np.ndarray, ids: np.ndarray, groups: int, multiple: int, width: int
+) -> tuple[int, ...]:
+    """Padded input length of each length group, fixed for all steps of a group of runs.
+
+    At every step the R x b examples are sorted by length and cut into ``groups`` consecutive
+    groups (``np.array_split`` sizes); a group's length is the longest input it ever holds,
+    rounded up to ``multiple`` (at most ``width``). Fixed lengths: one compile per group of
+    runs, whatever the curricula.
+
+    Args:
+        pool_lengths: int [n_train] unpadded input lengths.
+        ids: int [R, T, b] pool positions of every step of the runs.
+        groups: number of length groups.
+        multiple: pad to a multiple of this.
+        width: the padded width of the pool's inputs.
+
+    Returns:
+        ``groups`` lengths, non-decreasing.
+    """
+    r, t, b = ids.shape
+    lengths = np.sort(pool_lengths[np.moveaxis(ids, 1, 0).reshape(t, r * b)], axis=1)  # [T, N]
+    out = []
+    for part in np.array_split(np.arange(r * b), groups):
+        longest = int(lengths[:, part[-1]].max())
+        out.append(min(round_up(longest, multiple), width))
+    return tuple(out)
+
+
+def gather_flat(
+    pool_inputs: np.ndarray,
+    pool_targets: np.ndarray,
+    pool_lengths: np.ndarray,
+    ids: np.ndarray,
+    group_lengths: Sequence[int],
+) -> tuple[dict[str, np.ndarray], ...]:
+    """The examples of one step of R runs, sorted by length into fixed-length groups.
+
+    Args:
+        pool_inputs: int32 [n_train, L_max]; pool_targets int32 [n_train, T].
+        pool_lengths: int [n_train] unpadded input lengths.
+        ids: int [R, b] pool positions.
+        group_lengths: from `flat_group_lengths` (covers every step of these runs).
+
+    Returns:
+        One {"inputs": int32 [n_g, L_g], "targets": int32 [n_g, T], "run": int32 [n_g]} per
+        group; a stable sort, so ties keep run-major order (deterministic).
+    """
+    r, b = ids.shape
+    flat = ids.reshape(-1)
+    run = np.repeat(np.arange(r, dtype=np.int32), b)
+    order = np.argsort(pool_lengths[flat], kind="stable")
+    out = []
+    for part, length in zip(np.array_split(order, len(group_lengths)), group_lengths, strict=True):
+        sel = flat[part]
+        if pool_lengths[sel].max() > length:
+            raise ValueError(
+                f"an input of length {pool_lengths[sel].max()} exceeds its group's {length}"
+            )
+        out.append(
+            {"inputs": pool_inputs[sel, :length], "targets": pool_targets[sel], "run": run[part]}
+        )
+    return tuple(out)
 
 
 def _stack(trees: Sequence) -> Any:
@@ -623,6 +731,12 @@ def _warmup(
             "seconds": time.perf_counter() - start,
         },
     )
+
+
+def _rows_sharding(mesh, rows: int) -> NamedSharding:
+    """Rows split over the "data" axis when they divide evenly, else replicated."""
+    n_dev = len(mesh.devices.flat)
+    return NamedSharding(mesh, P("data") if rows % n_dev == 0 else P())
 
 
 def _batch_sharding(mesh, batch_size: int) -> NamedSharding:
@@ -894,17 +1008,28 @@ def _train_group(ctx: _Context, todo: list[int], budget: int | None) -> tuple[in
     pending: list = []
     ctx.bar.set_postfix_str(f"runs {todo[0]}-{todo[-1]}")
     used = 0
+    n_groups = config.train_length_groups
+    if n_groups:  # fixed from all steps of these runs: the same after a resume
+        group_lengths = flat_group_lengths(
+            ctx.data["pool_lengths"],
+            np.stack([ctx.curricula[r] for r in todo]),
+            n_groups,
+            config.length_multiple,
+            ctx.data["pool_inputs"].shape[1],
+        )
     for t in range(s0 + 1, config.steps + 1):
         ids = np.stack([ctx.curricula[r][t - 1] for r in todo])  # [R, b]
-        batch = gather_batch(
-            ctx.data["pool_inputs"],
-            ctx.data["pool_targets"],
-            ctx.data["pool_lengths"],
-            ids,
-            config.length_multiple,
-        )
-        batch = {k: _put(v, ctx.batch_sharding) for k, v in batch.items()}
-        tr, op, tl, te = progs["step"](tr, op, ctx.frozen, batch, tracked.buckets)
+        pool = (ctx.data["pool_inputs"], ctx.data["pool_targets"], ctx.data["pool_lengths"])
+        if n_groups:
+            groups = tuple(
+                {k: _put(v, _rows_sharding(mesh, len(v))) for k, v in g.items()}
+                for g in gather_flat(*pool, ids, group_lengths)
+            )
+            tr, op, tl, te = progs["step_flat"](tr, op, ctx.frozen, groups, tracked.buckets)
+        else:
+            batch = gather_batch(*pool, ids, config.length_multiple)
+            batch = {k: _put(v, ctx.batch_sharding) for k, v in batch.items()}
+            tr, op, tl, te = progs["step"](tr, op, ctx.frozen, batch, tracked.buckets)
         pending.append((t, tl, te))
         if t in config.checkpoint_steps or len(pending) >= _SYNC_EVERY or t == config.steps:
             flush(pending, t)

@@ -144,6 +144,13 @@ def main(argv=None) -> int:
         default="scan",
         help="lax.scan over blocks (ExperimentConfig.scan_layers) or unrolled",
     )
+    p.add_argument(
+        "--train-groups",
+        type=int,
+        default=None,
+        help="IA3: train the runs' examples in this many length groups "
+        "(ExperimentConfig.train_length_groups), and also time the vmapped-runs layout",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--target-steps", type=int, default=1000, help="steps to extrapolate to")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -160,6 +167,8 @@ def main(argv=None) -> int:
     unknown = variants - {"together", "nolog", "single", "baseline"}
     if unknown or "together" not in variants:
         p.error(f"--variants {args.variants!r}: must include 'together'; unknown {sorted(unknown)}")
+    if args.train_groups is not None and args.method != "ia3":
+        p.error("--train-groups needs --method ia3")
     if not args.synthetic:
         p.error("only --synthetic is implemented (real data: time `finetune run` itself)")
 
@@ -178,7 +187,10 @@ def main(argv=None) -> int:
         _broadcast,
         _place,
         _put,
+        _rows_sharding,
+        flat_group_lengths,
         gather_batch,
+        gather_flat,
         make_mesh,
         make_optimizer,
         make_programs,
@@ -285,7 +297,7 @@ def main(argv=None) -> int:
     opt0 = optimizer.init(trainable)
     curricula = rng.integers(0, args.n_train, (args.runs, args.steps + 1, args.batch))
 
-    def measure(name, runs, log, multiple, max_buckets):
+    def measure(name, runs, log, multiple, max_buckets, groups=None):
         tracked = make_tracked_set(
             test[0],
             test[1],
@@ -299,32 +311,66 @@ def main(argv=None) -> int:
         )
         lens = [int(b["inputs"].shape[-1]) for b in tracked.buckets]
         tokens = sum(int(np.prod(b["inputs"].shape)) for b in tracked.buckets)
-        print(
-            f"[{name}, R={runs}, log={log}] tracked buckets {lens} ({tokens} padded tokens, "
-            f"{int(test[4].sum())} real); compiling...",
-            flush=True,
-        )
-        sharding = _batch_sharding(mesh, args.batch)
         tr = _place(_broadcast(trainable, runs), mesh)
         op = _place(_broadcast(opt0, runs), mesh)
-        step = progs["step"] if log else progs["step_nolog"]
         batches = []
-        for t in range(args.steps + 1):
-            b = gather_batch(pool[0], pool[1], pool[4], curricula[:runs, t], multiple)
-            batches.append({k: _put(v, sharding) for k, v in b.items()})
-        shapes = sorted({b["inputs"].shape[-1] for b in batches})
+        if groups:  # IA3: the runs' examples in length groups of fixed padded length
+            group_lengths = flat_group_lengths(
+                pool[4], curricula[:runs], groups, multiple, pool[0].shape[1]
+            )
+            for t in range(args.steps + 1):
+                gs = gather_flat(pool[0], pool[1], pool[4], curricula[:runs, t], group_lengths)
+                put = [{k: _put(v, _rows_sharding(mesh, len(v))) for k, v in g.items()} for g in gs]
+                batches.append(tuple(put))
+
+            def shape_of(b):
+                return tuple(int(g["inputs"].shape[-1]) for g in b)
+
+            def train_tokens(b):
+                return sum(int(np.prod(g["inputs"].shape)) for g in b)
+
+            def step(tr, op, b):
+                if log:
+                    return progs["step_flat"](tr, op, frozen_d, b, tracked.buckets)
+                tr, op, loss = progs["advance_flat"](tr, op, frozen_d, b)
+                return tr, op, loss, loss
+        else:
+            sharding = _batch_sharding(mesh, args.batch)
+            for t in range(args.steps + 1):
+                b = gather_batch(pool[0], pool[1], pool[4], curricula[:runs, t], multiple)
+                batches.append({k: _put(v, sharding) for k, v in b.items()})
+
+            def shape_of(b):
+                return int(b["inputs"].shape[-1])
+
+            def train_tokens(b):
+                return int(np.prod(b["inputs"].shape))
+
+            def step(tr, op, b):
+                fn = progs["step"] if log else progs["step_nolog"]
+                return fn(tr, op, frozen_d, b, tracked.buckets)
+
+        real = int(pool[4][curricula[:runs, 1:]].sum()) / args.steps
+        padded = sum(train_tokens(b) for b in batches[1:]) / args.steps
+        print(
+            f"[{name}, R={runs}, log={log}] tracked buckets {lens} ({tokens} padded tokens, "
+            f"{int(test[4].sum())} real); training inputs per step {padded:.0f} padded tokens, "
+            f"{real:.0f} real; compiling...",
+            flush=True,
+        )
+        shapes = sorted({shape_of(b) for b in batches})
         # Compile every shape first (the real loop compiles each once, then reuses it).
         start = time.perf_counter()
         seen = set()
         for b in batches:
-            if b["inputs"].shape[-1] in seen:
+            if shape_of(b) in seen:
                 continue
-            seen.add(b["inputs"].shape[-1])
+            seen.add(shape_of(b))
             t_shape = time.perf_counter()
-            tr, op, loss, te = step(tr, op, frozen_d, b, tracked.buckets)
+            tr, op, loss, te = step(tr, op, b)
             jax.block_until_ready((tr, loss, te))
             print(
-                f"  batch length {b['inputs'].shape[-1]}: first step (compile + run) "
+                f"  batch length {shape_of(b)}: first step (compile + run) "
                 f"{time.perf_counter() - t_shape:.1f} s",
                 flush=True,
             )
@@ -333,7 +379,7 @@ def main(argv=None) -> int:
         for _ in range(2):  # best of two passes: the first may still pay one-off costs
             start = time.perf_counter()
             for b in batches[1:]:
-                tr, op, loss, te = step(tr, op, frozen_d, b, tracked.buckets)
+                tr, op, loss, te = step(tr, op, b)
             jax.block_until_ready((tr, loss, te))
             per_step = min(per_step, (time.perf_counter() - start) / args.steps)
         total_runs = args.runs
@@ -348,16 +394,35 @@ def main(argv=None) -> int:
         return per_step * (total_runs / runs)
 
     results = {}
+    layout = f"{args.train_groups} length groups" if args.train_groups else "bucketed"
     results["together"] = measure(
-        "all runs together, bucketed", args.runs, True, args.length_multiple, args.tracked_buckets
+        f"all runs together, {layout}",
+        args.runs,
+        True,
+        args.length_multiple,
+        args.tracked_buckets,
+        args.train_groups,
     )
     if "nolog" in variants:
         results["together_nolog"] = measure(
-            "all runs together, bucketed",
+            f"all runs together, {layout}",
             args.runs,
             False,
             args.length_multiple,
             args.tracked_buckets,
+            args.train_groups,
+        )
+    if args.train_groups:
+        runs_layout = measure(
+            "all runs together, vmapped runs, bucketed",
+            args.runs,
+            True,
+            args.length_multiple,
+            args.tracked_buckets,
+        )
+        print(
+            f"speed-up of {args.train_groups} length groups over the vmapped-runs layout "
+            f"(with logging): {runs_layout / results['together']:.2f}x"
         )
     if "single" in variants:
         for log in (True, False):

@@ -32,7 +32,7 @@ for stage in $STAGES; do
     # T5-base IA3, 32 runs x batch 8, 100 tracked examples logged every step (issue 4 protocol).
     step runs_cudnn 130 python3 scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 \
       --runs 32 --batch 8 --n-test 100 --steps 5 --dtype bfloat16 --attention cudnn \
-      --variants together,nolog
+      --train-groups 4 --variants together,nolog
     step runs_einsum 110 python3 scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 \
       --runs 32 --batch 8 --n-test 100 --steps 5 --dtype bfloat16 --attention einsum \
       --variants together,baseline

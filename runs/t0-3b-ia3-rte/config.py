@@ -15,8 +15,9 @@ runs (20 fit / 2 validation / 10 test) of 1000 steps of batch 8 under "uniform" 
 drawn with replacement); T-Few's IA3 recipe (Liu et al. 2022): Adafactor, lr 3e-3, 1000 steps,
 batch 8, linear decay after a 6% warm-up, gradient clipping at 1.0; plain cross-entropy (T-Few's
 unlikelihood and length-normalised losses are not used). Runs trained together: 8 (activation
-memory bound for full tuning). Checkpoints for TracIn-CP at steps (0, 100, 200, 300, 400, 500, 600,
-700, 800, 900, 1000) of the 20 fitting runs."""
+memory bound for full tuning). The 64 examples of a step train in 4 length groups of fixed
+padded length (train_length_groups). Checkpoints for TracIn-CP at steps (0, 100, 200, 300, 400,
+500, 600, 700, 800, 900, 1000) of the 20 fitting runs."""
 
 from finetune.config import ExperimentConfig
 
@@ -44,6 +45,7 @@ def get_config() -> ExperimentConfig:
         batch_size=8,
         curriculum="uniform",
         runs_together=8,
+        train_length_groups=4,  # the 64 examples of a step in 4 length groups
         checkpoint_steps=(0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000),
         checkpoint_runs=20,
         extra={"split": [20, 2, 10]},

@@ -59,6 +59,8 @@ def test_round_trip():
         ({"tracked_buckets": 0}, "tracked_buckets=0 must be an integer >= 1"),
         ({"scan_layers": "yes"}, "scan_layers='yes' must be True or False"),
         ({"attention": "flash"}, "attention='flash'; choose"),
+        ({"train_length_groups": 2}, "train_length_groups needs method='ia3'"),
+        ({"method": "ia3", "train_length_groups": 3}, r"must be an integer in \[1, 2\]"),
         ({"attention": "cudnn"}, "needs dtype='bfloat16'"),
     ],
 )

@@ -14,8 +14,11 @@ from finetune.trainer import (
     _broadcast,
     _place,
     _put,
+    _rows_sharding,
     bucket_lengths,
+    flat_group_lengths,
     gather_batch,
+    gather_flat,
     make_mesh,
     make_programs,
     make_tracked_set,
@@ -254,3 +257,96 @@ def test_fused_attention_programs_log_the_same_losses(setup):
         want = np.asarray(ref[name](tr, _place(setup["frozen"], mesh), tracked.buckets))
         np.testing.assert_allclose(got, want, **TOL)
         assert np.abs(want[0] - want[1]).max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def ia3_setup():
+    model = hf.init_random(transformers.T5Config(**_TINY_T5), ia3=True, seed=5)
+    graphdef, params = nnx.split(model)
+    trainable, frozen = partition(params, trainable_mask(params, "ia3"))
+    # IA3 vectors away from 1, so that a run-index mix-up changes the losses.
+    rng = np.random.default_rng(7)
+    trainable = jax.tree.map(lambda x: x * (1 + 0.3 * rng.standard_normal(x.shape)), trainable)
+    pool, test = _data(rng, 16), _data(rng, 5)
+    return dict(
+        graphdef=graphdef,
+        trainable=trainable,
+        frozen=frozen,
+        pool=pool,
+        test=test,
+        optimizer=make_optimizer("adamw", 3e-2),
+        fns=(make_per_example_loss(graphdef), make_score_choices(graphdef)),
+    )
+
+
+def _train_ia3(s, devices, curricula, groups):
+    """The runs' train losses, test losses and final IA3 state; length groups or vmapped runs."""
+    mesh = make_mesh(devices)
+    progs = make_programs(*s["fns"], s["optimizer"], mesh)
+    tracked = make_tracked_set(*s["test"], multiple=8, n_devices=len(devices), mesh=mesh)
+    r = curricula.shape[0]
+    tr = _place(_broadcast(s["trainable"], r), mesh)
+    op = _place(_broadcast(s["optimizer"].init(s["trainable"]), r), mesh)
+    fr = _place(s["frozen"], mesh)
+    pool = s["pool"][0], s["pool"][1], s["pool"][4]
+    lengths = flat_group_lengths(pool[2], curricula, groups or 1, 4, pool[0].shape[1])
+    train, test = [], []
+    for t in range(curricula.shape[1]):
+        if groups:
+            rows = [
+                {k: _put(v, _rows_sharding(mesh, len(v))) for k, v in g.items()}
+                for g in gather_flat(*pool, curricula[:, t], lengths)
+            ]
+            tr, op, tl, te = progs["step_flat"](tr, op, fr, tuple(rows), tracked.buckets)
+        else:
+            batch = gather_batch(*pool, curricula[:, t], 4)
+            sharding = _batch_sharding(mesh, curricula.shape[2])
+            batch = {k: _put(v, sharding) for k, v in batch.items()}
+            tr, op, tl, te = progs["step"](tr, op, fr, batch, tracked.buckets)
+        train.append(np.asarray(tl))
+        test.append(tracked.scatter(np.asarray(te)))
+    return np.stack(train, 1), np.stack(test, 1), jax.device_get(tr)
+
+
+@pytest.mark.parametrize(("n_dev", "groups"), [(1, 3), (8, 2)])
+def test_length_groups_step_equals_vmapped_runs(ia3_setup, n_dev, groups):
+    """Examples of all runs in length groups, each with its own run's IA3 vectors, train the
+    runs exactly as the vmap over runs does (8 devices: the group rows are sharded)."""
+    curricula = np.random.default_rng(3).integers(0, 16, (4, 3, 4))  # R=4, T=3, b=4
+    devices = jax.devices()[:n_dev]
+    if "runs" not in ia3_setup:  # the vmapped-runs reference, once for both cases
+        ia3_setup["runs"] = _train_ia3(ia3_setup, jax.devices()[:1], curricula, None)
+    want = ia3_setup["runs"]
+    got = _train_ia3(ia3_setup, devices, curricula, groups)
+    for a, b in zip(got[:2], want[:2], strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+    for a, b in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2]), strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+    assert np.abs(want[1][0] - want[1][1]).max() > 1e-4  # the runs differ: not vacuous
+
+
+def test_gather_flat_places_every_example_once_in_fitting_groups():
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(1, 60, 30)
+    inputs = np.zeros((30, 64), np.int32)
+    for i, n in enumerate(lengths):
+        inputs[i, :n] = 1 + i  # the example's id in every real position
+    targets = np.arange(30, dtype=np.int32)[:, None]
+    ids = rng.integers(0, 30, (3, 5, 4))  # R=3, T=5, b=4
+    group_lengths = flat_group_lengths(lengths, ids, 3, 8, 64)
+    assert list(group_lengths) == sorted(group_lengths)
+    for t in range(5):
+        groups = gather_flat(inputs, targets, lengths, ids[:, t], group_lengths)
+        seen = []
+        for g, length in zip(groups, group_lengths, strict=True):
+            assert g["inputs"].shape[1] == length and length % 8 == 0
+            for row, tgt, run in zip(g["inputs"], g["targets"], g["run"], strict=True):
+                ex = int(tgt[0])
+                assert lengths[ex] <= length and (row[: lengths[ex]] == 1 + ex).all()
+                seen.append((int(run), ex))
+        want = [(r, int(e)) for r in range(3) for e in ids[r, t]]
+        assert sorted(seen) == sorted(want)
+        # Sorted: no example of a later group is shorter than one of an earlier group.
+        maxima = [lengths[g["targets"][:, 0]].max() for g in groups]
+        minima = [lengths[g["targets"][:, 0]].min() for g in groups]
+        assert all(maxima[i] <= minima[i + 1] for i in range(len(groups) - 1))

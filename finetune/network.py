@@ -301,13 +301,18 @@ class _Attention(nnx.Module):
         else:
             # T5: no 1/sqrt(d_kv). The q.k product is rounded to the compute dtype; bias, mask
             # and softmax are evaluated in float32.
-            scores = jnp.einsum("bqhk,blhk->bhql", q, k).astype(jnp.float32)  # [b, h, q, l]
-            for term in attn.terms:
-                scores = scores + term
-            probs = jax.nn.softmax(scores, axis=-1)
-            probs = keys.dropout(probs, self.dropout_rate).astype(dt)
+            scores = jnp.einsum("bqhk,blhk->bhql", q, k)  # [b, h, q, l]
+            probs = self._probs(scores, attn, keys)
             out = jnp.einsum("bhql,blhk->bqhk", probs, v)  # [b, q, h, dk]
         return jnp.einsum("bqhk,hkd->bqd", out, self.o[...].astype(dt))  # [b, q, d_model]
+
+    def _probs(self, scores: jax.Array, attn: _AttnInputs, keys: _Keys) -> jax.Array:
+        """Softmax of [b, h, q, l] scores plus the additive terms, in float32; dropout; dt."""
+        scores = scores.astype(jnp.float32)
+        for term in attn.terms:
+            scores = scores + term
+        probs = jax.nn.softmax(scores, axis=-1)
+        return keys.dropout(probs, self.dropout_rate).astype(self.dtype)
 
     def _project_queries(self, n_q: int, n_k: int) -> bool:
         """Whether cross-attention of n_q queries over n_k memory rows takes the projected form.
@@ -339,11 +344,8 @@ class _Attention(nnx.Module):
         if hasattr(self, "ia3_k"):
             q = q * self.ia3_k[...].astype(dt)
         q_mem = jnp.einsum("bqhk,dhk->bqhd", q, kv[:, 0])  # [b, q, h, d_model]
-        scores = jnp.einsum("bqhd,bld->bhql", q_mem, memory).astype(jnp.float32)  # [b,h,q,l]
-        for term in attn.terms:
-            scores = scores + term
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = keys.dropout(probs, self.dropout_rate).astype(dt)
+        scores = jnp.einsum("bqhd,bld->bhql", q_mem, memory)  # [b, h, q, l]
+        probs = self._probs(scores, attn, keys)
         read = jnp.einsum("bhql,bld->bqhd", probs, memory)  # [b, q, h, d_model]
         out = jnp.einsum("bqhd,dhk->bqhk", read, kv[:, 1])  # [b, q, h, dk]
         if hasattr(self, "ia3_v"):

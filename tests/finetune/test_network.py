@@ -114,14 +114,18 @@ def _jitted(model):
     return lambda i, t: [np.asarray(x) for x in run(params, jnp.asarray(i), jnp.asarray(t))]
 
 
+def _assert_matches_torch(ref, model):
+    """Encoder output, logits and per-example losses equal PyTorch's at TOL."""
+    inputs, targets = _batch()
+    for got, want in zip(
+        _jitted(model)(inputs, targets), _torch_reference(ref, inputs, targets), strict=True
+    ):
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+
+
 def test_encoder_logits_losses_match_torch(pair):
     ref, model, _ = pair
-    inputs, targets = _batch()
-    enc_ref, logits_ref, loss_ref = _torch_reference(ref, inputs, targets)
-    enc, logits, losses = _jitted(model)(inputs, targets)
-    np.testing.assert_allclose(enc, enc_ref, atol=TOL, rtol=TOL)
-    np.testing.assert_allclose(logits, logits_ref, atol=TOL, rtol=TOL)
-    np.testing.assert_allclose(losses, loss_ref, atol=TOL, rtol=TOL)
+    _assert_matches_torch(ref, model)
 
 
 def test_relative_buckets_match_hf():
@@ -202,13 +206,7 @@ def test_fused_attention_path_matches_torch(pair, scan):
     """attention="xla" (jax.nn.dot_product_attention: position bias, causal flag and key
     lengths instead of additive masks) against the PyTorch reference, same tolerance."""
     ref, model, cfg = pair
-    fused = _with_attention(model, cfg, "xla", scan_layers=scan)
-    inputs, targets = _batch()
-    enc_ref, logits_ref, loss_ref = _torch_reference(ref, inputs, targets)
-    enc, logits, losses = _jitted(fused)(inputs, targets)
-    np.testing.assert_allclose(enc, enc_ref, atol=TOL, rtol=TOL)
-    np.testing.assert_allclose(logits, logits_ref, atol=TOL, rtol=TOL)
-    np.testing.assert_allclose(losses, loss_ref, atol=TOL, rtol=TOL)
+    _assert_matches_torch(ref, _with_attention(model, cfg, "xla", scan_layers=scan))
 
 
 def test_fused_attention_gradients_and_dropout_fallback():
@@ -256,12 +254,7 @@ def test_projected_cross_attention_matches_torch(pair):
     """Cross-attention with the key/value projections moved to the query side (what "auto"
     picks for short targets over long inputs) against the PyTorch reference."""
     ref, model, cfg = pair
-    projected = _set_cross_mode(_with_attention(model, cfg, "einsum"), "always")
-    inputs, targets = _batch()
-    enc_ref, logits_ref, loss_ref = _torch_reference(ref, inputs, targets)
-    enc, logits, losses = _jitted(projected)(inputs, targets)
-    np.testing.assert_allclose(logits, logits_ref, atol=TOL, rtol=TOL)
-    np.testing.assert_allclose(losses, loss_ref, atol=TOL, rtol=TOL)
+    _assert_matches_torch(ref, _set_cross_mode(_with_attention(model, cfg, "einsum"), "always"))
 
 
 def test_projected_cross_attention_gradients_and_dropout():

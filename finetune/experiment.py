@@ -81,12 +81,30 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+def check_backend(config: ExperimentConfig) -> None:
+    """Refuses a config this machine cannot run (before anything is written).
+
+    Raises:
+        ExperimentError: attention='cudnn' without a GPU backend.
+    """
+    backend = jax.default_backend()
+    if config.attention == "cudnn" and backend != "gpu":
+        raise ExperimentError(
+            f"config {config.name!r}: attention='cudnn' needs a GPU (this backend is "
+            f"{backend!r}); set attention='xla' (the same result) or 'einsum'"
+        )
+
+
 def build_base_model(config: ExperimentConfig):
     """The model every run starts from, before any warm-up.
 
     Returns:
         (graphdef, params) of the T5: pretrained (config.model) or random (config.random_init).
+
+    Raises:
+        ExperimentError: see `check_backend`.
     """
+    check_backend(config)
     from flax import nnx
 
     from finetune import hf

@@ -798,6 +798,7 @@ def run_experiment(
     """
     start_all = time.perf_counter()
     exp_dir = Path(exp_dir)
+    E.check_backend(config)
     prepare_experiment(config, exp_dir, data_dir=data_dir, tokenizer=tokenizer)
     mesh = make_mesh(devices)
     n_dev = len(mesh.devices.flat)

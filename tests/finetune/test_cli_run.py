@@ -178,6 +178,7 @@ def _bad(capsys, code, *needles):
         ({"n_test": 300}, ["n_test=300 exceeds the 277 examples"]),
         ({"batch_size": 9}, ["batch_size=9 is larger than the pool"]),
         ({"checkpoint_steps": (2, 5)}, ["checkpoint_steps [2, 5]"]),
+        ({"attention": "cudnn", "dtype": "bfloat16"}, ["attention='cudnn' needs a GPU"]),
     ],
 )
 def test_bad_config_exits_2_writing_nothing(

@@ -68,7 +68,8 @@ class ExperimentConfig:
     scan_layers: bool = False  # lax.scan over each stack's blocks: compile time independent of
     #   depth (set it for 12+ layers); same parameters, dropout masks differ from unrolled
     attention: str = "einsum"  # "einsum" | "xla" | "cudnn": jax.nn.dot_product_attention where
-    #   no attention dropout applies (logging, scoring, TracIn); "cudnn" = fused GPU kernel, bf16
+    #   no attention dropout applies (the runs train without dropout, so training, logging,
+    #   scoring and TracIn all use it); "cudnn" = fused GPU kernel (bf16, IA3, no warm-up)
     # --- optimizer ----------------------------------------------------------------------------
     optimizer: str = "adamw"  # "adamw" | "adafactor"
     learning_rate: float = 1e-4  # peak learning rate (T-Few IA3: 3e-3)
@@ -130,6 +131,13 @@ class ExperimentConfig:
             bad(f"attention={self.attention!r}; choose 'einsum', 'xla' or 'cudnn'")
         if self.attention == "cudnn" and self.dtype != "bfloat16":
             bad("attention='cudnn' needs dtype='bfloat16' (the fused kernel is bf16/fp16 only)")
+        if self.attention == "cudnn" and (self.method != "ia3" or self.warmup is not None):
+            # Under the vmap over runs a trained position-bias table carries the run axis,
+            # which cuDNN's batching rule cannot fold into the example axis.
+            bad(
+                "attention='cudnn' needs method='ia3' and no warm-up (the position bias must "
+                "stay frozen); use attention='xla' otherwise"
+            )
         if self.train_length_groups is not None:
             if self.method != "ia3":
                 bad("train_length_groups needs method='ia3' (each example gathers its run's IA3)")

@@ -91,7 +91,8 @@ def check_backend(config: ExperimentConfig) -> None:
     if config.attention == "cudnn" and backend != "gpu":
         raise ExperimentError(
             f"config {config.name!r}: attention='cudnn' needs a GPU (this backend is "
-            f"{backend!r}); set attention='xla' (the same result) or 'einsum'"
+            f"{backend!r}); set attention='xla' (the same computation on XLA's kernels) "
+            "or 'einsum'"
         )
 
 

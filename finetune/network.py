@@ -117,6 +117,19 @@ class _AttnInputs(NamedTuple):
     causal: bool  # decoder self-attention
 
 
+def _cudnn_supports(n_q: int, n_k: int, head_dim: int, bias) -> bool:
+    """Whether cuDNN's fused attention takes these shapes (else the model uses XLA's).
+
+    jax's bf16/fp16 cuDNN path needs a head dim that is a multiple of 8 and at most 128 (256 on
+    Hopper; 128 keeps older GPUs too), and, when a bias is trained through, even query and key
+    lengths. Whether a gradient will be taken is unknown while tracing the forward, so a
+    biased attention with an odd length always falls back.
+    """
+    if head_dim % 8 or head_dim > 128:
+        return False
+    return bias is None or (n_q % 2 == 0 and n_k % 2 == 0)
+
+
 class _Keys:
     """Hands out a fresh dropout key per call site (in trace order); None when deterministic."""
 
@@ -287,16 +300,21 @@ class _Attention(nnx.Module):
                 # kv_lengths, not a constant, so that under vmap both length vectors carry
                 # the same batch axis (cuDNN's batching rule reshapes them together).
                 q_lengths = attn.kv_lengths * 0 + q.shape[1]
+            impl, bias = self.attention, attn.position
+            if impl == "cudnn" and not _cudnn_supports(q.shape[1], k.shape[1], q.shape[-1], bias):
+                impl = "xla"  # same computation, XLA kernels
+            if impl == "cudnn" and bias is not None:
+                bias = bias.astype(dt)  # the kernel takes the bias in the q/k/v dtype
             out = jax.nn.dot_product_attention(
                 q,
                 k,
                 v,
-                bias=None if attn.position is None else attn.position.astype(dt),
+                bias=bias,
                 scale=1.0,
                 is_causal=attn.causal,
                 query_seq_lengths=q_lengths,
                 key_value_seq_lengths=attn.kv_lengths,
-                implementation=self.attention,
+                implementation=impl,
             )  # [b, q, h, dk]
         else:
             # T5: no 1/sqrt(d_kv). The q.k product is rounded to the compute dtype; bias, mask

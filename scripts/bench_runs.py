@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         "--attention",
         choices=("einsum", "xla", "cudnn"),
         default="einsum",
-        help="attention implementation for the logging forward (ExperimentConfig.attention)",
+        help="attention implementation (ExperimentConfig.attention): training and logging",
     )
     p.add_argument(
         "--layers",
@@ -286,7 +286,12 @@ def main(argv=None) -> int:
             mesh=mesh,
             max_buckets=args.tracked_buckets,
         )
-        tr2 = _place(_broadcast(trainable, 2), mesh)
+        # Two runs with different IA3 vectors: a mix-up of the run axis would show.
+        tr2 = jax.tree.map(
+            lambda x: x * np.array([1.0, 1.1], x.dtype).reshape((2,) + (1,) * (x.ndim - 1)),
+            _broadcast(trainable, 2),
+        )
+        tr2 = _place(tr2, mesh)
         got = np.asarray(progs["test_losses"](tr2, frozen_d, tracked.buckets))
         want = np.asarray(ref["test_losses"](tr2, frozen_d, tracked.buckets))
         print(

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Device measurements for issues 3, 4 and 5 in one call, each step under its own time limit,
 # logs to $OUT (or ./device-logs). Run from the repository root on the GPU machine:
-#   bash scripts/device_bench.sh [STAGE...]      STAGE: model, runs, tracin (default: model runs)
-# Budget: model ~330 s, runs ~240 s, tracin ~110 s of limits; one device call may run 600 s.
+#   bash scripts/device_bench.sh [STAGE...]   STAGE: model, model_unroll, runs, tracin (default: model)
+# Limits per stage: model 110 + 300 s, model_unroll 320 s, runs 130 + 110 s, tracin 110 s. One
+# device call may run 600 s, so give one or two stages per call (e.g. `model`, then `runs tracin`).
 set -uo pipefail
 OUT=${OUT:-device-logs}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-STAGES=${*:-model runs}
+STAGES=${*:-model}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
 python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 step() {  # step NAME SECONDS CMD...
@@ -25,8 +26,14 @@ for stage in $STAGES; do
     # scanned and unrolled layers, each point in its own process under a 60 s limit.
     step model_torch 110 python3 scripts/bench_model_torch.py --points reference --methods full \
       --warmup 2 --iters 5
-    step model_jax 330 python3 scripts/bench_model.py --points reference --methods full \
-      --layers scan,unroll --warmup 2 --iters 5 --point-timeout 60
+    step model_jax 300 python3 scripts/bench_model.py --points reference --methods full \
+      --layers scan --warmup 2 --iters 5 --point-timeout 55
+    ;;
+  model_unroll)
+    # The same points with unrolled layers (no while loop: XLA may capture whole steps in CUDA
+    # graphs); compare with the scan rows of the `model` stage.
+    step model_jax_unroll 320 python3 scripts/bench_model.py --points reference --methods full \
+      --layers unroll --warmup 2 --iters 5 --point-timeout 60
     ;;
   runs)
     # T5-base IA3, 32 runs x batch 8, 100 tracked examples logged every step (issue 4 protocol).
@@ -42,6 +49,6 @@ for stage in $STAGES; do
       --n-train 1000 --n-test 100 --checkpoints 10 --chunk-size 64 --torch-examples 100 \
       --full-n-train 0 --json "$OUT/bench_tracin_ia3.json"
     ;;
-  *) echo "unknown stage $stage (model, runs, tracin)"; exit 2 ;;
+  *) echo "unknown stage $stage (model, model_unroll, runs, tracin)"; exit 2 ;;
   esac
 done

@@ -287,7 +287,7 @@ def evaluate(
                 extra["lambda_search"] = search
                 # Whether the choice is limited by the searched range: with the default grid
                 # an edge is a cap of its extension, with a given grid the grid's own edge.
-                edges = simulators._lambda_edges(search, name, la, lb)
+                edges = simulators.lambda_edges(search, name, la, lb)
                 extra["lambda_grid"] = "default" if grid is None else "given"
                 extra["lambda_at_edge"] = bool(edges)
                 extra["lambda_edges"] = edges

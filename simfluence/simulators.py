@@ -597,10 +597,16 @@ def _best(pts: Sequence[tuple[float, float]], mses: Sequence[float]) -> int:
     MSEs within a relative `_TIE_RTOL` of the lowest finite one are ties; among them the point
     with the largest log10(l2_a) + log10(l2_b) wins (then the larger l2_a, then l2_b, then the
     first in `pts`). A diverged fit (non-finite MSE) never wins.
+
+    Raises:
+        ValueError: every MSE is non-finite (no lambda gives a usable fit).
     """
     finite = [g for g in range(len(mses)) if math.isfinite(mses[g])]
     if not finite:
-        return 0
+        raise ValueError(
+            f"the validation MSE is non-finite at all {len(mses)} lambda points searched: the "
+            "fits diverge; check the runs' losses for inf/nan or pass lambdas explicitly"
+        )
     low = min(mses[g] for g in finite)
     ties = [g for g in finite if mses[g] <= low + _TIE_RTOL * abs(low)]
     return max(ties, key=lambda g: (_log_strength(pts[g]), pts[g], -g))
@@ -662,7 +668,7 @@ def _extended_search(score, use_a: bool, use_b: bool):
     return pts, [found[p][0] for p in pts], [found[p][1] for p in pts]
 
 
-def _lambda_edges(table: Sequence[dict], variant: str, l2_a: float, l2_b: float) -> dict:
+def lambda_edges(table: Sequence[dict], variant: str, l2_a: float, l2_b: float) -> dict:
     """Used lambda axes whose chosen value is the largest or smallest one searched.
 
     Args:
@@ -762,7 +768,7 @@ def select_lambdas(
         for (a, b), m, r in zip(pts, mses, rounds, strict=True)
     ]
     l2_a, l2_b = pts[_best(pts, mses)]
-    edges = _lambda_edges(table, variant, l2_a, l2_b)
+    edges = lambda_edges(table, variant, l2_a, l2_b)
     if grid is None and edges:
         chosen = {"l2_a": l2_a, "l2_b": l2_b}
         at = ", ".join(f"{k}={chosen[k]:g} ({side} cap)" for k, side in edges.items())

@@ -162,6 +162,9 @@ def test_ia3_length_groups_end_to_end_and_resume(tmp_path, data_dir, t5_tokenize
             assert a == (cut / f"run_{r:03d}" / name).read_bytes(), name
 
 
+_CUDNN = {"attention": "cudnn", "dtype": "bfloat16", "method": "ia3", "freeze_embeddings": False}
+
+
 def _bad(capsys, code, *needles):
     err = capsys.readouterr().err.strip()
     assert code == 2, err
@@ -178,7 +181,7 @@ def _bad(capsys, code, *needles):
         ({"n_test": 300}, ["n_test=300 exceeds the 277 examples"]),
         ({"batch_size": 9}, ["batch_size=9 is larger than the pool"]),
         ({"checkpoint_steps": (2, 5)}, ["checkpoint_steps [2, 5]"]),
-        ({"attention": "cudnn", "dtype": "bfloat16"}, ["attention='cudnn' needs a GPU"]),
+        (_CUDNN, ["attention='cudnn' needs a GPU"]),
     ],
 )
 def test_bad_config_exits_2_writing_nothing(

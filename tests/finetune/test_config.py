@@ -62,6 +62,7 @@ def test_round_trip():
         ({"train_length_groups": 2}, "train_length_groups needs method='ia3'"),
         ({"method": "ia3", "train_length_groups": 3}, r"must be an integer in \[1, 2\]"),
         ({"attention": "cudnn"}, "needs dtype='bfloat16'"),
+        ({"attention": "cudnn", "dtype": "bfloat16"}, "needs method='ia3' and no warm-up"),
     ],
 )
 def test_bad_fields(kw, match):

@@ -1,6 +1,7 @@
 """The vmapped group program: R runs together == one at a time; sharded == single device."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
@@ -350,3 +351,45 @@ def test_gather_flat_places_every_example_once_in_fitting_groups():
         maxima = [lengths[g["targets"][:, 0]].max() for g in groups]
         minima = [lengths[g["targets"][:, 0]].min() for g in groups]
         assert all(maxima[i] <= minima[i + 1] for i in range(len(groups) - 1))
+
+
+@pytest.mark.parametrize("t_len", [2, 3])
+def test_cudnn_attention_traces_through_the_run_programs(monkeypatch, t_len):
+    """No GPU here, so the cuDNN path is traced, not run: every run program of an IA3 model
+    with attention="cudnn" passes cuDNN's shape checks and batching rules (the run vmap, the
+    flat length groups) and really contains the fused kernel. An odd target length, which the
+    kernel refuses with a trained-through bias, falls back to XLA in the decoder."""
+    fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not hasattr(fused, "check_cudnn_version"):
+        pytest.skip("this jax has no cuDNN version check to stand in for")
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 90800)  # as if cuDNN 9.8
+    config = transformers.T5Config(**{**_TINY_T5, "d_model": 32, "d_kv": 8})
+    model = hf.init_random(config, ia3=True, seed=0, dtype=jnp.bfloat16, attention="cudnn")
+    graphdef, params = nnx.split(model)
+    trainable, frozen = partition(params, trainable_mask(params, "ia3"))
+    optimizer = make_optimizer("adamw", 1e-3)
+    mesh = make_mesh(jax.devices()[:1])
+    progs = make_programs(
+        make_per_example_loss(graphdef),
+        make_score_choices(graphdef),
+        optimizer,
+        mesh,
+        broadcast_tracked=True,
+    )
+    r, b = 2, 4
+    tr, op = _broadcast(trainable, r), _broadcast(optimizer.init(trainable), r)
+    ones = lambda *shape: jnp.ones(shape, jnp.int32)  # noqa: E731
+    buckets = ({"inputs": ones(4, 16), "targets": ones(4, t_len), "choices": ones(4, 2, t_len)},)
+    batch = {"inputs": ones(r, b, 16), "targets": ones(r, b, t_len)}
+    groups = tuple(
+        {"inputs": ones(4, n), "targets": ones(4, t_len), "run": jnp.array([0, 0, 1, 1])}
+        for n in (16, 32)
+    )
+    for name, args in (
+        ("test_losses", (tr, frozen, buckets)),
+        ("scores", (tr, frozen, buckets)),
+        ("advance", (tr, op, frozen, batch)),
+        ("advance_flat", (tr, op, frozen, groups)),
+    ):
+        jaxpr = str(jax.make_jaxpr(progs[name])(*args))
+        assert "dot_product_attention" in jaxpr, name  # the cuDNN primitive, not einsums

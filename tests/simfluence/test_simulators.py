@@ -474,7 +474,7 @@ def test_extended_search_runs_into_the_caps_like_an_exhaustive_search():
     assert (l2_a, l2_b) == ref_best
     default = {(a, b) for a in S.DEFAULT_GRID for b in S.DEFAULT_GRID}
     assert {p for p, row in zip(pts, table, strict=True) if row["round"] == 0} == default
-    assert S._lambda_edges(table, "linear", l2_a, l2_b) == {"l2_a": "upper", "l2_b": "upper"}
+    assert S.lambda_edges(table, "linear", l2_a, l2_b) == {"l2_a": "upper", "l2_b": "upper"}
     assert len(msgs) == 1 and "\n" not in msgs[0]
     assert "l2_a=1e+06 (upper cap), l2_b=1e+06 (upper cap)" in msgs[0]
 
@@ -494,7 +494,7 @@ def test_extended_search_finds_an_optimum_beyond_the_default_grid(variant):
     axis = [_decade(k) for k in range(CAP_EXPONENTS[0], CAP_EXPONENTS[1] + 1)]
     full = sorted((mse(*((v, 0.0) if use_a else (0.0, v))), v) for v in axis)
     assert full[0][1] == chosen and full[1][0] > (1 + PATH_MARGIN) * full[0][0]
-    assert S._lambda_edges(table, variant, l2_a, l2_b) == {} and msgs == []
+    assert S.lambda_edges(table, variant, l2_a, l2_b) == {} and msgs == []
 
 
 def test_a_given_grid_is_searched_exactly_as_given():
@@ -512,7 +512,7 @@ def test_a_given_grid_is_searched_exactly_as_given():
         assert _mse_close(row["valid_mse"], mse(0.0, row["l2_b"]))
     # The optimum lies beyond this grid: flagged as an edge, but a given grid never warns.
     assert l2_b == max(grid)
-    assert S._lambda_edges(table, "additive", l2_a, l2_b) == {"l2_b": "upper"}
+    assert S.lambda_edges(table, "additive", l2_a, l2_b) == {"l2_b": "upper"}
     assert msgs == []
 
 
@@ -560,3 +560,8 @@ def test_extension_rule_and_ties_on_analytic_scores():
     # A diverged fit never wins; 1e0 and 1e2 then tie, and the stronger ridge wins.
     nan = [np.nan if a == 1e1 else abs(np.log10(a) - 1.0) for a, _ in pts]
     assert pts[S._best(pts, nan)] == (1e2, 0.0)
+
+
+def test_all_diverged_lambda_points_are_an_error():
+    with pytest.raises(ValueError, match="non-finite at all 2 lambda points"):
+        S._best([(1.0, 1.0), (10.0, 10.0)], [float("nan"), float("inf")])

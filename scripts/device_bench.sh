@@ -2,7 +2,7 @@
 # Device measurements for issues 3, 4 and 5 in one call, each step under its own time limit,
 # logs to $OUT (or ./device-logs). Run from the repository root on the GPU machine:
 #   bash scripts/device_bench.sh [STAGE...]   STAGE: model, model_unroll, runs, tracin (default: model)
-# Limits per stage: model 110 + 300 s, model_unroll 320 s, runs 130 + 110 s, tracin 110 s. One
+# Limits per stage: model 110 + 300 s, model_unroll 320 s, runs 200 + 120 s, tracin 110 s. One
 # device call may run 600 s, so give one or two stages per call (e.g. `model`, then `runs tracin`).
 set -uo pipefail
 OUT=${OUT:-device-logs}
@@ -37,10 +37,10 @@ for stage in $STAGES; do
     ;;
   runs)
     # T5-base IA3, 32 runs x batch 8, 100 tracked examples logged every step (issue 4 protocol).
-    step runs_cudnn 130 python3 scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 \
+    step runs_cudnn 200 python3 scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 \
       --runs 32 --batch 8 --n-test 100 --steps 5 --dtype bfloat16 --attention cudnn \
       --train-groups 4 --variants together,nolog
-    step runs_einsum 110 python3 scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 \
+    step runs_einsum 120 python3 scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 \
       --runs 32 --batch 8 --n-test 100 --steps 5 --dtype bfloat16 --attention einsum \
       --variants together,baseline
     ;;

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.curricula import KINDS
+from finetune.network import ATTENTION_IMPLS
 from finetune.tasks import TASKS, splits
 
 
@@ -127,7 +128,7 @@ class ExperimentConfig:
             bad(f"method={self.method!r}; choose 'full' or 'ia3'")
         if self.method == "ia3" and self.freeze_embeddings:
             bad("freeze_embeddings applies to method 'full' only")
-        if self.attention not in ("einsum", "xla", "cudnn"):
+        if self.attention not in ATTENTION_IMPLS:
             bad(f"attention={self.attention!r}; choose 'einsum', 'xla' or 'cudnn'")
         if self.attention == "cudnn" and self.dtype != "bfloat16":
             bad("attention='cudnn' needs dtype='bfloat16' (the fused kernel is bf16/fp16 only)")

@@ -1018,9 +1018,9 @@ def _train_group(ctx: _Context, todo: list[int], budget: int | None) -> tuple[in
             config.length_multiple,
             ctx.data["pool_inputs"].shape[1],
         )
+    pool = (ctx.data["pool_inputs"], ctx.data["pool_targets"], ctx.data["pool_lengths"])
     for t in range(s0 + 1, config.steps + 1):
         ids = np.stack([ctx.curricula[r][t - 1] for r in todo])  # [R, b]
-        pool = (ctx.data["pool_inputs"], ctx.data["pool_targets"], ctx.data["pool_lengths"])
         if n_groups:
             groups = tuple(
                 {k: _put(v, _rows_sharding(mesh, len(v))) for k, v in g.items()}

@@ -22,10 +22,10 @@ SIZES = {
 METHODS = ("full", "ia3")
 
 
-def t5_config(size: str, dropout: float) -> transformers.T5Config:
-    """T5 v1.1 (gated-gelu, untied) config of one benchmark size."""
+def t5_kwargs(size: str, dropout: float) -> dict:
+    """``transformers.T5Config`` keyword arguments of one T5 v1.1 (gated-gelu, untied) size."""
     d, ff, n, h = SIZES[size]
-    return transformers.T5Config(
+    return dict(
         vocab_size=32128,
         d_model=d,
         d_ff=ff,
@@ -38,6 +38,11 @@ def t5_config(size: str, dropout: float) -> transformers.T5Config:
         dropout_rate=dropout,
         decoder_start_token_id=0,
     )
+
+
+def t5_config(size: str, dropout: float) -> transformers.T5Config:
+    """T5 v1.1 (gated-gelu, untied) config of one benchmark size."""
+    return transformers.T5Config(**t5_kwargs(size, dropout))
 
 
 def add_point_args(p: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ from _t5_points import add_point_args, select_points, t5_config  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from finetune.model import make_per_example_loss, partition, trainable_mask  # noqa: E402
-from finetune.network import T5  # noqa: E402
+from finetune.network import ATTENTION_IMPLS, T5  # noqa: E402
 from finetune.steps import make_optimizer, make_train_step  # noqa: E402
 
 PEAK_BF16 = 989e12  # dense bf16 FLOP/s of one H100 SXM / H200 (no sparsity)
@@ -167,7 +167,7 @@ def main(argv=None):
     )
     p.add_argument(
         "--attention",
-        choices=("einsum", "xla", "cudnn"),
+        choices=ATTENTION_IMPLS,
         default="einsum",
         help="attention implementation (finetune.network.T5); the fused ones apply only where "
         "no attention dropout is needed, so train with --dropout 0 to time them",

@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _t5_points import t5_kwargs  # noqa: E402  (scripts/: sizes shared with bench_model.py)
+
 SIZES = {
     # T5Config kwargs. t5-base: T5 v1.1 LM-adapted base; t0-3b: T0 3B (T5 v1.1 XL LM-adapted).
     "tiny": dict(
@@ -53,26 +55,8 @@ SIZES = {
         feed_forward_proj="relu",
         tie_word_embeddings=True,
     ),  # runs/demo
-    "t5-base": dict(
-        d_model=768,
-        d_ff=2048,
-        d_kv=64,
-        num_heads=12,
-        num_layers=12,
-        num_decoder_layers=12,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-    ),
-    "t0-3b": dict(
-        d_model=2048,
-        d_ff=5120,
-        d_kv=64,
-        num_heads=32,
-        num_layers=24,
-        num_decoder_layers=24,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-    ),
+    "t5-base": t5_kwargs("base", 0.0),
+    "t0-3b": t5_kwargs("t0-3b", 0.0),
 }
 
 
@@ -204,15 +188,19 @@ def main(argv=None) -> int:
     )
     cfg_kw = dict(SIZES[args.model_size], vocab_size=32128, dropout_rate=0.0)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+
+    def init(attention):
+        return hf.init_random(
+            transformers.T5Config(**cfg_kw),
+            ia3=args.method == "ia3",
+            seed=0,
+            dtype=dtype,
+            scan_layers=args.layers == "scan",
+            attention=attention,
+        )
+
     t0 = time.perf_counter()
-    model = hf.init_random(
-        transformers.T5Config(**cfg_kw),
-        ia3=args.method == "ia3",
-        seed=0,
-        dtype=dtype,
-        scan_layers=args.layers == "scan",
-        attention=args.attention,
-    )
+    model = init(args.attention)
     graphdef, params = nnx.split(model)
     del model
     config = ExperimentConfig(
@@ -267,15 +255,7 @@ def main(argv=None) -> int:
     if args.attention != "einsum":
         # The fused attention must log the losses the default path logs: compare once, at the
         # initial state of two runs, before any timing.
-        ref_def = nnx.split(
-            hf.init_random(
-                transformers.T5Config(**cfg_kw),
-                ia3=args.method == "ia3",
-                seed=0,
-                dtype=dtype,
-                scan_layers=args.layers == "scan",
-            )
-        )[0]
+        ref_def = nnx.split(nnx.eval_shape(lambda: init("einsum")))[0]  # same params
         ref = make_programs(
             make_per_example_loss(ref_def), make_score_choices(ref_def), optimizer, mesh
         )

@@ -34,6 +34,7 @@ import json
 import time
 
 import numpy as np
+from _t5_points import t5_kwargs  # scripts/: the sizes bench_model.py and bench_runs.py use
 
 PRESETS = {
     # The shape of /work/shared/models/tiny-random-t5 (relu FFN, tied embedding).
@@ -60,16 +61,7 @@ PRESETS = {
         relative_attention_num_buckets=32,
     ),
     # T5 v1.1 / LM-adapted base (the T0 family at base size): gated-gelu, untied lm_head.
-    "t5-base": dict(
-        vocab_size=32128,
-        d_model=768,
-        d_kv=64,
-        d_ff=2048,
-        num_layers=12,
-        num_heads=12,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-    ),
+    "t5-base": t5_kwargs("base", 0.0),
 }
 
 

@@ -98,3 +98,19 @@ tpu-submit:  ## make TPU_TARGET (runs) for CONFIG on every worker of TPU VM TPU 
 	  --target "$(TPU_TARGET)" --accelerator-type "$(ACCELERATOR)" --version "$(TPU_VERSION)" \
 	  $(if $(PROJECT),--project "$(PROJECT)") $(if $(CREATE),--create) \
 	  $(if $(DETACH),--detach) $(if $(DRY_RUN),--dry-run)
+
+# Deviceless H200 compile of the train step (scripts/aot_gpu_report.py) in its own venv: jax is
+# pinned to the CUDA plugin's version there. Two pip steps, split at "# >>> no-deps" in the file.
+AOT_VENV ?= .venv-aot
+AOT_REQ := scripts/aot_gpu_requirements.txt
+AOT_ARGS ?= --size small --batch 32 --layers unroll
+.PHONY: aot-report
+$(AOT_VENV)/.installed: $(AOT_REQ)
+	$(PY_BOOT) -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AOT_VENV)/bin/python -m pip install -q -r <(sed '/^# >>> no-deps/,$$d' $(AOT_REQ))
+	$(AOT_VENV)/bin/python -m pip install -q --no-deps -r <(sed -n '/^# >>> no-deps/,$$p' $(AOT_REQ))
+	touch $@
+
+aot-report: $(AOT_VENV)/.installed  ## Kernels, GEMMs, roofline ms of the train step compiled for an H200, no GPU; AOT_ARGS="--size large"
+	JAX_PLATFORMS=cpu $(AOT_VENV)/bin/python scripts/aot_gpu_report.py $(AOT_ARGS)

@@ -165,6 +165,33 @@ def test_dropout_changes_output_and_is_deterministic_per_key():
         model(inputs, targets, deterministic=False)
 
 
+def test_dropout_masks_have_the_rate_and_are_independent():
+    """The counter-based masks: drop fraction = rate, mean kept, and independent across call
+    sites, keys and positions (tolerances fixed from the binomial spread at n = 2^20)."""
+    from finetune.network import _Keys
+
+    n, rate = 1 << 20, 0.1
+    x = jnp.ones((16, 256, 256), jnp.float32)  # n elements
+
+    @jax.jit
+    def masks(key):
+        keys = _Keys(key)
+        return jnp.stack([keys.dropout(x, rate) != 0 for _ in range(2)])  # two call sites
+
+    a = np.asarray(masks(jax.random.key(0))).reshape(2, n)
+    b = np.asarray(masks(jax.random.key(1))).reshape(2, n)
+    sd = np.sqrt(rate * (1 - rate) / n)  # ~2.9e-4
+    for m in (a[0], a[1], b[0]):
+        assert abs((1 - m.mean()) - rate) < 6 * sd
+    # independent masks: P(both dropped) = rate^2 within 6 sd of its own binomial spread
+    sd2 = np.sqrt(rate**2 * (1 - rate**2) / n)
+    for u, v in ((a[0], a[1]), (a[0], b[0]), (a[0][:-1], a[0][1:]), (a[0][:-256], a[0][256:])):
+        assert abs(np.mean(~u & ~v) - rate**2) < 6 * sd2
+    kept = np.asarray(_Keys(jax.random.key(3)).dropout(x, rate))
+    assert abs(kept.mean() - 1.0) < 6 * np.sqrt(rate / (1 - rate) / n)
+    np.testing.assert_array_equal(np.unique(kept), np.float32([0.0, 1 / (1 - 6554 / 65536)]))
+
+
 def test_bf16_compute_close_to_torch_f32(tmp_path):
     ref = _torch_model(_config("gated-gelu", False, num_layers=1, num_decoder_layers=1), seed=9)
     path = tmp_path / "hf"

@@ -38,11 +38,9 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
-import json
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,11 +292,9 @@ def _compile(args: argparse.Namespace):
     """
     import jax
     import jax.numpy as jnp
-    from jax.experimental import topologies
-
-    sys.path[:0] = [str(_SCRIPTS), str(_SCRIPTS.parent)]
     from _t5_points import t5_config
     from bench_model import build, step_flops
+    from jax.experimental import topologies
 
     from finetune.model import make_per_example_loss, partition, trainable_mask
     from finetune.steps import make_optimizer, make_train_step
@@ -348,30 +344,23 @@ def _compile(args: argparse.Namespace):
     return compiled, flops, device.device_kind
 
 
-def _atomic_write(path: str, text: str) -> None:
-    """Write to a temporary name in the same folder, then rename: never a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Compile one point, print the report; 2 for bad flags or a missing analysis venv."""
     # Before jax is imported: only the CPU backend initialises (the CUDA plugin serves the
     # topology), and the plugin must not insist on CUDA libraries a compile does not need.
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    sys.path.insert(0, str(_SCRIPTS))
+    sys.path[:0] = [str(_SCRIPTS), str(_SCRIPTS.parent)]
     from _t5_points import METHODS, SIZES
+
+    from finetune.network import ATTENTION_IMPLS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=list(SIZES), default="small")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--method", choices=METHODS, default="full")
     p.add_argument("--layers", choices=("scan", "unroll"), default="scan")
-    p.add_argument("--attention", choices=("einsum", "xla", "cudnn"), default="einsum")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="einsum")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--target-len", type=int, default=8)
@@ -397,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import jax
     from bench_model import PEAK_BF16
+
+    from simfluence.runlog import atomic_write_json, atomic_write_text
 
     t0 = time.perf_counter()
     compiled, flops_6nd, device_kind = _compile(args)
@@ -448,9 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name[:48]:<48} {n:>7} {t * 1e3:8.3f} {b / 1e9:8.3f} {f / 1e12:7.3f}")
     print(f"custom calls (per step): {_counts(r['custom_calls'])}")
     if args.save_hlo:
-        _atomic_write(args.save_hlo, text)
+        atomic_write_text(args.save_hlo, text)
     if args.json:
-        _atomic_write(args.json, json.dumps(r, indent=1) + "\n")
+        atomic_write_json(args.json, r)
     return 0
 
 

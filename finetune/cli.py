@@ -30,9 +30,10 @@ def load_config(path: str | Path):
         (ExperimentConfig, the config file's folder).
 
     Raises:
-        ValueError: the file is missing or does not define get_config() -> ExperimentConfig.
+        ValueError: the file is missing, does not define get_config() -> ExperimentConfig, or
+            get_config() fails (an unknown or ill-typed field: one line naming the file).
     """
-    from finetune.config import ExperimentConfig
+    from finetune.config import ConfigError, ExperimentConfig
 
     path = Path(path)
     file = path / "config.py" if path.is_dir() else path
@@ -50,7 +51,15 @@ def load_config(path: str | Path):
     get = getattr(module, "get_config", None)
     if get is None:
         raise _UsageError(f"{file} defines no get_config(); it must return an ExperimentConfig")
-    config = get()
+    try:
+        config = get()
+    except ConfigError as e:  # names the field and the fix; add the file
+        raise ConfigError(f"{file}: {e}") from None
+    except Exception as e:  # config code: e.g. an unknown field (TypeError from the dataclass)
+        raise _UsageError(
+            f"{file}: get_config() failed ({type(e).__name__}: {e}); fix the config "
+            "(its fields are those of finetune.config.ExperimentConfig)"
+        ) from None
     if not isinstance(config, ExperimentConfig):
         raise _UsageError(
             f"{file}: get_config() returned {type(config).__name__}, not "
@@ -167,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args) or 0)
     except ValueError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # e.g. a folder that cannot be created: one line, as simfluence does
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{' '.join(str(e.strerror or e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:
         from finetune.trainer import NonFiniteLossError

@@ -12,6 +12,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +42,53 @@ class WarmupConfig:
     seed: int = 0  # seed of the warm-up example draw and order
 
     def __post_init__(self):
+        for name in ("steps", "batch_size", "n_examples", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"warmup.{name}={value!r} must be an integer")
+        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, int | float):
+            raise ConfigError(f"warmup.learning_rate={self.learning_rate!r} must be a number")
         for name in ("steps", "batch_size", "n_examples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"warmup.{name}={getattr(self, name)} must be >= 1")
         if not self.learning_rate > 0:
             raise ConfigError(f"warmup.learning_rate={self.learning_rate} must be > 0")
+
+
+# (field names, accepted types, what the message asks for) of ExperimentConfig, checked first.
+_TYPED_FIELDS = (
+    (("name", "task"), str, "a string"),
+    (("model", "tokenizer"), str | os.PathLike | None, "a path, a hub name or None"),
+    (("random_init",), dict | None, "a dict of transformers.T5Config kwargs or None"),
+    (("freeze_embeddings", "scan_layers"), bool, "True or False"),
+    (("learning_rate", "weight_decay"), int | float, "a number"),
+    (("grad_clip_norm",), int | float | None, "a number or None"),
+    (
+        (
+            "init_seed",
+            "n_train",
+            "n_test",
+            "max_input_length",
+            "max_target_length",
+            "length_multiple",
+            "tracked_buckets",
+            "data_seed",
+            "num_runs",
+            "steps",
+            "batch_size",
+            "warmup_steps",
+            "curriculum_seed",
+            "runs_together",
+        ),
+        int,
+        "an integer",
+    ),
+    (
+        ("subset_size", "train_length_groups", "checkpoint_runs"),
+        int | None,
+        "an integer or None",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -111,6 +154,17 @@ class ExperimentConfig:
         def bad(msg: str):
             raise ConfigError(f"config {self.name!r}: {msg}")
 
+        # Types first: the checks below compare values, which fails with a TypeError (a traceback
+        # that names no field) on e.g. learning_rate="1e-3".
+        for names, kinds, what in _TYPED_FIELDS:
+            for name in names:
+                value = getattr(self, name)
+                if isinstance(value, bool) is not (kinds is bool) or not isinstance(value, kinds):
+                    bad(f"{name}={value!r} must be {what}")
+        if not isinstance(self.checkpoint_steps, list | tuple):
+            bad(f"checkpoint_steps={self.checkpoint_steps!r} must be a tuple of integers")
+        if not isinstance(self.warmup, WarmupConfig | dict | None):
+            bad(f"warmup={self.warmup!r} must be a WarmupConfig (or None)")
         if self.task not in TASKS:
             bad(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         for split_field in ("train_split", "test_split"):

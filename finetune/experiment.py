@@ -103,7 +103,8 @@ def build_base_model(config: ExperimentConfig):
         (graphdef, params) of the T5: pretrained (config.model) or random (config.random_init).
 
     Raises:
-        ExperimentError: see `check_backend`.
+        ExperimentError: see `check_backend`; a random_init that does not build a T5.
+        CheckpointError: config.model cannot be loaded (see `finetune.hf.load_pretrained`).
     """
     check_backend(config)
     from flax import nnx
@@ -122,17 +123,31 @@ def build_base_model(config: ExperimentConfig):
     else:
         import transformers
 
-        t5_config = transformers.T5Config(**config.random_init)
-        model = hf.init_random(
-            t5_config,
-            ia3=ia3,
-            seed=config.init_seed,
-            dtype=_dtype(config.dtype),
-            scan_layers=config.scan_layers,
-            attention=config.attention,
-        )
+        try:
+            t5_config = transformers.T5Config(**config.random_init)
+            model = hf.init_random(
+                t5_config,
+                ia3=ia3,
+                seed=config.init_seed,
+                dtype=_dtype(config.dtype),
+                scan_layers=config.scan_layers,
+                attention=config.attention,
+            )
+        except (TypeError, ValueError) as e:  # e.g. d_model="16", an unknown activation
+            raise ExperimentError(
+                f"config {config.name!r}: random_init does not build a T5 ({type(e).__name__}: "
+                f"{e}); fix random_init (transformers.T5Config kwargs)"
+            ) from None
     graphdef, params = nnx.split(model)
     return graphdef, params
+
+
+def vocab_size(params) -> int:
+    """Rows of the vocabulary embedding (``shared``) of a T5's parameters."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if _is_embedding(path):
+            return int(np.shape(leaf)[0])
+    raise ExperimentError("the model's parameters have no vocabulary embedding 'shared'")
 
 
 def make_mask(config: ExperimentConfig, params):
@@ -179,13 +194,19 @@ def restore_warmup(exp_dir: str | Path, target):
     return _checkpointer().restore(warmup_path(exp_dir), abstract)
 
 
-def initial_params(config: ExperimentConfig, exp_dir: str | Path):
+def initial_params(config: ExperimentConfig, exp_dir: str | Path, *, base=None):
     """(graphdef, params) every run starts from; the warm-up must already exist if configured.
+
+    Args:
+        config: the experiment's config.
+        exp_dir: the experiment folder.
+        base: `build_base_model(config)` when the caller has it already (saves loading the
+            checkpoint twice); None builds it.
 
     Raises:
         ExperimentError: the config has a warm-up and ``EXP/warmup`` does not exist yet.
     """
-    graphdef, params = build_base_model(config)
+    graphdef, params = base if base is not None else build_base_model(config)
     if config.warmup is not None:
         if not warmup_path(exp_dir).is_dir():
             raise ExperimentError(

@@ -4,7 +4,8 @@ Reads a local directory (``config.json`` plus ``model.safetensors``, ``pytorch_m
 sharded ``*.index.json`` forms) or a hub name (``huggingface_hub.snapshot_download``; fails fast
 when offline). safetensors files are read without torch; ``pytorch_model.bin`` needs torch.
 Every parameter of the Flax model is filled from the checkpoint: a missing or mis-shaped tensor
-raises an error naming it (nothing is ever randomly initialised while loading).
+raises an error naming it (nothing is ever randomly initialised while loading), and so does a
+tensor the config does not account for (nothing is silently dropped either).
 
 HF stores ``nn.Linear`` weights as [out, in]; the Flax model stores [in, ...out] kernels and fuses
 self-attention q/k/v into ``qkv`` [d, 3, heads, d_kv], cross-attention k/v into ``kv`` and the
@@ -127,14 +128,34 @@ def load_config(directory: str | os.PathLike):
         )
     try:
         raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{cfg_path} holds a JSON {type(raw).__name__}, not an object of T5Config fields; "
+            "replace it with the checkpoint's config.json (transformers.T5Config.save_pretrained)"
+        )
     if raw.get("model_type") != "t5":
         raise CheckpointError(
             f"{cfg_path} has model_type={raw.get('model_type')!r}, not 't5'; only T5-family "
             "checkpoints (T5, T5 v1.1 / LM-adapted, T0) are supported"
         )
-    return transformers.T5Config.from_pretrained(str(directory))
+    try:
+        return transformers.T5Config.from_pretrained(str(directory))
+    except Exception as err:  # a field transformers rejects
+        raise CheckpointError(
+            f"{cfg_path} is not a valid T5Config ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); fix or replace it"
+        ) from err
+
+
+def _unreadable(f: Path, err: Exception) -> CheckpointError:
+    """The error for a weights file that cannot be read (truncated, corrupt, wrong format)."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return CheckpointError(
+        f"{f}: cannot read the weights ({type(err).__name__}: {first}); the file is truncated "
+        "or corrupt: re-download or re-convert the checkpoint"
+    )
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
@@ -142,7 +163,10 @@ def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
 
     out: dict[str, np.ndarray] = {}
     for f in files:
-        out.update(load_file(str(f)))
+        try:
+            out.update(load_file(str(f)))
+        except Exception as err:  # SafetensorError, OSError, ...: one line naming the file
+            raise _unreadable(f, err) from err
     return out
 
 
@@ -156,7 +180,17 @@ def _read_bin(files: list[Path]) -> dict[str, np.ndarray]:
         ) from err
     out: dict[str, np.ndarray] = {}
     for f in files:
-        state = torch.load(str(f), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(str(f), map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated zip, unpickling error, ...: one line naming the file
+            raise _unreadable(f, err) from err
+        if not isinstance(state, dict) or not all(
+            isinstance(t, torch.Tensor) for t in state.values()
+        ):
+            raise CheckpointError(
+                f"{f} holds a {type(state).__name__}, not a state dict of tensors by name; "
+                "save model.state_dict(), or re-download the checkpoint"
+            )
         for name, t in state.items():
             t = t.detach()
             out[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
@@ -173,7 +207,9 @@ def _read_weights(directory: Path) -> dict[str, np.ndarray]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
+                if not isinstance(weight_map, dict):
+                    raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
                 raise CheckpointError(f"{index} is not a valid shard index: {err}") from err
             files = sorted({directory / f for f in weight_map.values()})
             missing = [str(f) for f in files if not f.is_file()]
@@ -184,6 +220,24 @@ def _read_weights(directory: Path) -> dict[str, np.ndarray]:
         f"no weights in {directory}: expected {_SAFE}, {_BIN} or a sharded "
         f"{_SAFE}.index.json / {_BIN}.index.json"
     )
+
+
+def _layer_hint(tensors: dict[str, np.ndarray], config) -> str:
+    """Where the block counts of the weights and of config.json differ, for an error message."""
+    parts = []
+    for prefix, field in (("encoder", "num_layers"), ("decoder", "num_decoder_layers")):
+        blocks = {
+            int(name.split(".")[2])
+            for name in tensors
+            if name.startswith(f"{prefix}.block.") and name.split(".")[2].isdigit()
+        }
+        declared = getattr(config, field)
+        if blocks and max(blocks) + 1 != declared:
+            parts.append(
+                f"the weights hold {max(blocks) + 1} {prefix} blocks, config.json says "
+                f"{field}={declared}"
+            )
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _layer_names(config, decoder: bool) -> dict[str, int]:
@@ -345,8 +399,9 @@ def load_pretrained(
         ``(model, config)``.
 
     Raises:
-        CheckpointError: no config.json, not a T5 config, no weights, a missing or mis-shaped
-            tensor (named), or a pytorch_model.bin without torch installed.
+        CheckpointError: no config.json, not a T5 config, no weights, an unreadable (truncated)
+            weights file, a missing or mis-shaped tensor, a tensor the config does not account
+            for (all named), or a pytorch_model.bin without torch installed.
     """
     directory = _resolve(path_or_name)
     config = load_config(directory)
@@ -405,10 +460,14 @@ def load_pretrained(
     known = {name for name, _, _, _ in entries} | set(_IGNORED) | {"lm_head.weight"}
     unexpected = sorted(set(tensors) - known)
     if unexpected:
-        warnings.warn(
-            f"{directory}: ignoring {len(unexpected)} tensors the T5 model does not use: "
-            f"{unexpected[:8]}",
-            stacklevel=2,
+        # Loading anyway would silently drop weights (e.g. a config.json with fewer layers than
+        # the checkpoint gives a truncated model that still trains); only the names in _IGNORED
+        # are known to be harmless.
+        raise CheckpointError(
+            f"{directory} does not fit its config.json: {len(unexpected)} tensor(s) the config "
+            f"does not account for {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+            f"{_layer_hint(tensors, config)}; the weights and config.json must come from the "
+            "same checkpoint"
         )
     np_dtype = np.dtype(jnp.dtype(param_dtype))
     for name, _, put, _ in entries:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +113,9 @@ class _TaskSpec:
     hub: dict[str, tuple[str, str, str]]  # split name -> (hub path, config name, hub split)
     fields: tuple[str, ...]  # fields every labelled record must have
     template: Callable[[dict], Example]
+    # field -> the values a labelled record may hold there (the label, and any field the template
+    # maps through a table); anything else, SuperGLUE's unlabelled -1 included, is refused
+    values: dict[str, tuple] = field(default_factory=dict)
 
 
 _SPECS: dict[str, _TaskSpec] = {
@@ -125,6 +128,7 @@ _SPECS: dict[str, _TaskSpec] = {
         },
         ("premise", "hypothesis", "label", "idx"),
         _rte,
+        {"label": (0, 1, "entailment", "not_entailment")},
     ),
     "copa": _TaskSpec(
         "copa",
@@ -135,6 +139,7 @@ _SPECS: dict[str, _TaskSpec] = {
         },
         ("premise", "choice1", "choice2", "question", "label", "idx"),
         _copa,
+        {"label": (0, 1), "question": ("cause", "effect")},
     ),
     "winogrande": _TaskSpec(
         "winogrande",
@@ -157,6 +162,7 @@ _SPECS: dict[str, _TaskSpec] = {
         },
         ("qID", "sentence", "option1", "option2", "answer"),
         _winogrande,
+        {"answer": ("1", "2", 1, 2)},
     ),
 }
 
@@ -189,8 +195,27 @@ def split_path(task: str, split: str, data_dir: str | Path) -> Path:
     return path
 
 
-def _check_jsonl(path: Path, fields: Sequence[str]) -> int:
+def _bad_value(record: dict, spec: _TaskSpec) -> str | None:
+    """Why ``record`` is not a labelled record of ``spec``'s task (None: it is).
+
+    Checked on the raw record so that the caller can name the file and line: a label outside
+    the choices would otherwise index them from the end (-1) or fail in the template.
+    """
+    for name, allowed in spec.values.items():
+        value = record.get(name)
+        if isinstance(value, bool) or value not in allowed:
+            hint = " (-1 marks an unlabelled record, as in a test split)" if value == -1 else ""
+            return (
+                f"{name}={value!r} is not a valid {spec.folder} {name}{hint}; a labelled "
+                f"{spec.folder} record has {name} in {list(allowed)}: fix the record or use a "
+                "labelled split"
+            )
+    return None
+
+
+def _check_jsonl(path: Path, spec: _TaskSpec) -> int:
     """Parses every line of ``path`` so that a bad line is reported with its number."""
+    fields = spec.fields
     count = 0
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -212,6 +237,9 @@ def _check_jsonl(path: Path, fields: Sequence[str]) -> int:
                     f"{path}:{number}: record lacks field(s) {missing}; a labelled "
                     f"{path.parent.name} record needs {list(fields)}"
                 )
+            bad = _bad_value(record, spec)
+            if bad:
+                raise TaskError(f"{path}:{number}: {bad}")
             count += 1
     if count == 0:
         raise TaskError(f"{path} holds no records")
@@ -232,7 +260,8 @@ def load_split(task: str, split: str, data_dir: str | Path | None = None) -> lis
 
     Raises:
         TaskError: unknown task or split, missing file, malformed line (file and line number),
-            record without a label.
+            record without a label or with one outside the task's choices (e.g. an unlabelled
+            -1; file and line number).
     """
     spec = _spec(task)
     if split not in spec.files:
@@ -244,7 +273,7 @@ def load_split(task: str, split: str, data_dir: str | Path | None = None) -> lis
     datasets.disable_progress_bars()
     if data_dir is not None:
         path = split_path(task, split, data_dir)
-        _check_jsonl(path, spec.fields)
+        _check_jsonl(path, spec)
         ds = datasets.load_dataset("json", data_files=str(path), split="train")
     else:
         name, config, hub_split = spec.hub[split]
@@ -256,6 +285,10 @@ def load_split(task: str, split: str, data_dir: str | Path | None = None) -> lis
                 f"{type(e).__name__}); pass --data-dir DIR (layout of ../shared/data) or set "
                 "SIMFLUENCE_DATA_DIR"
             ) from None
+        for i, record in enumerate(ds):  # the value checks of a local file, naming the record
+            bad = _bad_value(dict(record), spec)
+            if bad:
+                raise TaskError(f"{task!r} split {split!r} (hub {name}), record {i}: {bad}")
     try:
         return [spec.template(dict(r)) for r in ds]
     except (KeyError, ValueError) as e:

@@ -70,14 +70,15 @@ def check_vocab(tokenizer, config) -> None:
 
     Args:
         tokenizer: a transformers tokenizer.
-        config: the model's ``T5Config``.
+        config: the model's ``T5Config``, or its vocab_size (rows of the embedding).
 
     Raises:
         TokenizerError: ``len(tokenizer) > config.vocab_size``.
     """
     n = len(tokenizer)
-    if n > config.vocab_size:
+    vocab_size = config if isinstance(config, int) else config.vocab_size
+    if n > vocab_size:
         raise TokenizerError(
             f"tokenizer has {n} tokens but the model's embedding has vocab_size="
-            f"{config.vocab_size}; use the tokenizer that belongs to this checkpoint"
+            f"{vocab_size}; use the tokenizer that belongs to this checkpoint"
         )

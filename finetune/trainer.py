@@ -66,13 +66,86 @@ def _same_config(info: dict, config: ExperimentConfig) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def check_workdir(config: ExperimentConfig, exp_dir: Path) -> dict | None:
+def _check_out(exp_dir: Path) -> None:
+    """Refuses an output folder that is a file or lies under one (before anything is read)."""
+    for path in (exp_dir, *exp_dir.parents):
+        if path.is_dir():
+            return
+        if path.exists():
+            raise E.ExperimentError(
+                f"output folder {exp_dir}: {path} is a file, not a folder; pass another --out "
+                "(a folder to create, or an experiment folder to continue)"
+            )
+
+
+def _tokenizer_key(name: str) -> str:
+    """A tokenizer as recorded in experiment.json and compared: a local path resolved (a
+    spiece.model file by its folder, which is what `load_tokenizer` reads), a hub name as is."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name
+    path = path.resolve()
+    return str(path.parent if path.is_file() else path)
+
+
+def _data_key(data_dir: str | Path) -> str:
+    """A data directory as recorded in experiment.json and compared (resolved)."""
+    return str(Path(data_dir).resolve())
+
+
+def _check_sources(
+    info: dict, exp_dir: Path, tokenizer: str | None, data_dir: str | Path | None
+) -> None:
+    """Refuses a tokenizer or data directory that differs from the ones the workdir was
+    prepared with: its data.npz is reused, so they would be silently ignored.
+
+    A source not given on this call (None) is not compared: there is nothing to ignore.
+    """
+    fresh = f"to start fresh delete it (rm -r {exp_dir}) or pass another --out"
+    old_tok = info.get("tokenizer")
+    if tokenizer is not None and old_tok and _tokenizer_key(old_tok) != _tokenizer_key(tokenizer):
+        raise E.ExperimentError(
+            f"{exp_dir} holds an experiment tokenized with {old_tok}, not {tokenizer} "
+            f"(--tokenizer, SIMFLUENCE_TOKENIZER or the config); pass --tokenizer {old_tok} to "
+            f"continue it, or {fresh}"
+        )
+    if data_dir is not None and "data_dir" in info:
+        old, new = info["data_dir"], _data_key(data_dir)
+        if old != new:
+            keep = (
+                f"pass --data-dir {old}"
+                if old
+                else "unset --data-dir and SIMFLUENCE_DATA_DIR (the hub)"
+            )
+            raise E.ExperimentError(
+                f"{exp_dir} holds an experiment drawn from data dir "
+                f"{old or 'the Hugging Face hub'}, not {new} (--data-dir or "
+                f"SIMFLUENCE_DATA_DIR); {keep} to continue it, or {fresh}"
+            )
+
+
+def check_workdir(
+    config: ExperimentConfig,
+    exp_dir: Path,
+    *,
+    tokenizer: str | None = None,
+    data_dir: str | Path | None = None,
+) -> dict | None:
     """Returns experiment.json of an existing workdir holding ``config`` (None: fresh workdir).
 
+    Args:
+        config: the experiment config.
+        exp_dir: the output folder.
+        tokenizer: the tokenizer this call would use (None: not compared).
+        data_dir: the data directory this call would use (None: not compared).
+
     Raises:
-        ExperimentError: the workdir holds a different config, or run folders without
-            experiment.json.
+        ExperimentError: ``exp_dir`` is a file or lies under one; the workdir holds a different
+            config, or was prepared with another tokenizer or data directory; it holds run
+            folders without experiment.json.
     """
+    exp_dir = Path(exp_dir)
+    _check_out(exp_dir)
     if (exp_dir / "experiment.json").is_file():
         info = runlog.read_experiment(exp_dir)
         diff = _same_config(info, config)
@@ -81,6 +154,7 @@ def check_workdir(config: ExperimentConfig, exp_dir: Path) -> dict | None:
                 f"{exp_dir} holds an experiment with a different config (fields {diff}); "
                 f"to start fresh delete it (rm -r {exp_dir}) or pass another --out"
             )
+        _check_sources(info, exp_dir, tokenizer, data_dir)
         return info
     if exp_dir.is_dir() and any(p.name.startswith("run_") for p in exp_dir.iterdir()):
         raise E.ExperimentError(
@@ -90,16 +164,21 @@ def check_workdir(config: ExperimentConfig, exp_dir: Path) -> dict | None:
     return None
 
 
-def _resolve_tokenizer(config: ExperimentConfig, tokenizer: str | None) -> str:
+def _tokenizer_name(config: ExperimentConfig, tokenizer: str | None) -> str | None:
     import os
 
     name = tokenizer or os.environ.get("SIMFLUENCE_TOKENIZER") or config.tokenizer or config.model
+    return str(name) if name else None
+
+
+def _resolve_tokenizer(config: ExperimentConfig, tokenizer: str | None) -> str:
+    name = _tokenizer_name(config, tokenizer)
     if not name:
         raise TaskError(
             f"config {config.name!r} uses a random-init model and names no tokenizer; pass "
             "--tokenizer DIR (a folder with spiece.model) or set SIMFLUENCE_TOKENIZER"
         )
-    return str(name)
+    return name
 
 
 def prepare_experiment(
@@ -112,8 +191,9 @@ def prepare_experiment(
     """Draws the pool and tracked test set once and writes data.npz, examples.json, then
     experiment.json (last). A workdir that already holds the config is reused unchanged.
 
-    Everything that can fail on bad input (data files, split sizes, tokenizer) is checked before
-    anything is written.
+    Everything that can fail on bad input (data files, split sizes, tokenizer, the model and its
+    checkpoint, the tokenizer against the model's vocabulary) is checked before anything is
+    written.
 
     Args:
         config: the experiment config.
@@ -125,12 +205,30 @@ def prepare_experiment(
         experiment.json's content.
 
     Raises:
-        TaskError, ExperimentError: bad input (see `finetune.cli` for the exit code).
+        TaskError, ExperimentError, CheckpointError, TokenizerError: bad input (see
+            `finetune.cli` for the exit code).
     """
-    exp_dir = Path(exp_dir)
-    info = check_workdir(config, exp_dir)
+    return _prepare(config, Path(exp_dir), data_dir=data_dir, tokenizer=tokenizer)[0]
+
+
+def _prepare(
+    config: ExperimentConfig,
+    exp_dir: Path,
+    *,
+    data_dir: str | Path | None,
+    tokenizer: str | None,
+) -> tuple[dict, Any]:
+    """`prepare_experiment`, also returning the base model it built to check it.
+
+    Returns:
+        (experiment.json's content, `E.build_base_model(config)` or None when an existing
+        workdir was reused without building it).
+    """
+    info = check_workdir(
+        config, exp_dir, tokenizer=_tokenizer_name(config, tokenizer), data_dir=data_dir
+    )
     if info is not None and (exp_dir / E.DATA_FILE).is_file():
-        return info
+        return info, None
     train = load_split(config.task, config.train_split, data_dir)
     test = load_split(config.task, config.test_split, data_dir)
     n_warm = config.warmup.n_examples if config.warmup else 0
@@ -146,12 +244,23 @@ def prepare_experiment(
             f"examples of {config.task} {config.test_split}; lower it"
         )
     tok_name = _resolve_tokenizer(config, tokenizer)
-    from finetune.tokenization import load_tokenizer
+    from finetune.tokenization import TokenizerError, check_vocab, load_tokenizer
 
     try:
         tok = load_tokenizer(tok_name)
     except (OSError, ValueError) as e:
         raise TaskError(f"cannot load tokenizer {tok_name!r}: {str(e).splitlines()[0]}") from None
+    # The model is built here, not after the files are written: a bad checkpoint or random_init
+    # must not leave a prepared-looking workdir (a fixed config would then be refused as a
+    # different one). The caller reuses it, so it is loaded once.
+    base = E.build_base_model(config)
+    n_vocab = E.vocab_size(base[1])
+    model = f"model {config.model}" if config.model else f"the random_init of {config.name!r}"
+    fix = "" if config.model else f", or raise random_init['vocab_size'] to {len(tok)}"
+    try:  # an id past the embedding would index garbage and train into NaN
+        check_vocab(tok, n_vocab)
+    except TokenizerError as e:
+        raise TokenizerError(f"tokenizer {tok_name} does not fit {model}: {e}{fix}") from None
 
     def draw(n_total, n, stream, exclude=()):
         rng = np.random.default_rng(np.random.SeedSequence([config.data_seed, stream]))
@@ -183,6 +292,13 @@ def prepare_experiment(
         arrays[f"{name}_choices"] = pad_choices(e.choices, t_len)
         arrays[f"{name}_labels"] = e.labels
         arrays[f"{name}_lengths"] = lengths
+    ids = ("inputs", "targets", "choices")
+    top = max(int(a.max()) for k, a in arrays.items() if k.endswith(ids))
+    if top >= n_vocab:  # a tokenizer whose len() understates its ids
+        raise TokenizerError(
+            f"tokenizer {tok_name} gives token id {top} but {model} has vocab_size={n_vocab} "
+            f"(ids 0..{n_vocab - 1}); use the tokenizer that belongs to the model{fix}"
+        )
     exp_dir.mkdir(parents=True, exist_ok=True)
     runlog.atomic_savez(exp_dir / E.DATA_FILE, **arrays)
     runlog.atomic_write_json(
@@ -203,12 +319,12 @@ def prepare_experiment(
         "pool_ids": [x.uid for x in pool],
         "test_ids": [x.uid for x in tracked],
         "warmup_ids": [x.uid for x in warm],
-        "tokenizer": tok_name,
-        "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
+        "tokenizer": _tokenizer_key(tok_name),
+        "data_dir": None if data_dir is None else _data_key(data_dir),
         "config": json.loads(json.dumps(config.to_dict(), default=str)),
     }
     runlog.write_experiment(exp_dir, info)
-    return runlog.read_experiment(exp_dir)
+    return runlog.read_experiment(exp_dir), base
 
 
 # ----------------------------------------------------------------------------------------------
@@ -799,7 +915,9 @@ def run_experiment(
     start_all = time.perf_counter()
     exp_dir = Path(exp_dir)
     E.check_backend(config)
-    prepare_experiment(config, exp_dir, data_dir=data_dir, tokenizer=tokenizer)
+    _, base = _prepare(config, exp_dir, data_dir=data_dir, tokenizer=tokenizer)
+    if base is None:  # an existing workdir: the model was not needed to prepare it
+        base = E.build_base_model(config)
     mesh = make_mesh(devices)
     n_dev = len(mesh.devices.flat)
     data = E._load_data(exp_dir)
@@ -816,9 +934,9 @@ def run_experiment(
         max_buckets=config.tracked_buckets,
     )
     if config.warmup is not None and not E.warmup_path(exp_dir).is_dir():
-        graphdef, params = E.build_base_model(config)
-        _warmup(config, exp_dir, graphdef, params, data, tracked, mesh, progress)
-    exp = E.load_experiment(exp_dir)
+        _warmup(config, exp_dir, *base, data, tracked, mesh, progress)
+    exp = E.load_experiment(exp_dir, _params=E.initial_params(config, exp_dir, base=base))
+    del base
     from finetune.model import partition
 
     trainable0, frozen = partition(exp.params, exp.mask)

@@ -1,6 +1,7 @@
 """`finetune run` end to end on a tiny config: files, resume, determinism, bad input."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -237,3 +238,149 @@ def test_non_finite_loss_names_the_step(tmp_path, data_dir, t5_tokenizer_dir, ca
     err = capsys.readouterr().err.strip()
     assert code == 1 and "non-finite loss at step" in err, err
     assert not (tmp_path / "out" / "run_000" / "meta.json").exists()
+
+
+# ---- bad input found before anything is written ---------------------------------------------
+
+
+def test_config_file_errors_name_the_file(tmp_path, capsys):
+    """get_config() raising (unknown field, ill-typed value) is one line naming config.py, not a
+    traceback with exit code 1."""
+    cfg = _write_config(tmp_path / "unknown", bogus_field=1)
+    code = main(["run", str(cfg), "--out", str(tmp_path / "out")])
+    _bad(capsys, code, f"{cfg / 'config.py'}: get_config() failed", "bogus_field")
+    cfg = _write_config(tmp_path / "typed", learning_rate="1e-3")
+    code = main(["run", str(cfg), "--out", str(tmp_path / "out")])
+    _bad(capsys, code, f"{cfg / 'config.py'}: ", "learning_rate='1e-3' must be a number")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_exits_2(tmp_path, data_dir, t5_tokenizer_dir, capsys):
+    cfg = _write_config(tmp_path / "c")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out in (afile, afile / "sub"):
+        _bad(capsys, _run(cfg, out, data_dir, t5_tokenizer_dir), f"{afile} is a file", "--out")
+    assert afile.read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A pretrained-style checkpoint of TINY's T5 with two decoder blocks (32128-token vocab)."""
+    import transformers
+
+    from finetune import hf
+
+    config = transformers.T5Config(**{**TINY["random_init"], "num_decoder_layers": 2})
+    path = tmp_path_factory.mktemp("ckpt")
+    hf.save_pretrained_safetensors(hf.init_random(config, seed=0), config, path)
+    return path
+
+
+def test_pretrained_checkpoint_trains_loading_it_once(
+    tmp_path, tiny_checkpoint, data_dir, t5_tokenizer_dir, monkeypatch
+):
+    """The model is built (and checked) before the workdir is written, and that same model is
+    the one the runs start from: the checkpoint is read once."""
+    calls = []
+    build = E.build_base_model
+    monkeypatch.setattr(E, "build_base_model", lambda c: calls.append(c.model) or build(c))
+    cfg = _write_config(
+        tmp_path / "p", model=str(tiny_checkpoint), random_init=None, steps=2, checkpoint_steps=()
+    )
+    assert _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir) == 0
+    assert calls == [str(tiny_checkpoint)]
+    assert [r.index for r in runlog.load_runs(tmp_path / "out")] == [0, 1]
+
+
+def _break_checkpoint(src, dst, how):
+    shutil.copytree(src, dst)
+    if how == "no config.json":
+        (dst / "config.json").unlink()
+    elif how == "truncated weights":
+        data = (dst / "model.safetensors").read_bytes()
+        (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:  # fewer decoder layers than the weights hold
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["num_decoder_layers"] = 1
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("how", "needle"),
+    [
+        ("no config.json", "config.json not found"),
+        ("truncated weights", "model.safetensors: cannot read the weights"),
+        ("fewer layers", "config.json says num_decoder_layers=1"),
+        ("bad random_init", "random_init does not build a T5"),
+    ],
+)
+def test_bad_model_exits_2_writing_nothing(
+    tmp_path, tiny_checkpoint, data_dir, t5_tokenizer_dir, capsys, how, needle
+):
+    """A bad checkpoint or random_init used to be found after data.npz, examples.json and
+    experiment.json were written (and a fixed config was then refused as a different one)."""
+    if how == "bad random_init":
+        init = {**TINY["random_init"], "feed_forward_proj": "gated-swishy"}
+        cfg = _write_config(tmp_path / "c", random_init=init)
+    else:
+        model = _break_checkpoint(tiny_checkpoint, tmp_path / "model", how)
+        cfg = _write_config(tmp_path / "c", model=str(model), random_init=None)
+    _bad(capsys, _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_larger_than_the_embedding_exits_2(
+    tmp_path, data_dir, t5_tokenizer_dir, capsys, monkeypatch
+):
+    """A 32100-token tokenizer on a 1000-row embedding used to train into NaN and blame the
+    learning rate (exit code 1, run folders left)."""
+    cfg = _write_config(tmp_path / "c", random_init={**TINY["random_init"], "vocab_size": 1000})
+    out = tmp_path / "out"
+    _bad(
+        capsys,
+        _run(cfg, out, data_dir, t5_tokenizer_dir),
+        "tokenizer has 32100 tokens but the model's embedding has vocab_size=1000",
+        str(t5_tokenizer_dir),
+        "raise random_init['vocab_size'] to 32100",
+    )
+    assert not out.exists()
+    # The ids themselves are checked too (a tokenizer whose len() understates them).
+    from finetune import tokenization
+
+    monkeypatch.setattr(tokenization, "check_vocab", lambda tok, config: None)
+    _bad(capsys, _run(cfg, out, data_dir, t5_tokenizer_dir), "gives token id", "vocab_size=1000")
+    assert not out.exists()
+
+
+def test_rerun_with_other_tokenizer_or_data_is_refused(
+    finished, tmp_path, data_dir, t5_tokenizer_dir, tiny_t5_dir, capsys, monkeypatch
+):
+    """--tokenizer / --data-dir differing from the ones the workdir was prepared with used to be
+    ignored silently (data.npz is reused); the same sources given as relative paths resume."""
+    root, cfg, out = finished
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert runlog.read_experiment(out)["tokenizer"] == str(t5_tokenizer_dir.resolve())
+    _bad(
+        capsys,
+        _run(cfg, out, data_dir, tiny_t5_dir),
+        f"tokenized with {t5_tokenizer_dir.resolve()}, not {tiny_t5_dir}",
+        "rm -r",
+    )
+    other = tmp_path / "data"
+    shutil.copytree(data_dir / "rte", other / "rte")
+    _bad(
+        capsys,
+        _run(cfg, out, other, t5_tokenizer_dir),
+        f"drawn from data dir {data_dir.resolve()}, not {other.resolve()}",
+        "rm -r",
+    )
+    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    monkeypatch.chdir(root)
+    rel = [
+        os.path.relpath(p, root) for p in (cfg, out, data_dir, t5_tokenizer_dir / "spiece.model")
+    ]
+    assert _run(*rel) == 0
+    assert capsys.readouterr().out.startswith("2 of 2 runs complete")

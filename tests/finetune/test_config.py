@@ -63,11 +63,28 @@ def test_round_trip():
         ({"method": "ia3", "train_length_groups": 3}, r"must be an integer in \[1, 2\]"),
         ({"attention": "cudnn"}, "needs dtype='bfloat16'"),
         ({"attention": "cudnn", "dtype": "bfloat16"}, "needs method='ia3' and no warm-up"),
+        # Ill-typed values name the field (they used to escape as a TypeError from a comparison).
+        ({"learning_rate": "1e-3"}, "learning_rate='1e-3' must be a number"),
+        ({"grad_clip_norm": "1"}, "grad_clip_norm='1' must be a number or None"),
+        ({"steps": "5"}, "steps='5' must be an integer"),
+        ({"n_train": 10.0}, "n_train=10.0 must be an integer"),
+        ({"data_seed": True}, "data_seed=True must be an integer"),
+        ({"checkpoint_runs": "1"}, "checkpoint_runs='1' must be an integer or None"),
+        ({"checkpoint_steps": 2}, "checkpoint_steps=2 must be a tuple of integers"),
+        ({"random_init": ["d_model", 8]}, r"random_init=\['d_model', 8\] must be a dict"),
+        ({"warmup": 3}, "warmup=3 must be a WarmupConfig"),
     ],
 )
 def test_bad_fields(kw, match):
     with pytest.raises(ConfigError, match=match):
         _base(**kw)
+
+
+def test_bad_warmup_fields():
+    with pytest.raises(ConfigError, match="warmup.learning_rate='1e-3' must be a number"):
+        WarmupConfig(learning_rate="1e-3")
+    with pytest.raises(ConfigError, match="warmup.steps='3' must be an integer"):
+        WarmupConfig(steps="3")
 
 
 def test_every_field_has_a_comment():

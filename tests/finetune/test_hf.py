@@ -216,3 +216,59 @@ def test_bin_without_torch_says_install_torch(tiny_t5_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.raises(CheckpointError, match="install torch to read .*pytorch_model.bin"):
         _read_weights(tiny_t5_dir)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_unreadable_files_are_named(saved, tmp_path):
+    """Truncated weights and a config.json that is not an object: one CheckpointError naming
+    the file (they used to escape as SafetensorError, OSError and AttributeError)."""
+    from safetensors.numpy import load_file
+
+    _, _, path = saved
+    d = _copy(path, tmp_path / "safe")
+    _truncate(d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read the weights"):
+        load_pretrained(d)
+    b = tmp_path / "bin"
+    b.mkdir()
+    shutil.copy(path / "config.json", b / "config.json")
+    tensors = load_file(str(path / "model.safetensors"))
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in tensors.items()}, b / "pytorch_model.bin")
+    load_pretrained(b)  # intact: loads
+    _truncate(b / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: cannot read the weights"):
+        load_pretrained(b)
+    (b / "config.json").write_text(json.dumps([{"model_type": "t5"}]))
+    with pytest.raises(CheckpointError, match=r"config\.json holds a JSON list"):
+        load_pretrained(b)
+
+
+def test_tensors_the_config_does_not_use_are_refused(saved, tmp_path):
+    """A config.json with fewer layers than the weights used to load a truncated model (with a
+    warning only); only the known-harmless extra names are still accepted."""
+    from safetensors.numpy import load_file, save_file
+
+    _, config, path = saved
+    d = _copy(path, tmp_path / "fewer")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["num_decoder_layers"] == 2
+    cfg["num_decoder_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(d)
+    msg = str(err.value)
+    assert "decoder.block.1.layer.0.SelfAttention.q.weight" in msg, msg
+    assert "the weights hold 2 decoder blocks, config.json says num_decoder_layers=1" in msg
+    # Tied copies of `shared` and the cross-attention bias HF ignores stay harmless.
+    ok = _copy(path, tmp_path / "extras")
+    tensors = load_file(str(ok / "model.safetensors"))
+    tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"]
+    tensors["decoder.embed_tokens.weight"] = tensors["shared.weight"]
+    bias = "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"
+    tensors[bias] = np.zeros((config.relative_attention_num_buckets, config.num_heads), np.float32)
+    save_file(tensors, str(ok / "model.safetensors"))
+    load_pretrained(ok)

@@ -108,3 +108,63 @@ def test_hub_unreachable_names_the_data_dir_fix():
     # conftest forces the hub offline: loading without a data directory must fail in one line.
     with pytest.raises(tasks.TaskError, match=r"from the Hugging Face hub .*pass --data-dir DIR"):
         tasks.load_split("rte", "train", None)
+
+
+# Minimal labelled records of each task (no ../shared needed).
+_RECORDS = {
+    "rte": {"premise": "p", "hypothesis": "h", "label": "entailment", "idx": 0},
+    "copa": {
+        "premise": "p",
+        "choice1": "a",
+        "choice2": "b",
+        "question": "cause",
+        "label": 1,
+        "idx": 0,
+    },
+    "winogrande": {"qID": "q", "sentence": "s _", "option1": "a", "option2": "b", "answer": "2"},
+}
+_FILES = {"rte": "val.jsonl", "copa": "val.jsonl", "winogrande": "dev.jsonl"}
+
+
+def _write_split(root, task, bad=None):
+    """DATA_DIR/<task>/<validation file> with three records; the second updated by ``bad``."""
+    records = [dict(_RECORDS[task]) for _ in range(3)]
+    records[1].update(bad or {})
+    path = root / task / _FILES[task]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_valid_labels_load(tmp_path):
+    for task, target in (("rte", "Yes"), ("copa", "b"), ("winogrande", "b")):
+        _write_split(tmp_path, task)
+        examples = tasks.load_split(task, "validation", tmp_path)
+        assert [e.target for e in examples] == [target] * 3
+    _write_split(tmp_path, "rte", {"label": 1})  # integer labels as in the hub's RTE
+    assert tasks.load_split("rte", "validation", tmp_path)[1].target == "No"
+
+
+@pytest.mark.parametrize(
+    ("task", "bad", "needle"),
+    [
+        ("rte", {"label": -1}, "label=-1 is not a valid rte label (-1 marks an unlabelled"),
+        ("rte", {"label": 2}, "label=2 is not a valid rte label"),
+        ("rte", {"label": "maybe"}, "label='maybe' is not a valid rte label"),
+        ("rte", {"label": True}, "label=True"),
+        ("copa", {"label": 2}, "label=2 is not a valid copa label"),
+        ("copa", {"label": -1}, "label=-1"),
+        ("copa", {"question": "why"}, "question='why' is not a valid copa question"),
+        ("winogrande", {"answer": ""}, "answer='' is not a valid winogrande answer"),
+        ("winogrande", {"answer": "3"}, "answer='3'"),
+    ],
+)
+def test_bad_label_names_file_line_and_choices(tmp_path, task, bad, needle):
+    """A label outside the choices is refused with its file and line (it used to index the
+    choices from the end, fail later with an IndexError, or give no file and line)."""
+    path = _write_split(tmp_path, task, bad)
+    with pytest.raises(tasks.TaskError) as e:
+        tasks.load_split(task, "validation", tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:2: ") and needle in msg, msg
+    assert "a labelled" in msg and "fix the record" in msg

@@ -7,6 +7,11 @@ machine. The optimized GPU HLO then gives: kernels launched per step (while bodi
 trip count), the GEMM FLOPs and dtypes, the custom calls (cuDNN fused attention, cuBLAS) and a
 roofline time per kernel, max(bytes / bandwidth, GEMM FLOP / peak) + launch overhead.
 
+``--program runs`` compiles the run generator's two programs instead (``finetune.trainer.
+make_programs``: the group step of R runs, vmapped or in IA3 length groups, and the tracked-set
+logging) on scripts/bench_runs.py's synthetic RTE-like shapes, reports each, and extrapolates the
+wall time of ``--steps`` steps of ``--num-runs`` runs.
+
 Setup (once, in bash; a separate venv of about 2.4 GB; `make aot-report` does it in .venv-aot)::
 
     python3 -m venv .venv-aot
@@ -284,6 +289,26 @@ def _missing_wheels() -> list[str]:
     return [n for n in ("jax_plugins.xla_cuda12", "nvidia.cuda_nvcc") if not importable(n)]
 
 
+def _compiler_options(args: argparse.Namespace) -> dict:
+    # Without a device the autotuner cannot run; level 0 says so instead of silently skipping.
+    options = {"xla_gpu_autotune_level": 0}
+    if args.cublas:  # untuned Triton tiles can fail to compile ("Couldn't find output tile sizes")
+        options["xla_gpu_enable_triton_gemm"] = False
+    return options
+
+
+def _h200(args: argparse.Namespace):
+    """A compile-only topology of one H200 with the target's cuDNN version."""
+    from jax.experimental import topologies
+
+    major, minor = (int(x) for x in args.cudnn_version.split("."))
+    return topologies.get_topology_desc(
+        platform="cuda",
+        target_config=_H200_TARGET_CONFIG % {"major": major, "minor": minor},
+        topology="1x1x1",
+    )
+
+
 def _compile(args: argparse.Namespace):
     """Build bench_model's train step abstractly and compile it for one H200.
 
@@ -294,18 +319,11 @@ def _compile(args: argparse.Namespace):
     import jax.numpy as jnp
     from _t5_points import t5_config
     from bench_model import build, step_flops
-    from jax.experimental import topologies
 
     from finetune.model import make_per_example_loss, partition, trainable_mask
     from finetune.steps import make_optimizer, make_train_step
 
-    major, minor = (int(x) for x in args.cudnn_version.split("."))
-    topology = topologies.get_topology_desc(
-        platform="cuda",
-        target_config=_H200_TARGET_CONFIG % {"major": major, "minor": minor},
-        topology="1x1x1",
-    )
-    device = topology.devices[0]
+    device = _h200(args).devices[0]
     graphdef = []  # filled inside eval_shape: a GraphDef is not an array output
 
     def params_only():
@@ -339,9 +357,131 @@ def _compile(args: argparse.Namespace):
     step = jax.jit(
         make_train_step(make_per_example_loss(graphdef[0]), optimizer), donate_argnums=(0, 1)
     )
-    # Without a device the autotuner cannot run; level 0 says so instead of silently skipping.
-    compiled = step.lower(*on_h200).compile({"xla_gpu_autotune_level": 0})
+    compiled = step.lower(*on_h200).compile(_compiler_options(args))
     return compiled, flops, device.device_kind
+
+
+def _compile_runs(args: argparse.Namespace):
+    """Build the run generator's two programs (``finetune.trainer.make_programs``) abstractly.
+
+    The shapes are those of scripts/bench_runs.py's synthetic RTE-like data (same lengths, same
+    seed): R runs' IA3 or full trainable state, the frozen weights in float32 (as ``finetune
+    run`` stores them), bf16 compute, the step's training batch (vmapped runs padded to one
+    length, or ``--train-groups`` length groups) and the tracked set in ``--tracked-buckets``
+    buckets.
+
+    Returns:
+        ([(program name, compiled executable)], device kind, a one-line description)
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import transformers
+    from _t5_points import t5_kwargs
+    from bench_runs import _synthetic
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from finetune import hf
+    from finetune.config import ExperimentConfig
+    from finetune.experiment import make_mask
+    from finetune.model import make_per_example_loss, make_score_choices, partition
+    from finetune.trainer import (
+        flat_group_lengths,
+        gather_batch,
+        gather_flat,
+        make_mesh,
+        make_optimizer,
+        make_programs,
+        make_tracked_set,
+    )
+
+    device = _h200(args).devices[0]
+    cfg_kw = dict(t5_kwargs(args.size, 0.0), vocab_size=32128)
+    scan = args.layers == "scan"
+    graphdef = []
+
+    def params_only():
+        model = hf.init_random(
+            transformers.T5Config(**cfg_kw),
+            ia3=args.method == "ia3",
+            dtype=jnp.bfloat16,
+            scan_layers=scan,
+            attention=args.attention,
+        )
+        g, params = nnx.split(model)
+        graphdef.append(g)
+        return params
+
+    params = jax.eval_shape(params_only)
+    config = ExperimentConfig(
+        name="aot",
+        task="rte",
+        random_init=cfg_kw,
+        method=args.method,
+        optimizer=args.optimizer,
+        learning_rate=3e-3 if args.method == "ia3" else 1e-4,
+        n_train=1000,
+        n_test=args.n_test,
+        num_runs=args.runs,
+        steps=1000,
+        batch_size=args.batch,
+        runs_together=args.runs,
+        dtype="bfloat16",
+        length_multiple=16,
+        tracked_buckets=args.tracked_buckets,
+        scan_layers=scan,
+        attention=args.attention,
+    )
+    trainable, frozen = partition(params, make_mask(config, params))
+    optimizer = make_optimizer(config)
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+    # bench_runs.py's synthetic data and curricula, seed 0: same lengths, same buckets.
+    rng = np.random.default_rng(0)
+    pool = _synthetic(rng, 1000, args.input_len, args.target_len, 32000)
+    test = _synthetic(rng, args.n_test, args.input_len, args.target_len, 32000)
+    curricula = rng.integers(0, 1000, (args.runs, 21, args.batch))
+    tracked = make_tracked_set(*test, multiple=16, n_devices=1, max_buckets=args.tracked_buckets)
+    mesh = make_mesh([device])
+    progs = make_programs(
+        make_per_example_loss(graphdef[0]),
+        make_score_choices(graphdef[0]),
+        optimizer,
+        mesh,
+        broadcast_tracked=args.attention != "einsum",
+    )
+
+    def on_h200(tree, runs=None):
+        def one(x):
+            shape = x.shape if runs is None else (runs, *x.shape)
+            return jax.ShapeDtypeStruct(shape, x.dtype, sharding=NamedSharding(mesh, P()))
+
+        return jax.tree.map(one, tree)
+
+    tr, op, fr = on_h200(trainable, args.runs), on_h200(opt_state, args.runs), on_h200(frozen)
+    buckets = on_h200(tracked.buckets)
+    if args.train_groups:
+        lengths = flat_group_lengths(pool[4], curricula, args.train_groups, 16, args.input_len)
+        groups = on_h200(gather_flat(pool[0], pool[1], pool[4], curricula[:, 1], lengths))
+        train = ("advance_flat", progs["advance_flat"], (tr, op, fr, groups))
+        layout = f"{args.train_groups} length groups {list(lengths)}"
+    else:  # the longest step of bench_runs' 20: its batch length is the most any step pays
+        widest = max(range(1, 21), key=lambda t: int(pool[4][curricula[:, t]].max()))
+        batch = on_h200(gather_batch(pool[0], pool[1], pool[4], curricula[:, widest], 16))
+        train = ("advance", progs["advance"], (tr, op, fr, batch))
+        layout = f"vmapped runs padded to {batch['inputs'].shape[-1]}"
+    programs = [train, ("test_losses", progs["test_losses"], (tr, fr, buckets))]
+    lens = [b["inputs"].shape[-1] for b in tracked.buckets]
+    rows = [b["inputs"].shape[0] for b in tracked.buckets]
+    what = (
+        f"{args.runs} runs x batch {args.batch} ({layout}), {args.n_test} tracked in buckets "
+        f"{lens} of {rows} rows, {args.optimizer}"
+    )
+    out = []
+    for name, fn, fn_args in programs:
+        out.append((name, fn.lower(*fn_args).compile(_compiler_options(args))))
+    return out, device.device_kind, what
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,23 +496,60 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.network import ATTENTION_IMPLS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--program",
+        choices=("train", "runs"),
+        default="train",
+        help="train: bench_model.py's train step; runs: the run generator's group step and "
+        "tracked-set logging (bench_runs.py's shapes)",
+    )
     p.add_argument("--size", choices=list(SIZES), default="small")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--method", choices=METHODS, default="full")
+    p.add_argument("--batch", type=int, default=None, help="default: 32 (train), 8 (runs)")
+    p.add_argument("--method", choices=METHODS, default=None, help="default: full / ia3 (runs)")
     p.add_argument("--layers", choices=("scan", "unroll"), default="scan")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="einsum")
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.1, help="train only; runs use none")
     p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--target-len", type=int, default=8)
+    p.add_argument("--target-len", type=int, default=None, help="default: 8 (train), 2 (runs)")
+    runs = p.add_argument_group("runs", "with --program runs")
+    runs.add_argument("--runs", type=int, default=32, help="runs trained together (R)")
+    runs.add_argument(
+        "--num-runs", type=int, default=None, help="runs of the experiment (default: --runs)"
+    )
+    runs.add_argument("--n-test", type=int, default=100, help="tracked examples logged per step")
+    runs.add_argument("--tracked-buckets", type=int, default=4)
+    runs.add_argument("--train-groups", type=int, default=None, help="IA3: length groups")
+    runs.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
+    runs.add_argument("--steps", type=int, default=1000, help="steps to extrapolate to")
     p.add_argument("--bandwidth", type=float, default=4.0e12, help="B/s (H200 HBM: 4.8e12)")
     p.add_argument("--peak", type=float, default=700e12, help="GEMM FLOP/s (realistic bf16)")
     p.add_argument("--launch-us", type=float, default=3.0, help="overhead per kernel launch")
     p.add_argument("--cudnn-version", default="9.8", help="cuDNN major.minor of the target")
+    p.add_argument(
+        "--cublas",
+        action="store_true",
+        help="GEMMs as cuBLAS calls, not Triton fusions (for shapes whose untuned Triton tiling "
+        "fails to compile without a device)",
+    )
     p.add_argument("--top", type=int, default=15, help="kernel categories to list")
     p.add_argument("--save-hlo", default=None, help="write the optimized GPU HLO text here")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
-    for flag in ("batch", "input_len", "target_len", "top"):
+    on_runs = args.program == "runs"
+    for flag, train_default, runs_default in (
+        ("batch", 32, 8),
+        ("method", "full", "ia3"),
+        ("target_len", 8, 2),
+    ):
+        if getattr(args, flag) is None:
+            setattr(args, flag, runs_default if on_runs else train_default)
+    if args.num_runs is None:
+        args.num_runs = args.runs
+    if on_runs:
+        args.dropout = 0.0
+    if args.train_groups is not None and (args.method != "ia3" or not on_runs):
+        p.error("--train-groups needs --program runs and --method ia3")
+    for flag in ("batch", "input_len", "target_len", "top", "runs", "num_runs", "n_test", "steps"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
     if not re.fullmatch(r"\d+\.\d+", args.cudnn_version):
@@ -390,59 +567,90 @@ def main(argv: list[str] | None = None) -> int:
     from simfluence.runlog import atomic_write_json, atomic_write_text
 
     t0 = time.perf_counter()
-    compiled, flops_6nd, device_kind = _compile(args)
+    if on_runs:
+        compiled, device_kind, what = _compile_runs(args)
+    else:
+        one, flops_6nd, device_kind = _compile(args)
+        compiled = [("train_step", one)]
     compile_s = time.perf_counter() - t0
-    text = compiled.as_text()
-    cost = model_cost(text, bandwidth=args.bandwidth, peak=args.peak, launch_us=args.launch_us)
-    m = compiled.memory_analysis()
-    step = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-    top = sorted(cost.categories.items(), key=lambda kv: -kv[1][1])[: args.top]
+    a = args
+    head = f"{a.size} {a.method} {a.layers} layers, {a.attention} attention, input {a.input_len}"
+    if on_runs:
+        head += f" target {a.target_len} | {what}"
+    else:
+        head += f" target {a.target_len}, b{a.batch}, dropout {a.dropout} | bf16, AdamW"
+    print(
+        f"device: {device_kind} (deviceless AOT, sm_90, cuDNN {a.cudnn_version}, no autotuning) "
+        f"| jax {jax.__version__} | {head} | compile {compile_s:.0f} s"
+    )
     r = {
         "device": device_kind,
         "jax": jax.__version__,
         "point": {k: v for k, v in vars(args).items() if k not in ("save_hlo", "json", "top")},
         "compile_s": compile_s,
+        "programs": {},
+    }
+    texts = []
+    for name, c in compiled:
+        text = c.as_text()
+        texts.append(f"// program {name}\n{text}")
+        cost = model_cost(text, bandwidth=a.bandwidth, peak=a.peak, launch_us=a.launch_us)
+        r["programs"][name] = _report(name, c, cost, a)
+    total = sum(p["modeled_ms"] for p in r["programs"].values())
+    r["modeled_ms"] = total
+    print(
+        f"modeled time per step {total:.2f} ms (rough roofline: {a.bandwidth / 1e12:g} TB/s, "
+        f"{a.peak / 1e12:g} TFLOP/s GEMM, {a.launch_us:g} us/launch; not a measurement)"
+    )
+    if on_runs:
+        groups = -(-a.num_runs // a.runs)
+        r["modeled_min"] = total * a.steps * groups / 6e4
+        print(
+            f"modeled {a.steps} steps x {a.num_runs} runs ({groups} group(s) of {a.runs} "
+            f"together): {r['modeled_min']:.1f} min (the model ran optimistic where a GPU "
+            "measured it; host time not counted)"
+        )
+    else:
+        r["flops_6nd"] = flops_6nd
+        r["modeled_pct_bf16_peak"] = flops_6nd / total * 1e3 / PEAK_BF16 * 100
+        print(
+            f"6 x params x tokens {flops_6nd / 1e12:.3f} TFLOP | modeled %bf16 peak "
+            f"{r['modeled_pct_bf16_peak']:.1f}% (bench_model's figure at the modeled time, of "
+            f"{PEAK_BF16 / 1e12:g} TFLOP/s)"
+        )
+    if args.save_hlo:
+        atomic_write_text(args.save_hlo, "\n".join(texts))
+    if args.json:
+        atomic_write_json(args.json, r)
+    return 0
+
+
+def _report(name: str, compiled, cost: Cost, args: argparse.Namespace) -> dict:
+    """Print one compiled program's figures; return them as a dict."""
+    m = compiled.memory_analysis()
+    step = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+    top = sorted(cost.categories.items(), key=lambda kv: -kv[1][1])[: args.top]
+    r = {
         "kernels": cost.kernels,
         "modeled_ms": cost.seconds * 1e3,
         "bytes": cost.bytes,
         "step_gib": (step - m.alias_size_in_bytes) / 2**30,
         "gemm_flops": cost.flops,
-        "flops_6nd": flops_6nd,
-        "modeled_pct_bf16_peak": flops_6nd / cost.seconds / PEAK_BF16 * 100,
         "gemm_dtypes": dict(cost.gemm_dtypes.most_common()),
         "custom_calls": dict(sorted(cost.custom_calls.items())),
         "categories": {k: dict(zip(("n", "s", "bytes", "flops"), v, strict=True)) for k, v in top},
     }
-    a = args
     print(
-        f"device: {device_kind} (deviceless AOT, sm_90, cuDNN {a.cudnn_version}, no autotuning) "
-        f"| jax {jax.__version__} | {a.size} b{a.batch} {a.method} {a.layers} layers, "
-        f"{a.attention} attention, dropout {a.dropout}, input {a.input_len} target "
-        f"{a.target_len} | bf16, AdamW | compile {compile_s:.0f} s"
+        f"[{name}] kernels {cost.kernels} (while bodies x trip count) | modeled "
+        f"{r['modeled_ms']:.2f} ms | bytes {cost.bytes / 1e9:.2f} GB | GEMM "
+        f"{cost.flops / 1e12:.3f} TFLOP | memory {r['step_gib']:.2f} GiB (memory_analysis)"
     )
-    print(f"kernels/step {cost.kernels} (while bodies x trip count)")
-    print(
-        f"modeled time {r['modeled_ms']:.2f} ms (rough roofline: {a.bandwidth / 1e12:g} TB/s, "
-        f"{a.peak / 1e12:g} TFLOP/s GEMM, {a.launch_us:g} us/launch; not a measurement)"
-    )
-    print(
-        f"bytes {cost.bytes / 1e9:.2f} GB | step memory {r['step_gib']:.2f} GiB (memory_analysis)"
-    )
-    print(
-        f"GEMM {cost.flops / 1e12:.3f} TFLOP (HLO dots) | 6 x params x tokens "
-        f"{flops_6nd / 1e12:.3f} TFLOP | modeled %bf16 peak {r['modeled_pct_bf16_peak']:.1f}% "
-        f"(bench_model's figure at the modeled time, of {PEAK_BF16 / 1e12:g} TFLOP/s)"
-    )
-    print(f"GEMM dtypes (per step): {_counts(r['gemm_dtypes'])}")
-    print(f"{'kernel category':<48} {'n/step':>7} {'ms':>8} {'GB':>8} {'TFLOP':>7}")
-    for name, (n, t, b, f) in top:
-        print(f"{name[:48]:<48} {n:>7} {t * 1e3:8.3f} {b / 1e9:8.3f} {f / 1e12:7.3f}")
-    print(f"custom calls (per step): {_counts(r['custom_calls'])}")
-    if args.save_hlo:
-        atomic_write_text(args.save_hlo, text)
-    if args.json:
-        atomic_write_json(args.json, r)
-    return 0
+    print(f"  GEMM dtypes: {_counts(r['gemm_dtypes'])}")
+    print(f"  {'kernel category':<46} {'n':>7} {'ms':>8} {'GB':>8} {'TFLOP':>7}")
+    for cat, (n, t, b, f) in top:
+        print(f"  {cat[:46]:<46} {n:>7} {t * 1e3:8.3f} {b / 1e9:8.3f} {f / 1e12:7.3f}")
+    print(f"  custom calls: {_counts(r['custom_calls'])}")
+    return r
 
 
 def _counts(counts: dict[str, int]) -> str:

@@ -7,8 +7,11 @@ Command (from the repository root, with a network for the weights, or HF_HOME ho
 
 Hardware it was sized for: one NVIDIA H200 (8 runs at once, 4 groups), or a TPU v4-8. Expected
 time: target under 90 minutes on one H200 for 32 runs x 1000 steps (issue 4); time it with
-scripts/bench_runs.py --model-size t0-3b first. Disk: under 1 MB per checkpoint (the IA3 vectors
-and their optimizer state).
+scripts/bench_runs.py --model-size t0-3b first. No GPU has run it yet. The deviceless H200 model
+(scripts/aot_gpu_report.py --program runs --size t0-3b --runs 8 --num-runs 32 --train-groups 4
+--optimizer adafactor, RTE-like lengths) gives 46 min with unrolled layers against 56 min scanned,
+and 39 GiB against 79 GiB for the group step; the model ran optimistic where a GPU measured it.
+Disk: under 1 MB per checkpoint (the IA3 vectors and their optimizer state).
 
 Setup: pool = 1000 examples drawn from the winogrande training split (train_l); 100 tracked
 validation examples; 32 runs (20 fit / 2 validation / 10 test) of 1000 steps of batch 8 under
@@ -29,7 +32,7 @@ def get_config() -> ExperimentConfig:
         model="bigscience/T0_3B",
         method="ia3",
         dtype="bfloat16",
-        scan_layers=True,  # 12-24 layers per stack: compile time independent of depth
+        scan_layers=False,  # unrolled: the scan's per-layer slices and residual writes cost more
         optimizer="adafactor",
         learning_rate=3e-3,
         schedule="linear",

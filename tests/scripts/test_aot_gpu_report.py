@@ -183,3 +183,20 @@ def test_missing_plugin_exits_2_naming_the_requirements(capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "scripts/aot_gpu_requirements.txt" in err[0] and "make aot-report" in err[0]
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--train-groups", "4"], "--train-groups"),  # the train step has no length groups
+        (["--program", "runs", "--method", "full", "--train-groups", "2"], "--train-groups"),
+        (["--program", "runs", "--runs", "0"], "--runs"),
+        (["--program", "runs", "--num-runs", "0"], "--num-runs"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(argv, named, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as exit_:
+        aot.main(argv)
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err.strip().splitlines()[-1]

@@ -412,37 +412,9 @@ class _FeedForward(nnx.Module):
         else:
             h = act(jnp.einsum("bld,df->blf", x, self.wi[...].astype(dt)))  # [b, l, ff]
         if hasattr(self, "ia3_ff"):  # IA3: l_ff * inner activation, before wo
-            h = _scale_features(h, self.ia3_ff[...].astype(dt))
+            h = h * self.ia3_ff[...].astype(dt)
         h = keys.dropout(h, self.dropout_rate)
         return jnp.einsum("blf,fd->bld", h, self.wo[...].astype(dt))  # [b, l, d_model]
-
-
-@jax.custom_vjp
-def _scale_features(h: jax.Array, scale: jax.Array) -> jax.Array:
-    """``h * scale`` over the last axis ([..., f] * [f]), with a GEMM for the scale's gradient.
-
-    The gradient of ``scale`` sums g * h over every leading axis. As a plain reduction, under
-    the vmap over runs ([R, b, l, f] -> [R, f]) XLA's GPU layout assignment moved f before
-    (b, l) and transposed the feed-forward activations forward and backward; as a product with
-    a ones vector (f32 accumulation) the activations keep their layout (scripts/
-    aot_gpu_report.py --program runs: the T5-base IA3 step's modeled time fell by a fifth).
-    """
-    return h * scale
-
-
-def _scale_features_fwd(h, scale):
-    return h * scale, (h, scale)
-
-
-def _scale_features_bwd(residuals, g):
-    h, scale = residuals
-    gh = (g * h).reshape(-1, h.shape[-1])  # [n, f]
-    ones = jnp.ones((gh.shape[0],), gh.dtype)
-    d_scale = jnp.einsum("n,nf->f", ones, gh, preferred_element_type=jnp.float32)  # [f]
-    return g * scale, d_scale.astype(scale.dtype)
-
-
-_scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
 
 
 class _Block(nnx.Module):

@@ -2,10 +2,10 @@
 # Device measurements for issues 3, 4 and 5 in one call, each step under its own time limit,
 # logs to $OUT (or ./device-logs). Run from the repository root on the GPU machine:
 #   bash scripts/device_bench.sh [STAGE...]
-#   STAGE: model, model_dropout, model_scan, runs, tracin (default: model)
+#   STAGE: model, model_dropout, model_scan, runs, runs_t0, tracin (default: model)
 # Limits per stage: model 110 + 300 s, model_dropout 110 + 300 s, model_scan 320 s, runs
-# 200 + 120 s, tracin 110 s. One device call may run 600 s, so give one stage per call, or
-# `runs tracin` together. With a 15-minute device budget: `model`, then `runs`.
+# 200 + 120 s, runs_t0 480 s, tracin 110 s. One device call may run 600 s, so give one stage
+# per call, or `runs tracin` together. With a 15-minute device budget: `model`, then `runs`.
 set -uo pipefail
 OUT=${OUT:-device-logs}
 mkdir -p "$OUT"
@@ -52,16 +52,23 @@ for stage in $STAGES; do
     # step's per-layer residual and weight slicing at +5% (logging) to +60% (t5-large training).
     step runs_cudnn 200 python3 scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 \
       --runs 32 --batch 8 --n-test 100 --steps 5 --dtype bfloat16 --attention cudnn \
-      --layers unroll --train-groups 4 --variants together,nolog
+      --layers unroll --train-groups 4 --variants together,nolog,vmapped
     step runs_einsum 120 python3 scripts/bench_runs.py --synthetic --model-size t5-base --method ia3 \
       --runs 32 --batch 8 --n-test 100 --steps 5 --dtype bfloat16 --attention einsum \
       --variants together,baseline
+    ;;
+  runs_t0)
+    # T0-3B IA3 (issue 4's second target, under 90 min): 32 runs in 4 groups of 8 with 4 length
+    # groups, Adafactor, unrolled, as runs/t0-3b-ia3-* train them; random weights.
+    step runs_t0 480 python3 scripts/bench_runs.py --synthetic --model-size t0-3b --method ia3 \
+      --runs 8 --num-runs 32 --batch 8 --n-test 100 --steps 3 --dtype bfloat16 \
+      --attention einsum --layers unroll --train-groups 4 --optimizer adafactor --variants together
     ;;
   tracin)
     step tracin 110 python3 scripts/bench_tracin.py --preset t5-base --input-len 256 --target-len 4 \
       --n-train 1000 --n-test 100 --checkpoints 10 --chunk-size 64 --torch-examples 100 \
       --full-n-train 0 --json "$OUT/bench_tracin_ia3.json"
     ;;
-  *) echo "unknown stage $stage (model, model_dropout, model_scan, runs, tracin)"; exit 2 ;;
+  *) echo "unknown stage $stage (model, model_dropout, model_scan, runs, runs_t0, tracin)"; exit 2 ;;
   esac
 done

@@ -316,27 +316,3 @@ def test_auto_cross_mode_picks_the_cheaper_form():
     attn = model.decoder.blocks[0].cross_attn
     assert attn._project_queries(2, 128)  # 2 targets over 128 inputs: projected
     assert not attn._project_queries(32, 16)  # more queries than memory rows: usual
-
-
-def test_ia3_feature_scale_gradient_equals_the_plain_product():
-    """The feed-forward IA3 scale's custom gradient (a ones-vector GEMM) equals autodiff of
-    ``h * scale``, alone and vmapped over a run axis (how the run generator trains)."""
-    from finetune.network import _scale_features
-
-    rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.normal(size=(4, 3, 5, 7)), jnp.float32)  # [runs, b, l, f]
-    scale = jnp.asarray(rng.normal(size=(4, 7)), jnp.float32)  # [runs, f]
-    w = jnp.asarray(rng.normal(size=(3, 5, 7)), jnp.float32)  # cotangent weights
-
-    def objective(fn):
-        return lambda h, s: (w * fn(h, s)).sum()
-
-    custom = jax.grad(objective(_scale_features), argnums=(0, 1))
-    plain = jax.grad(objective(lambda h, s: h * s), argnums=(0, 1))
-    for got, want in zip(custom(h[0], scale[0]), plain(h[0], scale[0]), strict=True):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    got = jax.jit(jax.vmap(custom))(h, scale)
-    want = jax.vmap(plain)(h, scale)
-    for x, y in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(_scale_features(h[0], scale[0])), h[0] * scale[0])

@@ -215,6 +215,9 @@ def _test_chunks(n_test: int, n_rows: int, budget_bytes: int = 1 << 27) -> list[
     return [(j, min(j + size, n_test)) for j in range(0, n_test, size)]
 
 
+_TOL, _MAX_ITER = 1e-7, 1000  # the CG solver's defaults: relative residual, iterations per round
+
+
 class _Problem:
     """Fitting runs flattened to rows, ready for the solver (host arrays)."""
 
@@ -235,6 +238,18 @@ class _Problem:
         self.chunks = _test_chunks(self.n_test, self.n_rows)
         self.chunk_size = max(j1 - j0 for j0, j1 in self.chunks)
         self.structure = _solvers.Structure.build(self.ids, n_train)
+
+    def solve(self, x, y, l2_a, l2_b, *, tol=_TOL, max_iter=_MAX_ITER, start=None):
+        """CG solve of one test chunk's rows (`rows`) at (l2_a, l2_b).
+
+        Returns:
+            theta [chunk_size, F, n_train] (deviation from the prior), a device array.
+        """
+        lam, prior = _lams(self, l2_a, l2_b)
+        theta, _ = _solvers.solve(
+            self.structure, x, y, lam, prior, self.use_x, self.use_one, tol, max_iter, start
+        )
+        return theta
 
     def rows(self, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
         """Teacher-forced x = L_{t-1} and target L_t - L_{t-1} for tests j0:j1, padded."""
@@ -300,8 +315,8 @@ def fit(
     l2_a: float = DEFAULT_L2_A,
     l2_b: float = DEFAULT_L2_B,
     a_prior: float | None = None,
-    tol: float = 1e-7,
-    max_iter: int = 1000,
+    tol: float = _TOL,
+    max_iter: int = _MAX_ITER,
 ) -> Simulator:
     """Fits one simulator per test example on teacher-forced fitting runs.
 
@@ -345,26 +360,16 @@ def fit(
     return problem.to_simulator(theta, l2_a, l2_b)
 
 
-def _solve_all(problem: _Problem, l2_a, l2_b, *, tol=1e-7, max_iter=1000, x0=None) -> np.ndarray:
+def _solve_all(
+    problem: _Problem, l2_a, l2_b, *, tol=_TOL, max_iter=_MAX_ITER, x0=None
+) -> np.ndarray:
     """Solves every test chunk; returns theta f32 [n_test, F, n_train] (deviation from prior)."""
-    lam, prior = _lams(problem, l2_a, l2_b)
-    n_f = len(lam)
+    n_f = int(problem.use_x) + int(problem.use_one)  # features: A (x) and B (one)
     out = np.zeros((problem.n_test, n_f, problem.n_train), np.float32)
     for j0, j1 in problem.chunks:
         x, y = problem.rows(j0, j1)
         start = None if x0 is None else _pad_theta(x0[j0:j1], problem.chunk_size)
-        theta, _ = _solvers.solve(
-            problem.structure,
-            x,
-            y,
-            lam,
-            prior,
-            problem.use_x,
-            problem.use_one,
-            tol,
-            max_iter,
-            start,
-        )
+        theta = problem.solve(x, y, l2_a, l2_b, tol=tol, max_iter=max_iter, start=start)
         out[j0:j1] = np.asarray(theta)[: j1 - j0]
     return out
 
@@ -566,19 +571,7 @@ class _ValidationScore:
                 if _log_gap(point, pts[order[-1]]) < _log_gap(point, pts[order[0]]):
                     seq = order[::-1]
             for g in seq:
-                lam, prior = _lams(problem, *pts[g])
-                theta, _ = _solvers.solve(
-                    problem.structure,
-                    x,
-                    y,
-                    lam,
-                    prior,
-                    problem.use_x,
-                    problem.use_one,
-                    1e-7,
-                    1000,
-                    start,
-                )
+                theta = problem.solve(x, y, *pts[g], start=start)
                 start = theta
                 sim = sub.to_simulator(np.asarray(theta)[: j1 - j0], *pts[g])
                 for (cur, loss), w in zip(self.valid, self.weights, strict=True):

@@ -374,17 +374,12 @@ def _compile_runs(args: argparse.Namespace):
         ([(program name, compiled executable)], device kind, a one-line description)
     """
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import transformers
     from _t5_points import t5_kwargs
-    from bench_runs import _synthetic
+    from bench_runs import VOCAB, experiment_config, init_model, synthetic_experiment
     from flax import nnx
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from finetune import hf
-    from finetune.config import ExperimentConfig
     from finetune.experiment import make_mask
     from finetune.model import make_per_example_loss, make_score_choices, partition
     from finetune.trainer import (
@@ -398,50 +393,43 @@ def _compile_runs(args: argparse.Namespace):
     )
 
     device = _h200(args).devices[0]
-    cfg_kw = dict(t5_kwargs(args.size, 0.0), vocab_size=32128)
-    scan = args.layers == "scan"
+    cfg_kw = dict(t5_kwargs(args.size, 0.0), vocab_size=VOCAB)
+    setup = dict(method=args.method, layers=args.layers, attention=args.attention)
     graphdef = []
 
     def params_only():
-        model = hf.init_random(
-            transformers.T5Config(**cfg_kw),
-            ia3=args.method == "ia3",
-            dtype=jnp.bfloat16,
-            scan_layers=scan,
-            attention=args.attention,
-        )
-        g, params = nnx.split(model)
+        g, params = nnx.split(init_model(cfg_kw, dtype="bfloat16", **setup))
         graphdef.append(g)
         return params
 
     params = jax.eval_shape(params_only)
-    config = ExperimentConfig(
+    config = experiment_config(
+        cfg_kw,
         name="aot",
-        task="rte",
-        random_init=cfg_kw,
-        method=args.method,
+        runs=args.runs,
+        batch=args.batch,
         optimizer=args.optimizer,
-        learning_rate=3e-3 if args.method == "ia3" else 1e-4,
         n_train=1000,
         n_test=args.n_test,
-        num_runs=args.runs,
         steps=1000,
-        batch_size=args.batch,
-        runs_together=args.runs,
         dtype="bfloat16",
         length_multiple=16,
         tracked_buckets=args.tracked_buckets,
-        scan_layers=scan,
-        attention=args.attention,
+        **setup,
     )
     trainable, frozen = partition(params, make_mask(config, params))
     optimizer = make_optimizer(config)
     opt_state = jax.eval_shape(optimizer.init, trainable)
-    # bench_runs.py's synthetic data and curricula, seed 0: same lengths, same buckets.
-    rng = np.random.default_rng(0)
-    pool = _synthetic(rng, 1000, args.input_len, args.target_len, 32000)
-    test = _synthetic(rng, args.n_test, args.input_len, args.target_len, 32000)
-    curricula = rng.integers(0, 1000, (args.runs, 21, args.batch))
+    # bench_runs.py's synthetic data and curricula at its defaults (1000 examples, 20 steps).
+    pool, test, curricula = synthetic_experiment(
+        n_train=1000,
+        n_test=args.n_test,
+        max_len=args.input_len,
+        t_len=args.target_len,
+        runs=args.runs,
+        steps=20,
+        batch=args.batch,
+    )
     tracked = make_tracked_set(*test, multiple=16, n_devices=1, max_buckets=args.tracked_buckets)
     mesh = make_mesh([device])
     progs = make_programs(

@@ -82,6 +82,64 @@ def _synthetic(rng, n, max_len, t_len, vocab):
     return inputs, targets, choices, labels, lengths.astype(np.int32)
 
 
+VOCAB = 32128  # T5's embedding rows (synthetic token ids stay below 32000)
+
+
+def synthetic_experiment(*, n_train, n_test, max_len, t_len, runs, steps, batch, seed=0):
+    """The synthetic pool, tracked set and uniform curricula of this benchmark.
+
+    Returns:
+        (pool, test, curricula): pool and test as `_synthetic`'s tuples; curricula int
+        [runs, steps + 1, batch] pool positions.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pool = _synthetic(rng, n_train, max_len, t_len, 32000)
+    test = _synthetic(rng, n_test, max_len, t_len, 32000)
+    curricula = rng.integers(0, n_train, (runs, steps + 1, batch))
+    return pool, test, curricula
+
+
+def init_model(cfg_kw: dict, *, method: str, dtype: str, layers: str, attention: str):
+    """The benchmark's random-init T5 (seed 0) from T5Config kwargs; dtype names the compute."""
+    import jax.numpy as jnp
+    import transformers
+
+    from finetune import hf
+
+    return hf.init_random(
+        transformers.T5Config(**cfg_kw),
+        ia3=method == "ia3",
+        seed=0,
+        dtype=jnp.dtype(dtype),
+        scan_layers=layers == "scan",
+        attention=attention,
+    )
+
+
+def experiment_config(cfg_kw: dict, *, name: str, runs: int, batch: int, **fields):
+    """The ExperimentConfig whose programs the benchmark times (R = runs trained together).
+
+    ``fields``: method, optimizer, n_train, n_test, steps, dtype, length_multiple,
+    tracked_buckets, layers ("scan" or "unroll"), attention and optionally freeze_embeddings.
+    """
+    from finetune.config import ExperimentConfig
+
+    layers = fields.pop("layers")
+    return ExperimentConfig(
+        name=name,
+        task="rte",
+        random_init=cfg_kw,
+        learning_rate=3e-3 if fields["method"] == "ia3" else 1e-4,
+        num_runs=runs,
+        runs_together=runs,
+        batch_size=batch,
+        scan_layers=layers == "scan",
+        **fields,
+    )
+
+
 def _peak_memory() -> str:
     import jax
 
@@ -168,13 +226,9 @@ def main(argv=None) -> int:
         p.error("only --synthetic is implemented (real data: time `finetune run` itself)")
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    import transformers
     from flax import nnx
 
-    from finetune import hf
-    from finetune.config import ExperimentConfig
     from finetune.experiment import make_mask
     from finetune.model import make_per_example_loss, make_score_choices, partition
     from finetune.trainer import (
@@ -197,41 +251,32 @@ def main(argv=None) -> int:
         f"{args.attention} attention, {args.tracked_buckets} tracked buckets",
         flush=True,
     )
-    cfg_kw = dict(SIZES[args.model_size], vocab_size=32128, dropout_rate=0.0)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    cfg_kw = dict(SIZES[args.model_size], vocab_size=VOCAB, dropout_rate=0.0)
 
     def init(attention):
-        return hf.init_random(
-            transformers.T5Config(**cfg_kw),
-            ia3=args.method == "ia3",
-            seed=0,
-            dtype=dtype,
-            scan_layers=args.layers == "scan",
-            attention=attention,
+        return init_model(
+            cfg_kw, method=args.method, dtype=args.dtype, layers=args.layers, attention=attention
         )
 
     t0 = time.perf_counter()
     model = init(args.attention)
     graphdef, params = nnx.split(model)
     del model
-    config = ExperimentConfig(
+    config = experiment_config(
+        cfg_kw,
         name="bench",
-        task="rte",
-        random_init=cfg_kw,
+        runs=args.runs,
+        batch=args.batch,
         method=args.method,
         freeze_embeddings=args.freeze_embeddings,
         optimizer=args.optimizer,
-        learning_rate=3e-3 if args.method == "ia3" else 1e-4,
         n_train=args.n_train,
         n_test=args.n_test,
-        num_runs=args.runs,
         steps=max(args.steps, 2),
-        batch_size=args.batch,
-        runs_together=args.runs,
         dtype=args.dtype,
         length_multiple=args.length_multiple,
         tracked_buckets=args.tracked_buckets,
-        scan_layers=args.layers == "scan",
+        layers=args.layers,
         attention=args.attention,
     )
     mask = make_mask(config, params)
@@ -243,10 +288,16 @@ def main(argv=None) -> int:
         f"{args.method}, compute {args.dtype}); built in {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
-    rng = np.random.default_rng(0)
     L = args.max_input_length
-    pool = _synthetic(rng, args.n_train, L, args.target_length, 32000)
-    test = _synthetic(rng, args.n_test, L, args.target_length, 32000)
+    pool, test, curricula = synthetic_experiment(
+        n_train=args.n_train,
+        n_test=args.n_test,
+        max_len=L,
+        t_len=args.target_length,
+        runs=args.runs,
+        steps=args.steps,
+        batch=args.batch,
+    )
     print(
         f"synthetic inputs: mean length {pool[4].mean():.1f}, max {pool[4].max()} (padded max "
         f"{L}); tracked set {args.n_test}, batch {args.batch}, runs {args.runs}",
@@ -291,7 +342,6 @@ def main(argv=None) -> int:
             flush=True,
         )
     opt0 = optimizer.init(trainable)
-    curricula = rng.integers(0, args.n_train, (args.runs, args.steps + 1, args.batch))
 
     def measure(name, runs, log, multiple, max_buckets, groups=None):
         tracked = make_tracked_set(

@@ -42,18 +42,31 @@ class WarmupConfig:
     seed: int = 0  # seed of the warm-up example draw and order
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "n_examples", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"warmup.{name}={value!r} must be an integer")
-        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, int | float):
-            raise ConfigError(f"warmup.learning_rate={self.learning_rate!r} must be a number")
+        if wrong := _type_error(self, _WARMUP_TYPED_FIELDS):
+            raise ConfigError(f"warmup.{wrong}")
         for name in ("steps", "batch_size", "n_examples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"warmup.{name}={getattr(self, name)} must be >= 1")
         if not self.learning_rate > 0:
             raise ConfigError(f"warmup.learning_rate={self.learning_rate} must be > 0")
 
+
+def _type_error(obj, table) -> str | None:
+    """``'field=value must be ...'`` for the first field of ``obj`` whose type ``table`` (rows of
+    (field names, accepted types, what the message asks for)) refuses; None when all fit. A bool
+    is only accepted where the types are exactly bool (it is an int to isinstance)."""
+    for names, kinds, what in table:
+        for name in names:
+            value = getattr(obj, name)
+            if isinstance(value, bool) is not (kinds is bool) or not isinstance(value, kinds):
+                return f"{name}={value!r} must be {what}"
+    return None
+
+
+_WARMUP_TYPED_FIELDS = (
+    (("steps", "batch_size", "n_examples", "seed"), int, "an integer"),
+    (("learning_rate",), int | float, "a number"),
+)
 
 # (field names, accepted types, what the message asks for) of ExperimentConfig, checked first.
 _TYPED_FIELDS = (
@@ -156,11 +169,8 @@ class ExperimentConfig:
 
         # Types first: the checks below compare values, which fails with a TypeError (a traceback
         # that names no field) on e.g. learning_rate="1e-3".
-        for names, kinds, what in _TYPED_FIELDS:
-            for name in names:
-                value = getattr(self, name)
-                if isinstance(value, bool) is not (kinds is bool) or not isinstance(value, kinds):
-                    bad(f"{name}={value!r} must be {what}")
+        if wrong := _type_error(self, _TYPED_FIELDS):
+            bad(wrong)
         if not isinstance(self.checkpoint_steps, list | tuple):
             bad(f"checkpoint_steps={self.checkpoint_steps!r} must be a tuple of integers")
         if not isinstance(self.warmup, WarmupConfig | dict | None):

@@ -22,6 +22,7 @@ _EXPORTS = {
     "save_simulator": "simulators",
     "load_simulator": "simulators",
     "Simulator": "simulators",
+    "ConvergenceWarning": "simulators",
     "VARIANTS": "simulators",
     "metrics": "scoring",
     "all_steps_mse": "scoring",

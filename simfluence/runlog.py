@@ -601,7 +601,11 @@ def load_runs(exp_dir: str | os.PathLike, indices: Sequence[int] | None = None) 
         chosen = []
         complete = [i for i, _, c in listing if c]
         for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int | np.integer):
+                raise _error(f"{exp_dir}: run index {i!r} is not an int; pass run numbers")
             i = int(i)
+            if any(i == j for j, _ in chosen):
+                raise _error(f"{exp_dir}: run {i} is listed twice; pass each run once")
             if i not in by_index:
                 raise _error(
                     f"{exp_dir}: run {i} not found (complete runs: {_format_indices(complete)})"

@@ -5,7 +5,7 @@ Per held-out run (pred and true are [T + 1, n_test], row 0 the given initial los
 - `all_steps_mse`: mean squared error over steps 1..T and all test examples.
 - `final_step_mse`: mean squared error at step T over test examples.
 - `final_step_spearman`: Spearman's rho across test examples at step T (ties get average
-  ranks, exactly as `scipy.stats.spearmanr`); NaN when either side is constant.
+  ranks, exactly as `scipy.stats.spearmanr`); NaN when either side is constant or holds a NaN.
 
 Across held-out runs:
 
@@ -57,7 +57,9 @@ def rankdata(x: jax.Array) -> jax.Array:
         x: float [..., n].
 
     Returns:
-        float32 [..., n] ranks; `scipy.stats.rankdata(x, method="average", axis=-1)`.
+        float32 [..., n] ranks; `scipy.stats.rankdata(x, method="average", axis=-1)`. A row
+        holding a NaN gets NaN ranks throughout (scipy's default ``nan_policy="propagate"``),
+        so a diverged rollout yields NaN rho, never a plausible one.
     """
     x = jnp.asarray(x)
     sorted_x = jnp.sort(x, axis=-1)
@@ -70,7 +72,8 @@ def rankdata(x: jax.Array) -> jax.Array:
     fn = _ranks
     for _ in range(x.ndim - 1):
         fn = jax.vmap(fn)
-    return fn(sorted_x, x).astype(jnp.float32)
+    ranks = fn(sorted_x, x).astype(jnp.float32)
+    return jnp.where(jnp.isnan(x).any(axis=-1, keepdims=True), jnp.nan, ranks)
 
 
 def _pearson(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -90,7 +93,7 @@ def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
         b: float [..., n].
 
     Returns:
-        float32 [...]; NaN where either side is constant.
+        float32 [...]; NaN where either side is constant or holds a NaN.
     """
     return _pearson(rankdata(a), rankdata(b))
 

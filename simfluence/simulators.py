@@ -55,6 +55,10 @@ DEFAULT_GRID_CAPS = (1e-8, 1e6)
 _TIE_RTOL = 1e-4
 
 
+class ConvergenceWarning(RuntimeWarning):
+    """The fitter stopped before reaching its tolerance (the fit is usable but inexact)."""
+
+
 @dataclasses.dataclass
 class Simulator:
     """A fitted Simfluence simulator (one row of A and B per test example).
@@ -113,6 +117,20 @@ def _check_lambda(name: str, value: float) -> float:
     return value
 
 
+def _check_solver_args(tol, max_iter) -> tuple[float, int]:
+    try:
+        tol = float(tol)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"tol={tol!r} is not a number; pass a float > 0 (default {_TOL})"
+        ) from None
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol={tol!r} must be finite and > 0 (default {_TOL})")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int | np.integer) or max_iter < 1:
+        raise ValueError(f"max_iter={max_iter!r} must be an int >= 1 (default {_MAX_ITER})")
+    return tol, int(max_iter)
+
+
 def _check_curriculum(cur, n_train: int, what: str) -> np.ndarray:
     arr = np.asarray(cur)
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
@@ -158,6 +176,12 @@ def _check_runs(curricula, losses, n_train: int, what: str):
     """Validates a set of runs; returns (curricula int32 list, losses f32 list, batch, n_test)."""
     if isinstance(n_train, bool) or not isinstance(n_train, int | np.integer) or n_train < 1:
         raise ValueError(f"n_train={n_train!r} must be a positive int")
+    for name, arg, one in (("curricula", curricula, "curriculum"), ("losses", losses, "loss")):
+        if getattr(arg, "ndim", None) == 2:
+            raise ValueError(
+                f"{what}: {name} is one 2-D array of shape {arg.shape}; pass a list with one "
+                f"array per run (a single run: [{one}])"
+            )
     curricula, losses = list(curricula), list(losses)
     if len(curricula) == 0:
         raise ValueError(f"{what}: no runs given; pass at least one (curriculum, losses) pair")
@@ -242,13 +266,25 @@ class _Problem:
     def solve(self, x, y, l2_a, l2_b, *, tol=_TOL, max_iter=_MAX_ITER, start=None):
         """CG solve of one test chunk's rows (`rows`) at (l2_a, l2_b).
 
+        Warns (`ConvergenceWarning`) when a test example's relative residual is still above
+        `tol` after the solver's last refinement round.
+
         Returns:
             theta [chunk_size, F, n_train] (deviation from the prior), a device array.
         """
         lam, prior = _lams(self, l2_a, l2_b)
-        theta, _ = _solvers.solve(
+        theta, info = _solvers.solve(
             self.structure, x, y, lam, prior, self.use_x, self.use_one, tol, max_iter, start
         )
+        worst = float(np.max(info["rel_residual"]))
+        if not worst <= tol:
+            warnings.warn(
+                f"{self.variant} fit at l2_a={l2_a:g}, l2_b={l2_b:g} stopped at relative "
+                f"residual {worst:.2e} > tol={tol:g} after {info['rounds']} rounds of at most "
+                f"{max_iter} CG iterations; raise max_iter or the lambdas",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
         return theta
 
     def rows(self, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -340,21 +376,26 @@ def fit(
         a_prior: a0, the value A is shrunk towards; None means 1/batch (an example then leaves
             the loss unchanged), 0 gives plain ridge.
         tol: float64 relative residual ||G theta - rhs|| / ||rhs|| of the normal equations at
-            which the solver stops, per test example.
-        max_iter: iteration cap of each CG round.
+            which the solver stops, per test example (> 0).
+        max_iter: iteration cap of each CG round (>= 1).
 
     Returns:
         A `Simulator` with A, B f32 [n_test, n_train].
 
     Raises:
         ValueError: unknown variant, ids out of range, mismatched shapes or batch sizes,
-            non-finite losses or negative lambdas.
+            non-finite losses, negative lambdas, tol <= 0 or max_iter < 1.
+
+    Warns:
+        ConvergenceWarning: a test example's residual is still above `tol` when the solver
+            stops (its refinement rounds or `max_iter` ran out).
 
     References:
         Guu et al. 2023, Simfluence, section 3. https://arxiv.org/abs/2303.08114
     """
     l2_a = _check_lambda("l2_a", l2_a)
     l2_b = _check_lambda("l2_b", l2_b)
+    tol, max_iter = _check_solver_args(tol, max_iter)
     problem = _prepare(curricula, losses, n_train, variant, a_prior)
     theta = _solve_all(problem, l2_a, l2_b, tol=tol, max_iter=max_iter)
     return problem.to_simulator(theta, l2_a, l2_b)
@@ -389,6 +430,7 @@ def _pad_theta(theta: np.ndarray, width: int) -> np.ndarray:
 @partial(jax.jit, static_argnames=("additive",))
 def _rollout_runs(A, B, curricula, initial_losses, additive: bool):
     # A, B: [n_test, n_train]; curricula: [R, T, b]; initial_losses: [R, n_test]
+    A, B = A.astype(jnp.float32), B.astype(jnp.float32)  # float64 under x64: compute in f32
     n_test = A.shape[0]
     # One row per training example holding its A and B for every test example; gathering
     # b rows per step inside the scan keeps the table in cache (no [T, b, n_test] temporaries).
@@ -413,6 +455,12 @@ def _check_sim(sim: Simulator) -> None:
     if not isinstance(sim, Simulator):
         raise ValueError(f"expected a Simulator, got {type(sim).__name__}; build one with fit()")
     _check_variant(sim.variant)
+    a, b = jnp.shape(sim.A), jnp.shape(sim.B)
+    if len(a) != 2 or a != b or 0 in a:
+        raise ValueError(
+            f"Simulator A has shape {a} and B {b}; both must be [n_test, n_train] with the "
+            "same non-zero sizes"
+        )
 
 
 def simulate(sim: Simulator, curriculum, initial_losses) -> jax.Array:
@@ -474,8 +522,10 @@ def _check_sim_inputs(sim, curriculum, initial_losses, batched: bool):
     want_l = f"[runs, {sim.n_test}]" if batched else f"[{sim.n_test}]"
     if not hasattr(curriculum, "ndim"):
         curriculum = np.asarray(curriculum)
-    if curriculum.ndim != nd or curriculum.shape[-2] < 1:
-        raise ValueError(f"curriculum has shape {tuple(curriculum.shape)}; expected int {want_c}")
+    if curriculum.ndim != nd or 0 in curriculum.shape:
+        raise ValueError(
+            f"curriculum has shape {tuple(curriculum.shape)}; expected int {want_c}, sizes >= 1"
+        )
     if not jnp.issubdtype(curriculum.dtype, jnp.integer):
         raise ValueError(f"curriculum dtype is {curriculum.dtype}; expected integer ids")
     if not hasattr(initial_losses, "ndim"):

@@ -158,6 +158,19 @@ def test_mixed_batch_and_duplicate_index(tmp_path):
         runlog.list_runs(exp)
 
 
+def test_load_runs_takes_each_int_index_once(tmp_path):
+    exp, _ = _exp(tmp_path)
+    assert [r.index for r in runlog.load_runs(exp, [np.int64(1), 0])] == [1, 0]
+    for bad, match in (
+        ([1.7], r"run index 1\.7 is not an int"),
+        ([True], "run index True"),
+        ([0, 0], "run 0 is listed twice"),
+    ):
+        with pytest.raises(RunLogError, match=match) as exc:
+            runlog.load_runs(exp, bad)
+        _single_line(exc)
+
+
 def test_atomic_writers_leave_no_file_on_failure(tmp_path):
     with pytest.raises(RunLogError, match="NaN|undefined"):
         runlog.atomic_write_json(tmp_path / "a.json", {"x": float("nan")})

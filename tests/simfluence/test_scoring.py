@@ -53,6 +53,16 @@ def test_per_run_metrics_match_numpy():
             np.testing.assert_allclose(batched[k][r], single[k], rtol=1e-6, atol=1e-7)
 
 
+def test_a_nan_propagates_through_ranks_and_rho_like_scipy():
+    x = np.array([[1.0, np.nan, 3.0], [3.0, 1.0, 2.0]], np.float32)
+    want = np.stack([stats.rankdata(row, method="average") for row in x])  # nan_policy propagate
+    np.testing.assert_array_equal(np.asarray(M.rankdata(x)), want)
+    pred = np.array([[1.0, 1.0, 1.0], [1.0, np.nan, 3.0]], np.float32)
+    true = np.array([[1.0, 1.0, 1.0], [1.0, 2.0, 3.0]], np.float32)
+    assert np.isnan(stats.spearmanr(pred[-1], true[-1]).statistic)
+    assert np.isnan(float(M.final_step_spearman(pred, true)))
+
+
 def test_final_step_spearman_constant_is_nan():
     pred = np.ones((3, 4), np.float32)
     true = np.arange(12, dtype=np.float32).reshape(3, 4)

@@ -273,11 +273,43 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     raises("batch size 2 differs", S.fit, [curs[0], curs[1][:, :2]], ls[:2], n_train=N_TRAIN)
     raises("2 curricula but 3 loss arrays", S.fit, curs[:2], ls[:3], n_train=N_TRAIN)
     raises("l2_a=-1.0", S.fit, curs, ls, n_train=N_TRAIN, l2_a=-1.0)
+    raises("tol=-1.0 must be finite and > 0", S.fit, curs, ls, n_train=N_TRAIN, tol=-1.0)
+    raises("max_iter=0 must be an int >= 1", S.fit, curs, ls, n_train=N_TRAIN, max_iter=0)
+    raises(
+        r"curricula is one 2-D array .* \(a single run: \[curriculum\]\)",
+        S.fit,
+        curs[0],
+        ls[0],
+        n_train=N_TRAIN,
+    )
     sim = S.fit(curs, ls, n_train=N_TRAIN)
     raises("curriculum id -1 is outside", S.simulate, sim, np.full((3, 3), -1), ls[0][0])
     raises("initial_losses have shape", S.simulate, sim, curs[0], np.ones(N_TEST + 1))
     raises("initial_losses contain NaN", S.simulate, sim, curs[0], np.full(N_TEST, np.inf))
     raises("test_index=9 is outside", S.removal_influence, sim, curs[0], ls[0][0], 9)
+    raises(
+        r"curriculum has shape \(5, 0\); expected int \[steps, batch\], sizes >= 1",
+        S.simulate,
+        sim,
+        np.zeros((5, 0), np.int32),
+        ls[0][0],
+    )
+    raises(
+        r"curriculum has shape \(0, 5, 3\)",
+        S.simulate_many,
+        sim,
+        np.zeros((0, 5, 3), np.int32),
+        np.zeros((0, N_TEST), np.float32),
+    )
+    # A hand-built simulator whose A and B disagree (removal_influence used to read past B).
+    mismatched = S.Simulator(
+        A=sim.A, B=sim.B[:, :-2], variant="linear", l2_a=0.0, l2_b=0.0, a_prior=0.0
+    )
+    for fn in (S.simulate, S.removal_influence):
+        args = (mismatched, curs[0], ls[0][0]) + ((0,) if fn is S.removal_influence else ())
+        raises(r"Simulator A has shape \(8, 20\) and B \(8, 18\)", fn, *args)
+    raises("Simulator A has shape", S.save_simulator, tmp_path / "bad.npz", mismatched)
+    assert not (tmp_path / "bad.npz").exists()
     raises("does not exist", S.load_simulator, tmp_path / "missing.npz")
     np.savez(tmp_path / "other.npz", A=np.zeros((2, 2)))
     raises("missing B, variant", S.load_simulator, tmp_path / "other.npz")
@@ -565,3 +597,41 @@ def test_extension_rule_and_ties_on_analytic_scores():
 def test_all_diverged_lambda_points_are_an_error():
     with pytest.raises(ValueError, match="non-finite at all 2 lambda points"):
         S._best([(1.0, 1.0), (10.0, 10.0)], [float("nan"), float("inf")])
+
+
+def test_an_unconverged_fit_warns_and_a_converged_one_does_not():
+    _, _, curs, ls = _runs()
+    with pytest.warns(S.ConvergenceWarning, match=r"relative residual .* > tol=1e-07"):
+        S.fit(curs, ls, n_train=N_TRAIN, l2_a=0.0, l2_b=0.0, max_iter=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", S.ConvergenceWarning)
+        S.fit(curs, ls, n_train=N_TRAIN, l2_a=0.0, l2_b=0.0)
+
+
+def test_a_float64_simulator_rolls_out_in_float32_like_its_float32_self():
+    import jax
+    import jax.numpy as jnp
+
+    _, _, curs, ls = _runs()
+    sim = S.fit(curs, ls, n_train=N_TRAIN)
+    want = np.asarray(S.simulate(sim, curs[0], ls[0][0]))
+    with jax.enable_x64(True) if hasattr(jax, "enable_x64") else _x64_old():
+        wide = S.Simulator(
+            A=jnp.asarray(sim.A, jnp.float64),
+            B=jnp.asarray(sim.B, jnp.float64),
+            variant=sim.variant,
+            l2_a=sim.l2_a,
+            l2_b=sim.l2_b,
+            a_prior=sim.a_prior,
+        )
+        got = S.simulate(wide, curs[0], ls[0][0])
+        assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def _x64_old():
+    from jax.experimental import enable_x64
+
+    return enable_x64()

@@ -4,7 +4,8 @@
 #   make simulate CONFIG=runs/<name>  every simulator      -> $(EXP)/results.json, sim_linear.npz
 #   make figures CONFIG=runs/<name>   plots + influences   -> $(EXP)/figures/
 #   make table                        every results.json   -> results/table.md (+ table.json)
-# Every target skips finished work and completes unfinished work; run it again after a kill.
+# `runs` and `tracin` skip finished work and complete unfinished work (run them again after a
+# kill); `simulate`, `figures` and `table` redo their evaluation (seconds to a minute).
 SHELL := /bin/bash
 PY_BOOT ?= python3
 VENV ?= .venv
@@ -49,7 +50,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## Create .venv and install the project with its test extra.
 
-test: install  ## The default test suite (CPU, no network, < 10 min on 2 cores).
+test: install  ## The default test suite (CPU, no network, about 4 min on 2 cores).
 	$(PYTHON) -m pytest -q tests
 
 test-all: install  ## Every test, the slow ones too.

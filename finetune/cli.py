@@ -23,6 +23,13 @@ class _UsageError(ValueError):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (no usage block) and exit with code 2."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def load_config(path: str | Path):
     """Loads ``get_config()`` from a ``runs/<name>`` folder or its ``config.py``.
 
@@ -101,7 +108,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from finetune import tracin
+
+    parser = _Parser(
         prog="finetune",
         description="Fine-tuning runs under random curricula (Simfluence run logs) and TracIn-CP.",
     )
@@ -145,18 +154,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--max-steps",
-        type=int,
+        type=tracin.positive_int,
         default=None,
         help="stop after this many (group) steps; run again to continue",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
-    try:
-        from finetune import tracin
-    except ImportError:  # helper module not there yet: the run command still works
-        tracin = None
-    if tracin is not None and hasattr(tracin, "add_subcommand"):
-        tracin.add_subcommand(sub)
+    tracin.add_subcommand(sub)
     return parser
 
 
@@ -166,12 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        try:
-            from finetune import distributed
-        except ImportError:  # helper module not there yet: single process only
-            distributed = None
-        if distributed is not None:  # no-op on a single process (see finetune.distributed)
-            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        from finetune import distributed
+
+        # A no-op on a single process (see finetune.distributed).
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         handler = getattr(args, "handler", None) or args.func
         return int(handler(args) or 0)
     except ValueError as e:

@@ -639,7 +639,8 @@ def _parse_runs(text: str) -> list[int]:
     return out
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1, else a one-line ``ArgumentTypeError``."""
     try:
         value = int(text)
     except ValueError:
@@ -682,7 +683,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     parser.add_argument(
         "--proj-dim",
-        type=_positive_int,
+        type=positive_int,
         default=4096,
         help="projection dimension d in projected mode; relative error of a dot product is "
         "about sqrt(2/d); must not exceed the number of trainable parameters (default: 4096)",
@@ -692,7 +693,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     parser.add_argument(
         "--chunk-size",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULT_CHUNK,
         help="examples per vmapped per-example-gradient chunk; lower it if memory runs out "
         f"(default: {_DEFAULT_CHUNK})",
@@ -720,10 +721,9 @@ def _cli_main(args: argparse.Namespace) -> int:
 
 def _main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry (``python -m finetune.tracin EXP ...``)."""
-    parser = argparse.ArgumentParser(prog="finetune")
-    add_subcommand(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from finetune import cli
+
+    return cli.main(["tracin", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

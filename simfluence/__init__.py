@@ -8,7 +8,7 @@ numpy and json only) stays light: the fine-tuning side imports it without pullin
 
     sim = simfluence.fit(curricula, losses, n_train=100, variant="linear")
     pred = simfluence.simulate(sim, curriculum, initial_losses)   # [steps + 1, n_test]
-    scores = simfluence.scoring(pred, true)
+    scores = simfluence.metrics(pred, true)                       # dict of scalars
 """
 
 import importlib

@@ -100,6 +100,10 @@ def _load_inputs(args, sim) -> tuple[np.ndarray, np.ndarray]:
             f"{args.curriculum}: curriculum must be integers [steps, batch], got "
             f"{cur.dtype} {cur.shape}"
         )
+    from simfluence.simulators import batch_mismatch
+
+    if msg := batch_mismatch(sim, cur.shape[1]):
+        raise RunLogError(f"{args.curriculum}: {msg}")
     if cur.min() < 0 or cur.max() >= sim.n_train:
         bad = int(cur.min()) if cur.min() < 0 else int(cur.max())
         raise RunLogError(
@@ -228,9 +232,13 @@ def _cmd_simulate(args) -> None:
 def _texts(exp: str | None) -> dict | None:
     if exp is None:
         return None
-    from simfluence.runlog import read_examples
+    from simfluence.runlog import read_examples, read_experiment
 
-    return read_examples(exp)
+    read_experiment(exp)  # a wrong --exp is an error, not a listing without texts
+    texts = read_examples(exp)
+    if texts is None:
+        raise RunLogError(f"{exp}: no examples.json to take the texts from; leave out --exp")
+    return texts
 
 
 def _cmd_influence(args) -> None:
@@ -522,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
         "influence",
         help="training examples whose removal changes a test example's final loss the most",
         description="For test example J, the simulated change of its final loss when each "
-        "training example's slots drop out of the curriculum (all examples at once).",
+        "training example is removed from the curriculum (all examples at once): its slots "
+        "become neutral ones (A = 1/batch, B = 0) that leave the loss unchanged.",
     )
     _sim_input_flags(p)
     p.add_argument("--test", type=int, required=True, metavar="J", help="test example index")

@@ -80,6 +80,7 @@ def _write(
             l2_a=0.0,
             l2_b=0.0,
             a_prior=1.0 / batch,
+            batch=batch,
         ),
     )
     runlog.atomic_write_json(

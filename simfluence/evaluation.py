@@ -153,9 +153,10 @@ def _undefined_scores(reason: str) -> dict:
 
 
 def _experiment_name(exp_dir: Path, info: dict) -> str:
-    name = info.get("name")
-    if isinstance(name, str) and name:
-        return name
+    config = info.get("config")
+    for name in (info.get("name"), config.get("name") if isinstance(config, dict) else None):
+        if isinstance(name, str) and name:  # top level, or the config `finetune run` records
+            return name
     resolved = exp_dir.resolve()
     # `runs/<config>/output` layouts: the config folder names the experiment.
     return resolved.parent.name if resolved.name == "output" else resolved.name

@@ -152,7 +152,7 @@ def format_influences(rows: Sequence[dict], test_index: int, test_text: str | No
     """Plain-text listing of `top_influences` rows (removing a helpful example raises the loss)."""
     head = f"test example {test_index}"
     if test_text is not None:
-        head += f": {test_text}"
+        head += f": {' '.join(test_text.split())}"
     lines = [
         head,
         "removal change = simulated final loss without the example minus with it "
@@ -162,6 +162,6 @@ def format_influences(rows: Sequence[dict], test_index: int, test_text: str | No
     for r in rows:
         lines.append(
             f"{r['rank']:>4}  {r['train_index']:>6}  {r['removal_change']:>15.6g}  "
-            f"{r['count']:>5}  {r.get('text', '')}"
+            f"{r['count']:>5}  {' '.join(str(r.get('text', '')).split())}"  # one line a row
         )
     return "\n".join(lines) + "\n"

@@ -74,6 +74,8 @@ class Simulator:
         l2_a: ridge strength on A - a_prior.
         l2_b: ridge strength on B.
         a_prior: the value A is shrunk towards (1/batch by default in `fit`).
+        batch: the batch size of the fitting runs (None: unknown, e.g. an older file). A_i sit
+            near 1/batch, so a curriculum of another batch size is refused, not simulated.
     """
 
     A: jax.Array | np.ndarray  # [n_test, n_train]
@@ -82,6 +84,7 @@ class Simulator:
     l2_a: float
     l2_b: float
     a_prior: float
+    batch: int | None = None
 
     @property
     def n_test(self) -> int:
@@ -93,7 +96,7 @@ class Simulator:
 
 
 jax.tree_util.register_dataclass(
-    Simulator, data_fields=["A", "B"], meta_fields=["variant", "l2_a", "l2_b", "a_prior"]
+    Simulator, data_fields=["A", "B"], meta_fields=["variant", "l2_a", "l2_b", "a_prior", "batch"]
 )
 
 
@@ -320,6 +323,7 @@ class _Problem:
             l2_a=float(l2_a),
             l2_b=float(l2_b),
             a_prior=float(self.a_prior),
+            batch=int(self.batch),
         )
 
 
@@ -461,6 +465,8 @@ def _check_sim(sim: Simulator) -> None:
             f"Simulator A has shape {a} and B {b}; both must be [n_test, n_train] with the "
             "same non-zero sizes"
         )
+    if sim.batch is not None and (isinstance(sim.batch, bool) or not int(sim.batch) >= 1):
+        raise ValueError(f"Simulator batch={sim.batch!r} must be an int >= 1 or None")
 
 
 def simulate(sim: Simulator, curriculum, initial_losses) -> jax.Array:
@@ -516,6 +522,16 @@ def _concrete(x) -> np.ndarray | None:
         return None
 
 
+def batch_mismatch(sim: Simulator, batch: int) -> str | None:
+    """Why a curriculum of `batch` examples per step cannot be simulated, or None if it can."""
+    if sim.batch is None or int(batch) == int(sim.batch):
+        return None
+    return (
+        f"curriculum has batch {batch} but the simulator was fitted on batch {sim.batch} "
+        f"(its A_i sit near 1/{sim.batch}); simulate curricula of batch {sim.batch} or refit"
+    )
+
+
 def _check_sim_inputs(sim, curriculum, initial_losses, batched: bool):
     nd = 3 if batched else 2
     want_c = "[runs, steps, batch]" if batched else "[steps, batch]"
@@ -528,6 +544,8 @@ def _check_sim_inputs(sim, curriculum, initial_losses, batched: bool):
         )
     if not jnp.issubdtype(curriculum.dtype, jnp.integer):
         raise ValueError(f"curriculum dtype is {curriculum.dtype}; expected integer ids")
+    if msg := batch_mismatch(sim, curriculum.shape[-1]):
+        raise ValueError(msg)
     if not hasattr(initial_losses, "ndim"):
         initial_losses = np.asarray(initial_losses, np.float32)
     shape_ok = initial_losses.ndim == nd - 1 and initial_losses.shape[-1] == sim.n_test
@@ -922,7 +940,7 @@ def save_simulator(path, sim: Simulator) -> None:
 
     Args:
         path: destination file (its folder is created if needed; no suffix is appended).
-        sim: the `Simulator` to save (A, B, variant, l2_a, l2_b, a_prior).
+        sim: the `Simulator` to save (A, B, variant, l2_a, l2_b, a_prior, batch).
 
     Raises:
         ValueError: `sim` is not a valid Simulator.
@@ -936,6 +954,7 @@ def save_simulator(path, sim: Simulator) -> None:
         l2_a=np.asarray(sim.l2_a, np.float64),
         l2_b=np.asarray(sim.l2_b, np.float64),
         a_prior=np.asarray(sim.a_prior, np.float64),
+        **({} if sim.batch is None else {"batch": np.asarray(sim.batch, np.int64)}),
     )
 
 
@@ -956,7 +975,13 @@ def load_simulator(path) -> Simulator:
         raise ValueError(f"simulator file {path} does not exist; write one with `simfluence fit`")
     keys = ("A", "B", "variant", "l2_a", "l2_b", "a_prior")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(
+                f"{path}: not a simulator file (one array, not an .npz archive); "
+                "write one with `simfluence fit`"
+            )
+        with z:
             missing = [k for k in keys if k not in z.files]
             if missing:
                 raise ValueError(
@@ -964,6 +989,7 @@ def load_simulator(path) -> Simulator:
                     "write one with `simfluence fit`"
                 )
             data = {k: z[k] for k in keys}
+            batch = int(z["batch"]) if "batch" in z.files else None  # older files: unknown
     except ValueError:
         raise
     except Exception as e:  # zipfile / pickle errors: one line naming the file
@@ -983,6 +1009,7 @@ def load_simulator(path) -> Simulator:
         l2_a=float(data["l2_a"]),
         l2_b=float(data["l2_b"]),
         a_prior=float(data["a_prior"]),
+        batch=batch,
     )
 
 

@@ -384,3 +384,23 @@ def test_rerun_with_other_tokenizer_or_data_is_refused(
     ]
     assert _run(*rel) == 0
     assert capsys.readouterr().out.startswith("2 of 2 runs complete")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "CFG", "--max-steps", "0"], "--max-steps: '0' is not a positive integer"),
+        (["run", "CFG", "--max-steps", "-3"], "'-3' is not a positive integer"),
+        (["tracin", "EXP", "--mode", "foo"], "invalid choice: 'foo'"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ],
+)
+def test_flag_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, argv, needle):
+    cfg = _write_config(tmp_path / "c")
+    argv = [str(cfg) if a == "CFG" else str(tmp_path / "e") if a == "EXP" else a for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv[:2], "--out", str(tmp_path / "out"), *argv[2:]] if argv[0] == "run" else argv)
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert not (tmp_path / "out").exists()

@@ -319,6 +319,47 @@ def test_bad_inputs_exit_2_with_one_line(work, tmp_path, capsys):
         capsys,
         "--test 5 is outside 0..4",
     )
+    # A curriculum of another batch size than the fitted one (2): named, not "diverges".
+    np.save(tmp_path / "cur4.npy", np.concatenate([cur, cur], axis=1))
+    _bad(
+        [*base, "--curriculum", tmp_path / "cur4.npy", "--initial-losses", d / "l0.npy"],
+        capsys,
+        "cur4.npy: curriculum has batch 4 but the simulator was fitted on batch 2",
+        [pred],
+    )
+    # A single .npy array given as the simulator.
+    _bad(
+        [
+            "simulate",
+            d / "l0.npy",
+            "--curriculum",
+            d / "cur.npy",
+            "--initial-losses",
+            d / "l0.npy",
+            "--out",
+            pred,
+        ],
+        capsys,
+        "l0.npy: not a simulator file (one array, not an .npz archive)",
+        [pred],
+    )
+    # influence --exp naming a folder that is not an experiment.
+    _bad(
+        [
+            "influence",
+            d / "sim.npz",
+            "--curriculum",
+            d / "cur.npy",
+            "--initial-losses",
+            d / "l0.npy",
+            "--test",
+            "0",
+            "--exp",
+            tmp_path / "nope",
+        ],
+        capsys,
+        "nope",
+    )
     fig = tmp_path / "f.png"
     _bad(
         ["plot", exp, "--sim", d / "sim.npz", "--runs", "99", "--out", fig],

@@ -165,3 +165,13 @@ def test_lambda_at_the_cap_is_flagged_and_warned(flat_validation_exp):
     text = format_results(res)
     assert "| 1e+06 [1] |" in text
     assert "[1] λ_B at the upper cap of the extended default lambda search" in text
+
+
+def test_experiment_name_from_the_top_level_or_the_recorded_config(tmp_path):
+    ev = importlib.import_module("simfluence.evaluation")
+    out = tmp_path / "somewhere" / "output"
+    assert ev._experiment_name(out, {"name": "top"}) == "top"
+    # `finetune run` records the config, whose name wins over the folder's.
+    assert ev._experiment_name(tmp_path / "demo_out", {"config": {"name": "demo"}}) == "demo"
+    assert ev._experiment_name(out, {}) == "somewhere"  # runs/<config>/output
+    assert ev._experiment_name(tmp_path / "x", {"config": {"name": ""}}) == "x"

@@ -243,12 +243,17 @@ def test_save_load_round_trip(tmp_path):
     back = S.load_simulator(path)
     np.testing.assert_array_equal(np.asarray(back.A), np.asarray(sim.A))
     np.testing.assert_array_equal(np.asarray(back.B), np.asarray(sim.B))
-    assert (back.variant, back.l2_a, back.l2_b, back.a_prior) == (
+    assert (back.variant, back.l2_a, back.l2_b, back.a_prior, back.batch) == (
         sim.variant,
         sim.l2_a,
         sim.l2_b,
         sim.a_prior,
+        BATCH,
     )
+    # A file from before `batch` was recorded loads with batch unknown (no batch check).
+    with np.load(path) as z:
+        np.savez(tmp_path / "old.npz", **{k: z[k] for k in z.files if k != "batch"})
+    assert S.load_simulator(tmp_path / "old.npz").batch is None
 
 
 def test_bad_inputs_raise_one_line_errors(tmp_path):
@@ -287,6 +292,16 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     raises("initial_losses have shape", S.simulate, sim, curs[0], np.ones(N_TEST + 1))
     raises("initial_losses contain NaN", S.simulate, sim, curs[0], np.full(N_TEST, np.inf))
     raises("test_index=9 is outside", S.removal_influence, sim, curs[0], ls[0][0], 9)
+    wide = np.concatenate([curs[0], curs[0]], axis=1)  # batch 6, fitted on 3
+    for fn, args in ((S.simulate, ()), (S.removal_influence, (0,))):
+        raises(
+            "curriculum has batch 6 but the simulator was fitted on batch 3",
+            fn,
+            sim,
+            wide,
+            ls[0][0],
+            *args,
+        )
     raises(
         r"curriculum has shape \(5, 0\); expected int \[steps, batch\], sizes >= 1",
         S.simulate,

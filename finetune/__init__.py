@@ -33,11 +33,14 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+_SUBMODULES = {*_EXPORTS.values(), "cli", "curricula", "distributed", "tasks", "trainer"}
 
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
+        if name in _SUBMODULES:  # `finetune.hf.load_pretrained` after a bare `import finetune`
+            return importlib.import_module(f"finetune.{name}")
         raise AttributeError(f"module 'finetune' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"finetune.{module}"), name)
     globals()[name] = value

@@ -97,8 +97,13 @@ def partition(params: Params, mask: Params) -> tuple[Params, Params]:
     return trainable, frozen
 
 
-def combine(trainable: Params, frozen: Params) -> Params:
-    """Inverse of ``partition``: the full parameter tree."""
+def combine(trainable: Params, frozen: Params | None) -> Params:
+    """Inverse of ``partition``: the full parameter tree.
+
+    ``frozen`` may also be None or empty (``{}``) when every parameter is in ``trainable``.
+    """
+    if frozen is None or (isinstance(frozen, dict) and not frozen):
+        return trainable
     return jax.tree.map(
         lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
     )
@@ -112,12 +117,33 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
         targets: int32 [b, L_tgt], pad id 0.
 
     Returns:
-        float32 [b]; 0 for an example without any target token.
+        float32 [b]; 0 for an example without any target token; NaN for a target id outside
+        [0, vocab) (e.g. the ignore index -100: pad with 0 instead).
     """
     mask = (targets != 0).astype(jnp.float32)  # [b, L_tgt]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    nll = jnp.where((targets < 0) | (targets >= logits.shape[-1]), jnp.nan, nll)
     count = mask.sum(axis=-1)  # [b]
     return (nll * mask).sum(axis=-1) / jnp.maximum(count, 1.0)
+
+
+def _check_ids(what: str, x, ndim: int, want: str) -> jax.Array:
+    """``x`` as an array of integer ids with ``ndim`` axes, else a one-line ValueError."""
+    x = jnp.asarray(x)
+    if x.ndim != ndim or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{what} must be integer ids {want}; got {x.dtype} {tuple(x.shape)}")
+    return x
+
+
+def _check_batch(batch) -> tuple[jax.Array, jax.Array]:
+    if not isinstance(batch, dict) or not {"inputs", "targets"} <= set(batch):
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f'batch must be a dict with "inputs" and "targets"; got {keys}')
+    inputs = _check_ids('batch["inputs"]', batch["inputs"], 2, "[b, L_in]")
+    targets = _check_ids('batch["targets"]', batch["targets"], 2, "[b, L_tgt]")
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"batch inputs {inputs.shape} and targets {targets.shape} differ in b")
+    return inputs, targets
 
 
 def make_per_example_loss(graphdef) -> Callable[..., jax.Array]:
@@ -129,18 +155,25 @@ def make_per_example_loss(graphdef) -> Callable[..., jax.Array]:
     Returns:
         A pure function: ``params`` (full tree), ``batch`` {"inputs": int32 [b, L_in],
         "targets": int32 [b, L_tgt]}, ``dropout_rng`` (None: no dropout) -> the mean token
-        cross-entropy of each example over its non-padding target tokens, float32 [b].
+        cross-entropy of each example over its non-padding target tokens, float32 [b]. Pad id
+        is 0; a target row that is all padding has loss 0 (and so lowers a batch mean: the
+        run generator never builds one). Ids outside [0, vocab) give NaN.
+
+    Raises:
+        ValueError (when called): a batch that is not {"inputs", "targets"} of 2-D integer ids
+            with the same number of rows.
     """
 
     def per_example_loss(params: Params, batch: Batch, dropout_rng=None) -> jax.Array:
+        inputs, targets = _check_batch(batch)
         model = nnx.merge(graphdef, params)
         logits = model(
-            batch["inputs"],
-            batch["targets"],
+            inputs,
+            targets,
             deterministic=dropout_rng is None,
             dropout_rng=dropout_rng,
         )  # [b, L_tgt, vocab] float32
-        return token_losses(logits, batch["targets"])
+        return token_losses(logits, targets)
 
     return per_example_loss
 
@@ -161,6 +194,8 @@ def make_score_choices(graphdef) -> Callable[..., jax.Array]:
     """
 
     def score_choices(params: Params, inputs: jax.Array, choices: jax.Array) -> jax.Array:
+        inputs = _check_ids("inputs", inputs, 2, "[b, L_in]")
+        choices = _check_ids("choices", choices, 3, "[b, C, L_tgt]")
         model = nnx.merge(graphdef, params)
         b, c, lt = choices.shape
         encoded = model.encode(inputs)  # [b, L_in, d]

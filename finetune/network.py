@@ -460,6 +460,7 @@ class _Stack(nnx.Module):
     ):
         n = config.num_decoder_layers if decoder else config.num_layers
         self.decoder = decoder
+        self.fused = attention != "einsum"  # the fused kernels take key lengths, not masks
         self.scan_layers = scan_layers
         self.dtype = dtype
         self.dropout_rate = float(config.dropout_rate)
@@ -540,6 +541,13 @@ class _Stack(nnx.Module):
                 kv_lengths=lengths(cross_mask),
                 causal=False,
             )
+        if self.fused and not self.decoder:
+            # The fused kernels see each row's length, so they express right padding only. A
+            # row with a pad before a real token (left or inner padding) would get silently
+            # wrong attention: make its whole encoding (and so its loss) NaN instead.
+            m = self_mask[:, 0, 0, :]  # [b, l]
+            right = jnp.all(m == (jnp.arange(length) < lengths(self_mask)[:, None]), axis=-1)
+            embedded = jnp.where(right[:, None, None], embedded, jnp.nan)  # [b, l, d]
         x = keys.dropout(embedded, self.dropout_rate)
         if self.scan_layers and len(self.blocks) > 1:
             # lax.scan over the blocks' stacked parameters: compile time no longer grows with
@@ -578,6 +586,11 @@ class T5(nnx.Module):
             ``jax.nn.dot_product_attention`` with that implementation wherever the attention
             probabilities need no dropout (evaluation, or dropout rate 0); "cudnn" is the fused
             GPU kernel (bf16/fp16 only). Training with attention dropout keeps the einsum path.
+            The fused kernels take key lengths, so with "xla"/"cudnn" inputs must be
+            right-padded (pad id 0 only after the last token); any other row comes out NaN.
+
+    Token ids outside [0, vocab_size) (e.g. Hugging Face's ignore index -100) are not
+    supported: they give NaN, never a silently wrapped embedding.
 
     References:
         T5: https://arxiv.org/abs/1910.10683; IA3: https://arxiv.org/abs/2205.05638.
@@ -627,7 +640,10 @@ class T5(nnx.Module):
             )  # [d_model, vocab]
 
     def _embed(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.shared[...], ids, axis=0).astype(self.dtype)  # [b, l, d]
+        # Out-of-range ids (negative ones too: jnp.take would wrap them) embed as NaN.
+        ids = jnp.where((ids < 0) | (ids >= self.vocab_size), self.vocab_size, ids)
+        table = self.shared[...]  # [vocab, d_model]
+        return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan).astype(self.dtype)
 
     def encode(
         self, inputs: jax.Array, *, deterministic: bool = True, dropout_rng=None, _keys=None

@@ -7,10 +7,15 @@ outside the loop, donating ``trainable`` and ``opt_state``::
 
     step = jax.jit(make_train_step(loss_fn, opt), donate_argnums=(0, 1))
     trainable, opt_state, loss = step(trainable, opt_state, frozen, batch, rng)
+
+Donation deletes the arrays passed in: ``partition`` shares its leaves with the full ``params``
+(and the model they came from), so after the first donated step use the returned ``trainable``
+(``combine(trainable, frozen)``), never the old ``params`` or model.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -79,9 +84,24 @@ def make_train_step(
     Returns:
         A pure function. ``rng``: a PRNG key for dropout, or None for no dropout. ``l`` is the
         batch mean of the per-example losses before the update (float32 scalar).
+
+    Warns:
+        UserWarning (when traced): a trainable leaf stored in bfloat16 or float16. Updates of
+        about the learning rate (1e-3) fall below bf16's spacing near 1 (2^-7) and round away,
+        so IA3 vectors would never move; keep the trainable tree in float32.
     """
 
     def train_step(trainable, opt_state, frozen, batch, rng):
+        low = sorted({str(x.dtype) for x in jax.tree.leaves(trainable)} & {"bfloat16", "float16"})
+        if low:
+            warnings.warn(
+                f"trainable parameters stored in {', '.join(low)}: small updates round away "
+                "(IA3 vectors near 1 may never move); build the model with "
+                "param_dtype=float32 and keep bf16 as the compute dtype",
+                UserWarning,
+                stacklevel=2,
+            )
+
         def mean_loss(tr):
             return per_example_loss(combine(tr, frozen), batch, dropout_rng=rng).mean()
 

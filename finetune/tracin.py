@@ -261,10 +261,13 @@ def compute_dots(
 
     ``dots[z, i] = grad_t L(z; theta) . grad_t L(z_i; theta)`` where ``grad_t`` is the gradient
     with respect to the trainable parameters only and ``theta = combine(trainable, frozen)``.
-    One jitted call (compiled once per shapes and settings): per-example gradients by
-    ``vmap(grad)`` over chunks of ``chunk_size`` examples, one ``lax.scan`` over the test chunks
-    then the pool chunks (the model is traced once), no Python loop over examples. Pool and test
-    arrays with different trailing shapes take two scans instead (the model is traced twice).
+    One jitted call: per-example gradients by ``vmap(grad)`` over chunks of ``chunk_size``
+    examples, one ``lax.scan`` over the test chunks then the pool chunks (the model is traced
+    once), no Python loop over examples. Pool and test arrays with different trailing shapes take
+    two scans instead (the model is traced twice). The compiled function is cached on the
+    identity of ``per_example_loss`` and ``combine`` plus the settings and batch sizes, so pass
+    the same loss object for every checkpoint: a new closure (e.g. another
+    ``make_per_example_loss(graphdef)`` call) compiles again.
 
     Args:
         per_example_loss: ``(params, batch) -> f32 [b]``; the loss of each example of a batch
@@ -275,7 +278,9 @@ def compute_dots(
             targets int32 [n_train, L_tgt]).
         test_batch: same with leading axis n_test.
         mode: ``"exact"`` (flattened gradients) or ``"projected"`` (random projection to
-            ``proj_dim`` dimensions; unbiased, relative error about ``sqrt(2 / proj_dim)``).
+            ``proj_dim`` dimensions; unbiased, standard deviation at most about
+            ``sqrt(2 / proj_dim) * |g1| |g2|``, i.e. ``sqrt((1 + 1 / cos^2) / proj_dim)``
+            relative to the dot itself, large for nearly orthogonal gradients).
         proj_dim: projection dimension d (projected mode only); at most the number of
             trainable parameters.
         seed: seed of the projection (projected mode only); the same seed gives the same
@@ -289,7 +294,8 @@ def compute_dots(
 
     Raises:
         ValueError: unknown mode, bad chunk_size/proj_dim, proj_dim larger than the number of
-            trainable parameters, no trainable parameters, or batches of inconsistent sizes.
+            trainable parameters, no trainable parameters, batches of inconsistent sizes, or
+            train and test batches with different keys.
 
     References:
         Pruthi et al. 2020, https://arxiv.org/abs/2002.08484 (TracIn-CP); random projections as
@@ -306,6 +312,11 @@ def compute_dots(
         )
     n_train = _batch_size(train_batch, "train_batch")
     n_test = _batch_size(test_batch, "test_batch")
+    if set(train_batch) != set(test_batch):
+        raise ValueError(
+            f"train_batch has keys {sorted(train_batch)} but test_batch has {sorted(test_batch)}; "
+            "pass both with the same keys (drop the extra arrays)"
+        )
     if combine is None:
         combine = _default_combine()
     fn = _make_dots_fn(
@@ -459,8 +470,11 @@ def run_tracin(
     n_train pool examples with all n_test tracked examples (``compute_dots``) and writes
     ``steps`` int32 [K], ``learning_rates`` f32 [K], ``dots`` f32 [K, n_test, n_train], ``mode``,
     ``proj_dim`` (0 for exact) and ``seed`` atomically through ``simfluence.runlog.write_tracin``.
-    Runs that already have a ``tracin.npz`` are skipped (resumable per run). Every selected run
-    is checked (checkpoints present, lr.npy present) before anything is computed.
+    Runs whose ``tracin.npz`` already covers the checkpoints the run lists (meta.json's
+    ``checkpoint_steps``, else those on disk) are skipped (resumable per run), even if the
+    checkpoints have since been deleted; a ``tracin.npz`` with other steps is recomputed with a
+    warning. Every other selected run is checked (checkpoints present, lr.npy present) before
+    anything is computed.
 
     Args:
         exp_dir: experiment directory (experiment.json, run_XXX/ with checkpoints/).
@@ -495,17 +509,9 @@ def run_tracin(
     for index, run_dir in selected:
         steps = sorted(int(s) for s in checkpoint_steps(run_dir))
         promised = _promised_steps(run_dir)
-        if promised is not None and sorted(promised) != steps:
-            lost = sorted(set(promised) - set(steps))
-            raise ValueError(
-                f"{run_dir / 'checkpoints'}: meta.json lists checkpoints at steps {promised} but "
-                f"found {steps} (missing {lost}); re-run training for run {index}"
-            )
-        if not steps:
-            without.append((index, run_dir))
-            continue
+        listed = sorted(promised) if promised is not None else steps
         done = read_tracin(run_dir)
-        if done is not None:
+        if done is not None and done["steps"].tolist() == listed:
             asked = (mode, int(proj_dim) if mode == "projected" else 0, int(seed))
             have = (done["mode"], int(done["proj_dim"]), int(done["seed"]))
             message = (
@@ -517,6 +523,22 @@ def run_tracin(
             elif progress:
                 print(message, file=sys.stderr)
             continue
+        if promised is not None and sorted(promised) != steps:
+            lost = sorted(set(promised) - set(steps))
+            raise ValueError(
+                f"{run_dir / 'checkpoints'}: meta.json lists checkpoints at steps {promised} but "
+                f"found {steps} (missing {lost}); re-run training for run {index}"
+            )
+        if not steps:
+            without.append((index, run_dir))
+            continue
+        if done is not None:
+            _LOG.warning(
+                "%s: checkpoint steps %s differ from the run's checkpoints %s; recomputing it",
+                run_dir / "tracin.npz",
+                done["steps"].tolist(),
+                steps,
+            )
         plan.append((index, run_dir, steps, _lr_at_checkpoints(run_dir, steps)))
     if without and (runs is not None or len(without) == len(selected)):
         index, run_dir = without[0]
@@ -660,7 +682,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
             "the per-example gradient dot products of all training-pool examples with all "
             "tracked test examples (trainable parameters only: IA3 vectors or the full model) "
             "and write run_XXX/tracin.npz (steps, learning_rates, dots [K, n_test, n_train]). "
-            "Runs that already have tracin.npz are skipped. A checkpoint at step s is the state "
+            "Runs whose tracin.npz covers their checkpoints are skipped (one with other "
+            "checkpoint steps is recomputed). A checkpoint at step s is the state "
             "after s steps; its learning rate is that of step s+1. "
             "TracIn: Pruthi et al. 2020, arXiv 2002.08484."
         ),
@@ -685,8 +708,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         "--proj-dim",
         type=positive_int,
         default=4096,
-        help="projection dimension d in projected mode; relative error of a dot product is "
-        "about sqrt(2/d); must not exceed the number of trainable parameters (default: 4096)",
+        help="projection dimension d in projected mode; the error of a dot product g1.g2 has "
+        "standard deviation about sqrt((1 + 1/cos^2)/d) times |g1.g2| (at most sqrt(2/d) "
+        "|g1||g2|); must not exceed the number of trainable parameters (default: 4096)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random projection (default: 0)"

@@ -5,8 +5,9 @@ For test example z and step t consuming batch c_t (repeats counted)::
     L_t(z) = L_{t-1}(z) - s * sum_{i in c_t} (eta_t / b) * dots[k(t), z, i]
 
 where dots[k, z, i] = grad L(z; theta_k) . grad L(z_i; theta_k) at checkpoint k (from
-`tracin.npz`), k(t) is the latest checkpoint at or before step t (steps before the first
-checkpoint use the first), eta_t is the run's learning rate at step t (`lr.npy`) when present,
+`tracin.npz`), k(t) is the latest checkpoint at a step s <= t - 1 (a checkpoint at step s holds
+the parameters after s steps, which step s + 1 starts from; steps before the first checkpoint
+use the first), eta_t is the run's learning rate at step t (`lr.npy`) when present,
 else the checkpoint's learning rate, b the batch size (the training loss is a batch mean), and
 
 - `tracin-cp`: s = 1 (first-order Taylor step of SGD);
@@ -17,7 +18,8 @@ else the checkpoint's learning rate, b the batch size (the training loss is a ba
 Design choice: the dot products belong to the checkpoints of a particular run, but a held-out
 (or hypothetical) curriculum has no checkpoints of its own. We therefore simulate every run with
 the dots (and checkpoint learning rates) averaged over the FITTING runs that have `tracin.npz`;
-those must share the checkpoint `steps`. The same averaged dots are used to fit s.
+those must share the checkpoint `steps` and the dot-product setting (mode, and for projected
+dots the projection dimension and seed). The same averaged dots are used to fit s.
 
 References:
     Pruthi et al., "Estimating Training Data Influence by Tracing Gradient Descent", 2020.
@@ -87,7 +89,8 @@ def from_runs(runs: Sequence[Run], *, variant: str = "tracin-cp") -> TracInSimul
         A `TracInSimulator`.
 
     Raises:
-        RunLogError: no fitting run has tracin.npz, or their checkpoint steps differ.
+        RunLogError: no fitting run has tracin.npz, or their checkpoint steps or dot-product
+            settings (mode; proj_dim and seed for projected dots) differ.
         ValueError: unknown variant.
     """
     if variant not in TRACIN_VARIANTS:
@@ -108,6 +111,15 @@ def from_runs(runs: Sequence[Run], *, variant: str = "tracin-cp") -> TracInSimul
                 f"{r0.path.name}'s {t0['steps'].tolist()}; TracIn-CP averages dots over fitting "
                 "runs, which needs the same checkpoint steps"
             )
+        a, b = _settings(t0), _settings(t)
+        differ = [f"{k}={a[k]} vs {b[k]}" for k in a if k in b and a[k] != b[k]]
+        if differ:
+            raise RunLogError(
+                f"{r0.path / 'tracin.npz'} and {r.path / 'tracin.npz'} hold dot products of "
+                f"different settings ({', '.join(differ)}); averaging them mixes estimates: "
+                "delete the fitting runs' tracin.npz and recompute with one mode "
+                "(`finetune tracin EXP` with one --mode, --proj-dim and --seed)"
+            )
     dots = np.mean([t["dots"] for _, t in loaded], axis=0, dtype=np.float64).astype(np.float32)
     lrs = np.mean([t["learning_rates"] for _, t in loaded], axis=0).astype(np.float32)
     sim = TracInSimulator(
@@ -121,6 +133,13 @@ def from_runs(runs: Sequence[Run], *, variant: str = "tracin-cp") -> TracInSimul
     if variant == "tracin-cp-rescaled":
         sim = replace(sim, scale=fit_scale(sim, runs), variant=variant)
     return sim
+
+
+def _settings(t: dict) -> dict:
+    """The settings that define a tracin.npz's dots (`read_tracin` output); exact dots do not
+    depend on the projection seed, so it is left out for them."""
+    names = ("mode", "proj_dim", "seed") if t["mode"] == "projected" else ("mode", "proj_dim")
+    return {k: t[k] for k in names}
 
 
 @jax.jit

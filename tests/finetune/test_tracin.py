@@ -182,6 +182,20 @@ def test_bad_arguments_raise():
         tracin.compute_dots(_mlp_loss, trainable, frozen, bad, test, combine=_combine)
 
 
+def test_batches_with_different_keys_raise_one_line():
+    """A test batch with an extra array (e.g. ids) is named, not a raw pytree-structure error."""
+    trainable, frozen, train, test = _mlp_setup()
+    with pytest.raises(
+        ValueError,
+        match=r"train_batch has keys \['x', 'y'\] but test_batch has "
+        r"\['id', 'x', 'y'\]",
+    ) as e:
+        tracin.compute_dots(
+            _mlp_loss, trainable, frozen, train, {**test, "id": jnp.arange(4)}, combine=_combine
+        )
+    assert "\n" not in str(e.value)
+
+
 # ---- first-order exactness on linear least squares with plain SGD ----------------------------
 
 
@@ -452,3 +466,59 @@ def test_run_tracin_rejects_a_checkpoint_of_another_config(tiny_exp, tmp_path):
         tracin.run_tracin(exp_dir, progress=False)
     assert not list(exp_dir.glob("run_*/tracin.npz"))
     gc.collect()  # collect orbax's abandoned coroutines here, under this test's filter
+
+
+def _write_stale(run_dir, steps, n_test=3, n_train=6):
+    from simfluence import runlog
+
+    dots = np.full((len(steps), n_test, n_train), 7.0, np.float32)
+    runlog.write_tracin(run_dir, steps, np.full(len(steps), 0.5, np.float32), dots, "exact", 0, 0)
+
+
+def test_run_tracin_recomputes_a_tracin_npz_of_other_checkpoints(tiny_exp, tmp_path, caplog):
+    """A tracin.npz whose steps are not the run's checkpoints (e.g. left from an earlier training
+    with other checkpoint_steps) is recomputed with a one-line warning, not skipped."""
+    import shutil
+
+    from simfluence import runlog
+
+    exp_dir = tmp_path / "exp"
+    shutil.copytree(tiny_exp[0], exp_dir)
+    lr = tiny_exp[3]
+    _write_stale(exp_dir / "run_000", [0])  # the run's checkpoints are at steps 0 and 2
+    with caplog.at_level("WARNING", logger="finetune.tracin"):
+        written = tracin.run_tracin(exp_dir, runs=[0], chunk_size=4, progress=False)
+    assert written == [exp_dir / "run_000" / "tracin.npz"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert "run_000/tracin.npz: checkpoint steps [0] differ" in warned[0], warned
+    got = runlog.read_tracin(exp_dir / "run_000")
+    np.testing.assert_array_equal(got["steps"], [0, 2])
+    np.testing.assert_array_equal(got["learning_rates"], lr[[0, 2]])
+    assert not (got["dots"] == 7.0).any()  # none of the stale values survive
+
+
+def test_run_tracin_keeps_a_finished_tracin_npz_after_its_checkpoints_are_deleted(
+    tiny_exp, tmp_path, capsys
+):
+    """Deleting the checkpoints once tracin.npz is written (to free disk) must not make
+    `finetune tracin` fail; a tracin.npz of other steps still needs the checkpoints."""
+    import shutil
+
+    from finetune.cli import main as finetune_main
+
+    exp_dir = tmp_path / "exp"
+    shutil.copytree(tiny_exp[0], exp_dir)
+    for r in (0, 1):
+        _write_stale(exp_dir / f"run_{r:03d}", [0, 2])  # matches meta.json's checkpoint_steps
+        shutil.rmtree(exp_dir / f"run_{r:03d}" / "checkpoints")
+    path = exp_dir / "run_000" / "tracin.npz"
+    mtime = path.stat().st_mtime_ns
+    assert tracin.run_tracin(exp_dir, progress=False) == []
+    assert finetune_main(["tracin", str(exp_dir), "--runs", "0-1"]) == 0
+    assert "wrote 0 tracin.npz" in capsys.readouterr().out
+    assert path.stat().st_mtime_ns == mtime
+    # With a tracin.npz that does not cover the listed checkpoints, the missing ones are an error.
+    _write_stale(exp_dir / "run_000", [0])
+    with pytest.raises(ValueError, match=r"meta.json lists checkpoints at steps \[0, 2\]"):
+        tracin.run_tracin(exp_dir, progress=False)

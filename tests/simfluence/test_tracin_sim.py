@@ -104,3 +104,29 @@ def test_errors(tmp_path):
         tracin.from_runs(runlog.load_runs(exp2))
     with pytest.raises(ValueError, match="unknown"):
         tracin.from_runs(runlog.load_runs(exp2), variant="tracin")
+
+
+def test_fitting_runs_must_share_the_dot_settings(tmp_path):
+    """Averaging exact with projected dots, or projections of other dimensions or seeds, would
+    silently mix estimates of different random matrices: one-line error naming both files. Exact
+    dots do not depend on the seed, so exact files of different seeds are averaged."""
+    dots = np.ones((2, N_TEST, N_TRAIN), np.float32)
+    cases = [
+        (("exact", 0, 0), ("projected", 8, 0), "mode=exact vs projected"),
+        (("projected", 8, 0), ("projected", 16, 0), "proj_dim=8 vs 16"),
+        (("projected", 8, 0), ("projected", 8, 1), "seed=0 vs 1"),
+        (("exact", 0, 0), ("exact", 0, 7), None),
+    ]
+    for j, (setting, other, differ) in enumerate(cases):
+        exp = _exp(tmp_path / str(j), tracin_runs=())
+        runlog.write_tracin(runlog.run_dir(exp, 0), [2, 5], [1e-3, 5e-4], dots, *setting)
+        runlog.write_tracin(runlog.run_dir(exp, 1), [2, 5], [1e-3, 5e-4], 3 * dots, *other)
+        runs = runlog.load_runs(exp)[:2]
+        if differ is None:
+            np.testing.assert_array_equal(tracin.from_runs(runs).dots, 2 * dots)
+            continue
+        with pytest.raises(RunLogError, match=differ) as e:
+            tracin.from_runs(runs)
+        message = str(e.value)
+        assert "run_000/tracin.npz and " in message and "run_001/tracin.npz" in message
+        assert "recompute with one mode" in message and "\n" not in message

@@ -90,9 +90,18 @@ def _run(args: argparse.Namespace) -> int:
         max_steps_this_call=args.max_steps,
     )
     if result["interrupted"]:
+        stop = result["stop"]
+        runs = f"runs {stop['runs'][0]}-{stop['runs'][-1]}"
+        lost = stop["step"] - stop["kept_step"]
+        where = (
+            f"; {runs} stopped at step {stop['step']} and continue from their checkpoint at "
+            f"step {stop['kept_step']} ({lost} step(s) will be redone)"
+            if lost
+            else f"; {runs} continue from step {stop['kept_step']}"
+        )
         print(
             f"stopped after --max-steps {args.max_steps}; {len(result['complete'])} of "
-            f"{config.num_runs} runs complete in {out} (run the same command to continue)"
+            f"{config.num_runs} runs complete in {out}{where} (run the same command to continue)"
         )
         return 0
     print(

@@ -39,7 +39,7 @@ class WarmupConfig:
     batch_size: int = 16  # examples per warm-up step
     n_examples: int = 1000  # warm-up examples drawn from the train split outside the pool
     learning_rate: float = 1e-3  # AdamW learning rate, constant
-    seed: int = 0  # seed of the warm-up example draw and order
+    seed: int = 0  # seed of the warm-up order (the examples come from the experiment's data_seed)
 
     def __post_init__(self):
         if wrong := _type_error(self, _WARMUP_TYPED_FIELDS):
@@ -130,7 +130,7 @@ class ExperimentConfig:
     # --- optimizer ----------------------------------------------------------------------------
     optimizer: str = "adamw"  # "adamw" | "adafactor"
     learning_rate: float = 1e-4  # peak learning rate (T-Few IA3: 3e-3)
-    schedule: str = "constant"  # "constant" | "linear" (decay to 0) | "cosine" (decay to 0)
+    schedule: str = "constant"  # "constant" | "linear" | "cosine" (decay towards 0, see README)
     warmup_steps: int = 0  # linear lr warm-up at the start of each run (step t: lr*t/warmup_steps)
     weight_decay: float = 0.0  # decoupled weight decay (AdamW only)
     grad_clip_norm: float | None = None  # clip gradients to this global norm (T-Few: 1.0)
@@ -243,10 +243,13 @@ class ExperimentConfig:
             bad(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
         pool = self.subset_size if self.curriculum == "subset" else self.n_train
         if self.curriculum == "subset":
-            if self.subset_size is None or not 1 <= self.subset_size <= self.n_train:
+            if self.subset_size is None or not (
+                min(self.batch_size, self.n_train) <= self.subset_size <= self.n_train
+            ):
                 bad(
-                    f"subset_size={self.subset_size} must be in [1, n_train={self.n_train}] "
-                    "for curriculum 'subset'"
+                    f"subset_size={self.subset_size} must be in [batch_size={self.batch_size}, "
+                    f"n_train={self.n_train}] for curriculum 'subset' (each run trains on its "
+                    "own random subset of that many pool examples)"
                 )
         elif self.subset_size is not None:
             bad("subset_size is only used with curriculum 'subset'; remove it")

@@ -232,8 +232,12 @@ def _prepare(
     train = load_split(config.task, config.train_split, data_dir)
     test = load_split(config.task, config.test_split, data_dir)
     n_warm = config.warmup.n_examples if config.warmup else 0
-    if config.n_train + n_warm > len(train):
+    # Tracked examples drawn from the training split itself stay out of the pool and warm-up.
+    same = config.train_split == config.test_split
+    n_used = config.n_train + n_warm + (config.n_test if same else 0)
+    if n_used > len(train):
         extra = f" + warmup.n_examples={n_warm}" if n_warm else ""
+        extra += f" + n_test={config.n_test} (same split)" if same else ""
         raise TaskError(
             f"config {config.name!r}: n_train={config.n_train}{extra} exceeds the "
             f"{len(train)} examples of {config.task} {config.train_split}; lower it"
@@ -267,9 +271,14 @@ def _prepare(
         candidates = np.setdiff1d(np.arange(n_total), np.asarray(exclude, dtype=np.int64))
         return rng.choice(candidates, size=n, replace=False)
 
-    pool_idx = draw(len(train), config.n_train, 0)
     test_idx = draw(len(test), config.n_test, 1)
-    warm_idx = draw(len(train), n_warm, 2, exclude=pool_idx) if n_warm else np.zeros(0, int)
+    held = test_idx if same else np.zeros(0, int)  # (different splits: draws as before)
+    pool_idx = draw(len(train), config.n_train, 0, exclude=held)
+    warm_idx = (
+        draw(len(train), n_warm, 2, exclude=np.concatenate([pool_idx, held]))
+        if n_warm
+        else np.zeros(0, int)
+    )
     pool = [train[i] for i in pool_idx]
     tracked = [test[i] for i in test_idx]
     warm = [train[i] for i in warm_idx]
@@ -871,6 +880,16 @@ def _accuracy(scores_rows: np.ndarray, tracked: TrackedSet) -> np.ndarray:
     return (per.argmin(1) == tracked.labels[None]).mean(1).astype(np.float32)
 
 
+def _next_kept_step(config: ExperimentConfig, runs: Sequence[int], s0: int) -> int:
+    """The first step after ``s0`` whose state a stop would keep for ``runs``: their next
+    checkpoint, else the end of the runs (which writes them complete)."""
+    if all(config.saves_checkpoints(r) for r in runs):
+        later = [s for s in config.checkpoint_steps if s > s0]
+        if later:
+            return min(later)
+    return config.steps
+
+
 def _resume_step(config: ExperimentConfig, exp_dir: Path, todo: Sequence[int]) -> int:
     """The latest step checkpointed by every run in ``todo`` (0: start over)."""
     common = None
@@ -903,13 +922,17 @@ def run_experiment(
         progress: show a tqdm bar over runs and steps (steps/s, ETA).
         max_steps_this_call: stop after this many group steps (for tests of resume and for
             time-limited jobs); the runs in progress stay incomplete and resume from their latest
-            checkpoint on the next call.
+            checkpoint on the next call, so steps after it are redone. A group that this budget
+            could not take to a checkpoint (or to its end) is not started.
 
     Returns:
-        {"complete": [run indices], "interrupted": bool, "seconds": float}.
+        {"complete": [run indices], "interrupted": bool, "seconds": float, "stop": None or
+        {"runs": the group that stopped, "step": where it stopped, "kept_step": the step it
+        continues from}}.
 
     Raises:
-        TaskError, ExperimentError, RunLogError: bad input (nothing half-written).
+        TaskError, ExperimentError, RunLogError: bad input (nothing half-written), including a
+            ``max_steps_this_call`` too small to keep any step of the first group it meets.
         NonFiniteLossError: a loss became non-finite (names the run and the step).
     """
     start_all = time.perf_counter()
@@ -996,19 +1019,38 @@ def run_experiment(
         bar=bar,
     )
     budget = max_steps_this_call
-    interrupted = False
+    interrupted, stop, trained = False, None, False
     for group in groups:
         todo = [r for r in group if not status.get(r)]
         if not todo:
             continue
-        if budget is not None and budget <= 0:
-            interrupted = True
-            break
-        used, stopped = _train_group(ctx, todo, budget)
+        if budget is not None:
+            # A stop keeps each run's state at its last checkpoint only: refuse a budget that
+            # would train this group and keep nothing of it.
+            s0 = _resume_step(config, exp_dir, group)
+            keep = _next_kept_step(config, group, s0)
+            if budget < keep - s0:
+                if not trained:  # this call would do nothing that lasts
+                    where = "their next checkpoint" if keep < config.steps else "the end"
+                    raise E.ExperimentError(
+                        f"--max-steps {max_steps_this_call} is too few: runs {group[0]}-"
+                        f"{group[-1]} continue from step {s0} and keep nothing before step "
+                        f"{keep} ({where}); give --max-steps {keep - s0} or more"
+                    )
+                interrupted = True
+                stop = {"runs": group, "step": s0, "kept_step": s0}
+                break
+        # The whole group trains again, complete members included, so that a run resumed after
+        # a crash during the group's final writes sees the same R (vmap width) as before: its
+        # files stay bitwise identical. Only the incomplete members are written.
+        s0, used, stopped = _train_group(ctx, group, todo, budget)
+        trained = True
         if budget is not None:
             budget -= used
         if stopped:
             interrupted = True
+            kept = _resume_step(config, exp_dir, group)
+            stop = {"runs": group, "step": s0 + used, "kept_step": kept}
             break
         for r in todo:
             status[r] = True
@@ -1016,6 +1058,7 @@ def run_experiment(
     return {
         "complete": sorted(r for r, c in status.items() if c and r < config.num_runs),
         "interrupted": interrupted,
+        "stop": stop,
         "seconds": time.perf_counter() - start_all,
     }
 
@@ -1041,26 +1084,32 @@ class _Context:
     start_accuracy: float | None = None
 
 
-def _train_group(ctx: _Context, todo: list[int], budget: int | None) -> tuple[int, bool]:
-    """Trains the runs ``todo`` together (from their latest common checkpoint) and writes them.
+def _train_group(
+    ctx: _Context, group: list[int], write: list[int], budget: int | None
+) -> tuple[int, int, bool]:
+    """Trains the runs ``group`` together (from their latest common checkpoint) and writes the
+    ones in ``write`` (the incomplete ones; complete members only train alongside).
 
     Returns:
-        (group steps taken, whether the step budget stopped the group before its end).
+        (start step, group steps taken, whether the step budget stopped the group early).
     """
     config, progs, tracked, mesh = ctx.config, ctx.progs, ctx.tracked, ctx.mesh
     g_start = time.perf_counter()
+    todo = group  # every member trains: the same R as an uninterrupted run
+    writes = [r in set(write) for r in todo]
     R = len(todo)
     dirs = [runlog.run_dir(ctx.exp_dir, r) for r in todo]
-    for r, d in zip(todo, dirs, strict=True):  # each curriculum is written before training
+    for r, d, w in zip(todo, dirs, writes, strict=True):  # curricula written before training
         path = d / "curriculum.npy"
         if path.is_file() and not np.array_equal(np.load(path), ctx.curricula[r]):
             raise E.ExperimentError(
                 f"{path} differs from the curriculum of run {r}; delete {d} to retrain it"
             )
-        if ctx.writer:
+        if ctx.writer and w:
             d.mkdir(parents=True, exist_ok=True)
             runlog.atomic_save_npy(path, ctx.curricula[r])
     s0 = _resume_step(config, ctx.exp_dir, todo)
+    ctx.bar.update(len(write) * s0)  # steps an earlier call already kept
     losses = np.zeros((R, config.steps + 1, config.n_test), np.float32)
     train_loss = np.zeros((R, config.steps), np.float32)
     if s0 > 0:
@@ -1103,7 +1152,8 @@ def _train_group(ctx: _Context, todo: list[int], budget: int | None) -> tuple[in
             which = [todo[i] for i in range(R) if not finite[i, k]]
             raise NonFiniteLossError(
                 f"{config.name}: non-finite loss at step {first + k} of run(s) {which}; "
-                "lower the learning rate (the run stays incomplete)"
+                "lower the learning rate and train into a new folder (the run stays "
+                "incomplete, and this folder refuses a changed config)"
             )
         pending.clear()
 
@@ -1112,7 +1162,7 @@ def _train_group(ctx: _Context, todo: list[int], budget: int | None) -> tuple[in
         # compile) one small program per leaf and run.
         host_tr, host_op = jax.device_get((tr, op))
         for i, (r, d) in enumerate(zip(todo, dirs, strict=True)):
-            if config.saves_checkpoints(r):
+            if writes[i] and config.saves_checkpoints(r):
                 # The log so far, at full length (rows after `step` are zero).
                 E.save_checkpoint(
                     d,
@@ -1154,15 +1204,17 @@ def _train_group(ctx: _Context, todo: list[int], budget: int | None) -> tuple[in
             flush(pending, t)
         if t in config.checkpoint_steps:
             save(t, tr, op)
-        ctx.bar.update(R)
+        ctx.bar.update(len(write))
         used += 1
         if budget is not None and used >= budget and t < config.steps:
             flush(pending, t)
-            return used, True
+            return s0, used, True
     end_acc = _accuracy(np.asarray(progs["scores"](tr, ctx.frozen, tracked.buckets)), tracked)
     seconds = time.perf_counter() - g_start
     if ctx.writer:
         for i, (r, d) in enumerate(zip(todo, dirs, strict=True)):
+            if not writes[i]:  # complete already: its files are those of the first time
+                continue
             _write_metrics(d / METRICS_FILE, train_loss[i], ctx.lrs, losses[i])
             runlog.write_run(
                 d,
@@ -1189,7 +1241,7 @@ def _train_group(ctx: _Context, todo: list[int], budget: int | None) -> tuple[in
                     else [],
                 },
             )
-    return used, False
+    return s0, used, False
 
 
 def _write_metrics(path: Path, train_loss: np.ndarray, lrs: np.ndarray, losses: np.ndarray) -> None:

@@ -124,12 +124,27 @@ def test_resume_is_bitwise_identical(finished, data_dir, t5_tokenizer_dir):
             assert a == (out2 / f"run_{r:03d}" / name).read_bytes(), name
 
 
-def test_resume_from_step_0_after_a_kill(tmp_path, data_dir, t5_tokenizer_dir):
+def test_resume_from_step_0_after_a_kill(tmp_path, data_dir, t5_tokenizer_dir, capsys):
     """A run killed before its second checkpoint resumes from step 0, which is checkpointed."""
     cfg = _write_config(tmp_path / "c0", checkpoint_steps=(0, 4))
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert _run(cfg, whole, data_dir, t5_tokenizer_dir) == 0
-    assert _run(cfg, cut, data_dir, t5_tokenizer_dir, "--max-steps", "2") == 0
+    # A budget that cannot reach the next checkpoint would be thrown away: refused up front.
+    capsys.readouterr()
+    _bad(
+        capsys,
+        _run(cfg, cut, data_dir, t5_tokenizer_dir, "--max-steps", "2"),
+        "--max-steps 2 is too few: runs 0-1 continue from step 0",
+        "give --max-steps 4 or more",
+    )
+    assert not (cut / "run_000").exists()
+    # The kill: everything after the step-0 checkpoint is gone.
+    shutil.copytree(whole, cut, dirs_exist_ok=True)
+    for r in range(2):
+        d = cut / f"run_{r:03d}"
+        shutil.rmtree(d / E.CHECKPOINT_DIR / "4")
+        for name in ("meta.json", *FILES[1:]):
+            (d / name).unlink()
     assert E.checkpoint_steps(cut / "run_000") == [0]
     assert _run(cfg, cut, data_dir, t5_tokenizer_dir) == 0
     for r in range(2):
@@ -137,6 +152,24 @@ def test_resume_from_step_0_after_a_kill(tmp_path, data_dir, t5_tokenizer_dir):
         for name in FILES:
             a = (whole / f"run_{r:03d}" / name).read_bytes()
             assert a == (cut / f"run_{r:03d}" / name).read_bytes(), name
+
+
+def test_a_kill_during_a_groups_final_writes_resumes_bitwise(finished, data_dir, t5_tokenizer_dir):
+    """Run 0 of the group was written, run 1 not: run 1 trains again beside run 0 (the same
+    vmap width), and its files equal the uninterrupted ones."""
+    root, cfg, out = finished
+    cut = root / "killed_in_writes"
+    shutil.copytree(out, cut)
+    for name in ("meta.json", "losses.npy", "metrics.jsonl"):
+        (cut / "run_001" / name).unlink()
+    before = {n: (cut / "run_000" / n).read_bytes() for n in ("meta.json", *FILES)}
+    assert _run(cfg, cut, data_dir, t5_tokenizer_dir) == 0
+    meta = json.loads((cut / "run_001" / "meta.json").read_text())
+    assert meta["runs_together"] == 2 and meta["resumed_from_step"] == 4
+    for name in FILES:
+        assert (out / "run_001" / name).read_bytes() == (cut / "run_001" / name).read_bytes()
+    for name, data in before.items():  # the complete member is not rewritten
+        assert (cut / "run_000" / name).read_bytes() == data, name
 
 
 def test_ia3_length_groups_end_to_end_and_resume(tmp_path, data_dir, t5_tokenizer_dir):
@@ -181,6 +214,10 @@ def _bad(capsys, code, *needles):
         ({"test_split": "test"}, ["test_split='test'"]),
         ({"n_test": 300}, ["n_test=300 exceeds the 277 examples"]),
         ({"batch_size": 9}, ["batch_size=9 is larger than the pool"]),
+        (
+            {"curriculum": "subset", "subset_size": 1},
+            ["subset_size=1 must be in [batch_size=2, n_train=8]"],
+        ),
         ({"checkpoint_steps": (2, 5)}, ["checkpoint_steps [2, 5]"]),
         (_CUDNN, ["attention='cudnn' needs a GPU"]),
     ],
@@ -404,3 +441,27 @@ def test_flag_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, arg
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_tracked_examples_from_the_train_split_stay_out_of_pool_and_warmup(
+    tmp_path, data_dir, t5_tokenizer_dir
+):
+    from finetune.config import ExperimentConfig, WarmupConfig
+    from finetune.trainer import prepare_experiment
+
+    # RTE train has 2490 examples: this draw leaves no room for overlap to hide by chance.
+    config = ExperimentConfig(
+        **{**TINY, "n_train": 2400, "n_test": 80, "test_split": "train"},
+        warmup=WarmupConfig(steps=1, batch_size=2, n_examples=10),
+    )
+    info = prepare_experiment(
+        config, tmp_path / "same", data_dir=data_dir, tokenizer=str(t5_tokenizer_dir)
+    )
+    pool, test, warm = (set(info[k]) for k in ("pool_ids", "test_ids", "warmup_ids"))
+    assert (len(pool), len(test), len(warm)) == (2400, 80, 10)
+    assert not pool & test and not warm & test and not warm & pool
+    too_many = ExperimentConfig(**{**TINY, "n_train": 2420, "n_test": 80, "test_split": "train"})
+    with pytest.raises(ValueError, match=r"n_train=2420 \+ n_test=80 \(same split\) exceeds"):
+        prepare_experiment(
+            too_many, tmp_path / "big", data_dir=data_dir, tokenizer=str(t5_tokenizer_dir)
+        )

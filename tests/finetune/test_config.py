@@ -45,7 +45,10 @@ def test_round_trip():
         ({"task": "mnli"}, "unknown task 'mnli'"),
         ({"test_split": "test"}, "test_split='test' is not a split of rte"),
         ({"batch_size": 11}, "batch_size=11 is larger than the pool"),
-        ({"curriculum": "subset", "subset_size": 3, "batch_size": 4}, "larger than the pool"),
+        (
+            {"curriculum": "subset", "subset_size": 3, "batch_size": 4},
+            r"subset_size=3 must be in \[batch_size=4",
+        ),
         ({"curriculum": "subset"}, "subset_size=None"),
         ({"checkpoint_steps": (2, 6)}, r"checkpoint_steps \[2, 6\] must lie in \[0, steps=5\]"),
         ({"checkpoint_steps": (3, 2)}, "increasing"),

@@ -85,7 +85,7 @@ table: $(INSTALL_DEP)  ## All finished experiments (runs/*/output) into results/
 bench: $(INSTALL_DEP)  ## Every benchmark script that fits this machine (CPU sizes).
 	$(PYTHON) scripts/bench_fit.py
 	$(PYTHON) scripts/bench_model.py
-	$(PYTHON) scripts/bench_runs.py
+	$(PYTHON) scripts/bench_runs.py --synthetic
 	$(PYTHON) scripts/bench_tracin.py
 
 lint: $(INSTALL_DEP)  ## ruff format --check and ruff check.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 import transformers
+from _bench_args import nonneg_int, positive_int, positive_int_list, rate
 
 # The issue's PyTorch reference points (H200): small/32, base/8, base/32, large/32, T0-3B/8.
 REFERENCE_POINTS = [("small", 32), ("base", 8), ("base", 32), ("large", 32), ("t0-3b", 8)]
@@ -45,10 +46,20 @@ def t5_config(size: str, dropout: float) -> transformers.T5Config:
     return transformers.T5Config(**t5_kwargs(size, dropout))
 
 
+# Defaults of the size flags left unset: (GPU, CPU). CPU: shorter inputs, fewer steps, float32
+# (bf16 matmuls are emulated on CPU: an eager torch bf16 step of t5-small takes ~30 s there).
+POINT_DEFAULTS = {
+    "input_len": (256, 64),
+    "warmup": (3, 1),
+    "iters": (10, 3),
+    "dtype": ("bfloat16", "float32"),
+}
+
+
 def add_point_args(p: argparse.ArgumentParser) -> None:
     """The flags both benchmarks take: which points, input/target lengths, steps, dropout."""
     p.add_argument("--sizes", default=None, help=f"comma list of {list(SIZES)}")
-    p.add_argument("--batches", default=None, help="comma list, e.g. 8,32")
+    p.add_argument("--batches", type=positive_int_list, default=None, help="comma list, e.g. 8,32")
     p.add_argument(
         "--points",
         choices=("grid", "reference"),
@@ -56,11 +67,33 @@ def add_point_args(p: argparse.ArgumentParser) -> None:
         help="grid: every size x batch; reference: only the issue's 5 reference points",
     )
     p.add_argument("--methods", default="full,ia3", help="comma list of full,ia3")
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--target-len", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate (train mode)")
+    p.add_argument("--input-len", type=positive_int, default=None, help="GPU 256, CPU 64")
+    p.add_argument("--target-len", type=positive_int, default=8)
+    p.add_argument("--warmup", type=nonneg_int, default=None, help="GPU 3, CPU 1")
+    p.add_argument("--iters", type=positive_int, default=None, help="GPU 10, CPU 3")
+    p.add_argument("--dropout", type=rate, default=0.1, help="dropout rate (train mode)")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="compute dtype (torch: parameters too); GPU bfloat16, CPU float32",
+    )
+
+
+def apply_backend_defaults(args: argparse.Namespace, on_gpu: bool) -> list[str]:
+    """Fill the unset flags of POINT_DEFAULTS for the backend; returns the CPU ones filled.
+
+    Returns:
+        ``["input-len 64", ...]``: the flags set to their CPU value (empty on GPU), for the
+        "CPU: small sizes" line.
+    """
+    filled = []
+    for name, (gpu, cpu) in POINT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, gpu if on_gpu else cpu)
+            if not on_gpu:
+                filled.append(f"{name.replace('_', '-')} {cpu}")
+    return filled
 
 
 def select_points(
@@ -72,9 +105,7 @@ def select_points(
         SystemExit: (through ``p.error``) an unknown size or method.
     """
     sizes = args.sizes.split(",") if args.sizes else (list(SIZES) if on_gpu else ["small"])
-    batches = (
-        [int(b) for b in args.batches.split(",")] if args.batches else ([8, 32] if on_gpu else [8])
-    )
+    batches = args.batches if args.batches else ([8, 32] if on_gpu else [8])
     methods = args.methods.split(",")
     for s in sizes:
         if s not in SIZES:
@@ -86,4 +117,9 @@ def select_points(
         points = [(s, b) for s, b in REFERENCE_POINTS if s in sizes]
     else:
         points = [(s, b) for s in sizes for b in batches]
+    if not points:
+        p.error(
+            f"--points reference: none of the reference points {REFERENCE_POINTS} has a "
+            f"size in --sizes {','.join(sizes)}"
+        )
     return points, methods

@@ -2,10 +2,10 @@
 
 Generates a synthetic experiment from a known linear simulator (defaults: n_train = 1000,
 n_test = 1000, 20 fitting runs of 2000 steps, batch 4), fits every variant for all test
-examples (first call: compilation included; second call: warm), times a dense per-test-example
-solve on a few test examples and scales it to all of them, compares the solutions, and times the
-rollout of all test examples over 10 runs. Prints the device, the ratio and the process peak
-memory.
+examples (first call: compilation included; warm: the median of --warm-calls further calls),
+times a dense per-test-example solve on a few test examples (median per example) and scales it
+to all of them, compares the solutions, and times the rollout of all test examples over 10 runs.
+Prints the device, the ratio and the process peak memory.
 
     python scripts/bench_fit.py                    # the issue's default sizes (CPU: ~2-4 min)
     python scripts/bench_fit.py --n-train 10000    # 20 runs x 20000 steps, no dense baseline
@@ -22,13 +22,19 @@ import argparse
 import os
 import platform
 import resource
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from simfluence import simulators as S
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_args import nonneg_float, nonneg_int, positive_int  # noqa: E402
 
 
 def _peak_gb() -> float:
@@ -79,36 +85,47 @@ def _timed(fn, *args, **kw):
     return out, time.perf_counter() - t0
 
 
+def _median_timed(n, fn, *args, **kw) -> float:
+    """Median wall time of n calls (after the first, timed separately by the caller)."""
+    return statistics.median(_timed(fn, *args, **kw)[1] for _ in range(n))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n-train", type=int, default=1000, help="training pool size")
-    p.add_argument("--n-test", type=int, default=1000, help="test examples tracked")
-    p.add_argument("--runs", type=int, default=20, help="fitting runs")
+    p.add_argument("--n-train", type=positive_int, default=1000, help="training pool size")
+    p.add_argument("--n-test", type=positive_int, default=1000, help="test examples tracked")
+    p.add_argument("--runs", type=positive_int, default=20, help="fitting runs")
     p.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="steps per fitting run (default 2 * n_train: each example seen as often as at the "
         "default sizes)",
     )
-    p.add_argument("--batch", type=int, default=4, help="batch size")
+    p.add_argument("--batch", type=positive_int, default=4, help="batch size")
     p.add_argument(
         "--variants", default="linear,additive,multiplicative", help="comma-separated variants"
     )
-    p.add_argument("--l2-a", type=float, default=S.DEFAULT_L2_A, help="ridge on A - a0")
-    p.add_argument("--l2-b", type=float, default=S.DEFAULT_L2_B, help="ridge on B")
+    p.add_argument("--l2-a", type=nonneg_float, default=S.DEFAULT_L2_A, help="ridge on A - a0")
+    p.add_argument("--l2-b", type=nonneg_float, default=S.DEFAULT_L2_B, help="ridge on B")
     p.add_argument(
         "--dense-tests",
-        type=int,
+        type=nonneg_int,
         default=3,
         help="test examples timed with the dense baseline (0 skips it; skipped above 2000 "
         "training examples)",
     )
-    p.add_argument("--rollout-runs", type=int, default=10, help="runs in the rollout benchmark")
-    p.add_argument("--rollout-steps", type=int, default=2000, help="steps per rollout run")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic experiment")
     p.add_argument(
-        "--no-warm", action="store_true", help="skip the second (warm) fit call of each variant"
+        "--rollout-runs", type=nonneg_int, default=10, help="runs in the rollout benchmark"
+    )
+    p.add_argument("--rollout-steps", type=positive_int, default=2000, help="steps per rollout run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic experiment")
+    p.add_argument("--no-warm", action="store_true", help="skip the warm fit calls of each variant")
+    p.add_argument(
+        "--warm-calls",
+        type=positive_int,
+        default=3,
+        help="warm calls per variant (and rollout); their median is reported",
     )
     args = p.parse_args(argv)
     steps = args.steps if args.steps is not None else 2 * args.n_train
@@ -132,15 +149,16 @@ def main(argv=None) -> None:
     curs, losses = S._synthetic_runs(rng, A_true, B_true, args.runs, steps, args.batch)
     print(f"generated in {time.perf_counter() - t0:.1f} s; process peak {_peak_gb():.2f} GB")
 
-    sims, cold_times = {}, {}
+    sims, cold_times, warm_times = {}, {}, {}
+    nw = args.warm_calls
     for v in variants:
         kw = dict(n_train=args.n_train, variant=v, l2_a=args.l2_a, l2_b=args.l2_b)
         sims[v], cold = _timed(S.fit, curs, losses, **kw)
         cold_times[v] = cold
         warm_txt = ""
         if not args.no_warm:
-            _, warm = _timed(S.fit, curs, losses, **kw)
-            warm_txt = f", second call {warm:7.2f} s"
+            warm_times[v] = _median_timed(nw, S.fit, curs, losses, **kw)
+            warm_txt = f", warm {warm_times[v]:7.2f} s (median of {nw})"
         print(
             f"fit {v:15s} all {args.n_test} tests: first call {cold:7.2f} s "
             f"(compilation included){warm_txt}; process peak {_peak_gb():.2f} GB"
@@ -168,26 +186,30 @@ def main(argv=None) -> None:
             f"peak after dense baseline: {_peak_gb():.2f} GB (the dense X alone is "
             f"{ids.shape[0] * 2 * args.n_train * 8 / 2**30:.2f} GB)"
         )
-        _, ours = _timed(
-            S.fit,
-            curs,
-            losses,
-            n_train=args.n_train,
-            variant="linear",
-            l2_a=args.l2_a,
-            l2_b=args.l2_b,
-        )
+        ours = warm_times.get("linear")
+        if ours is None:
+            ours = _median_timed(
+                nw,
+                S.fit,
+                curs,
+                losses,
+                n_train=args.n_train,
+                variant="linear",
+                l2_a=args.l2_a,
+                l2_b=args.l2_b,
+            )
         for how, label in (
             ("dense", "dense X, X^T X by BLAS, numpy solve (the issue's baseline)"),
             ("pairs", "normal equations assembled from rows, numpy solve (stronger)"),
         ):
-            per = float(np.mean(times[how]))
+            per = statistics.median(times[how])
             total = per * args.n_test
             print(
-                f"baseline {label}: {per:.3f} s per test example on {len(tests)} examples -> "
+                f"baseline {label}: {per:.3f} s per test example (median of {len(tests)}) -> "
                 f"{total:.0f} s for {args.n_test}; ratio vs our linear fit "
                 f"(first call incl. compile {cold_times['linear']:.2f} s): "
-                f"{total / cold_times['linear']:.0f}x, vs warm {ours:.2f} s: {total / ours:.0f}x"
+                f"{total / cold_times['linear']:.0f}x, vs warm {ours:.2f} s (median of {nw}): "
+                f"{total / ours:.0f}x"
             )
         print(
             "largest relative difference vs dense solution (L2 per test example, max over "
@@ -202,10 +224,11 @@ def main(argv=None) -> None:
         )
         l0 = jnp.asarray(rng.uniform(1.5, 3.0, (args.rollout_runs, args.n_test)), jnp.float32)
         _, cold = _timed(S.simulate_many, sim, cur, l0)
-        _, warm = _timed(S.simulate_many, sim, cur, l0)
+        warm = _median_timed(nw, S.simulate_many, sim, cur, l0)
         print(
             f"rollout {args.n_test} tests x {args.rollout_runs} runs x {args.rollout_steps} "
-            f"steps: first call {cold:.2f} s (compilation included), second call {warm:.2f} s"
+            f"steps: first call {cold:.2f} s (compilation included), warm {warm:.2f} s "
+            f"(median of {nw})"
         )
     print(f"process peak memory (ru_maxrss, whole process): {_peak_gb():.2f} GB")
 

@@ -8,8 +8,13 @@ run both in one device call and compare examples/s.
 GPU (exact command, ~2-3 min for both scripts on one H100/H200; compile dominates)::
 
     python scripts/bench_model.py && python scripts/bench_model_torch.py
+    python scripts/bench_model.py --baseline   # the same in one call, with a ratio column
 
-CPU: defaults to the small size at batch 8 only (and says so).
+``--baseline`` (default on CPU, off on GPU) first runs bench_model_torch.py in a subprocess on
+the same points and flags and adds its examples/s and the ratio to every row.
+
+CPU: defaults to the small size at batch 8 only, float32 compute and parameters on both sides,
+input 64, 1 warm-up + 3 timed steps (and says so; bf16 is emulated on CPU).
 """
 
 from __future__ import annotations
@@ -25,7 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _t5_points import add_point_args, select_points, t5_config  # noqa: E402
+from _t5_points import (  # noqa: E402
+    add_point_args,
+    apply_backend_defaults,
+    select_points,
+    t5_config,
+)
 from flax import nnx  # noqa: E402
 
 from finetune.model import make_per_example_loss, partition, trainable_mask  # noqa: E402
@@ -51,14 +61,25 @@ def step_flops(params, batch: int, l_in: int, l_tgt: int) -> float:
     return 6.0 * (enc * batch * l_in + dec * batch * l_tgt)
 
 
-def build(config, *, ia3: bool, param_dtype, scan: bool, attention: str = "einsum", seed=0):
-    """graphdef and params, initialised by one jitted function (rbg keys: cheap to compile)."""
+def build(
+    config,
+    *,
+    ia3: bool,
+    param_dtype,
+    scan: bool,
+    attention: str = "einsum",
+    seed=0,
+    dtype=jnp.bfloat16,
+):
+    """graphdef and params, initialised by one jitted function (rbg keys: cheap to compile).
+
+    ``dtype``: the compute dtype (bf16 unless the CPU default or --dtype says otherwise)."""
 
     def make(key):
         return T5(
             config,
             ia3=ia3,
-            dtype=jnp.bfloat16,
+            dtype=dtype,
             param_dtype=param_dtype,
             rngs=nnx.Rngs(key),
             scan_layers=scan,
@@ -85,7 +106,10 @@ def peak_memory_gb() -> tuple[float, str]:
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 2**30, "device peak_bytes_in_use (process so far)"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host ru_maxrss"
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "process peak RSS so far (ru_maxrss; not per point)",
+    )
 
 
 def _phase(name: str) -> None:
@@ -106,6 +130,7 @@ def run_point(size, batch, method, layers, args):
         param_dtype=param_dtype,
         scan=layers == "scan",
         attention=args.attention,
+        dtype=jnp.dtype(args.dtype),
     )
     jax.block_until_ready(params)
     flops = step_flops(params, batch, args.input_len, args.target_len)
@@ -142,7 +167,7 @@ def run_point(size, batch, method, layers, args):
     _phase("warm-up steps")
     for i in range(args.warmup):
         loss = run(i)
-    loss.block_until_ready()
+    jax.block_until_ready(trainable)
     _phase("timed steps")
     t0 = time.perf_counter()
     for i in range(args.iters):
@@ -181,53 +206,79 @@ def main(argv=None):
     )
     p.add_argument(
         "--param-dtype",
-        default="bfloat16",
-        help="parameter/optimizer-state dtype (bfloat16 like the torch baseline)",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="parameter/optimizer-state dtype (default: --dtype, like the torch baseline)",
+    )
+    p.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="first run bench_model_torch.py on the same points and flags (subprocess) and "
+        "print its ex/s and the ratio per row (default: on on CPU, off on GPU)",
     )
     args = p.parse_args(argv)
+    cpu_small = apply_backend_defaults(args, on_gpu)
+    if args.param_dtype is None:
+        args.param_dtype = args.dtype
+    if args.baseline is None:
+        args.baseline = not on_gpu
     points, methods = select_points(p, args, on_gpu)
     layer_modes = args.layers.split(",")
     for mode in layer_modes:
         if mode not in ("scan", "unroll"):
             p.error(f"--layers: unknown mode {mode!r}; choose scan and/or unroll")
+    torch_rows = _run_torch(args, argv) if args.baseline else None
     dev = jax.devices()[0]
+    compute = "bf16" if args.dtype == "bfloat16" else args.dtype
     print(
         f"device: {dev.platform} {dev.device_kind} x{jax.device_count()} | jax {jax.__version__}"
-        f" | flax T5 ({args.layers} layers, {args.attention} attention), bf16 compute,"
+        f" | flax T5 ({args.layers} layers, {args.attention} attention), {compute} compute,"
         f" params {args.param_dtype}, AdamW,"
         f" dropout {args.dropout}"
         f" | input {args.input_len} target {args.target_len}"
         f" | {args.warmup} warm-up + {args.iters} timed steps"
     )
-    if not on_gpu and not args.sizes:
+    if not on_gpu:
         print(
-            "CPU backend: running the small size at batch 8 only (pass --sizes/--batches "
-            "for more; GPU runs all sizes at batch 8 and 32)"
+            f"CPU: small sizes (points {', '.join(f'{s}/{b}' for s, b in points)}"
+            f"{'; ' + ', '.join(cpu_small) if cpu_small else ''}; pass --sizes/--batches/"
+            "--input-len/--iters/--dtype for more); GPU defaults: every size at batch 8 and 32, "
+            "bf16, input 256, 3 warm-up + 10 timed steps; %bf16 peak is n/a on CPU"
         )
-    print(
+    header = (
         f"{'size':>6} {'batch':>5} {'method':>6} {'layers':>6} {'ms/step':>9} {'ex/s':>8} "
         f"{'compile s':>9} "
         f"{'step GB':>8} {'peak GB':>8} {'%bf16 peak':>10}"
     )
+    if torch_rows is not None:
+        header += f" {'torch ex/s':>10} {'jax/torch':>9}"
+    print(header)
+    failed = 0
     for size, batch in points:
         for method in methods:
             for layers in layer_modes:
                 head = f"{size:>6} {batch:>5} {method:>6} {layers:>6}"
                 if args.point_timeout > 0:
-                    print(_in_subprocess(size, batch, method, layers, args, argv), flush=True)
-                    continue
-                try:
-                    ms, cs, sgb, peak, flops = run_point(size, batch, method, layers, args)
-                except Exception as err:  # OOM at the largest points: report, go on
-                    msg = str(err).splitlines()[0][:80]
-                    print(f"{head}  FAILED: {type(err).__name__}: {msg}", flush=True)
-                    continue
-                mfu = flops / (ms / 1e3) / PEAK_BF16 * 100
-                print(
-                    f"{head} {ms:9.2f} {batch / ms * 1e3:8.1f} "
-                    f"{cs:9.1f} {sgb:8.2f} {peak:8.2f} {mfu:9.1f}%",
-                    flush=True,
-                )
+                    row = _in_subprocess(size, batch, method, layers, args, argv)
+                else:
+                    try:
+                        ms, cs, sgb, peak, flops = run_point(size, batch, method, layers, args)
+                    except Exception as err:  # OOM at the largest points: report, go on
+                        msg = (str(err).splitlines() or [""])[0][:80]
+                        row = f"{head}  FAILED: {type(err).__name__}: {msg}"
+                    else:
+                        mfu = flops / (ms / 1e3) / PEAK_BF16 * 100
+                        mfu_txt = f"{mfu:9.1f}%" if on_gpu else f"{'n/a':>10}"
+                        row = (
+                            f"{head} {ms:9.2f} {batch / ms * 1e3:8.1f} "
+                            f"{cs:9.1f} {sgb:8.2f} {peak:8.2f} {mfu_txt}"
+                        )
+                if "FAILED" in row or "TIMEOUT" in row:
+                    failed += 1
+                elif torch_rows is not None:
+                    row += _ratio_cols(row, torch_rows.get((size, batch, method)))
+                print(row, flush=True)
     _, what = peak_memory_gb()
     print(
         f"peak GB: {what}; step GB: XLA memory_analysis of the compiled step "
@@ -239,6 +290,65 @@ def main(argv=None):
         f"{PEAK_BF16:.0f} FLOP/s (H100 SXM / H200 dense bf16; meaningful only on those GPUs; "
         "IA3 skips weight gradients so its true FLOPs are lower)"
     )
+    if torch_rows is not None:
+        print(
+            "BASELINE: torch ex/s from scripts/bench_model_torch.py (transformers eager, "
+            f"{args.dtype}) on the same points and flags, run first in a subprocess; "
+            "jax/torch = ex/s ratio (> 1: the Flax T5 is faster)"
+        )
+    if failed:
+        print(f"{failed} point(s) FAILED or TIMEOUT", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse_torch_rows(stdout: str) -> dict[tuple[str, int, str], float | None]:
+    """{(size, batch, method): ex/s, or None for a FAILED row} from bench_model_torch's table."""
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) < 4 or not parts[1].isdigit() or parts[2] not in ("full", "ia3"):
+            continue
+        key = (parts[0], int(parts[1]), parts[2])
+        try:
+            rows[key] = float(parts[4])
+        except (IndexError, ValueError):
+            rows[key] = None
+    return rows
+
+
+def _ratio_cols(row: str, torch_exs: float | None) -> str:
+    """The ' torch ex/s  jax/torch' columns of one Flax row (its ex/s is the 6th field)."""
+    if not torch_exs:
+        return f" {'n/a':>10} {'n/a':>9}"
+    return f" {torch_exs:10.1f} {float(row.split()[5]) / torch_exs:8.2f}x"
+
+
+def _run_torch(args, argv) -> dict:
+    """bench_model_torch.py on the same points and flags (a subprocess); its rows by point."""
+    import subprocess
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own = {"--layers", "--attention", "--point-timeout", "--param-dtype", "--baseline"}
+    child, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in own or name == "--no-baseline":
+            skip = "=" not in a and name not in ("--baseline", "--no-baseline")
+            continue
+        child.append(a)
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "bench_model_torch.py"), *child]
+    print(f"BASELINE (torch, subprocess): {' '.join(cmd[1:])}", flush=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        print(f"  | {line}")
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1][:100]
+        print(f"  | torch baseline exit {out.returncode}: {tail}")
+    return parse_torch_rows(out.stdout)
 
 
 def _in_subprocess(size, batch, method, layers, args, argv) -> str:
@@ -261,8 +371,11 @@ def _in_subprocess(size, batch, method, layers, args, argv) -> str:
         if name in drop:
             skip = "=" not in a
             continue
+        if name in ("--baseline", "--no-baseline"):
+            continue
         child.append(a)
     child += ["--sizes", size, "--batches", str(batch), "--methods", method, "--layers", layers]
+    child.append("--no-baseline")
     cmd = [sys.executable, str(Path(__file__).resolve()), *child]
     head = f"{size:>6} {batch:>5} {method:>6} {layers:>6}"
     try:
@@ -283,4 +396,4 @@ def _in_subprocess(size, batch, method, layers, args, argv) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -3,25 +3,28 @@
 Same points and printout as the Flax benchmark: ``transformers.T5ForConditionalGeneration``
 (gated-gelu v1.1 dimensions, random weights, parameters in bfloat16), ``torch.optim.AdamW``,
 train mode (dropout), synthetic tokens, input 256, target 8. Run it in the same device call as
-bench_model.py and compare examples/s.
+bench_model.py and compare examples/s (``bench_model.py --baseline`` runs this script for its
+points and prints the ratio).
 
 GPU::
 
     python scripts/bench_model_torch.py
 
-CPU: small size at batch 8 only (and says so).
+CPU: the small size at batch 8 only, float32, input 64, 1 warm-up + 3 timed steps (and says so;
+bf16 is emulated on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 
 import numpy as np
 import torch
 import transformers
-from _t5_points import add_point_args, select_points, t5_config
+from _t5_points import add_point_args, apply_backend_defaults, select_points, t5_config
 
 
 def synthetic_batch(batch, l_in, l_tgt, seed, device):
@@ -43,7 +46,8 @@ def run_point(size, batch, method, args, device):
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.T5ForConditionalGeneration(config)
-    model = model.to(torch.bfloat16).train()
+    dtype = getattr(torch, args.dtype)
+    model = model.to(dtype).train()
     if method == "ia3":
         # T-Few IA3 on HF T5 (as PEFT does it): a ones vector after k, v and wi_1; only those
         # train. Gated FF: scaling wi_1's output == scaling the inner activation.
@@ -56,9 +60,7 @@ def run_point(size, batch, method, args, device):
 
         for name, mod in model.named_modules():
             if name.endswith((".k", ".v", ".wi_1")) and isinstance(mod, torch.nn.Linear):
-                vec = torch.nn.Parameter(
-                    torch.ones(mod.out_features, device=device, dtype=torch.bfloat16)
-                )
+                vec = torch.nn.Parameter(torch.ones(mod.out_features, device=device, dtype=dtype))
                 mod.register_forward_hook(hook(vec))
                 vectors.append(vec)
         params = vectors
@@ -94,22 +96,28 @@ def run_point(size, batch, method, args, device):
     return ms, peak
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_point_args(p)
     args = p.parse_args(argv)
+    cpu_small = apply_backend_defaults(args, on_gpu)
     points, methods = select_points(p, args, on_gpu)
     name = torch.cuda.get_device_name(0) if on_gpu else "cpu"
     print(
         f"device: {device.type} {name} | torch {torch.__version__} | transformers "
-        f"{transformers.__version__} eager, params bfloat16, AdamW, dropout {args.dropout}"
+        f"{transformers.__version__} eager, params {args.dtype}, AdamW, dropout {args.dropout}"
         f" | input {args.input_len} target {args.target_len}"
         f" | {args.warmup} warm-up + {args.iters} timed steps"
     )
-    if not on_gpu and not args.sizes:
-        print("CPU: running the small size at batch 8 only (GPU runs all sizes at 8 and 32)")
+    if not on_gpu:
+        print(
+            f"CPU: small sizes (points {', '.join(f'{s}/{b}' for s, b in points)}"
+            f"{'; ' + ', '.join(cpu_small) if cpu_small else ''}); GPU defaults: every size at "
+            "batch 8 and 32, bfloat16, input 256, 3 warm-up + 10 timed steps"
+        )
+    failed = 0
     print(f"{'size':>6} {'batch':>5} {'method':>6} {'ms/step':>9} {'ex/s':>8} {'peak GB':>8}")
     for size, batch in points:
         for method in methods:
@@ -118,8 +126,9 @@ def main(argv=None):
                 if on_gpu:
                     torch.cuda.empty_cache()  # the point's model and optimizer are freed
             except Exception as err:  # OOM at the largest points: report, go on
-                msg = str(err).splitlines()[0][:80]
+                msg = (str(err).splitlines() or [""])[0][:80]
                 print(f"{size:>6} {batch:>5} {method:>6}  FAILED: {type(err).__name__}: {msg}")
+                failed += 1
                 if on_gpu:
                     torch.cuda.empty_cache()
                 continue
@@ -127,8 +136,15 @@ def main(argv=None):
                 f"{size:>6} {batch:>5} {method:>6} {ms:9.2f} {batch / ms * 1e3:8.1f} {peak:8.2f}",
                 flush=True,
             )
-    print("peak GB: torch.cuda.max_memory_allocated per point (host ru_maxrss on CPU)")
+    if on_gpu:
+        print("peak GB: torch.cuda.max_memory_allocated per point")
+    else:
+        print("peak GB: process peak RSS so far (ru_maxrss), not per point")
+    if failed:
+        print(f"{failed} point(s) FAILED", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -18,6 +18,9 @@ steps in under 7 minutes on one H200::
 
 Other sizes: ``--model-size demo`` (the CPU demo), ``tiny``, ``t0-3b`` (T0-3B IA3 target: under
 90 minutes for 1000 steps of 32 runs).
+
+CPU: the size flags left unset take small values (``CPU_SIZES``: 4 runs, 4 steps, 20 tracked,
+200 pool examples, variants together,nolog,baseline), and it says so; GPU: ``GPU_SIZES``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _bench_args import positive_int  # noqa: E402
 from _t5_points import t5_kwargs  # noqa: E402  (scripts/: sizes shared with bench_model.py)
+
+# Defaults of the size flags the user leaves unset, per backend.
+GPU_SIZES = dict(
+    runs=32, steps=20, n_test=100, n_train=1000, variants="together,nolog,single,baseline,vmapped"
+)
+CPU_SIZES = dict(runs=4, steps=4, n_test=20, n_train=200, variants="together,nolog,baseline")
+
+
+def backend_sizes(args: argparse.Namespace, on_cpu: bool) -> list[str]:
+    """Fill the unset (None) size flags with GPU_SIZES or CPU_SIZES.
+
+    Returns:
+        the flags filled with their CPU value, as ``"--runs 4"`` (empty on GPU or when every
+        size flag was given).
+    """
+    table = CPU_SIZES if on_cpu else GPU_SIZES
+    filled = []
+    for name, value in table.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+            if on_cpu:
+                filled.append(f"--{name.replace('_', '-')} {value}")
+    return filled
+
 
 SIZES = {
     # T5Config kwargs. t5-base: T5 v1.1 LM-adapted base; t0-3b: T0 3B (T5 v1.1 XL LM-adapted).
@@ -148,7 +176,7 @@ def _peak_memory() -> str:
     host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if stats and "peak_bytes_in_use" in stats:
         return f"device peak {stats['peak_bytes_in_use'] / 2**30:.2f} GiB, host {host:.2f} GiB"
-    return f"host peak RSS {host:.2f} GiB"
+    return f"process peak RSS {host:.2f} GiB (ru_maxrss)"
 
 
 def main(argv=None) -> int:
@@ -161,22 +189,26 @@ def main(argv=None) -> int:
     p.add_argument("--model-size", choices=sorted(SIZES), default="demo")
     p.add_argument("--method", choices=("full", "ia3"), default="ia3")
     p.add_argument("--freeze-embeddings", action="store_true")
-    p.add_argument("--runs", type=int, default=32, help="runs trained together (R)")
+    p.add_argument(
+        "--runs", type=positive_int, default=None, help="runs trained together (R); GPU 32, CPU 4"
+    )
     p.add_argument(
         "--num-runs",
-        type=int,
+        type=positive_int,
         default=None,
         help="runs of the experiment, trained --runs at a time (default: --runs)",
     )
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--n-test", type=int, default=100)
-    p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--max-input-length", type=int, default=256)
-    p.add_argument("--target-length", type=int, default=2)
-    p.add_argument("--length-multiple", type=int, default=16)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--n-test", type=positive_int, default=None, help="GPU 100, CPU 20")
+    p.add_argument("--n-train", type=positive_int, default=None, help="GPU 1000, CPU 200")
+    p.add_argument("--max-input-length", type=positive_int, default=256)
+    p.add_argument(
+        "--target-length", type=positive_int, default=2, help="target tokens, EOS included (>= 2)"
+    )
+    p.add_argument("--length-multiple", type=positive_int, default=16)
     p.add_argument(
         "--tracked-buckets",
-        type=int,
+        type=positive_int,
         default=4,
         help="most padded lengths in the tracked set (ExperimentConfig.tracked_buckets)",
     )
@@ -194,24 +226,36 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--train-groups",
-        type=int,
+        type=positive_int,
         default=None,
         help="IA3: train the runs' examples in this many length groups "
         "(ExperimentConfig.train_length_groups), and also time the vmapped-runs layout",
     )
-    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    p.add_argument("--target-steps", type=int, default=1000, help="steps to extrapolate to")
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="timed steps per variant; GPU 20, CPU 4"
+    )
+    p.add_argument(
+        "--target-steps", type=positive_int, default=1000, help="steps to extrapolate to"
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
     p.add_argument(
         "--variants",
-        default="together,nolog,single,baseline,vmapped",
-        help="comma list of: together (all runs, logging), nolog (all runs, no "
+        default=None,
+        help="(GPU default: all five; CPU: together,nolog,baseline) "
+        "comma list of: together (all runs, logging), nolog (all runs, no "
         "logging), single (one run alone, with and without logging), baseline "
         "(all runs padded to the maximum, logging), vmapped (with --train-groups: the "
         "vmapped-runs layout too, for comparison)",
     )
     args = p.parse_args(argv)
+    if args.target_length < 2:
+        p.error(f"--target-length {args.target_length}: pass >= 2 (one token plus EOS)")
+    if not args.synthetic:
+        p.error("only --synthetic is implemented (real data: time `finetune run` itself)")
+    import jax
+
+    cpu_small = backend_sizes(args, jax.default_backend() == "cpu")
     if args.num_runs is None:
         args.num_runs = args.runs
     if args.runs < 1 or args.num_runs < args.runs:
@@ -222,10 +266,7 @@ def main(argv=None) -> int:
         p.error(f"--variants {args.variants!r}: must include 'together'; unknown {sorted(unknown)}")
     if args.train_groups is not None and args.method != "ia3":
         p.error("--train-groups needs --method ia3")
-    if not args.synthetic:
-        p.error("only --synthetic is implemented (real data: time `finetune run` itself)")
 
-    import jax
     import numpy as np
     from flax import nnx
 
@@ -251,6 +292,12 @@ def main(argv=None) -> int:
         f"{args.attention} attention, {args.tracked_buckets} tracked buckets",
         flush=True,
     )
+    if cpu_small:
+        print(
+            f"CPU: small sizes ({' '.join(cpu_small)}; pass them to change; GPU defaults "
+            f"{' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in GPU_SIZES.items())})",
+            flush=True,
+        )
     cfg_kw = dict(SIZES[args.model_size], vocab_size=VOCAB, dropout_rate=0.0)
 
     def init(attention):

@@ -5,7 +5,8 @@ time of one checkpoint (n_train x n_test dot products), for IA3 and for full tun
 total for ``--checkpoints`` checkpoints (first-call compilation included). With
 ``--torch-examples N`` it first runs the PyTorch per-example loop of
 ``scripts/bench_tracin_torch.py`` (captum TracInCP style, IA3-equivalent trainable vectors) in a
-subprocess on the same dimensions, and prints the throughput ratio.
+subprocess on the same dimensions, and prints the throughput ratio. Unset, --torch-examples is
+32 on CPU (the baseline and ratio are printed by default there) and 0 on GPU.
 
 Goal (issue 5, one H200): IA3 TracIn-CP for n_train=1000, n_test=100 at 10 checkpoints of T5-base
 in < 2 minutes, and >= 10x the throughput of the PyTorch loop.
@@ -49,7 +50,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 
+from _bench_args import nonneg_int, positive_int  # noqa: E402
 from bench_tracin_torch import add_size_flags, config_kwargs, synthetic_tokens  # noqa: E402
+
+CPU_TORCH_EXAMPLES = 32  # --torch-examples when unset on CPU (GPU: 0, no baseline)
+
+
+def default_torch_examples(given: int | None, backend: str) -> int:
+    """--torch-examples: as given, else CPU_TORCH_EXAMPLES on CPU and 0 (skip) elsewhere."""
+    if given is not None:
+        return given
+    return CPU_TORCH_EXAMPLES if backend == "cpu" else 0
 
 
 def _run_torch(args: argparse.Namespace) -> dict | None:
@@ -84,7 +95,9 @@ def _run_torch(args: argparse.Namespace) -> dict | None:
         print(f"torch baseline failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         return None
     lines = proc.stdout.strip().splitlines()
-    print(lines[-2] if len(lines) > 1 else "")
+    for line in lines[:-1]:
+        if line.startswith("[torch"):
+            print(line)
     return json.loads(lines[-1])
 
 
@@ -92,7 +105,7 @@ def _peak_bytes(jax) -> tuple[str, float]:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return "device peak", stats["peak_bytes_in_use"] / 2**30
-    return "host max RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return "process peak RSS so far", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _bench(
@@ -145,7 +158,7 @@ def _bench(
         "steady_s_per_checkpoint": steady,
         "grads_per_s": per_s,
         "total_s": total,
-        "checkpoints": args.checkpoints,
+        "checkpoints": checkpoints,
         "peak_gib": peak,
         "peak_kind": where,
         "finite": finite,
@@ -164,11 +177,18 @@ def _bench(
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_size_flags(parser)
-    parser.add_argument("--n-train", type=int, default=1000, help="pool size (IA3 run; 0 skips it)")
-    parser.add_argument("--n-test", type=int, default=100, help="tracked test set (IA3 run)")
-    parser.add_argument("--checkpoints", type=int, default=10, help="checkpoints to time")
     parser.add_argument(
-        "--chunk-size", type=int, default=32, help="examples per vmapped per-example-gradient chunk"
+        "--n-train", type=nonneg_int, default=1000, help="pool size (IA3 run; 0 skips it)"
+    )
+    parser.add_argument(
+        "--n-test", type=positive_int, default=100, help="tracked test set (IA3 run)"
+    )
+    parser.add_argument("--checkpoints", type=positive_int, default=10, help="checkpoints to time")
+    parser.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=32,
+        help="examples per vmapped per-example-gradient chunk",
     )
     parser.add_argument(
         "--dtype",
@@ -178,11 +198,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--full-n-train",
-        type=int,
+        type=nonneg_int,
         default=32,
         help="pool size for the full-tuning run (0 skips it)",
     )
-    parser.add_argument("--full-n-test", type=int, default=4, help="test set, full tuning")
+    parser.add_argument("--full-n-test", type=positive_int, default=4, help="test set, full tuning")
     parser.add_argument(
         "--full-mode",
         choices=("auto", "exact", "projected"),
@@ -195,28 +215,42 @@ def main(argv=None) -> None:
         help="full tuning without the shared vocabulary embedding (runs/demo)",
     )
     parser.add_argument(
-        "--full-checkpoints", type=int, default=2, help="checkpoints timed for the full-tuning run"
+        "--full-checkpoints",
+        type=positive_int,
+        default=2,
+        help="checkpoints timed for the full-tuning run",
     )
     parser.add_argument(
         "--full-chunk-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="chunk size for the full-tuning run (default: --chunk-size)",
     )
-    parser.add_argument("--proj-dim", type=int, default=1024, help="projection dimension")
+    parser.add_argument("--proj-dim", type=positive_int, default=1024, help="projection dimension")
     parser.add_argument(
         "--torch-examples",
-        type=int,
-        default=0,
+        type=nonneg_int,
+        default=None,
         help="also time the PyTorch per-example loop on this many examples "
-        "(IA3-equivalent; 0 skips)",
+        f"(IA3-equivalent; 0 skips; default {CPU_TORCH_EXAMPLES} on CPU, 0 on GPU)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args(argv)
-
-    torch_res = _run_torch(args) if args.torch_examples > 0 else None
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: folder {args.json.parent} does not exist; create it")
 
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.torch_examples is None:  # the backend decides (no preallocation: torch runs next)
+        import jax
+
+        args.torch_examples = default_torch_examples(None, jax.default_backend())
+        if args.torch_examples:
+            print(
+                f"CPU: torch baseline on --torch-examples {args.torch_examples} (default on "
+                "CPU; GPU default 0: pass --torch-examples N there)"
+            )
+    torch_res = _run_torch(args) if args.torch_examples > 0 else None
+
     import jax
     import jax.numpy as jnp
     import transformers
@@ -252,7 +286,8 @@ def main(argv=None) -> None:
         results["ia3_speedup_vs_torch_loop"] = ratio
         print(
             f"IA3 per-example grads/s: jax {results['ia3']['grads_per_s']:.3g} vs torch loop "
-            f"{torch_res['grads_per_s']:.3g} ({torch_res['device']}): {ratio:.1f}x "
+            f"{torch_res['grads_per_s']:.3g} ({torch_res['device']}, torch {torch_res['torch']}): "
+            f"{ratio:.1f}x "
             f"(goal >= 10x)"
         )
     if "ia3" in results:

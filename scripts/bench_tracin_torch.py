@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 import numpy as np
+from _bench_args import nonneg_int, positive_int
 from _t5_points import t5_kwargs  # scripts/: the sizes bench_model.py and bench_runs.py use
 
 PRESETS = {
@@ -76,12 +78,12 @@ def add_size_flags(parser: argparse.ArgumentParser) -> None:
     for name in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "vocab_size"):
         parser.add_argument(
             "--" + name.replace("_", "-"),
-            type=int,
+            type=positive_int,
             default=None,
             help=f"override the preset's {name}",
         )
-    parser.add_argument("--input-len", type=int, default=128, help="input tokens (padded)")
-    parser.add_argument("--target-len", type=int, default=4, help="target tokens (padded)")
+    parser.add_argument("--input-len", type=positive_int, default=128, help="input tokens (padded)")
+    parser.add_argument("--target-len", type=positive_int, default=4, help="target tokens (padded)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and tokens")
 
 
@@ -139,14 +141,20 @@ def main(argv=None) -> dict:
     )
     parser.add_argument(
         "--n-examples",
-        type=int,
+        type=positive_int,
         default=32,
         help="per-example gradients timed (after --warmup untimed ones)",
     )
-    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up examples")
-    parser.add_argument("--n-train", type=int, default=1000, help="pool size to extrapolate to")
-    parser.add_argument("--n-test", type=int, default=100, help="test set to extrapolate to")
-    parser.add_argument("--checkpoints", type=int, default=10, help="checkpoints to extrapolate to")
+    parser.add_argument("--warmup", type=nonneg_int, default=3, help="untimed warm-up examples")
+    parser.add_argument(
+        "--n-train", type=nonneg_int, default=1000, help="pool size to extrapolate to"
+    )
+    parser.add_argument(
+        "--n-test", type=positive_int, default=100, help="test set to extrapolate to"
+    )
+    parser.add_argument(
+        "--checkpoints", type=positive_int, default=10, help="checkpoints to extrapolate to"
+    )
     parser.add_argument(
         "--no-tf32",
         action="store_true",
@@ -209,6 +217,8 @@ def main(argv=None) -> dict:
     per_s = args.n_examples / elapsed
     per_ckpt = (args.n_train + args.n_test) / per_s
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    # CPU: ru_maxrss (KiB on Linux) is the peak resident set of this whole process so far.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {
         "backend": "torch",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -224,12 +234,19 @@ def main(argv=None) -> dict:
         "extrapolated_s_per_checkpoint": per_ckpt,
         "extrapolated_s_total": per_ckpt * args.checkpoints,
         "peak_gpu_bytes": peak,
+        "peak_rss_bytes": rss,
     }
+    mem = (
+        f"device peak {peak / 2**30:.2f} GiB (max_memory_allocated)"
+        if peak is not None
+        else f"process peak RSS {rss / 2**30:.2f} GiB (ru_maxrss)"
+    )
     print(
-        f"[torch {result['device']}] {args.preset} {args.method}: {n_params} trainable params, "
+        f"[torch {torch.__version__} {result['device']}] {args.preset} {args.method}: "
+        f"{n_params} trainable params, "
         f"{per_s:.3g} per-example grads/s; extrapolated {per_ckpt:.1f} s per checkpoint, "
         f"{per_ckpt * args.checkpoints:.1f} s for {args.checkpoints} checkpoints "
-        f"(n_train={args.n_train}, n_test={args.n_test})"
+        f"(n_train={args.n_train}, n_test={args.n_test}); {mem}"
     )
     print(json.dumps(result))
     return result

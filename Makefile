@@ -50,7 +50,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## Create .venv and install the project with its test extra.
 
-test: install  ## The default test suite (CPU, no network, about 5 min on 2 cores).
+test: install  ## The default test suite (CPU, no network, 5-6 min on 2 cores).
 	$(PYTHON) -m pytest -q tests
 
 test-all: install  ## Every test, the slow ones too.

@@ -324,22 +324,29 @@ def _ratio_cols(row: str, torch_exs: float | None) -> str:
     return f" {torch_exs:10.1f} {float(row.split()[5]) / torch_exs:8.2f}x"
 
 
-def _run_torch(args, argv) -> dict:
-    """bench_model_torch.py on the same points and flags (a subprocess); its rows by point."""
-    import subprocess
-
+def _argv_without(argv, valued: set[str]) -> list[str]:
+    """This call's arguments minus the flags in ``valued`` (with their values, given as
+    ``--flag v`` or ``--flag=v``) and minus ``--baseline`` / ``--no-baseline``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    own = {"--layers", "--attention", "--point-timeout", "--param-dtype", "--baseline"}
-    child, skip = [], False
+    kept, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
         name = a.split("=", 1)[0]
-        if name in own or name == "--no-baseline":
-            skip = "=" not in a and name not in ("--baseline", "--no-baseline")
-            continue
-        child.append(a)
+        if name in valued:
+            skip = "=" not in a
+        elif name not in ("--baseline", "--no-baseline"):
+            kept.append(a)
+    return kept
+
+
+def _run_torch(args, argv) -> dict:
+    """bench_model_torch.py on the same points and flags (a subprocess); its rows by point."""
+    import subprocess
+
+    own = {"--layers", "--attention", "--point-timeout", "--param-dtype"}  # jax-only flags
+    child = _argv_without(argv, own)
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "bench_model_torch.py"), *child]
     print(f"BASELINE (torch, subprocess): {' '.join(cmd[1:])}", flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -360,20 +367,8 @@ def _in_subprocess(size, batch, method, layers, args, argv) -> str:
     """
     import subprocess
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     drop = {"--sizes", "--batches", "--methods", "--layers", "--points", "--point-timeout"}
-    child, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        name = a.split("=", 1)[0]
-        if name in drop:
-            skip = "=" not in a
-            continue
-        if name in ("--baseline", "--no-baseline"):
-            continue
-        child.append(a)
+    child = _argv_without(argv, drop)
     child += ["--sizes", size, "--batches", str(batch), "--methods", method, "--layers", layers]
     child.append("--no-baseline")
     cmd = [sys.executable, str(Path(__file__).resolve()), *child]

@@ -1024,10 +1024,10 @@ def run_experiment(
         todo = [r for r in group if not status.get(r)]
         if not todo:
             continue
+        s0 = _resume_step(config, exp_dir, group)
         if budget is not None:
             # A stop keeps each run's state at its last checkpoint only: refuse a budget that
             # would train this group and keep nothing of it.
-            s0 = _resume_step(config, exp_dir, group)
             keep = _next_kept_step(config, group, s0)
             if budget < keep - s0:
                 if not trained:  # this call would do nothing that lasts
@@ -1043,7 +1043,7 @@ def run_experiment(
         # The whole group trains again, complete members included, so that a run resumed after
         # a crash during the group's final writes sees the same R (vmap width) as before: its
         # files stay bitwise identical. Only the incomplete members are written.
-        s0, used, stopped = _train_group(ctx, group, todo, budget)
+        used, stopped = _train_group(ctx, group, todo, s0, budget)
         trained = True
         if budget is not None:
             budget -= used
@@ -1085,21 +1085,22 @@ class _Context:
 
 
 def _train_group(
-    ctx: _Context, group: list[int], write: list[int], budget: int | None
-) -> tuple[int, int, bool]:
-    """Trains the runs ``group`` together (from their latest common checkpoint) and writes the
-    ones in ``write`` (the incomplete ones; complete members only train alongside).
+    ctx: _Context, group: list[int], write: list[int], s0: int, budget: int | None
+) -> tuple[int, bool]:
+    """Trains the runs ``group`` together from step ``s0`` (their latest common checkpoint,
+    ``_resume_step``) and writes the ones in ``write`` (the incomplete ones; complete members
+    only train alongside, so that R is that of an uninterrupted run).
 
     Returns:
-        (start step, group steps taken, whether the step budget stopped the group early).
+        (group steps taken, whether the step budget stopped the group before its end).
     """
     config, progs, tracked, mesh = ctx.config, ctx.progs, ctx.tracked, ctx.mesh
     g_start = time.perf_counter()
-    todo = group  # every member trains: the same R as an uninterrupted run
-    writes = [r in set(write) for r in todo]
-    R = len(todo)
-    dirs = [runlog.run_dir(ctx.exp_dir, r) for r in todo]
-    for r, d, w in zip(todo, dirs, writes, strict=True):  # curricula written before training
+    to_write = set(write)
+    writes = [r in to_write for r in group]
+    R = len(group)
+    dirs = [runlog.run_dir(ctx.exp_dir, r) for r in group]
+    for r, d, w in zip(group, dirs, writes, strict=True):  # curricula written before training
         path = d / "curriculum.npy"
         if path.is_file() and not np.array_equal(np.load(path), ctx.curricula[r]):
             raise E.ExperimentError(
@@ -1108,7 +1109,6 @@ def _train_group(
         if ctx.writer and w:
             d.mkdir(parents=True, exist_ok=True)
             runlog.atomic_save_npy(path, ctx.curricula[r])
-    s0 = _resume_step(config, ctx.exp_dir, todo)
     ctx.bar.update(len(write) * s0)  # steps an earlier call already kept
     losses = np.zeros((R, config.steps + 1, config.n_test), np.float32)
     train_loss = np.zeros((R, config.steps), np.float32)
@@ -1149,7 +1149,7 @@ def _train_group(
         finite = np.isfinite(tl) & np.isfinite(te).all(2)  # [R, k]
         if not finite.all():
             k = int(np.flatnonzero(~finite.all(0))[0])
-            which = [todo[i] for i in range(R) if not finite[i, k]]
+            which = [group[i] for i in range(R) if not finite[i, k]]
             raise NonFiniteLossError(
                 f"{config.name}: non-finite loss at step {first + k} of run(s) {which}; "
                 "lower the learning rate and train into a new folder (the run stays "
@@ -1161,7 +1161,7 @@ def _train_group(
         # One transfer of the stacked state; slicing device arrays per run would dispatch (and
         # compile) one small program per leaf and run.
         host_tr, host_op = jax.device_get((tr, op))
-        for i, (r, d) in enumerate(zip(todo, dirs, strict=True)):
+        for i, (r, d) in enumerate(zip(group, dirs, strict=True)):
             if writes[i] and config.saves_checkpoints(r):
                 # The log so far, at full length (rows after `step` are zero).
                 E.save_checkpoint(
@@ -1175,20 +1175,20 @@ def _train_group(
     if s0 == 0 and 0 in config.checkpoint_steps:
         save(0, tr, op)
     pending: list = []
-    ctx.bar.set_postfix_str(f"runs {todo[0]}-{todo[-1]}")
+    ctx.bar.set_postfix_str(f"runs {group[0]}-{group[-1]}")
     used = 0
     n_groups = config.train_length_groups
     if n_groups:  # fixed from all steps of these runs: the same after a resume
         group_lengths = flat_group_lengths(
             ctx.data["pool_lengths"],
-            np.stack([ctx.curricula[r] for r in todo]),
+            np.stack([ctx.curricula[r] for r in group]),
             n_groups,
             config.length_multiple,
             ctx.data["pool_inputs"].shape[1],
         )
     pool = (ctx.data["pool_inputs"], ctx.data["pool_targets"], ctx.data["pool_lengths"])
     for t in range(s0 + 1, config.steps + 1):
-        ids = np.stack([ctx.curricula[r][t - 1] for r in todo])  # [R, b]
+        ids = np.stack([ctx.curricula[r][t - 1] for r in group])  # [R, b]
         if n_groups:
             groups = tuple(
                 {k: _put(v, _rows_sharding(mesh, len(v))) for k, v in g.items()}
@@ -1208,11 +1208,11 @@ def _train_group(
         used += 1
         if budget is not None and used >= budget and t < config.steps:
             flush(pending, t)
-            return s0, used, True
+            return used, True
     end_acc = _accuracy(np.asarray(progs["scores"](tr, ctx.frozen, tracked.buckets)), tracked)
     seconds = time.perf_counter() - g_start
     if ctx.writer:
-        for i, (r, d) in enumerate(zip(todo, dirs, strict=True)):
+        for i, (r, d) in enumerate(zip(group, dirs, strict=True)):
             if not writes[i]:  # complete already: its files are those of the first time
                 continue
             _write_metrics(d / METRICS_FILE, train_loss[i], ctx.lrs, losses[i])
@@ -1241,7 +1241,7 @@ def _train_group(
                     else [],
                 },
             )
-    return s0, used, False
+    return used, False
 
 
 def _write_metrics(path: Path, train_loss: np.ndarray, lrs: np.ndarray, losses: np.ndarray) -> None:

@@ -55,6 +55,25 @@ def rate(text: str) -> float:
     return value
 
 
+def fill_unset(args: argparse.Namespace, defaults: dict, on_gpu: bool) -> list[tuple[str, object]]:
+    """Set every attribute of ``args`` still None to its default for the backend.
+
+    Args:
+        defaults: {attribute: (GPU value, CPU value)}.
+
+    Returns:
+        ``[(flag name, CPU value)]`` for the attributes set to their CPU value (empty on GPU),
+        for the script's "CPU: small sizes" line.
+    """
+    filled = []
+    for name, (gpu, cpu) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, gpu if on_gpu else cpu)
+            if not on_gpu:
+                filled.append((name.replace("_", "-"), cpu))
+    return filled
+
+
 def positive_int_list(text: str) -> list[int]:
     """A comma list of integers >= 1, e.g. ``8,32``."""
     items = [x for x in text.split(",") if x.strip()]

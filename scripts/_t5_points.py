@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 import transformers
-from _bench_args import nonneg_int, positive_int, positive_int_list, rate
+from _bench_args import fill_unset, nonneg_int, positive_int, positive_int_list, rate
 
 # The issue's PyTorch reference points (H200): small/32, base/8, base/32, large/32, T0-3B/8.
 REFERENCE_POINTS = [("small", 32), ("base", 8), ("base", 32), ("large", 32), ("t0-3b", 8)]
@@ -87,13 +87,7 @@ def apply_backend_defaults(args: argparse.Namespace, on_gpu: bool) -> list[str]:
         ``["input-len 64", ...]``: the flags set to their CPU value (empty on GPU), for the
         "CPU: small sizes" line.
     """
-    filled = []
-    for name, (gpu, cpu) in POINT_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, gpu if on_gpu else cpu)
-            if not on_gpu:
-                filled.append(f"{name.replace('_', '-')} {cpu}")
-    return filled
+    return [f"{flag} {value}" for flag, value in fill_unset(args, POINT_DEFAULTS, on_gpu)]
 
 
 def select_points(

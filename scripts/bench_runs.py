@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _bench_args import positive_int  # noqa: E402
+from _bench_args import fill_unset, positive_int  # noqa: E402
 from _t5_points import t5_kwargs  # noqa: E402  (scripts/: sizes shared with bench_model.py)
 
 # Defaults of the size flags the user leaves unset, per backend.
@@ -51,14 +51,8 @@ def backend_sizes(args: argparse.Namespace, on_cpu: bool) -> list[str]:
         the flags filled with their CPU value, as ``"--runs 4"`` (empty on GPU or when every
         size flag was given).
     """
-    table = CPU_SIZES if on_cpu else GPU_SIZES
-    filled = []
-    for name, value in table.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-            if on_cpu:
-                filled.append(f"--{name.replace('_', '-')} {value}")
-    return filled
+    defaults = {name: (GPU_SIZES[name], CPU_SIZES[name]) for name in GPU_SIZES}
+    return [f"--{flag} {value}" for flag, value in fill_unset(args, defaults, not on_cpu)]
 
 
 SIZES = {
@@ -293,9 +287,9 @@ def main(argv=None) -> int:
         flush=True,
     )
     if cpu_small:
+        gpu = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in GPU_SIZES.items())
         print(
-            f"CPU: small sizes ({' '.join(cpu_small)}; pass them to change; GPU defaults "
-            f"{' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in GPU_SIZES.items())})",
+            f"CPU: small sizes ({' '.join(cpu_small)}; pass them to change; GPU defaults {gpu})",
             flush=True,
         )
     cfg_kw = dict(SIZES[args.model_size], vocab_size=VOCAB, dropout_rate=0.0)

@@ -110,25 +110,20 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"unknown simulator variant {variant!r}; use one of {', '.join(VARIANTS)}")
 
 
-def _check_lambda(name: str, value: float) -> float:
+def _check_lambda(name: str, value: float, *, positive: bool = False, hint: str = "") -> float:
+    """``value`` as a finite float >= 0 (> 0 with ``positive``), else a one-line ValueError."""
+    bound = "> 0" if positive else ">= 0"
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not a number; pass a float >= 0") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}={value!r} must be finite and >= 0")
+        raise ValueError(f"{name}={value!r} is not a number; pass a float {bound}{hint}") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name}={value!r} must be finite and {bound}{hint}")
     return value
 
 
 def _check_solver_args(tol, max_iter) -> tuple[float, int]:
-    try:
-        tol = float(tol)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"tol={tol!r} is not a number; pass a float > 0 (default {_TOL})"
-        ) from None
-    if not (math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol={tol!r} must be finite and > 0 (default {_TOL})")
+    tol = _check_lambda("tol", tol, positive=True, hint=f" (default {_TOL})")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int | np.integer) or max_iter < 1:
         raise ValueError(f"max_iter={max_iter!r} must be an int >= 1 (default {_MAX_ITER})")
     return tol, int(max_iter)

@@ -45,10 +45,10 @@ help:  ## List the targets.
 $(VENV)/.installed: pyproject.toml
 	$(PY_BOOT) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	$(VENV)/bin/python -m pip install -q -e ".[finetune,test]"
 	touch $@
 
-install: $(VENV)/.installed  ## Create .venv and install the project with its test extra.
+install: $(VENV)/.installed  ## Create .venv and install the project with its finetune and test extras.
 
 test: install  ## The default test suite (CPU, no network, 5-6 min on 2 cores).
 	$(PYTHON) -m pytest -q tests

@@ -17,6 +17,29 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+# What the run generator needs beyond the simulator's own dependencies: the `finetune` extra.
+_MODEL_STACK = (
+    "flax",
+    "optax",
+    "orbax.checkpoint",
+    "transformers",
+    "datasets",
+    "safetensors",
+    "sentencepiece",
+)
+
+
+def _missing_model_stack() -> list[str]:
+    """The modules of the `finetune` extra that cannot be imported here (none when installed)."""
+    missing = []
+    for name in _MODEL_STACK:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:  # the parent package ("orbax") is missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
 
 class _UsageError(ValueError):
@@ -176,6 +199,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``finetune`` script; returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    missing = _missing_model_stack()
+    if missing:
+        print(
+            f"error: finetune needs the model stack, missing {', '.join(missing)}: "
+            'pip install -e ".[finetune]" (or `make install`)',
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     parser = _parser()
     args = parser.parse_args(argv)
     try:

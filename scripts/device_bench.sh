@@ -2,10 +2,13 @@
 # Device measurements for issues 3, 4 and 5 in one call, each step under its own time limit,
 # logs to $OUT (or ./device-logs). Run from the repository root on the GPU machine:
 #   bash scripts/device_bench.sh [STAGE...]
-#   STAGE: model, model_dropout, model_scan, runs, runs_t0, tracin (default: model)
-# Limits per stage: model 110 + 300 s, model_dropout 110 + 300 s, model_scan 320 s, runs
-# 200 + 120 s, runs_t0 480 s, tracin 110 s. One device call may run 600 s, so give one stage
-# per call, or `runs tracin` together. With a 15-minute device budget: `model`, then `runs`.
+#   STAGE: goals, model, model_dropout, model_scan, runs, runs_t0, tracin (default: model)
+# Limits per stage: goals 90 + 275 + 180 s, model 110 + 300 s, model_dropout 110 + 300 s,
+# model_scan 320 s, runs 200 + 120 s, runs_t0 480 s, tracin 110 s. One device call may run
+# 600 s, so give one stage per call, or `runs tracin` together. With a 15-minute device budget
+# (machine start included), one call of `goals` (timeout_s 600) measures both speed goals that
+# a single call can: issue 3's five reference points against PyTorch and issue 4's t5-base
+# IA3 32-run step, with and without logging.
 set -uo pipefail
 OUT=${OUT:-device-logs}
 mkdir -p "$OUT"
@@ -23,6 +26,16 @@ step() {  # step NAME SECONDS CMD...
 }
 for stage in $STAGES; do
   case $stage in
+  goals)
+    # `model` and the first half of `runs` under tighter limits, so that they fit one call.
+    step model_torch 90 python3 scripts/bench_model_torch.py --points reference --methods full \
+      --dropout 0 --warmup 2 --iters 5
+    step model_jax 275 python3 scripts/bench_model.py --points reference --methods full \
+      --layers unroll --attention cudnn --dropout 0 --warmup 2 --iters 5 --point-timeout 53
+    step runs_cudnn 180 python3 scripts/bench_runs.py --synthetic --model-size t5-base \
+      --method ia3 --runs 32 --batch 8 --n-test 100 --steps 5 --dtype bfloat16 \
+      --attention cudnn --layers unroll --train-groups 4 --variants together,nolog
+    ;;
   model)
     # The issue's 5 reference points without dropout, PyTorch baseline first (same call), then
     # the Flax T5 with unrolled layers and cuDNN fused attention (no attention dropout, so the
@@ -69,6 +82,9 @@ for stage in $STAGES; do
       --n-train 1000 --n-test 100 --checkpoints 10 --chunk-size 64 --torch-examples 100 \
       --full-n-train 0 --json "$OUT/bench_tracin_ia3.json"
     ;;
-  *) echo "unknown stage $stage (model, model_dropout, model_scan, runs, runs_t0, tracin)"; exit 2 ;;
+  *)
+    echo "unknown stage $stage (goals, model, model_dropout, model_scan, runs, runs_t0, tracin)"
+    exit 2
+    ;;
   esac
 done

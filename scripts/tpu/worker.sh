@@ -3,7 +3,7 @@
 #
 #   worker.sh setup [--libtpu-index URL]
 #       Python >= 3.11 (apt-get python3.11 when the image has none), .venv in the project folder,
-#       `pip install -e . 'jax[tpu]' -f URL`, and the Makefile's install stamp, so that
+#       `pip install -e '.[finetune]' 'jax[tpu]' -f URL`, and the Makefile's install stamp, so that
 #       `make TARGET` uses this environment instead of installing the CPU one.
 #   worker.sh run --target T --config runs/<name> --out DIR [--make-var KEY=VALUE]...
 #       `make T CONFIG=... OUT=...` with SIMFLUENCE_DISTRIBUTED=1 (every worker joins one JAX job
@@ -59,7 +59,7 @@ setup() {
   py=$(_python)
   [[ -x .venv/bin/python ]] || "$py" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e . 'jax[tpu]' -f "$index"
+  .venv/bin/python -m pip install -q -e '.[finetune]' 'jax[tpu]' -f "$index"
   touch .venv/.installed
   .venv/bin/python -c 'import jax; print("worker ready:", jax.__version__)'
 }

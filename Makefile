@@ -24,7 +24,10 @@ export PYTHONUNBUFFERED := 1
 
 CONFIG ?= runs/demo
 OUT ?=
-EXP = $(if $(OUT),$(OUT),$(patsubst %/,%,$(CONFIG))/output)
+# CONFIG may name the folder or its config.py.
+CONFIG_DIR = $(patsubst %/config.py,%,$(patsubst %/,%,$(CONFIG)))
+EXP = $(if $(OUT),$(OUT),$(CONFIG_DIR)/output)
+DEMO_EXP = $(if $(OUT),$(OUT),runs/demo/output)
 SPLIT ?= 20,2,10
 FIT_RUNS ?= 0-19
 VALID_RUNS ?= 20-21
@@ -57,10 +60,10 @@ test-all: install  ## Every test, the slow ones too.
 	$(PYTHON) -m pytest -q -m "slow or not slow" tests
 
 demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots).
-	$(MAKE) --no-print-directory runs tracin simulate figures CONFIG=runs/demo OUT=$(EXP) \
+	$(MAKE) --no-print-directory runs tracin simulate figures CONFIG=runs/demo OUT=$(DEMO_EXP) \
 	  INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON)
-	$(SIMFLUENCE) table $(EXP)/results.json --out $(EXP)/table.md
-	@echo "demo outputs in $(EXP): results.json, table.md, figures/"
+	$(SIMFLUENCE) table $(DEMO_EXP)/results.json --out $(DEMO_EXP)/table.md
+	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, figures/"
 
 runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interrupted experiment).
 	$(FINETUNE) run $(CONFIG) --out $(EXP)

@@ -167,3 +167,32 @@ def test_make_table_without_results_fails_cleanly(tmp_path):
     assert proc.returncode != 0
     assert "run make simulate first" in proc.stderr
     assert not (tmp_path / "t.md").exists()
+
+
+def _dry_run(*args: str) -> list[str]:
+    """`make -n` of a target: the commands it would run, one per line, nothing executed."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    cmd = ["make", "-n", "--no-print-directory", "-C", str(REPO), *args, "INSTALL_DEP="]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_clean_env())
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.replace("\\\n", " ").splitlines()
+
+
+def _clean_env() -> dict[str, str]:
+    # A CONFIG or OUT exported in the caller's shell would reach make; the tests set their own.
+    return {k: v for k, v in os.environ.items() if k not in ("CONFIG", "OUT", "MAKEFLAGS")}
+
+
+def test_make_demo_ignores_another_config():
+    # `make demo CONFIG=...` (or CONFIG exported in the shell) must not write the demo into
+    # that config's output folder, where it would block the config's own runs.
+    lines = _dry_run("demo", "CONFIG=runs/t0-3b-ia3-rte")
+    assert any("CONFIG=runs/demo OUT=runs/demo/output" in ln for ln in lines), lines
+    assert not any("t0-3b-ia3-rte" in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize("config", ["runs/demo", "runs/demo/", "runs/demo/config.py"])
+def test_make_runs_accepts_the_folder_or_its_config_file(config):
+    (line,) = [ln for ln in _dry_run("runs", f"CONFIG={config}") if "finetune.cli run" in ln]
+    assert line.endswith("--out runs/demo/output"), line

@@ -18,7 +18,7 @@ runs (20 fit / 2 validation / 10 test) of 1000 steps of batch 8 under "uniform" 
 drawn with replacement); T-Few's IA3 recipe (Liu et al. 2022): Adafactor, lr 3e-3, 1000 steps,
 batch 8, linear decay after a 6% warm-up, gradient clipping at 1.0; plain cross-entropy (T-Few's
 unlikelihood and length-normalised losses are not used). Runs trained together: 8 (activation
-memory bound for full tuning). The 64 examples of a step train in 4 length groups of fixed
+memory bound). The 64 examples of a step train in 4 length groups of fixed
 padded length (train_length_groups). Checkpoints for TracIn-CP at steps (0, 100, 200, 300, 400,
 500, 600, 700, 800, 900, 1000) of the 20 fitting runs."""
 

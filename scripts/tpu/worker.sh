@@ -81,7 +81,9 @@ run() {
   export SIMFLUENCE_DISTRIBUTED=1
   local dest=$out
   if [[ $out == gs://* ]]; then
-    dest="$HOME/simfluence-out/$(basename "$config")"
+    # One staging folder per bucket path, not per config: a new --out starts from what that path
+    # holds (nothing, when it is new), never from another experiment staged on this worker.
+    dest="$HOME/simfluence-out/$(printf '%s' "$out" | sha256sum | cut -c1-16)"
     mkdir -p "$dest"
     if gcloud storage ls "$out" >/dev/null 2>&1; then
       gcloud storage rsync --recursive "$out" "$dest"

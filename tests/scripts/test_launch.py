@@ -5,6 +5,7 @@ tar...), so no test can reach a real cloud, host or make target. submit.sh and w
 copied into a throw-away git repository in tmp_path with one config, runs/demo.
 """
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -33,6 +34,8 @@ _TOOLS = (
     "mkdir",
     "rm",
     "touch",
+    "sha256sum",
+    "cut",
 )
 _LIBTPU = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 
@@ -324,8 +327,15 @@ def _make_env(sandbox):
     return [line.split("=", 1)[1] for line in (sandbox["log"] / "make.env").read_text().split()]
 
 
+def _staging(sandbox, out: str) -> str:
+    """The worker's local copy of a bucket path: one folder per path."""
+    return (
+        f"{sandbox['env']['HOME']}/simfluence-out/{hashlib.sha256(out.encode()).hexdigest()[:16]}"
+    )
+
+
 def test_worker_run_with_bucket_pulls_runs_make_and_worker0_pushes(sandbox):
-    home_out = f"{sandbox['env']['HOME']}/simfluence-out/demo"
+    home_out = _staging(sandbox, "gs://b/exp")
     args = ["run", "--target", "runs", "--config", "runs/demo", "--out", "gs://b/exp"]
     result = _run(
         sandbox,
@@ -354,6 +364,18 @@ def test_worker_run_with_bucket_pulls_runs_make_and_worker0_pushes(sandbox):
         ["storage", "rsync", "--recursive", "gs://b/exp", home_out],
         ["storage", "rsync", "--recursive", home_out, "gs://b/exp"],
     ]
+
+
+def test_worker_stages_each_bucket_path_apart(sandbox):
+    # Two --out paths for one config must not share a local folder: the second would start from
+    # (and push) the first one's experiment.
+    outs = ["gs://b/try1", "gs://b/try2"]
+    for out in outs:
+        args = ["run", "--target", "runs", "--config", "runs/demo", "--out", out]
+        assert _run(sandbox, WORKER, *args, env={"TPU_WORKER_ID": "0"}).returncode == 0
+    make_outs = [c[2] for c in _calls(sandbox, "make")]
+    assert make_outs == [f"OUT={_staging(sandbox, out)}" for out in outs]
+    assert len(set(make_outs)) == 2
 
 
 def test_worker_failure_still_pushes_and_other_workers_do_not(sandbox):
@@ -404,7 +426,7 @@ def test_worker_setup_makes_venv_and_installs_jax_tpu(sandbox):
         "install",
         "-q",
         "-e",
-        ".",
+        ".[finetune]",
         "jax[tpu]",
         "-f",
         "https://example.test/libtpu.html",

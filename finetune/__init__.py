@@ -2,9 +2,9 @@
 
 Layers, never mixed (t5x style): the network (`finetune.network`), model functions
 (`finetune.model`: per-example losses, choice scoring, per-example gradients), pure steps
-(`finetune.steps`) and the loop (`finetune.trainer`). TracIn-CP (`finetune.tracin`) reuses the
-model functions, never the loop. The run log is written through `simfluence.runlog`, the only
-piece of `simfluence` imported here.
+(`finetune.steps`) and the loop (`finetune.trainer`, its data side in `finetune.data`).
+TracIn-CP (`finetune.tracin`) reuses the model functions, never the loop. The run log is written
+through `simfluence.runlog`, the only piece of `simfluence` imported here.
 
 Re-exports are lazy so that `finetune --help` starts without importing JAX.
 """
@@ -28,12 +28,14 @@ _EXPORTS = {
     "make_train_step": "steps",
     "ExperimentConfig": "config",
     "load_experiment": "experiment",
+    "load_experiment_config": "config",
+    "run_experiment": "trainer",
     "compute_dots": "tracin",
     "run_tracin": "tracin",
 }
 
 __all__ = sorted(_EXPORTS)
-_SUBMODULES = {*_EXPORTS.values(), "cli", "curricula", "distributed", "tasks", "trainer"}
+_SUBMODULES = {*_EXPORTS.values(), "cli", "curricula", "data", "distributed", "tasks", "trainer"}
 
 
 def __getattr__(name: str):

@@ -42,10 +42,6 @@ def _missing_model_stack() -> list[str]:
     return missing
 
 
-class _UsageError(ValueError):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line (no usage block) and exit with code 2."""
 
@@ -53,55 +49,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def load_config(path: str | Path):
-    """Loads ``get_config()`` from a ``runs/<name>`` folder or its ``config.py``.
-
-    Returns:
-        (ExperimentConfig, the config file's folder).
-
-    Raises:
-        ValueError: the file is missing, does not define get_config() -> ExperimentConfig, or
-            get_config() fails (an unknown or ill-typed field: one line naming the file).
-    """
-    from finetune.config import ConfigError, ExperimentConfig
-
-    path = Path(path)
-    file = path / "config.py" if path.is_dir() else path
-    if not file.is_file():
-        raise _UsageError(
-            f"config {path} not found; pass a runs/<name> folder holding "
-            "config.py, or the config.py file itself"
-        )
-    spec = importlib.util.spec_from_file_location(f"_finetune_config_{file.parent.name}", file)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # a config file is user code: report any failure in one line
-        raise _UsageError(f"{file}: cannot load ({type(e).__name__}: {e})") from None
-    get = getattr(module, "get_config", None)
-    if get is None:
-        raise _UsageError(f"{file} defines no get_config(); it must return an ExperimentConfig")
-    try:
-        config = get()
-    except ConfigError as e:  # names the field and the fix; add the file
-        raise ConfigError(f"{file}: {e}") from None
-    except Exception as e:  # config code: e.g. an unknown field (TypeError from the dataclass)
-        raise _UsageError(
-            f"{file}: get_config() failed ({type(e).__name__}: {e}); fix the config "
-            "(its fields are those of finetune.config.ExperimentConfig)"
-        ) from None
-    if not isinstance(config, ExperimentConfig):
-        raise _UsageError(
-            f"{file}: get_config() returned {type(config).__name__}, not "
-            "finetune.config.ExperimentConfig"
-        )
-    return config, file.parent
-
-
 def _run(args: argparse.Namespace) -> int:
     from finetune import trainer
+    from finetune.config import load_experiment_config
 
-    config, folder = load_config(args.config)
+    config, folder = load_experiment_config(args.config)
     out = args.out or (Path(config.output_dir) if config.output_dir else folder / "output")
     data_dir = args.data_dir or os.environ.get("SIMFLUENCE_DATA_DIR") or None
     result = trainer.run_experiment(
@@ -140,8 +92,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from finetune import tracin
-
     parser = _Parser(
         prog="finetune",
         description="Fine-tuning runs under random curricula (Simfluence run logs) and TracIn-CP.",
@@ -186,18 +136,139 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--max-steps",
-        type=tracin.positive_int,
+        type=_positive_int,
         default=None,
         help="stop after this many (group) steps; run again to continue",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
-    tracin.add_subcommand(sub)
+    _add_tracin(sub)
     return parser
 
 
+# `finetune tracin`. Mirrors finetune.tracin.MODES and its default chunk size (a test pins both):
+# importing finetune.tracin would load JAX for `--help`.
+_TRACIN_MODES = ("exact", "projected")
+_TRACIN_CHUNK = 32
+
+
+def _parse_runs(text: str) -> list[int]:
+    """argparse type: ``"0-19,25"`` -> [0, ..., 19, 25], else a one-line ArgumentTypeError."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo or lo < 0:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                value = int(part)
+                if value < 0:
+                    raise ValueError
+                out.append(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--runs {text!r}: expected indices and ranges like 0-19 or 0,3,5-7"
+            ) from None
+    return out
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1, else a one-line ``ArgumentTypeError``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _add_tracin(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``finetune tracin EXP ...``; its handler returns 0 (raises ValueError on bad
+    input, which `main` turns into one line and exit code 2)."""
+    parser = subparsers.add_parser(
+        "tracin",
+        help="TracIn-CP gradient dot products at every checkpoint -> run_XXX/tracin.npz",
+        description=(
+            "For every complete run of EXP that saved checkpoints, at every checkpoint, compute "
+            "the per-example gradient dot products of all training-pool examples with all "
+            "tracked test examples (trainable parameters only: IA3 vectors or the full model) "
+            "and write run_XXX/tracin.npz (steps, learning_rates, dots [K, n_test, n_train]). "
+            "Runs whose tracin.npz covers their checkpoints are skipped (one with other "
+            "checkpoint steps is recomputed). A checkpoint at step s is the state "
+            "after s steps; its learning rate is that of step s+1. "
+            "TracIn: Pruthi et al. 2020, arXiv 2002.08484."
+        ),
+    )
+    parser.add_argument("exp", type=Path, metavar="EXP", help="experiment directory")
+    parser.add_argument(
+        "--runs",
+        type=_parse_runs,
+        default=None,
+        help="run indices to process, e.g. 0-19 or 0,3,5-7; each must have checkpoints "
+        "(default: every complete run that saved checkpoints)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=_TRACIN_MODES,
+        default="exact",
+        help="exact: flattened per-example gradients (IA3, small models); projected: seeded "
+        "Gaussian projection of each gradient to --proj-dim dimensions, for full tuning of "
+        "large models (default: exact)",
+    )
+    parser.add_argument(
+        "--proj-dim",
+        type=_positive_int,
+        default=4096,
+        help="projection dimension d in projected mode; the error of a dot product g1.g2 has "
+        "standard deviation about sqrt((1 + 1/cos^2)/d) times |g1.g2| (at most sqrt(2/d) "
+        "|g1||g2|); must not exceed the number of trainable parameters (default: 4096)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random projection (default: 0)"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=_TRACIN_CHUNK,
+        help="examples per vmapped per-example-gradient chunk; lower it if memory runs out "
+        f"(default: {_TRACIN_CHUNK})",
+    )
+    parser.set_defaults(handler=_tracin)
+    return parser
+
+
+def _tracin(args: argparse.Namespace) -> int:
+    from finetune.tracin import run_tracin
+
+    paths = run_tracin(
+        args.exp,
+        runs=args.runs,
+        mode=args.mode,
+        proj_dim=args.proj_dim,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+    )
+    print(f"wrote {len(paths)} tracin.npz file(s) under {args.exp}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``finetune`` script; returns the exit code."""
+    """Entry point of the ``finetune`` script.
+
+    Args:
+        argv: the arguments after the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success, 2 (``EXIT_BAD_INPUT``) for bad input or a missing model
+        stack (one line ``error: ...`` on stderr), 1 (``EXIT_FAILED``) for a non-finite loss.
+
+    Raises:
+        SystemExit: from argparse, for ``--help`` (code 0) or a bad flag (code 2, one line).
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     missing = _missing_model_stack()
     if missing:
@@ -214,8 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # A no-op on a single process (see finetune.distributed).
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-        handler = getattr(args, "handler", None) or args.func
-        return int(handler(args) or 0)
+        return int(args.handler(args) or 0)
     except ValueError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -12,8 +12,10 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from finetune.curricula import KINDS
@@ -143,7 +145,7 @@ class ExperimentConfig:
     max_target_length: int = 32  # answers likewise
     length_multiple: int = 16  # each batch is padded to a multiple of this of its own max length
     tracked_buckets: int = 4  # at most this many padded lengths in the tracked set (one traced
-    #   forward each in the logging program; see finetune.trainer.bucket_lengths)
+    #   forward each in the logging program; see finetune.data.bucket_lengths)
     data_seed: int = 0  # seed of the pool / test draw
     # --- runs ---------------------------------------------------------------------------------
     num_runs: int = 32  # training runs, each under its own random curriculum
@@ -273,7 +275,11 @@ class ExperimentConfig:
             object.__setattr__(self, "warmup", WarmupConfig(**self.warmup))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists); `from_dict` inverts it."""
+        """JSON-ready dict (tuples become lists); `from_dict` inverts it.
+
+        Returns:
+            Every field by name (``warmup`` as a dict or None, ``checkpoint_steps`` a list).
+        """
         d = dataclasses.asdict(self)
         d["checkpoint_steps"] = list(self.checkpoint_steps)
         return d
@@ -282,8 +288,14 @@ class ExperimentConfig:
     def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
         """Rebuilds a config from `to_dict` output.
 
+        Args:
+            d: a dict of fields, as `to_dict` (or experiment.json's ``config``) holds them.
+
+        Returns:
+            The config, checked by ``__post_init__``.
+
         Raises:
-            ConfigError: unknown fields.
+            ConfigError: unknown fields, or a bad value (see ``__post_init__``).
         """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -296,7 +308,66 @@ class ExperimentConfig:
         return cls(**d)
 
     def saves_checkpoints(self, run_index: int) -> bool:
-        """Whether run ``run_index`` saves checkpoints."""
+        """Whether run ``run_index`` saves checkpoints.
+
+        Args:
+            run_index: the run (0-based).
+
+        Returns:
+            True when ``checkpoint_steps`` is set and the run is among the first
+            ``checkpoint_runs`` (every run when that is None).
+        """
         return bool(self.checkpoint_steps) and (
             self.checkpoint_runs is None or run_index < self.checkpoint_runs
         )
+
+
+def load_experiment_config(path: str | os.PathLike) -> tuple[ExperimentConfig, Path]:
+    """Loads ``get_config()`` from a ``runs/<name>`` folder or its ``config.py``.
+
+    The file is executed as a module (it is user code) and its ``get_config()`` called.
+
+    Args:
+        path: a ``runs/<name>`` folder holding ``config.py``, or the ``config.py`` file itself.
+
+    Returns:
+        ``(config, folder)``: the ExperimentConfig and the folder of the config file.
+
+    Raises:
+        ConfigError: get_config() built an ExperimentConfig with a bad field (the message names
+            the file and the field).
+        ValueError: the file is missing, cannot be executed, defines no get_config(), or
+            get_config() fails otherwise (e.g. an unknown field) or returns something else than
+            an ExperimentConfig; one line naming the file.
+    """
+    path = Path(path)
+    file = path / "config.py" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(
+            f"config {path} not found; pass a runs/<name> folder holding "
+            "config.py, or the config.py file itself"
+        )
+    spec = importlib.util.spec_from_file_location(f"_finetune_config_{file.parent.name}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a config file is user code: report any failure in one line
+        raise ValueError(f"{file}: cannot load ({type(e).__name__}: {e})") from None
+    get = getattr(module, "get_config", None)
+    if get is None:
+        raise ValueError(f"{file} defines no get_config(); it must return an ExperimentConfig")
+    try:
+        config = get()
+    except ConfigError as e:  # names the field and the fix; add the file
+        raise ConfigError(f"{file}: {e}") from None
+    except Exception as e:  # config code: e.g. an unknown field (TypeError from the dataclass)
+        raise ValueError(
+            f"{file}: get_config() failed ({type(e).__name__}: {e}); fix the config "
+            "(its fields are those of finetune.config.ExperimentConfig)"
+        ) from None
+    if not isinstance(config, ExperimentConfig):
+        raise ValueError(
+            f"{file}: get_config() returned {type(config).__name__}, not "
+            "finetune.config.ExperimentConfig"
+        )
+    return config, file.parent

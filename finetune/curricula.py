@@ -11,6 +11,7 @@ References:
 from __future__ import annotations
 
 import numpy as np
+from jaxtyping import Int
 
 KINDS = ("epochs", "uniform", "subset")
 
@@ -32,7 +33,7 @@ def make_curriculum(
     seed: int,
     run_index: int,
     subset_size: int | None = None,
-) -> np.ndarray:
+) -> Int[np.ndarray, "steps batch"]:
     """Draws the curriculum of one run.
 
     Args:

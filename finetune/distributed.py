@@ -1,4 +1,6 @@
-"""Multi-process start-up: one call before any JAX computation, a no-op on a single process.
+"""Multi-process start-up, the device mesh, and placing host arrays on it.
+
+Start-up: one call before any JAX computation, a no-op on a single process.
 
 Every process of a multi-host (or one-process-per-GPU) job calls :func:`initialize` first; it
 calls ``jax.distributed.initialize`` once, with the coordinator address, process count and
@@ -17,16 +19,27 @@ process id taken from, in order of precedence:
 
 ``SIMFLUENCE_DISTRIBUTED=0`` switches detection (3) off. With none of these, or with a single
 process, nothing is called and the program runs as a plain single-process JAX program.
+
+Mesh and placement: one 1-D data-parallel mesh (axis ``"data"``, :func:`make_mesh`) even on one
+device, so the same code runs on fake CPU devices in tests and on a pod. Host arrays, identical
+on every process, become global arrays through :func:`put` (multi-host safe); parameters and
+optimizer states are replicated (:func:`place`); batch rows are split over ``"data"`` when they
+divide evenly over the devices (:func:`batch_sharding`, :func:`rows_sharding`), else replicated.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-__all__ = ["initialize"]
+__all__ = ["batch_sharding", "initialize", "make_mesh", "place", "put", "rows_sharding"]
 
 _log = logging.getLogger(__name__)
 
@@ -209,3 +222,41 @@ def _describe(settings: tuple) -> str:
         return "automatic cluster detection"
     _, address, count, index = settings
     return f"coordinator_address={address!r}, num_processes={count}, process_id={index}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The mesh and placement
+
+
+def make_mesh(devices: Sequence | None = None) -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh ("data",) over the given devices (default: all)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    return jax.make_mesh(
+        (len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def put(x, sharding: NamedSharding) -> jax.Array:
+    """Places a host array (identical on every process) with ``sharding`` (works multi-host)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def place(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """A tree of host arrays replicated on every device of ``mesh`` (parameters, states)."""
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: put(x, replicated), tree)
+
+
+def rows_sharding(mesh: jax.sharding.Mesh, rows: int) -> NamedSharding:
+    """Rows split over the "data" axis when they divide evenly, else replicated."""
+    n_dev = len(mesh.devices.flat)
+    return NamedSharding(mesh, P("data") if rows % n_dev == 0 else P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, batch_size: int) -> NamedSharding:
+    """``[R, batch, ...]`` batches of R runs: the batch axis split over "data" when it divides
+    evenly over the devices, else replicated."""
+    n_dev = len(mesh.devices.flat)
+    spec = P(None, "data") if batch_size % n_dev == 0 else P()
+    return NamedSharding(mesh, spec)

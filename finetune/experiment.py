@@ -84,6 +84,9 @@ def _dtype(name: str):
 def check_backend(config: ExperimentConfig) -> None:
     """Refuses a config this machine cannot run (before anything is written).
 
+    Args:
+        config: the experiment's config.
+
     Raises:
         ExperimentError: attention='cudnn' without a GPU backend.
     """
@@ -98,6 +101,10 @@ def check_backend(config: ExperimentConfig) -> None:
 
 def build_base_model(config: ExperimentConfig):
     """The model every run starts from, before any warm-up.
+
+    Args:
+        config: the experiment's config (model or random_init, method, dtype, scan_layers,
+            attention, init_seed).
 
     Returns:
         (graphdef, params) of the T5: pretrained (config.model) or random (config.random_init).
@@ -143,7 +150,17 @@ def build_base_model(config: ExperimentConfig):
 
 
 def vocab_size(params) -> int:
-    """Rows of the vocabulary embedding (``shared``) of a T5's parameters."""
+    """Rows of the vocabulary embedding (``shared``) of a T5's parameters.
+
+    Args:
+        params: the parameter tree (``nnx.State``) of a ``finetune.network.T5``.
+
+    Returns:
+        The vocabulary size the model embeds (``shared`` is [vocab, d_model]).
+
+    Raises:
+        ExperimentError: the tree has no ``shared`` embedding.
+    """
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if _is_embedding(path):
             return int(np.shape(leaf)[0])
@@ -151,7 +168,18 @@ def vocab_size(params) -> int:
 
 
 def make_mask(config: ExperimentConfig, params):
-    """Trainable mask of the config: the method's mask, minus the embedding if frozen."""
+    """Trainable mask of the config: the method's mask, minus the embedding if frozen.
+
+    Args:
+        config: the experiment's config (``method``, ``freeze_embeddings``).
+        params: the parameter tree (``nnx.State``) of the T5.
+
+    Returns:
+        A tree like ``params`` with a Python bool at each leaf (True: trainable).
+
+    Raises:
+        ValueError: see `finetune.model.trainable_mask` (``"ia3"`` on a model without IA3).
+    """
     from finetune.model import trainable_mask
 
     mask = trainable_mask(params, config.method)
@@ -176,12 +204,24 @@ def _checkpointer():
 
 
 def warmup_path(exp_dir: str | Path) -> Path:
-    """Folder of the cached warm-up parameters."""
+    """Folder of the cached warm-up parameters.
+
+    Args:
+        exp_dir: the experiment folder.
+
+    Returns:
+        The absolute path ``EXP/warmup`` (it may not exist yet).
+    """
     return Path(exp_dir).resolve() / WARMUP_DIR
 
 
 def save_warmup(exp_dir: str | Path, params) -> None:
-    """Saves warmed-up full parameters (orbax; atomic: written under a temporary name)."""
+    """Saves warmed-up full parameters (orbax; atomic: written under a temporary name).
+
+    Args:
+        exp_dir: the experiment folder; the parameters go to ``EXP/warmup``, replacing any.
+        params: the full parameter tree (``nnx.State``) after the warm-up.
+    """
     path = warmup_path(exp_dir)
     ckptr = _checkpointer()
     ckptr.save(path, params, force=True)
@@ -189,7 +229,16 @@ def save_warmup(exp_dir: str | Path, params) -> None:
 
 
 def restore_warmup(exp_dir: str | Path, target):
-    """Restores the warmed-up parameters against ``target`` (same structure)."""
+    """Restores the warmed-up parameters against ``target`` (same structure).
+
+    Args:
+        exp_dir: the experiment folder holding ``EXP/warmup``.
+        target: a parameter tree with the structure, shapes and dtypes to restore into (e.g.
+            the params of `build_base_model`); only its shapes and dtypes are used.
+
+    Returns:
+        The warmed-up full parameter tree.
+    """
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
     return _checkpointer().restore(warmup_path(exp_dir), abstract)
 
@@ -202,6 +251,10 @@ def initial_params(config: ExperimentConfig, exp_dir: str | Path, *, base=None):
         exp_dir: the experiment folder.
         base: `build_base_model(config)` when the caller has it already (saves loading the
             checkpoint twice); None builds it.
+
+    Returns:
+        ``(graphdef, params)``: the T5 graph definition and its full parameters, after the
+        warm-up when the config has one.
 
     Raises:
         ExperimentError: the config has a warm-up and ``EXP/warmup`` does not exist yet.
@@ -230,7 +283,19 @@ def _load_data(exp_dir: Path) -> dict[str, np.ndarray]:
 
 
 def read_config(exp_dir: str | Path) -> ExperimentConfig:
-    """The ExperimentConfig recorded in ``EXP/experiment.json``."""
+    """The ExperimentConfig recorded in ``EXP/experiment.json``.
+
+    Args:
+        exp_dir: the experiment folder.
+
+    Returns:
+        The config the experiment was prepared with.
+
+    Raises:
+        ExperimentError: experiment.json has no ``config`` (not written by finetune run).
+        RunLogError: experiment.json is missing or unreadable (see `simfluence.runlog`).
+        ConfigError: the recorded config has unknown or bad fields.
+    """
     info = runlog.read_experiment(exp_dir)
     if "config" not in info:
         raise ExperimentError(
@@ -300,7 +365,14 @@ def _manager(run_dir: str | Path, *, create: bool = False):
 
 
 def checkpoint_steps(run_dir: str | Path) -> list[int]:
-    """Steps with a finished checkpoint in ``run_dir/checkpoints`` (ascending; [] if none)."""
+    """Steps with a finished checkpoint in ``run_dir/checkpoints``.
+
+    Args:
+        run_dir: the run folder (run_XXX).
+
+    Returns:
+        The steps, ascending; [] when the run has no checkpoints folder or none finished.
+    """
     path = Path(run_dir) / CHECKPOINT_DIR
     if not path.is_dir():
         return []
@@ -356,6 +428,14 @@ def save_checkpoint(run_dir: str | Path, step: int, trainable, opt_state, log: d
     A run resumed from an earlier checkpoint re-reaches steps that an interrupted pass may have
     checkpointed already (step 0 always, or a step some runs of a group saved before the kill).
     Training is deterministic, so such a checkpoint holds this same state and is kept as is.
+
+    Args:
+        run_dir: the run folder (run_XXX); ``checkpoints/`` is created under it if needed.
+        step: optimizer steps taken so far (the state after ``step`` steps; 0 is the start).
+        trainable: the trainable part of the parameters (one run, host arrays).
+        opt_state: the optimizer state of that run.
+        log: the run's log so far at full length, e.g. ``{"losses": f32 [steps + 1, n_test],
+            "train_loss": f32 [steps]}`` (rows after ``step`` are zero).
     """
     import orbax.checkpoint as ocp
 
@@ -378,7 +458,18 @@ def save_checkpoint(run_dir: str | Path, step: int, trainable, opt_state, log: d
 
 
 def restore_checkpoint(run_dir: str | Path, step: int, trainable, opt_state, log: dict):
-    """Restores (trainable, opt_state, log) at ``step`` against the given targets."""
+    """Restores (trainable, opt_state, log) at ``step`` against the given targets.
+
+    Args:
+        run_dir: the run folder (run_XXX).
+        step: a step from `checkpoint_steps`.
+        trainable: target with the structure, shapes and dtypes of the saved trainable part.
+        opt_state: target like the saved optimizer state.
+        log: target like the saved log (see `save_checkpoint`).
+
+    Returns:
+        ``(trainable, opt_state, log)`` as saved at ``step`` (host-local arrays).
+    """
     import orbax.checkpoint as ocp
 
     mngr = _manager(run_dir)
@@ -397,5 +488,12 @@ def restore_checkpoint(run_dir: str | Path, step: int, trainable, opt_state, log
 
 
 def config_fingerprint(config: ExperimentConfig) -> str:
-    """Canonical JSON of a config, for comparing the config of a workdir with a new one."""
+    """Canonical JSON of a config, for comparing the config of a workdir with a new one.
+
+    Args:
+        config: the experiment's config.
+
+    Returns:
+        ``config.to_dict()`` as JSON with sorted keys (non-JSON values through ``str``).
+    """
     return json.dumps(config.to_dict(), sort_keys=True, default=str)

@@ -114,6 +114,12 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
 def load_config(directory: str | os.PathLike):
     """The ``T5Config`` of a checkpoint directory.
 
+    Args:
+        directory: a local checkpoint directory holding config.json.
+
+    Returns:
+        The ``transformers.T5Config`` read from config.json.
+
     Raises:
         CheckpointError: no config.json, unreadable JSON, or a model_type other than 't5'.
     """

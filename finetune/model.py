@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jaxtyping import Array, ArrayLike, Float, Int
 
 __all__ = [
     "METHODS",
@@ -42,7 +43,9 @@ __all__ = [
 METHODS = ("full", "ia3")
 
 Params = Any  # nnx.State (a pytree of arrays inside nnx.Variable nodes)
-Batch = dict[str, jax.Array]
+Batch = dict[str, jax.Array]  # {"inputs": int32 [b, L_in], "targets": int32 [b, L_tgt]}
+PerExampleLoss = Callable[..., Float[Array, " b"]]  # (params, batch [b, ...]) -> f32 [b]
+CombineFn = Callable[[Params, Params], Params]  # (trainable, frozen) -> params
 
 
 def _is_ia3_path(path) -> bool:
@@ -100,7 +103,13 @@ def partition(params: Params, mask: Params) -> tuple[Params, Params]:
 def combine(trainable: Params, frozen: Params | None) -> Params:
     """Inverse of ``partition``: the full parameter tree.
 
-    ``frozen`` may also be None or empty (``{}``) when every parameter is in ``trainable``.
+    Args:
+        trainable: the trainable part from ``partition`` (``None`` at the frozen leaves).
+        frozen: the frozen part from ``partition`` (``None`` at the trainable leaves); None or
+            empty (``{}``) when every parameter is in ``trainable``.
+
+    Returns:
+        The full parameter tree, each leaf taken from whichever part holds an array there.
     """
     if frozen is None or (isinstance(frozen, dict) and not frozen):
         return trainable
@@ -109,7 +118,9 @@ def combine(trainable: Params, frozen: Params | None) -> Params:
     )
 
 
-def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def token_losses(
+    logits: Float[Array, "b L_tgt vocab"], targets: Int[Array, "b L_tgt"]
+) -> Float[Array, " b"]:
     """Per-example mean token cross-entropy over non-padding targets.
 
     Args:
@@ -146,7 +157,7 @@ def _check_batch(batch) -> tuple[jax.Array, jax.Array]:
     return inputs, targets
 
 
-def make_per_example_loss(graphdef) -> Callable[..., jax.Array]:
+def make_per_example_loss(graphdef) -> PerExampleLoss:
     """Build ``per_example_loss(params, batch, dropout_rng=None) -> float32 [b]``.
 
     Args:
@@ -164,7 +175,9 @@ def make_per_example_loss(graphdef) -> Callable[..., jax.Array]:
             with the same number of rows.
     """
 
-    def per_example_loss(params: Params, batch: Batch, dropout_rng=None) -> jax.Array:
+    def per_example_loss(
+        params: Params, batch: Batch, dropout_rng: jax.Array | None = None
+    ) -> Float[Array, " b"]:
         inputs, targets = _check_batch(batch)
         model = nnx.merge(graphdef, params)
         logits = model(
@@ -178,7 +191,7 @@ def make_per_example_loss(graphdef) -> Callable[..., jax.Array]:
     return per_example_loss
 
 
-def make_score_choices(graphdef) -> Callable[..., jax.Array]:
+def make_score_choices(graphdef) -> Callable[..., Float[Array, "b C"]]:
     """Build ``score_choices(params, inputs, choices) -> float32 [b, C]`` (rank classification).
 
     The encoder runs once per example; each answer choice is decoded against it. The score is the
@@ -193,7 +206,9 @@ def make_score_choices(graphdef) -> Callable[..., jax.Array]:
         [b, C, L_tgt] -> float32 [b, C].
     """
 
-    def score_choices(params: Params, inputs: jax.Array, choices: jax.Array) -> jax.Array:
+    def score_choices(
+        params: Params, inputs: Int[ArrayLike, "b L_in"], choices: Int[ArrayLike, "b C L_tgt"]
+    ) -> Float[Array, "b C"]:
         inputs = _check_ids("inputs", inputs, 2, "[b, L_in]")
         choices = _check_ids("choices", choices, 3, "[b, C, L_tgt]")
         model = nnx.merge(graphdef, params)
@@ -211,20 +226,29 @@ def make_score_choices(graphdef) -> Callable[..., jax.Array]:
 
 
 def per_example_grads(
-    loss_fn: Callable[..., jax.Array], trainable: Params, frozen: Params, batch: Batch
+    loss_fn: PerExampleLoss,
+    trainable: Params,
+    frozen: Params,
+    batch: Batch,
+    *,
+    combine: CombineFn = combine,
 ) -> Params:
     """Gradient of each example's loss with respect to the trainable parameters.
 
     ``vmap(grad)`` over the examples; the frozen part is closed over and never differentiated.
+    The one per-example gradient of the package: TracIn-CP (``finetune.tracin``) calls it on each
+    chunk of examples.
 
     Args:
-        loss_fn: ``per_example_loss(params, batch) -> [b]`` (from ``make_per_example_loss``).
+        loss_fn: ``per_example_loss(params, batch) -> f32 [b]`` (from ``make_per_example_loss``).
         trainable: trainable part of ``partition``.
         frozen: frozen part of ``partition``.
-        batch: dict of arrays with leading axis b.
+        batch: dict of arrays with leading axis b (e.g. inputs int32 [b, L_in], targets int32
+            [b, L_tgt]); each example is passed to ``loss_fn`` as a batch of one.
+        combine: ``(trainable, frozen) -> params`` (default: this module's ``combine``).
 
     Returns:
-        A tree like ``trainable`` whose arrays carry a leading [b] axis.
+        A tree like ``trainable`` whose arrays carry a leading [b] axis (the dtype of each leaf).
 
     References:
         TracIn: https://arxiv.org/abs/2002.08484.

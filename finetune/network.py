@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Float, Int
 
 __all__ = ["T5", "IA3Param", "is_tied", "shift_right"]
 
@@ -49,6 +50,12 @@ def is_tied(config: Any) -> bool:
     transformers >= 5.2x always sets ``tie_word_embeddings=True`` and keeps the checkpoint's
     intent in ``scale_decoder_outputs``; older versions use ``tie_word_embeddings`` directly.
     Real checkpoints are either tied+scaled (T5) or untied+unscaled (v1.1, T0).
+
+    Args:
+        config: a ``transformers.T5Config``.
+
+    Returns:
+        True for a tied and scaled output layer (no ``lm_head``), False for a separate one.
     """
     scale = getattr(config, "scale_decoder_outputs", None)
     if scale is not None:
@@ -56,7 +63,7 @@ def is_tied(config: Any) -> bool:
     return bool(getattr(config, "tie_word_embeddings", True))
 
 
-def shift_right(targets: jax.Array, start_id: int = 0) -> jax.Array:
+def shift_right(targets: Int[Array, "b L_tgt"], start_id: int = 0) -> Int[Array, "b L_tgt"]:
     """Decoder inputs: targets shifted right by one with ``start_id`` first.
 
     Args:
@@ -646,8 +653,13 @@ class T5(nnx.Module):
         return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan).astype(self.dtype)
 
     def encode(
-        self, inputs: jax.Array, *, deterministic: bool = True, dropout_rng=None, _keys=None
-    ) -> jax.Array:
+        self,
+        inputs: Int[Array, "b L_in"],
+        *,
+        deterministic: bool = True,
+        dropout_rng: jax.Array | None = None,
+        _keys=None,
+    ) -> Float[Array, "b L_in d_model"]:
         """Encoder hidden states.
 
         Args:
@@ -664,14 +676,14 @@ class T5(nnx.Module):
 
     def decode(
         self,
-        encoded: jax.Array,
-        inputs: jax.Array,
-        targets: jax.Array,
+        encoded: Float[Array, "b L_in d_model"],
+        inputs: Int[Array, "b L_in"],
+        targets: Int[Array, "b L_tgt"],
         *,
         deterministic: bool = True,
-        dropout_rng=None,
+        dropout_rng: jax.Array | None = None,
         _keys=None,
-    ) -> jax.Array:
+    ) -> Float[Array, "b L_tgt vocab"]:
         """Logits of each target token given the encoder output (teacher forcing).
 
         Args:
@@ -699,12 +711,12 @@ class T5(nnx.Module):
 
     def __call__(
         self,
-        inputs: jax.Array,
-        targets: jax.Array,
+        inputs: Int[Array, "b L_in"],
+        targets: Int[Array, "b L_tgt"],
         *,
         deterministic: bool = True,
-        dropout_rng=None,
-    ) -> jax.Array:
+        dropout_rng: jax.Array | None = None,
+    ) -> Float[Array, "b L_tgt vocab"]:
         """Teacher-forced logits.
 
         Args:

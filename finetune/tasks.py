@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from jaxtyping import Int
 
 TASKS = ("rte", "copa", "winogrande")
 
@@ -56,7 +57,11 @@ class Example:
 
     @property
     def target(self) -> str:
-        """The correct answer string."""
+        """The correct answer string.
+
+        Returns:
+            ``choices[label]``.
+        """
         return self.choices[self.label]
 
 
@@ -168,7 +173,17 @@ _SPECS: dict[str, _TaskSpec] = {
 
 
 def splits(task: str) -> tuple[str, ...]:
-    """The split names `load_split` accepts for ``task``."""
+    """The split names `load_split` accepts for ``task``.
+
+    Args:
+        task: a task name from ``TASKS``.
+
+    Returns:
+        The split names, e.g. ``("train", "validation")``.
+
+    Raises:
+        TaskError: unknown task.
+    """
     return tuple(_spec(task).files)
 
 
@@ -180,6 +195,14 @@ def _spec(task: str) -> _TaskSpec:
 
 def split_path(task: str, split: str, data_dir: str | Path) -> Path:
     """Path of the jsonl file holding ``split`` of ``task`` under ``data_dir``.
+
+    Args:
+        task: a task name from ``TASKS``.
+        split: one of ``splits(task)``.
+        data_dir: the data directory (the layout of ../shared/data).
+
+    Returns:
+        The path of the existing jsonl file.
 
     Raises:
         TaskError: unknown task or split, or the file is missing (the message gives the layout).
@@ -311,7 +334,11 @@ class Encoded:
 
     @property
     def targets(self) -> list[np.ndarray]:
-        """Token ids of the correct choice of each example."""
+        """Token ids of the correct choice of each example.
+
+        Returns:
+            Per example int32 [L_c] (the choice at ``labels[i]``), ending with EOS.
+        """
         return [c[int(y)] for c, y in zip(self.choices, self.labels, strict=True)]
 
 
@@ -346,12 +373,31 @@ def encode(
 
 
 def round_up(length: int, multiple: int) -> int:
-    """Smallest multiple of ``multiple`` that is >= ``length`` (and >= ``multiple``)."""
+    """Smallest multiple of ``multiple`` that is >= ``length`` (and >= ``multiple``).
+
+    Args:
+        length: a sequence length.
+        multiple: the granularity (>= 1), e.g. ``ExperimentConfig.length_multiple``.
+
+    Returns:
+        The rounded length; at least ``multiple`` even for ``length`` 0.
+    """
     return max(multiple, -(-length // multiple) * multiple)
 
 
-def pad(seqs: Sequence[np.ndarray], length: int) -> np.ndarray:
-    """Right-pads id sequences with 0 into int32 [len(seqs), length]."""
+def pad(seqs: Sequence[np.ndarray], length: int) -> Int[np.ndarray, "n length"]:
+    """Right-pads id sequences with 0 into int32 [len(seqs), length].
+
+    Args:
+        seqs: n sequences of token ids, each int [L_i] with ``L_i <= length``.
+        length: the padded width.
+
+    Returns:
+        int32 [n, length], pad id 0.
+
+    Raises:
+        ValueError: a sequence longer than ``length``.
+    """
     out = np.zeros((len(seqs), length), dtype=np.int32)
     for i, s in enumerate(seqs):
         if len(s) > length:
@@ -360,8 +406,22 @@ def pad(seqs: Sequence[np.ndarray], length: int) -> np.ndarray:
     return out
 
 
-def pad_choices(choices: Sequence[Sequence[np.ndarray]], length: int) -> np.ndarray:
-    """Pads per-example choices into int32 [n, C, length] (every example has C choices)."""
+def pad_choices(
+    choices: Sequence[Sequence[np.ndarray]], length: int
+) -> Int[np.ndarray, "n C length"]:
+    """Pads per-example choices into int32 [n, C, length] (every example has C choices).
+
+    Args:
+        choices: per example, C sequences of token ids, each int [L_c] with ``L_c <= length``.
+        length: the padded width.
+
+    Returns:
+        int32 [n, C, length], pad id 0.
+
+    Raises:
+        ValueError: examples with different numbers of choices, or a choice longer than
+            ``length``.
+    """
     n_choices = {len(c) for c in choices}
     if len(n_choices) != 1:
         raise ValueError(f"examples have different numbers of choices: {sorted(n_choices)}")

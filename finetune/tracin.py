@@ -40,7 +40,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import logging
@@ -53,8 +52,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
-__all__ = ["add_subcommand", "compute_dots", "count_params", "run_tracin"]
+from finetune.model import combine as _model_combine
+from finetune.model import partition, per_example_grads
+
+__all__ = ["MODES", "compute_dots", "count_params", "run_tracin"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -66,19 +69,20 @@ _DEFAULT_CHUNK = 32
 
 PyTree = Any
 Batch = dict[str, Any]  # {"inputs": int32 [n, L_in], "targets": int32 [n, L_tgt]}
-LossFn = Callable[[PyTree, Batch], jax.Array]  # (params, batch [b, ...]) -> f32 [b]
+LossFn = Callable[[PyTree, Batch], Float[Array, " b"]]  # (params, batch [b, ...]) -> f32 [b]
 CombineFn = Callable[[PyTree, PyTree], PyTree]  # (trainable, frozen) -> params
 
 
 def count_params(trainable: PyTree) -> int:
-    """Number of scalar parameters in a pytree (``None`` leaves count zero)."""
+    """Number of scalar parameters in a pytree (``None`` leaves count zero).
+
+    Args:
+        trainable: a pytree of arrays (e.g. the trainable part of ``partition``).
+
+    Returns:
+        The total number of entries P of its leaves (the width of an exact-mode gradient).
+    """
     return int(sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(trainable)))
-
-
-def _default_combine() -> CombineFn:
-    from finetune.model import combine  # the model stack; imported only when needed
-
-    return combine
 
 
 def _check_mode(mode: str, proj_dim: int, chunk_size: int) -> None:
@@ -154,13 +158,8 @@ def _make_features(
 
     def features(trainable: PyTree, frozen: PyTree, chunk: Batch, key: jax.Array) -> jax.Array:
         c = next(iter(chunk.values())).shape[0]
-
-        def loss_one(t: PyTree, example: Batch) -> jax.Array:
-            one = jax.tree.map(lambda x: x[None], example)  # [1, ...]
-            return per_example_loss(combine(t, frozen), one)[0]
-
         # vmap(grad) over the examples of the chunk: leaves [c, *leaf_shape].
-        grads = jax.vmap(jax.grad(loss_one), in_axes=(None, 0))(trainable, chunk)
+        grads = per_example_grads(per_example_loss, trainable, frozen, chunk, combine=combine)
         if mode == "exact":
             return _flatten(grads, c)  # [c, P]
         return _project(grads, c, key, proj_dim)  # [c, d]
@@ -256,18 +255,18 @@ def compute_dots(
     seed: int = 0,
     chunk_size: int = _DEFAULT_CHUNK,
     combine: CombineFn | None = None,
-) -> jax.Array:  # f32 [n_test, n_train]
+) -> Float[Array, "n_test n_train"]:
     """Gradient dot products of every test example with every training example.
 
     ``dots[z, i] = grad_t L(z; theta) . grad_t L(z_i; theta)`` where ``grad_t`` is the gradient
     with respect to the trainable parameters only and ``theta = combine(trainable, frozen)``.
-    One jitted call: per-example gradients by ``vmap(grad)`` over chunks of ``chunk_size``
-    examples, one ``lax.scan`` over the test chunks then the pool chunks (the model is traced
-    once), no Python loop over examples. Pool and test arrays with different trailing shapes take
-    two scans instead (the model is traced twice). The compiled function is cached on the
-    identity of ``per_example_loss`` and ``combine`` plus the settings and batch sizes, so pass
-    the same loss object for every checkpoint: a new closure (e.g. another
-    ``make_per_example_loss(graphdef)`` call) compiles again.
+    One jitted call: per-example gradients (``finetune.model.per_example_grads``, a
+    ``vmap(grad)``) over chunks of ``chunk_size`` examples, one ``lax.scan`` over the test chunks
+    then the pool chunks (the model is traced once), no Python loop over examples. Pool and test
+    arrays with different trailing shapes take two scans instead (the model is traced twice).
+    The compiled function is cached on the identity of ``per_example_loss`` and ``combine`` plus
+    the settings and batch sizes, so pass the same loss object for every checkpoint: a new
+    closure (e.g. another ``make_per_example_loss(graphdef)`` call) compiles again.
 
     Args:
         per_example_loss: ``(params, batch) -> f32 [b]``; the loss of each example of a batch
@@ -318,7 +317,7 @@ def compute_dots(
             "pass both with the same keys (drop the extra arrays)"
         )
     if combine is None:
-        combine = _default_combine()
+        combine = _model_combine
     fn = _make_dots_fn(
         per_example_loss,
         combine,
@@ -450,6 +449,12 @@ def _select_runs(exp_dir: Path, runs: Sequence[int] | None) -> list[tuple[int, P
             _LOG.warning("%s is incomplete (no meta.json with status complete); skipped", path)
             continue
         selected.append((i, Path(path)))
+    if not selected:
+        which = "runs" if runs is None else f"runs {wanted}"
+        raise ValueError(
+            f"{exp_dir}: none of its {which} is complete yet; TracIn-CP reads the checkpoints of "
+            "complete runs: finish them first (`finetune run CONFIG --out EXP`, or `make runs`)"
+        )
     return selected
 
 
@@ -479,7 +484,7 @@ def run_tracin(
     Args:
         exp_dir: experiment directory (experiment.json, run_XXX/ with checkpoints/).
         runs: run indices to process (each must have checkpoints); None processes every
-            complete run that saved checkpoints (an error if none did).
+            complete run that saved checkpoints (an error if none is complete or none did).
         mode: ``"exact"`` or ``"projected"`` (see ``compute_dots``).
         proj_dim: projection dimension for projected mode.
         seed: projection seed for projected mode.
@@ -492,13 +497,13 @@ def run_tracin(
     Raises:
         ValueError: naming the file or run: a selected run without checkpoints or lr.npy, a
             checkpoint that does not match the experiment config, proj_dim larger than the number
-            of trainable parameters, runs that do not exist, non-finite dot products.
+            of trainable parameters, runs that do not exist, no selected run complete,
+            non-finite dot products.
 
     References:
         Pruthi et al. 2020, https://arxiv.org/abs/2002.08484.
     """
     from finetune.experiment import checkpoint_steps, load_experiment
-    from finetune.model import combine, partition
     from simfluence.runlog import read_tracin, write_tracin
 
     exp_dir = Path(exp_dir)
@@ -598,7 +603,7 @@ def run_tracin(
                     proj_dim=proj_dim,
                     seed=seed,
                     chunk_size=chunk_size,
-                    combine=combine,
+                    combine=_model_combine,
                 )
                 dots[k] = seen[digest] = np.asarray(d)
             if not np.isfinite(dots[k]).all():
@@ -632,124 +637,3 @@ def run_tracin(
         written.append(run_dir / "tracin.npz")
     bar.close()
     return written
-
-
-# --------------------------------------------------------------------------------------------
-# CLI.
-
-
-def _parse_runs(text: str) -> list[int]:
-    """``"0-19,25"`` -> [0, ..., 19, 25]."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if hi < lo or lo < 0:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                value = int(part)
-                if value < 0:
-                    raise ValueError
-                out.append(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"--runs {text!r}: expected indices and ranges like 0-19 or 0,3,5-7"
-            ) from None
-    return out
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1, else a one-line ``ArgumentTypeError``."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
-def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``finetune tracin EXP ...`` on a subparsers object; its handler returns 0 or 2."""
-    parser = subparsers.add_parser(
-        "tracin",
-        help="TracIn-CP gradient dot products at every checkpoint -> run_XXX/tracin.npz",
-        description=(
-            "For every complete run of EXP that saved checkpoints, at every checkpoint, compute "
-            "the per-example gradient dot products of all training-pool examples with all "
-            "tracked test examples (trainable parameters only: IA3 vectors or the full model) "
-            "and write run_XXX/tracin.npz (steps, learning_rates, dots [K, n_test, n_train]). "
-            "Runs whose tracin.npz covers their checkpoints are skipped (one with other "
-            "checkpoint steps is recomputed). A checkpoint at step s is the state "
-            "after s steps; its learning rate is that of step s+1. "
-            "TracIn: Pruthi et al. 2020, arXiv 2002.08484."
-        ),
-    )
-    parser.add_argument("exp", type=Path, metavar="EXP", help="experiment directory")
-    parser.add_argument(
-        "--runs",
-        type=_parse_runs,
-        default=None,
-        help="run indices to process, e.g. 0-19 or 0,3,5-7; each must have checkpoints "
-        "(default: every complete run that saved checkpoints)",
-    )
-    parser.add_argument(
-        "--mode",
-        choices=MODES,
-        default="exact",
-        help="exact: flattened per-example gradients (IA3, small models); projected: seeded "
-        "Gaussian projection of each gradient to --proj-dim dimensions, for full tuning of "
-        "large models (default: exact)",
-    )
-    parser.add_argument(
-        "--proj-dim",
-        type=positive_int,
-        default=4096,
-        help="projection dimension d in projected mode; the error of a dot product g1.g2 has "
-        "standard deviation about sqrt((1 + 1/cos^2)/d) times |g1.g2| (at most sqrt(2/d) "
-        "|g1||g2|); must not exceed the number of trainable parameters (default: 4096)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the random projection (default: 0)"
-    )
-    parser.add_argument(
-        "--chunk-size",
-        type=positive_int,
-        default=_DEFAULT_CHUNK,
-        help="examples per vmapped per-example-gradient chunk; lower it if memory runs out "
-        f"(default: {_DEFAULT_CHUNK})",
-    )
-    parser.set_defaults(func=_cli_main, handler=_cli_main)
-    return parser
-
-
-def _cli_main(args: argparse.Namespace) -> int:
-    try:
-        paths = run_tracin(
-            args.exp,
-            runs=args.runs,
-            mode=args.mode,
-            proj_dim=args.proj_dim,
-            seed=args.seed,
-            chunk_size=args.chunk_size,
-        )
-    except ValueError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    print(f"wrote {len(paths)} tracin.npz file(s) under {args.exp}")
-    return 0
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (``python -m finetune.tracin EXP ...``)."""
-    from finetune import cli
-
-    return cli.main(["tracin", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    raise SystemExit(_main())

@@ -1,13 +1,14 @@
 """The training loop: many fine-tuning runs under random curricula, logging per-step test losses.
 
 Layer 4 of ``finetune`` (STYLE.md): data, cadence, logging, checkpoints. The runs of an
-experiment differ only in their curriculum, so R of them train together in one jitted program:
-``vmap`` over a run axis of the trainable state, the optimizer state and the batches, with the
-frozen weights shared. One device mesh (axis ``"data"``) shards every batch and the tracked test
-set over the examples; parameters are replicated.
+experiment differ only in their curriculum, so R of them train together in one jitted program
+(`finetune.steps.make_programs`: ``vmap`` over a run axis of the trainable state, the optimizer
+state and the batches, with the frozen weights shared). One device mesh (axis ``"data"``,
+`finetune.distributed`) shards every batch and the tracked test set over the examples;
+parameters are replicated.
 
-Length bucketing: a training step pads its batches (all R runs) to a multiple of
-``length_multiple`` of their own longest input, and the tracked set is cut into at most
+Length bucketing (`finetune.data`): a training step pads its batches (all R runs) to a multiple
+of ``length_multiple`` of their own longest input, and the tracked set is cut into at most
 ``tracked_buckets`` buckets of equal padded length (chosen to minimise padding), so jit compiles
 once per distinct length instead of padding everything to the maximum. Training and logging are
 separate programs: a new batch length recompiles only the training step.
@@ -27,7 +28,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from finetune import experiment as E
 from finetune.config import ExperimentConfig
 from finetune.curricula import make_curriculum
+from finetune.data import (
+    TrackedSet,
+    flat_group_lengths,
+    gather_batch,
+    gather_flat,
+    make_tracked_set,
+    put_batch,
+    put_groups,
+)
+from finetune.distributed import make_mesh, place
 from finetune.tasks import TaskError, encode, load_split, pad, pad_choices, round_up
 from simfluence import runlog
 
@@ -337,7 +346,7 @@ def _prepare(
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedules and the jitted programs
+# Schedules, the optimizer and the jitted programs
 
 
 def make_schedule(config: ExperimentConfig):
@@ -384,256 +393,6 @@ def make_optimizer(config: ExperimentConfig, schedule=None):
     )
 
 
-def make_mesh(devices: Sequence | None = None):
-    """A 1-D data-parallel mesh ("data",) over the given devices (default: all)."""
-    devices = list(devices) if devices is not None else jax.devices()
-    return jax.make_mesh(
-        (len(devices),), ("data",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,)
-    )
-
-
-def _put(x, sharding):
-    """Places a host array (identical on every process) with ``sharding`` (works multi-host)."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-@dataclass
-class TrackedSet:
-    """The tracked test set cut into length buckets.
-
-    Attributes:
-        buckets: tuple of {"inputs": [n_k, L_k], "targets": [n_k, T], "choices": [n_k, C, T]}.
-        index: int [sum n_k]: the test example of each row of the concatenated buckets (rows
-            beyond the real examples repeat one, so each bucket divides over the devices).
-        labels: int [n_test].
-    """
-
-    buckets: tuple
-    index: np.ndarray
-    labels: np.ndarray
-    n: int
-
-    def scatter(self, rows: np.ndarray) -> np.ndarray:
-        """[..., sum n_k] in bucket order -> [..., n] in test order."""
-        out = np.empty(rows.shape[:-1] + (self.n,), rows.dtype)
-        out[..., self.index] = rows
-        return out
-
-
-def bucket_lengths(
-    lengths: np.ndarray, *, multiple: int, max_buckets: int | None, n_devices: int = 1
-) -> np.ndarray:
-    """The padded length of each example when at most ``max_buckets`` lengths are allowed.
-
-    Each length is first rounded up to a multiple of ``multiple``; when that leaves more than
-    ``max_buckets`` distinct values, neighbouring values are merged (each group padded to its
-    largest) by an exact dynamic program that minimises the padded tokens, counting each group's
-    rows rounded up to a multiple of ``n_devices`` as they are laid out. Every bucket is one
-    traced forward pass in the logging program, so fewer buckets compile faster.
-
-    Args:
-        lengths: int [n] unpadded input lengths.
-        multiple: pad to a multiple of this.
-        max_buckets: the most distinct padded lengths (None: no limit).
-        n_devices: rows of each bucket are padded to a multiple of this.
-
-    Returns:
-        int [n] padded length per example.
-    """
-    padded = np.asarray([round_up(int(n), multiple) for n in lengths], np.int64)
-    values, counts = np.unique(padded, return_counts=True)
-    m = len(values)
-    if max_buckets is None or m <= max_buckets:
-        return padded
-    k_max = max_buckets
-    csum = np.concatenate([[0], np.cumsum(counts)])
-
-    def cost(a: int, b: int) -> int:  # one bucket over distinct values a..b (inclusive)
-        rows = int(csum[b + 1] - csum[a])
-        return (-(-rows // n_devices) * n_devices) * int(values[b])
-
-    inf = float("inf")
-    # best[k][j]: least padded tokens for values 0..j-1 in k buckets; cut[k][j]: its last start.
-    best = [[inf] * (m + 1) for _ in range(k_max + 1)]
-    cut = [[0] * (m + 1) for _ in range(k_max + 1)]
-    best[0][0] = 0
-    for k in range(1, k_max + 1):
-        for j in range(1, m + 1):
-            for a in range(k - 1, j):  # last bucket covers values a..j-1
-                c = best[k - 1][a] + cost(a, j - 1)
-                if c < best[k][j]:
-                    best[k][j], cut[k][j] = c, a
-    k = min(range(1, k_max + 1), key=lambda kk: (best[kk][m], kk))
-    target = np.empty(m, np.int64)
-    j = m
-    while k > 0:
-        a = cut[k][j]
-        target[a:j] = values[j - 1]
-        j, k = a, k - 1
-    return target[np.searchsorted(values, padded)]
-
-
-def make_tracked_set(
-    inputs: np.ndarray,
-    targets: np.ndarray,
-    choices: np.ndarray,
-    labels: np.ndarray,
-    lengths: np.ndarray,
-    *,
-    multiple: int,
-    n_devices: int,
-    mesh=None,
-    max_buckets: int | None = None,
-) -> TrackedSet:
-    """Buckets the tracked set by padded input length (see `bucket_lengths`)."""
-    padded = bucket_lengths(
-        lengths, multiple=multiple, max_buckets=max_buckets, n_devices=n_devices
-    )
-    buckets, index = [], []
-    for length in sorted(set(padded.tolist())):
-        ids = np.flatnonzero(padded == length)
-        extra = (-len(ids)) % n_devices
-        ids = np.concatenate([ids, np.full(extra, ids[-1])])
-        b = {"inputs": inputs[ids, :length], "targets": targets[ids], "choices": choices[ids]}
-        if mesh is not None:
-            b = {k: _put(v, NamedSharding(mesh, P("data"))) for k, v in b.items()}
-        buckets.append(b)
-        index.append(ids)
-    return TrackedSet(tuple(buckets), np.concatenate(index), np.asarray(labels), len(lengths))
-
-
-def make_programs(
-    per_example_loss: Callable,
-    score_choices: Callable,
-    optimizer,
-    mesh,
-    *,
-    broadcast_tracked: bool = False,
-):
-    """The jitted group programs (R runs at once).
-
-    ``broadcast_tracked``: give the tracked buckets an explicit run axis before the vmap over
-    runs (instead of closing over them unbatched). Needed by the fused cuDNN attention, whose
-    batching rule requires every per-example operand (the key lengths) to carry the run axis.
-
-    Returns:
-        dict with
-        ``advance(trainable_R, opt_R, frozen, batch_R) -> (trainable_R, opt_R, train_loss
-        f32 [R])`` (jitted; donates the states),
-        ``step(trainable_R, opt_R, frozen, batch_R, buckets) -> (trainable_R, opt_R,
-        train_loss f32 [R], test_loss f32 [R, rows])``: ``advance`` then ``test_losses``,
-        ``step_nolog(...)`` the same without the test losses (test_loss is an empty [R, 0]),
-        ``advance_flat`` / ``step_flat(trainable_R, opt_R, frozen, groups, buckets)`` the same
-        step with the R x b examples in length groups (`gather_flat`; IA3-sized trainable
-        trees only: every example gathers its run's trainable parameters),
-        ``test_losses(trainable_R, frozen, buckets) -> f32 [R, rows]``,
-        ``scores(trainable_R, frozen, buckets) -> f32 [R, rows, C]``.
-    """
-    import optax
-
-    from finetune.model import combine
-    from finetune.steps import make_train_step
-
-    train_step = make_train_step(per_example_loss, optimizer)
-    replicated = NamedSharding(mesh, P())
-
-    def test_losses_one(trainable, frozen, buckets):
-        params = combine(trainable, frozen)
-        rows = [
-            per_example_loss(params, {"inputs": b["inputs"], "targets": b["targets"]})
-            for b in buckets
-        ]
-        return jnp.concatenate(rows)  # [rows]
-
-    def scores_one(trainable, frozen, buckets):
-        params = combine(trainable, frozen)
-        return jnp.concatenate(
-            [score_choices(params, b["inputs"], b["choices"]) for b in buckets]
-        )  # [rows, C]
-
-    def over_runs(fn, trainable_r, frozen, buckets):
-        if not broadcast_tracked:
-            return jax.vmap(fn, in_axes=(0, None, None))(trainable_r, frozen, buckets)
-        r = jax.tree.leaves(trainable_r)[0].shape[0]
-        buckets_r = jax.tree.map(lambda x: jnp.broadcast_to(x, (r,) + x.shape), buckets)
-        return jax.vmap(fn, in_axes=(0, None, 0))(trainable_r, frozen, buckets_r)
-
-    def test_losses(trainable_r, frozen, buckets):
-        out = over_runs(test_losses_one, trainable_r, frozen, buckets)  # [R, rows]
-        return jax.lax.with_sharding_constraint(out, replicated)
-
-    def scores(trainable_r, frozen, buckets):
-        out = over_runs(scores_one, trainable_r, frozen, buckets)  # [R, rows, C]
-        return jax.lax.with_sharding_constraint(out, replicated)
-
-    def advance(trainable_r, opt_r, frozen, batch_r):
-        trainable_r, opt_r, loss_r = jax.vmap(train_step, in_axes=(0, 0, None, 0, None))(
-            trainable_r, opt_r, frozen, batch_r, None
-        )
-        return trainable_r, opt_r, jax.lax.with_sharding_constraint(loss_r, replicated)
-
-    def advance_flat(trainable_r, opt_r, frozen, groups):
-        """The step of R runs with the examples of all runs flattened into length groups.
-
-        Each example runs the model with its own run's trainable (IA3) parameters, gathered by
-        its run index, so examples of different runs share a padded length. The gradient of
-        the sum of the runs' mean losses with respect to the stacked parameters is each run's
-        own gradient (the runs do not interact); the optimizer then updates each run.
-        """
-        n_runs = jax.tree.leaves(trainable_r)[0].shape[0]
-
-        def one(tr, inputs, targets):  # a single example, its run's parameters
-            params = combine(tr, frozen)
-            return per_example_loss(params, {"inputs": inputs[None], "targets": targets[None]})[0]
-
-        def objective(tr_r):
-            total = jnp.zeros((n_runs,), jnp.float32)
-            count = jnp.zeros((n_runs,), jnp.float32)
-            for g in groups:
-                tr_i = jax.tree.map(lambda x, g=g: x[g["run"]], tr_r)  # [n_g, ...]
-                losses = jax.vmap(one)(tr_i, g["inputs"], g["targets"])  # [n_g]
-                total = total + jax.ops.segment_sum(losses, g["run"], n_runs)
-                count = count + jax.ops.segment_sum(jnp.ones_like(losses), g["run"], n_runs)
-            loss_r = total / count  # [R] each run's batch mean
-            return loss_r.sum(), loss_r
-
-        (_, loss_r), grads_r = jax.value_and_grad(objective, has_aux=True)(trainable_r)
-        updates_r, opt_r = jax.vmap(optimizer.update)(grads_r, opt_r, trainable_r)
-        trainable_r = jax.vmap(optax.apply_updates)(trainable_r, updates_r)
-        return trainable_r, opt_r, jax.lax.with_sharding_constraint(loss_r, replicated)
-
-    # The training step and the tracked-set logging are two programs, not one: the step is
-    # compiled once per padded batch length, the logging (one traced forward per tracked
-    # bucket) once per experiment. Fused, every new batch length recompiled the logging too.
-    advance_jit = jax.jit(advance, donate_argnums=(0, 1))
-    test_losses_jit = jax.jit(test_losses)
-
-    def step(trainable_r, opt_r, frozen, batch_r, buckets):
-        trainable_r, opt_r, loss_r = advance_jit(trainable_r, opt_r, frozen, batch_r)
-        return trainable_r, opt_r, loss_r, test_losses_jit(trainable_r, frozen, buckets)
-
-    def step_nolog(trainable_r, opt_r, frozen, batch_r, buckets):
-        trainable_r, opt_r, loss_r = advance_jit(trainable_r, opt_r, frozen, batch_r)
-        return trainable_r, opt_r, loss_r, jnp.zeros((loss_r.shape[0], 0), jnp.float32)
-
-    advance_flat_jit = jax.jit(advance_flat, donate_argnums=(0, 1))
-
-    def step_flat(trainable_r, opt_r, frozen, groups, buckets):
-        trainable_r, opt_r, loss_r = advance_flat_jit(trainable_r, opt_r, frozen, groups)
-        return trainable_r, opt_r, loss_r, test_losses_jit(trainable_r, frozen, buckets)
-
-    return {
-        "advance": advance_jit,
-        "step": step,
-        "step_nolog": step_nolog,
-        "advance_flat": advance_flat_jit,
-        "step_flat": step_flat,
-        "test_losses": test_losses_jit,
-        "scores": jax.jit(scores),
-    }
-
-
 _PROGRAM_CACHE: dict = {}
 
 
@@ -643,6 +402,8 @@ def _cached_programs(config: ExperimentConfig, exp, optimizer, mesh) -> dict:
     The loss functions are pure functions of the graphdef, so equal graphdefs give equal programs;
     a second `run_experiment` in the same process (e.g. resuming) then compiles nothing again.
     """
+    from finetune.steps import make_programs
+
     key = (
         exp.graphdef,
         mesh,
@@ -667,110 +428,6 @@ def _cached_programs(config: ExperimentConfig, exp, optimizer, mesh) -> dict:
     return _PROGRAM_CACHE[key]
 
 
-def gather_batch(
-    pool_inputs: np.ndarray,
-    pool_targets: np.ndarray,
-    pool_lengths: np.ndarray,
-    ids: np.ndarray,
-    multiple: int,
-) -> dict[str, np.ndarray]:
-    """The batches of one step of R runs, padded to a multiple of their own longest input.
-
-    Args:
-        pool_inputs: int32 [n_train, L_max]; pool_targets int32 [n_train, T].
-        pool_lengths: int [n_train] unpadded input lengths.
-        ids: int [R, b] pool positions.
-        multiple: pad the input length to a multiple of this.
-
-    Returns:
-        {"inputs": int32 [R, b, L], "targets": int32 [R, b, T]}.
-    """
-    length = min(round_up(int(pool_lengths[ids].max()), multiple), pool_inputs.shape[1])
-    return {"inputs": pool_inputs[ids, :length], "targets": pool_targets[ids]}
-
-
-def flat_group_lengths(
-    pool_lengths: np.ndarray, ids: np.ndarray, groups: int, multiple: int, width: int
-) -> tuple[int, ...]:
-    """Padded input length of each length group, fixed for all steps of a group of runs.
-
-    At every step the R x b examples are sorted by length and cut into ``groups`` consecutive
-    groups (``np.array_split`` sizes); a group's length is the longest input it ever holds,
-    rounded up to ``multiple`` (at most ``width``). Fixed lengths: one compile per group of
-    runs, whatever the curricula.
-
-    Args:
-        pool_lengths: int [n_train] unpadded input lengths.
-        ids: int [R, T, b] pool positions of every step of the runs.
-        groups: number of length groups.
-        multiple: pad to a multiple of this.
-        width: the padded width of the pool's inputs.
-
-    Returns:
-        ``groups`` lengths, non-decreasing.
-    """
-    r, t, b = ids.shape
-    lengths = np.sort(pool_lengths[np.moveaxis(ids, 1, 0).reshape(t, r * b)], axis=1)  # [T, N]
-    out = []
-    for part in np.array_split(np.arange(r * b), groups):
-        longest = int(lengths[:, part[-1]].max())
-        out.append(min(round_up(longest, multiple), width))
-    return tuple(out)
-
-
-def gather_flat(
-    pool_inputs: np.ndarray,
-    pool_targets: np.ndarray,
-    pool_lengths: np.ndarray,
-    ids: np.ndarray,
-    group_lengths: Sequence[int],
-) -> tuple[dict[str, np.ndarray], ...]:
-    """The examples of one step of R runs, sorted by length into fixed-length groups.
-
-    Args:
-        pool_inputs: int32 [n_train, L_max]; pool_targets int32 [n_train, T].
-        pool_lengths: int [n_train] unpadded input lengths.
-        ids: int [R, b] pool positions.
-        group_lengths: from `flat_group_lengths` (covers every step of these runs).
-
-    Returns:
-        One {"inputs": int32 [n_g, L_g], "targets": int32 [n_g, T], "run": int32 [n_g]} per
-        group; a stable sort, so ties keep run-major order (deterministic).
-    """
-    r, b = ids.shape
-    flat = ids.reshape(-1)
-    run = np.repeat(np.arange(r, dtype=np.int32), b)
-    order = np.argsort(pool_lengths[flat], kind="stable")
-    out = []
-    for part, length in zip(np.array_split(order, len(group_lengths)), group_lengths, strict=True):
-        sel = flat[part]
-        if pool_lengths[sel].max() > length:
-            raise ValueError(
-                f"an input of length {pool_lengths[sel].max()} exceeds its group's {length}"
-            )
-        out.append(
-            {"inputs": pool_inputs[sel, :length], "targets": pool_targets[sel], "run": run[part]}
-        )
-    return tuple(out)
-
-
-def _stack(trees: Sequence) -> Any:
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
-
-
-def _broadcast(tree, r: int):
-    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (r,) + np.shape(x)), tree)
-
-
-def _take(tree, r: int):
-    return jax.tree.map(lambda x: x[r], tree)
-
-
-def _place(tree, mesh):
-    replicated = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: _put(x, replicated), tree)
-
-
 # ----------------------------------------------------------------------------------------------
 # Warm-up
 
@@ -788,6 +445,7 @@ def _warmup(
     """Trains all parameters on the warm-up examples and saves them in EXP/warmup."""
     from finetune.model import make_per_example_loss, make_score_choices, partition
     from finetune.model import trainable_mask as _mask
+    from finetune.steps import broadcast_runs, make_programs
     from finetune.steps import make_optimizer as _make
 
     w = config.warmup
@@ -813,11 +471,10 @@ def _warmup(
         seed=w.seed,
         run_index=0,
     )
-    tr = _place(_broadcast(trainable, 1), mesh)
-    op = _place(_broadcast(opt.init(trainable), 1), mesh)
-    fr = _place(frozen, mesh)
+    tr = place(broadcast_runs(trainable, 1), mesh)
+    op = place(broadcast_runs(opt.init(trainable), 1), mesh)
+    fr = place(frozen, mesh)
     before = tracked.scatter(np.asarray(progs["test_losses"](tr, fr, tracked.buckets)))[0]
-    batch_sharding = _batch_sharding(mesh, cur.shape[1])
     losses = []
     from tqdm.auto import tqdm
 
@@ -829,8 +486,7 @@ def _warmup(
             cur[t][None],
             config.length_multiple,
         )
-        batch = {k: _put(v, batch_sharding) for k, v in batch.items()}
-        tr, op, loss, _ = progs["step_nolog"](tr, op, fr, batch, tracked.buckets)
+        tr, op, loss, _ = progs["step_nolog"](tr, op, fr, put_batch(batch, mesh), tracked.buckets)
         losses.append(loss)
     losses = np.asarray(jnp.concatenate(losses))
     if not np.isfinite(losses).all():
@@ -858,18 +514,6 @@ def _warmup(
     )
 
 
-def _rows_sharding(mesh, rows: int) -> NamedSharding:
-    """Rows split over the "data" axis when they divide evenly, else replicated."""
-    n_dev = len(mesh.devices.flat)
-    return NamedSharding(mesh, P("data") if rows % n_dev == 0 else P())
-
-
-def _batch_sharding(mesh, batch_size: int) -> NamedSharding:
-    n_dev = len(mesh.devices.flat)
-    spec = P(None, "data") if batch_size % n_dev == 0 else P()
-    return NamedSharding(mesh, spec)
-
-
 # ----------------------------------------------------------------------------------------------
 # The runs
 
@@ -888,6 +532,39 @@ def _next_kept_step(config: ExperimentConfig, runs: Sequence[int], s0: int) -> i
         if later:
             return min(later)
     return config.steps
+
+
+def _groups(config: ExperimentConfig) -> list[list[int]]:
+    """The runs trained together, in order: runs_together at a time."""
+    return [
+        list(range(g, min(g + config.runs_together, config.num_runs)))
+        for g in range(0, config.num_runs, config.runs_together)
+    ]
+
+
+def _too_few_steps(config: ExperimentConfig, group: Sequence[int], s0: int, budget: int) -> str:
+    """Why ``budget`` steps from ``s0`` would keep nothing of ``group`` ("" when they would)."""
+    keep = _next_kept_step(config, group, s0)
+    if budget >= keep - s0:
+        return ""
+    where = "their next checkpoint" if keep < config.steps else "the end"
+    return (
+        f"--max-steps {budget} is too few: runs {group[0]}-{group[-1]} continue from step {s0} "
+        f"and keep nothing before step {keep} ({where}); give --max-steps {keep - s0} or more"
+    )
+
+
+def _check_budget(config: ExperimentConfig, exp_dir: Path, budget: int) -> None:
+    """Refuses, before anything is prepared or written, a budget too small for the first group
+    that still has work (the loop checks later groups against what is left of it)."""
+    status = {i: c for i, _, c in runlog.list_runs(exp_dir)} if exp_dir.is_dir() else {}
+    for group in _groups(config):
+        if all(status.get(r) for r in group):
+            continue
+        why = _too_few_steps(config, group, _resume_step(config, exp_dir, group), budget)
+        if why:
+            raise E.ExperimentError(why)
+        return
 
 
 def _resume_step(config: ExperimentConfig, exp_dir: Path, todo: Sequence[int]) -> int:
@@ -938,6 +615,13 @@ def run_experiment(
     start_all = time.perf_counter()
     exp_dir = Path(exp_dir)
     E.check_backend(config)
+    if max_steps_this_call is not None:
+        # A workdir of another config is refused first; then a budget that would keep nothing,
+        # before the workdir is prepared or the warm-up runs.
+        check_workdir(
+            config, exp_dir, tokenizer=_tokenizer_name(config, tokenizer), data_dir=data_dir
+        )
+        _check_budget(config, exp_dir, max_steps_this_call)
     _, base = _prepare(config, exp_dir, data_dir=data_dir, tokenizer=tokenizer)
     if base is None:  # an existing workdir: the model was not needed to prepare it
         base = E.build_base_model(config)
@@ -967,8 +651,7 @@ def run_experiment(
     lrs = learning_rates(config)
     optimizer = make_optimizer(config, schedule)
     progs = _cached_programs(config, exp, optimizer, mesh)
-    frozen_d = _place(frozen, mesh)
-    batch_sharding = _batch_sharding(mesh, config.batch_size)
+    frozen_d = place(frozen, mesh)
     writer = jax.process_index() == 0
 
     curricula = {
@@ -984,10 +667,7 @@ def run_experiment(
         for r in range(config.num_runs)
     }
     status = {i: c for i, _, c in runlog.list_runs(exp_dir)}
-    groups = [
-        list(range(g, min(g + config.runs_together, config.num_runs)))
-        for g in range(0, config.num_runs, config.runs_together)
-    ]
+    groups = _groups(config)
     total = config.num_runs * config.steps
     done = sum(config.steps for r in range(config.num_runs) if status.get(r))
     from tqdm.auto import tqdm
@@ -1014,7 +694,6 @@ def run_experiment(
         data=data,
         lrs=lrs,
         curricula=curricula,
-        batch_sharding=batch_sharding,
         writer=writer,
         bar=bar,
     )
@@ -1026,17 +705,13 @@ def run_experiment(
             continue
         s0 = _resume_step(config, exp_dir, group)
         if budget is not None:
-            # A stop keeps each run's state at its last checkpoint only: refuse a budget that
-            # would train this group and keep nothing of it.
-            keep = _next_kept_step(config, group, s0)
-            if budget < keep - s0:
-                if not trained:  # this call would do nothing that lasts
-                    where = "their next checkpoint" if keep < config.steps else "the end"
-                    raise E.ExperimentError(
-                        f"--max-steps {max_steps_this_call} is too few: runs {group[0]}-"
-                        f"{group[-1]} continue from step {s0} and keep nothing before step "
-                        f"{keep} ({where}); give --max-steps {keep - s0} or more"
-                    )
+            # A stop keeps each run's state at its last checkpoint only: do not train a group
+            # that this budget would keep nothing of (_check_budget refused it up front when
+            # it is the first group with work).
+            why = _too_few_steps(config, group, s0, budget)
+            if why:
+                if not trained:  # defensive: _check_budget saw the same group and s0
+                    raise E.ExperimentError(why)
                 interrupted = True
                 stop = {"runs": group, "step": s0, "kept_step": s0}
                 break
@@ -1078,7 +753,6 @@ class _Context:
     data: dict
     lrs: np.ndarray
     curricula: dict
-    batch_sharding: Any
     writer: bool
     bar: Any
     start_accuracy: float | None = None
@@ -1094,6 +768,8 @@ def _train_group(
     Returns:
         (group steps taken, whether the step budget stopped the group before its end).
     """
+    from finetune.steps import broadcast_runs, stack_runs, take_run
+
     config, progs, tracked, mesh = ctx.config, ctx.progs, ctx.tracked, ctx.mesh
     g_start = time.perf_counter()
     to_write = set(write)
@@ -1119,19 +795,19 @@ def _train_group(
             )
             for d in dirs
         ]
-        tr = _place(_stack([x[0] for x in restored]), mesh)
-        op = _place(_stack([x[1] for x in restored]), mesh)
+        tr = place(stack_runs([x[0] for x in restored]), mesh)
+        op = place(stack_runs([x[1] for x in restored]), mesh)
         for i, x in enumerate(restored):
             losses[i, : s0 + 1] = x[2]["losses"][: s0 + 1]
             train_loss[i, :s0] = x[2]["train_loss"][:s0]
     else:
-        tr = _place(_broadcast(ctx.trainable0, R), mesh)
-        op = _place(_broadcast(ctx.opt0, R), mesh)
+        tr = place(broadcast_runs(ctx.trainable0, R), mesh)
+        op = place(broadcast_runs(ctx.opt0, R), mesh)
         losses[:, 0] = tracked.scatter(
             np.asarray(progs["test_losses"](tr, ctx.frozen, tracked.buckets))
         )
     if ctx.start_accuracy is None:  # same for every run; R copies reuse the end-of-run program
-        tr0 = _place(_broadcast(ctx.trainable0, R), mesh)
+        tr0 = place(broadcast_runs(ctx.trainable0, R), mesh)
         ctx.start_accuracy = float(
             _accuracy(np.asarray(progs["scores"](tr0, ctx.frozen, tracked.buckets)), tracked)[0]
         )
@@ -1167,8 +843,8 @@ def _train_group(
                 E.save_checkpoint(
                     d,
                     step,
-                    _take(host_tr, i),
-                    _take(host_op, i),
+                    take_run(host_tr, i),
+                    take_run(host_op, i),
                     {"losses": losses[i], "train_loss": train_loss[i]},
                 )
 
@@ -1190,14 +866,10 @@ def _train_group(
     for t in range(s0 + 1, config.steps + 1):
         ids = np.stack([ctx.curricula[r][t - 1] for r in group])  # [R, b]
         if n_groups:
-            groups = tuple(
-                {k: _put(v, _rows_sharding(mesh, len(v))) for k, v in g.items()}
-                for g in gather_flat(*pool, ids, group_lengths)
-            )
+            groups = put_groups(gather_flat(*pool, ids, group_lengths), mesh)
             tr, op, tl, te = progs["step_flat"](tr, op, ctx.frozen, groups, tracked.buckets)
         else:
-            batch = gather_batch(*pool, ids, config.length_multiple)
-            batch = {k: _put(v, ctx.batch_sharding) for k, v in batch.items()}
+            batch = put_batch(gather_batch(*pool, ids, config.length_multiple), mesh)
             tr, op, tl, te = progs["step"](tr, op, ctx.frozen, batch, tracked.buckets)
         pending.append((t, tl, te))
         if t in config.checkpoint_steps or len(pending) >= _SYNC_EVERY or t == config.steps:

@@ -7,7 +7,7 @@ machine. The optimized GPU HLO then gives: kernels launched per step (while bodi
 trip count), the GEMM FLOPs and dtypes, the custom calls (cuDNN fused attention, cuBLAS) and a
 roofline time per kernel, max(bytes / bandwidth, GEMM FLOP / peak) + launch overhead.
 
-``--program runs`` compiles the run generator's two programs instead (``finetune.trainer.
+``--program runs`` compiles the run generator's two programs instead (``finetune.steps.
 make_programs``: the group step of R runs, vmapped or in IA3 length groups, and the tracked-set
 logging) on scripts/bench_runs.py's synthetic RTE-like shapes, reports each, and extrapolates the
 wall time of ``--steps`` steps of ``--num-runs`` runs.
@@ -362,7 +362,7 @@ def _compile(args: argparse.Namespace):
 
 
 def _compile_runs(args: argparse.Namespace):
-    """Build the run generator's two programs (``finetune.trainer.make_programs``) abstractly.
+    """Build the run generator's two programs (``finetune.steps.make_programs``) abstractly.
 
     The shapes are those of scripts/bench_runs.py's synthetic RTE-like data (same lengths, same
     seed): R runs' IA3 or full trainable state, the frozen weights in float32 (as ``finetune
@@ -380,17 +380,12 @@ def _compile_runs(args: argparse.Namespace):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from finetune.data import flat_group_lengths, gather_batch, gather_flat, make_tracked_set
+    from finetune.distributed import make_mesh
     from finetune.experiment import make_mask
     from finetune.model import make_per_example_loss, make_score_choices, partition
-    from finetune.trainer import (
-        flat_group_lengths,
-        gather_batch,
-        gather_flat,
-        make_mesh,
-        make_optimizer,
-        make_programs,
-        make_tracked_set,
-    )
+    from finetune.steps import make_programs
+    from finetune.trainer import make_optimizer
 
     device = _h200(args).devices[0]
     cfg_kw = dict(t5_kwargs(args.size, 0.0), vocab_size=VOCAB)

@@ -1,8 +1,9 @@
 """Benchmark of the run generator: steps/s of R runs trained together, with and without logging.
 
-Times the exact jitted programs of ``finetune.trainer`` (vmapped group step, length-bucketed
-batches and tracked set) on synthetic token data with RTE-like input lengths (no ``datasets``
-needed, so it runs on an accelerator image without it), and prints:
+Times the exact jitted programs of ``finetune run`` (``finetune.steps.make_programs``: vmapped
+group step; length-bucketed batches and tracked set from ``finetune.data``) on synthetic token
+data with RTE-like input lengths (no ``datasets`` needed, so it runs on an accelerator image
+without it), and prints:
 
 - compile time and steady-state time per group step for: all runs together with the per-step
   test-loss logging, all runs together without it, one run alone with and without it;
@@ -264,22 +265,19 @@ def main(argv=None) -> int:
     import numpy as np
     from flax import nnx
 
-    from finetune.experiment import make_mask
-    from finetune.model import make_per_example_loss, make_score_choices, partition
-    from finetune.trainer import (
-        _batch_sharding,
-        _broadcast,
-        _place,
-        _put,
-        _rows_sharding,
+    from finetune.data import (
         flat_group_lengths,
         gather_batch,
         gather_flat,
-        make_mesh,
-        make_optimizer,
-        make_programs,
         make_tracked_set,
+        put_batch,
+        put_groups,
     )
+    from finetune.distributed import make_mesh, place
+    from finetune.experiment import make_mask
+    from finetune.model import make_per_example_loss, make_score_choices, partition
+    from finetune.steps import broadcast_runs, make_programs
+    from finetune.trainer import make_optimizer
 
     print(
         f"jax {jax.__version__}, devices: {jax.devices()}; {args.layers} layers, "
@@ -354,7 +352,7 @@ def main(argv=None) -> int:
         mesh,
         broadcast_tracked=args.attention != "einsum",
     )
-    frozen_d = _place(frozen, mesh)
+    frozen_d = place(frozen, mesh)
     if args.attention != "einsum":
         # The fused attention must log the losses the default path logs: compare once, at the
         # initial state of two runs, before any timing.
@@ -372,9 +370,9 @@ def main(argv=None) -> int:
         # Two runs with different IA3 vectors: a mix-up of the run axis would show.
         tr2 = jax.tree.map(
             lambda x: x * np.array([1.0, 1.1], x.dtype).reshape((2,) + (1,) * (x.ndim - 1)),
-            _broadcast(trainable, 2),
+            broadcast_runs(trainable, 2),
         )
-        tr2 = _place(tr2, mesh)
+        tr2 = place(tr2, mesh)
         got = np.asarray(progs["test_losses"](tr2, frozen_d, tracked.buckets))
         want = np.asarray(ref["test_losses"](tr2, frozen_d, tracked.buckets))
         print(
@@ -398,8 +396,8 @@ def main(argv=None) -> int:
         )
         lens = [int(b["inputs"].shape[-1]) for b in tracked.buckets]
         tokens = sum(int(np.prod(b["inputs"].shape)) for b in tracked.buckets)
-        tr = _place(_broadcast(trainable, runs), mesh)
-        op = _place(_broadcast(opt0, runs), mesh)
+        tr = place(broadcast_runs(trainable, runs), mesh)
+        op = place(broadcast_runs(opt0, runs), mesh)
         batches = []
         if groups:  # IA3: the runs' examples in length groups of fixed padded length
             group_lengths = flat_group_lengths(
@@ -407,8 +405,7 @@ def main(argv=None) -> int:
             )
             for t in range(args.steps + 1):
                 gs = gather_flat(pool[0], pool[1], pool[4], curricula[:runs, t], group_lengths)
-                put = [{k: _put(v, _rows_sharding(mesh, len(v))) for k, v in g.items()} for g in gs]
-                batches.append(tuple(put))
+                batches.append(put_groups(gs, mesh))
 
             def shape_of(b):
                 return tuple(int(g["inputs"].shape[-1]) for g in b)
@@ -422,10 +419,9 @@ def main(argv=None) -> int:
                 tr, op, loss = progs["advance_flat"](tr, op, frozen_d, b)
                 return tr, op, loss, loss
         else:
-            sharding = _batch_sharding(mesh, args.batch)
             for t in range(args.steps + 1):
                 b = gather_batch(pool[0], pool[1], pool[4], curricula[:runs, t], multiple)
-                batches.append({k: _put(v, sharding) for k, v in b.items()})
+                batches.append(put_batch(b, mesh))
 
             def shape_of(b):
                 return int(b["inputs"].shape[-1])

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +139,7 @@ def test_resume_from_step_0_after_a_kill(tmp_path, data_dir, t5_tokenizer_dir, c
         "--max-steps 2 is too few: runs 0-1 continue from step 0",
         "give --max-steps 4 or more",
     )
-    assert not (cut / "run_000").exists()
+    assert not cut.exists()  # refused before the workdir was prepared: nothing written
     # The kill: everything after the step-0 checkpoint is gone.
     shutil.copytree(whole, cut, dirs_exist_ok=True)
     for r in range(2):
@@ -275,6 +277,47 @@ def test_non_finite_loss_names_the_step(tmp_path, data_dir, t5_tokenizer_dir, ca
     err = capsys.readouterr().err.strip()
     assert code == 1 and "non-finite loss at step" in err, err
     assert not (tmp_path / "out" / "run_000" / "meta.json").exists()
+
+
+def test_help_loads_no_jax():
+    """`finetune --help` (and each subcommand's) starts without JAX or the model stack, as
+    finetune/__init__.py promises; run in a fresh interpreter so this process's imports don't
+    count."""
+    code = """
+import sys
+from finetune.cli import main
+for argv in (["--help"], ["run", "--help"], ["tracin", "--help"]):
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+    else:
+        raise AssertionError(argv)
+heavy = ("jax", "jaxlib", "flax", "optax", "transformers", "torch", "numpy")
+print("LOADED", *sorted({m.split(".")[0] for m in sys.modules} & set(heavy)))
+"""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = next(ln for ln in out.stdout.splitlines() if ln.startswith("LOADED")).split()[1:]
+    assert loaded == [], f"--help imported {loaded}"
+    for flag in ("--runs", "--mode", "--proj-dim", "--chunk-size", "--max-steps", "--tracin"):
+        assert flag in out.stdout
+
+
+def test_package_reexports_resolve():
+    """Every name `finetune` re-exports loads (lazily) from its module; `run_experiment`, the
+    training entry point, is among them."""
+    import finetune
+    from finetune import trainer
+
+    for name in finetune.__all__:
+        assert getattr(finetune, name) is not None, name
+    assert finetune.run_experiment is trainer.run_experiment
+    assert finetune.data.__name__ == "finetune.data"
 
 
 # ---- bad input found before anything is written ---------------------------------------------

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from finetune.cli import load_config
-from finetune.config import ConfigError, ExperimentConfig, WarmupConfig
+from finetune.config import (
+    ConfigError,
+    ExperimentConfig,
+    WarmupConfig,
+    load_experiment_config,
+)
 
 RUNS = Path(__file__).resolve().parents[2] / "runs"
 PAPER = [
@@ -100,7 +104,7 @@ def test_every_field_has_a_comment():
 
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_configs_load_and_document_themselves(name):
-    config, folder = load_config(RUNS / name)
+    config, folder = load_experiment_config(RUNS / name)
     assert config.name == name and folder == RUNS / name
     doc = " ".join((RUNS / name / "config.py").read_text().split('"""')[1].split())
     assert f"finetune run runs/{name}" in doc
@@ -111,7 +115,7 @@ def test_paper_configs_load_and_document_themselves(name):
 
 
 def test_demo_is_in_the_informative_regime():
-    config, _ = load_config(RUNS / "demo")
+    config, _ = load_experiment_config(RUNS / "demo")
     slots = config.steps * config.batch_size
     assert slots % config.n_train != 0  # issue 7: counts must differ between runs
     fit_runs = 20

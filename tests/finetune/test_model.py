@@ -239,6 +239,27 @@ def test_per_example_grads_equal_single_example_loop(gated):
     assert all(g.shape[0] == 3 for g in jax.tree.leaves(got))
 
 
+def test_per_example_grads_take_a_custom_combine():
+    """Plain dict parameters joined by a caller's ``combine`` (as TracIn passes one)."""
+
+    def loss(params, batch):  # batch {"x": [b, 3], "y": [b]} -> [b]
+        return (jnp.tanh(batch["x"] @ params["w"]) * params["s"] - batch["y"]) ** 2
+
+    def join(trainable, frozen):
+        return {**frozen, **trainable}
+
+    rng = np.random.default_rng(0)
+    tr = {"w": jnp.asarray(rng.normal(size=3), jnp.float32)}
+    fr = {"s": jnp.float32(1.7)}
+    batch = {"x": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "y": jnp.arange(4.0)}
+    got = per_example_grads(loss, tr, fr, batch, combine=join)
+    for i in range(4):
+        ex = {k: v[i : i + 1] for k, v in batch.items()}
+        want = jax.grad(lambda t, ex=ex: loss(join(t, fr), ex)[0])(tr)
+        np.testing.assert_allclose(got["w"][i], want["w"], atol=1e-6, rtol=1e-5)
+    assert set(got) == {"w"} and got["w"].shape == (4, 3)
+
+
 @pytest.mark.parametrize("method", ["ia3", "full"])
 def test_per_example_grads_cover_exactly_the_trainable_part(gated, method):
     graphdef, params = gated

@@ -8,7 +8,6 @@ O(lr^2)). Tolerances are fixed up front.
 
 from __future__ import annotations
 
-import argparse
 import gc
 
 import jax
@@ -267,9 +266,17 @@ def test_lr_checks(tmp_path):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="finetune")
-    tracin.add_subcommand(parser.add_subparsers(dest="command"))
-    return parser
+    from finetune.cli import _parser
+
+    return _parser()
+
+
+def test_cli_mirrors_the_library_modes_and_chunk_size():
+    """finetune.cli keeps its own copies (so that `--help` loads no JAX); they must agree."""
+    from finetune import cli
+
+    assert cli._TRACIN_MODES == tracin.MODES
+    assert cli._TRACIN_CHUNK == tracin._DEFAULT_CHUNK
 
 
 def test_cli_parses_flags_and_help_explains_each(capsys):
@@ -466,6 +473,22 @@ def test_run_tracin_rejects_a_checkpoint_of_another_config(tiny_exp, tmp_path):
         tracin.run_tracin(exp_dir, progress=False)
     assert not list(exp_dir.glob("run_*/tracin.npz"))
     gc.collect()  # collect orbax's abandoned coroutines here, under this test's filter
+
+
+def test_run_tracin_before_any_run_is_complete_is_an_error(tiny_exp, tmp_path):
+    # `make tracin` before `make runs` has finished a run: an error naming the fix, not
+    # "wrote 0 tracin.npz file(s)" and exit 0.
+    import shutil
+
+    exp_dir = tmp_path / "exp"
+    shutil.copytree(tiny_exp[0], exp_dir)
+    for meta in exp_dir.glob("run_*/meta.json"):
+        meta.unlink()
+    with pytest.raises(ValueError, match=r"none of its runs is complete yet.*finetune run"):
+        tracin.run_tracin(exp_dir, progress=False)
+    with pytest.raises(ValueError, match=r"none of its runs \[1\] is complete yet"):
+        tracin.run_tracin(exp_dir, runs=[1], progress=False)
+    assert not list(exp_dir.glob("run_*/tracin.npz"))
 
 
 def _write_stale(run_dir, steps, n_test=3, n_train=6):

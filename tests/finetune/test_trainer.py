@@ -8,22 +8,16 @@ import transformers
 from flax import nnx
 
 from finetune import hf
-from finetune.model import make_per_example_loss, make_score_choices, partition, trainable_mask
-from finetune.steps import make_optimizer
-from finetune.trainer import (
-    _batch_sharding,
-    _broadcast,
-    _place,
-    _put,
-    _rows_sharding,
+from finetune.data import (
     bucket_lengths,
     flat_group_lengths,
     gather_batch,
     gather_flat,
-    make_mesh,
-    make_programs,
     make_tracked_set,
 )
+from finetune.distributed import batch_sharding, make_mesh, place, put, rows_sharding
+from finetune.model import make_per_example_loss, make_score_choices, partition, trainable_mask
+from finetune.steps import broadcast_runs, make_optimizer, make_programs
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32 reassociation only; fixed before running
 
@@ -98,14 +92,14 @@ def _train(s, devices, curricula, multiple=24, test_multiple=8):
         *s["test"][:4], s["test"][4], multiple=multiple, n_devices=n_dev, mesh=mesh
     )
     r = curricula.shape[0]
-    tr = _place(_broadcast(s["trainable"], r), mesh)
-    op = _place(_broadcast(s["optimizer"].init(s["trainable"]), r), mesh)
-    fr = _place(s["frozen"], mesh)
-    sharding = _batch_sharding(mesh, curricula.shape[2])
+    tr = place(broadcast_runs(s["trainable"], r), mesh)
+    op = place(broadcast_runs(s["optimizer"].init(s["trainable"]), r), mesh)
+    fr = place(s["frozen"], mesh)
+    sharding = batch_sharding(mesh, curricula.shape[2])
     train, test = [], []
     for t in range(curricula.shape[1]):
         batch = gather_batch(s["pool"][0], s["pool"][1], s["pool"][4], curricula[:, t], multiple)
-        batch = {k: _put(v, sharding) for k, v in batch.items()}
+        batch = {k: put(v, sharding) for k, v in batch.items()}
         tr, op, tl, te = progs["step"](tr, op, fr, batch, tracked.buckets)
         train.append(np.asarray(tl))
         test.append(tracked.scatter(np.asarray(te)))
@@ -210,8 +204,8 @@ def test_capped_buckets_log_the_same_losses_and_compile_logging_once(setup):
     dev = jax.devices()[:1]
     mesh, progs = _programs(setup, dev)
     test = setup["test"]
-    tr = _place(_broadcast(setup["trainable"], 1), mesh)
-    fr = _place(setup["frozen"], mesh)
+    tr = place(broadcast_runs(setup["trainable"], 1), mesh)
+    fr = place(setup["frozen"], mesh)
     sets = [
         make_tracked_set(*test, multiple=4, n_devices=1, mesh=mesh, max_buckets=k)
         for k in (None, 1)
@@ -220,15 +214,15 @@ def test_capped_buckets_log_the_same_losses_and_compile_logging_once(setup):
     losses = [s.scatter(np.asarray(progs["test_losses"](tr, fr, s.buckets))) for s in sets]
     np.testing.assert_allclose(losses[1], losses[0], **TOL)
 
-    op = _place(_broadcast(setup["optimizer"].init(setup["trainable"]), 1), mesh)
-    sharding = _batch_sharding(mesh, 2)
+    op = place(broadcast_runs(setup["optimizer"].init(setup["trainable"]), 1), mesh)
+    sharding = batch_sharding(mesh, 2)
     pool = setup["pool"]
     short, long = np.argsort(pool[4])[:2], np.argsort(pool[4])[-2:]
     n_log = progs["test_losses"]._cache_size()
     n_adv = progs["advance"]._cache_size()
     for ids in (short, long):
         batch = gather_batch(pool[0], pool[1], pool[4], ids[None], 4)
-        batch = {k: _put(v, sharding) for k, v in batch.items()}
+        batch = {k: put(v, sharding) for k, v in batch.items()}
         tr, op, _, te = progs["step"](tr, op, fr, batch, sets[1].buckets)
     assert progs["advance"]._cache_size() == n_adv + 2  # two batch lengths: two programs
     assert progs["test_losses"]._cache_size() == n_log  # logging reused as compiled above
@@ -250,12 +244,12 @@ def test_fused_attention_programs_log_the_same_losses(setup):
     tracked = make_tracked_set(*setup["test"], multiple=4, n_devices=1, mesh=mesh)
     # Two runs with different trainable states, so a mix-up of the run axis would show.
     leaves = jax.tree.leaves(setup["trainable"])
-    tr = _place(_broadcast(setup["trainable"], 2), mesh)
+    tr = place(broadcast_runs(setup["trainable"], 2), mesh)
     tr = jax.tree.map(lambda x: x.at[1].multiply(1.1), tr)
     assert len(leaves) > 0
     for name in ("test_losses", "scores"):
-        got = np.asarray(fused[name](tr, _place(setup["frozen"], mesh), tracked.buckets))
-        want = np.asarray(ref[name](tr, _place(setup["frozen"], mesh), tracked.buckets))
+        got = np.asarray(fused[name](tr, place(setup["frozen"], mesh), tracked.buckets))
+        want = np.asarray(ref[name](tr, place(setup["frozen"], mesh), tracked.buckets))
         np.testing.assert_allclose(got, want, **TOL)
         assert np.abs(want[0] - want[1]).max() > 1e-4
 
@@ -286,23 +280,23 @@ def _train_ia3(s, devices, curricula, groups):
     progs = make_programs(*s["fns"], s["optimizer"], mesh)
     tracked = make_tracked_set(*s["test"], multiple=8, n_devices=len(devices), mesh=mesh)
     r = curricula.shape[0]
-    tr = _place(_broadcast(s["trainable"], r), mesh)
-    op = _place(_broadcast(s["optimizer"].init(s["trainable"]), r), mesh)
-    fr = _place(s["frozen"], mesh)
+    tr = place(broadcast_runs(s["trainable"], r), mesh)
+    op = place(broadcast_runs(s["optimizer"].init(s["trainable"]), r), mesh)
+    fr = place(s["frozen"], mesh)
     pool = s["pool"][0], s["pool"][1], s["pool"][4]
     lengths = flat_group_lengths(pool[2], curricula, groups or 1, 4, pool[0].shape[1])
     train, test = [], []
     for t in range(curricula.shape[1]):
         if groups:
             rows = [
-                {k: _put(v, _rows_sharding(mesh, len(v))) for k, v in g.items()}
+                {k: put(v, rows_sharding(mesh, len(v))) for k, v in g.items()}
                 for g in gather_flat(*pool, curricula[:, t], lengths)
             ]
             tr, op, tl, te = progs["step_flat"](tr, op, fr, tuple(rows), tracked.buckets)
         else:
             batch = gather_batch(*pool, curricula[:, t], 4)
-            sharding = _batch_sharding(mesh, curricula.shape[2])
-            batch = {k: _put(v, sharding) for k, v in batch.items()}
+            sharding = batch_sharding(mesh, curricula.shape[2])
+            batch = {k: put(v, sharding) for k, v in batch.items()}
             tr, op, tl, te = progs["step"](tr, op, fr, batch, tracked.buckets)
         train.append(np.asarray(tl))
         test.append(tracked.scatter(np.asarray(te)))
@@ -377,7 +371,7 @@ def test_cudnn_attention_traces_through_the_run_programs(monkeypatch, t_len):
         broadcast_tracked=True,
     )
     r, b = 2, 4
-    tr, op = _broadcast(trainable, r), _broadcast(optimizer.init(trainable), r)
+    tr, op = broadcast_runs(trainable, r), broadcast_runs(optimizer.init(trainable), r)
     ones = lambda *shape: jnp.ones(shape, jnp.int32)  # noqa: E731
     buckets = ({"inputs": ones(4, 16), "targets": ones(4, t_len), "choices": ones(4, 2, t_len)},)
     batch = {"inputs": ones(r, b, 16), "targets": ones(r, b, t_len)}

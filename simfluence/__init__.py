@@ -9,6 +9,9 @@ numpy and json only) stays light: the fine-tuning side imports it without pullin
     sim = simfluence.fit(curricula, losses, n_train=100, variant="linear")
     pred = simfluence.simulate(sim, curriculum, initial_losses)   # [steps + 1, n_test]
     scores = simfluence.metrics(pred, true)                       # dict of scalars
+
+TracIn-CP as a simulator: build one with `simfluence.tracin.from_runs(runs)`, roll it out with
+`simfluence.simulate_tracin` (`simfluence.fit_scale` gives the rescaled variant's scalar).
 """
 
 import importlib
@@ -21,9 +24,14 @@ _EXPORTS = {
     "removal_influence": "simulators",
     "save_simulator": "simulators",
     "load_simulator": "simulators",
+    "batch_mismatch": "simulators",
+    "lambda_edges": "simulators",
     "Simulator": "simulators",
     "ConvergenceWarning": "simulators",
     "VARIANTS": "simulators",
+    "simulate_tracin": "tracin",
+    "fit_scale": "tracin",
+    "TracInSimulator": "tracin",
     "metrics": "scoring",
     "all_steps_mse": "scoring",
     "final_step_mse": "scoring",

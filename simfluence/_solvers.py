@@ -11,6 +11,11 @@ CG runs in float32; mixed-precision iterative refinement (float64 residuals, ena
 takes the solution to a float64 relative residual of `tol`, so ill-conditioned fits (examples
 seen a few times, plain ridge) still match a float64 dense solve.
 
+The solution is stored in float32, so a residual below the float32 rounding floor of the solution
+(``u ||(|X|^T |X| + diag(lam)) |theta| || / ||rhs||``, u = 2^-24: what rounding every coefficient
+to float32 can cost at worst) cannot be reached; `solve` reports that floor beside the residual so
+callers can tell "stopped early" from "as exact as float32 coefficients can be".
+
 References:
     Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
 """
@@ -23,6 +28,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float, Int
+
+# Unit roundoff of float32 (round to nearest): |fl(v) - v| <= U32 |v|.
+U32 = 2.0**-24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +46,17 @@ class Structure:
     n_train: int
 
     @staticmethod
-    def build(ids: np.ndarray, n_train: int) -> Structure:
+    def build(ids: Int[np.ndarray, "rows batch"], n_train: int) -> Structure:
+        """Precomputes the design's sparsity from the fitting rows' training-pool ids.
+
+        Args:
+            ids: int [rows, batch], the ids of every (run, step) row, repeats allowed.
+            n_train: size of the training pool (ids lie in 0..n_train-1).
+
+        Returns:
+            The `Structure`: ids, the diagonal counts sum_rows m^2 per example, and the slots
+            whose id repeats within its row (for the preconditioner's exact diagonal).
+        """
         ids = np.asarray(ids, np.int32)
         mult = (ids[:, :, None] == ids[:, None, :]).sum(-1)  # [rows, batch]
         # Diagonal of X^T X: every slot of id i adds m (its multiplicity) times the row's
@@ -65,19 +84,19 @@ def _x64():
 
 def solve(
     structure: Structure,
-    x,
-    y,
-    lam,
-    prior,
+    x: Float[np.ndarray | Array, "rows n"],
+    y: Float[np.ndarray | Array, "rows n"],
+    lam: Float[np.ndarray, " F"],
+    prior: Float[np.ndarray, " F"],
     use_x: bool,
     use_one: bool,
-    tol=1e-8,
-    max_iter=1000,
-    x0=None,
+    tol: float = 1e-8,
+    max_iter: int = 1000,
+    x0: Float[np.ndarray | Array, "n F n_train"] | None = None,
     *,
-    inner_tol=1e-6,
-    max_rounds=4,
-):
+    inner_tol: float = 1e-6,
+    max_rounds: int = 4,
+) -> tuple[Float[Array, "n F n_train"], dict]:
     """Solves (X^T X + diag(lam)) theta = X^T y + lam * prior for every test column.
 
     This minimises ||y - X theta||^2 + sum_f lam_f ||theta_f - prior_f||^2. Mixed-precision
@@ -101,7 +120,11 @@ def solve(
 
     Returns:
         (theta f32 [n, F, n_train], info dict: "iterations" (total CG iterations), "rounds",
-        "rel_residual" f64 [n]).
+        "rel_residual" f64 [n], "floor" f64 [n]). "floor" is the float32 rounding floor of each
+        column's solution, u ||(|X|^T |X| + diag(lam)) |theta| || / ||rhs|| with u = 2^-24: the
+        largest relative residual that rounding the exact solution to float32 can cause. A
+        column with rel_residual above `tol` but within its floor is as exact as float32
+        coefficients allow; refinement rounds cannot take it below.
     """
     n = x.shape[1]
     n_f = int(use_x) + int(use_one)
@@ -161,7 +184,10 @@ def solve(
         theta = theta + d
         iters += int(it)
         rounds += 1
-    info = {"iterations": iters, "rounds": rounds, "rel_residual": rel}
+    with _x64():
+        g_abs = _abs_normal_norm(structure.ids, x, lam_j, theta, **kw)
+        floor = U32 * np.sqrt(np.asarray(g_abs, np.float64)) / rhs_norm
+    info = {"iterations": iters, "rounds": rounds, "rel_residual": rel, "floor": floor}
     return jnp.transpose(theta, (2, 1, 0)), info
 
 
@@ -242,6 +268,20 @@ def _residual(ids, x, y, lam, prior, theta, *, n_train, use_x, use_one, wide=Fal
         prior.astype(dt)[None, :, None] - theta
     )
     return r, jnp.sum(r * r, axis=(0, 1))
+
+
+@partial(jax.jit, static_argnames=("n_train", "use_x", "use_one"))
+def _abs_normal_norm(ids, x, lam, theta, *, n_train, use_x, use_one):
+    """||(|X|^T |X| + diag(lam)) |theta| ||^2 per test column, in float64 (caller enables x64).
+
+    Rounding theta to float32 moves each coefficient by at most u |theta_i|, so the residual
+    moves by at most u times this norm (X's entries are m L_{t-1} and m, m >= 0).
+    """
+    x = jnp.abs(x.astype(jnp.float64))
+    v = jnp.abs(theta.astype(jnp.float64))  # [n_train, F, n]
+    s = _forward(v, ids, x, use_x, use_one)  # [rows, n]
+    g = _transpose(s, ids, x, n_train, use_x, use_one) + lam.astype(jnp.float64)[None, :, None] * v
+    return jnp.sum(g * g, axis=(0, 1))
 
 
 def _make_precond(blocks, lam, use_x, use_one):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from jaxtyping import ArrayLike, Float
 
 __all__ = ["BASELINES", "constant", "fit_mean_trajectory", "mean_trajectory"]
 
@@ -32,7 +33,9 @@ def _initial(initial_losses, steps: int) -> np.ndarray:
     return l0
 
 
-def constant(initial_losses, steps: int) -> np.ndarray:
+def constant(
+    initial_losses: Float[ArrayLike, " n_test"], steps: int
+) -> Float[np.ndarray, "time n_test"]:
     """The constant baseline: every step keeps the initial loss.
 
     Args:
@@ -40,13 +43,18 @@ def constant(initial_losses, steps: int) -> np.ndarray:
         steps: number of steps T.
 
     Returns:
-        float32 [T + 1, n_test].
+        float32 [T + 1, n_test] (time = T + 1 rows).
+
+    Raises:
+        ValueError: `initial_losses` is not 1-d, or `steps` < 0.
     """
     l0 = _initial(initial_losses, steps)
     return np.broadcast_to(l0, (int(steps) + 1, l0.shape[0])).copy()
 
 
-def fit_mean_trajectory(losses: Sequence[np.ndarray]) -> np.ndarray:
+def fit_mean_trajectory(
+    losses: Sequence[Float[ArrayLike, "time_r n_test"]],
+) -> Float[np.ndarray, "time_max n_test"]:
     """Mean change from the initial loss at each step over fitting runs.
 
     Args:
@@ -74,7 +82,11 @@ def fit_mean_trajectory(losses: Sequence[np.ndarray]) -> np.ndarray:
     return (total / count).astype(np.float32)
 
 
-def mean_trajectory(delta: np.ndarray, initial_losses, steps: int) -> np.ndarray:
+def mean_trajectory(
+    delta: Float[ArrayLike, "time_fit n_test"],
+    initial_losses: Float[ArrayLike, " n_test"],
+    steps: int,
+) -> Float[np.ndarray, "time n_test"]:
     """Roll out the mean-trajectory baseline.
 
     Args:
@@ -84,6 +96,9 @@ def mean_trajectory(delta: np.ndarray, initial_losses, steps: int) -> np.ndarray
 
     Returns:
         float32 [T + 1, n_test], L_t = L_0 + delta[min(t, T_fit)].
+
+    Raises:
+        ValueError: `initial_losses` is not 1-d, `steps` < 0, or `delta` has another n_test.
     """
     l0 = _initial(initial_losses, steps)
     delta = np.asarray(delta, dtype=np.float32)

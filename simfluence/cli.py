@@ -219,8 +219,7 @@ def _cmd_simulate(args) -> None:
     sim = simulators.load_simulator(args.sim)
     cur, l0 = _load_inputs(args, sim)
     pred = np.asarray(simulators.simulate(sim, cur, l0), np.float32)
-    if not np.isfinite(pred).all():
-        raise ValueError("the simulated losses are not finite (the simulator diverges here)")
+    _check_rollout(pred, args.curriculum)
     atomic_save_npy(out, pred)
     print(
         f"simulated {cur.shape[0]} steps for {sim.n_test} test examples; final mean loss "
@@ -229,16 +228,16 @@ def _cmd_simulate(args) -> None:
     )
 
 
-def _texts(exp: str | None) -> dict | None:
-    if exp is None:
-        return None
-    from simfluence.runlog import read_examples, read_experiment
-
-    read_experiment(exp)  # a wrong --exp is an error, not a listing without texts
-    texts = read_examples(exp)
-    if texts is None:
-        raise RunLogError(f"{exp}: no examples.json to take the texts from; leave out --exp")
-    return texts
+def _check_rollout(pred: np.ndarray, where: str) -> None:
+    """Refuses a simulated trajectory [steps + 1, n_test] holding NaN or inf, naming the step."""
+    bad = ~np.isfinite(pred)
+    if bad.any():
+        step, test = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{where}: the simulated loss of test example {test} is {pred[step, test]} at step "
+            f"{step}: the simulator diverges on this curriculum; refit it with larger "
+            "--l2-a/--l2-b or use another curriculum"
+        )
 
 
 def _cmd_influence(args) -> None:
@@ -253,13 +252,22 @@ def _cmd_influence(args) -> None:
         raise ValueError(f"--test {args.test} is outside 0..{sim.n_test - 1}")
     if args.top < 1:
         raise ValueError(f"--top {args.top} must be >= 1")
-    texts = _texts(args.exp)
-    if texts is not None and len(texts["train"]) != sim.n_train:
-        raise ValueError(
-            f"--exp {args.exp} has {len(texts['train'])} training texts but the simulator has "
-            f"n_train={sim.n_train}; pass the experiment the simulator was fitted on"
+    texts = None
+    if args.exp is not None:
+        from simfluence.runlog import read_examples, read_experiment
+
+        info = read_experiment(args.exp)  # a wrong --exp is an error, not a listing without texts
+        _check_sim_matches(
+            sim, info, args.sim, f"--exp {args.exp}", "pass the experiment it was fitted on"
         )
+        texts = read_examples(args.exp)
+        if texts is None:
+            raise RunLogError(
+                f"{args.exp}: no examples.json to take the texts from; leave out --exp"
+            )
+    _check_rollout(np.asarray(simulators.simulate(sim, cur, l0)), args.curriculum)
     inf = np.asarray(simulators.removal_influence(sim, cur, l0, args.test))
+    _check_influence(inf, args.curriculum)
     rows = top_influences(inf, cur, args.top, texts["train"] if texts else None)
     if out is not None:
         atomic_write_json(out, {"test_index": args.test, "top": rows})
@@ -268,17 +276,32 @@ def _cmd_influence(args) -> None:
     )
 
 
-def _simulate_runs(sim, runs):
+def _check_influence(inf: np.ndarray, where: str) -> None:
+    if not np.isfinite(inf).all():
+        i = int(np.flatnonzero(~np.isfinite(inf))[0])
+        raise ValueError(
+            f"{where}: the removal influence of training example {i} is {inf[i]}: the "
+            "simulator diverges without it; refit it with larger --l2-a/--l2-b"
+        )
+
+
+def _simulate_runs(sim, runs) -> list[np.ndarray]:
+    """Rollouts [steps + 1, n_test] of `runs` from their L_0; a diverging one is an error."""
     from simfluence import simulators
 
-    return [np.asarray(simulators.simulate(sim, r.curriculum, r.losses[0])) for r in runs]
+    preds = [np.asarray(simulators.simulate(sim, r.curriculum, r.losses[0])) for r in runs]
+    for r, p in zip(runs, preds, strict=True):
+        _check_rollout(p, f"run {r.index}")
+    return preds
 
 
-def _check_sim_matches(sim, info: dict, sim_path: str, exp: str) -> None:
+def _check_sim_matches(
+    sim, info: dict, sim_path: str, exp: str, fix: str = "fit it on this experiment"
+) -> None:
     if (sim.n_test, sim.n_train) != (info["n_test"], info["n_train"]):
         raise ValueError(
             f"{sim_path}: simulator has n_test={sim.n_test}, n_train={sim.n_train} but {exp} "
-            f"has n_test={info['n_test']}, n_train={info['n_train']}; fit it on this experiment"
+            f"has n_test={info['n_test']}, n_train={info['n_train']}; {fix}"
         )
 
 
@@ -291,7 +314,7 @@ def _check_tests(tests: list[int], n_test: int) -> None:
 def _cmd_plot(args) -> None:
     from simfluence import simulators
     from simfluence.plots import plot_trajectories
-    from simfluence.runlog import load_runs, read_experiment
+    from simfluence.runlog import load_runs, read_examples, read_experiment
 
     out = _check_out(args.out, [".png", ".pdf", ".svg"])
     info = read_experiment(args.exp)
@@ -300,7 +323,7 @@ def _cmd_plot(args) -> None:
     tests = _parse_indices(args.tests, "--tests")
     _check_tests(tests, info["n_test"])
     runs = load_runs(args.exp, _parse_indices(args.runs, "--runs"))
-    texts = _texts(args.exp)
+    texts = read_examples(args.exp)  # optional: panel titles without texts when absent
     plot_trajectories(
         out,
         [r.losses for r in runs],
@@ -357,6 +380,7 @@ def _cmd_figures(args) -> None:
         atomic_write_text,
         list_runs,
         load_runs,
+        read_examples,
         read_experiment,
     )
 
@@ -382,10 +406,11 @@ def _cmd_figures(args) -> None:
     if args.top < 1:
         raise ValueError(f"--top {args.top} must be >= 1")
     runs = load_runs(args.exp, run_idx)
-    texts = _texts(args.exp)
+    texts = read_examples(args.exp)  # optional: listings and titles without texts when absent
     preds = _simulate_runs(sim, runs)
     run0 = runs[0]
     inf = np.asarray(simulators.removal_influence(sim, run0.curriculum, run0.losses[0], args.test))
+    _check_influence(inf, f"run {run0.index}")
     rows = top_influences(inf, run0.curriculum, args.top, texts["train"] if texts else None)
     listing = (
         f"simulator {args.sim} ({sim.variant}), curriculum of run {run0.index}\n"
@@ -543,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plot",
         help="true vs simulated loss trajectories (one panel per test example)",
-        description="Plot observed (solid) and simulated (dashed) trajectories of chosen runs.",
+        description="Plot observed (solid) and simulated (dashed) trajectories of chosen runs "
+        "(panel titles show the test texts when EXP has examples.json). A run on which the "
+        "simulator diverges is an error.",
     )
     p.add_argument("exp", metavar="EXP", help="experiment folder")
     p.add_argument("--sim", required=True, help="simulator file (.npz) from `simfluence fit`")
@@ -602,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "figures",
         help="trajectory plot, fitted A/B distributions and top influences into a folder",
-        description="Write trajectories.png, parameters.png, influence.txt and influence.json.",
+        description="Write trajectories.png, parameters.png, influence.txt and influence.json "
+        "(with the example texts when EXP has examples.json).",
     )
     p.add_argument("exp", metavar="EXP", help="experiment folder")
     p.add_argument("--sim", required=True, help="simulator file (.npz) from `simfluence fit`")

@@ -7,8 +7,14 @@ scored. Scores per variant (see `simfluence.scoring`):
 - the paper's metrics: all-steps MSE and final-step Spearman (mean +- stderr over held-out runs);
 - final-step MSE (mean +- stderr over held-out runs);
 - `across_run_spearman`: per test example, Spearman across held-out runs of simulated vs true
-  final loss (mean +- stderr over test examples), i.e. does the simulator capture the curriculum;
+  final loss, averaged over test examples, i.e. does the simulator capture the curriculum; its
+  stderr is a delete-one jackknife over held-out runs (`stderr_method` in the JSON), since the
+  test examples share the runs and their rhos are strongly correlated;
 - `skill_vs_mean_trajectory`: 1 - all-steps MSE / all-steps MSE of the mean-trajectory baseline.
+
+Metrics are computed in float64 (`scoring.host_metrics`), so a huge but finite rollout gets
+huge but finite scores; a variant whose rollout or any metric is not finite is reported as
+undefined (every metric None, with the reason), and the other variants are still scored.
 
 References:
     Guu et al., "Simfluence", 2023. https://arxiv.org/abs/2303.08114
@@ -19,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +34,13 @@ from simfluence import baselines, simulators, tracin
 from simfluence.runlog import Run, RunLogError, list_runs, load_runs, read_experiment
 
 # Names, not the module: the package may re-export the function `metrics` under the same name.
-from simfluence.scoring import across_run_spearman, mean_stderr, skill_score
-from simfluence.scoring import metrics as per_run_metrics
+from simfluence.scoring import (
+    ACROSS_RUN_STDERR_METHOD,
+    across_run_spearman,
+    host_metrics,
+    mean_stderr,
+    skill_score,
+)
 
 __all__ = ["ALL_VARIANTS", "DEFAULT_SPLIT", "evaluate", "default_variants", "check_variants"]
 
@@ -39,6 +50,12 @@ DEFAULT_SPLIT = (20, 2, 10)
 
 def check_variants(variants: Sequence[str]) -> list[str]:
     """Validate variant names (order kept, duplicates dropped).
+
+    Args:
+        variants: names from `ALL_VARIANTS` (surrounding spaces are stripped).
+
+    Returns:
+        The names, in the order given, each once.
 
     Raises:
         ValueError: an unknown name, naming the choices.
@@ -56,7 +73,14 @@ def check_variants(variants: Sequence[str]) -> list[str]:
 
 
 def default_variants(fit_runs: Sequence[Run]) -> list[str]:
-    """Simfluence variants and baselines, plus TracIn-CP when a fitting run has tracin.npz."""
+    """Simfluence variants and baselines, plus TracIn-CP when a fitting run has tracin.npz.
+
+    Args:
+        fit_runs: the fitting runs.
+
+    Returns:
+        Variant names in `ALL_VARIANTS` order.
+    """
     out = list(simulators.VARIANTS + baselines.BASELINES)
     if tracin.has_tracin(fit_runs):
         out += list(tracin.TRACIN_VARIANTS)
@@ -96,29 +120,50 @@ def _predict_simfluence(sim, runs: Sequence[Run]) -> list[np.ndarray]:
     return [out[k] for k in range(len(runs))]
 
 
+def _runs_text(indices: Iterable[int]) -> str:
+    return ", ".join(map(str, indices))
+
+
 def _score(preds: Sequence[np.ndarray], runs: Sequence[Run]) -> dict:
+    """Scores of one variant's rollouts (finite) on the held-out runs, in float64."""
     per_mse, per_rho, per_fmse = [], [], []
     for p, r in zip(preds, runs, strict=True):
-        m = per_run_metrics(p, r.losses)
+        m = host_metrics(p, r.losses)
         per_mse.append(float(m["all_steps_mse"]))
         per_fmse.append(float(m["final_step_mse"]))
         rho = float(m["final_step_spearman"])
         per_rho.append(rho if math.isfinite(rho) else None)
     for name, vals in (("all-steps MSE", per_mse), ("final-step MSE", per_fmse)):
-        if not all(math.isfinite(v) for v in vals):
-            raise ValueError(f"{name} is not finite: the simulator diverged on a held-out run")
+        bad = [r.index for v, r in zip(vals, runs, strict=True) if not math.isfinite(v)]
+        if bad:
+            return _undefined_scores(
+                f"the {name} is not finite on held-out run(s) {_runs_text(bad)} (the simulated "
+                "losses are too large to square even in float64: the simulator diverges)"
+            )
     defined = [v for v in per_rho if v is not None]
+    n_undefined = len(per_rho) - len(defined)
+    undefined_runs = _runs_text(r.index for v, r in zip(per_rho, runs, strict=True) if v is None)
+    why = (
+        "the final simulated or true losses are equal across test examples on held-out run(s) "
+        f"{undefined_runs}"
+    )
     if defined:
         rho = mean_stderr(defined)
-        rho["n_undefined"] = len(per_rho) - len(defined)
-        rho["undefined_reason"] = None
+        rho.update(
+            n_runs=len(per_rho),
+            n_undefined=n_undefined,
+            undefined_reason=why if n_undefined else None,
+        )
     else:
         rho = {
             "mean": None,
             "stderr": None,
-            "n_undefined": len(per_rho),
+            "n_runs": len(per_rho),
+            "n_undefined": n_undefined,
             "undefined_reason": "the final simulated losses are equal across test examples in "
-            "every held-out run",
+            "every held-out run"
+            if all(np.ptp(p[-1]) == 0 for p in preds)
+            else why,
         }
     across = across_run_spearman(
         np.stack([p[-1] for p in preds]), np.stack([r.losses[-1] for r in runs])
@@ -136,6 +181,21 @@ def _score(preds: Sequence[np.ndarray], runs: Sequence[Run]) -> dict:
     }
 
 
+def _skill(mse: dict, ref: dict) -> tuple[float | None, str | None]:
+    """(skill vs the mean trajectory, None) or (None, why it is undefined)."""
+    if mse["mean"] is None:
+        return None, f"the all-steps MSE is undefined: {mse.get('undefined_reason')}"
+    if ref["mean"] is None:
+        return None, (
+            "the mean-trajectory baseline's all-steps MSE is undefined: "
+            f"{ref.get('undefined_reason')}"
+        )
+    score = skill_score(mse["mean"], ref["mean"])
+    if score is None:
+        return None, "the mean-trajectory baseline has zero all-steps MSE"
+    return score, None
+
+
 def _finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all())
 
@@ -147,7 +207,14 @@ def _undefined_scores(reason: str) -> dict:
         "all_steps_mse": dict(undef),
         "final_step_spearman": dict(undef),
         "final_step_mse": dict(undef),
-        "across_run_spearman": dict(undef, n_used=0, n_excluded=0, n_constant_prediction=0),
+        "across_run_spearman": dict(
+            undef,
+            stderr_method=ACROSS_RUN_STDERR_METHOD,
+            stderr_undefined_reason=None,
+            n_used=0,
+            n_excluded=0,
+            n_constant_prediction=0,
+        ),
         "per_run": {},
     }
 
@@ -191,12 +258,18 @@ def evaluate(
 
     Returns:
         JSON-ready dict: `{"variants": {name: {"all_steps_mse": {"mean", "stderr"},
-        "final_step_spearman": {"mean", "stderr", "n_undefined", "undefined_reason"},
+        "final_step_spearman": {"mean", "stderr", "n_runs", "n_undefined", "undefined_reason"},
         "final_step_mse": {"mean", "stderr"}, "across_run_spearman": {"mean", "stderr",
-        "n_used", "n_excluded", "n_constant_prediction", "undefined_reason"},
-        "skill_vs_mean_trajectory": float | None, "l2_a": float | None, "l2_b": float | None,
+        "stderr_method", "stderr_undefined_reason", "n_runs", "n_used", "n_excluded",
+        "n_constant_prediction", "undefined_reason"}, "skill_vs_mean_trajectory": float | None,
+        "skill_undefined_reason": str | None, "l2_a": float | None, "l2_b": float | None,
         "per_run": {...}, ...}}, "split": {"fit": [...], "valid": [...], "test": [...]},
         "experiment": {"name", "path", "n_train", "n_test", "batch", "info"}}`.
+        The stderr of the per-run metrics (all-steps MSE, final-step rho and MSE) is over
+        held-out runs (ddof=1); that of `across_run_spearman` is a delete-one jackknife over
+        held-out runs (see `scoring.across_run_spearman`). The final-step rho averages the
+        runs where it is defined; `n_undefined` of `n_runs` are left out. A variant whose
+        rollout or metrics are not finite has every metric None with `undefined_reason`.
         Simfluence variants whose lambdas were chosen on validation runs also hold
         "lambda_search" (every evaluated point, see `simulators.select_lambdas`),
         "lambda_grid" ("default": the default grid, extended at its edges up to
@@ -244,7 +317,6 @@ def evaluate(
     delta = baselines.fit_mean_trajectory(fit_l)
     mean_preds = [baselines.mean_trajectory(delta, r.losses[0], r.steps) for r in test_runs]
     mean_scores = _score(mean_preds, test_runs)
-    ref_mse = mean_scores["all_steps_mse"]["mean"]
 
     results: dict[str, dict] = {}
     bar = tqdm(variants, desc="evaluate", file=sys.stderr, disable=not progress, leave=False)
@@ -313,9 +385,10 @@ def evaluate(
             scores = mean_scores
         else:
             scores = _score(preds, test_runs)
-        mse = scores["all_steps_mse"]["mean"]
         entry = {k: scores[k] for k in scores if k != "per_run"}
-        entry["skill_vs_mean_trajectory"] = None if mse is None else skill_score(mse, ref_mse)
+        skill, why = _skill(scores["all_steps_mse"], mean_scores["all_steps_mse"])
+        entry["skill_vs_mean_trajectory"] = skill
+        entry["skill_undefined_reason"] = why
         entry.update(extra)
         entry["per_run"] = scores["per_run"]
         results[name] = entry

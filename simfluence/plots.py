@@ -1,7 +1,8 @@
 """Figures: true vs simulated loss trajectories, fitted A/B distributions, influence listings.
 
 matplotlib is used through `matplotlib.figure.Figure` with the Agg renderer (no pyplot, no
-global backend state, no display needed). Every file is written atomically.
+global backend state, no display needed). Every file is written atomically. Shape annotations
+(jaxtyping) are documentation; nothing checks them at run time.
 
 References:
     Guu et al., "Simfluence", 2023 (Figure 1: true vs simulated trajectories).
@@ -17,18 +18,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from jaxtyping import Float, Int
 
 from simfluence.runlog import atomic_write_bytes
 
 __all__ = ["plot_trajectories", "plot_parameters", "top_influences", "format_influences"]
 
 
-def _figure(n_panels: int, panel_size=(3.6, 2.6)):
+# Trajectory legend: font size (points) and the height of one legend row in points.
+_LEGEND_FONT = 6
+_LEGEND_ROW_PT = 1.9 * _LEGEND_FONT
+
+
+def _figure(n_panels: int, panel_size=(3.6, 2.6), extra_width: float = 0.0):
+    """A constrained-layout figure of up to 4 panels a row, `extra_width` inches wider."""
     from matplotlib.figure import Figure
 
     cols = min(n_panels, 4)
     rows = math.ceil(n_panels / cols)
-    fig = Figure(figsize=(panel_size[0] * cols, panel_size[1] * rows), layout="constrained")
+    fig = Figure(
+        figsize=(panel_size[0] * cols + extra_width, panel_size[1] * rows), layout="constrained"
+    )
     axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
     for ax in axes[n_panels:]:
         ax.set_visible(False)
@@ -43,10 +53,101 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def _run_colors(n: int) -> list[tuple[float, float, float, float]]:
+    """`n` distinct RGBA colours, one per run.
+
+    tab10 (matplotlib's default cycle) up to 10 runs, tab20 up to 20, else `n` evenly spaced
+    samples of the continuous turbo map (distinct up to its 256 entries; a legend of more runs
+    than that is unreadable anyway).
+    """
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [(*c, 1.0) for c in colormaps["tab10"].colors[:n]]
+    if n <= 20:
+        return [(*c, 1.0) for c in colormaps["tab20"].colors[:n]]
+    return [tuple(float(v) for v in c) for c in colormaps["turbo"](np.linspace(0.0, 1.0, n))]
+
+
+def _check_finite(arrays, run_labels, tests, what: str, fix: str) -> None:
+    for arr, label in zip(arrays, run_labels, strict=True):
+        cols = np.asarray(arr)[:, list(tests)]
+        bad = ~np.isfinite(cols)
+        if bad.any():
+            step, p = (int(v) for v in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{label}: the {what} loss of test example {tests[p]} is {cols[step, p]} at step "
+                f"{step}; {fix}"
+            )
+
+
+def _trajectory_figure(true, pred, run_labels, tests, test_labels=None, title=None):
+    """The Figure of `plot_trajectories` (same arguments, no path)."""
+    from matplotlib.lines import Line2D
+
+    if not (len(true) == len(pred) == len(run_labels)) or not true:
+        raise ValueError(
+            f"got {len(true)} true and {len(pred)} simulated trajectories and {len(run_labels)} "
+            "run labels; pass one of each per run (at least one run)"
+        )
+    tests = [int(j) for j in tests]
+    if not tests:
+        raise ValueError("tests is empty; pass at least one test-example index to plot")
+    _check_finite(true, run_labels, tests, "observed", "repair or drop that run")
+    _check_finite(
+        pred,
+        run_labels,
+        tests,
+        "simulated",
+        "the simulator diverges on this curriculum (refit it with larger lambdas)",
+    )
+    colors = _run_colors(len(true))
+    # One figure-level legend beside the panels: a colour per run, then the line-style key.
+    handles = [
+        Line2D([], [], color=c, lw=1.2, label=lab)
+        for c, lab in zip(colors, run_labels, strict=True)
+    ]
+    handles += [
+        Line2D([], [], color="0.3", lw=1.2, ls="-", label="true"),
+        Line2D([], [], color="0.3", lw=1.2, ls="--", label="simulated"),
+    ]
+    panel_h = 2.6
+    rows = math.ceil(len(tests) / min(len(tests), 4))
+    per_col = max(4, int(panel_h * rows * 72 / _LEGEND_ROW_PT) - 2)  # rows that fit the height
+    n_cols = math.ceil(len(handles) / per_col)
+    longest = max(len(h.get_label()) for h in handles)
+    # handle (2 em) + pad (0.8 em) + text (~0.6 em a character) + column gap (2 em), in inches
+    col_width = (4.8 + 0.6 * longest) * _LEGEND_FONT / 72
+    fig, axes = _figure(len(tests), panel_size=(3.6, panel_h), extra_width=n_cols * col_width)
+    for p, (ax, j) in enumerate(zip(axes, tests, strict=True)):
+        for k, (t_arr, p_arr) in enumerate(zip(true, pred, strict=True)):
+            steps = np.arange(t_arr.shape[0])
+            ax.plot(steps, t_arr[:, j], color=colors[k], lw=1.2)
+            ax.plot(steps, p_arr[:, j], color=colors[k], lw=1.2, ls="--")
+        label = f"test {j}"
+        if test_labels is not None:
+            text = " ".join(test_labels[p].split())
+            label += ": " + (text if len(text) <= 40 else text[:37] + "...")
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.legend(
+        handles=handles,
+        loc="outside right upper",
+        fontsize=_LEGEND_FONT,
+        ncols=n_cols,
+        frameon=False,
+    )
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
 def plot_trajectories(
     path: str | os.PathLike,
-    true: Sequence[np.ndarray],
-    pred: Sequence[np.ndarray],
+    true: Sequence[Float[np.ndarray, "steps+1 n_test"]],
+    pred: Sequence[Float[np.ndarray, "steps+1 n_test"]],
     run_labels: Sequence[str],
     tests: Sequence[int],
     *,
@@ -54,6 +155,9 @@ def plot_trajectories(
     title: str | None = None,
 ) -> Path:
     """True (solid) vs simulated (dashed) loss trajectories, one panel per test example.
+
+    One legend beside the panels names every run's colour and the line styles. Runs get
+    distinct colours (tab10 up to 10 runs, tab20 up to 20, samples of the turbo map beyond).
 
     Args:
         path: output image (.png, .pdf, .svg).
@@ -66,31 +170,22 @@ def plot_trajectories(
 
     Returns:
         The written path.
+
+    Raises:
+        ValueError: a plotted loss is NaN or inf (for a simulated one, the simulator diverges
+            on that run's curriculum): named by run label, test example and step; nothing is
+            written. Also a mismatched number of trajectories and labels, or no tests.
     """
-    fig, axes = _figure(len(tests))
-    colors = [f"C{k % 10}" for k in range(len(true))]
-    for p, (ax, j) in enumerate(zip(axes, tests, strict=True)):
-        for k, (t_arr, p_arr) in enumerate(zip(true, pred, strict=True)):
-            steps = np.arange(t_arr.shape[0])
-            ax.plot(steps, t_arr[:, j], color=colors[k], lw=1.2, label=f"{run_labels[k]} true")
-            ax.plot(
-                steps, p_arr[:, j], color=colors[k], lw=1.2, ls="--", label=f"{run_labels[k]} sim"
-            )
-        label = f"test {j}"
-        if test_labels is not None:
-            text = test_labels[p]
-            label += ": " + (text if len(text) <= 40 else text[:37] + "...")
-        ax.set_title(label, fontsize=8)
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel("loss", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=6)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return _save(_trajectory_figure(true, pred, run_labels, tests, test_labels, title), path)
 
 
-def plot_parameters(path: str | os.PathLike, A: np.ndarray, B: np.ndarray, *, variant: str) -> Path:
+def plot_parameters(
+    path: str | os.PathLike,
+    A: Float[np.ndarray, "n_test n_train"],
+    B: Float[np.ndarray, "n_test n_train"],
+    *,
+    variant: str,
+) -> Path:
     """Histograms of the fitted A and B over all (test, train) pairs.
 
     Args:
@@ -116,7 +211,10 @@ def plot_parameters(path: str | os.PathLike, A: np.ndarray, B: np.ndarray, *, va
 
 
 def top_influences(
-    influence: np.ndarray, curriculum: np.ndarray, top: int, texts: Sequence[str] | None = None
+    influence: Float[np.ndarray, " n_train"],
+    curriculum: Int[np.ndarray, "steps batch"],
+    top: int,
+    texts: Sequence[str] | None = None,
 ) -> list[dict]:
     """The training examples whose removal changes the simulated final loss the most.
 
@@ -149,7 +247,16 @@ def top_influences(
 
 
 def format_influences(rows: Sequence[dict], test_index: int, test_text: str | None = None) -> str:
-    """Plain-text listing of `top_influences` rows (removing a helpful example raises the loss)."""
+    """Plain-text listing of `top_influences` rows (removing a helpful example raises the loss).
+
+    Args:
+        rows: dicts from `top_influences`.
+        test_index: the test example the influences are on.
+        test_text: optional text of that test example (whitespace runs become one space).
+
+    Returns:
+        A header line, a legend line, a column header and one line per row, newline-ended.
+    """
     head = f"test example {test_index}"
     if test_text is not None:
         head += f": {' '.join(test_text.split())}"

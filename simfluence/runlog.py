@@ -36,9 +36,12 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # shape annotations only: this module stays numpy + json at run time
+    from jaxtyping import ArrayLike, Float, Int
 
 __all__ = [
     "RunLogError",
@@ -117,7 +120,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_save_npy(path: str | os.PathLike, array: Any) -> Path:
+def atomic_save_npy(path: str | os.PathLike, array: ArrayLike) -> Path:
     """Save one array as `.npy` atomically (temporary name in the same folder, then rename).
 
     Args:
@@ -126,6 +129,9 @@ def atomic_save_npy(path: str | os.PathLike, array: Any) -> Path:
 
     Returns:
         The destination path.
+
+    Raises:
+        RunLogError: `array` converts to an object array.
     """
     arr = np.asarray(array)
     if arr.dtype == object:
@@ -174,6 +180,9 @@ def atomic_savez(path: str | os.PathLike, **arrays: Any) -> Path:
 
     Returns:
         The destination path.
+
+    Raises:
+        RunLogError: an array converts to an object array.
     """
     converted = {}
     for name, value in arrays.items():
@@ -185,12 +194,28 @@ def atomic_savez(path: str | os.PathLike, **arrays: Any) -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write raw bytes atomically (temporary name in the same folder, then rename)."""
+    """Write raw bytes atomically (temporary name in the same folder, then rename).
+
+    Args:
+        path: destination file; its folder is created if needed.
+        data: the bytes.
+
+    Returns:
+        The destination path.
+    """
     return _atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 text atomically (temporary name in the same folder, then rename)."""
+    """Write UTF-8 text atomically (temporary name in the same folder, then rename).
+
+    Args:
+        path: destination file; its folder is created if needed.
+        text: the text, written as UTF-8.
+
+    Returns:
+        The destination path.
+    """
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -313,7 +338,18 @@ def read_examples(exp_dir: str | os.PathLike) -> dict | None:
 
 
 def run_dir(exp_dir: str | os.PathLike, index: int) -> Path:
-    """Folder of run `index` inside `exp_dir` (`run_%03d`)."""
+    """Folder of run `index` inside `exp_dir` (`run_%03d`); nothing is created.
+
+    Args:
+        exp_dir: experiment folder.
+        index: run index, a non-negative integer.
+
+    Returns:
+        `exp_dir / f"run_{index:03d}"`.
+
+    Raises:
+        RunLogError: `index` is not a non-negative integer.
+    """
     if not isinstance(index, int | np.integer) or isinstance(index, bool) or index < 0:
         raise _error(f"run index must be a non-negative integer, got {index!r}")
     return Path(exp_dir) / f"run_{int(index):03d}"
@@ -393,10 +429,10 @@ def _experiment_for_run(run_path: Path) -> dict | None:
 
 def write_run(
     run_dir: str | os.PathLike,
-    curriculum: Any,
-    losses: Any,
+    curriculum: Int[ArrayLike, "T b"],
+    losses: Float[ArrayLike, "T+1 n_test"],
     meta: dict | None = None,
-    lr: Any = None,
+    lr: Float[ArrayLike, " T"] | None = None,
 ) -> Path:
     """Validate and write one complete run; `meta.json` is written last.
 
@@ -409,7 +445,7 @@ def write_run(
         curriculum: int [steps, batch] training-pool positions.
         losses: float [steps + 1, n_test] per-test-example losses; row 0 before the first step.
         meta: extra JSON metadata; `status` is set to "complete".
-        lr: optional float [steps], learning rate used at each step.
+        lr: optional float [steps], learning rate used at each step (None removes lr.npy).
 
     Returns:
         The run folder.
@@ -498,9 +534,9 @@ class Run:
 
     index: int
     path: Path
-    curriculum: np.ndarray = field(repr=False)
-    losses: np.ndarray = field(repr=False)
-    lr: np.ndarray | None = field(repr=False)
+    curriculum: Int[np.ndarray, "T b"] = field(repr=False)
+    losses: Float[np.ndarray, "T+1 n_test"] = field(repr=False)
+    lr: Float[np.ndarray, " T"] | None = field(repr=False)
     meta: dict = field(repr=False)
 
     @property
@@ -706,9 +742,9 @@ def _check_tracin(
 
 def write_tracin(
     run_dir: str | os.PathLike,
-    steps: Any,
-    learning_rates: Any,
-    dots: Any,
+    steps: Int[ArrayLike, " K"],
+    learning_rates: Float[ArrayLike, " K"],
+    dots: Float[ArrayLike, "K n_test n_train"],
     mode: str,
     proj_dim: int,
     seed: int,

@@ -7,16 +7,22 @@ Per held-out run (pred and true are [T + 1, n_test], row 0 the given initial los
 - `final_step_spearman`: Spearman's rho across test examples at step T (ties get average
   ranks, exactly as `scipy.stats.spearmanr`); NaN when either side is constant or holds a NaN.
 
+`metrics` and the three functions above are jittable float32 JAX code with extra leading batch
+axes. `host_metrics` computes the same three in float64 numpy: a huge but finite float32 rollout
+(|error| above ~1.8e19) squares past float32's range, so `evaluate` scores with `host_metrics`.
+
 Across held-out runs:
 
 - `across_run_spearman`: for each test example, Spearman's rho across runs between simulated and
   true final loss, averaged over test examples. This measures whether a simulator captures the
   effect of the curriculum, which the two per-run metrics do not (a simulator that ignores the
-  curriculum can score well on both).
+  curriculum can score well on both). Its standard error is a delete-one jackknife over the
+  held-out runs (the test examples share those runs, so their rhos are not independent).
 - `skill_score`: 1 - MSE / MSE_baseline (the mean-trajectory baseline in `evaluate`).
-- `mean_stderr`: mean and standard error of the mean.
+- `mean_stderr`: mean and standard error of the mean (for per-run metrics, over runs).
 
-The array functions are jittable and accept extra leading batch axes.
+Shape annotations (jaxtyping) are documentation; nothing checks them at run time. `time` is the
+T + 1 rows of a trajectory.
 
 References:
     Guu et al., "Simfluence", 2023. https://arxiv.org/abs/2303.08114
@@ -30,13 +36,16 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float
 
 __all__ = [
     "all_steps_mse",
     "final_step_mse",
     "final_step_spearman",
     "metrics",
+    "host_metrics",
     "across_run_spearman",
+    "ACROSS_RUN_STDERR_METHOD",
     "mean_stderr",
     "skill_score",
     "rankdata",
@@ -48,9 +57,12 @@ __all__ = [
 # (~1e-7 per operation, ~1e-5 after a few hundred steps), and ranking rounding noise is meaningless.
 CONSTANT_RTOL = 1e-5
 
+# Recorded in the JSON beside the across-run rho's stderr, so a reader knows what it measures.
+ACROSS_RUN_STDERR_METHOD = "jackknife over held-out runs (delete-one)"
+
 
 @jax.jit
-def rankdata(x: jax.Array) -> jax.Array:
+def rankdata(x: Float[ArrayLike, "*batch n"]) -> Float[Array, "*batch n"]:
     """Average ranks (1-based, ties share the mean rank) along the last axis, like scipy.
 
     Args:
@@ -85,7 +97,9 @@ def _pearson(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
+def spearman(
+    a: Float[ArrayLike, "*batch n"], b: Float[ArrayLike, "*batch n"]
+) -> Float[Array, "*batch"]:
     """Spearman's rho along the last axis with scipy's average ranks for ties.
 
     Args:
@@ -111,7 +125,9 @@ def _check_pair(pred, true):
 
 
 @jax.jit
-def all_steps_mse(pred: jax.Array, true: jax.Array) -> jax.Array:
+def all_steps_mse(
+    pred: Float[ArrayLike, "*batch time n_test"], true: Float[ArrayLike, "*batch time n_test"]
+) -> Float[Array, "*batch"]:
     """Mean squared error over steps 1..T and test examples (step 0 is given, not scored).
 
     Args:
@@ -119,14 +135,19 @@ def all_steps_mse(pred: jax.Array, true: jax.Array) -> jax.Array:
         true: float32 [..., T + 1, n_test] observed losses.
 
     Returns:
-        float32 [...].
+        float32 [...]; inf once the squared errors pass float32's range (use `host_metrics`).
+
+    Raises:
+        ValueError: shapes differ, or fewer than 2 rows.
     """
     pred, true = _check_pair(pred, true)
     return jnp.mean((pred[..., 1:, :] - true[..., 1:, :]) ** 2, axis=(-2, -1))
 
 
 @jax.jit
-def final_step_mse(pred: jax.Array, true: jax.Array) -> jax.Array:
+def final_step_mse(
+    pred: Float[ArrayLike, "*batch time n_test"], true: Float[ArrayLike, "*batch time n_test"]
+) -> Float[Array, "*batch"]:
     """Mean squared error at the last step over test examples.
 
     Args:
@@ -134,14 +155,19 @@ def final_step_mse(pred: jax.Array, true: jax.Array) -> jax.Array:
         true: float32 [..., T + 1, n_test].
 
     Returns:
-        float32 [...].
+        float32 [...]; inf once the squared errors pass float32's range (use `host_metrics`).
+
+    Raises:
+        ValueError: shapes differ, or fewer than 2 rows.
     """
     pred, true = _check_pair(pred, true)
     return jnp.mean((pred[..., -1, :] - true[..., -1, :]) ** 2, axis=-1)
 
 
 @jax.jit
-def final_step_spearman(pred: jax.Array, true: jax.Array) -> jax.Array:
+def final_step_spearman(
+    pred: Float[ArrayLike, "*batch time n_test"], true: Float[ArrayLike, "*batch time n_test"]
+) -> Float[Array, "*batch"]:
     """Spearman's rho across test examples at the last step (ties averaged like scipy).
 
     Args:
@@ -150,21 +176,30 @@ def final_step_spearman(pred: jax.Array, true: jax.Array) -> jax.Array:
 
     Returns:
         float32 [...]; NaN where either side is constant across test examples (undefined).
+
+    Raises:
+        ValueError: shapes differ, or fewer than 2 rows.
     """
     pred, true = _check_pair(pred, true)
     return spearman(pred[..., -1, :], true[..., -1, :])
 
 
 @jax.jit
-def metrics(pred: jax.Array, true: jax.Array) -> dict[str, jax.Array]:
-    """All per-run metrics of one (or a batch of) simulated trajectory.
+def metrics(
+    pred: Float[ArrayLike, "*batch time n_test"], true: Float[ArrayLike, "*batch time n_test"]
+) -> dict[str, Float[Array, "*batch"]]:
+    """All per-run metrics of one (or a batch of) simulated trajectory, in float32 JAX.
 
     Args:
         pred: float32 [..., T + 1, n_test] simulated losses (row 0 = the given initial loss).
         true: float32 [..., T + 1, n_test] observed losses.
 
     Returns:
-        `{"all_steps_mse", "final_step_mse", "final_step_spearman"}`, each float32 [...].
+        `{"all_steps_mse", "final_step_mse", "final_step_spearman"}`, each float32 [...]. The
+        MSEs are inf once squared errors pass float32's range; `host_metrics` does not overflow.
+
+    Raises:
+        ValueError: shapes differ, or fewer than 2 rows.
 
     References:
         Guu et al., "Simfluence", 2023, section 4 (all-steps MSE, final-step Spearman).
@@ -177,8 +212,76 @@ def metrics(pred: jax.Array, true: jax.Array) -> dict[str, jax.Array]:
     }
 
 
+def _rankdata64(x: np.ndarray) -> np.ndarray:
+    """float64 average ranks along the last axis (scipy's "average"); NaN rows -> NaN."""
+    n = x.shape[-1]
+    order = np.argsort(x, axis=-1, kind="stable")
+    xs = np.take_along_axis(x, order, axis=-1)
+    pos = np.broadcast_to(np.arange(n), x.shape)
+    starts = np.ones(x.shape, bool)  # sorted position opens a run of ties
+    starts[..., 1:] = xs[..., 1:] != xs[..., :-1]
+    ends = np.ones(x.shape, bool)  # sorted position closes a run of ties
+    ends[..., :-1] = starts[..., 1:]
+    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
+    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, pos, n - 1), -1), axis=-1), -1)
+    ranks = np.empty(x.shape, np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=-1)
+    return np.where(np.isnan(x).any(axis=-1, keepdims=True), np.nan, ranks)
+
+
+def _spearman64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 Spearman's rho along the last axis; NaN where a side is constant or NaN."""
+    ra, rb = _rankdata64(a), _rankdata64(b)
+    ra = ra - ra.mean(axis=-1, keepdims=True)
+    rb = rb - rb.mean(axis=-1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def host_metrics(
+    pred: Float[ArrayLike, "*batch time n_test"], true: Float[ArrayLike, "*batch time n_test"]
+) -> dict[str, Float[np.ndarray, "*batch"]]:
+    """`metrics` in float64 numpy, for host arrays (what `evaluate` scores with).
+
+    A float32 rollout can be finite but huge (a simulator that grows without diverging to inf);
+    its squared errors overflow float32 but not float64 (float32's largest value squared is
+    ~1.2e77), so every metric of finite float32 inputs is finite here, except a rho that is
+    undefined.
+
+    Args:
+        pred: float [..., T + 1, n_test] simulated losses (row 0 = the given initial loss).
+        true: float [..., T + 1, n_test] observed losses.
+
+    Returns:
+        `{"all_steps_mse", "final_step_mse", "final_step_spearman"}`, each float64 [...]
+        (0-d arrays for one run); rho is NaN where either side is constant or holds a NaN.
+
+    Raises:
+        ValueError: shapes differ, or fewer than 2 rows.
+    """
+    pred = np.asarray(pred, np.float64)
+    true = np.asarray(true, np.float64)
+    if pred.shape != true.shape:
+        raise ValueError(f"pred shape {pred.shape} differs from true shape {true.shape}")
+    if pred.ndim < 2 or pred.shape[-2] < 2:
+        raise ValueError(
+            f"expected [..., T+1, n_test] trajectories with T >= 1, got shape {pred.shape}"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        err = pred - true
+        return {
+            "all_steps_mse": np.mean(err[..., 1:, :] ** 2, axis=(-2, -1)),
+            "final_step_mse": np.mean(err[..., -1, :] ** 2, axis=-1),
+            "final_step_spearman": _spearman64(pred[..., -1, :], true[..., -1, :]),
+        }
+
+
 def mean_stderr(values: Sequence[float] | np.ndarray) -> dict[str, float | None]:
     """Mean and standard error of the mean (sample std with ddof=1, over sqrt(n)).
+
+    The values are treated as independent draws: right for per-run metrics over held-out runs,
+    wrong for per-test-example values that share runs (see `across_run_spearman`).
 
     Args:
         values: finite numbers, at least one.
@@ -200,15 +303,45 @@ def mean_stderr(values: Sequence[float] | np.ndarray) -> dict[str, float | None]
 
 
 def _constant_columns(x: np.ndarray, rtol: float) -> np.ndarray:
-    """[R, n] -> bool [n]: spread across runs within rounding of the values' magnitude."""
-    spread = x.max(axis=0) - x.min(axis=0)
-    scale = np.abs(x).mean(axis=0)
+    """[..., R, n] -> bool [..., n]: spread across runs within rounding of the magnitude."""
+    spread = x.max(axis=-2) - x.min(axis=-2)
+    scale = np.abs(x).mean(axis=-2)
     return spread <= rtol * scale
 
 
+def _across_run_stat(
+    pred: Float[np.ndarray, "k runs n_test"],
+    true: Float[np.ndarray, "k runs n_test"],
+    rtol: float,
+) -> tuple[
+    Float[np.ndarray, " k"],
+    Bool[np.ndarray, "k n_test"],
+    Bool[np.ndarray, "k n_test"],
+]:
+    """The across-run rho of k sets of runs at once (the full set, or jackknife replicates).
+
+    Returns:
+        (mean [k], NaN where undefined; true_const [k, n_test]; pred_const [k, n_test]).
+    """
+    true_const = _constant_columns(true, rtol)
+    pred_const = _constant_columns(pred, rtol)
+    used = ~true_const
+    # Ranks across runs: move the run axis last.
+    rho = _spearman64(np.swapaxes(pred, -1, -2), np.swapaxes(true, -1, -2))  # [k, n_test]
+    # A constant prediction carries no ordering information: rho = 0 (not dropped, which would
+    # flatter the simulator), unless every used example is constant (then undefined).
+    rho = np.where(pred_const, 0.0, rho)
+    n_used = used.sum(-1)
+    informative = (used & ~pred_const).sum(-1)
+    total = np.where(used, rho, 0.0).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(informative > 0, total / np.maximum(n_used, 1), np.nan)
+    return mean, true_const, pred_const
+
+
 def across_run_spearman(
-    pred_final: jax.Array | np.ndarray,
-    true_final: jax.Array | np.ndarray,
+    pred_final: Float[ArrayLike, "runs n_test"],
+    true_final: Float[ArrayLike, "runs n_test"],
     *,
     rtol: float = CONSTANT_RTOL,
 ) -> dict:
@@ -226,15 +359,24 @@ def across_run_spearman(
       rho = 0 (a constant prediction carries no ordering information; dropping them would
       flatter the simulator) and `n_constant_prediction` says how many.
 
+    Standard error: the per-example rhos all rank the same few runs, so they are strongly
+    correlated, and a standard error over test examples (as if independent) is far too small.
+    `stderr` is instead the delete-one jackknife over held-out runs: with theta_k the statistic
+    recomputed (by the rules above) without run k, and theta_bar their mean,
+    ``stderr = sqrt((R - 1) / R * sum_k (theta_k - theta_bar) ** 2)``. It is None (with
+    `stderr_undefined_reason`) when R < 3 or a leave-one-out statistic is undefined. The point
+    estimate `mean` is the statistic on all R runs.
+
     Args:
         pred_final: float [R, n_test] simulated final losses, one row per held-out run.
         true_final: float [R, n_test] observed final losses.
         rtol: relative spread at or below which a column counts as constant.
 
     Returns:
-        dict with `mean` (float | None), `stderr` (float | None), `n_used` (int, examples
-        averaged), `n_excluded` (int, constant true finals), `n_constant_prediction` (int),
-        `undefined_reason` (str | None).
+        dict with `mean` (float | None), `stderr` (float | None), `stderr_method`
+        (`ACROSS_RUN_STDERR_METHOD`), `stderr_undefined_reason` (str | None), `n_runs` (int, R),
+        `n_used` (int, examples averaged), `n_excluded` (int, constant true finals),
+        `n_constant_prediction` (int), `undefined_reason` (str | None).
 
     Raises:
         ValueError: shapes differ, fewer than 2 runs, or non-finite values.
@@ -246,23 +388,25 @@ def across_run_spearman(
             f"across_run_spearman expects pred and true of shape [runs, n_test], got "
             f"{pred.shape} and {true.shape}"
         )
-    if pred.shape[0] < 2:
+    n_runs = pred.shape[0]
+    if n_runs < 2:
         raise ValueError(
-            f"across_run_spearman needs at least 2 held-out runs, got {pred.shape[0]}; "
-            "hold out more runs"
+            f"across_run_spearman needs at least 2 held-out runs, got {n_runs}; hold out more runs"
         )
     if not (np.isfinite(pred).all() and np.isfinite(true).all()):
         raise ValueError("across_run_spearman got non-finite final losses")
-    true_const = _constant_columns(true, rtol)
-    pred_const = _constant_columns(pred, rtol)
-    used = ~true_const
+    mean, true_const, pred_const = _across_run_stat(pred[None], true[None], rtol)
+    used = ~true_const[0]
     n_used = int(used.sum())
     result = {
         "mean": None,
         "stderr": None,
+        "stderr_method": ACROSS_RUN_STDERR_METHOD,
+        "stderr_undefined_reason": None,
+        "n_runs": n_runs,
         "n_used": n_used,
         "n_excluded": int(true_const.sum()),
-        "n_constant_prediction": int((pred_const & used).sum()),
+        "n_constant_prediction": int((pred_const[0] & used).sum()),
         "undefined_reason": None,
     }
     if n_used == 0:
@@ -276,11 +420,29 @@ def across_run_spearman(
             "example (the prediction ignores the curriculum)"
         )
         return result
-    # Ranks across runs: transpose to [n_test, R] so the rank axis is last.
-    rho = np.asarray(spearman(jnp.asarray(pred.T[used]), jnp.asarray(true.T[used])), np.float64)
-    rho = np.where(pred_const[used], 0.0, rho)
-    result.update(mean_stderr(rho))
+    result["mean"] = float(mean[0])
+    result.update(_jackknife(pred, true, rtol))
     return result
+
+
+def _jackknife(pred: np.ndarray, true: np.ndarray, rtol: float) -> dict:
+    """Delete-one jackknife stderr of the across-run rho over the R runs (rows)."""
+    n_runs = pred.shape[0]
+    if n_runs < 3:
+        return {
+            "stderr_undefined_reason": f"the jackknife over held-out runs needs at least 3 "
+            f"runs (rho across the 1 run left is undefined), got {n_runs}"
+        }
+    keep = np.array([np.delete(np.arange(n_runs), k) for k in range(n_runs)])  # [R, R - 1]
+    theta, _, _ = _across_run_stat(pred[keep], true[keep], rtol)  # [R]
+    if not np.isfinite(theta).all():
+        n_bad = int((~np.isfinite(theta)).sum())
+        return {
+            "stderr_undefined_reason": f"the jackknife is undefined: leaving out {n_bad} of "
+            f"the {n_runs} held-out runs (one at a time) leaves no test example whose simulated "
+            "and true final losses both vary across the other runs"
+        }
+    return {"stderr": float(np.sqrt((n_runs - 1) / n_runs * np.sum((theta - theta.mean()) ** 2)))}
 
 
 def skill_score(mse: float, baseline_mse: float) -> float | None:
@@ -292,6 +454,9 @@ def skill_score(mse: float, baseline_mse: float) -> float | None:
 
     Returns:
         The score, or None when the baseline MSE is 0 (the score is undefined).
+
+    Raises:
+        ValueError: either MSE is not finite.
     """
     if not (math.isfinite(mse) and math.isfinite(baseline_mse)):
         raise ValueError(f"skill_score got non-finite MSE ({mse}, {baseline_mse})")

@@ -19,6 +19,8 @@ test examples at once by preconditioned conjugate gradients on the normal equati
 (``_solvers``), with gathers and scatter-adds instead of dense matrices and an exact 2x2
 block-Jacobi preconditioner per training example.
 
+Shape annotations (jaxtyping) are documentation; nothing checks them at run time.
+
 References:
     Guu et al., "Simfluence: Modeling the Influence of Individual Training Examples by
     Simulating Training Runs", 2023. https://arxiv.org/abs/2303.08114
@@ -36,6 +38,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from simfluence import _solvers
 from simfluence.runlog import atomic_savez
@@ -88,10 +91,12 @@ class Simulator:
 
     @property
     def n_test(self) -> int:
+        """Number of tracked test examples (rows of A and B)."""
         return int(self.A.shape[0])
 
     @property
     def n_train(self) -> int:
+        """Size of the training pool (columns of A and B)."""
         return int(self.A.shape[1])
 
 
@@ -261,11 +266,24 @@ class _Problem:
         self.chunk_size = max(j1 - j0 for j0, j1 in self.chunks)
         self.structure = _solvers.Structure.build(self.ids, n_train)
 
-    def solve(self, x, y, l2_a, l2_b, *, tol=_TOL, max_iter=_MAX_ITER, start=None):
+    def solve(self, x, y, l2_a, l2_b, *, tol=_TOL, max_iter=_MAX_ITER, start=None, report=None):
         """CG solve of one test chunk's rows (`rows`) at (l2_a, l2_b).
 
-        Warns (`ConvergenceWarning`) when a test example's relative residual is still above
-        `tol` after the solver's last refinement round.
+        A test example has converged when its float64 relative residual is at most `tol`, or at
+        most its float32 rounding floor (see `_solvers.solve`: float32 coefficients cannot
+        resolve a smaller residual, so further rounds cannot reach `tol` there).
+
+        Args:
+            x: f32 [rows, chunk_size] teacher-forced L_{t-1}.
+            y: f32 [rows, chunk_size] targets L_t - L_{t-1}.
+            l2_a: ridge strength on A - a0.
+            l2_b: ridge strength on B.
+            tol: float64 relative residual to reach, per test example.
+            max_iter: iteration cap of each CG round.
+            start: optional warm start f32 [chunk_size, F, n_train].
+            report: None to warn (`ConvergenceWarning`) when a test example has not converged;
+                a list to append `(worst relative residual, its floor)` to instead (the lambda
+                search sums these up in one warning).
 
         Returns:
             theta [chunk_size, F, n_train] (deviation from the prior), a device array.
@@ -274,15 +292,22 @@ class _Problem:
         theta, info = _solvers.solve(
             self.structure, x, y, lam, prior, self.use_x, self.use_one, tol, max_iter, start
         )
-        worst = float(np.max(info["rel_residual"]))
-        if not worst <= tol:
-            warnings.warn(
-                f"{self.variant} fit at l2_a={l2_a:g}, l2_b={l2_b:g} stopped at relative "
-                f"residual {worst:.2e} > tol={tol:g} after {info['rounds']} rounds of at most "
-                f"{max_iter} CG iterations; raise max_iter or the lambdas",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
+        rel, floor = info["rel_residual"], info["floor"]
+        bad = ~(rel <= np.maximum(tol, floor))  # NaN counts as not converged
+        if bad.any():
+            k = int(np.argmax(np.where(bad, np.nan_to_num(rel, nan=np.inf), -1.0)))
+            worst, at = float(rel[k]), float(floor[k])
+            if report is not None:
+                report.append((worst, at))
+            else:
+                warnings.warn(
+                    f"{self.variant} fit at l2_a={l2_a:g}, l2_b={l2_b:g} stopped at relative "
+                    f"residual {worst:.2e} > tol={tol:g} (float32 floor there {at:.2e}) after "
+                    f"{info['rounds']} rounds of at most {max_iter} CG iterations; raise "
+                    "max_iter or the lambdas",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
         return theta
 
     def rows(self, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -342,8 +367,8 @@ def _lams(problem: _Problem, l2_a: float, l2_b: float) -> tuple[np.ndarray, np.n
 
 
 def fit(
-    curricula: Sequence[np.ndarray],
-    losses: Sequence[np.ndarray],
+    curricula: Sequence[Int[ArrayLike, "steps batch"]],
+    losses: Sequence[Float[ArrayLike, "steps+1 n_test"]],
     *,
     n_train: int,
     variant: str = "linear",
@@ -375,7 +400,10 @@ def fit(
         a_prior: a0, the value A is shrunk towards; None means 1/batch (an example then leaves
             the loss unchanged), 0 gives plain ridge.
         tol: float64 relative residual ||G theta - rhs|| / ||rhs|| of the normal equations at
-            which the solver stops, per test example (> 0).
+            which the solver stops, per test example (> 0). A test example whose residual is
+            above `tol` but within the float32 rounding floor of its solution (the residual
+            that rounding the exact solution to float32 can cause, see `_solvers.solve`) is
+            as exact as float32 A and B can be and counts as converged.
         max_iter: iteration cap of each CG round (>= 1).
 
     Returns:
@@ -386,8 +414,8 @@ def fit(
             non-finite losses, negative lambdas, tol <= 0 or max_iter < 1.
 
     Warns:
-        ConvergenceWarning: a test example's residual is still above `tol` when the solver
-            stops (its refinement rounds or `max_iter` ran out).
+        ConvergenceWarning: a test example's residual is still above `tol` and above its
+            float32 floor when the solver stops (its refinement rounds or `max_iter` ran out).
 
     References:
         Guu et al. 2023, Simfluence, section 3. https://arxiv.org/abs/2303.08114
@@ -464,7 +492,11 @@ def _check_sim(sim: Simulator) -> None:
         raise ValueError(f"Simulator batch={sim.batch!r} must be an int >= 1 or None")
 
 
-def simulate(sim: Simulator, curriculum, initial_losses) -> jax.Array:
+def simulate(
+    sim: Simulator,
+    curriculum: Int[ArrayLike, "steps batch"],
+    initial_losses: Float[ArrayLike, " n_test"],
+) -> Float[Array, "steps+1 n_test"]:
     """Rolls the simulator out along a curriculum from observed initial losses.
 
     Predictions are fed back (no teacher forcing), all test examples at once, with `lax.scan`.
@@ -490,7 +522,11 @@ def simulate(sim: Simulator, curriculum, initial_losses) -> jax.Array:
     return _rollout(sim.A, sim.B, curriculum, initial_losses, sim.variant == "additive")
 
 
-def simulate_many(sim: Simulator, curricula, initial_losses) -> jax.Array:
+def simulate_many(
+    sim: Simulator,
+    curricula: Int[ArrayLike, "runs steps batch"],
+    initial_losses: Float[ArrayLike, "runs n_test"],
+) -> Float[Array, "runs steps+1 n_test"]:
     """`simulate` vmapped over runs that share a length.
 
     Args:
@@ -518,7 +554,19 @@ def _concrete(x) -> np.ndarray | None:
 
 
 def batch_mismatch(sim: Simulator, batch: int) -> str | None:
-    """Why a curriculum of `batch` examples per step cannot be simulated, or None if it can."""
+    """Why a curriculum of `batch` examples per step cannot be simulated, or None if it can.
+
+    A_i sit near 1/batch of the fitting runs, so another batch size would scale alpha and is
+    refused by `simulate`, `simulate_many` and `removal_influence`.
+
+    Args:
+        sim: a `Simulator` (its `batch` is None for older files: then any batch passes).
+        batch: the curriculum's examples per step.
+
+    Returns:
+        None when `batch` matches the simulator's, else a one-line reason naming both sizes
+        and the fix.
+    """
     if sim.batch is None or int(batch) == int(sim.batch):
         return None
     return (
@@ -608,14 +656,31 @@ class _ValidationScore:
 
     Each test chunk's CG solve is warm-started from the previous solve of that chunk, across
     calls too, so the extension rounds of the default search start near a solved point.
+    Validation runs of equal length are rolled out together (one batched scan per length).
+    Fits that stop above their tolerance are collected in `unconverged` rather than warned
+    about one by one; `select_lambdas` sums them up in one warning.
     """
 
     def __init__(self, problem: _Problem, vcurs, vls):
         self.problem = problem
-        self.valid = list(zip(vcurs, vls, strict=True))
-        # The score is a mean over runs of per-run means: weight each run's SSE accordingly.
-        self.weights = [1.0 / (len(vcurs) * c.shape[0] * problem.n_test) for c in vcurs]
+        n_runs = len(vcurs)
+        by_len: dict[int, list[int]] = {}
+        for k, c in enumerate(vcurs):
+            by_len.setdefault(c.shape[0], []).append(k)
+        # One group per run length: curricula [R, T, b], L_0 [R, n_test], targets [R, T, n_test]
+        # (float64) and run weights [R]. The score is a mean over runs of per-run means, so
+        # each run's SSE is weighted by 1 / (runs * T * n_test).
+        self.groups = [
+            (
+                jnp.asarray(np.stack([vcurs[k] for k in ks])),
+                np.stack([vls[k][0] for k in ks]),
+                np.stack([vls[k][1:] for k in ks]).astype(np.float64),
+                np.full(len(ks), 1.0 / (n_runs * t * problem.n_test)),
+            )
+            for t, ks in by_len.items()
+        ]
         self.last: dict[int, tuple[tuple[float, float], jax.Array]] = {}  # chunk -> point, theta
+        self.unconverged: dict[tuple[float, float], tuple[float, float]] = {}  # point -> worst
 
     def __call__(self, pts: Sequence[tuple[float, float]]) -> np.ndarray:
         """pts: (l2_a, l2_b) pairs -> f64 [len(pts)] validation MSEs."""
@@ -628,21 +693,27 @@ class _ValidationScore:
         for c, (j0, j1) in enumerate(problem.chunks):
             x, y = problem.rows(j0, j1)
             sub = _sub_problem(problem, j0, j1)
+            groups = [
+                (cur, jnp.asarray(l0[:, j0:j1]), true[:, :, j0:j1], w)
+                for cur, l0, true, w in self.groups
+            ]
             seq, start = order, None
             if c in self.last:
                 point, start = self.last[c]
                 if _log_gap(point, pts[order[-1]]) < _log_gap(point, pts[order[0]]):
                     seq = order[::-1]
             for g in seq:
-                theta = problem.solve(x, y, *pts[g], start=start)
+                report: list[tuple[float, float]] = []
+                theta = problem.solve(x, y, *pts[g], start=start, report=report)
+                if report:
+                    prev = self.unconverged.get(pts[g], (-1.0, 0.0))
+                    self.unconverged[pts[g]] = max([prev, *report], key=lambda r: r[0])
                 start = theta
                 sim = sub.to_simulator(np.asarray(theta)[: j1 - j0], *pts[g])
-                for (cur, loss), w in zip(self.valid, self.weights, strict=True):
-                    pred = _rollout(
-                        sim.A, sim.B, jnp.asarray(cur), jnp.asarray(loss[0, j0:j1]), additive
-                    )
-                    err = np.asarray(pred[1:], np.float64) - loss[1:, j0:j1]
-                    mse[g] += w * float(np.sum(err * err))
+                for cur, l0, true, w in groups:
+                    pred = _rollout_runs(sim.A, sim.B, cur, l0, additive)  # [R, T + 1, chunk]
+                    err = np.asarray(pred[:, 1:], np.float64) - true  # [R, T, chunk]
+                    mse[g] += float(w @ np.sum(err * err, axis=(1, 2)))
             self.last[c] = (pts[seq[-1]], start)
         return mse
 
@@ -751,10 +822,10 @@ def lambda_edges(table: Sequence[dict], variant: str, l2_a: float, l2_b: float) 
 
 
 def select_lambdas(
-    fit_curricula: Sequence[np.ndarray],
-    fit_losses: Sequence[np.ndarray],
-    valid_curricula: Sequence[np.ndarray],
-    valid_losses: Sequence[np.ndarray],
+    fit_curricula: Sequence[Int[ArrayLike, "steps batch"]],
+    fit_losses: Sequence[Float[ArrayLike, "steps+1 n_test"]],
+    valid_curricula: Sequence[Int[ArrayLike, "steps batch"]],
+    valid_losses: Sequence[Float[ArrayLike, "steps+1 n_test"]],
     *,
     n_train: int,
     variant: str,
@@ -804,6 +875,12 @@ def select_lambdas(
     Raises:
         ValueError: as `fit`, for either set of runs, or a malformed grid.
 
+    Warns:
+        ConvergenceWarning: once for the whole search, when fits at some points stopped above
+            both `tol` and their float32 floor (as in `fit`): how many points, and the worst
+            residual and where.
+        UserWarning: the default search chose a lambda at a cap (see above).
+
     References:
         Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
     """
@@ -819,6 +896,16 @@ def select_lambdas(
     else:
         pts = _grid_points(variant, grid)
         mses, rounds = [float(m) for m in score(pts)], [0] * len(pts)
+    if score.unconverged:
+        (a, b), (worst, floor) = max(score.unconverged.items(), key=lambda kv: kv[1][0])
+        warnings.warn(
+            f"{variant} simulator: while choosing lambdas, the fit stopped above tol={_TOL:g} "
+            f"(and above the float32 floor) at {len(score.unconverged)} of {len(set(pts))} "
+            f"points; worst relative residual {worst:.2e} (floor {floor:.2e}) at l2_a={a:g}, "
+            f"l2_b={b:g}; those points' validation MSEs come from inexact fits",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
     table = [
         {"l2_a": float(a), "l2_b": float(b), "valid_mse": float(m), "round": int(r)}
         for (a, b), m, r in zip(pts, mses, rounds, strict=True)
@@ -877,7 +964,12 @@ def _removal(a, b, curriculum, mult, l0, additive: bool):
     return diff
 
 
-def removal_influence(sim: Simulator, curriculum, initial_losses, test_index: int) -> jax.Array:
+def removal_influence(
+    sim: Simulator,
+    curriculum: Int[ArrayLike, "steps batch"],
+    initial_losses: Float[ArrayLike, " n_test"],
+    test_index: int,
+) -> Float[Array, " n_train"]:
     """Exact change of one test example's simulated final loss when each example is removed.
 
     Removing training example i drops its slots from the curriculum. The simulator was fitted at
@@ -971,24 +1063,31 @@ def load_simulator(path) -> Simulator:
     keys = ("A", "B", "variant", "l2_a", "l2_b", "a_prior")
     try:
         z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
+    except ValueError:
+        # Neither .npy nor .npz (JSON, text, a pickle): np.load falls back to unpickling, which
+        # allow_pickle=False refuses with advice that does not apply here.
+        raise ValueError(
+            f"{path}: not a simulator file (not an .npz archive); write one with `simfluence fit`"
+        ) from None
+    except Exception as e:  # OSError, EOFError, ...: one line naming the file
+        raise ValueError(f"{path}: cannot read simulator ({type(e).__name__}: {e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path}: not a simulator file (one array, not an .npz archive); "
+            "write one with `simfluence fit`"
+        )
+    with z:
+        missing = [k for k in keys if k not in z.files]
+        if missing:
             raise ValueError(
-                f"{path}: not a simulator file (one array, not an .npz archive); "
+                f"{path}: not a simulator file (missing {', '.join(missing)}); "
                 "write one with `simfluence fit`"
             )
-        with z:
-            missing = [k for k in keys if k not in z.files]
-            if missing:
-                raise ValueError(
-                    f"{path}: not a simulator file (missing {', '.join(missing)}); "
-                    "write one with `simfluence fit`"
-                )
+        try:
             data = {k: z[k] for k in keys}
             batch = int(z["batch"]) if "batch" in z.files else None  # older files: unknown
-    except ValueError:
-        raise
-    except Exception as e:  # zipfile / pickle errors: one line naming the file
-        raise ValueError(f"{path}: cannot read simulator ({type(e).__name__}: {e})") from None
+        except Exception as e:  # zipfile errors, object arrays: one line naming the file
+            raise ValueError(f"{path}: cannot read simulator ({type(e).__name__}: {e})") from None
     variant = str(data["variant"])
     if variant not in VARIANTS:
         raise ValueError(f"{path}: unknown simulator variant {variant!r}; use one of {VARIANTS}")

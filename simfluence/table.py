@@ -3,7 +3,10 @@
 The multi-experiment table follows the paper's layout (rows = variants, columns = experiments,
 cells = all-steps MSE +- stderr and final-step rho +- stderr), followed by a second table with
 the honest metrics (across-run Spearman, skill vs the mean trajectory, final-step MSE). Values
-that are undefined show a dash with a numbered footnote giving the reason, never a NaN.
+that are undefined show a dash with a numbered footnote giving the reason, never a NaN; values
+averaged over only part of what they could cover (final-step rho undefined on some runs, test
+examples left out of the across-run rho or counted as rho = 0) carry a footnote saying how many
+of how many. Columns of experiments that share a name are told apart by their folder.
 
 References:
     Guu et al., "Simfluence", 2023. https://arxiv.org/abs/2303.08114
@@ -12,9 +15,11 @@ References:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from simfluence.runlog import RunLogError, atomic_write_json, atomic_write_text
 
@@ -61,25 +66,66 @@ def _num(x: float | None, kind: str) -> str:
     if kind == "rho":
         return f"{x:.3f}"
     if kind == "skill":
-        return f"{x:+.3f}"
+        # A diverging simulator can score -1e40; fixed point would print 40 digits.
+        return f"{x:+.3f}" if abs(x) < 1e3 else f"{x:+.3g}"
     return f"{x:.3g}"
 
 
-def _pm(stat: dict | None, kind: str, notes: _Notes, what: str) -> str:
+def _pm(stat: dict | None, kind: str, notes: _Notes, what: str, n_runs: int | None = None) -> str:
     if stat is None:
         return notes.mark(f"{what}: not computed for this variant")
     if stat.get("mean") is None:
         reason = stat.get("undefined_reason") or "undefined"
-        return notes.mark(f"{what} undefined: {reason}")
+        return notes.mark(f"{what} undefined: {reason}") + _partial(stat, what, notes, n_runs)
     text = _num(stat["mean"], kind)
     if stat.get("stderr") is not None:
         text += f" ± {_num(stat['stderr'], kind if kind != 'skill' else 'rho')}"
-    return text
+    elif stat.get("stderr_undefined_reason"):
+        text += " " + notes.ref(
+            f"{what} standard error undefined: {stat['stderr_undefined_reason']}"
+        )
+    return text + _partial(stat, what, notes, n_runs)
+
+
+def _partial(stat: dict, what: str, notes: _Notes, n_runs: int | None) -> str:
+    """Footnotes for a value that covers only part of the runs or test examples."""
+    refs = []
+    defined = stat.get("mean") is not None
+    n_undefined = stat.get("n_undefined") or 0
+    if defined and n_undefined > 0:
+        total = stat.get("n_runs") or n_runs
+        of = f"{total - n_undefined} of {total}" if total else f"all but {n_undefined}"
+        reason = stat.get("undefined_reason") or "undefined there"
+        refs.append(
+            f"{what} averaged over the {of} held-out runs where it is defined "
+            f"({n_undefined} undefined: {reason})"
+        )
+    n_used = stat.get("n_used") or 0
+    n_excluded = stat.get("n_excluded") or 0
+    if n_excluded > 0 and n_used > 0:
+        refs.append(
+            f"{what}: {n_excluded} of {n_used + n_excluded} test examples left out (their true "
+            "final losses do not vary across the held-out runs)"
+        )
+    n_const = stat.get("n_constant_prediction") or 0
+    if defined and n_const > 0:
+        refs.append(
+            f"{what}: for {n_const} of the {n_used} test examples averaged, the simulated final "
+            "losses do not vary across the held-out runs; they count as ρ = 0"
+        )
+    return "".join(f" {notes.ref(r)}" for r in refs)
 
 
 def _skill(entry: dict, notes: _Notes) -> str:
-    s = entry.get("skill_vs_mean_trajectory")
+    if "skill_vs_mean_trajectory" not in entry:
+        return notes.mark(
+            "skill: no skill_vs_mean_trajectory in this results file (it predates the skill "
+            "score); run `simfluence evaluate` again"
+        )
+    s = entry["skill_vs_mean_trajectory"]
     if s is None:
+        if entry.get("skill_undefined_reason"):
+            return notes.mark(f"skill undefined: {entry['skill_undefined_reason']}")
         mse = entry.get("all_steps_mse") or {}
         if mse.get("mean") is None:
             reason = mse.get("undefined_reason") or "the all-steps MSE is undefined"
@@ -121,23 +167,37 @@ def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return out
 
 
+def _n_test_runs(results: dict) -> int | None:
+    test = (results.get("split") or {}).get("test")
+    return len(test) if isinstance(test, list) else None
+
+
 def format_results(results: dict) -> str:
     """Markdown table of one experiment's `evaluate` results, with footnotes for dashes.
 
     Columns: variant, all-steps MSE +- se, final-step rho +- se, final-step MSE +- se,
-    across-run rho +- se, skill vs mean trajectory, lambda_A, lambda_B (with a footnote when
-    a lambda is at the edge of the searched range, see `evaluate`).
+    across-run rho +- se (jackknife over held-out runs), skill vs mean trajectory, lambda_A,
+    lambda_B (with a footnote when a lambda is at the edge of the searched range, see
+    `evaluate`). Undefined values are a dash with a numbered footnote; partly defined ones
+    (see the module docstring) carry a footnote saying how many of how many.
+
+    Args:
+        results: the dict `simfluence.evaluate` returns (or its JSON, read back).
+
+    Returns:
+        The markdown text: a caption line, the table, then the footnotes.
     """
     notes = _Notes()
     rows = []
     variants = results["variants"]
+    n_runs = _n_test_runs(results)
     for name in _ordered(variants):
         e = variants[name]
         rows.append(
             [
                 name,
                 _pm(e.get("all_steps_mse"), "mse", notes, "all-steps MSE"),
-                _pm(e.get("final_step_spearman"), "rho", notes, "final-step ρ"),
+                _pm(e.get("final_step_spearman"), "rho", notes, "final-step ρ", n_runs),
                 _pm(e.get("final_step_mse"), "mse", notes, "final-step MSE"),
                 _pm(e.get("across_run_spearman"), "rho", notes, "across-run ρ"),
                 _skill(e, notes),
@@ -161,7 +221,7 @@ def format_results(results: dict) -> str:
         f"experiment {exp.get('name', '?')}: fit runs {len(split.get('fit', []))}, "
         f"validation runs {len(split.get('valid', []))}, held-out runs "
         f"{len(split.get('test', []))}; mean ± stderr (per-run metrics over held-out runs, "
-        "across-run ρ over test examples); skill = 1 - MSE / MSE(mean-trajectory)",
+        "across-run ρ by a jackknife over held-out runs); skill = 1 - MSE / MSE(mean-trajectory)",
         "",
     ]
     lines += _md(header, rows)
@@ -170,8 +230,72 @@ def format_results(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_STATS = ("all_steps_mse", "final_step_spearman", "final_step_mse", "across_run_spearman")
+_NUMBERS = ("mean", "stderr")
+_COUNTS = ("n_runs", "n_undefined", "n_used", "n_excluded", "n_constant_prediction")
+_TEXTS = ("undefined_reason", "stderr_undefined_reason", "stderr_method")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_entry(f: Path, name: str, entry: Any) -> None:
+    """One-line RunLogError naming the file and the key when a variant entry is malformed."""
+    where = f"variants.{name}"
+
+    def bad(key: str, want: str, got: Any) -> RunLogError:
+        return RunLogError(
+            f"{f}: {key} must be {want}, got {got!r:.60}; this is not a `simfluence evaluate` "
+            "result as written: run evaluate again"
+        )
+
+    if not isinstance(entry, dict):
+        raise bad(where, "an object of metrics", entry)
+    for stat in _STATS:
+        value = entry.get(stat)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise bad(f"{where}.{stat}", "an object with mean and stderr", value)
+        for key in _NUMBERS:
+            if value.get(key) is not None and not _is_number(value[key]):
+                raise bad(f"{where}.{stat}.{key}", "a finite number or null", value[key])
+        for key in _COUNTS:
+            v = value.get(key)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                raise bad(f"{where}.{stat}.{key}", "a non-negative integer or null", v)
+        for key in _TEXTS:
+            if value.get(key) is not None and not isinstance(value[key], str):
+                raise bad(f"{where}.{stat}.{key}", "a string or null", value[key])
+    for key in ("skill_vs_mean_trajectory", "l2_a", "l2_b"):
+        if entry.get(key) is not None and not _is_number(entry[key]):
+            raise bad(f"{where}.{key}", "a finite number or null", entry[key])
+    reason = entry.get("skill_undefined_reason")
+    if reason is not None and not isinstance(reason, str):
+        raise bad(f"{where}.skill_undefined_reason", "a string or null", reason)
+    edges = entry.get("lambda_edges")
+    if edges is not None and not (
+        isinstance(edges, dict)
+        and all(k in ("l2_a", "l2_b") and v in ("upper", "lower") for k, v in edges.items())
+    ):
+        raise bad(f"{where}.lambda_edges", 'an object like {"l2_a": "upper"} or null', edges)
+
+
 def load_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
     """Read `evaluate` results from JSON files or experiment folders holding results.json.
+
+    Every variant entry is checked (objects where objects belong; finite numbers or null for
+    means, standard errors, skill and lambdas), so a malformed file fails here in one line
+    naming the file and the key, not inside the table code.
+
+    Args:
+        paths: results JSON files, or experiment folders holding results.json.
+
+    Returns:
+        One dict per path, in order: the JSON, plus "_source" (the file read) and "_folder"
+        (the folder given; for a file, the experiment path it records, else the file without
+        its suffix), which `format_table` uses to tell apart experiments of one name.
 
     Raises:
         RunLogError: a path is neither, or the JSON is not an evaluate result.
@@ -195,24 +319,62 @@ def load_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
             raise RunLogError(f"{f}: cannot read results JSON ({exc})") from exc
         if not isinstance(data, dict) or not isinstance(data.get("variants"), dict):
             raise RunLogError(f"{f}: not a `simfluence evaluate` result (no 'variants' object)")
-        data.setdefault("experiment", {})
-        data["experiment"].setdefault("name", f.parent.name)
+        for name, entry in data["variants"].items():
+            _check_entry(f, name, entry)
+        exp = data.setdefault("experiment", {})
+        if not isinstance(exp, dict):
+            raise RunLogError(f"{f}: 'experiment' must be an object, got {exp!r:.60}")
+        if not isinstance(exp.get("name"), str) or not exp["name"]:
+            exp["name"] = f.parent.name
+        split = data.get("split")
+        if split is not None and not (
+            isinstance(split, dict) and all(isinstance(v, list) for v in split.values())
+        ):
+            raise RunLogError(f"{f}: 'split' must be an object of run lists, got {split!r:.60}")
         data["_source"] = str(f)
+        recorded = exp.get("path")
+        if p.is_dir():
+            data["_folder"] = str(p)
+        elif isinstance(recorded, str) and recorded:
+            data["_folder"] = recorded
+        else:
+            data["_folder"] = str(f.with_suffix(""))
         out.append(data)
     return out
 
 
 def _labels(results: Sequence[dict]) -> list[str]:
+    """Column labels: the experiment names; a name shared by several results gets, for each,
+    the shortest trailing part of its folder path that no other one ends with, e.g.
+    `demo-synthetic (a/exp)` beside `demo-synthetic (b/exp)` and `demo-synthetic (seed1)`."""
     names = [r["experiment"].get("name") or "?" for r in results]
-    labels = []
-    for i, n in enumerate(names):
-        labels.append(n if names.count(n) == 1 else f"{n} ({i + 1})")
-    return labels
+    labels = list(names)
+    for name in dict.fromkeys(names):
+        idx = [i for i, n in enumerate(names) if n == name]
+        if len(idx) == 1:
+            continue
+        parts = {i: Path(results[i].get("_folder") or "").parts for i in idx}
+        for i in idx:
+            for k in range(1, len(parts[i]) + 1):
+                tail = parts[i][-k:]
+                if all(parts[j][-k:] != tail for j in idx if j != i):
+                    labels[i] = f"{name} ({'/'.join(tail)})"
+                    break
+    # The same folder twice, or results without folders (built in memory): number them.
+    return [lab if labels.count(lab) == 1 else f"{lab} ({i + 1})" for i, lab in enumerate(labels)]
 
 
 def table_json(results: Sequence[dict]) -> dict:
-    """Machine-readable table: `{"experiments": [...], "variants": [...], "cells": {variant:
-    {experiment: {metric: {...}}}}}` (None where a variant was not run on an experiment)."""
+    """Machine-readable form of `format_table`.
+
+    Args:
+        results: from `load_results`.
+
+    Returns:
+        `{"experiments": [labels], "variants": [...], "sources": {label: file}, "cells":
+        {variant: {label: {metric: {...}} | None}}}`; None where a variant was not run on an
+        experiment.
+    """
     labels = _labels(results)
     variants = _ordered({v for r in results for v in r["variants"]})
     keys = (
@@ -233,7 +395,16 @@ def table_json(results: Sequence[dict]) -> dict:
 
 
 def format_table(results: Sequence[dict]) -> str:
-    """Markdown: the paper-style table, then the honest-metrics table, then footnotes."""
+    """Markdown: the paper-style table, then the honest-metrics table, then footnotes.
+
+    Args:
+        results: from `load_results` (one column per result, labelled by experiment name,
+            with the folder added where names repeat).
+
+    Returns:
+        The markdown text. Undefined values are a dash with a numbered footnote; partly defined
+        ones carry a footnote saying how many of how many.
+    """
     labels = _labels(results)
     variants = _ordered({v for r in results for v in r["variants"]})
     notes = _Notes()
@@ -249,7 +420,7 @@ def format_table(results: Sequence[dict]) -> str:
             row1.append(
                 _pm(e.get("all_steps_mse"), "mse", notes, "all-steps MSE")
                 + " / "
-                + _pm(e.get("final_step_spearman"), "rho", notes, "final-step ρ")
+                + _pm(e.get("final_step_spearman"), "rho", notes, "final-step ρ", _n_test_runs(r))
             )
             row2.append(
                 _pm(e.get("across_run_spearman"), "rho", notes, "across-run ρ")
@@ -265,8 +436,8 @@ def format_table(results: Sequence[dict]) -> str:
         "",
         *_md(["variant", *labels], rows1),
         "",
-        "Across-run Spearman ρ ± stderr (over test examples) / skill = 1 - MSE/MSE(mean "
-        "trajectory) / final-step MSE ± stderr",
+        "Across-run Spearman ρ ± stderr (jackknife over held-out runs) / skill = 1 - "
+        "MSE/MSE(mean trajectory) / final-step MSE ± stderr (over held-out runs)",
         "",
         *_md(["variant", *labels], rows2),
     ]
@@ -277,6 +448,10 @@ def format_table(results: Sequence[dict]) -> str:
 
 def write_table(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> tuple[Path, Path]:
     """Write the markdown table to `out` (.md) and its JSON beside it (same stem, .json).
+
+    Args:
+        paths: results JSON files or experiment folders (see `load_results`).
+        out: the markdown path, ending in .md.
 
     Returns:
         (markdown path, JSON path).

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike, Float, Int
 
 from simfluence.runlog import Run, RunLogError, read_tracin
 
@@ -65,16 +66,23 @@ class TracInSimulator:
         source_runs: indices of the runs whose tracin.npz were averaged.
     """
 
-    steps: np.ndarray = field(repr=False)
-    learning_rates: np.ndarray = field(repr=False)
-    dots: np.ndarray = field(repr=False)
+    steps: Int[np.ndarray, " K"] = field(repr=False)
+    learning_rates: Float[np.ndarray, " K"] = field(repr=False)
+    dots: Float[np.ndarray, "K n_test n_train"] = field(repr=False)
     scale: float = 1.0
     variant: str = "tracin-cp"
     source_runs: tuple[int, ...] = ()
 
 
 def has_tracin(runs: Sequence[Run]) -> bool:
-    """Whether any of `runs` has a tracin.npz."""
+    """Whether any of `runs` has a tracin.npz.
+
+    Args:
+        runs: loaded runs.
+
+    Returns:
+        True when at least one run folder holds tracin.npz (its contents are not read).
+    """
     return any((r.path / "tracin.npz").is_file() for r in runs)
 
 
@@ -163,7 +171,11 @@ def _checkpoint_index(ckpt_steps: np.ndarray, n_steps: int) -> np.ndarray:
     return np.maximum(k, 0).astype(np.int32)
 
 
-def predicted_deltas(sim: TracInSimulator, curriculum, lr=None) -> np.ndarray:
+def predicted_deltas(
+    sim: TracInSimulator,
+    curriculum: Int[ArrayLike, "T b"],
+    lr: Float[ArrayLike, " T"] | None = None,
+) -> Float[np.ndarray, "T n_test"]:
     """Unscaled per-step loss changes predicted by TracIn-CP.
 
     Args:
@@ -173,6 +185,10 @@ def predicted_deltas(sim: TracInSimulator, curriculum, lr=None) -> np.ndarray:
 
     Returns:
         float32 [T, n_test]: -sum_{i in c_t} (eta_t / b) dots[k(t), :, i].
+
+    Raises:
+        ValueError: the curriculum is not int [T, b] or holds ids outside 0..n_train-1, or
+            `lr` is not [T].
     """
     cur = np.asarray(curriculum)
     if cur.ndim != 2 or not np.issubdtype(cur.dtype, np.integer):
@@ -192,7 +208,12 @@ def predicted_deltas(sim: TracInSimulator, curriculum, lr=None) -> np.ndarray:
     )
 
 
-def simulate_tracin(sim: TracInSimulator, curriculum, initial_losses, lr=None) -> np.ndarray:
+def simulate_tracin(
+    sim: TracInSimulator,
+    curriculum: Int[ArrayLike, "T b"],
+    initial_losses: Float[ArrayLike, " n_test"],
+    lr: Float[ArrayLike, " T"] | None = None,
+) -> Float[np.ndarray, "T+1 n_test"]:
     """Roll out TracIn-CP along a curriculum.
 
     Args:
@@ -203,6 +224,10 @@ def simulate_tracin(sim: TracInSimulator, curriculum, initial_losses, lr=None) -
 
     Returns:
         float32 [T + 1, n_test]: L_0, then L_0 + s * cumulative predicted changes.
+
+    Raises:
+        ValueError: `initial_losses` is not [n_test], or a bad curriculum or `lr` (see
+            `predicted_deltas`).
     """
     l0 = np.asarray(initial_losses, np.float32)
     if l0.shape != (sim.dots.shape[1],):

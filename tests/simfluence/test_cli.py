@@ -1,6 +1,7 @@
 """Every `simfluence` command end to end in tmp_path, and every bad input -> exit 2, one line."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -418,4 +419,108 @@ def test_evaluate_warns_in_one_line_when_a_lambda_is_at_the_cap(
     assert "additive simulator" in warns[0] and "l2_b=1e+06 (upper cap)" in warns[0]
     entry = json.loads(out.read_text())["variants"]["additive"]
     assert entry["lambda_at_edge"] is True and entry["lambda_edges"] == {"l2_b": "upper"}
-    assert "| 1e+06 [1] |" in res.out and "upper cap of the extended default" in res.out
+    assert re.search(r"\| 1e\+06 \[\d\] \|", res.out), res.out  # the cell has a footnote
+    assert "upper cap of the extended default" in res.out
+
+
+def test_plot_and_figures_work_without_examples_json(work, tmp_path, capsys):
+    d, _ = work
+    exp = tmp_path / "exp"
+    _ok(["demo-data", exp, *SIZES], capsys)  # the same experiment as `work`'s
+    (exp / "examples.json").unlink()  # optional in the run-log format
+    fig = tmp_path / "fig.png"
+    _ok(["plot", exp, "--sim", d / "sim.npz", "--runs", "7,8", "--out", fig], capsys)
+    assert fig.read_bytes()[:4] == b"\x89PNG"
+    figs = tmp_path / "figs"
+    res = _ok(["figures", exp, "--sim", d / "sim.npz", "--out", figs, "--top", "3"], capsys)
+    rows = json.loads((figs / "influence.json").read_text())["top"]
+    assert len(rows) == 3 and all("text" not in r for r in rows)
+    assert "synthetic" not in res.out  # no texts to show
+    # influence --exp still asks for the texts it was given the folder for.
+    _bad(
+        [
+            "influence",
+            d / "sim.npz",
+            "--curriculum",
+            d / "cur.npy",
+            "--initial-losses",
+            d / "l0.npy",
+            "--test",
+            "0",
+            "--exp",
+            exp,
+        ],
+        capsys,
+        "no examples.json",
+    )
+
+
+def test_influence_exp_must_match_the_simulator(work, tmp_path, capsys):
+    d, _ = work  # sim.npz: n_test=5, n_train=12
+    argv = ["influence", d / "sim.npz", "--curriculum", d / "cur.npy"]
+    argv += ["--initial-losses", d / "l0.npy", "--top", "3"]
+    fewer_tests = tmp_path / "fewer_tests"
+    sizes = ["--runs", "2", "--n-train", "12", "--n-test", "3", "--batch", "2", "--steps", "5"]
+    _ok(["demo-data", fewer_tests, *sizes], capsys)
+    out = tmp_path / "inf.json"
+    for test in ("2", "4"):  # a text that exists there (but is another example's), and none
+        _bad(
+            [*argv, "--test", test, "--exp", fewer_tests, "--out", out],
+            capsys,
+            f"sim.npz: simulator has n_test=5, n_train=12 but --exp {fewer_tests} has n_test=3, "
+            "n_train=12; pass the experiment it was fitted on",
+            [out],
+        )
+    other_pool = tmp_path / "other_pool"
+    sizes = ["--runs", "2", "--n-train", "13", "--n-test", "5", "--batch", "2", "--steps", "5"]
+    _ok(["demo-data", other_pool, *sizes], capsys)
+    _bad([*argv, "--test", "0", "--exp", other_pool], capsys, "n_train=13")
+
+
+def test_a_diverging_simulator_is_refused_naming_run_and_step(work, tmp_path, capsys):
+    d, exp = work
+    # alpha = 2 * 60 per step: float32 overflows after about 19 steps of the 23.
+    n_test, n_train = 5, 12
+    sim = simulators.Simulator(
+        A=np.full((n_test, n_train), 60.0, np.float32),
+        B=np.zeros((n_test, n_train), np.float32),
+        variant="linear",
+        l2_a=0.0,
+        l2_b=0.0,
+        a_prior=0.5,
+        batch=2,
+    )
+    sim_path = tmp_path / "grow.npz"
+    simulators.save_simulator(sim_path, sim)
+    run = runlog.load_runs(exp, [8])[0]
+    pred = np.asarray(simulators.simulate(sim, run.curriculum, run.losses[0]))
+    step, test = np.argwhere(~np.isfinite(pred))[0]
+    assert 0 < step < run.steps
+    want = f"the simulated loss of test example {test} is inf at step {step}"
+    fig, figs, out = tmp_path / "fig.png", tmp_path / "figs", tmp_path / "pred.npy"
+    line = _bad(
+        ["plot", exp, "--sim", sim_path, "--runs", "7,8", "--tests", "0,1", "--out", fig],
+        capsys,
+        "run 7: ",
+        [fig],
+    )
+    assert "diverges" in line
+    _bad(
+        ["figures", exp, "--sim", sim_path, "--runs", "8", "--out", figs],
+        capsys,
+        f"run 8: {want}",
+        [figs],
+    )
+    inputs = ["--curriculum", d / "cur.npy", "--initial-losses", d / "l0.npy"]  # run 8's
+    _bad(["simulate", sim_path, *inputs, "--out", out], capsys, f"cur.npy: {want}", [out])
+    _bad(["influence", sim_path, *inputs, "--test", "0"], capsys, f"cur.npy: {want}")
+
+
+def test_a_file_that_is_not_a_simulator_is_named(work, tmp_path, capsys):
+    d, _ = work
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+    out = tmp_path / "y.npy"
+    argv = ["--curriculum", d / "cur.npy", "--initial-losses", d / "l0.npy", "--out", out]
+    line = _bad(["simulate", results, *argv], capsys, "results.json: not a simulator file", [out])
+    assert "pickle" not in line and "simfluence fit" in line

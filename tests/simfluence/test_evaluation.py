@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from simfluence import runlog, simulators
 from simfluence.demo_data import make_demo_experiment
@@ -36,7 +37,11 @@ def test_schema(results):
             assert np.isfinite(e[key]["mean"]) and np.isfinite(e[key]["stderr"])
         ar = e["across_run_spearman"]
         assert set(ar) >= {"mean", "stderr", "n_used", "n_excluded", "undefined_reason"}
+        assert ar["stderr_method"] == "jackknife over held-out runs (delete-one)"
+        assert ar["n_runs"] == 3
+        assert e["final_step_spearman"]["n_runs"] == 3
         assert isinstance(e["skill_vs_mean_trajectory"], float)
+        assert e["skill_undefined_reason"] is None
         assert "l2_a" in e and "l2_b" in e
         assert len(e["per_run"]["all_steps_mse"]) == 3
     for name in simulators.VARIANTS:
@@ -93,6 +98,17 @@ def test_metrics_recomputed_independently(exp, results):
     preds = [np.asarray(simulators.simulate(sim, r.curriculum, r.losses[0])) for r in runs]
     per_lin = [np.mean((p[1:] - r.losses[1:]) ** 2) for p, r in zip(preds, runs, strict=True)]
     assert lin["all_steps_mse"]["mean"] == pytest.approx(np.mean(per_lin), rel=1e-4)
+    # Across-run rho and its delete-one jackknife over the held-out runs, by a scipy loop.
+    pf = np.stack([p[-1] for p in preds]).astype(np.float64)
+    tf = np.stack([r.losses[-1] for r in runs]).astype(np.float64)
+
+    def across(p, t):
+        return np.mean([stats.spearmanr(p[:, j], t[:, j]).statistic for j in range(p.shape[1])])
+
+    theta = np.array([across(np.delete(pf, k, 0), np.delete(tf, k, 0)) for k in range(3)])
+    jack = np.sqrt(2 / 3 * np.sum((theta - theta.mean()) ** 2))
+    assert lin["across_run_spearman"]["mean"] == pytest.approx(across(pf, tf), abs=1e-6)
+    assert lin["across_run_spearman"]["stderr"] == pytest.approx(jack, abs=1e-6)
 
 
 def test_default_variants_without_tracin_and_fixed_lambdas(tmp_path):
@@ -163,8 +179,10 @@ def test_lambda_at_the_cap_is_flagged_and_warned(flat_validation_exp):
     assert searched == [float(f"1e{k}") for k in range(-4, 7)]  # every decade up to the cap
     assert "lambda_at_edge" not in res["variants"]["constant"]
     text = format_results(res)
-    assert "| 1e+06 [1] |" in text
-    assert "[1] λ_B at the upper cap of the extended default lambda search" in text
+    # Two held-out runs: the across-run rho's jackknife stderr is undefined, footnote [1].
+    assert "[1] across-run ρ standard error undefined: the jackknife over held-out runs" in text
+    assert "| 1e+06 [2] |" in text
+    assert "[2] λ_B at the upper cap of the extended default lambda search" in text
 
 
 def test_experiment_name_from_the_top_level_or_the_recorded_config(tmp_path):
@@ -175,3 +193,108 @@ def test_experiment_name_from_the_top_level_or_the_recorded_config(tmp_path):
     assert ev._experiment_name(tmp_path / "demo_out", {"config": {"name": "demo"}}) == "demo"
     assert ev._experiment_name(out, {}) == "somewhere"  # runs/<config>/output
     assert ev._experiment_name(tmp_path / "x", {"config": {"name": ""}}) == "x"
+
+
+def _growing_experiment(path):
+    """Two short fitting runs whose losses grow 10% a step, three long held-out runs that
+    fall: the fitted linear simulator's rollout is finite in float32 (~1e24) but its squared
+    error is not."""
+    rng = np.random.default_rng(0)
+    runlog.write_experiment(path, {"n_train": 6, "n_test": 3, "name": "grow"})
+    l0 = np.array([1.0, 2.0, 3.0])
+    for index in range(5):
+        steps = 30 if index < 2 else 600
+        cur = rng.integers(0, 6, (steps, 2)).astype(np.int32)
+        t = np.arange(steps + 1)[:, None]
+        if index < 2:
+            loss = l0 * 1.1**t
+        else:
+            loss = l0 * (0.3 + 0.7 * np.exp(-t / 200)) + rng.normal(0, 0.01, (steps + 1, 3))
+        runlog.write_run(runlog.run_dir(path, index), cur, loss.astype(np.float32))
+    return path
+
+
+def test_huge_but_finite_rollout_is_scored_in_float64(tmp_path):
+    from simfluence.table import format_results
+
+    exp = _growing_experiment(tmp_path / "grow")
+    res = evaluate(
+        exp,
+        split=(2, 0, 3),
+        variants=["linear", "constant", "mean-trajectory"],
+        l2_a=0.01,
+        l2_b=0.01,
+    )
+    json.dumps(res, allow_nan=False)
+    runs = runlog.load_runs(exp, [2, 3, 4])
+    fit_runs = runlog.load_runs(exp, [0, 1])
+    sim = simulators.fit(
+        [r.curriculum for r in fit_runs],
+        [r.losses for r in fit_runs],
+        n_train=6,
+        variant="linear",
+        l2_a=0.01,
+        l2_b=0.01,
+    )
+    preds = [np.asarray(simulators.simulate(sim, r.curriculum, r.losses[0])) for r in runs]
+    assert all(np.isfinite(p).all() for p in preds)
+    assert max(np.abs(p).max() for p in preds) > 1e20  # its squares overflow float32
+    per = [
+        np.mean((p[1:].astype(np.float64) - r.losses[1:]) ** 2)
+        for p, r in zip(preds, runs, strict=True)
+    ]
+    lin = res["variants"]["linear"]
+    # A float32 rollout over 600 steps vs simulate_many's: ~1e-5 relative rounding apart.
+    assert lin["all_steps_mse"]["mean"] == pytest.approx(np.mean(per), rel=1e-3)
+    assert lin["skill_vs_mean_trajectory"] < -1e30
+    assert res["variants"]["constant"]["all_steps_mse"]["mean"] < 10.0
+    text = format_results(res)
+    assert "| linear |" in text and "| constant |" in text
+    assert "nan" not in text.lower() and "inf" not in text.lower()
+
+
+def test_non_finite_metric_is_undefined_for_that_variant_only(exp, monkeypatch):
+    ev = importlib.import_module("simfluence.evaluation")
+    from simfluence.table import format_results
+
+    real = ev._predict_simfluence
+
+    def too_big(sim, runs):
+        # Finite float64 values whose squares overflow even float64.
+        preds = [p.astype(np.float64) for p in real(sim, runs)]
+        preds[2][3, 1] = 1e200
+        return preds
+
+    monkeypatch.setattr(ev, "_predict_simfluence", too_big)
+    res = evaluate(exp, split=(4, 0, 3), variants=["linear", "constant"], l2_a=0.1, l2_b=0.01)
+    json.dumps(res, allow_nan=False)
+    lin = res["variants"]["linear"]
+    for key in ("all_steps_mse", "final_step_spearman", "final_step_mse", "across_run_spearman"):
+        assert lin[key]["mean"] is None
+    reason = lin["all_steps_mse"]["undefined_reason"]
+    assert "all-steps MSE is not finite on held-out run(s) 6" in reason
+    assert lin["skill_vs_mean_trajectory"] is None and "not finite" in lin["skill_undefined_reason"]
+    assert res["variants"]["constant"]["all_steps_mse"]["mean"] is not None
+    text = format_results(res)
+    assert "| linear | — [1] |" in text and "nan" not in text.lower()
+
+
+def test_final_step_rho_undefined_on_some_runs_is_counted_and_footnoted(exp, monkeypatch):
+    ev = importlib.import_module("simfluence.evaluation")
+    from simfluence.table import format_results
+
+    real = ev._predict_simfluence
+
+    def flat_end(sim, runs):
+        preds = real(sim, runs)
+        preds[0] = preds[0].copy()
+        preds[0][-1] = 0.5  # equal final losses across test examples on run 4
+        return preds
+
+    monkeypatch.setattr(ev, "_predict_simfluence", flat_end)
+    res = evaluate(exp, split=(4, 0, 3), variants=["linear"], l2_a=0.1, l2_b=0.01)
+    rho = res["variants"]["linear"]["final_step_spearman"]
+    assert rho["n_runs"] == 3 and rho["n_undefined"] == 1 and rho["mean"] is not None
+    assert "held-out run(s) 4" in rho["undefined_reason"]
+    text = format_results(res)
+    assert "final-step ρ averaged over the 2 of 3 held-out runs where it is defined" in text

@@ -11,6 +11,31 @@ from scipy import stats
 # The module, even if the package re-exports the function `metrics` under the same name.
 M = importlib.import_module("simfluence.scoring")
 
+# Tolerances, fixed up front: float64 paths against float64 references.
+ATOL64 = 1e-10
+
+
+def _across_ref(pred, true, rtol=M.CONSTANT_RTOL):
+    """Independent across-run rho: a scipy loop over test examples (None when undefined)."""
+    rhos, informative = [], 0
+    for j in range(pred.shape[1]):
+        p, y = pred[:, j].astype(np.float64), true[:, j].astype(np.float64)
+        if np.ptp(y) <= rtol * np.abs(y).mean():
+            continue  # constant truth: left out
+        if np.ptp(p) <= rtol * np.abs(p).mean():
+            rhos.append(0.0)  # constant prediction: rho = 0
+        else:
+            rhos.append(stats.spearmanr(p, y).statistic)
+            informative += 1
+    return float(np.mean(rhos)) if informative else None
+
+
+def _jackknife_ref(pred, true):
+    """Delete-one jackknife over runs (rows) of `_across_ref`, by a plain loop."""
+    r = pred.shape[0]
+    theta = np.array([_across_ref(np.delete(pred, k, 0), np.delete(true, k, 0)) for k in range(r)])
+    return float(np.sqrt((r - 1) / r * np.sum((theta - theta.mean()) ** 2)))
+
 
 def _traj(rng, t=6, n=9, ties=False):
     pred = rng.normal(size=(t + 1, n)).astype(np.float32)
@@ -98,7 +123,10 @@ def test_across_run_spearman_matches_scipy_with_exclusions():
     assert out["n_used"] == n - 1 and out["n_excluded"] == 1
     assert out["n_constant_prediction"] == 1 and out["undefined_reason"] is None
     assert out["mean"] == pytest.approx(np.mean(want), abs=1e-5)
-    assert out["stderr"] == pytest.approx(stats.sem(want), abs=1e-5)
+    # The stderr is the delete-one jackknife over runs, not a stderr over test examples.
+    assert out["stderr"] == pytest.approx(_jackknife_ref(pred, true), abs=ATOL64)
+    assert out["stderr_method"] == "jackknife over held-out runs (delete-one)"
+    assert out["n_runs"] == r and out["stderr_undefined_reason"] is None
 
 
 def test_across_run_spearman_known_ranks():
@@ -106,7 +134,68 @@ def test_across_run_spearman_known_ranks():
     pred = np.array([[0.1, 0.1], [0.2, 0.2], [0.3, 0.3]])  # example 0 perfect, example 1 reversed
     out = M.across_run_spearman(pred, true)
     assert out["mean"] == pytest.approx(0.0) and out["n_used"] == 2
-    assert out["stderr"] == pytest.approx(1.0)
+    # Without any one run, example 0 still has rho 1 and example 1 rho -1: no spread over runs.
+    assert out["stderr"] == pytest.approx(0.0, abs=ATOL64)
+    # Two runs: leaving one out leaves nothing to rank, so the jackknife is undefined.
+    two = M.across_run_spearman(pred[:2], true[:2])
+    assert two["mean"] == pytest.approx(0.0) and two["stderr"] is None
+    assert "at least 3" in two["stderr_undefined_reason"]
+
+
+def test_across_run_stderr_is_a_jackknife_over_runs_not_examples():
+    # Test examples that share runs are correlated. In the extreme, 20 copies of one example
+    # give 20 equal rhos: a stderr over examples is 0, while the estimate rests on 8 runs.
+    rng = np.random.default_rng(5)
+    true1 = rng.normal(size=(8, 1))
+    pred1 = true1 + rng.normal(size=(8, 1))
+    true, pred = np.repeat(true1, 20, axis=1), np.repeat(pred1, 20, axis=1)
+    out = M.across_run_spearman(pred, true)
+    assert out["mean"] == pytest.approx(stats.spearmanr(pred1[:, 0], true1[:, 0]).statistic)
+    want = _jackknife_ref(pred1, true1)
+    assert want > 0.05
+    assert out["stderr"] == pytest.approx(want, abs=ATOL64)
+    # A leave-one-out set where an example's truth ties (constant over the runs left) drops it
+    # there, exactly as the reference loop does.
+    rng = np.random.default_rng(6)
+    true = rng.normal(size=(5, 6))
+    true[:, 0] = [1.0, 1.0, 2.0, 1.0, 1.0]  # constant without run 2
+    pred = true + 0.5 * rng.normal(size=(5, 6))
+    out = M.across_run_spearman(pred, true)
+    assert out["mean"] == pytest.approx(_across_ref(pred, true), abs=ATOL64)
+    assert out["stderr"] == pytest.approx(_jackknife_ref(pred, true), abs=ATOL64)
+
+
+def test_host_metrics_float64_against_numpy_and_scipy():
+    rng = np.random.default_rng(7)
+    pred, true = _traj(rng, t=8, n=7, ties=True)
+    pb, tb = np.stack([pred, pred[::-1], pred]), np.stack([true, true, true[::-1]])
+    m = M.host_metrics(pb, tb)
+    for r in range(3):
+        p, y = pb[r].astype(np.float64), tb[r].astype(np.float64)
+        assert m["all_steps_mse"][r] == pytest.approx(np.mean((p[1:] - y[1:]) ** 2), abs=ATOL64)
+        assert m["final_step_mse"][r] == pytest.approx(np.mean((p[-1] - y[-1]) ** 2), abs=ATOL64)
+        want = stats.spearmanr(p[-1], y[-1]).statistic
+        assert m["final_step_spearman"][r] == pytest.approx(want, abs=ATOL64)
+    # Average ranks with ties, batched, against scipy.
+    x = np.round(rng.normal(size=(4, 3, 9)))
+    np.testing.assert_allclose(
+        M._rankdata64(x), stats.rankdata(x, method="average", axis=-1), rtol=0, atol=0
+    )
+    # A huge but finite float32 rollout: float32 squares overflow, float64 ones do not.
+    huge = pred.copy()
+    huge[1:] = 4.6e21
+    assert np.isfinite(huge).all() and not np.isfinite(float(M.all_steps_mse(huge, true)))
+    m = M.host_metrics(huge, true)
+    want = np.mean((huge[1:].astype(np.float64) - true[1:]) ** 2)
+    assert np.isfinite(m["all_steps_mse"]) and m["all_steps_mse"] == pytest.approx(want, rel=1e-12)
+    # Constant or NaN final rows: rho NaN, like scipy.
+    const = pred.copy()
+    const[-1] = 1.0
+    assert np.isnan(M.host_metrics(const, true)["final_step_spearman"])
+    const[-1, 0] = np.nan
+    assert np.isnan(M.host_metrics(const, true)["final_step_spearman"])
+    with pytest.raises(ValueError, match="differs"):
+        M.host_metrics(pred, true[:, :3])
 
 
 def test_across_run_spearman_constant_prediction_is_undefined():

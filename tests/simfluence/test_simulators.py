@@ -650,3 +650,131 @@ def _x64_old():
     from jax.experimental import enable_x64
 
     return enable_x64()
+
+
+def _small_demo(tmp_path):
+    """The small experiment of `simfluence demo-data --runs 8 --n-train 12 --n-test 5 --batch 2
+    --steps 20`: runs 0-4 fit, run 5 validates (as `evaluate --split 5,1,2`)."""
+    from simfluence import runlog
+    from simfluence.demo_data import make_demo_experiment
+
+    exp = make_demo_experiment(tmp_path / "exp", n_runs=8, n_train=12, n_test=5, batch=2, steps=20)
+    runs = runlog.load_runs(exp)
+    curs, ls = [r.curriculum for r in runs], [r.losses for r in runs]
+    return curs[:5], ls[:5], curs[5:6], ls[5:6]
+
+
+def test_tol_below_the_float32_floor_is_not_a_convergence_failure(tmp_path):
+    import warnings
+
+    from simfluence import _solvers
+
+    fit_c, fit_l, _, _ = _small_demo(tmp_path)
+    problem = S._prepare(fit_c, fit_l, 12, "linear", None)
+    x, y = problem.rows(0, problem.n_test)
+    lam, prior = S._lams(problem, 1e-4, 1e-4)
+    _, info = _solvers.solve(
+        problem.structure, x, y, lam, prior, True, True, S._TOL, S._MAX_ITER, None
+    )
+    # Dense float64 reference in the solver's coordinates (deviation from A = 1/batch).
+    ids, n = problem.ids, 12
+    M = np.zeros((ids.shape[0], n))  # [rows, n_train] counts with repeats
+    np.add.at(M, (np.arange(ids.shape[0])[:, None], ids), 1.0)
+    lam64 = np.repeat(lam.astype(np.float64), n)
+    rounded = []
+    for j in range(problem.n_test):
+        X = np.concatenate([M * x[:, j : j + 1].astype(np.float64), M], axis=1)
+        G = X.T @ X + np.diag(lam64)
+        rhs = X.T @ y[:, j].astype(np.float64) + lam64 * np.repeat(prior.astype(np.float64), n)
+        exact32 = np.linalg.solve(G, rhs).astype(np.float32).astype(np.float64)
+        rounded.append(np.linalg.norm(G @ exact32 - rhs) / np.linalg.norm(rhs))
+    rounded = np.asarray(rounded)
+    # The situation: even the exact solution rounded to float32 misses tol = 1e-7 ...
+    assert rounded.max() > S._TOL
+    # ... the reported floor bounds what that rounding costs, and the solver reaches it.
+    assert (rounded <= info["floor"]).all()
+    assert (info["rel_residual"] <= np.maximum(S._TOL, info["floor"])).all()
+    assert info["rel_residual"].max() > S._TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", S.ConvergenceWarning)
+        S.fit(fit_c, fit_l, n_train=12, l2_a=1e-4, l2_b=1e-4)
+
+
+def test_lambda_search_on_a_small_experiment_warns_about_convergence_at_most_once(tmp_path):
+    import warnings
+
+    runs = _small_demo(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        S.select_lambdas(*runs, n_train=12, variant="linear")
+    conv = [w for w in caught if issubclass(w.category, S.ConvergenceWarning)]
+    assert len(conv) <= 1, [str(w.message) for w in conv]
+
+
+def test_unconverged_search_points_are_summed_up_in_one_warning(monkeypatch):
+    import warnings
+
+    from simfluence import _solvers
+
+    solve = _solvers.solve
+
+    def one_iteration(*args, **kw):  # (structure, x, y, lam, prior, use_x, use_one, tol, max_iter)
+        return solve(*args[:8], 1, *args[9:], **kw)
+
+    monkeypatch.setattr(_solvers, "solve", one_iteration)
+    _, _, curs, ls = _runs(seed=5, lengths=LENGTHS + (150, 150))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        S.select_lambdas(
+            curs[:-2], ls[:-2], curs[-2:], ls[-2:], n_train=N_TRAIN, variant="linear", grid=[0.0]
+        )
+        S.select_lambdas(
+            curs[:-2],
+            ls[:-2],
+            curs[-2:],
+            ls[-2:],
+            n_train=N_TRAIN,
+            variant="additive",
+            grid=[1e-3, 1e-2],
+        )
+    conv = [str(w.message) for w in caught if issubclass(w.category, S.ConvergenceWarning)]
+    assert len(conv) == 2, conv  # one per search
+    assert "linear simulator: while choosing lambdas" in conv[0] and "at 1 of 1 points" in conv[0]
+    assert "additive simulator" in conv[1] and "at 2 of 2 points" in conv[1]
+    assert all("\n" not in m and "worst relative residual" in m for m in conv)
+
+
+def test_validation_runs_of_one_length_are_rolled_out_together(monkeypatch):
+    """One batched rollout per (point, test chunk, run length), equal to per-run rollouts."""
+    _, _, curs, ls = _runs(seed=3, lengths=LENGTHS + (150, 120, 150))
+    fit_c, fit_l, val_c, val_l = curs[:-3], ls[:-3], curs[-3:], ls[-3:]
+    problem = S._prepare(fit_c, fit_l, N_TRAIN, "linear", None)
+    problem.chunks, problem.chunk_size = [(0, 5), (5, 8)], 5  # two test chunks
+    score = S._ValidationScore(problem, val_c, val_l)
+    calls = []
+    rollout = S._rollout_runs
+
+    def recording(A, B, cur, l0, additive):
+        out = rollout(A, B, cur, l0, additive)
+        calls.append((np.asarray(A), np.asarray(B), np.asarray(cur), np.asarray(l0), out))
+        return out
+
+    monkeypatch.setattr(S, "_rollout_runs", recording)
+    for point in [(1e-2, 1e-1), (1.0, 10.0)]:
+        calls.clear()
+        (mse,) = score([point])
+        assert [c[2].shape[0] for c in calls] == [2, 1, 2, 1]  # runs of 150 steps, then 120
+        want = 0.0
+        for k, (A, B, cur, l0, out) in enumerate(list(calls)):  # (S._rollout records too)
+            j0, j1 = problem.chunks[k // 2]
+            members = [0, 2] if k % 2 == 0 else [1]
+            for r, m in enumerate(members):
+                np.testing.assert_array_equal(cur[r], val_c[m])
+                # The old per-run path, and the numpy loop.
+                single = np.asarray(S._rollout(A, B, cur[r], l0[r], False))
+                np.testing.assert_allclose(np.asarray(out[r]), single, rtol=1e-6, atol=1e-7)
+                ref = _numpy_rollout(A, B, cur[r], val_l[m][0, j0:j1])
+                np.testing.assert_allclose(np.asarray(out[r]), ref, rtol=ROLL_RTOL)
+                err = single[1:].astype(np.float64) - val_l[m][1:, j0:j1]
+                want += np.sum(err * err) / (3 * cur.shape[1] * N_TEST)
+        assert mse == pytest.approx(want, rel=1e-6)

@@ -65,7 +65,15 @@ def test_format_table_fixed_inputs(tmp_path):
     assert "[1] variant not evaluated on this experiment" in lines
     assert "[2] across-run ρ undefined: the prediction ignores the curriculum" in lines
     assert "| tracin-cp | 0.003 ± 0.0003 / 0.600 ± 0.010 | — [1] |" in lines
-    assert "| constant | — [2] / -1.500 / 0.02 ± 0.002 | — [2] / -1.500 / 0.02 ± 0.002 |" in lines
+    # UNDEF leaves out one of five test examples: said in its own footnote.
+    assert (
+        "[3] across-run ρ: 1 of 5 test examples left out (their true final losses do not "
+        "vary across the held-out runs)" in lines
+    )
+    assert (
+        "| constant | — [2] [3] / -1.500 / 0.02 ± 0.002 | — [2] [3] / -1.500 / 0.02 ± 0.002 |"
+        in lines
+    )
     data = json.loads(js.read_text())
     assert data["experiments"] == ["rte-ia3", "copa-full"]
     assert data["cells"]["tracin-cp"]["copa-full"] is None
@@ -91,3 +99,118 @@ def test_errors(tmp_path):
     with pytest.raises(RunLogError, match="cannot read"):
         table.load_results([tmp_path / "broken.json"])
     assert not (tmp_path / "t.md").exists() and not (tmp_path / "t.json").exists()
+
+
+def test_partly_defined_values_are_footnoted_with_counts():
+    res = _results("x", False)
+    lin = res["variants"]["linear"]
+    lin["final_step_spearman"].update(
+        n_runs=10, n_undefined=3, undefined_reason="equal final losses on held-out run(s) 1, 4, 7"
+    )
+    lin["across_run_spearman"].update(n_used=47, n_excluded=3, n_constant_prediction=2)
+    res["variants"]["mean-trajectory"]["across_run_spearman"] = dict(UNDEF, n_used=4, n_excluded=1)
+    for text in (table.format_results(res), table.format_table([res])):
+        notes = [ln for ln in text.splitlines() if ln.startswith("[")]
+        assert any(
+            "final-step ρ averaged over the 7 of 10 held-out runs where it is defined (3 "
+            "undefined: equal final losses on held-out run(s) 1, 4, 7)" in n
+            for n in notes
+        )
+        assert any("across-run ρ: 3 of 50 test examples left out" in n for n in notes)
+        assert any(
+            "across-run ρ: for 2 of the 47 test examples averaged, the simulated final losses do "
+            "not vary across the held-out runs; they count as ρ = 0" in n
+            for n in notes
+        )
+        # The undefined baseline's exclusions are footnoted too: "1 of 5".
+        assert any("across-run ρ: 1 of 5 test examples left out" in n for n in notes)
+    text = table.format_results(res)
+    linear_row = next(ln for ln in text.splitlines() if ln.startswith("| linear |"))
+    cells = linear_row.split(" | ")
+    assert cells[2].startswith("0.800 ± 0.010 [") and cells[4].startswith("0.250 ± 0.050 [")
+    # Old results without n_runs: the split's held-out runs give the total.
+    del lin["final_step_spearman"]["n_runs"]
+    res["split"]["test"] = list(range(10))
+    assert "over the 7 of 10 held-out runs" in table.format_results(res)
+
+
+def test_undefined_jackknife_and_missing_skill_are_footnoted_truthfully():
+    res = _results("x", False)
+    lin = res["variants"]["linear"]
+    lin["across_run_spearman"].update(stderr=None, stderr_undefined_reason="needs 3 runs")
+    del res["variants"]["constant"]["skill_vs_mean_trajectory"]  # results predating the key
+    text = table.format_results(res)
+    assert "0.250 [" in text and "across-run ρ standard error undefined: needs 3 runs" in text
+    assert "no skill_vs_mean_trajectory in this results file (it predates" in text
+    assert "zero all-steps MSE" not in text
+    res["variants"]["constant"]["skill_vs_mean_trajectory"] = None
+    res["variants"]["constant"]["skill_undefined_reason"] = "the baseline's MSE is undefined"
+    assert "skill undefined: the baseline's MSE is undefined" in table.format_results(res)
+    # A diverging simulator's skill is printed compactly, not with 40 digits.
+    lin["skill_vs_mean_trajectory"] = -1.8915e39
+    assert "-1.89e+39" in table.format_results(res)
+
+
+@pytest.mark.parametrize(
+    ("variants", "key"),
+    [
+        ({"linear": 3}, "variants.linear must be an object of metrics, got 3"),
+        ({"linear": {"all_steps_mse": 3}}, "variants.linear.all_steps_mse must be an object"),
+        (
+            {"linear": {"all_steps_mse": {"mean": "x"}}},
+            "variants.linear.all_steps_mse.mean must be a finite number or null, got 'x'",
+        ),
+        (
+            {"linear": {"across_run_spearman": {"mean": 0.1, "n_used": "4"}}},
+            "variants.linear.across_run_spearman.n_used must be a non-negative integer",
+        ),
+        ({"linear": {"skill_vs_mean_trajectory": "0.1"}}, "skill_vs_mean_trajectory must be"),
+        ({"linear": {"l2_a": [1]}}, "variants.linear.l2_a must be a finite number or null"),
+        ({"linear": {"lambda_edges": ["l2_a"]}}, "variants.linear.lambda_edges must be"),
+    ],
+)
+def test_malformed_variant_entries_are_one_line_errors(tmp_path, variants, key):
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps({"variants": variants}))
+    with pytest.raises(RunLogError) as info:
+        table.load_results([f])
+    msg = str(info.value)
+    assert str(f) in msg and key in msg and "\n" not in msg
+
+
+def test_malformed_results_through_the_cli_are_one_line(tmp_path, capsys):
+    from simfluence import cli
+
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps({"variants": {"linear": 3}}))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["table", str(f), "--out", str(tmp_path / "t.md")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(f) in err and "variants.linear" in err
+    assert "Traceback" not in err
+
+
+def test_experiments_sharing_a_name_are_labelled_by_folder(tmp_path):
+    from simfluence.demo_data import make_demo_experiment
+    from simfluence.evaluation import evaluate
+
+    sizes = dict(n_runs=5, n_train=6, n_test=3, batch=2, steps=7)
+    paths = []
+    for where in ("a/exp", "b/exp", "seed1"):
+        exp = make_demo_experiment(tmp_path / where, seed=len(paths), **sizes)
+        res = evaluate(exp, split=(2, 0, 3), variants=["constant"])
+        (exp / "results.json").write_text(json.dumps(res))
+        paths.append(exp)
+    labels = table.table_json(table.load_results(paths))["experiments"]
+    assert labels == ["demo-synthetic (a/exp)", "demo-synthetic (b/exp)", "demo-synthetic (seed1)"]
+    text = table.format_table(table.load_results(paths))
+    assert "| variant | demo-synthetic (a/exp) | demo-synthetic (b/exp) |" in text
+    # A results file names its experiment folder (recorded by evaluate).
+    f = tmp_path / "c.json"
+    f.write_text((paths[2] / "results.json").read_text())
+    labels = table.table_json(table.load_results([paths[0], f]))["experiments"]
+    assert labels[1] == f"demo-synthetic ({paths[2].name})"
+    # The same folder twice cannot be told apart by folder: numbered.
+    labels = table.table_json(table.load_results([paths[0], paths[0]]))["experiments"]
+    assert labels == ["demo-synthetic (1)", "demo-synthetic (2)"]

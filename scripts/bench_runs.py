@@ -5,8 +5,10 @@ group step; length-bucketed batches and tracked set from ``finetune.data``) on s
 data with RTE-like input lengths (no ``datasets`` needed, so it runs on an accelerator image
 without it), and prints:
 
-- compile time and steady-state time per group step for: all runs together with the per-step
-  test-loss logging, all runs together without it, one run alone with and without it;
+- first-step time per batch length (compilation included where an earlier variant has not
+  compiled the program already) and steady-state time per group step for: all runs together
+  with the per-step test-loss logging, all runs together without it, one run alone with and
+  without it;
 - the BASELINE measured in the same process: every input padded to --max-input-length (no
   length bucketing), all runs together, with logging; and the speed-up over it;
 - the extrapolated wall time of --target-steps steps of all runs, and peak memory.
@@ -470,7 +472,8 @@ def main(argv=None) -> int:
         total = per_step * args.target_steps * groups
         print(
             f"{name:<44} R={runs:<3} log={'yes' if log else 'no ':<3} "
-            f"compile {compile_s:6.1f} s ({len(shapes)} shapes) | {per_step * 1e3:8.1f} ms/step "
+            f"first steps {compile_s:6.1f} s ({len(shapes)} shapes) | "
+            f"{per_step * 1e3:8.1f} ms/step "
             f"| {runs / per_step:8.1f} run-steps/s | {args.target_steps} steps x {total_runs} "
             f"runs: {total / 60:6.1f} min",
             flush=True,

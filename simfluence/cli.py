@@ -355,8 +355,22 @@ def _cmd_demo_data(args) -> None:
         f"wrote a synthetic experiment to {exp}: {args.runs} runs x {args.steps} steps, batch "
         f"{args.batch}, n_train={args.n_train}, n_test={args.n_test}"
         + (", with tracin.npz" if args.tracin else "")
-        + f"; try `simfluence evaluate {exp}`"
+        + f"; {_next_step_hint(exp, args.runs, args.n_test)}"
     )
+
+
+def _next_step_hint(exp, n_runs: int, n_test: int) -> str:
+    """A command that works on a fresh demo-data experiment of these sizes."""
+    fit = f"try `simfluence fit {exp} --runs 0-{n_runs - 1} --out sim.npz`"
+    if n_test < 2:  # evaluate ranks test examples (final-step rho)
+        return f"{fit} (evaluate needs 2 or more test examples)"
+    if n_runs < 3:  # evaluate needs a fitting run and 2 held-out runs
+        return f"{fit} (evaluate needs 3 or more runs)"
+    if n_runs >= 32:  # the default split 20,2,10
+        return f"try `simfluence evaluate {exp}`"
+    n_held = max(2, n_runs // 4)
+    n_valid = 1 if n_runs - n_held >= 2 else 0
+    return f"try `simfluence evaluate {exp} --split {n_runs - n_held - n_valid},{n_valid},{n_held}`"
 
 
 def _cmd_table(args) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ COUNTS = {
 
 
 def _raw(path):
-    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 @pytest.mark.parametrize(("task", "split"), sorted(COUNTS))
@@ -66,7 +68,7 @@ def test_missing_file_names_path_and_layout(tmp_path):
 
 def test_malformed_line_names_file_and_line(data_dir, tmp_path):
     (tmp_path / "copa").mkdir()
-    lines = open(data_dir / "copa" / "val.jsonl", encoding="utf-8").read().splitlines()
+    lines = (data_dir / "copa" / "val.jsonl").read_text(encoding="utf-8").splitlines()
     lines[6] = lines[6][:-3]
     bad = tmp_path / "copa" / "val.jsonl"
     bad.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -391,6 +392,7 @@ def test_bad_inputs_exit_2_with_one_line(work, tmp_path, capsys):
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
+@pytest.mark.filterwarnings("default::UserWarning")  # printed by the CLI, asserted
 def test_corrupted_run_is_named(tmp_path, capsys):
     exp = tmp_path / "exp"
     _ok(["demo-data", exp, *SIZES], capsys)
@@ -408,6 +410,7 @@ def test_corrupted_run_is_named(tmp_path, capsys):
     assert "needs 9 complete runs but there are 8 (1 incomplete)" in err
 
 
+@pytest.mark.filterwarnings("default::UserWarning")  # printed by the CLI, asserted
 def test_evaluate_warns_in_one_line_when_a_lambda_is_at_the_cap(
     flat_validation_exp, tmp_path, capsys
 ):
@@ -524,3 +527,18 @@ def test_a_file_that_is_not_a_simulator_is_named(work, tmp_path, capsys):
     argv = ["--curriculum", d / "cur.npy", "--initial-losses", d / "l0.npy", "--out", out]
     line = _bad(["simulate", results, *argv], capsys, "results.json: not a simulator file", [out])
     assert "pickle" not in line and "simfluence fit" in line
+
+
+@pytest.mark.parametrize("runs, n_test", [(32, 3), (9, 3), (3, 3), (2, 3), (6, 1)])
+def test_demo_data_suggests_a_command_that_works(tmp_path, capsys, monkeypatch, runs, n_test):
+    # The hint printed by demo-data must run on the experiment it just wrote, whatever its size
+    # (the default split 20,2,10 needs 32 runs; evaluate needs 3 runs and 2 test examples).
+    monkeypatch.chdir(tmp_path)
+    sizes = ["--runs", runs, "--n-train", 8, "--n-test", n_test, "--batch", 2, "--steps", 9]
+    out = _ok(["demo-data", "exp", *sizes], capsys).out
+    command = out.split("try `", 1)[1].split("`", 1)[0].split()
+    assert command[:2] in (["simfluence", "evaluate"], ["simfluence", "fit"]), out
+    assert (command[1] == "evaluate") == (runs >= 3 and n_test >= 2), out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lambda-cap and convergence notes on tiny experiments
+        _ok(command[1:], capsys)

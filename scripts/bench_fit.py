@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence import demo_data
 from simfluence import simulators as S
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -145,8 +146,8 @@ def main(argv=None) -> None:
     )
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
-    A_true, B_true = S._synthetic_simulator(rng, args.n_train, args.n_test, args.batch)
-    curs, losses = S._synthetic_runs(rng, A_true, B_true, args.runs, steps, args.batch)
+    A_true, B_true = demo_data.synthetic_simulator(rng, args.n_train, args.n_test, args.batch)
+    curs, losses = demo_data.synthetic_runs(rng, A_true, B_true, args.runs, steps, args.batch)
     print(f"generated in {time.perf_counter() - t0:.1f} s; process peak {_peak_gb():.2f} GB")
 
     sims, cold_times, warm_times = {}, {}, {}

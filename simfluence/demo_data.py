@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from simfluence import runlog
 
-__all__ = ["make_demo_experiment"]
+__all__ = ["make_demo_experiment", "synthetic_simulator", "synthetic_runs"]
 
 
 def _true_simulator(rng, n_train, n_test, batch):
@@ -198,3 +199,69 @@ def make_demo_experiment(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return exp
+
+
+# Random runs of a known simulator without writing an experiment (tests, benchmarks).
+
+
+def synthetic_simulator(rng: np.random.Generator, n_train: int, n_test: int, batch: int):
+    """A known, stable linear simulator (for tests and benchmarks): losses decay towards a
+    per-test floor.
+
+    Args:
+        rng: the random generator to draw from.
+        n_train: training pool size.
+        n_test: number of test examples.
+        batch: batch size the simulator is for (A and B are per slot, divided by it).
+
+    Returns:
+        (A, B), float32 [n_test, n_train]; alpha of a batch is about 1 - 0.01 and each example
+        pushes its own way through B.
+    """
+    rate = rng.uniform(0.0, 0.02, size=(n_test, n_train))  # per-example pull towards the floor
+    floor = rng.uniform(0.2, 1.0, size=(n_test, 1))
+    push = rng.normal(0.0, 0.01, size=(n_test, n_train))  # example-specific up/down push
+    A = (1.0 - rate) / batch
+    B = (rate * floor + push) / batch
+    return A.astype(np.float32), B.astype(np.float32)
+
+
+def synthetic_runs(
+    rng: np.random.Generator,
+    A: np.ndarray,
+    B: np.ndarray,
+    n_runs: int,
+    steps: int | Sequence[int],
+    batch: int,
+    noise: float = 0.01,
+):
+    """Random curricula (uniform ids with replacement) and noisy linear-simulator losses.
+
+    Args:
+        rng: the random generator to draw from.
+        A, B: float [n_test, n_train], the simulator (e.g. from `synthetic_simulator`).
+        n_runs: number of runs.
+        steps: steps per run, one int for all or one per run.
+        batch: batch size.
+        noise: std of the Gaussian noise added to each step's loss.
+
+    Returns:
+        (curricula: list of int32 [T, batch], losses: list of float32 [T + 1, n_test]); initial
+        losses are uniform in [1.5, 3).
+    """
+    n_test, n_train = A.shape
+    steps_list = [steps] * n_runs if isinstance(steps, int | np.integer) else list(steps)
+    curs, ls = [], []
+    At, Bt = A.T.astype(np.float64), B.T.astype(np.float64)
+    for t_r in steps_list:
+        cur = rng.integers(0, n_train, size=(t_r, batch), dtype=np.int32)
+        alpha = At[cur].sum(1)  # [T, n_test]
+        beta = Bt[cur].sum(1)
+        eps = rng.normal(0.0, noise, size=(t_r, n_test))
+        loss = np.empty((t_r + 1, n_test))
+        loss[0] = rng.uniform(1.5, 3.0, size=n_test)
+        for t in range(t_r):
+            loss[t + 1] = alpha[t] * loss[t] + beta[t] + eps[t]
+        curs.append(cur)
+        ls.append(loss.astype(np.float32))
+    return curs, ls

@@ -84,7 +84,7 @@ def _raiser(*args, **kwargs):
 def test_bad_flag_is_a_one_line_error(load, monkeypatch, capsys, script, argv, needle):
     module = load(script)
     if script == "bench_fit":
-        monkeypatch.setattr(module.S, "_synthetic_simulator", _raiser)
+        monkeypatch.setattr(module.demo_data, "synthetic_simulator", _raiser)
     else:
         monkeypatch.setattr(module, _WORK[script], _raiser)
     monkeypatch.setattr(module, "_run_torch", _raiser, raising=False)

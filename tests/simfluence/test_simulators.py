@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from simfluence import demo_data
 from simfluence import simulators as S
 
 # Tolerances, fixed up front.
@@ -19,7 +20,7 @@ LENGTHS = (300, 180, 220, 200, 200, 150, 170, 180)
 def _runs(seed=0, lengths=LENGTHS, unseen=1):
     """Runs of different lengths with repeats inside batches; the last `unseen` ids never used."""
     rng = np.random.default_rng(seed)
-    A, B = S._synthetic_simulator(rng, N_TRAIN, N_TEST, BATCH)
+    A, B = demo_data.synthetic_simulator(rng, N_TRAIN, N_TEST, BATCH)
     curs, ls = [], []
     for t_r in lengths:
         c = rng.integers(0, N_TRAIN - unseen, (t_r, BATCH)).astype(np.int32)
@@ -112,8 +113,8 @@ def _all_steps_mse(pred, true):
 def test_recovery_of_a_known_linear_simulator():
     rng = np.random.default_rng(3)
     n_train, n_test, batch = N_TRAIN, N_TEST, BATCH
-    A, B = S._synthetic_simulator(rng, n_train, n_test, batch)
-    curs, ls = S._synthetic_runs(rng, A, B, 12, 200, batch, noise=0.01)
+    A, B = demo_data.synthetic_simulator(rng, n_train, n_test, batch)
+    curs, ls = demo_data.synthetic_runs(rng, A, B, 12, 200, batch, noise=0.01)
     fit_c, fit_l, held_c, held_l = curs[:8], ls[:8], curs[8:], ls[8:]
     truth = S.Simulator(A=A, B=B, variant="linear", l2_a=0.0, l2_b=0.0, a_prior=1 / batch)
     mse = {}

@@ -270,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         SystemExit: from argparse, for ``--help`` (code 0) or a bad flag (code 2, one line).
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # After parsing, so that --help works without the extra (the parser imports none of it).
     missing = _missing_model_stack()
     if missing:
         print(
@@ -278,8 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
-    parser = _parser()
-    args = parser.parse_args(argv)
     try:
         from finetune import distributed
 

@@ -18,7 +18,6 @@ References:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -485,15 +484,3 @@ def restore_checkpoint(run_dir: str | Path, step: int, trainable, opt_state, log
         return out["trainable"], out["opt_state"], out["log"]
     finally:
         mngr.close()
-
-
-def config_fingerprint(config: ExperimentConfig) -> str:
-    """Canonical JSON of a config, for comparing the config of a workdir with a new one.
-
-    Args:
-        config: the experiment's config.
-
-    Returns:
-        ``config.to_dict()`` as JSON with sorted keys (non-JSON values through ``str``).
-    """
-    return json.dumps(config.to_dict(), sort_keys=True, default=str)

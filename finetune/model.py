@@ -1,7 +1,8 @@
 """Model functions over T5 parameters: trainable masks, per-example losses, scores, gradients.
 
-Layer 2 of ``finetune`` (STYLE.md): pure functions of ``(params, batch)``, where ``params`` is the
-``nnx.State`` from ``graphdef, params = nnx.split(model)``. Callers ``jax.jit`` them.
+Layer 2 of ``finetune`` (see its package docstring): pure functions of ``(params, batch)``, where
+``params`` is the ``nnx.State`` from ``graphdef, params = nnx.split(model)``. Callers ``jax.jit``
+them.
 
 Loss convention (pinned in the team contract): the per-example loss is the token cross-entropy
 AVERAGED over the example's non-padding target tokens (EOS included), so losses of examples with

@@ -1,6 +1,7 @@
 """T5 / T0 encoder-decoder in Flax NNX, numerically equal to Hugging Face's PyTorch T5.
 
-Layer 1 of ``finetune`` (a pure network; see STYLE.md). Built from a ``transformers.T5Config``:
+Layer 1 of ``finetune`` (a pure network; see its package docstring). Built from a
+``transformers.T5Config``:
 
 - relative position buckets (bidirectional in the encoder, causal in the decoder); one bias
   table per stack, owned by the stack (HF stores it in block 0 and shares it with every block);

@@ -1,9 +1,9 @@
 """Pure training steps and optimizers over the trainable part of the T5 parameters.
 
-Layer 3 of ``finetune`` (STYLE.md). The optimizer state is built from, and updates only, the
-trainable tree of ``finetune.model.partition``; the frozen tree is an input that the step never
-passes through the optimizer, so it stays bitwise unchanged. Callers ``jax.jit`` the step once,
-outside the loop, donating ``trainable`` and ``opt_state``::
+Layer 3 of ``finetune`` (see its package docstring). The optimizer state is built from, and updates
+only, the trainable tree of ``finetune.model.partition``; the frozen tree is an input that the step
+never passes through the optimizer, so it stays bitwise unchanged. Callers ``jax.jit`` the step
+once, outside the loop, donating ``trainable`` and ``opt_state``::
 
     step = jax.jit(make_train_step(loss_fn, opt), donate_argnums=(0, 1))
     trainable, opt_state, loss = step(trainable, opt_state, frozen, batch, rng)

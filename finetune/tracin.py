@@ -637,3 +637,11 @@ def run_tracin(
         written.append(run_dir / "tracin.npz")
     bar.close()
     return written
+
+
+if __name__ == "__main__":  # `python -m finetune.tracin EXP ...` is `finetune tracin EXP ...`
+    import sys
+
+    from finetune.cli import main
+
+    raise SystemExit(main(["tracin", *sys.argv[1:]]))

@@ -1,11 +1,11 @@
 """The training loop: many fine-tuning runs under random curricula, logging per-step test losses.
 
-Layer 4 of ``finetune`` (STYLE.md): data, cadence, logging, checkpoints. The runs of an
-experiment differ only in their curriculum, so R of them train together in one jitted program
+Layer 4 of ``finetune`` (see its package docstring): data, cadence, logging, checkpoints. The runs
+of an experiment differ only in their curriculum, so R of them train together in one jitted program
 (`finetune.steps.make_programs`: ``vmap`` over a run axis of the trainable state, the optimizer
 state and the batches, with the frozen weights shared). One device mesh (axis ``"data"``,
-`finetune.distributed`) shards every batch and the tracked test set over the examples;
-parameters are replicated.
+`finetune.distributed`) shards every batch and the tracked test set over the examples; parameters
+are replicated.
 
 Length bucketing (`finetune.data`): a training step pads its batches (all R runs) to a multiple
 of ``length_multiple`` of their own longest input, and the tracked set is cut into at most
@@ -378,8 +378,17 @@ def learning_rates(config: ExperimentConfig) -> np.ndarray:
     return np.asarray(jax.device_get(values), np.float32).reshape(config.steps)
 
 
-def make_optimizer(config: ExperimentConfig, schedule=None):
-    """The optax optimizer of the config (applied to the trainable part only)."""
+def optimizer_for_config(config: ExperimentConfig, schedule=None):
+    """The optax optimizer of an experiment config: `finetune.steps.make_optimizer` with the
+    config's optimizer, schedule (``make_schedule``), weight decay and gradient clipping.
+
+    Args:
+        config: the experiment config.
+        schedule: a learning-rate schedule to use instead of ``make_schedule(config)``.
+
+    Returns:
+        An ``optax.GradientTransformation`` for the trainable part.
+    """
     from finetune.steps import make_optimizer as _make
 
     kw: dict[str, Any] = {}
@@ -649,7 +658,7 @@ def run_experiment(
     trainable0, frozen = partition(exp.params, exp.mask)
     schedule = make_schedule(config)
     lrs = learning_rates(config)
-    optimizer = make_optimizer(config, schedule)
+    optimizer = optimizer_for_config(config, schedule)
     progs = _cached_programs(config, exp, optimizer, mesh)
     frozen_d = place(frozen, mesh)
     writer = jax.process_index() == 0

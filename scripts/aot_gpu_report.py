@@ -385,7 +385,7 @@ def _compile_runs(args: argparse.Namespace):
     from finetune.experiment import make_mask
     from finetune.model import make_per_example_loss, make_score_choices, partition
     from finetune.steps import make_programs
-    from finetune.trainer import make_optimizer
+    from finetune.trainer import optimizer_for_config
 
     device = _h200(args).devices[0]
     cfg_kw = dict(t5_kwargs(args.size, 0.0), vocab_size=VOCAB)
@@ -413,7 +413,7 @@ def _compile_runs(args: argparse.Namespace):
         **setup,
     )
     trainable, frozen = partition(params, make_mask(config, params))
-    optimizer = make_optimizer(config)
+    optimizer = optimizer_for_config(config)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     # bench_runs.py's synthetic data and curricula at its defaults (1000 examples, 20 steps).
     pool, test, curricula = synthetic_experiment(

@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     from finetune.experiment import make_mask
     from finetune.model import make_per_example_loss, make_score_choices, partition
     from finetune.steps import broadcast_runs, make_programs
-    from finetune.trainer import make_optimizer
+    from finetune.trainer import optimizer_for_config
 
     print(
         f"jax {jax.__version__}, devices: {jax.devices()}; {args.layers} layers, "
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     )
     mesh = make_mesh()
     n_dev = len(mesh.devices.flat)
-    optimizer = make_optimizer(config)
+    optimizer = optimizer_for_config(config)
     progs = make_programs(
         make_per_example_loss(graphdef),
         make_score_choices(graphdef),

@@ -368,16 +368,17 @@ def _next_step_hint(exp, n_runs: int, n_test: int) -> str:
         return f"{fit} (evaluate needs 3 or more runs)"
     if n_runs >= 32:  # the default split 20,2,10
         return f"try `simfluence evaluate {exp}`"
-    n_held = max(2, n_runs // 4)
+    # 4 or more held-out runs where there are enough: the jackknife of across-run rho needs 4.
+    n_held = max(4, n_runs // 4) if n_runs >= 6 else 2
     n_valid = 1 if n_runs - n_held >= 2 else 0
     return f"try `simfluence evaluate {exp} --split {n_runs - n_held - n_valid},{n_valid},{n_held}`"
 
 
 def _cmd_table(args) -> None:
-    from simfluence.table import format_table, load_results, write_table
+    from simfluence.table import write_table
 
     md_path, json_path = write_table(args.results, args.out)
-    sys.stdout.write(format_table(load_results(args.results)))
+    sys.stdout.write(Path(md_path).read_text(encoding="utf-8"))  # the table just written
     print(f"\nwrote {md_path} and {json_path}")
 
 

@@ -251,6 +251,8 @@ def synthetic_runs(
     """
     n_test, n_train = A.shape
     steps_list = [steps] * n_runs if isinstance(steps, int | np.integer) else list(steps)
+    if len(steps_list) != n_runs:
+        raise ValueError(f"steps lists {len(steps_list)} run lengths for n_runs={n_runs}")
     curs, ls = [], []
     At, Bt = A.T.astype(np.float64), B.T.astype(np.float64)
     for t_r in steps_list:

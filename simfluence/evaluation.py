@@ -138,7 +138,8 @@ def _score(preds: Sequence[np.ndarray], runs: Sequence[Run]) -> dict:
         if bad:
             return _undefined_scores(
                 f"the {name} is not finite on held-out run(s) {_runs_text(bad)} (the simulated "
-                "losses are too large to square even in float64: the simulator diverges)"
+                "losses are too large to square even in float64: the simulator diverges)",
+                len(runs),
             )
     defined = [v for v in per_rho if v is not None]
     n_undefined = len(per_rho) - len(defined)
@@ -200,15 +201,16 @@ def _finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all())
 
 
-def _undefined_scores(reason: str) -> dict:
+def _undefined_scores(reason: str, n_runs: int) -> dict:
     """Scores of a variant whose rollouts are not finite: every metric undefined, with why."""
     undef = {"mean": None, "stderr": None, "undefined_reason": reason}
     return {
         "all_steps_mse": dict(undef),
-        "final_step_spearman": dict(undef),
+        "final_step_spearman": dict(undef, n_runs=n_runs, n_undefined=n_runs),
         "final_step_mse": dict(undef),
         "across_run_spearman": dict(
             undef,
+            n_runs=n_runs,
             stderr_method=ACROSS_RUN_STDERR_METHOD,
             stderr_undefined_reason=None,
             n_used=0,
@@ -379,7 +381,8 @@ def evaluate(
         if diverged:
             scores = _undefined_scores(
                 f"the simulated losses are not finite on held-out run(s) "
-                f"{', '.join(map(str, diverged))} (the simulator diverges)"
+                f"{', '.join(map(str, diverged))} (the simulator diverges)",
+                len(test_runs),
             )
         elif name == "mean-trajectory":
             scores = mean_scores

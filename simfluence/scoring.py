@@ -364,7 +364,7 @@ def across_run_spearman(
     `stderr` is instead the delete-one jackknife over held-out runs: with theta_k the statistic
     recomputed (by the rules above) without run k, and theta_bar their mean,
     ``stderr = sqrt((R - 1) / R * sum_k (theta_k - theta_bar) ** 2)``. It is None (with
-    `stderr_undefined_reason`) when R < 3 or a leave-one-out statistic is undefined. The point
+    `stderr_undefined_reason`) when R < 4 or a leave-one-out statistic is undefined. The point
     estimate `mean` is the statistic on all R runs.
 
     Args:
@@ -425,13 +425,19 @@ def across_run_spearman(
     return result
 
 
+_JACKKNIFE_MIN_RUNS = 4  # held-out runs for a jackknife stderr of the across-run rho
+
+
 def _jackknife(pred: np.ndarray, true: np.ndarray, rtol: float) -> dict:
     """Delete-one jackknife stderr of the across-run rho over the R runs (rows)."""
     n_runs = pred.shape[0]
-    if n_runs < 3:
+    if n_runs < _JACKKNIFE_MIN_RUNS:
+        # Leaving one of 3 runs out leaves 2, whose rho is always +-1 (or 0): the replicates
+        # then take 2-3 values and the "standard error" is often exactly 0.
         return {
-            "stderr_undefined_reason": f"the jackknife over held-out runs needs at least 3 "
-            f"runs (rho across the 1 run left is undefined), got {n_runs}"
+            "stderr_undefined_reason": f"the jackknife over held-out runs needs at least "
+            f"{_JACKKNIFE_MIN_RUNS} runs, got {n_runs} (each leave-one-out rho would rank only "
+            f"{n_runs - 1} run{'s' if n_runs != 2 else ''}); hold out more runs"
         }
     keep = np.array([np.delete(np.arange(n_runs), k) for k in range(n_runs)])  # [R, R - 1]
     theta, _, _ = _across_run_stat(pred[keep], true[keep], rtol)  # [R]

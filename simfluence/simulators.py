@@ -651,6 +651,11 @@ def _log_gap(p: tuple[float, float], q: tuple[float, float]) -> float:
     )
 
 
+def _nan_high(x: float) -> float:
+    """Sort key that ranks a NaN residual (a failed solve) above every number."""
+    return float("inf") if np.isnan(x) else float(x)
+
+
 class _ValidationScore:
     """Validation all-steps MSE of the fits at given lambda points.
 
@@ -706,8 +711,9 @@ class _ValidationScore:
                 report: list[tuple[float, float]] = []
                 theta = problem.solve(x, y, *pts[g], start=start, report=report)
                 if report:
-                    prev = self.unconverged.get(pts[g], (-1.0, 0.0))
-                    self.unconverged[pts[g]] = max([prev, *report], key=lambda r: r[0])
+                    prev = self.unconverged.get(pts[g])
+                    rows = [*report] if prev is None else [prev, *report]
+                    self.unconverged[pts[g]] = max(rows, key=lambda r: _nan_high(r[0]))
                 start = theta
                 sim = sub.to_simulator(np.asarray(theta)[: j1 - j0], *pts[g])
                 for cur, l0, true, w in groups:
@@ -897,7 +903,7 @@ def select_lambdas(
         pts = _grid_points(variant, grid)
         mses, rounds = [float(m) for m in score(pts)], [0] * len(pts)
     if score.unconverged:
-        (a, b), (worst, floor) = max(score.unconverged.items(), key=lambda kv: kv[1][0])
+        (a, b), (worst, floor) = max(score.unconverged.items(), key=lambda kv: _nan_high(kv[1][0]))
         warnings.warn(
             f"{variant} simulator: while choosing lambdas, the fit stopped above tol={_TOL:g} "
             f"(and above the float32 floor) at {len(score.unconverged)} of {len(set(pts))} "

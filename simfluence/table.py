@@ -72,6 +72,19 @@ def _num(x: float | None, kind: str) -> str:
 
 
 def _pm(stat: dict | None, kind: str, notes: _Notes, what: str, n_runs: int | None = None) -> str:
+    if stat is not None and what == "across-run ρ" and stat.get("stderr") is not None:
+        from simfluence.scoring import ACROSS_RUN_STDERR_METHOD
+
+        if stat.get("stderr_method") != ACROSS_RUN_STDERR_METHOD:
+            # Results written before the jackknife: their stderr is over test examples, which
+            # share the runs, so it is far too small; do not show it under the jackknife label.
+            stat = {
+                **stat,
+                "stderr": None,
+                "stderr_undefined_reason": "this results file predates the jackknife over "
+                "held-out runs (its stderr over test examples is too small); rerun "
+                "`simfluence evaluate` for it",
+            }
     if stat is None:
         return notes.mark(f"{what}: not computed for this variant")
     if stat.get("mean") is None:
@@ -457,15 +470,23 @@ def write_table(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> t
         (markdown path, JSON path).
 
     Raises:
-        RunLogError: unreadable results, or `out` not ending in .md.
+        RunLogError: unreadable results, `out` not ending in .md, or a table path that is one
+            of the inputs.
     """
     out = Path(out)
     if out.suffix != ".md":
         raise RunLogError(f"--out {out}: expected a .md path (the JSON goes beside it)")
+    json_path = out.with_suffix(".json")
+    for p in map(Path, paths):
+        source = p / "results.json" if p.is_dir() else p
+        if source.resolve() in (out.resolve(), json_path.resolve()):
+            raise RunLogError(
+                f"--out {out}: its table ({out.name}, {json_path.name}) would overwrite the "
+                f"input {source}; choose another --out"
+            )
     results = load_results(paths)
     md = format_table(results)
     data = table_json(results)
-    json_path = out.with_suffix(".json")
     atomic_write_json(json_path, data)
     atomic_write_text(out, md)
     return out, json_path

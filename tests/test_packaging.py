@@ -86,3 +86,7 @@ raise SystemExit(m.main(["run", "runs/demo"]))
     assert lines[0].startswith("error: finetune needs the model stack, missing flax, optax"), lines
     assert '".[finetune]"' in lines[0]
     assert list(tmp_path.iterdir()) == []
+    # --help still works there: the parser needs none of the extra.
+    helped = _run(code.replace('["run", "runs/demo"]', '["run", "--help"]'), tmp_path)
+    assert helped.returncode == 0, helped.stderr[-3000:]
+    assert "usage: finetune run" in helped.stdout

@@ -545,3 +545,18 @@ def test_run_tracin_keeps_a_finished_tracin_npz_after_its_checkpoints_are_delete
     _write_stale(exp_dir / "run_000", [0])
     with pytest.raises(ValueError, match=r"meta.json lists checkpoints at steps \[0, 2\]"):
         tracin.run_tracin(exp_dir, progress=False)
+
+
+def test_module_entry_point_runs_the_cli(tmp_path):
+    # `python -m finetune.tracin EXP` is `finetune tracin EXP` (it used to exit 0 doing nothing).
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "finetune.tracin", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out
+    assert "experiment folder not found" in out.stderr.strip().splitlines()[-1]

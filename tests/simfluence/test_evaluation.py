@@ -23,12 +23,12 @@ def exp(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(exp):
-    return evaluate(exp, split=(4, 1, 3), grid=GRID)
+    return evaluate(exp, split=(4, 1, 4), grid=GRID)
 
 
 def test_schema(results):
     assert list(results["variants"]) == list(ALL_VARIANTS)  # tracin.npz present -> all
-    assert results["split"] == {"fit": [0, 1, 2, 3], "valid": [4], "test": [5, 6, 7]}
+    assert results["split"] == {"fit": [0, 1, 2, 3], "valid": [4], "test": [5, 6, 7, 8]}
     assert results["experiment"]["n_test"] == 5 and results["experiment"]["batch"] == 2
     json.dumps(results, allow_nan=False)  # no NaN anywhere
     for name, e in results["variants"].items():
@@ -38,12 +38,12 @@ def test_schema(results):
         ar = e["across_run_spearman"]
         assert set(ar) >= {"mean", "stderr", "n_used", "n_excluded", "undefined_reason"}
         assert ar["stderr_method"] == "jackknife over held-out runs (delete-one)"
-        assert ar["n_runs"] == 3
-        assert e["final_step_spearman"]["n_runs"] == 3
+        assert ar["n_runs"] == 4
+        assert e["final_step_spearman"]["n_runs"] == 4
         assert isinstance(e["skill_vs_mean_trajectory"], float)
         assert e["skill_undefined_reason"] is None
         assert "l2_a" in e and "l2_b" in e
-        assert len(e["per_run"]["all_steps_mse"]) == 3
+        assert len(e["per_run"]["all_steps_mse"]) == 4
     for name in simulators.VARIANTS:
         e = results["variants"][name]
         assert e["lambda_source"] == "validation"
@@ -66,14 +66,14 @@ def test_curriculum_blind_baselines_have_undefined_across_run(results):
 
 
 def test_metrics_recomputed_independently(exp, results):
-    runs = runlog.load_runs(exp, [5, 6, 7])
+    runs = runlog.load_runs(exp, [5, 6, 7, 8])
     fit_runs = runlog.load_runs(exp, [0, 1, 2, 3])
     v = results["variants"]
     # constant: L_t = L_0.
     per = [np.mean((r.losses[1:] - r.losses[0]) ** 2) for r in runs]
     assert v["constant"]["all_steps_mse"]["mean"] == pytest.approx(np.mean(per), rel=1e-5)
     assert v["constant"]["all_steps_mse"]["stderr"] == pytest.approx(
-        np.std(per, ddof=1) / np.sqrt(3), rel=1e-4
+        np.std(per, ddof=1) / np.sqrt(4), rel=1e-4
     )
     # mean trajectory by hand (all runs have the same length here).
     delta = np.mean([r.losses - r.losses[0] for r in fit_runs], axis=0)
@@ -105,8 +105,8 @@ def test_metrics_recomputed_independently(exp, results):
     def across(p, t):
         return np.mean([stats.spearmanr(p[:, j], t[:, j]).statistic for j in range(p.shape[1])])
 
-    theta = np.array([across(np.delete(pf, k, 0), np.delete(tf, k, 0)) for k in range(3)])
-    jack = np.sqrt(2 / 3 * np.sum((theta - theta.mean()) ** 2))
+    theta = np.array([across(np.delete(pf, k, 0), np.delete(tf, k, 0)) for k in range(4)])
+    jack = np.sqrt(3 / 4 * np.sum((theta - theta.mean()) ** 2))
     assert lin["across_run_spearman"]["mean"] == pytest.approx(across(pf, tf), abs=1e-6)
     assert lin["across_run_spearman"]["stderr"] == pytest.approx(jack, abs=1e-6)
 

@@ -134,12 +134,18 @@ def test_across_run_spearman_known_ranks():
     pred = np.array([[0.1, 0.1], [0.2, 0.2], [0.3, 0.3]])  # example 0 perfect, example 1 reversed
     out = M.across_run_spearman(pred, true)
     assert out["mean"] == pytest.approx(0.0) and out["n_used"] == 2
-    # Without any one run, example 0 still has rho 1 and example 1 rho -1: no spread over runs.
-    assert out["stderr"] == pytest.approx(0.0, abs=ATOL64)
-    # Two runs: leaving one out leaves nothing to rank, so the jackknife is undefined.
+    # Three runs: each leave-one-out rho ranks 2 runs (always +-1), so the jackknife would say
+    # 0 here; it needs 4 runs. Two runs: leaving one out leaves nothing to rank.
+    assert out["stderr"] is None and "at least 4 runs, got 3" in out["stderr_undefined_reason"]
     two = M.across_run_spearman(pred[:2], true[:2])
     assert two["mean"] == pytest.approx(0.0) and two["stderr"] is None
-    assert "at least 3" in two["stderr_undefined_reason"]
+    assert "at least 4 runs, got 2" in two["stderr_undefined_reason"]
+    # Four runs: defined, and equal to the reference jackknife.
+    true4 = np.array([[1.0, 3.0], [2.0, 2.5], [3.0, 1.0], [4.0, 0.5]])
+    pred4 = np.array([[0.1, 0.3], [0.2, 0.1], [0.3, 0.2], [0.4, 0.05]])
+    four = M.across_run_spearman(pred4, true4)
+    assert four["stderr"] == pytest.approx(_jackknife_ref(pred4, true4), abs=ATOL64)
+    assert four["stderr"] > 0
 
 
 def test_across_run_stderr_is_a_jackknife_over_runs_not_examples():

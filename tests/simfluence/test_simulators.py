@@ -745,6 +745,29 @@ def test_unconverged_search_points_are_summed_up_in_one_warning(monkeypatch):
     assert all("\n" not in m and "worst relative residual" in m for m in conv)
 
 
+def test_a_nan_residual_is_the_worst_in_the_search_warning(monkeypatch):
+    # A failed solve (NaN residual) must be reported as such, not lose to a placeholder.
+    import warnings
+
+    from simfluence import _solvers
+
+    solve = _solvers.solve
+
+    def nan_residual(*args, **kw):
+        theta, info = solve(*args, **kw)
+        return theta, {**info, "rel_residual": np.full_like(info["rel_residual"], np.nan)}
+
+    monkeypatch.setattr(_solvers, "solve", nan_residual)
+    _, _, curs, ls = _runs(seed=5, lengths=LENGTHS + (150, 150))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        S.select_lambdas(
+            curs[:-2], ls[:-2], curs[-2:], ls[-2:], n_train=N_TRAIN, variant="linear", grid=[0.0]
+        )
+    (msg,) = [str(w.message) for w in caught if issubclass(w.category, S.ConvergenceWarning)]
+    assert "worst relative residual nan" in msg, msg
+
+
 def test_validation_runs_of_one_length_are_rolled_out_together(monkeypatch):
     """One batched rollout per (point, test chunk, run length), equal to per-run rollouts."""
     _, _, curs, ls = _runs(seed=3, lengths=LENGTHS + (150, 120, 150))

@@ -6,6 +6,7 @@ import pytest
 
 from simfluence import table
 from simfluence.runlog import RunLogError
+from simfluence.scoring import ACROSS_RUN_STDERR_METHOD as JACK
 
 
 def _entry(mse, rho, across=0.25, skill=0.1, l2=(0.1, 0.01)):
@@ -15,7 +16,7 @@ def _entry(mse, rho, across=0.25, skill=0.1, l2=(0.1, 0.01)):
         "final_step_mse": {"mean": 2 * mse, "stderr": mse / 5},
         "across_run_spearman": across
         if isinstance(across, dict)
-        else {"mean": across, "stderr": 0.05, "n_used": 4, "n_excluded": 0},
+        else {"mean": across, "stderr": 0.05, "n_used": 4, "n_excluded": 0, "stderr_method": JACK},
         "skill_vs_mean_trajectory": skill,
         "l2_a": l2[0] if l2 else None,
         "l2_b": l2[1] if l2 else None,
@@ -214,3 +215,30 @@ def test_experiments_sharing_a_name_are_labelled_by_folder(tmp_path):
     # The same folder twice cannot be told apart by folder: numbered.
     labels = table.table_json(table.load_results([paths[0], paths[0]]))["experiments"]
     assert labels == ["demo-synthetic (1)", "demo-synthetic (2)"]
+
+
+def test_results_from_before_the_jackknife_do_not_show_their_stderr():
+    # An older results.json has an across-run stderr over test examples (no stderr_method):
+    # printing it under the jackknife caption would understate it ~20x on the demo.
+    res = _results("old", with_tracin=False)
+    del res["variants"]["linear"]["across_run_spearman"]["stderr_method"]
+    text = table.format_results(res)
+    row = next(line for line in text.splitlines() if line.startswith("| linear"))
+    assert "0.250 ± 0.050" not in row and "0.250 [" in row, row
+    assert "predates the jackknife" in text
+
+
+def test_a_table_never_overwrites_its_input(tmp_path):
+    src = tmp_path / "old.json"
+    src.write_text(json.dumps(_results("x", with_tracin=False)))
+    before = src.read_bytes()
+    with pytest.raises(RunLogError, match=r"would overwrite the input .*old\.json"):
+        table.write_table([src], tmp_path / "old.md")
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "results.json").write_bytes(before)
+    with pytest.raises(RunLogError, match=r"would overwrite the input .*results\.json"):
+        table.write_table([exp], exp / "results.md")
+    assert src.read_bytes() == before and not (tmp_path / "old.md").exists()
+    md, js = table.write_table([src], tmp_path / "t.md")  # elsewhere: fine
+    assert md.is_file() and js.is_file()

@@ -226,8 +226,13 @@ def _prepare(
     *,
     data_dir: str | Path | None,
     tokenizer: str | None,
+    budget: int | None = None,
 ) -> tuple[dict, Any]:
     """`prepare_experiment`, also returning the base model it built to check it.
+
+    Args:
+        budget: ``run_experiment``'s ``max_steps_this_call``: refused here, after the workdir
+            check and before anything is written, when it would keep nothing (`_check_budget`).
 
     Returns:
         (experiment.json's content, `E.build_base_model(config)` or None when an existing
@@ -236,6 +241,8 @@ def _prepare(
     info = check_workdir(
         config, exp_dir, tokenizer=_tokenizer_name(config, tokenizer), data_dir=data_dir
     )
+    if budget is not None:
+        _check_budget(config, exp_dir, budget)
     if info is not None and (exp_dir / E.DATA_FILE).is_file():
         return info, None
     train = load_split(config.task, config.train_split, data_dir)
@@ -624,14 +631,9 @@ def run_experiment(
     start_all = time.perf_counter()
     exp_dir = Path(exp_dir)
     E.check_backend(config)
-    if max_steps_this_call is not None:
-        # A workdir of another config is refused first; then a budget that would keep nothing,
-        # before the workdir is prepared or the warm-up runs.
-        check_workdir(
-            config, exp_dir, tokenizer=_tokenizer_name(config, tokenizer), data_dir=data_dir
-        )
-        _check_budget(config, exp_dir, max_steps_this_call)
-    _, base = _prepare(config, exp_dir, data_dir=data_dir, tokenizer=tokenizer)
+    _, base = _prepare(
+        config, exp_dir, data_dir=data_dir, tokenizer=tokenizer, budget=max_steps_this_call
+    )
     if base is None:  # an existing workdir: the model was not needed to prepare it
         base = E.build_base_model(config)
     mesh = make_mesh(devices)
@@ -707,7 +709,7 @@ def run_experiment(
         bar=bar,
     )
     budget = max_steps_this_call
-    interrupted, stop, trained = False, None, False
+    interrupted, stop = False, None
     for group in groups:
         todo = [r for r in group if not status.get(r)]
         if not todo:
@@ -715,12 +717,9 @@ def run_experiment(
         s0 = _resume_step(config, exp_dir, group)
         if budget is not None:
             # A stop keeps each run's state at its last checkpoint only: do not train a group
-            # that this budget would keep nothing of (_check_budget refused it up front when
-            # it is the first group with work).
-            why = _too_few_steps(config, group, s0, budget)
-            if why:
-                if not trained:  # defensive: _check_budget saw the same group and s0
-                    raise E.ExperimentError(why)
+            # that what is left of the budget would keep nothing of (`_prepare` refused the
+            # whole call when that is the first group with work).
+            if _too_few_steps(config, group, s0, budget):
                 interrupted = True
                 stop = {"runs": group, "step": s0, "kept_step": s0}
                 break
@@ -728,7 +727,6 @@ def run_experiment(
         # a crash during the group's final writes sees the same R (vmap width) as before: its
         # files stay bitwise identical. Only the incomplete members are written.
         used, stopped = _train_group(ctx, group, todo, s0, budget)
-        trained = True
         if budget is not None:
             budget -= used
         if stopped:

@@ -230,14 +230,16 @@ def _cmd_simulate(args) -> None:
 
 def _check_rollout(pred: np.ndarray, where: str) -> None:
     """Refuses a simulated trajectory [steps + 1, n_test] holding NaN or inf, naming the step."""
-    bad = ~np.isfinite(pred)
-    if bad.any():
-        step, test = (int(v) for v in np.argwhere(bad)[0])
-        raise ValueError(
-            f"{where}: the simulated loss of test example {test} is {pred[step, test]} at step "
-            f"{step}: the simulator diverges on this curriculum; refit it with larger "
-            "--l2-a/--l2-b or use another curriculum"
-        )
+    from simfluence.plots import check_finite_losses
+
+    check_finite_losses(
+        [pred],
+        [where],
+        range(pred.shape[-1]),
+        "simulated",
+        "the simulator diverges on this curriculum; refit it with larger --l2-a/--l2-b or use "
+        "another curriculum",
+    )
 
 
 def _cmd_influence(args) -> None:

@@ -22,7 +22,13 @@ from jaxtyping import Float, Int
 
 from simfluence.runlog import atomic_write_bytes
 
-__all__ = ["plot_trajectories", "plot_parameters", "top_influences", "format_influences"]
+__all__ = [
+    "plot_trajectories",
+    "plot_parameters",
+    "top_influences",
+    "format_influences",
+    "check_finite_losses",
+]
 
 
 # Trajectory legend: font size (points) and the height of one legend row in points.
@@ -69,7 +75,20 @@ def _run_colors(n: int) -> list[tuple[float, float, float, float]]:
     return [tuple(float(v) for v in c) for c in colormaps["turbo"](np.linspace(0.0, 1.0, n))]
 
 
-def _check_finite(arrays, run_labels, tests, what: str, fix: str) -> None:
+def check_finite_losses(arrays, run_labels, tests, what: str, fix: str) -> None:
+    """Refuses a NaN or inf in the given test columns of loss trajectories, naming the place.
+
+    Args:
+        arrays: per run, float [steps + 1, n_test] losses.
+        run_labels: per run, the name the error starts with (e.g. "run 3", a file name).
+        tests: the test-example columns to check.
+        what: "observed" or "simulated", for the message.
+        fix: what to do, ending the message.
+
+    Raises:
+        ValueError: one line, ``"{label}: the {what} loss of test example {j} is {v} at step
+            {t}; {fix}"`` for the first bad entry.
+    """
     for arr, label in zip(arrays, run_labels, strict=True):
         cols = np.asarray(arr)[:, list(tests)]
         bad = ~np.isfinite(cols)
@@ -93,8 +112,8 @@ def _trajectory_figure(true, pred, run_labels, tests, test_labels=None, title=No
     tests = [int(j) for j in tests]
     if not tests:
         raise ValueError("tests is empty; pass at least one test-example index to plot")
-    _check_finite(true, run_labels, tests, "observed", "repair or drop that run")
-    _check_finite(
+    check_finite_losses(true, run_labels, tests, "observed", "repair or drop that run")
+    check_finite_losses(
         pred,
         run_labels,
         tests,

@@ -112,15 +112,19 @@ def spearman(
     return _pearson(rankdata(a), rankdata(b))
 
 
+def _check_shapes(pred_shape: tuple[int, ...], true_shape: tuple[int, ...]) -> None:
+    if pred_shape != true_shape:
+        raise ValueError(f"pred shape {pred_shape} differs from true shape {true_shape}")
+    if len(pred_shape) < 2 or pred_shape[-2] < 2:
+        raise ValueError(
+            f"expected [..., T+1, n_test] trajectories with T >= 1, got shape {pred_shape}"
+        )
+
+
 def _check_pair(pred, true):
     pred = jnp.asarray(pred, jnp.float32)
     true = jnp.asarray(true, jnp.float32)
-    if pred.shape != true.shape:
-        raise ValueError(f"pred shape {pred.shape} differs from true shape {true.shape}")
-    if pred.ndim < 2 or pred.shape[-2] < 2:
-        raise ValueError(
-            f"expected [..., T+1, n_test] trajectories with T >= 1, got shape {pred.shape}"
-        )
+    _check_shapes(pred.shape, true.shape)
     return pred, true
 
 
@@ -214,19 +218,9 @@ def metrics(
 
 def _rankdata64(x: np.ndarray) -> np.ndarray:
     """float64 average ranks along the last axis (scipy's "average"); NaN rows -> NaN."""
-    n = x.shape[-1]
-    order = np.argsort(x, axis=-1, kind="stable")
-    xs = np.take_along_axis(x, order, axis=-1)
-    pos = np.broadcast_to(np.arange(n), x.shape)
-    starts = np.ones(x.shape, bool)  # sorted position opens a run of ties
-    starts[..., 1:] = xs[..., 1:] != xs[..., :-1]
-    ends = np.ones(x.shape, bool)  # sorted position closes a run of ties
-    ends[..., :-1] = starts[..., 1:]
-    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
-    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, pos, n - 1), -1), axis=-1), -1)
-    ranks = np.empty(x.shape, np.float64)
-    np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=-1)
-    return np.where(np.isnan(x).any(axis=-1, keepdims=True), np.nan, ranks)
+    from scipy.stats import rankdata as scipy_rankdata  # host side: exact, no float32
+
+    return scipy_rankdata(x, method="average", axis=-1, nan_policy="propagate").astype(np.float64)
 
 
 def _spearman64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -262,12 +256,7 @@ def host_metrics(
     """
     pred = np.asarray(pred, np.float64)
     true = np.asarray(true, np.float64)
-    if pred.shape != true.shape:
-        raise ValueError(f"pred shape {pred.shape} differs from true shape {true.shape}")
-    if pred.ndim < 2 or pred.shape[-2] < 2:
-        raise ValueError(
-            f"expected [..., T+1, n_test] trajectories with T >= 1, got shape {pred.shape}"
-        )
+    _check_shapes(pred.shape, true.shape)
     with np.errstate(over="ignore", invalid="ignore"):
         err = pred - true
         return {

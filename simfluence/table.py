@@ -72,19 +72,6 @@ def _num(x: float | None, kind: str) -> str:
 
 
 def _pm(stat: dict | None, kind: str, notes: _Notes, what: str, n_runs: int | None = None) -> str:
-    if stat is not None and what == "across-run ρ" and stat.get("stderr") is not None:
-        from simfluence.scoring import ACROSS_RUN_STDERR_METHOD
-
-        if stat.get("stderr_method") != ACROSS_RUN_STDERR_METHOD:
-            # Results written before the jackknife: their stderr is over test examples, which
-            # share the runs, so it is far too small; do not show it under the jackknife label.
-            stat = {
-                **stat,
-                "stderr": None,
-                "stderr_undefined_reason": "this results file predates the jackknife over "
-                "held-out runs (its stderr over test examples is too small); rerun "
-                "`simfluence evaluate` for it",
-            }
     if stat is None:
         return notes.mark(f"{what}: not computed for this variant")
     if stat.get("mean") is None:
@@ -295,6 +282,27 @@ def _check_entry(f: Path, name: str, entry: Any) -> None:
         raise bad(f"{where}.lambda_edges", 'an object like {"l2_a": "upper"} or null', edges)
 
 
+def _results_file(path: Path) -> Path:
+    """The results JSON a `table` input names: the file itself, or EXP/results.json."""
+    return path / "results.json" if path.is_dir() else path
+
+
+def _drop_pre_jackknife_stderr(entry: dict) -> None:
+    """Results written before the jackknife hold an across-run stderr over test examples, which
+    share the runs, so it is far too small: never show it under the jackknife caption."""
+    from simfluence.scoring import ACROSS_RUN_STDERR_METHOD
+
+    stat = entry.get("across_run_spearman")
+    if stat is None or stat.get("stderr") is None:
+        return
+    if stat.get("stderr_method") != ACROSS_RUN_STDERR_METHOD:
+        stat["stderr"] = None
+        stat["stderr_undefined_reason"] = (
+            "this results file predates the jackknife over held-out runs (its stderr over test "
+            "examples is too small); rerun `simfluence evaluate` for it"
+        )
+
+
 def load_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
     """Read `evaluate` results from JSON files or experiment folders holding results.json.
 
@@ -318,7 +326,7 @@ def load_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
     out = []
     for p in paths:
         p = Path(p)
-        f = p / "results.json" if p.is_dir() else p
+        f = _results_file(p)
         if not f.is_file():
             hint = (
                 f"{p} holds no results.json; run `simfluence evaluate {p} --out {f}` first"
@@ -334,6 +342,7 @@ def load_results(paths: Sequence[str | os.PathLike]) -> list[dict]:
             raise RunLogError(f"{f}: not a `simfluence evaluate` result (no 'variants' object)")
         for name, entry in data["variants"].items():
             _check_entry(f, name, entry)
+            _drop_pre_jackknife_stderr(entry)
         exp = data.setdefault("experiment", {})
         if not isinstance(exp, dict):
             raise RunLogError(f"{f}: 'experiment' must be an object, got {exp!r:.60}")
@@ -478,7 +487,7 @@ def write_table(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> t
         raise RunLogError(f"--out {out}: expected a .md path (the JSON goes beside it)")
     json_path = out.with_suffix(".json")
     for p in map(Path, paths):
-        source = p / "results.json" if p.is_dir() else p
+        source = _results_file(p)
         if source.resolve() in (out.resolve(), json_path.resolve()):
             raise RunLogError(
                 f"--out {out}: its table ({out.name}, {json_path.name}) would overwrite the "

@@ -1,7 +1,8 @@
 # Thin wrappers over the `finetune` and `simfluence` CLIs. `make help` lists the targets.
 #   make runs CONFIG=runs/<name>      training runs        -> $(EXP) (default runs/<name>/output)
 #   make tracin CONFIG=runs/<name>    TracIn-CP dots       -> $(EXP)/run_XXX/tracin.npz
-#   make simulate CONFIG=runs/<name>  every simulator      -> $(EXP)/results.json, sim_linear.npz
+#   make simulate CONFIG=runs/<name>  every simulator      -> $(EXP)/results.json, sim_<variant>.npz
+#   make counterfactual CONFIG=...    train proposals      -> $(EXP)/counterfactual/report.md
 #   make figures CONFIG=runs/<name>   plots + influences   -> $(EXP)/figures/
 #   make table                        every results.json   -> results/table.md (+ table.json)
 # `runs` and `tracin` skip finished work and complete unfinished work (run them again after a
@@ -33,6 +34,8 @@ FIT_RUNS ?= 0-19
 VALID_RUNS ?= 20-21
 PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
+# Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
+CF_ARGS ?=
 TABLE_INPUTS ?= $(wildcard runs/*/output/results.json)
 TABLE_OUT ?= results/table.md
 # Tests run the targets with INSTALL_DEP= and PYTHON=<their interpreter>.
@@ -40,7 +43,8 @@ INSTALL_DEP ?= install
 FINETUNE = $(PYTHON) -m finetune.cli
 SIMFLUENCE = $(PYTHON) -m simfluence.cli
 
-.PHONY: help install test test-all demo runs tracin simulate table figures bench lint tpu-submit
+.PHONY: help install test test-all demo runs tracin simulate counterfactual table figures bench \
+  lint tpu-submit
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -60,10 +64,10 @@ test-all: install  ## Every test, the slow ones too.
 	$(PYTHON) -m pytest -q -m "slow or not slow" tests
 
 demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots).
-	$(MAKE) --no-print-directory runs tracin simulate figures CONFIG=runs/demo OUT=$(DEMO_EXP) \
-	  INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON)
+	$(MAKE) --no-print-directory runs tracin simulate figures counterfactual CONFIG=runs/demo \
+	  OUT=$(DEMO_EXP) INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON) CF_ARGS=
 	$(SIMFLUENCE) table $(DEMO_EXP)/results.json --out $(DEMO_EXP)/table.md
-	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, figures/"
+	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, figures/, counterfactual/report.md"
 
 runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interrupted experiment).
 	$(FINETUNE) run $(CONFIG) --out $(EXP)
@@ -71,10 +75,19 @@ runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interru
 tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
 	$(FINETUNE) tracin $(EXP)
 
-simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); fits the linear simulator.
+simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); fits each to $(EXP)/sim_<variant>.npz.
 	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json
-	$(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant linear \
-	  --out $(EXP)/sim_linear.npz
+	for v in linear additive multiplicative; do \
+	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \
+	    --out $(EXP)/sim_$$v.npz || exit; done
+	if compgen -G "$(EXP)/run_*/tracin.npz" > /dev/null; then for v in tracin-cp tracin-cp-rescaled; do \
+	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --variant $$v --out $(EXP)/sim_$$v.npz || exit; \
+	done; fi
+
+counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.
+	$(SIMFLUENCE) counterfactual propose $(EXP) $(CF_ARGS)
+	$(FINETUNE) counterfactual $(EXP)
+	$(SIMFLUENCE) counterfactual score $(EXP)
 
 figures: $(INSTALL_DEP)  ## Trajectories, fitted A/B distributions and top influences for $(EXP).
 	$(SIMFLUENCE) figures $(EXP) --sim $(EXP)/sim_linear.npz --runs $(PLOT_RUN) --tests $(TESTS) \

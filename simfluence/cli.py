@@ -160,7 +160,8 @@ def _cmd_evaluate(args) -> None:
 
 def _cmd_fit(args) -> None:
     from simfluence import simulators
-    from simfluence.runlog import load_runs, read_experiment
+    from simfluence.runlog import experiment_sha256, load_runs, read_experiment
+    from simfluence.tracin import TRACIN_VARIANTS
 
     out = _check_out(args.out, [".npz"])
     if (args.l2_a is None) != (args.l2_b is None):
@@ -170,6 +171,14 @@ def _cmd_fit(args) -> None:
     info = read_experiment(args.exp)
     fit_idx = _parse_indices(args.runs, "--runs")
     runs = load_runs(args.exp, fit_idx)
+    origin = {
+        "experiment_sha256": experiment_sha256(args.exp),
+        "fit_runs": fit_idx,
+        "valid_runs": _parse_indices(args.valid_runs, "--valid-runs") if args.valid_runs else [],
+    }
+    if args.variant in TRACIN_VARIANTS:
+        _fit_tracin(args, runs, out, origin)
+        return
     curs, losses = [r.curriculum for r in runs], [r.losses for r in runs]
     if args.valid_runs:
         valid_idx = _parse_indices(args.valid_runs, "--valid-runs")
@@ -204,10 +213,28 @@ def _cmd_fit(args) -> None:
         a_prior=args.a_prior,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    simulators.save_simulator(out, sim)
+    simulators.save_simulator(out, sim, origin=origin)
     print(
         f"fitted {args.variant} on {len(runs)} runs (n_test={sim.n_test}, n_train={sim.n_train}); "
         f"l2_a={sim.l2_a:g}, l2_b={sim.l2_b:g} ({source}), a_prior={sim.a_prior:g}; wrote {out}"
+    )
+
+
+def _fit_tracin(args, runs, out: Path, origin: dict) -> None:
+    """`fit --variant tracin-cp[-rescaled]`: the averaged dots of the fitting runs (and the
+    least-squares scale) into a TracIn-CP simulator file."""
+    from simfluence import tracin
+
+    if args.valid_runs or args.l2_a is not None or args.a_prior is not None:
+        raise ValueError(
+            f"--variant {args.variant} has no lambdas or prior; leave out --valid-runs, "
+            "--l2-a, --l2-b and --a-prior"
+        )
+    sim = tracin.from_runs(runs, variant=args.variant)
+    tracin.save_tracin_simulator(out, sim, origin=origin)
+    print(
+        f"built {args.variant} from the tracin.npz of runs "
+        f"{','.join(map(str, sim.source_runs))} (scale {sim.scale:g}); wrote {out}"
     )
 
 
@@ -458,6 +485,58 @@ def _cmd_figures(args) -> None:
     print("wrote " + ", ".join(str(p) for p in written))
 
 
+def _parse_sims(text: str) -> dict[str, str]:
+    """'linear=a.npz,additive=b.npz' -> {variant: path}."""
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, sep, path = part.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--sims {text!r}: expected VARIANT=FILE pairs like linear=sim.npz")
+        out[name.strip()] = path.strip()
+    if not out:
+        raise ValueError(f"--sims {text!r}: no simulator given")
+    return out
+
+
+def _cmd_cf_propose(args) -> None:
+    from simfluence import counterfactual as cf
+
+    sims = _parse_sims(args.sims) if args.sims else None
+    if args.k < 1:
+        raise ValueError(f"--k {args.k} must be >= 1")
+    proposals, curricula, header = cf.propose(
+        args.exp,
+        simulator_files=sims,
+        proposer=args.proposer,
+        base_runs=_parse_indices(args.base_runs, "--base-runs") if args.base_runs else None,
+        tests=_parse_indices(args.tests, "--tests") if args.tests else None,
+        n_targets=args.targets,
+        kinds=args.kinds.split(","),
+        k=args.k,
+        seed=args.seed,
+        optimize_cap=args.optimize_cap,
+    )
+    path, written = cf.write_proposals(args.exp, proposals, curricula, header)
+    kinds = ", ".join(header["settings"]["kinds"])
+    state = "wrote" if written else "kept the identical proposals already in"
+    print(
+        f"{len(proposals)} proposals ({kinds}) for {len(header['settings']['tests'])} target "
+        f"test examples on base runs {header['settings']['base_runs']}, proposed by "
+        f"{args.proposer}; {state} {path}; next: `finetune counterfactual {args.exp}`"
+    )
+
+
+def _cmd_cf_score(args) -> None:
+    from simfluence import counterfactual as cf
+
+    report = cf.score(args.exp)
+    paths = cf.write_report(args.exp, report)
+    sys.stdout.write(cf.format_report(report))
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------
@@ -545,8 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variant",
         default="linear",
-        choices=["linear", "additive", "multiplicative"],
-        help="simulator variant (default linear)",
+        choices=["linear", "additive", "multiplicative", "tracin-cp", "tracin-cp-rescaled"],
+        help="simulator variant (default linear); the tracin ones average the fitting runs' "
+        "tracin.npz (used by `simfluence counterfactual`)",
     )
     p.add_argument(
         "--valid-runs",
@@ -662,6 +742,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="influential examples to list (default 10)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_figures)
+
+    p = sub.add_parser(
+        "counterfactual",
+        help="propose curricula to train, then score every simulator against the trained runs",
+        description="The counterfactual check: `propose` writes EXP/counterfactual/proposals; "
+        "`finetune counterfactual EXP` trains them; `score` compares every simulator's "
+        "predicted change with the trained runs (report.json, report.md, a figure).",
+    )
+    cf_sub = p.add_subparsers(
+        dest="cf_command",
+        metavar="STEP",
+        parser_class=_Parser,
+        help="propose (before training) or score (after `finetune counterfactual EXP`)",
+    )
+    cf_sub.required = True
+    q = cf_sub.add_parser(
+        "propose",
+        help="curricula proposed by a fitted simulator from base runs",
+        description="One proposal per (target test example, kind). Removal kinds replace "
+        "every slot of the k removed examples by a seeded draw from the rest of the pool. "
+        "Rerunning with the same arguments keeps the proposals (and trained runs); other "
+        "arguments or changed simulator files are refused.",
+    )
+    q.add_argument("exp", metavar="EXP", help="experiment folder")
+    q.add_argument(
+        "--sims",
+        default=None,
+        help="VARIANT=FILE,... simulators to score, relative to EXP or absolute (default: "
+        "every EXP/sim_<variant>.npz, as `make simulate` writes)",
+    )
+    q.add_argument(
+        "--proposer", default="linear", help="the Simfluence variant that proposes (default linear)"
+    )
+    q.add_argument(
+        "--base-runs",
+        default=None,
+        help="base run indices (default: the held-out runs of the experiment's split)",
+    )
+    q.add_argument(
+        "--tests", default=None, help="target test examples (default: --targets drawn at random)"
+    )
+    q.add_argument(
+        "--targets", type=int, default=12, help="targets to draw when --tests is absent (12)"
+    )
+    q.add_argument(
+        "--kinds",
+        default=",".join(("remove-top", "remove-bottom", "remove-random", "reorder", "optimize")),
+        help="proposal kinds (default: all five)",
+    )
+    q.add_argument("--k", type=int, default=10, help="examples removed per removal proposal (10)")
+    q.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
+    q.add_argument(
+        "--optimize-cap",
+        type=int,
+        default=None,
+        help="most uses of one example in an optimize curriculum (default: the largest count "
+        "in the base curriculum)",
+    )
+    q.set_defaults(func=_cmd_cf_propose)
+    q = cf_sub.add_parser(
+        "score",
+        help="predicted against actual change for every proposal and simulator",
+        description="Needs every proposal trained (`finetune counterfactual EXP`). Writes "
+        "EXP/counterfactual/report.json, report.md and predicted_vs_actual.png.",
+    )
+    q.add_argument("exp", metavar="EXP", help="experiment folder")
+    q.set_defaults(func=_cmd_cf_score)
     return parser
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "top_influences",
     "format_influences",
     "check_finite_losses",
+    "plot_counterfactual",
 ]
 
 
@@ -291,3 +292,50 @@ def format_influences(rows: Sequence[dict], test_index: int, test_text: str | No
             f"{r['count']:>5}  {' '.join(str(r.get('text', '')).split())}"  # one line a row
         )
     return "\n".join(lines) + "\n"
+
+
+def plot_counterfactual(
+    path: str | os.PathLike,
+    predicted: dict[str, Sequence[float]],
+    actual: Sequence[float],
+    kinds: Sequence[str],
+    title: str | None = None,
+) -> Path:
+    """Predicted against actual change of the target's final loss, one panel per variant.
+
+    Args:
+        path: output image (.png, .pdf or .svg), written atomically.
+        predicted: {variant: [P] predicted changes}.
+        actual: [P] actual changes (from the trained counterfactual runs).
+        kinds: [P] proposal kinds (the colours).
+        title: optional figure title.
+
+    Returns:
+        The written path.
+    """
+    from matplotlib import colormaps
+
+    actual = np.asarray(actual, np.float64)
+    order = list(dict.fromkeys(kinds))
+    colors = dict(zip(order, colormaps["tab10"].colors, strict=False))
+    fig, axes = _figure(len(predicted), panel_size=(3.2, 3.0))
+    for ax, (variant, pred) in zip(axes, predicted.items(), strict=True):
+        pred = np.asarray(pred, np.float64)
+        lo = float(min(pred.min(), actual.min()))
+        hi = float(max(pred.max(), actual.max()))
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", lw=0.8, ls="--")
+        ax.axhline(0.0, color="0.85", lw=0.6)
+        ax.axvline(0.0, color="0.85", lw=0.6)
+        for kind in order:
+            m = np.array([k == kind for k in kinds])
+            ax.scatter(pred[m], actual[m], s=14, color=colors[kind], label=kind, alpha=0.85)
+        ax.set_title(variant, fontsize=9)
+        ax.set_xlabel("predicted change", fontsize=8)
+        ax.set_ylabel("actual change (trained)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(order), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -60,6 +60,12 @@ __all__ = [
     "write_tracin",
     "read_tracin",
     "read_examples",
+    "experiment_sha256",
+    "counterfactual_dir",
+    "curricula_sha256",
+    "write_proposals",
+    "read_proposals",
+    "load_counterfactual_runs",
 ]
 
 EXPERIMENT_FILE = "experiment.json"
@@ -300,6 +306,28 @@ def read_experiment(exp_dir: str | os.PathLike) -> dict:
     return _check_info(_read_json(path, "experiment.json"), str(path))
 
 
+def experiment_sha256(exp_dir: str | os.PathLike) -> str:
+    """Content hash of `EXP/experiment.json` (canonical JSON), identifying the experiment.
+
+    Simulators record it when fitted, so a simulator of another experiment (another pool or
+    tracked set) is recognised even when its sizes agree.
+
+    Args:
+        exp_dir: experiment folder.
+
+    Returns:
+        Hex SHA-256 of the experiment's info, serialised with sorted keys.
+
+    Raises:
+        RunLogError: see `read_experiment`.
+    """
+    import hashlib
+
+    info = read_experiment(exp_dir)
+    text = json.dumps(info, sort_keys=True, default=_json_default, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def read_examples(exp_dir: str | os.PathLike) -> dict | None:
     """Read the optional `EXP/examples.json` (texts for display).
 
@@ -421,7 +449,10 @@ def _validate_lr(lr: np.ndarray, origin: str, steps: int) -> np.ndarray:
 
 
 def _experiment_for_run(run_path: Path) -> dict | None:
-    path = run_path.parent / EXPERIMENT_FILE
+    parent = run_path.parent
+    if parent.name == COUNTERFACTUAL_DIR and not (parent / EXPERIMENT_FILE).is_file():
+        parent = parent.parent  # EXP/counterfactual/run_XXX: validated against EXP
+    path = parent / EXPERIMENT_FILE
     if path.is_file():
         return _check_info(_read_json(path, "experiment.json"), str(path))
     return None
@@ -600,7 +631,12 @@ def _format_indices(indices: Iterable[int]) -> str:
     return ",".join(parts) if parts else "none"
 
 
-def load_runs(exp_dir: str | os.PathLike, indices: Sequence[int] | None = None) -> list[Run]:
+def load_runs(
+    exp_dir: str | os.PathLike,
+    indices: Sequence[int] | None = None,
+    *,
+    _folder: str | os.PathLike | None = None,
+) -> list[Run]:
     """Load and validate complete runs of an experiment.
 
     With `indices=None`, every complete run is returned in index order and each incomplete run
@@ -619,8 +655,9 @@ def load_runs(exp_dir: str | os.PathLike, indices: Sequence[int] | None = None) 
         RunLogError: missing folder/files, bad dtype/shape/ids/NaN, mixed batch sizes, or a
             requested run that does not exist or is incomplete.
     """
-    exp_dir = Path(exp_dir)
     info = read_experiment(exp_dir)
+    # `_folder`: the run folders live elsewhere (EXP/counterfactual), validated against EXP.
+    exp_dir = Path(exp_dir if _folder is None else _folder)
     listing = list_runs(exp_dir)
     by_index = {i: (p, c) for i, p, c in listing}
     if indices is None:
@@ -836,3 +873,189 @@ def read_tracin(run_dir: str | os.PathLike) -> dict | None:
         origin,
         _experiment_for_run(Path(run_dir)),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Counterfactual proposals and runs (EXP/counterfactual/)
+# ----------------------------------------------------------------------------------------------
+
+COUNTERFACTUAL_DIR = "counterfactual"
+PROPOSALS_FILE = "proposals.json"
+PROPOSAL_CURRICULA_FILE = "proposals.npz"
+_PROPOSAL_KEYS = ("id", "kind", "base_run", "test", "k", "removed", "run")
+
+
+def counterfactual_dir(exp_dir: str | os.PathLike) -> Path:
+    """Folder of an experiment's counterfactual check (`EXP/counterfactual`); nothing is created.
+
+    Args:
+        exp_dir: experiment folder.
+
+    Returns:
+        `exp_dir / "counterfactual"`. Its `run_XXX/` folders are run logs like `EXP`'s own, with
+        the proposal they train recorded in `meta.json`; `EXP`'s own readers never see them.
+    """
+    return Path(exp_dir) / COUNTERFACTUAL_DIR
+
+
+def curricula_sha256(curricula: Int[ArrayLike, "P T b"]) -> str:
+    """Content hash of proposal curricula (int32, C order, shape included).
+
+    Args:
+        curricula: int [P, T, b].
+
+    Returns:
+        Hex SHA-256 of the shape and the int32 bytes.
+    """
+    import hashlib
+
+    arr = np.ascontiguousarray(np.asarray(curricula, dtype=np.int32))
+    h = hashlib.sha256(repr(arr.shape).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _check_proposals(proposals: Any, curricula: np.ndarray, info: dict, origin: str) -> list[dict]:
+    n_train, n_test = info["n_train"], info["n_test"]
+    if not isinstance(proposals, list) or not proposals:
+        raise _error(f"{origin}: 'proposals' must be a non-empty list; propose again")
+    if (
+        curricula.ndim != 3
+        or not np.issubdtype(curricula.dtype, np.integer)
+        or 0 in curricula.shape
+    ):
+        raise _error(
+            f"{origin}: proposal curricula have dtype {curricula.dtype} shape {curricula.shape}; "
+            "expected int [proposals, steps, batch]; propose again"
+        )
+    if curricula.shape[0] != len(proposals):
+        raise _error(
+            f"{origin}: {len(proposals)} proposals but {curricula.shape[0]} curricula; "
+            "propose again"
+        )
+    if curricula.min() < 0 or curricula.max() >= n_train:
+        raise _error(
+            f"{origin}: a proposal curriculum holds id {int(curricula.max())} or "
+            f"{int(curricula.min())} outside 0..{n_train - 1} (n_train in experiment.json); "
+            "propose again for this experiment"
+        )
+    out = []
+    for pos, p in enumerate(proposals):
+        where = f"{origin}: proposal {pos}"
+        if not isinstance(p, dict) or any(k not in p for k in _PROPOSAL_KEYS):
+            raise _error(f"{where} lacks one of {', '.join(_PROPOSAL_KEYS)}; propose again")
+        if p["id"] != pos or p["run"] != f"run_{pos:03d}":
+            raise _error(
+                f"{where} has id {p['id']!r} and run {p['run']!r}; expected {pos} and "
+                f"run_{pos:03d}; propose again"
+            )
+        if not isinstance(p["kind"], str) or not p["kind"]:
+            raise _error(f"{where}: kind must be a non-empty string")
+        for key, hi in (("base_run", None), ("test", n_test), ("k", None)):
+            v = p[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (hi and v >= hi):
+                rng = f"0..{hi - 1}" if hi else ">= 0"
+                raise _error(f"{where}: {key}={v!r} must be an int in {rng}")
+        removed = p["removed"]
+        if not isinstance(removed, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_train for i in removed
+        ):
+            raise _error(f"{where}: removed must be a list of pool positions 0..{n_train - 1}")
+        out.append(p)
+    return out
+
+
+def write_proposals(
+    exp_dir: str | os.PathLike,
+    proposals: Sequence[dict],
+    curricula: Int[ArrayLike, "P T b"],
+    header: dict | None = None,
+) -> Path:
+    """Validate and write `EXP/counterfactual/proposals.npz`, then `proposals.json` (last).
+
+    Args:
+        exp_dir: experiment folder (holding experiment.json).
+        proposals: one dict per proposal with `id` (its position), `kind`, `base_run`, `test`,
+            `k`, `removed` (pool positions) and `run` (`run_{id:03d}`), plus anything JSON.
+        curricula: int [P, T, b]: the curriculum proposal `id` trains, exactly.
+        header: extra JSON (settings, simulator files) stored beside the proposals.
+
+    Returns:
+        Path of proposals.json.
+
+    Raises:
+        RunLogError: malformed proposals or curricula (ids outside the pool, counts differ).
+    """
+    exp_dir = Path(exp_dir)
+    info = read_experiment(exp_dir)
+    folder = counterfactual_dir(exp_dir)
+    cur = np.asarray(curricula)
+    props = _check_proposals(list(proposals), cur, info, str(folder / PROPOSALS_FILE))
+    cur = cur.astype(np.int32)
+    out = dict(header or {})
+    out.update(curricula_sha256=curricula_sha256(cur), proposals=props)
+    (folder / PROPOSALS_FILE).unlink(missing_ok=True)
+    atomic_savez(folder / PROPOSAL_CURRICULA_FILE, curricula=cur)
+    return atomic_write_json(folder / PROPOSALS_FILE, out)
+
+
+def read_proposals(exp_dir: str | os.PathLike) -> dict | None:
+    """Read and validate the counterfactual proposals of an experiment.
+
+    Args:
+        exp_dir: experiment folder.
+
+    Returns:
+        None when `EXP/counterfactual/proposals.json` does not exist; else proposals.json's
+        content with `curricula` (int32 [P, T, b], read-only) added.
+
+    Raises:
+        RunLogError: unreadable or malformed files, or curricula that do not match the hash
+            recorded in proposals.json.
+    """
+    exp_dir = Path(exp_dir)
+    folder = counterfactual_dir(exp_dir)
+    path = folder / PROPOSALS_FILE
+    if not path.is_file():
+        return None
+    info = read_experiment(exp_dir)
+    data = _read_json(path, "proposals.json")
+    if not isinstance(data, dict) or "proposals" not in data or "curricula_sha256" not in data:
+        raise _error(f"{path}: not a proposals file (no proposals or curricula_sha256)")
+    npz = folder / PROPOSAL_CURRICULA_FILE
+    if not npz.is_file():
+        raise _error(f"{npz}: not found beside {path.name}; propose again")
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            cur = z["curricula"]
+    except (OSError, ValueError, EOFError, KeyError) as exc:
+        raise _error(f"{npz}: cannot read curricula ({exc}); propose again") from exc
+    if curricula_sha256(cur) != data["curricula_sha256"]:
+        raise _error(
+            f"{npz}: its curricula do not match the hash in {path.name} (changed after "
+            "proposing?); propose again"
+        )
+    _check_proposals(data["proposals"], cur, info, str(path))
+    cur = cur.astype(np.int32)
+    cur.setflags(write=False)
+    return dict(data, curricula=cur)
+
+
+def load_counterfactual_runs(
+    exp_dir: str | os.PathLike, indices: Sequence[int] | None = None
+) -> list[Run]:
+    """Load complete counterfactual runs (`EXP/counterfactual/run_XXX`), validated against
+    `EXP/experiment.json`, like `load_runs`.
+
+    Args:
+        exp_dir: experiment folder (not its counterfactual folder).
+        indices: proposal ids to load (errors if missing or incomplete), or None for every
+            complete one (incomplete ones are skipped with a warning).
+
+    Returns:
+        List of `Run`.
+
+    Raises:
+        RunLogError: as `load_runs`.
+    """
+    return load_runs(exp_dir, indices, _folder=counterfactual_dir(exp_dir))

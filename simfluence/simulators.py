@@ -1028,12 +1028,14 @@ def removal_influence(
 # ----------------------------------------------------------------------------------------------
 
 
-def save_simulator(path, sim: Simulator) -> None:
+def save_simulator(path, sim: Simulator, *, origin: dict | None = None) -> None:
     """Writes a simulator to an .npz file atomically (temporary name, then rename).
 
     Args:
         path: destination file (its folder is created if needed; no suffix is appended).
         sim: the `Simulator` to save (A, B, variant, l2_a, l2_b, a_prior, batch).
+        origin: optional JSON-able record of where it was fitted (`simfluence fit` stores
+            ``{"experiment_sha256", "fit_runs", "valid_runs"}``); read back by `read_origin`.
 
     Raises:
         ValueError: `sim` is not a valid Simulator.
@@ -1041,6 +1043,7 @@ def save_simulator(path, sim: Simulator) -> None:
     _check_sim(sim)
     atomic_savez(
         Path(path),
+        **_origin_arrays(origin),
         A=np.asarray(sim.A, np.float32),
         B=np.asarray(sim.B, np.float32),
         variant=np.asarray(sim.variant),
@@ -1111,3 +1114,43 @@ def load_simulator(path) -> Simulator:
         a_prior=float(data["a_prior"]),
         batch=batch,
     )
+
+
+def _origin_arrays(origin: dict | None) -> dict:
+    import json
+
+    return {} if origin is None else {"origin": np.asarray(json.dumps(origin, sort_keys=True))}
+
+
+def read_origin(path) -> dict | None:
+    """Where a saved simulator (Simfluence or TracIn-CP) was fitted, as `save_simulator` got it.
+
+    Args:
+        path: a simulator .npz file.
+
+    Returns:
+        The ``origin`` dict, or None when the file records none (written without one, or by an
+        older version).
+
+    Raises:
+        ValueError: the file cannot be read, or its origin is not a JSON object.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile) or "origin" not in z.files:
+                return None
+            text = str(z["origin"])
+    except AttributeError:  # a plain .npy has no `files`
+        return None
+    except Exception as e:  # OSError, zipfile errors: one line naming the file
+        raise ValueError(f"{path}: cannot read simulator ({type(e).__name__}: {e})") from None
+    try:
+        origin = json.loads(text)
+    except json.JSONDecodeError:
+        origin = None
+    if not isinstance(origin, dict):
+        raise ValueError(f"{path}: its 'origin' is not a JSON object; refit the simulator")
+    return origin

@@ -30,15 +30,17 @@ References:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float, Int
 
-from simfluence.runlog import Run, RunLogError, read_tracin
+from simfluence.runlog import Run, RunLogError, atomic_savez, read_tracin
 
 __all__ = [
     "TRACIN_VARIANTS",
@@ -48,6 +50,8 @@ __all__ = [
     "fit_scale",
     "predicted_deltas",
     "simulate_tracin",
+    "save_tracin_simulator",
+    "load_tracin_simulator",
 ]
 
 TRACIN_VARIANTS = ("tracin-cp", "tracin-cp-rescaled")
@@ -268,3 +272,76 @@ def fit_scale(sim: TracInSimulator, runs: Sequence[Run]) -> float:
             "(all dots are 0?); the scale is undefined"
         )
     return num / den
+
+
+_FILE_KEYS = ("steps", "learning_rates", "dots", "scale", "variant", "source_runs")
+
+
+def save_tracin_simulator(path, sim: TracInSimulator, *, origin: dict | None = None) -> None:
+    """Writes a TracIn-CP simulator (averaged dots, scale) to an .npz file atomically.
+
+    Args:
+        path: destination file (no suffix is appended).
+        sim: the `TracInSimulator`.
+        origin: optional JSON-able record of where it was built (as in
+            `simfluence.simulators.save_simulator`; read back by `simulators.read_origin`).
+    """
+    extra = {} if origin is None else {"origin": np.asarray(json.dumps(origin, sort_keys=True))}
+    atomic_savez(
+        Path(path),
+        steps=np.asarray(sim.steps, np.int32),
+        learning_rates=np.asarray(sim.learning_rates, np.float32),
+        dots=np.asarray(sim.dots, np.float32),
+        scale=np.asarray(sim.scale, np.float64),
+        variant=np.asarray(sim.variant),
+        source_runs=np.asarray(sim.source_runs, np.int64),
+        **extra,
+    )
+
+
+def load_tracin_simulator(path) -> TracInSimulator:
+    """Reads a TracIn-CP simulator written by `save_tracin_simulator`.
+
+    Args:
+        path: the .npz file.
+
+    Returns:
+        The `TracInSimulator`.
+
+    Raises:
+        ValueError: missing or unreadable file, missing keys or bad shapes, naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"simulator file {path} does not exist; write one with `simfluence fit`")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in _FILE_KEYS if k not in z.files]
+            if missing:
+                raise ValueError(
+                    f"{path}: not a TracIn-CP simulator file (missing {', '.join(missing)}); "
+                    "write one with `simfluence fit --variant tracin-cp-rescaled`"
+                )
+            data = {k: z[k] for k in _FILE_KEYS}
+    except ValueError:
+        raise
+    except Exception as e:  # OSError, zipfile errors: one line naming the file
+        raise ValueError(f"{path}: cannot read simulator ({type(e).__name__}: {e})") from None
+    variant = str(data["variant"])
+    dots = data["dots"]
+    k = data["steps"].shape
+    if variant not in TRACIN_VARIANTS or dots.ndim != 3 or k != (dots.shape[0],):
+        raise ValueError(
+            f"{path}: bad TracIn-CP simulator (variant {variant!r}, steps {k}, dots "
+            f"{dots.shape}); write it again with `simfluence fit`"
+        )
+    if not (np.isfinite(dots).all() and np.isfinite(data["scale"])):
+        raise ValueError(f"{path}: dots or scale contain NaN or inf; build it again")
+    return TracInSimulator(
+        steps=data["steps"].astype(np.int32),
+        learning_rates=data["learning_rates"].astype(np.float32),
+        dots=dots.astype(np.float32),
+        scale=float(data["scale"]),
+        variant=variant,
+        source_runs=tuple(int(i) for i in data["source_runs"]),
+    )

@@ -73,12 +73,16 @@ def test_help_explains_every_flag(capsys):
         "demo-data",
         "table",
         "figures",
+        "counterfactual",
     }
-    for name, p in sub.choices.items():
+    commands = [([name], p) for name, p in sub.choices.items()]
+    cf = next(a for a in sub.choices["counterfactual"]._actions if a.dest == "cf_command")
+    commands += [(["counterfactual", name], p) for name, p in cf.choices.items()]
+    for argv, p in commands:
         for action in p._actions:
-            assert action.help, f"{name} {action.dest} has no help"
+            assert action.help, f"{argv} {action.dest} has no help"
         with pytest.raises(SystemExit) as exc:
-            main([name, "--help"])
+            main([*argv, "--help"])
         assert exc.value.code == 0
         assert "usage:" in capsys.readouterr().out
 

@@ -1,0 +1,936 @@
+"""The counterfactual check: train the curricula a simulator proposes and score every prediction.
+
+`evaluate` scores simulators on held-out runs drawn like the fitting runs. Training data
+attribution is judged by retraining, so this module closes the loop on the "what if" questions
+the simulators answer:
+
+1. `propose` (``simfluence counterfactual propose EXP``): from a fitted simulator (the
+   *proposer*) and a base run (held-out runs by default), one curriculum per (target test
+   example, kind) pair, written to ``EXP/counterfactual/proposals.{json,npz}`` through
+   `simfluence.runlog.write_proposals`. Kinds:
+
+   - ``remove-top``: the k pool examples whose removal the proposer predicts raises the
+     target's final loss the most (its most helpful ones, by `simulators.removal_influence`);
+   - ``remove-bottom``: the k whose removal it predicts lowers that loss the most;
+   - ``remove-random``: k random examples of the base curriculum (the control);
+   - ``reorder``: the base run's batches in a random other order (same multiset of batches);
+   - ``optimize``: a greedy curriculum over the proposer (`optimize_curriculum`).
+
+   Removal rule, the same for every removal kind (`remove_examples`): each slot holding a
+   removed example gets an example drawn uniformly (seeded) from the pool minus the removed
+   set; every other slot is unchanged, so batch size and step count stay the base run's.
+2. ``finetune counterfactual EXP`` trains each proposal from the experiment's starting state
+   into ``EXP/counterfactual/run_XXX`` (the model half; not imported here).
+3. `score` (``simfluence counterfactual score EXP``): for every proposal and every simulator
+   file recorded at proposal time plus the two curriculum-blind baselines, the predicted change
+   of the target's final loss (simulated on the proposal minus simulated on the base run, both
+   from the base run's observed L_0) against the actual change (the trained counterfactual
+   run's final loss minus the base run's, read from the run files). Summaries per variant and
+   kind, the removal effect (top-k against random-k), the optimised curricula against their
+   base runs, and side effects (agreement over all tracked test examples). `write_report`
+   writes ``report.json``, ``report.md`` and ``predicted_vs_actual.png``.
+
+Undefined statistics (a variant that predicts no change has no rank correlation) are None with
+a reason, never NaN.
+
+References:
+    Guu et al., "Simfluence", 2023. https://arxiv.org/abs/2303.08114
+    Ilyas et al., "Datamodels", 2022 and Park et al., "TRAK", 2023 (evaluation by
+    retraining). https://arxiv.org/abs/2202.00622, https://arxiv.org/abs/2303.14186
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jaxtyping import Float, Int
+
+from simfluence import baselines, runlog, simulators, tracin
+from simfluence.runlog import Run, RunLogError
+
+__all__ = [
+    "KINDS",
+    "REMOVAL_KINDS",
+    "propose",
+    "write_proposals",
+    "remove_examples",
+    "reorder_batches",
+    "optimize_curriculum",
+    "load_simulator_file",
+    "predicted_changes",
+    "score",
+    "write_report",
+]
+
+KINDS = ("remove-top", "remove-bottom", "remove-random", "reorder", "optimize")
+REMOVAL_KINDS = ("remove-top", "remove-bottom", "remove-random")
+PROPOSER_VARIANTS = simulators.VARIANTS
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_PNG = "predicted_vs_actual.png"
+_NO_CHANGE = baselines.BASELINES  # same-length curricula: these predict a change of exactly 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Curricula
+# ----------------------------------------------------------------------------------------------
+
+
+def remove_examples(
+    curriculum: Int[np.ndarray, "T b"],
+    removed: Sequence[int],
+    n_train: int,
+    rng: np.random.Generator,
+) -> Int[np.ndarray, "T b"]:
+    """The removal rule: every slot holding a removed example gets a seeded replacement.
+
+    Args:
+        curriculum: int [T, b] base curriculum (pool positions).
+        removed: pool positions to remove.
+        n_train: pool size.
+        rng: the generator of the replacements.
+
+    Returns:
+        int32 [T, b]: slots of removed examples redrawn uniformly (with replacement) from the
+        pool minus ``removed``, in row-major slot order; every other slot unchanged.
+
+    Raises:
+        ValueError: nothing would be left to draw from.
+    """
+    cur = np.array(curriculum, dtype=np.int32, copy=True)
+    gone = np.zeros(n_train, bool)
+    gone[np.asarray(list(removed), dtype=np.int64)] = True
+    keep = np.flatnonzero(~gone)
+    if keep.size == 0:
+        raise ValueError(f"removing {int(gone.sum())} examples leaves none of the pool")
+    slots = gone[cur]
+    cur[slots] = keep[rng.integers(0, keep.size, size=int(slots.sum()))]
+    return cur
+
+
+def reorder_batches(
+    curriculum: Int[np.ndarray, "T b"], rng: np.random.Generator
+) -> tuple[Int[np.ndarray, "T b"], np.ndarray]:
+    """The base run's batches in another order (a random permutation other than the identity).
+
+    Args:
+        curriculum: int [T, b] with T >= 2.
+        rng: the generator of the permutation.
+
+    Returns:
+        (int32 [T, b] reordered curriculum, int [T] permutation: row t is base row perm[t]).
+    """
+    T = curriculum.shape[0]
+    if T < 2:
+        raise ValueError("reorder needs a base run of 2 or more steps")
+    perm = rng.permutation(T)
+    while np.array_equal(perm, np.arange(T)):
+        perm = rng.permutation(T)
+    return np.asarray(curriculum, np.int32)[perm], perm
+
+
+def optimize_curriculum(
+    sim: simulators.Simulator, test: int, initial_loss: float, steps: int, cap: int
+) -> Int[np.ndarray, "T b"]:
+    """Greedy curriculum that the simulator predicts gives test example ``test`` the lowest loss.
+
+    At each step the linear family predicts L_t = sum_{i in c_t} (A_i L_{t-1} + B_i), a sum
+    of per-slot terms given L_{t-1}; the greedy step fills the batch with the ``batch`` distinct
+    examples of lowest A_i L_{t-1} + B_i among those used fewer than ``cap`` times so far. The
+    cap keeps the curriculum within counts the fitting runs have seen (a simulator fitted on
+    random curricula is not asked about one example repeated 200 times).
+
+    Args:
+        sim: a Simfluence `Simulator` with its batch size.
+        test: the target test example.
+        initial_loss: its observed L_0.
+        steps: T.
+        cap: the most times any example may appear in the curriculum.
+
+    Returns:
+        int32 [T, batch].
+
+    Raises:
+        ValueError: the pool cannot fill T batches of distinct examples under the cap.
+    """
+    b = int(sim.batch)
+    A = np.asarray(sim.A[test], np.float64)
+    B = np.asarray(sim.B[test], np.float64)
+    n = A.shape[0]
+    if b > n or cap * n < steps * b:
+        raise ValueError(
+            f"optimize: {steps} steps of {b} distinct examples need cap x n_train >= "
+            f"{steps * b} (cap {cap}, n_train {n}); raise --optimize-cap"
+        )
+    uses = np.zeros(n, np.int64)
+    out = np.empty((steps, b), np.int32)
+    loss = float(initial_loss)
+    for t in range(steps):
+        slot = A * loss + B
+        slot[uses >= cap] = np.inf
+        chosen = np.argsort(slot, kind="stable")[:b]
+        loss = float(slot[chosen].sum())
+        uses[chosen] += 1
+        out[t] = chosen
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Simulator files
+# ----------------------------------------------------------------------------------------------
+
+
+def load_simulator_file(path: str | os.PathLike):
+    """A Simfluence (`simulators.Simulator`) or TracIn-CP (`tracin.TracInSimulator`) file.
+
+    Args:
+        path: .npz written by `simfluence fit`.
+
+    Returns:
+        The simulator.
+
+    Raises:
+        ValueError: unreadable or neither kind of file.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            is_tracin = isinstance(z, np.lib.npyio.NpzFile) and "dots" in z.files
+    except Exception:  # the loaders name the problem
+        is_tracin = False
+    return tracin.load_tracin_simulator(path) if is_tracin else simulators.load_simulator(path)
+
+
+def _variant(sim) -> str:
+    return sim.variant
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_simulator_files(exp_dir: str | os.PathLike) -> dict[str, str]:
+    """``EXP/sim_<variant>.npz`` for every variant that has one (as `make simulate` writes).
+
+    Args:
+        exp_dir: experiment folder.
+
+    Returns:
+        {variant: file name relative to EXP}.
+    """
+    exp_dir = Path(exp_dir)
+    names = simulators.VARIANTS + tracin.TRACIN_VARIANTS
+    return {v: f"sim_{v}.npz" for v in names if (exp_dir / f"sim_{v}.npz").is_file()}
+
+
+def _relative(path: str | os.PathLike, exp_dir: Path) -> str:
+    p = Path(path)
+    p = p if p.is_absolute() else Path.cwd() / p
+    try:
+        return os.path.relpath(p.resolve(), exp_dir.resolve())
+    except ValueError:  # another drive
+        return str(p.resolve())
+
+
+def _load_sims(exp_dir: Path, files: dict[str, str], split_runs: dict) -> dict[str, Any]:
+    """Loads every simulator file (relative to EXP), checking it belongs to this experiment."""
+    exp_sha = runlog.experiment_sha256(exp_dir)
+    info = runlog.read_experiment(exp_dir)
+    sims = {}
+    for variant, rel in files.items():
+        path = exp_dir / rel
+        if not path.is_file():
+            raise ValueError(
+                f"simulator file {path} ({variant}) not found; fit it with `simfluence fit "
+                f"{exp_dir} --variant {variant} ...` (make simulate writes EXP/sim_<variant>.npz)"
+            )
+        sim = load_simulator_file(path)
+        if _variant(sim) != variant:
+            raise ValueError(f"{path} holds a {_variant(sim)} simulator, not {variant}")
+        origin = simulators.read_origin(path)
+        if origin is None or origin.get("experiment_sha256") != exp_sha:
+            why = "records no experiment" if origin is None else "was fitted on another experiment"
+            raise ValueError(
+                f"{path}: {why} (its experiment.json hash differs from {exp_dir}'s); refit it "
+                f"on this experiment with `simfluence fit {exp_dir} ...`"
+            )
+        shape = (sim.n_test, sim.n_train) if variant in simulators.VARIANTS else sim.dots.shape[1:]
+        if tuple(shape) != (info["n_test"], info["n_train"]):
+            raise ValueError(
+                f"{path}: simulator is [n_test, n_train] = {list(shape)} but {exp_dir} has "
+                f"[{info['n_test']}, {info['n_train']}]; refit it on this experiment"
+            )
+        used = set(origin.get("fit_runs", [])) | set(origin.get("valid_runs", []))
+        leak = sorted(used & set(split_runs.get("base", [])))
+        if leak:
+            raise ValueError(
+                f"{path}: base run(s) {leak} were fitting or validation runs of this simulator; "
+                "propose from held-out runs (--base-runs) or refit without them"
+            )
+        sims[variant] = sim
+    return sims
+
+
+# ----------------------------------------------------------------------------------------------
+# Proposing
+# ----------------------------------------------------------------------------------------------
+
+
+def _default_split(info: dict) -> tuple[int, int, int]:
+    extra = (info.get("config") or {}).get("extra") or {}
+    split = extra.get("split") if isinstance(extra, dict) else None
+    if isinstance(split, list | tuple) and len(split) == 3:
+        return tuple(int(x) for x in split)  # type: ignore[return-value]
+    from simfluence.evaluation import DEFAULT_SPLIT
+
+    return DEFAULT_SPLIT
+
+
+def default_base_runs(exp_dir: str | os.PathLike) -> list[int]:
+    """The held-out runs of the experiment's split (config ``extra.split``, else 20,2,10).
+
+    Args:
+        exp_dir: experiment folder.
+
+    Returns:
+        Run indices: the complete runs after the fitting and validation ones.
+
+    Raises:
+        RunLogError: fewer complete runs than the split's fitting and validation runs plus one.
+    """
+    info = runlog.read_experiment(exp_dir)
+    n_fit, n_valid, n_test = _default_split(info)
+    complete = [i for i, _, c in runlog.list_runs(exp_dir) if c]
+    base = complete[n_fit + n_valid : n_fit + n_valid + n_test]
+    if not base:
+        raise RunLogError(
+            f"{exp_dir}: split {n_fit},{n_valid},{n_test} leaves no held-out run among the "
+            f"{len(complete)} complete runs; pass --base-runs"
+        )
+    return base
+
+
+def _check_kinds(kinds: Sequence[str]) -> list[str]:
+    out = []
+    for k in kinds:
+        k = k.strip()
+        if k not in KINDS:
+            raise ValueError(f"unknown proposal kind {k!r}; choose from {', '.join(KINDS)}")
+        if k not in out:
+            out.append(k)
+    if not out:
+        raise ValueError(f"no proposal kind given; choose from {', '.join(KINDS)}")
+    return out
+
+
+def propose(
+    exp_dir: str | os.PathLike,
+    *,
+    simulator_files: dict[str, str] | None = None,
+    proposer: str = "linear",
+    base_runs: Sequence[int] | None = None,
+    tests: Sequence[int] | None = None,
+    n_targets: int = 12,
+    kinds: Sequence[str] = KINDS,
+    k: int = 10,
+    seed: int = 0,
+    optimize_cap: int | None = None,
+) -> tuple[list[dict], np.ndarray, dict]:
+    """Proposals of curricula to train, one per (target test example, kind).
+
+    Target i (``tests``, else ``n_targets`` test examples drawn with ``seed``) is paired with
+    base run ``base_runs[i % len(base_runs)]``. Every random choice is seeded by (seed,
+    proposal id), so the same arguments give the same proposals.
+
+    Args:
+        exp_dir: experiment folder.
+        simulator_files: {variant: .npz path} of the simulators to score (relative to EXP or
+            absolute; None: every ``EXP/sim_<variant>.npz``). Each must record this
+            experiment (`simfluence fit` does) and must not have been fitted on a base run.
+        proposer: the Simfluence variant (a key of ``simulator_files``) that proposes.
+        base_runs: run indices (None: the held-out runs of the experiment's split).
+        tests: target test examples (None: ``n_targets`` drawn).
+        n_targets: how many targets to draw when ``tests`` is None.
+        kinds: proposal kinds from `KINDS`.
+        k: examples removed by each removal proposal.
+        seed: seed of every draw.
+        optimize_cap: most uses of one example in an ``optimize`` curriculum (None: the largest
+            count of any example in the base curriculum).
+
+    Returns:
+        (proposals: list of {"id", "kind", "base_run", "test", "k", "removed", "run",
+        "permutation" (reorder only), "proposer_predicted_final"}, curricula int32 [P, T, b],
+        header: {"experiment_sha256", "settings", "simulator_files", "simulator_sha256"}).
+
+    Raises:
+        ValueError, RunLogError: bad arguments, a missing or incomplete base run, k larger than
+            the base curriculum allows, a simulator of another experiment or fitted on a base
+            run; each names the value and the fix.
+    """
+    exp_dir = Path(exp_dir)
+    info = runlog.read_experiment(exp_dir)
+    n_train, n_test = info["n_train"], info["n_test"]
+    kinds = _check_kinds(kinds)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"--k {k!r} must be an integer >= 1")
+    if k >= n_train:
+        raise ValueError(
+            f"--k {k} leaves nothing of the pool (n_train={n_train}); use k <= {n_train - 1}"
+        )
+    base_runs = list(base_runs) if base_runs is not None else default_base_runs(exp_dir)
+    runs = runlog.load_runs(exp_dir, base_runs)  # missing or incomplete: an error naming it
+    if simulator_files is None:
+        simulator_files = default_simulator_files(exp_dir)
+    files = {
+        v: _relative(p, exp_dir) if Path(p).is_absolute() else str(p)
+        for v, p in simulator_files.items()
+    }
+    if proposer not in PROPOSER_VARIANTS:
+        raise ValueError(
+            f"--proposer {proposer!r}: proposals come from a Simfluence simulator; use one of "
+            f"{', '.join(PROPOSER_VARIANTS)}"
+        )
+    if proposer not in files:
+        raise ValueError(
+            f"no {proposer} simulator to propose with (simulators: {sorted(files) or 'none'}); "
+            f"fit EXP/sim_{proposer}.npz with `simfluence fit` (make simulate) or pass --sims"
+        )
+    sims = _load_sims(exp_dir, files, {"base": base_runs})
+    sim = sims[proposer]
+    if tests is None:
+        if not 1 <= n_targets <= n_test:
+            raise ValueError(f"--targets {n_targets} must be in 1..{n_test} (n_test)")
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+        tests = [int(j) for j in rng.choice(n_test, size=n_targets, replace=False)]
+    tests = [int(j) for j in tests]
+    bad = [j for j in tests if not 0 <= j < n_test]
+    if bad or len(set(tests)) != len(tests):
+        raise ValueError(f"--tests {tests}: give distinct test examples in 0..{n_test - 1}")
+    proposals, curricula = [], []
+    for i, j in enumerate(tests):
+        run = runs[i % len(runs)]
+        if msg := simulators.batch_mismatch(sim, run.batch):
+            raise ValueError(f"base run {run.index}: {msg}")
+        present = np.unique(run.curriculum)
+        if any(kd in REMOVAL_KINDS for kd in kinds) and k > present.size:
+            raise ValueError(
+                f"--k {k} exceeds the {present.size} distinct examples of base run "
+                f"{run.index}'s curriculum; use k <= {present.size}"
+            )
+        influence = None
+        for kind in kinds:
+            pid = len(proposals)
+            rng = np.random.default_rng(np.random.SeedSequence([seed, 2, pid]))
+            entry: dict[str, Any] = {"id": pid, "kind": kind, "base_run": run.index, "test": j}
+            removed: list[int] = []
+            if kind in ("remove-top", "remove-bottom"):
+                if influence is None:
+                    influence = np.asarray(
+                        simulators.removal_influence(sim, run.curriculum, run.losses[0], j),
+                        np.float64,
+                    )
+                    if not np.isfinite(influence).all():
+                        raise ValueError(
+                            f"{files[proposer]}: the removal influence on test {j} in run "
+                            f"{run.index} is not finite (the simulator diverges); refit it"
+                        )
+                vals = influence[present]
+                order = np.argsort(-vals if kind == "remove-top" else vals, kind="stable")
+                removed = sorted(int(i) for i in present[order[:k]])
+            elif kind == "remove-random":
+                removed = sorted(int(i) for i in rng.choice(present, size=k, replace=False))
+            if kind in REMOVAL_KINDS:
+                cur = remove_examples(run.curriculum, removed, n_train, rng)
+            elif kind == "reorder":
+                cur, perm = reorder_batches(run.curriculum, rng)
+                entry["permutation"] = [int(p) for p in perm]
+            else:
+                counts = np.bincount(run.curriculum.ravel(), minlength=n_train)
+                cap = int(optimize_cap) if optimize_cap is not None else int(counts.max())
+                cur = optimize_curriculum(sim, j, float(run.losses[0][j]), run.steps, cap)
+                entry["optimize_cap"] = cap
+            entry.update(k=len(removed), removed=removed, run=f"run_{pid:03d}")
+            pred = np.asarray(simulators.simulate(sim, cur, run.losses[0]))[-1, j]
+            entry["proposer_predicted_final"] = float(pred)
+            proposals.append(entry)
+            curricula.append(cur)
+    shapes = {c.shape for c in curricula}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"base runs {base_runs} differ in length ({sorted(shapes)}); pick runs of one length"
+        )
+    header = {
+        "experiment_sha256": runlog.experiment_sha256(exp_dir),
+        "settings": {
+            "proposer": proposer,
+            "base_runs": [int(r) for r in base_runs],
+            "tests": tests,
+            "kinds": kinds,
+            "k": k,
+            "seed": seed,
+            "optimize_cap": optimize_cap,
+        },
+        "simulator_files": files,
+        "simulator_sha256": {v: _file_sha256(exp_dir / p) for v, p in files.items()},
+    }
+    return proposals, np.stack(curricula).astype(np.int32), header
+
+
+def write_proposals(
+    exp_dir: str | os.PathLike, proposals: list[dict], curricula: np.ndarray, header: dict
+) -> tuple[Path, bool]:
+    """Writes proposals, or keeps identical ones already there; refuses a different set.
+
+    Args:
+        exp_dir: experiment folder.
+        proposals, curricula, header: from `propose`.
+
+    Returns:
+        (path of proposals.json, whether it was written now; False: the same proposals were
+        already there, and the runs trained from them stay valid).
+
+    Raises:
+        ValueError: ``EXP/counterfactual`` holds proposals made with other settings or
+            simulators, or run folders without proposals (names the difference and the fix).
+    """
+    exp_dir = Path(exp_dir)
+    folder = runlog.counterfactual_dir(exp_dir)
+    fix = f"delete {folder} (rm -r {folder}) to propose again; its trained runs go with it"
+    old = runlog.read_proposals(exp_dir) if (folder / runlog.PROPOSALS_FILE).is_file() else None
+    if old is None:
+        if folder.is_dir() and any(p.name.startswith("run_") for p in folder.iterdir()):
+            raise ValueError(f"{folder} holds run folders but no proposals.json; {fix}")
+        return runlog.write_proposals(exp_dir, proposals, curricula, header), True
+    differ = [key for key in header if old.get(key) != header[key]]
+    if not differ and old["curricula_sha256"] != runlog.curricula_sha256(curricula):
+        differ = ["curricula"]
+    if differ:
+        detail = []
+        for key in differ:
+            a, b = old.get(key), header.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                detail += [f"{key}.{s}" for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
+            else:
+                detail.append(key)
+        raise ValueError(
+            f"{folder / runlog.PROPOSALS_FILE} was made with other settings or simulators "
+            f"(differs: {', '.join(detail)}); {fix}"
+        )
+    return folder / runlog.PROPOSALS_FILE, False
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions and scoring
+# ----------------------------------------------------------------------------------------------
+
+
+def _final_losses(sim, curricula: np.ndarray, l0: np.ndarray, lr: np.ndarray | None, runs):
+    """Simulated final losses [P, n_test] of curricula [P, T, b] from l0 [P, n_test]."""
+    variant = sim if isinstance(sim, str) else _variant(sim)
+    if variant == "constant":
+        return l0.astype(np.float64)
+    if variant == "mean-trajectory":
+        delta = baselines.fit_mean_trajectory([r.losses for r in runs])
+        T = curricula.shape[1]
+        return np.stack([baselines.mean_trajectory(delta, x, T)[-1] for x in l0]).astype(np.float64)
+    if variant in simulators.VARIANTS:
+        out = simulators.simulate_many(sim, curricula, l0)
+        return np.asarray(out, np.float64)[:, -1]
+    return np.stack(
+        [
+            tracin.simulate_tracin(sim, c, x, None if lr is None else lr[p])[-1]
+            for p, (c, x) in enumerate(zip(curricula, l0, strict=True))
+        ]
+    ).astype(np.float64)
+
+
+def predicted_changes(
+    sim,
+    curricula: Int[np.ndarray, "P T b"],
+    base_curricula: Int[np.ndarray, "P T b"],
+    initial_losses: Float[np.ndarray, "P n_test"],
+    lr: Float[np.ndarray, "P T"] | None = None,
+    fit_runs: Sequence[Run] = (),
+) -> Float[np.ndarray, "P n_test"]:
+    """Simulated final losses on the proposals minus those on their base runs.
+
+    Args:
+        sim: a `simulators.Simulator`, a `tracin.TracInSimulator`, or a baseline name
+            ("constant", "mean-trajectory").
+        curricula: int [P, T, b] proposals.
+        base_curricula: int [P, T, b] their base runs' curricula.
+        initial_losses: f32 [P, n_test] the base runs' observed L_0 (also the proposals').
+        lr: f32 [P, T] the base runs' learning rates (TracIn-CP; None: the checkpoints').
+        fit_runs: the mean-trajectory baseline's fitting runs.
+
+    Returns:
+        float64 [P, n_test] predicted changes (both rollouts from the same L_0).
+    """
+    l0 = np.asarray(initial_losses, np.float32)
+    new = _final_losses(sim, np.asarray(curricula, np.int32), l0, lr, fit_runs)
+    old = _final_losses(sim, np.asarray(base_curricula, np.int32), l0, lr, fit_runs)
+    return new - old
+
+
+def _undefined(reason: str, **extra) -> dict:
+    return {"spearman": None, "pearson": None, "undefined_reason": reason, **extra}
+
+
+def _correlations(pred: np.ndarray, actual: np.ndarray) -> dict:
+    """Spearman and Pearson of two float64 vectors, None with a reason where undefined."""
+    from scipy import stats
+
+    if pred.size < 3:
+        return _undefined(f"{pred.size} value(s); a correlation needs 3 or more")
+    if np.ptp(pred) == 0:
+        return _undefined(
+            "the predicted change does not vary (constant and mean-trajectory predict no change)"
+        )
+    if np.ptp(actual) == 0:
+        return _undefined("the actual change is the same for every item")
+    rho = float(stats.spearmanr(pred, actual).statistic)
+    r = float(stats.pearsonr(pred, actual).statistic)
+    return {"spearman": rho, "pearson": r, "undefined_reason": None}
+
+
+def _summary(pred: np.ndarray, actual: np.ndarray) -> dict:
+    """Spearman, Pearson, sign agreement and MAE of predicted vs actual changes (float64)."""
+    out = _correlations(pred, actual)
+    out["n"] = int(pred.size)
+    out["mae"] = float(np.abs(pred - actual).mean()) if pred.size else None
+    both = (pred != 0) & (actual != 0)
+    if both.any():
+        out["sign_agreement"] = float((np.sign(pred[both]) == np.sign(actual[both])).mean())
+        out["sign_n"] = int(both.sum())
+        out["sign_undefined_reason"] = None
+    else:
+        out["sign_agreement"] = None
+        out["sign_n"] = 0
+        out["sign_undefined_reason"] = "every predicted (or actual) change is exactly 0"
+    return out
+
+
+def _mean_se(values: Sequence[float]) -> dict:
+    x = np.asarray(values, np.float64)
+    if x.size == 0:
+        return {"mean": None, "stderr": None, "n": 0}
+    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else None
+    return {"mean": float(x.mean()), "stderr": se, "n": int(x.size)}
+
+
+def score(exp_dir: str | os.PathLike) -> dict:
+    """Scores every recorded simulator (and the baselines) against the trained proposals.
+
+    Args:
+        exp_dir: experiment folder whose ``counterfactual/`` holds proposals and, for each
+            proposal, its complete trained run.
+
+    Returns:
+        The report (see ``report.json`` in the README): ``{"simulator_files", "settings",
+        "proposals": [{..., "run", "actual_change", "predicted_change": {variant: float},
+        "side_effects": {variant: {"spearman", "pearson", ...}}}], "summary": {variant:
+        {kind: {"spearman", "pearson", "sign_agreement", "mae", "n", ...}}},
+        "removal_effect", "optimize", "side_effects_summary"}``.
+
+    Raises:
+        ValueError, RunLogError: no proposals; incomplete counterfactual runs; a simulator file
+            changed since the proposals were made; a counterfactual run whose curriculum or
+            step-0 losses are not those it should have.
+    """
+    exp_dir = Path(exp_dir)
+    folder = runlog.counterfactual_dir(exp_dir)
+    data = runlog.read_proposals(exp_dir)
+    if data is None:
+        raise ValueError(
+            f"{folder / runlog.PROPOSALS_FILE} not found; run `simfluence counterfactual propose "
+            f"{exp_dir}` and `finetune counterfactual {exp_dir}` first"
+        )
+    proposals, curricula = data["proposals"], data["curricula"]
+    files = data.get("simulator_files", {})
+    for v, rel in files.items():
+        path = exp_dir / rel
+        if not path.is_file() or _file_sha256(path) != data["simulator_sha256"].get(v):
+            raise ValueError(
+                f"{path} ({v}) changed or disappeared since the proposals were made; the "
+                f"report would score another simulator: restore it, or delete {folder} and "
+                "propose again"
+            )
+    status = {i: c for i, _, c in runlog.list_runs(folder)} if folder.is_dir() else {}
+    missing = [p["id"] for p in proposals if not status.get(p["id"])]
+    if missing:
+        raise RunLogError(
+            f"{folder}: {len(missing)} of {len(proposals)} counterfactual runs are not complete "
+            f"(e.g. run_{missing[0]:03d}); train them with `finetune counterfactual {exp_dir}`"
+        )
+    cf_runs = runlog.load_counterfactual_runs(exp_dir, [p["id"] for p in proposals])
+    base_ids = sorted({p["base_run"] for p in proposals})
+    base = {r.index: r for r in runlog.load_runs(exp_dir, base_ids)}
+    for p, r in zip(proposals, cf_runs, strict=True):
+        if not np.array_equal(r.curriculum, curricula[p["id"]]):
+            raise RunLogError(
+                f"{r.path / 'curriculum.npy'} is not proposal {p['id']}'s curriculum; delete "
+                f"{r.path} and train it again"
+            )
+    sims = _load_sims(exp_dir, files, {"base": base_ids})
+    origin = simulators.read_origin(exp_dir / files[data["settings"]["proposer"]]) or {}
+    fit_runs = runlog.load_runs(exp_dir, origin.get("fit_runs") or None)
+    bases = [base[p["base_run"]] for p in proposals]
+    base_cur = np.stack([b.curriculum for b in bases])
+    l0 = np.stack([b.losses[0] for b in bases])
+    lr = None if any(b.lr is None for b in bases) else np.stack([b.lr for b in bases])
+    actual = np.stack(
+        [
+            r.losses[-1].astype(np.float64) - b.losses[-1]
+            for r, b in zip(cf_runs, bases, strict=True)
+        ]
+    )  # [P, n_test]
+    step0 = [
+        p["id"]
+        for p, r, b in zip(proposals, cf_runs, bases, strict=True)
+        if not np.array_equal(r.losses[0], b.losses[0])
+    ]
+    variants = list(sims) + list(_NO_CHANGE)
+    pred = {
+        v: predicted_changes(sims.get(v, v), curricula, base_cur, l0, lr, fit_runs)
+        for v in variants
+    }
+    targets = np.array([p["test"] for p in proposals])
+    rows = np.arange(len(proposals))
+    out_props = []
+    for i, p in enumerate(proposals):
+        entry = dict(p)
+        entry["actual_change"] = float(actual[i, p["test"]])
+        entry["base_final"] = float(bases[i].losses[-1][p["test"]])
+        entry["predicted_change"] = {v: float(pred[v][i, p["test"]]) for v in variants}
+        entry["side_effects"] = {v: _correlations(pred[v][i], actual[i]) for v in variants}
+        out_props.append(entry)
+    kinds = [k for k in KINDS if any(p["kind"] == k for p in proposals)]
+    summary: dict[str, dict] = {}
+    side: dict[str, dict] = {}
+    for v in variants:
+        pv = pred[v][rows, targets]
+        at = actual[rows, targets]
+        summary[v], side[v] = {}, {}
+        for kind in kinds + ["all"]:
+            m = np.array([kind in ("all", p["kind"]) for p in proposals])
+            summary[v][kind] = _summary(pv[m], at[m])
+            vals = [out_props[i]["side_effects"][v] for i in np.flatnonzero(m)]
+            rhos = [s["spearman"] for s in vals if s["spearman"] is not None]
+            rs = [s["pearson"] for s in vals if s["pearson"] is not None]
+            side[v][kind] = {
+                "spearman": _mean_se(rhos),
+                "pearson": _mean_se(rs),
+                "n_undefined": len(vals) - len(rhos),
+            }
+    by_kind = {k: [p for p in out_props if p["kind"] == k] for k in kinds}
+    removal = {
+        k: _mean_se([p["actual_change"] for p in by_kind[k]]) for k in REMOVAL_KINDS if k in by_kind
+    }
+    paired = {}
+    if "remove-random" in by_kind:
+        rand = {(p["test"], p["base_run"]): p["actual_change"] for p in by_kind["remove-random"]}
+        for k in ("remove-top", "remove-bottom"):
+            diffs = [
+                p["actual_change"] - rand[(p["test"], p["base_run"])]
+                for p in by_kind.get(k, [])
+                if (p["test"], p["base_run"]) in rand
+            ]
+            if diffs:
+                paired[f"{k} minus remove-random"] = _mean_se(diffs)
+    optimize = None
+    if "optimize" in by_kind:
+        opt = by_kind["optimize"]
+        optimize = {
+            "actual_change": _mean_se([p["actual_change"] for p in opt]),
+            "predicted_change": _mean_se(
+                [p["predicted_change"][data["settings"]["proposer"]] for p in opt]
+            ),
+            "beats_base_run": int(sum(p["actual_change"] < 0 for p in opt)),
+            "n": len(opt),
+            "rows": [
+                {
+                    "id": p["id"],
+                    "test": p["test"],
+                    "base_run": p["base_run"],
+                    "base_final": p["base_final"],
+                    "actual_final": p["base_final"] + p["actual_change"],
+                    "predicted_final": p["proposer_predicted_final"],
+                }
+                for p in opt
+            ],
+        }
+    return {
+        "experiment": str(exp_dir),
+        "experiment_sha256": data["experiment_sha256"],
+        "settings": data["settings"],
+        "simulator_files": {**files, **{v: None for v in _NO_CHANGE}},
+        "simulator_sha256": data["simulator_sha256"],
+        "baselines": {
+            v: "predicts no change for a curriculum of the base run's length" for v in _NO_CHANGE
+        },
+        "change": "target's final loss in the counterfactual run minus in the base run",
+        "step0_mismatch": step0,
+        "proposals": out_props,
+        "summary": summary,
+        "side_effects_summary": side,
+        "removal_effect": {"by_kind": removal, "paired": paired},
+        "optimize": optimize,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and (abs(x) >= 1e3 or (x != 0 and abs(x) < 1e-3)):
+        return f"{x:.2e}"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _pm(d: dict, digits: int = 4) -> str:
+    if d.get("mean") is None:
+        return "—"
+    se = d.get("stderr")
+    return _fmt(d["mean"], digits) + ("" if se is None else f" ± {_fmt(se, digits)}")
+
+
+def format_report(report: dict) -> str:
+    """The markdown of ``report.md``.
+
+    Args:
+        report: the dict from `score`.
+
+    Returns:
+        Markdown text: settings, the per-variant and per-kind summary, the removal effect, the
+        optimised curricula and side effects, with undefined values as dashes and their reasons.
+    """
+    s = report["settings"]
+    kinds = [k for k in (*KINDS, "all") if k in next(iter(report["summary"].values()))]
+    n = len(report["proposals"])
+    lines = [
+        f"# Counterfactual check of {report['experiment']}",
+        "",
+        f"{n} proposals trained from the experiment's starting state (proposer: "
+        f"{s['proposer']}; k = {s['k']}; base runs {s['base_runs']}; target test examples "
+        f"{s['tests']}; seed {s['seed']}). A change is the target's final loss in the "
+        "counterfactual run minus its final loss in the base run; predicted changes roll each "
+        "simulator out on both curricula from the base run's observed initial losses. "
+        "`constant` and `mean-trajectory` predict no change.",
+        "",
+        "## Predicted against actual change of the target's final loss",
+        "",
+        "| variant | kind | n | Spearman | Pearson | sign agreement | MAE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    notes: dict[str, int] = {}
+
+    def note(reason: str | None) -> str:
+        if not reason:
+            return ""
+        notes.setdefault(reason, len(notes) + 1)
+        return f" [{notes[reason]}]"
+
+    for v, per in report["summary"].items():
+        for kind in kinds:
+            d = per[kind]
+            lines.append(
+                f"| {v} | {kind} | {d['n']} | {_fmt(d['spearman'])}{note(d['undefined_reason'])}"
+                f" | {_fmt(d['pearson'])} | {_fmt(d['sign_agreement'])}"
+                f"{note(d['sign_undefined_reason'])} | {_fmt(d['mae'], 4)} |"
+            )
+    lines += [""] + [f"[{i}] {r}" for r, i in notes.items()]
+    rem = report["removal_effect"]
+    if rem["by_kind"]:
+        lines += [
+            "",
+            "## Removal: actual change of the target's final loss (mean ± standard error)",
+            "",
+            "| kind | actual change | n |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {k} | {_pm(d)} | {d['n']} |" for k, d in rem["by_kind"].items()]
+        lines += [
+            f"| {k} (paired by target) | {_pm(d)} | {d['n']} |" for k, d in rem["paired"].items()
+        ]
+    opt = report.get("optimize")
+    if opt:
+        lines += [
+            "",
+            f"## Optimize: the {s['proposer']} simulator's best curriculum for the target",
+            "",
+            f"Actual change {_pm(opt['actual_change'])} (predicted "
+            f"{_pm(opt['predicted_change'])}); lower final loss than the base run in "
+            f"{opt['beats_base_run']} of {opt['n']}.",
+            "",
+            "| test | base run | base final | actual final | predicted final |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['test']} | {r['base_run']} | {_fmt(r['base_final'], 4)} | "
+            f"{_fmt(r['actual_final'], 4)} | {_fmt(r['predicted_final'], 4)} |"
+            for r in opt["rows"]
+        ]
+    lines += [
+        "",
+        "## Side effects: predicted against actual change over all tracked test examples",
+        "",
+        "Mean over proposals of the per-proposal correlation across test examples.",
+        "",
+        "| variant | kind | mean Spearman | mean Pearson | undefined |",
+        "|---|---|---|---|---|",
+    ]
+    for v, per in report["side_effects_summary"].items():
+        for kind in kinds:
+            d = per[kind]
+            lines.append(
+                f"| {v} | {kind} | {_pm(d['spearman'], 3)} | {_pm(d['pearson'], 3)} | "
+                f"{d['n_undefined']} |"
+            )
+    if report.get("step0_mismatch"):
+        lines += [
+            "",
+            f"Warning: the step-0 losses of proposals {report['step0_mismatch']} differ from "
+            "their base runs' (trained on another machine or software?).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(exp_dir: str | os.PathLike, report: dict) -> list[Path]:
+    """Writes ``report.json``, ``report.md`` and ``predicted_vs_actual.png`` atomically.
+
+    Args:
+        exp_dir: experiment folder (the files go to ``EXP/counterfactual``).
+        report: the dict from `score`.
+
+    Returns:
+        The written paths.
+    """
+    from simfluence.plots import plot_counterfactual
+
+    folder = runlog.counterfactual_dir(exp_dir)
+    props = report["proposals"]
+    variants = list(report["summary"])
+    png = plot_counterfactual(
+        folder / REPORT_PNG,
+        {v: [p["predicted_change"][v] for p in props] for v in variants},
+        [p["actual_change"] for p in props],
+        [p["kind"] for p in props],
+        title="counterfactual check: change of the target's final loss",
+    )
+    md = runlog.atomic_write_text(folder / REPORT_MD, format_report(report))
+    js = runlog.atomic_write_json(folder / REPORT_JSON, report)
+    return [js, md, png]

@@ -30,6 +30,7 @@ _EXPORTS = {
     "load_experiment": "experiment",
     "load_experiment_config": "config",
     "run_experiment": "trainer",
+    "run_counterfactuals": "counterfactual",
     "compute_dots": "tracin",
     "run_tracin": "tracin",
 }

@@ -1,8 +1,10 @@
-"""``finetune`` command line: ``finetune run CONFIG`` and ``finetune tracin EXP``.
+"""``finetune`` command line: ``finetune run CONFIG``, ``finetune tracin EXP`` and
+``finetune counterfactual EXP``.
 
 Thin entry point: parses arguments and calls `finetune.trainer.run_experiment` (and
-`finetune.tracin.run_tracin`). Bad input prints one line ``error: ...`` and exits with code 2
-before anything is written; a non-finite loss exits with code 1 naming the run and step.
+`finetune.tracin.run_tracin`, `finetune.counterfactual.run_counterfactuals`). Bad input prints
+one line ``error: ...`` and exits with code 2 before anything is written; a non-finite loss
+exits with code 1 naming the run and step.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
     _add_tracin(sub)
+    _add_counterfactual(sub)
     return parser
 
 
@@ -253,6 +256,57 @@ def _tracin(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
     )
     print(f"wrote {len(paths)} tracin.npz file(s) under {args.exp}")
+    return 0
+
+
+def _add_counterfactual(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``finetune counterfactual EXP ...``; its handler returns 0 (raises ValueError on
+    bad input, which `main` turns into one line and exit code 2)."""
+    parser = subparsers.add_parser(
+        "counterfactual",
+        help="train the curricula `simfluence counterfactual propose` wrote -> "
+        "EXP/counterfactual/run_XXX",
+        description=(
+            "Train every proposal of EXP/counterfactual/proposals.json (written by `simfluence "
+            "counterfactual propose EXP`) exactly as given into EXP/counterfactual/run_XXX "
+            "(XXX: the proposal id), from EXP's starting state (its warm-up restored) with its "
+            "optimizer, schedule and seeds, in vmapped groups as wide as EXP's. The runs save "
+            "no checkpoints. Re-running the same command continues: complete runs are kept, a "
+            "group with an incomplete run trains again from step 0 (same files as an "
+            "uninterrupted call)."
+        ),
+    )
+    parser.add_argument("exp", type=Path, metavar="EXP", help="experiment directory")
+    parser.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        default=None,
+        help="train only the whole groups this many group steps cover (a group trains the "
+        "config's steps); run again to continue",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_counterfactual)
+    return parser
+
+
+def _counterfactual(args: argparse.Namespace) -> int:
+    from finetune.counterfactual import run_counterfactuals
+
+    result = run_counterfactuals(
+        args.exp, progress=not args.no_progress, max_steps_this_call=args.max_steps
+    )
+    done = (
+        f"{len(result['complete'])} of {result['proposals']} counterfactual runs complete in "
+        f"{result['folder']} ({result['seconds']:.1f} s this call)"
+    )
+    if result["interrupted"]:
+        left = result["proposals"] - len(result["complete"])
+        print(
+            f"stopped after --max-steps {args.max_steps}; {done}; {left} not started (run the "
+            "same command to continue)"
+        )
+    else:
+        print(done)
     return 0
 
 

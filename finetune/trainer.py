@@ -17,6 +17,9 @@ Resume: re-running the same command continues. Complete runs are kept; an incomp
 restarts from its latest checkpoint (trainable state, optimizer state and its log so far), and
 ends with files identical to those of an uninterrupted run.
 
+Counterfactual runs (`finetune.counterfactual`) start from the same set-up (`_setup`) and train
+through the same `_train_group`, into EXP/counterfactual.
+
 References:
     Simfluence: Guu et al. 2023, https://arxiv.org/abs/2303.08114
     IA3 / T-Few: Liu et al. 2022, https://arxiv.org/abs/2205.05638
@@ -29,7 +32,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -540,10 +543,13 @@ def _accuracy(scores_rows: np.ndarray, tracked: TrackedSet) -> np.ndarray:
     return (per.argmin(1) == tracked.labels[None]).mean(1).astype(np.float32)
 
 
-def _next_kept_step(config: ExperimentConfig, runs: Sequence[int], s0: int) -> int:
+def _next_kept_step(
+    config: ExperimentConfig, runs: Sequence[int], s0: int, checkpoints: bool = True
+) -> int:
     """The first step after ``s0`` whose state a stop would keep for ``runs``: their next
-    checkpoint, else the end of the runs (which writes them complete)."""
-    if all(config.saves_checkpoints(r) for r in runs):
+    checkpoint, else the end of the runs (which writes them complete). ``checkpoints=False``:
+    runs that save none (counterfactual runs)."""
+    if checkpoints and all(config.saves_checkpoints(r) for r in runs):
         later = [s for s in config.checkpoint_steps if s > s0]
         if later:
             return min(later)
@@ -558,14 +564,31 @@ def _groups(config: ExperimentConfig) -> list[list[int]]:
     ]
 
 
-def _too_few_steps(config: ExperimentConfig, group: Sequence[int], s0: int, budget: int) -> str:
-    """Why ``budget`` steps from ``s0`` would keep nothing of ``group`` ("" when they would)."""
-    keep = _next_kept_step(config, group, s0)
+def _too_few_steps(
+    config: ExperimentConfig,
+    group: Sequence[int],
+    s0: int,
+    budget: int,
+    *,
+    checkpoints: bool = True,
+    what: str = "runs",
+) -> str:
+    """Why ``budget`` steps from ``s0`` would keep nothing of ``group`` ("" when they would).
+
+    Args:
+        config: the experiment config.
+        group: the runs trained together (named in the message as ``what`` first-last).
+        s0: the step they continue from.
+        budget: the steps left to this call.
+        checkpoints: whether the runs save checkpoints (see `_next_kept_step`).
+        what: what the runs are called in the message.
+    """
+    keep = _next_kept_step(config, group, s0, checkpoints)
     if budget >= keep - s0:
         return ""
     where = "their next checkpoint" if keep < config.steps else "the end"
     return (
-        f"--max-steps {budget} is too few: runs {group[0]}-{group[-1]} continue from step {s0} "
+        f"--max-steps {budget} is too few: {what} {group[0]}-{group[-1]} continue from step {s0} "
         f"and keep nothing before step {keep} ({where}); give --max-steps {keep - s0} or more"
     )
 
@@ -636,35 +659,6 @@ def run_experiment(
     )
     if base is None:  # an existing workdir: the model was not needed to prepare it
         base = E.build_base_model(config)
-    mesh = make_mesh(devices)
-    n_dev = len(mesh.devices.flat)
-    data = E._load_data(exp_dir)
-    # One bucketing of the tracked set serves the warm-up and the runs.
-    tracked = make_tracked_set(
-        data["test_inputs"],
-        data["test_targets"],
-        data["test_choices"],
-        data["test_labels"],
-        data["test_lengths"],
-        multiple=config.length_multiple,
-        n_devices=n_dev,
-        mesh=mesh,
-        max_buckets=config.tracked_buckets,
-    )
-    if config.warmup is not None and not E.warmup_path(exp_dir).is_dir():
-        _warmup(config, exp_dir, *base, data, tracked, mesh, progress)
-    exp = E.load_experiment(exp_dir, _params=E.initial_params(config, exp_dir, base=base))
-    del base
-    from finetune.model import partition
-
-    trainable0, frozen = partition(exp.params, exp.mask)
-    schedule = make_schedule(config)
-    lrs = learning_rates(config)
-    optimizer = optimizer_for_config(config, schedule)
-    progs = _cached_programs(config, exp, optimizer, mesh)
-    frozen_d = place(frozen, mesh)
-    writer = jax.process_index() == 0
-
     curricula = {
         r: make_curriculum(
             config.curriculum,
@@ -677,37 +671,21 @@ def run_experiment(
         )
         for r in range(config.num_runs)
     }
+    ctx = _setup(
+        config,
+        exp_dir,
+        base=base,
+        runs_dir=exp_dir,
+        curricula=curricula,
+        devices=devices,
+        progress=progress,
+        train_warmup=True,
+    )
+    del base
     status = {i: c for i, _, c in runlog.list_runs(exp_dir)}
     groups = _groups(config)
-    total = config.num_runs * config.steps
     done = sum(config.steps for r in range(config.num_runs) if status.get(r))
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total,
-        initial=done,
-        desc=config.name,
-        unit="run-step",
-        smoothing=0.1,
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    ctx = _Context(
-        config=config,
-        exp_dir=exp_dir,
-        mesh=mesh,
-        progs=progs,
-        tracked=tracked,
-        trainable0=trainable0,
-        opt0=optimizer.init(trainable0),
-        frozen=frozen_d,
-        data=data,
-        lrs=lrs,
-        curricula=curricula,
-        writer=writer,
-        bar=bar,
-    )
+    ctx.bar = _progress_bar(config.name, config.num_runs * config.steps, done, progress)
     budget = max_steps_this_call
     interrupted, stop = False, None
     for group in groups:
@@ -736,7 +714,7 @@ def run_experiment(
             break
         for r in todo:
             status[r] = True
-    bar.close()
+    ctx.bar.close()
     return {
         "complete": sorted(r for r, c in status.items() if c and r < config.num_runs),
         "interrupted": interrupted,
@@ -747,10 +725,10 @@ def run_experiment(
 
 @dataclass
 class _Context:
-    """What every group of runs of one experiment shares."""
+    """What every group of runs trained by one call shares (`_setup`)."""
 
     config: ExperimentConfig
-    exp_dir: Path
+    runs_dir: Path  # folder of the run_XXX folders: EXP, or EXP/counterfactual
     mesh: Any
     progs: dict
     tracked: TrackedSet
@@ -759,18 +737,114 @@ class _Context:
     frozen: Any
     data: dict
     lrs: np.ndarray
-    curricula: dict
+    curricula: dict  # run key -> int [steps, batch]; a key names a folder only when written
     writer: bool
-    bar: Any
+    bar: Any = None  # tqdm bar over run-steps (`_progress_bar`)
+    meta: dict = field(default_factory=dict)  # run key -> meta.json fields added or overridden
+    checkpoints: bool = True  # False: no run saves checkpoints (counterfactual runs)
     start_accuracy: float | None = None
+
+
+def _setup(
+    config: ExperimentConfig,
+    exp_dir: Path,
+    *,
+    base: Any,
+    runs_dir: Path,
+    curricula: dict,
+    devices: Sequence | None,
+    progress: bool,
+    train_warmup: bool,
+) -> _Context:
+    """Builds what the groups of runs of an experiment share: the mesh, the data, the tracked
+    set, the starting state (after the warm-up), the optimizer and the jitted programs.
+
+    Ordinary and counterfactual runs both start here, so they train from the same state with the
+    same programs.
+
+    Args:
+        config: the experiment config.
+        exp_dir: the prepared experiment folder (data.npz, and warmup/ when configured).
+        base: `E.build_base_model(config)`.
+        runs_dir: where the run folders go (`_Context.runs_dir`).
+        curricula: run key -> int [steps, batch] curriculum.
+        devices: devices of the data-parallel mesh (None: all).
+        progress: show the warm-up's progress bar.
+        train_warmup: train the warm-up when the config has one and EXP/warmup does not exist
+            yet (False: `E.initial_params` refuses a missing warm-up).
+
+    Returns:
+        The `_Context` (``bar`` still None).
+    """
+    mesh = make_mesh(devices)
+    n_dev = len(mesh.devices.flat)
+    data = E._load_data(exp_dir)
+    # One bucketing of the tracked set serves the warm-up and the runs.
+    tracked = make_tracked_set(
+        data["test_inputs"],
+        data["test_targets"],
+        data["test_choices"],
+        data["test_labels"],
+        data["test_lengths"],
+        multiple=config.length_multiple,
+        n_devices=n_dev,
+        mesh=mesh,
+        max_buckets=config.tracked_buckets,
+    )
+    if train_warmup and config.warmup is not None and not E.warmup_path(exp_dir).is_dir():
+        _warmup(config, exp_dir, *base, data, tracked, mesh, progress)
+    exp = E.load_experiment(exp_dir, _params=E.initial_params(config, exp_dir, base=base))
+    from finetune.model import partition
+
+    trainable0, frozen = partition(exp.params, exp.mask)
+    optimizer = optimizer_for_config(config, make_schedule(config))
+    return _Context(
+        config=config,
+        runs_dir=runs_dir,
+        mesh=mesh,
+        progs=_cached_programs(config, exp, optimizer, mesh),
+        tracked=tracked,
+        trainable0=trainable0,
+        opt0=optimizer.init(trainable0),
+        frozen=place(frozen, mesh),
+        data=data,
+        lrs=learning_rates(config),
+        curricula=curricula,
+        writer=jax.process_index() == 0,
+    )
+
+
+def _progress_bar(desc: str, total: int, done: int, progress: bool):
+    """A tqdm bar over run-steps on stderr (disabled without ``progress``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=done,
+        desc=desc,
+        unit="run-step",
+        smoothing=0.1,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def _train_group(
     ctx: _Context, group: list[int], write: list[int], s0: int, budget: int | None
 ) -> tuple[int, bool]:
     """Trains the runs ``group`` together from step ``s0`` (their latest common checkpoint,
-    ``_resume_step``) and writes the ones in ``write`` (the incomplete ones; complete members
-    only train alongside, so that R is that of an uninterrupted run).
+    ``_resume_step``) and writes the ones in ``write`` (the incomplete ones; complete members,
+    and padding that `finetune.counterfactual` adds, only train alongside, so that R is that of
+    an uninterrupted run).
+
+    Args:
+        ctx: the shared set-up (`_setup`); run key r is written to
+            ``runlog.run_dir(ctx.runs_dir, r)`` with meta.json updated by ``ctx.meta[r]``.
+        group: run keys (of ``ctx.curricula``), trained in this order on the vmapped run axis.
+        write: the keys of ``group`` whose files are written.
+        s0: the step to start from (0, or a checkpoint every member holds).
+        budget: stop after this many steps (None: train to the end).
 
     Returns:
         (group steps taken, whether the step budget stopped the group before its end).
@@ -782,7 +856,7 @@ def _train_group(
     to_write = set(write)
     writes = [r in to_write for r in group]
     R = len(group)
-    dirs = [runlog.run_dir(ctx.exp_dir, r) for r in group]
+    dirs = [runlog.run_dir(ctx.runs_dir, r) for r in group]
     for r, d, w in zip(group, dirs, writes, strict=True):  # curricula written before training
         path = d / "curriculum.npy"
         if path.is_file() and not np.array_equal(np.load(path), ctx.curricula[r]):
@@ -840,12 +914,19 @@ def _train_group(
             )
         pending.clear()
 
+    saves = [  # the members that save checkpoints
+        w and ctx.checkpoints and config.saves_checkpoints(r)
+        for r, w in zip(group, writes, strict=True)
+    ]
+
     def save(step: int, tr, op) -> None:
+        if not any(saves):
+            return
         # One transfer of the stacked state; slicing device arrays per run would dispatch (and
         # compile) one small program per leaf and run.
         host_tr, host_op = jax.device_get((tr, op))
-        for i, (r, d) in enumerate(zip(group, dirs, strict=True)):
-            if writes[i] and config.saves_checkpoints(r):
+        for i, d in enumerate(dirs):
+            if saves[i]:
                 # The log so far, at full length (rows after `step` are zero).
                 E.save_checkpoint(
                     d,
@@ -858,7 +939,7 @@ def _train_group(
     if s0 == 0 and 0 in config.checkpoint_steps:
         save(0, tr, op)
     pending: list = []
-    ctx.bar.set_postfix_str(f"runs {group[0]}-{group[-1]}")
+    ctx.bar.set_postfix_str(f"runs {write[0]}-{write[-1]}")
     used = 0
     n_groups = config.train_length_groups
     if n_groups:  # fixed from all steps of these runs: the same after a resume
@@ -915,9 +996,8 @@ def _train_group(
                     "devices": len(mesh.devices.flat),
                     "group_seconds": seconds,
                     "run_steps_per_second": R * (config.steps - s0) / seconds,
-                    "checkpoint_steps": list(config.checkpoint_steps)
-                    if config.saves_checkpoints(r)
-                    else [],
+                    "checkpoint_steps": list(config.checkpoint_steps) if saves[i] else [],
+                    **ctx.meta.get(r, {}),
                 },
             )
     return used, False

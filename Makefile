@@ -64,8 +64,8 @@ test-all: install  ## Every test, the slow ones too.
 	$(PYTHON) -m pytest -q -m "slow or not slow" tests
 
 demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots).
-	$(MAKE) --no-print-directory runs tracin simulate figures counterfactual CONFIG=runs/demo \
-	  OUT=$(DEMO_EXP) INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON) CF_ARGS=
+	$(MAKE) --no-print-directory runs tracin simulate figures counterfactual \
+	  CONFIG=runs/demo OUT=$(DEMO_EXP) INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON) CF_ARGS=
 	$(SIMFLUENCE) table $(DEMO_EXP)/results.json --out $(DEMO_EXP)/table.md
 	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, figures/, counterfactual/report.md"
 
@@ -77,12 +77,16 @@ tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the run
 
 simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); fits each to $(EXP)/sim_<variant>.npz.
 	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json
-	for v in linear additive multiplicative; do \
+	for v in linear additive multiplicative linear-lr additive-lr; do \
 	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \
 	    --out $(EXP)/sim_$$v.npz || exit; done
-	if compgen -G "$(EXP)/run_*/tracin.npz" > /dev/null; then for v in tracin-cp tracin-cp-rescaled; do \
-	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --variant $$v --out $(EXP)/sim_$$v.npz || exit; \
-	done; fi
+	if compgen -G "$(EXP)/run_*/tracin.npz" > /dev/null; then \
+	  for v in tracin-cp tracin-cp-rescaled; do \
+	    $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --variant $$v --out $(EXP)/sim_$$v.npz || exit; \
+	  done; \
+	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) \
+	    --variant linear-lr-tracin-prior --out $(EXP)/sim_linear-lr-tracin-prior.npz || exit; \
+	fi
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.
 	$(SIMFLUENCE) counterfactual propose $(EXP) $(CF_ARGS)

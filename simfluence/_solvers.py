@@ -1,10 +1,13 @@
 """Batched preconditioned conjugate gradients for the Simfluence ridge regressions.
 
-One design row per (run, step): for test example j the row holds ``m_{t,i} L_{t-1,j}`` in the
-A-column and ``m_{t,i}`` in the B-column of every training example i in the batch (m counts
-repeats), so only ``2 * batch`` entries are non-zero. X^T X differs per test example through
-``L_{t-1,j}`` but its sparsity (which examples share a batch) does not, so the rows are kept as
-``ids [rows, batch]`` and every test example is a column of dense ``[rows, n_test]`` arrays.
+One design row per (run, step): for test example j the row holds ``m_{t,i} x_{t,j}`` in the
+A-column and ``m_{t,i} w_t`` in the B-column of every training example i in the batch (m counts
+repeats), so only ``2 * batch`` entries are non-zero. ``x`` is the teacher-forced
+``L_{t-1,j}`` and ``w_t = 1`` for the schedule-free variants; the schedule-aware ones scale the
+whole row by the step's relative learning rate (``x = w_t L_{t-1}``, row weight ``w_t``).
+X^T X differs per test example through ``x`` but its sparsity (which examples share a batch)
+does not, so the rows are kept as ``ids [rows, batch]`` and every test example is a column of
+dense ``[rows, n_test]`` arrays.
 The normal-equation operator is applied with gathers (X v) and scatter-adds (X^T s); the
 preconditioner inverts the exact 2x2 (A_i, B_i) diagonal block of every training example.
 CG runs in float32; mixed-precision iterative refinement (float64 residuals, enabled locally)
@@ -44,24 +47,32 @@ class Structure:
     rep_ids: jax.Array  # int32 [n_rep]: the id in that slot
     rep_extra: jax.Array  # f32 [n_rep]: multiplicity - 1 of that id in that row
     n_train: int
+    w: jax.Array | None = None  # f32 [rows, 1]: row weight (B-column value); None means 1
 
     @staticmethod
-    def build(ids: Int[np.ndarray, "rows batch"], n_train: int) -> Structure:
+    def build(
+        ids: Int[np.ndarray, "rows batch"],
+        n_train: int,
+        w: Float[np.ndarray, " rows"] | None = None,
+    ) -> Structure:
         """Precomputes the design's sparsity from the fitting rows' training-pool ids.
 
         Args:
             ids: int [rows, batch], the ids of every (run, step) row, repeats allowed.
             n_train: size of the training pool (ids lie in 0..n_train-1).
+            w: optional f32 [rows] row weights, the B-column value of each row (the
+                schedule-aware variants' eta_t / eta_max); None means 1 for every row.
 
         Returns:
-            The `Structure`: ids, the diagonal counts sum_rows m^2 per example, and the slots
-            whose id repeats within its row (for the preconditioner's exact diagonal).
+            The `Structure`: ids, the diagonal sums sum_rows m^2 w^2 per example, the slots
+            whose id repeats within its row (for the preconditioner's exact diagonal) and w.
         """
         ids = np.asarray(ids, np.int32)
         mult = (ids[:, :, None] == ids[:, None, :]).sum(-1)  # [rows, batch]
         # Diagonal of X^T X: every slot of id i adds m (its multiplicity) times the row's
-        # feature product, i.e. m^2 per row; most rows have no repeats (m = 1).
-        count_sq = np.bincount(ids.ravel(), weights=mult.ravel(), minlength=n_train)
+        # feature product, i.e. m^2 w^2 per row; most rows have no repeats (m = 1).
+        weights = mult if w is None else mult * np.square(np.asarray(w, np.float64))[:, None]
+        count_sq = np.bincount(ids.ravel(), weights=weights.ravel(), minlength=n_train)
         rep_r, rep_k = np.nonzero(mult > 1)
         return Structure(
             jnp.asarray(ids),
@@ -70,6 +81,7 @@ class Structure:
             jnp.asarray(ids[rep_r, rep_k], jnp.int32),
             jnp.asarray(mult[rep_r, rep_k] - 1, jnp.float32),
             int(n_train),
+            None if w is None else jnp.asarray(np.asarray(w, np.float32)[:, None]),
         )
 
 
@@ -87,7 +99,7 @@ def solve(
     x: Float[np.ndarray | Array, "rows n"],
     y: Float[np.ndarray | Array, "rows n"],
     lam: Float[np.ndarray, " F"],
-    prior: Float[np.ndarray, " F"],
+    prior: Float[np.ndarray, " F"] | Float[np.ndarray, "n F n_train"],
     use_x: bool,
     use_one: bool,
     tol: float = 1e-8,
@@ -106,10 +118,12 @@ def solve(
 
     Args:
         structure: the shared design sparsity.
-        x: f32 [rows, n] observed L_{t-1} per row and test example.
+        x: f32 [rows, n] A-column value per row and test example: the observed L_{t-1}, times
+            the row weight `structure.w` when there is one.
         y: f32 [rows, n] regression target per row and test example.
         lam: f32 [F] ridge strength per feature (F = use_x + use_one).
-        prior: f32 [F] value each feature's coefficients are shrunk towards (and start from).
+        prior: value the coefficients are shrunk towards (and start from): f32 [F], one per
+            feature, or f32 [n, F, n_train], one per coefficient.
         use_x: whether the A feature (L_{t-1}) is fitted.
         use_one: whether the B feature (constant) is fitted.
         tol: float64 relative residual ||rhs - G theta|| / ||rhs|| at which a column is done.
@@ -130,12 +144,18 @@ def solve(
     n_f = int(use_x) + int(use_one)
     lam = np.asarray(lam, np.float32)
     prior = np.asarray(prior, np.float32)
+    per_coef = prior.ndim == 3
+    if per_coef:
+        prior_j = jnp.transpose(jnp.asarray(prior), (2, 1, 0))  # [n_train, F, n]
+    else:
+        prior_j = jnp.asarray(prior)[None, :, None]  # [1, F, 1]
     if x0 is None:
-        theta = jnp.broadcast_to(jnp.asarray(prior)[None, :, None], (structure.n_train, n_f, n))
+        theta = jnp.broadcast_to(prior_j, (structure.n_train, n_f, n))
     else:
         theta = jnp.transpose(jnp.asarray(x0, jnp.float32), (2, 1, 0))  # [n_train, F, n]
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.float32)
+    w = structure.w
     kw = dict(n_train=structure.n_train, use_x=use_x, use_one=use_one)
     precond_blocks = _blocks(
         structure.ids,
@@ -144,24 +164,26 @@ def solve(
         structure.rep_ids,
         structure.rep_extra,
         x,
+        w,
         n_train=structure.n_train,
     )
     iters, rounds = 0, 0
-    lam_j, prior_j = jnp.asarray(lam), jnp.asarray(prior)
+    lam_j = jnp.asarray(lam)
     # ||rhs|| = ||X^T y + lam prior|| (the residual at theta = 0) normalises the residuals; the
     # first round starts from a float32 residual, later ones from float64 residuals.
-    if x0 is None:
-        r32, r_sq, rhs_sq = _start(structure.ids, x, y, lam_j, prior_j, **kw)
+    if x0 is None and not per_coef:
+        r32, r_sq, rhs_sq = _start(structure.ids, x, w, y, lam_j, jnp.asarray(prior), **kw)
     else:
-        _, rhs_sq = _residual(structure.ids, x, y, lam_j, prior_j, jnp.zeros_like(theta), **kw)
-        r32, r_sq = _residual(structure.ids, x, y, lam_j, prior_j, theta, **kw)
+        zeros = jnp.zeros((structure.n_train, n_f, n), jnp.float32)
+        _, rhs_sq = _residual(structure.ids, x, w, y, lam_j, prior_j, zeros, **kw)
+        r32, r_sq = _residual(structure.ids, x, w, y, lam_j, prior_j, theta, **kw)
     rhs_norm = np.sqrt(np.maximum(np.asarray(rhs_sq, np.float64), 1e-300))
     rel = np.sqrt(np.asarray(r_sq, np.float64)) / rhs_norm
     worst = float(rel.max())
     while True:
         if rounds > 0 or worst <= tol:  # confirm convergence in float64
             with _x64():
-                r, r_sq = _residual(structure.ids, x, y, lam_j, prior_j, theta, wide=True, **kw)
+                r, r_sq = _residual(structure.ids, x, w, y, lam_j, prior_j, theta, wide=True, **kw)
                 rel = np.sqrt(np.asarray(r_sq)) / rhs_norm
                 worst = float(rel.max())
                 if worst > tol and rounds < max_rounds:
@@ -174,6 +196,7 @@ def solve(
         d, it = _pcg(
             structure.ids,
             x,
+            w,
             r32,
             lam_j,
             precond_blocks,
@@ -185,30 +208,31 @@ def solve(
         iters += int(it)
         rounds += 1
     with _x64():
-        g_abs = _abs_normal_norm(structure.ids, x, lam_j, theta, **kw)
+        g_abs = _abs_normal_norm(structure.ids, x, w, lam_j, theta, **kw)
         floor = U32 * np.sqrt(np.asarray(g_abs, np.float64)) / rhs_norm
     info = {"iterations": iters, "rounds": rounds, "rel_residual": rel, "floor": floor}
     return jnp.transpose(theta, (2, 1, 0)), info
 
 
-def _forward(v, ids, x, use_x, use_one):
-    # v: [n_train, F, n] -> X v: [rows, n]
+def _forward(v, ids, x, w, use_x, use_one):
+    # v: [n_train, F, n] -> X v: [rows, n]; w: None (B-column 1) or [rows, 1]
     n_train, n_f, n = v.shape
     flat = v.reshape(n_train, n_f * n)  # [n_train, F * n]; one contiguous row per example
     g = sum(flat.at[ids[:, k]].get(mode="promise_in_bounds") for k in range(ids.shape[1]))
     g = g.reshape(-1, n_f, n)  # [rows, F, n]
+    gb = g[:, -1] if w is None else g[:, -1] * w  # B-column part (when use_one)
     if use_x and use_one:
-        return g[:, 0] * x + g[:, 1]
-    return g[:, 0] * x if use_x else g[:, 0]
+        return g[:, 0] * x + gb
+    return g[:, 0] * x if use_x else gb
 
 
-def _transpose(s, ids, x, n_train, use_x, use_one):
+def _transpose(s, ids, x, w, n_train, use_x, use_one):
     # s: [rows, n] -> X^T s: [n_train, F, n]
     parts = []
     if use_x:
         parts.append(s * x)
     if use_one:
-        parts.append(s)
+        parts.append(s if w is None else s * w)
     vals = jnp.concatenate(parts, axis=1)  # [rows, F * n]
     out = jnp.zeros((n_train, vals.shape[1]), vals.dtype)
     for k in range(ids.shape[1]):
@@ -217,9 +241,9 @@ def _transpose(s, ids, x, n_train, use_x, use_one):
 
 
 @partial(jax.jit, static_argnames=("n_train",))
-def _blocks(ids, count_sq, rep_rows, rep_ids, rep_extra, x, *, n_train):
-    """Diagonal 2x2 blocks of X^T X (without lambda): [n_train, 3, n] = (xx, x1, 11)."""
-    vals = jnp.concatenate([x * x, x], axis=1)  # [rows, 2 n]
+def _blocks(ids, count_sq, rep_rows, rep_ids, rep_extra, x, w, *, n_train):
+    """Diagonal 2x2 blocks of X^T X (without lambda): [n_train, 3, n] = (xx, xw, ww)."""
+    vals = jnp.concatenate([x * x, x if w is None else x * w], axis=1)  # [rows, 2 n]
     out = jnp.zeros((n_train, vals.shape[1]), x.dtype)
     for k in range(ids.shape[1]):
         out = out.at[ids[:, k]].add(vals, mode="promise_in_bounds")
@@ -231,10 +255,10 @@ def _blocks(ids, count_sq, rep_rows, rep_ids, rep_extra, x, *, n_train):
 
 
 @partial(jax.jit, static_argnames=("n_train", "use_x", "use_one"))
-def _start(ids, x, y, lam, prior, *, n_train, use_x, use_one):
-    """Residual at theta = prior (a constant per feature) and ||rhs||^2, in one pass.
+def _start(ids, x, w, y, lam, prior, *, n_train, use_x, use_one):
+    """Residual at theta = prior (a constant per feature, [F]) and ||rhs||^2, in one pass.
 
-    Every row has `batch` slots, so X theta for a constant theta is batch * (p_a x + p_b):
+    Every row has `batch` slots, so X theta for a constant theta is batch * (p_a x + p_b w):
     no gather needed. Returns (r [n_train, F, n], ||r||^2 [n], ||X^T y + lam prior||^2 [n]).
     """
     b = ids.shape[1]
@@ -244,10 +268,16 @@ def _start(ids, x, y, lam, prior, *, n_train, use_x, use_one):
         pred = pred + b * prior[0] * x
         f += 1
     if use_one:
-        pred = pred + b * prior[f]
+        pred = pred + b * prior[f] * (1.0 if w is None else w)
     n = x.shape[1]
     both = _transpose(
-        jnp.concatenate([y, y - pred], axis=1), ids, jnp.tile(x, (1, 2)), n_train, use_x, use_one
+        jnp.concatenate([y, y - pred], axis=1),
+        ids,
+        jnp.tile(x, (1, 2)),
+        w,
+        n_train,
+        use_x,
+        use_one,
     )  # [n_train, F, 2 n]
     rhs = both[:, :, :n] + lam[None, :, None] * prior[None, :, None]
     r = both[:, :, n:]
@@ -255,32 +285,34 @@ def _start(ids, x, y, lam, prior, *, n_train, use_x, use_one):
 
 
 @partial(jax.jit, static_argnames=("n_train", "use_x", "use_one", "wide"))
-def _residual(ids, x, y, lam, prior, theta, *, n_train, use_x, use_one, wide=False):
+def _residual(ids, x, w, y, lam, prior, theta, *, n_train, use_x, use_one, wide=False):
     """r = X^T (y - X theta) + lam (prior - theta) and ||r||^2 per test column.
 
+    `prior` is [1, F, 1] (one value per feature) or [n_train, F, n] (one per coefficient).
     With `wide` the arithmetic is float64 (the caller enables x64) and r is float64.
     """
     dt = jnp.float64 if wide else jnp.float32
     x, y, theta = x.astype(dt), y.astype(dt), theta.astype(dt)
+    w = None if w is None else w.astype(dt)
     lam_b = lam.astype(dt)[None, :, None]  # [1, F, 1]
-    s = y - _forward(theta, ids, x, use_x, use_one)  # [rows, n]
-    r = _transpose(s, ids, x, n_train, use_x, use_one) + lam_b * (
-        prior.astype(dt)[None, :, None] - theta
-    )
+    s = y - _forward(theta, ids, x, w, use_x, use_one)  # [rows, n]
+    r = _transpose(s, ids, x, w, n_train, use_x, use_one) + lam_b * (prior.astype(dt) - theta)
     return r, jnp.sum(r * r, axis=(0, 1))
 
 
 @partial(jax.jit, static_argnames=("n_train", "use_x", "use_one"))
-def _abs_normal_norm(ids, x, lam, theta, *, n_train, use_x, use_one):
+def _abs_normal_norm(ids, x, w, lam, theta, *, n_train, use_x, use_one):
     """||(|X|^T |X| + diag(lam)) |theta| ||^2 per test column, in float64 (caller enables x64).
 
     Rounding theta to float32 moves each coefficient by at most u |theta_i|, so the residual
-    moves by at most u times this norm (X's entries are m L_{t-1} and m, m >= 0).
+    moves by at most u times this norm (X's entries are m x and m w, m >= 0).
     """
     x = jnp.abs(x.astype(jnp.float64))
+    w = None if w is None else jnp.abs(w.astype(jnp.float64))
     v = jnp.abs(theta.astype(jnp.float64))  # [n_train, F, n]
-    s = _forward(v, ids, x, use_x, use_one)  # [rows, n]
-    g = _transpose(s, ids, x, n_train, use_x, use_one) + lam.astype(jnp.float64)[None, :, None] * v
+    s = _forward(v, ids, x, w, use_x, use_one)  # [rows, n]
+    g = _transpose(s, ids, x, w, n_train, use_x, use_one)
+    g = g + lam.astype(jnp.float64)[None, :, None] * v
     return jnp.sum(g * g, axis=(0, 1))
 
 
@@ -313,13 +345,13 @@ def _make_precond(blocks, lam, use_x, use_one):
 
 
 @partial(jax.jit, static_argnames=("n_train", "use_x", "use_one"))
-def _pcg(ids, x, rhs, lam, blocks, tol, max_iter, *, n_train, use_x, use_one):
+def _pcg(ids, x, w, rhs, lam, blocks, tol, max_iter, *, n_train, use_x, use_one):
     """float32 PCG from 0 for (X^T X + diag(lam)) d = rhs; rhs [n_train, F, n]."""
     lam_b = lam[None, :, None]  # [1, F, 1]
 
     def normal(v):
-        s = _forward(v, ids, x, use_x, use_one)
-        return _transpose(s, ids, x, n_train, use_x, use_one) + lam_b * v
+        s = _forward(v, ids, x, w, use_x, use_one)
+        return _transpose(s, ids, x, w, n_train, use_x, use_one) + lam_b * v
 
     def dot(a, b):  # per test column: [n]
         return jnp.sum(a * b, axis=(0, 1))

@@ -121,6 +121,46 @@ def _load_inputs(args, sim) -> tuple[np.ndarray, np.ndarray]:
     return cur.astype(np.int32), l0.astype(np.float32)
 
 
+def _load_lr(args, sim, steps: int) -> np.ndarray | None:
+    """--lr: float [steps] learning rates, required by the schedule-aware simulators only."""
+    from simfluence.simulators import SCHEDULED_VARIANTS
+
+    if sim.variant not in SCHEDULED_VARIANTS:
+        if args.lr is not None:
+            raise ValueError(
+                f"--lr: the {sim.variant} simulator ignores the learning rates; leave it out"
+            )
+        return None
+    if args.lr is None:
+        raise ValueError(
+            f"{args.sim}: a {sim.variant} simulator scales each step by its learning rate; pass "
+            "--lr LR.npy (float [steps], e.g. a run's lr.npy)"
+        )
+    lr = _load_array(args.lr, "learning rates")
+    if not np.issubdtype(lr.dtype, np.floating) or lr.shape != (steps,):
+        raise RunLogError(
+            f"{args.lr}: learning rates must be float [{steps}] (one per step of "
+            f"the curriculum), got {lr.dtype} {lr.shape}"
+        )
+    if not (np.isfinite(lr).all() and (lr >= 0).all()):
+        raise RunLogError(f"{args.lr}: learning rates must be finite and >= 0")
+    return lr.astype(np.float32)
+
+
+def _run_lr(sim, run) -> np.ndarray | None:
+    """A run's lr.npy where the simulator needs it (schedule-aware variants)."""
+    from simfluence.simulators import SCHEDULED_VARIANTS
+
+    if sim.variant not in SCHEDULED_VARIANTS:
+        return None
+    if run.lr is None:
+        raise RunLogError(
+            f"{run.path}: no lr.npy, which the {sim.variant} simulator needs; use a "
+            "schedule-free simulator for this run"
+        )
+    return run.lr
+
+
 def _check_out(path: str, suffixes: Sequence[str], flag: str = "--out") -> Path:
     p = Path(path)
     if p.suffix.lower() not in suffixes:
@@ -159,7 +199,7 @@ def _cmd_evaluate(args) -> None:
 
 
 def _cmd_fit(args) -> None:
-    from simfluence import simulators
+    from simfluence import scheduled, simulators
     from simfluence.runlog import experiment_sha256, load_runs, read_experiment
     from simfluence.tracin import TRACIN_VARIANTS
 
@@ -180,6 +220,7 @@ def _cmd_fit(args) -> None:
         _fit_tracin(args, runs, out, origin)
         return
     curs, losses = [r.curriculum for r in runs], [r.losses for r in runs]
+    inputs = scheduled.fit_inputs(runs, args.variant)  # lrs, b_prior of the -lr variants
     if args.valid_runs:
         valid_idx = _parse_indices(args.valid_runs, "--valid-runs")
         overlap = sorted(set(valid_idx) & set(fit_idx))
@@ -197,6 +238,8 @@ def _cmd_fit(args) -> None:
             n_train=info["n_train"],
             variant=args.variant,
             a_prior=args.a_prior,
+            valid_lrs=scheduled.run_lrs(valid, args.variant) if inputs else None,
+            **inputs,
         )
         source = f"chosen on runs {args.valid_runs}"
     elif args.l2_a is not None:
@@ -211,12 +254,15 @@ def _cmd_fit(args) -> None:
         l2_a=l2_a,
         l2_b=l2_b,
         a_prior=args.a_prior,
+        **inputs,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     simulators.save_simulator(out, sim, origin=origin)
     print(
         f"fitted {args.variant} on {len(runs)} runs (n_test={sim.n_test}, n_train={sim.n_train}); "
-        f"l2_a={sim.l2_a:g}, l2_b={sim.l2_b:g} ({source}), a_prior={sim.a_prior:g}; wrote {out}"
+        f"l2_a={sim.l2_a:g}, l2_b={sim.l2_b:g} ({source}), a_prior={sim.a_prior:g}"
+        + ("" if sim.lr_max is None else f", lr_max={sim.lr_max:g}")
+        + f"; wrote {out}"
     )
 
 
@@ -245,7 +291,8 @@ def _cmd_simulate(args) -> None:
     out = _check_out(args.out, [".npy"])
     sim = simulators.load_simulator(args.sim)
     cur, l0 = _load_inputs(args, sim)
-    pred = np.asarray(simulators.simulate(sim, cur, l0), np.float32)
+    lr = _load_lr(args, sim, cur.shape[0])
+    pred = np.asarray(simulators.simulate(sim, cur, l0, lr=lr), np.float32)
     _check_rollout(pred, args.curriculum)
     atomic_save_npy(out, pred)
     print(
@@ -277,6 +324,7 @@ def _cmd_influence(args) -> None:
     out = _check_out(args.out, [".json"]) if args.out else None
     sim = simulators.load_simulator(args.sim)
     cur, l0 = _load_inputs(args, sim)
+    lr = _load_lr(args, sim, cur.shape[0])
     if not 0 <= args.test < sim.n_test:
         raise ValueError(f"--test {args.test} is outside 0..{sim.n_test - 1}")
     if args.top < 1:
@@ -294,8 +342,8 @@ def _cmd_influence(args) -> None:
             raise RunLogError(
                 f"{args.exp}: no examples.json to take the texts from; leave out --exp"
             )
-    _check_rollout(np.asarray(simulators.simulate(sim, cur, l0)), args.curriculum)
-    inf = np.asarray(simulators.removal_influence(sim, cur, l0, args.test))
+    _check_rollout(np.asarray(simulators.simulate(sim, cur, l0, lr=lr)), args.curriculum)
+    inf = np.asarray(simulators.removal_influence(sim, cur, l0, args.test, lr=lr))
     _check_influence(inf, args.curriculum)
     rows = top_influences(inf, cur, args.top, texts["train"] if texts else None)
     if out is not None:
@@ -318,7 +366,10 @@ def _simulate_runs(sim, runs) -> list[np.ndarray]:
     """Rollouts [steps + 1, n_test] of `runs` from their L_0; a diverging one is an error."""
     from simfluence import simulators
 
-    preds = [np.asarray(simulators.simulate(sim, r.curriculum, r.losses[0])) for r in runs]
+    preds = [
+        np.asarray(simulators.simulate(sim, r.curriculum, r.losses[0], lr=_run_lr(sim, r)))
+        for r in runs
+    ]
     for r, p in zip(runs, preds, strict=True):
         _check_rollout(p, f"run {r.index}")
     return preds
@@ -453,7 +504,11 @@ def _cmd_figures(args) -> None:
     texts = read_examples(args.exp)  # optional: listings and titles without texts when absent
     preds = _simulate_runs(sim, runs)
     run0 = runs[0]
-    inf = np.asarray(simulators.removal_influence(sim, run0.curriculum, run0.losses[0], args.test))
+    inf = np.asarray(
+        simulators.removal_influence(
+            sim, run0.curriculum, run0.losses[0], args.test, lr=_run_lr(sim, run0)
+        )
+    )
     _check_influence(inf, f"run {run0.index}")
     rows = top_influences(inf, run0.curriculum, args.top, texts["train"] if texts else None)
     listing = (
@@ -577,6 +632,12 @@ def _sim_input_flags(p) -> None:
         required=True,
         help="float .npy [n_test]: the observed loss of each test example before training",
     )
+    p.add_argument(
+        "--lr",
+        default=None,
+        help="float .npy [steps]: the learning rate of every step (e.g. a run's lr.npy); "
+        "required by the -lr simulators, refused by the others",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -606,8 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         default=None,
         help="comma-separated variants among linear, additive, multiplicative, constant, "
-        "mean-trajectory, tracin-cp, tracin-cp-rescaled (default: all; the tracin ones only "
-        "when fitting runs have tracin.npz)",
+        "mean-trajectory, tracin-cp, tracin-cp-rescaled, linear-lr, additive-lr, "
+        "linear-lr-tracin-prior (default: all; the tracin ones only when fitting runs have "
+        "tracin.npz, the -lr ones only when every run has lr.npy)",
     )
     _add_lambda_flags(p)
     p.add_argument("--out", default=None, help="write the results as JSON here (.json)")
@@ -624,9 +686,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variant",
         default="linear",
-        choices=["linear", "additive", "multiplicative", "tracin-cp", "tracin-cp-rescaled"],
+        choices=[
+            "linear",
+            "additive",
+            "multiplicative",
+            "tracin-cp",
+            "tracin-cp-rescaled",
+            "linear-lr",
+            "additive-lr",
+            "linear-lr-tracin-prior",
+        ],
         help="simulator variant (default linear); the tracin ones average the fitting runs' "
-        "tracin.npz (used by `simfluence counterfactual`)",
+        "tracin.npz (used by `simfluence counterfactual`); the -lr ones scale each step by "
+        "the run's learning rate (need lr.npy; linear-lr-tracin-prior also tracin.npz)",
     )
     p.add_argument(
         "--valid-runs",

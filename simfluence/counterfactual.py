@@ -70,7 +70,7 @@ __all__ = [
 
 KINDS = ("remove-top", "remove-bottom", "remove-random", "reorder", "optimize")
 REMOVAL_KINDS = ("remove-top", "remove-bottom", "remove-random")
-PROPOSER_VARIANTS = simulators.VARIANTS
+PROPOSER_VARIANTS = simulators.VARIANTS + simulators.SCHEDULED_VARIANTS
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_PNG = "predicted_vs_actual.png"
@@ -136,15 +136,21 @@ def reorder_batches(
 
 
 def optimize_curriculum(
-    sim: simulators.Simulator, test: int, initial_loss: float, steps: int, cap: int
+    sim: simulators.Simulator,
+    test: int,
+    initial_loss: float,
+    steps: int,
+    cap: int,
+    lr: Float[np.ndarray, " T"] | None = None,
 ) -> Int[np.ndarray, "T b"]:
     """Greedy curriculum that the simulator predicts gives test example ``test`` the lowest loss.
 
     At each step the linear family predicts L_t = sum_{i in c_t} (A_i L_{t-1} + B_i), a sum
-    of per-slot terms given L_{t-1}; the greedy step fills the batch with the ``batch`` distinct
-    examples of lowest A_i L_{t-1} + B_i among those used fewer than ``cap`` times so far. The
-    cap keeps the curriculum within counts the fitting runs have seen (a simulator fitted on
-    random curricula is not asked about one example repeated 200 times).
+    of per-slot terms given L_{t-1} (the schedule-aware variants: L_{t-1} / b + w_t ((A_i -
+    1/b) L_{t-1} + B_i) per slot, w_t = lr_t / lr_max); the greedy step fills the batch with the
+    ``batch`` distinct examples of lowest slot term among those used fewer than ``cap`` times so
+    far. The cap keeps the curriculum within counts the fitting runs have seen (a simulator
+    fitted on random curricula is not asked about one example repeated 200 times).
 
     Args:
         sim: a Simfluence `Simulator` with its batch size.
@@ -152,6 +158,7 @@ def optimize_curriculum(
         initial_loss: its observed L_0.
         steps: T.
         cap: the most times any example may appear in the curriculum.
+        lr: float [T] the learning rates of the steps (schedule-aware variants only).
 
     Returns:
         int32 [T, batch].
@@ -168,11 +175,16 @@ def optimize_curriculum(
             f"optimize: {steps} steps of {b} distinct examples need cap x n_train >= "
             f"{steps * b} (cap {cap}, n_train {n}); raise --optimize-cap"
         )
+    w = np.ones(steps)
+    if sim.variant in simulators.SCHEDULED_VARIANTS:
+        if lr is None or np.shape(lr) != (steps,):
+            raise ValueError(f"optimize with {sim.variant} needs the {steps} learning rates")
+        w = np.asarray(lr, np.float64) / float(sim.lr_max)
     uses = np.zeros(n, np.int64)
     out = np.empty((steps, b), np.int32)
     loss = float(initial_loss)
     for t in range(steps):
-        slot = A * loss + B
+        slot = loss / b + w[t] * ((A - 1.0 / b) * loss + B)
         slot[uses >= cap] = np.inf
         chosen = np.argsort(slot, kind="stable")[:b]
         loss = float(slot[chosen].sum())
@@ -229,7 +241,7 @@ def default_simulator_files(exp_dir: str | os.PathLike) -> dict[str, str]:
         {variant: file name relative to EXP}.
     """
     exp_dir = Path(exp_dir)
-    names = simulators.VARIANTS + tracin.TRACIN_VARIANTS
+    names = simulators.VARIANTS + tracin.TRACIN_VARIANTS + simulators.SCHEDULED_VARIANTS
     return {v: f"sim_{v}.npz" for v in names if (exp_dir / f"sim_{v}.npz").is_file()}
 
 
@@ -264,7 +276,8 @@ def _load_sims(exp_dir: Path, files: dict[str, str], split_runs: dict) -> dict[s
                 f"{path}: {why} (its experiment.json hash differs from {exp_dir}'s); refit it "
                 f"on this experiment with `simfluence fit {exp_dir} ...`"
             )
-        shape = (sim.n_test, sim.n_train) if variant in simulators.VARIANTS else sim.dots.shape[1:]
+        tracin_sim = isinstance(sim, tracin.TracInSimulator)
+        shape = sim.dots.shape[1:] if tracin_sim else (sim.n_test, sim.n_train)
         if tuple(shape) != (info["n_test"], info["n_train"]):
             raise ValueError(
                 f"{path}: simulator is [n_test, n_train] = {list(shape)} but {exp_dir} has "
@@ -318,6 +331,18 @@ def default_base_runs(exp_dir: str | os.PathLike) -> list[int]:
             f"{len(complete)} complete runs; pass --base-runs"
         )
     return base
+
+
+def _lr(sim, run: Run) -> np.ndarray | None:
+    """The base run's learning rates where the proposer needs them (schedule-aware variants)."""
+    if sim.variant not in simulators.SCHEDULED_VARIANTS:
+        return None
+    if run.lr is None:
+        raise ValueError(
+            f"{run.path}: no lr.npy, which the {sim.variant} proposer needs; propose with "
+            "linear or use base runs that record their learning rates"
+        )
+    return run.lr
 
 
 def _check_kinds(kinds: Sequence[str]) -> list[str]:
@@ -436,7 +461,9 @@ def propose(
             if kind in ("remove-top", "remove-bottom"):
                 if influence is None:
                     influence = np.asarray(
-                        simulators.removal_influence(sim, run.curriculum, run.losses[0], j),
+                        simulators.removal_influence(
+                            sim, run.curriculum, run.losses[0], j, lr=_lr(sim, run)
+                        ),
                         np.float64,
                     )
                     if not np.isfinite(influence).all():
@@ -457,10 +484,13 @@ def propose(
             else:
                 counts = np.bincount(run.curriculum.ravel(), minlength=n_train)
                 cap = int(optimize_cap) if optimize_cap is not None else int(counts.max())
-                cur = optimize_curriculum(sim, j, float(run.losses[0][j]), run.steps, cap)
+                cur = optimize_curriculum(
+                    sim, j, float(run.losses[0][j]), run.steps, cap, lr=_lr(sim, run)
+                )
                 entry["optimize_cap"] = cap
             entry.update(k=len(removed), removed=removed, run=f"run_{pid:03d}")
-            pred = np.asarray(simulators.simulate(sim, cur, run.losses[0]))[-1, j]
+            pred = np.asarray(simulators.simulate(sim, cur, run.losses[0], lr=_lr(sim, run)))
+            pred = pred[-1, j]
             entry["proposer_predicted_final"] = float(pred)
             proposals.append(entry)
             curricula.append(cur)
@@ -543,8 +573,9 @@ def _final_losses(sim, curricula: np.ndarray, l0: np.ndarray, lr: np.ndarray | N
         delta = baselines.fit_mean_trajectory([r.losses for r in runs])
         T = curricula.shape[1]
         return np.stack([baselines.mean_trajectory(delta, x, T)[-1] for x in l0]).astype(np.float64)
-    if variant in simulators.VARIANTS:
-        out = simulators.simulate_many(sim, curricula, l0)
+    if variant in simulators.VARIANTS + simulators.SCHEDULED_VARIANTS:
+        # The -lr variants scale each step by the base run's rate (lr [P, T]; required there).
+        out = simulators.simulate_many(sim, curricula, l0, lr)
         return np.asarray(out, np.float64)[:, -1]
     return np.stack(
         [
@@ -833,8 +864,9 @@ def format_report(report: dict) -> str:
         "",
         "## Predicted against actual change of the target's final loss",
         "",
-        "| variant | kind | n | Spearman | Pearson | sign agreement | MAE |",
-        "|---|---|---|---|---|---|---|",
+        "Per variant (rows) and proposal kind (columns): Spearman's ρ across proposals, then "
+        "sign agreement (share of proposals whose predicted and actual change have the same "
+        "sign), then mean absolute error. Pearson's r is in report.json.",
     ]
     notes: dict[str, int] = {}
 
@@ -844,14 +876,18 @@ def format_report(report: dict) -> str:
         notes.setdefault(reason, len(notes) + 1)
         return f" [{notes[reason]}]"
 
-    for v, per in report["summary"].items():
-        for kind in kinds:
-            d = per[kind]
-            lines.append(
-                f"| {v} | {kind} | {d['n']} | {_fmt(d['spearman'])}{note(d['undefined_reason'])}"
-                f" | {_fmt(d['pearson'])} | {_fmt(d['sign_agreement'])}"
-                f"{note(d['sign_undefined_reason'])} | {_fmt(d['mae'], 4)} |"
-            )
+    n_kind = {k: next(iter(report["summary"].values()))[k]["n"] for k in kinds}
+    head = "| variant | " + " | ".join(f"{k} (n={n_kind[k]})" for k in kinds) + " |"
+    rule = "|---|" + "---|" * len(kinds)
+    cells = (
+        ("Spearman ρ", lambda d: _fmt(d["spearman"]) + note(d["undefined_reason"])),
+        ("sign agreement", lambda d: _fmt(d["sign_agreement"]) + note(d["sign_undefined_reason"])),
+        ("mean absolute error", lambda d: _fmt(d["mae"], 4)),
+    )
+    for title, cell in cells:
+        lines += ["", f"**{title}**", "", head, rule]
+        for v, per in report["summary"].items():
+            lines.append(f"| {v} | " + " | ".join(cell(per[k]) for k in kinds) + " |")
     lines += [""] + [f"[{i}] {r}" for r, i in notes.items()]
     rem = report["removal_effect"]
     if rem["by_kind"]:
@@ -888,18 +924,14 @@ def format_report(report: dict) -> str:
         "",
         "## Side effects: predicted against actual change over all tracked test examples",
         "",
-        "Mean over proposals of the per-proposal correlation across test examples.",
+        "Mean ± standard error over proposals of the per-proposal Spearman ρ across the tracked "
+        "test examples (undefined for the baselines, which predict no change).",
         "",
-        "| variant | kind | mean Spearman | mean Pearson | undefined |",
-        "|---|---|---|---|---|",
+        "| variant | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
     ]
     for v, per in report["side_effects_summary"].items():
-        for kind in kinds:
-            d = per[kind]
-            lines.append(
-                f"| {v} | {kind} | {_pm(d['spearman'], 3)} | {_pm(d['pearson'], 3)} | "
-                f"{d['n_undefined']} |"
-            )
+        lines.append(f"| {v} | " + " | ".join(_pm(per[k]["spearman"], 3) for k in kinds) + " |")
     if report.get("step0_mismatch"):
         lines += [
             "",

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simfluence import baselines, simulators, tracin
+from simfluence import baselines, scheduled, simulators, tracin
 from simfluence.runlog import Run, RunLogError, list_runs, load_runs, read_experiment
 
 # Names, not the module: the package may re-export the function `metrics` under the same name.
@@ -44,7 +44,13 @@ from simfluence.scoring import (
 
 __all__ = ["ALL_VARIANTS", "DEFAULT_SPLIT", "evaluate", "default_variants", "check_variants"]
 
-ALL_VARIANTS = simulators.VARIANTS + baselines.BASELINES + tracin.TRACIN_VARIANTS
+ALL_VARIANTS = (
+    simulators.VARIANTS
+    + baselines.BASELINES
+    + tracin.TRACIN_VARIANTS
+    + scheduled.SCHEDULED_VARIANTS
+)
+_SIMFLUENCE = simulators.VARIANTS + scheduled.SCHEDULED_VARIANTS
 DEFAULT_SPLIT = (20, 2, 10)
 
 
@@ -72,18 +78,26 @@ def check_variants(variants: Sequence[str]) -> list[str]:
     return out
 
 
-def default_variants(fit_runs: Sequence[Run]) -> list[str]:
-    """Simfluence variants and baselines, plus TracIn-CP when a fitting run has tracin.npz.
+def default_variants(fit_runs: Sequence[Run], other_runs: Sequence[Run] = ()) -> list[str]:
+    """Simfluence variants and baselines, plus TracIn-CP and the schedule-aware variants when
+    the runs allow them.
 
     Args:
         fit_runs: the fitting runs.
+        other_runs: the validation and held-out runs (they need lr.npy for the -lr variants).
 
     Returns:
-        Variant names in `ALL_VARIANTS` order.
+        Variant names in `ALL_VARIANTS` order: TracIn-CP when a fitting run has tracin.npz;
+        linear-lr and additive-lr when every run has lr.npy; linear-lr-tracin-prior when both.
     """
     out = list(simulators.VARIANTS + baselines.BASELINES)
-    if tracin.has_tracin(fit_runs):
+    has_tracin = tracin.has_tracin(fit_runs)
+    if has_tracin:
         out += list(tracin.TRACIN_VARIANTS)
+    if all(r.lr is not None for r in [*fit_runs, *other_runs]):
+        out += [v for v in scheduled.SCHEDULED_VARIANTS if v not in scheduled.PRIOR_VARIANTS]
+        if has_tracin:
+            out += list(scheduled.PRIOR_VARIANTS)
     return out
 
 
@@ -111,10 +125,16 @@ def _predict_simfluence(sim, runs: Sequence[Run]) -> list[np.ndarray]:
     by_len: dict[int, list[int]] = {}
     for k, r in enumerate(runs):
         by_len.setdefault(r.steps, []).append(k)
+    lrs = (
+        scheduled.run_lrs(runs, sim.variant)
+        if sim.variant in scheduled.SCHEDULED_VARIANTS
+        else None
+    )
     for ks in by_len.values():
         curs = np.stack([runs[k].curriculum for k in ks])
         l0 = np.stack([runs[k].losses[0] for k in ks])
-        preds = np.asarray(simulators.simulate_many(sim, curs, l0), dtype=np.float32)
+        lr = None if lrs is None else np.stack([lrs[k] for k in ks])
+        preds = np.asarray(simulators.simulate_many(sim, curs, l0, lr), dtype=np.float32)
         for k, p in zip(ks, preds, strict=True):
             out[k] = p
     return [out[k] for k in range(len(runs))]
@@ -248,8 +268,9 @@ def evaluate(
         exp_dir: experiment folder (run-log format of `simfluence.runlog`).
         split: (n_fit, n_valid, n_test) numbers of complete runs, taken in index order.
         variants: names from `ALL_VARIANTS`; None -> linear, additive, multiplicative, constant,
-            mean-trajectory, and tracin-cp, tracin-cp-rescaled when a fitting run has
-            tracin.npz.
+            mean-trajectory; tracin-cp, tracin-cp-rescaled when a fitting run has tracin.npz;
+            linear-lr, additive-lr when every run of the split has lr.npy; and
+            linear-lr-tracin-prior when both (see `default_variants`).
         l2_a, l2_b: fixed ridge strengths for the Simfluence variants (give both or neither);
             None -> chosen on the validation runs with `simulators.select_lambdas`, or the
             simulators' defaults when n_valid is 0.
@@ -308,7 +329,7 @@ def evaluate(
     valid_runs = runs[n_fit : n_fit + n_valid]
     test_runs = runs[n_fit + n_valid : needed]
     if variants is None:
-        variants = default_variants(fit_runs)
+        variants = default_variants(fit_runs, [*valid_runs, *test_runs])
     n_train = info["n_train"]
     fit_c = [r.curriculum for r in fit_runs]
     fit_l = [r.losses for r in fit_runs]
@@ -325,7 +346,8 @@ def evaluate(
     for name in bar:
         bar.set_postfix_str(name)
         extra: dict = {"l2_a": None, "l2_b": None}
-        if name in simulators.VARIANTS:
+        if name in _SIMFLUENCE:
+            inputs = scheduled.fit_inputs(fit_runs, name)  # lrs, b_prior of the -lr variants
             if l2_a is not None:
                 la, lb, source, search = float(l2_a), float(l2_b), "given", None
             elif n_valid > 0:
@@ -338,6 +360,8 @@ def evaluate(
                     variant=name,
                     a_prior=a_prior,
                     grid=grid,
+                    valid_lrs=scheduled.run_lrs(valid_runs, name) if inputs else None,
+                    **inputs,
                 )
                 source = "validation"
             else:
@@ -348,16 +372,25 @@ def evaluate(
                     None,
                 )
             sim = simulators.fit(
-                fit_c, fit_l, n_train=n_train, variant=name, l2_a=la, l2_b=lb, a_prior=a_prior
+                fit_c,
+                fit_l,
+                n_train=n_train,
+                variant=name,
+                l2_a=la,
+                l2_b=lb,
+                a_prior=a_prior,
+                **inputs,
             )
             preds = _predict_simfluence(sim, test_runs)
             # An ablation ignores one lambda: report it as None (not applicable), not 0.
             extra = {
-                "l2_a": None if name == "additive" else float(sim.l2_a),
+                "l2_a": None if name in ("additive", "additive-lr") else float(sim.l2_a),
                 "l2_b": None if name == "multiplicative" else float(sim.l2_b),
                 "a_prior": float(sim.a_prior),
                 "lambda_source": source,
             }
+            if sim.lr_max is not None:
+                extra["lr_max"] = float(sim.lr_max)
             if search is not None:
                 extra["lambda_search"] = search
                 # Whether the choice is limited by the searched range: with the default grid

@@ -7,7 +7,9 @@ Simfluence-Linear simulator predicts
                                               beta(c_t)  = sum_{i in c_t} B_i,
 
 with one row of ``A`` and ``B`` per test example (arrays ``[n_test, n_train]``). The ablations
-fix one factor: additive (alpha == 1) and multiplicative (beta == 0).
+fix one factor: additive (alpha == 1) and multiplicative (beta == 0). The schedule-aware
+variants (``linear-lr``, ``additive-lr``, ``linear-lr-tracin-prior``, see `simfluence.scheduled`)
+scale each step's change by the run's relative learning rate and are fitted by the same solver.
 
 Fitting uses teacher forcing (the observed ``L_{t-1}`` on the right-hand side) over every step
 of every fitting run and minimises, per test example,
@@ -40,10 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from simfluence import _solvers
+from simfluence import _solvers, scheduled
 from simfluence.runlog import atomic_savez
+from simfluence.scheduled import PRIOR_VARIANTS, SCHEDULED_VARIANTS
 
+# The schedule-free variants; SCHEDULED_VARIANTS (learning-rate aware) are fitted here too.
 VARIANTS = ("linear", "additive", "multiplicative")
+_ALL = VARIANTS + SCHEDULED_VARIANTS
 
 # Default ridge strengths; `select_lambdas` tunes them on validation runs.
 DEFAULT_L2_A = 1e-2
@@ -72,13 +77,18 @@ class Simulator:
     Attributes:
         A: f32 [n_test, n_train], multiplicative influence A_i of training example i on each
             test example (for "additive" it holds 1/batch, and alpha is taken as exactly 1).
-        B: f32 [n_test, n_train], additive influence B_i (zeros for "multiplicative").
-        variant: one of ``VARIANTS``.
+            For the schedule-aware variants A_i = 1/batch + a_i, the slope a_i per unit of
+            w_t = eta_t / eta_max (1/batch, a = 0, for "additive-lr").
+        B: f32 [n_test, n_train], additive influence B_i (zeros for "multiplicative"); b_i per
+            unit of w_t for the schedule-aware variants.
+        variant: one of ``VARIANTS`` or ``SCHEDULED_VARIANTS``.
         l2_a: ridge strength on A - a_prior.
-        l2_b: ridge strength on B.
+        l2_b: ridge strength on B (on B - its prior for "linear-lr-tracin-prior").
         a_prior: the value A is shrunk towards (1/batch by default in `fit`).
         batch: the batch size of the fitting runs (None: unknown, e.g. an older file). A_i sit
             near 1/batch, so a curriculum of another batch size is refused, not simulated.
+        lr_max: eta_max, the largest learning rate of the fitting runs (schedule-aware variants
+            only; None for the others): a rollout's w_t is its rate over this.
     """
 
     A: jax.Array | np.ndarray  # [n_test, n_train]
@@ -88,6 +98,7 @@ class Simulator:
     l2_b: float
     a_prior: float
     batch: int | None = None
+    lr_max: float | None = None
 
     @property
     def n_test(self) -> int:
@@ -101,7 +112,9 @@ class Simulator:
 
 
 jax.tree_util.register_dataclass(
-    Simulator, data_fields=["A", "B"], meta_fields=["variant", "l2_a", "l2_b", "a_prior", "batch"]
+    Simulator,
+    data_fields=["A", "B"],
+    meta_fields=["variant", "l2_a", "l2_b", "a_prior", "batch", "lr_max"],
 )
 
 
@@ -111,8 +124,8 @@ jax.tree_util.register_dataclass(
 
 
 def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown simulator variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    if variant not in _ALL:
+        raise ValueError(f"unknown simulator variant {variant!r}; use one of {', '.join(_ALL)}")
 
 
 def _check_lambda(name: str, value: float, *, positive: bool = False, hint: str = "") -> float:
@@ -229,9 +242,14 @@ def _resolve_prior(a_prior, batch: int) -> float:
 
 def _features(variant: str) -> tuple[bool, bool]:
     """(uses L_{t-1} feature for A, uses constant feature for B)."""
-    return {"linear": (True, True), "additive": (False, True), "multiplicative": (True, False)}[
-        variant
-    ]
+    return {
+        "linear": (True, True),
+        "additive": (False, True),
+        "multiplicative": (True, False),
+        "linear-lr": (True, True),
+        "additive-lr": (False, True),
+        "linear-lr-tracin-prior": (True, True),
+    }[variant]
 
 
 def _test_chunks(n_test: int, n_rows: int, budget_bytes: int = 1 << 27) -> list[tuple[int, int]]:
@@ -248,7 +266,7 @@ _TOL, _MAX_ITER = 1e-7, 1000  # the CG solver's defaults: relative residual, ite
 class _Problem:
     """Fitting runs flattened to rows, ready for the solver (host arrays)."""
 
-    def __init__(self, curs, ls, n_train, variant, a_prior, batch):
+    def __init__(self, curs, ls, n_train, variant, a_prior, batch, lrs=None, b_prior=None):
         self.n_train = n_train
         self.variant = variant
         self.batch = batch
@@ -260,13 +278,42 @@ class _Problem:
         self.use_x, self.use_one = _features(variant)
         # Solve for deviations from the reference A = 1/batch, B = 0 (alpha = 1, the loss stays
         # put): the target becomes the loss change L_t - L_{t-1}, which keeps float32 round-off
-        # at the scale of the deviations rather than of the losses.
+        # at the scale of the deviations rather than of the losses. For the schedule-aware
+        # variants the deviation is a itself (A = 1/batch + a) and every row is scaled by w_t.
         self.a_ref = 1.0 / batch
+        self.lr_max, self.w = None, None
+        if variant in SCHEDULED_VARIANTS:
+            self.lr_max = scheduled.lr_max_of(lrs, variant)
+            self.w = np.concatenate([lr / np.float32(self.lr_max) for lr in lrs])  # [rows]
+        self.b_prior = b_prior  # f32 [n_test, n_train] or None (B shrunk towards 0)
         self.chunks = _test_chunks(self.n_test, self.n_rows)
         self.chunk_size = max(j1 - j0 for j0, j1 in self.chunks)
-        self.structure = _solvers.Structure.build(self.ids, n_train)
+        self.structure = _solvers.Structure.build(self.ids, n_train, self.w)
 
-    def solve(self, x, y, l2_a, l2_b, *, tol=_TOL, max_iter=_MAX_ITER, start=None, report=None):
+    def prior(self, j0: int, j1: int, l2_a: float, l2_b: float):
+        """(lam [F], prior) for tests j0:j1: prior [F], or [chunk_size, F, n_train] (padded)
+        when B has a per-coefficient prior."""
+        lam, prior = _lams(self, l2_a, l2_b)
+        if self.b_prior is None:
+            return lam, prior
+        full = np.zeros((self.chunk_size, len(prior), self.n_train), np.float32)
+        full[:] = prior[None, :, None]
+        full[: j1 - j0, -1] = self.b_prior[j0:j1]  # B is the last feature
+        return lam, full
+
+    def solve(
+        self,
+        x,
+        y,
+        l2_a,
+        l2_b,
+        *,
+        tol=_TOL,
+        max_iter=_MAX_ITER,
+        start=None,
+        report=None,
+        span=None,
+    ):
         """CG solve of one test chunk's rows (`rows`) at (l2_a, l2_b).
 
         A test example has converged when its float64 relative residual is at most `tol`, or at
@@ -284,11 +331,13 @@ class _Problem:
             report: None to warn (`ConvergenceWarning`) when a test example has not converged;
                 a list to append `(worst relative residual, its floor)` to instead (the lambda
                 search sums these up in one warning).
+            span: (j0, j1), the chunk's tests (needed for a per-coefficient B prior).
 
         Returns:
-            theta [chunk_size, F, n_train] (deviation from the prior), a device array.
+            theta [chunk_size, F, n_train] (deviation from the reference), a device array.
         """
-        lam, prior = _lams(self, l2_a, l2_b)
+        j0, j1 = (0, self.n_test) if span is None else span
+        lam, prior = self.prior(j0, j1, l2_a, l2_b)
         theta, info = _solvers.solve(
             self.structure, x, y, lam, prior, self.use_x, self.use_one, tol, max_iter, start
         )
@@ -311,7 +360,8 @@ class _Problem:
         return theta
 
     def rows(self, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher-forced x = L_{t-1} and target L_t - L_{t-1} for tests j0:j1, padded."""
+        """Teacher-forced x = L_{t-1} (times w_t when scheduled) and target L_t - L_{t-1} for
+        tests j0:j1, padded."""
         width = self.chunk_size
         x = np.zeros((self.n_rows, width), np.float32)  # [rows, chunk]
         y = np.zeros((self.n_rows, width), np.float32)  # [rows, chunk]
@@ -322,6 +372,8 @@ class _Problem:
             x[r : r + t, : j1 - j0] = prev
             y[r : r + t, : j1 - j0] = loss[1:, j0:j1] - prev
             r += t
+        if self.w is not None:
+            x *= self.w[:, None]
         return x, y
 
     def to_simulator(self, theta: np.ndarray, l2_a: float, l2_b: float) -> Simulator:
@@ -344,14 +396,39 @@ class _Problem:
             l2_b=float(l2_b),
             a_prior=float(self.a_prior),
             batch=int(self.batch),
+            lr_max=self.lr_max,
         )
 
 
-def _prepare(curricula, losses, n_train, variant, a_prior, what="fitting") -> _Problem:
+def _prepare(
+    curricula, losses, n_train, variant, a_prior, what="fitting", *, lrs=None, b_prior=None
+) -> _Problem:
     _check_variant(variant)
-    curs, ls, batch, _ = _check_runs(curricula, losses, n_train, what)
+    curs, ls, batch, n_test = _check_runs(curricula, losses, n_train, what)
     a0 = _resolve_prior(a_prior, batch)
-    return _Problem(curs, ls, int(n_train), variant, a0, batch)
+    if variant in SCHEDULED_VARIANTS:
+        lrs = scheduled.check_lrs(lrs, [c.shape[0] for c in curs], variant, what)
+    if variant in PRIOR_VARIANTS:
+        b_prior = _check_b_prior(b_prior, n_test, int(n_train), variant)
+    elif b_prior is not None:
+        raise ValueError(
+            f"b_prior is only used by {', '.join(PRIOR_VARIANTS)}; leave it out for {variant}"
+        )
+    return _Problem(curs, ls, int(n_train), variant, a0, batch, lrs, b_prior)
+
+
+def _check_b_prior(b_prior, n_test: int, n_train: int, variant: str) -> np.ndarray:
+    if b_prior is None:
+        raise ValueError(
+            f"{variant} shrinks B towards a prior: pass b_prior=f32 [n_test, n_train] "
+            "(scheduled.tracin_prior of the fitting runs)"
+        )
+    arr = np.asarray(b_prior, np.float32)
+    if arr.shape != (n_test, n_train):
+        raise ValueError(f"b_prior has shape {arr.shape}; expected [{n_test}, {n_train}]")
+    if not np.isfinite(arr).all():
+        raise ValueError("b_prior contains NaN or inf; rebuild it from finite TracIn-CP dots")
+    return arr
 
 
 def _lams(problem: _Problem, l2_a: float, l2_b: float) -> tuple[np.ndarray, np.ndarray]:
@@ -377,6 +454,8 @@ def fit(
     a_prior: float | None = None,
     tol: float = _TOL,
     max_iter: int = _MAX_ITER,
+    lrs: Sequence[Float[ArrayLike, " steps"]] | None = None,
+    b_prior: Float[ArrayLike, "n_test n_train"] | None = None,
 ) -> Simulator:
     """Fits one simulator per test example on teacher-forced fitting runs.
 
@@ -388,6 +467,15 @@ def fit(
     with conjugate gradients in float32 (2x2 block-Jacobi preconditioned) and float64 residuals
     (mixed-precision iterative refinement) to a relative residual of `tol`. Additive fixes
     alpha == 1 (only B and l2_b matter); multiplicative fixes beta == 0 (only A and l2_a).
+
+    The schedule-aware variants (`simfluence.scheduled`) minimise instead, with
+    w_t = eta_t / eta_max (eta_max the largest of `lrs`) and a_i = A_i - 1/batch,
+
+        sum_runs sum_t (L_t - L_{t-1} - w_t sum_{i in c_t} (a_i L_{t-1} + b_i))^2
+            + l2_a sum_i (a_i - (a0 - 1/batch))^2 + l2_b sum_i (b_i - prior_i)^2
+
+    (additive-lr: a = 0; prior = 0 except for linear-lr-tracin-prior, where it is `b_prior`).
+    With w_t = 1 this is exactly the linear fit.
 
     Args:
         curricula: one int array [T_r, batch] per run, training-pool ids in 0..n_train-1
@@ -405,13 +493,20 @@ def fit(
             that rounding the exact solution to float32 can cause, see `_solvers.solve`) is
             as exact as float32 A and B can be and counts as converged.
         max_iter: iteration cap of each CG round (>= 1).
+        lrs: one float [T_r] per run, the learning rate of every step (the runs' lr.npy);
+            required by the schedule-aware variants, ignored by the others.
+        b_prior: f32 [n_test, n_train], the value B is shrunk towards; required by
+            linear-lr-tracin-prior (`scheduled.tracin_prior`), refused by the others.
 
     Returns:
-        A `Simulator` with A, B f32 [n_test, n_train].
+        A `Simulator` with A, B f32 [n_test, n_train] (and `lr_max` for the schedule-aware
+        variants).
 
     Raises:
         ValueError: unknown variant, ids out of range, mismatched shapes or batch sizes,
-            non-finite losses, negative lambdas, tol <= 0 or max_iter < 1.
+            non-finite losses, negative lambdas, tol <= 0 or max_iter < 1; missing, malformed
+            or negative learning rates for a schedule-aware variant; a missing or malformed
+            b_prior.
 
     Warns:
         ConvergenceWarning: a test example's residual is still above `tol` and above its
@@ -423,7 +518,7 @@ def fit(
     l2_a = _check_lambda("l2_a", l2_a)
     l2_b = _check_lambda("l2_b", l2_b)
     tol, max_iter = _check_solver_args(tol, max_iter)
-    problem = _prepare(curricula, losses, n_train, variant, a_prior)
+    problem = _prepare(curricula, losses, n_train, variant, a_prior, lrs=lrs, b_prior=b_prior)
     theta = _solve_all(problem, l2_a, l2_b, tol=tol, max_iter=max_iter)
     return problem.to_simulator(theta, l2_a, l2_b)
 
@@ -437,7 +532,9 @@ def _solve_all(
     for j0, j1 in problem.chunks:
         x, y = problem.rows(j0, j1)
         start = None if x0 is None else _pad_theta(x0[j0:j1], problem.chunk_size)
-        theta = problem.solve(x, y, l2_a, l2_b, tol=tol, max_iter=max_iter, start=start)
+        theta = problem.solve(
+            x, y, l2_a, l2_b, tol=tol, max_iter=max_iter, start=start, span=(j0, j1)
+        )
         out[j0:j1] = np.asarray(theta)[: j1 - j0]
     return out
 
@@ -490,35 +587,72 @@ def _check_sim(sim: Simulator) -> None:
         )
     if sim.batch is not None and (isinstance(sim.batch, bool) or not int(sim.batch) >= 1):
         raise ValueError(f"Simulator batch={sim.batch!r} must be an int >= 1 or None")
+    if sim.variant in SCHEDULED_VARIANTS:
+        lr_max = sim.lr_max
+        if lr_max is None or not (math.isfinite(float(lr_max)) and float(lr_max) > 0):
+            raise ValueError(
+                f"{sim.variant} Simulator has lr_max={lr_max!r}; it must be the fitting runs' "
+                "largest learning rate (> 0): refit it with fit()"
+            )
+
+
+def _rates(sim: Simulator, lr, curriculum, batched: bool):
+    """w = lr / sim.lr_max, f32 [R, T] (or [T]), for a schedule-aware simulator."""
+    want = "[runs, steps]" if batched else "[steps]"
+    if lr is None:
+        raise ValueError(
+            f"the {sim.variant} simulator scales every step by its learning rate: pass lr, "
+            f"float {want} (the curriculum's learning rates, a run's lr.npy)"
+        )
+    if not hasattr(lr, "ndim"):
+        lr = np.asarray(lr, np.float32)
+    if tuple(lr.shape) != tuple(curriculum.shape[:-1]):
+        raise ValueError(
+            f"lr has shape {tuple(lr.shape)}; expected {want} = {tuple(curriculum.shape[:-1])}, "
+            "one learning rate per step of the curriculum"
+        )
+    c = _concrete(lr)
+    if c is not None and not (np.isfinite(c) & (c >= 0)).all():
+        raise ValueError("lr contains a negative, NaN or inf learning rate; pass the rates used")
+    return scheduled.relative_rates(lr, sim.lr_max)
 
 
 def simulate(
     sim: Simulator,
     curriculum: Int[ArrayLike, "steps batch"],
     initial_losses: Float[ArrayLike, " n_test"],
+    lr: Float[ArrayLike, " steps"] | None = None,
 ) -> Float[Array, "steps+1 n_test"]:
     """Rolls the simulator out along a curriculum from observed initial losses.
 
     Predictions are fed back (no teacher forcing), all test examples at once, with `lax.scan`.
-    Usable inside `jax.jit` (the Simulator is a pytree); ids are only range-checked for
-    concrete (non-traced) inputs.
+    Usable inside `jax.jit` (the Simulator is a pytree); ids and learning rates are only
+    range-checked for concrete (non-traced) inputs.
 
     Args:
         sim: a fitted `Simulator` (A, B [n_test, n_train]).
         curriculum: int [T, batch], training-pool ids.
         initial_losses: f32 [n_test], the observed L_0.
+        lr: float [T], the learning rate of every step; required by the schedule-aware
+            variants (each step is scaled by lr / sim.lr_max), ignored by the others.
 
     Returns:
         f32 [T + 1, n_test]; row 0 is `initial_losses`.
 
     Raises:
-        ValueError: bad shapes, ids out of range or non-finite initial losses.
+        ValueError: bad shapes, ids out of range, non-finite initial losses, or a missing,
+            malformed or negative `lr` for a schedule-aware variant.
 
     References:
         Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
     """
     _check_sim(sim)
     curriculum, initial_losses = _check_sim_inputs(sim, curriculum, initial_losses, batched=False)
+    if sim.variant in SCHEDULED_VARIANTS:
+        w = _rates(sim, lr, curriculum, batched=False)
+        return scheduled.rollout_runs(
+            sim.A, sim.B, curriculum[None], initial_losses[None], w[None], _additive(sim)
+        )[0]
     return _rollout(sim.A, sim.B, curriculum, initial_losses, sim.variant == "additive")
 
 
@@ -526,6 +660,7 @@ def simulate_many(
     sim: Simulator,
     curricula: Int[ArrayLike, "runs steps batch"],
     initial_losses: Float[ArrayLike, "runs n_test"],
+    lr: Float[ArrayLike, "runs steps"] | None = None,
 ) -> Float[Array, "runs steps+1 n_test"]:
     """`simulate` vmapped over runs that share a length.
 
@@ -533,16 +668,26 @@ def simulate_many(
         sim: a fitted `Simulator`.
         curricula: int [R, T, batch].
         initial_losses: f32 [R, n_test].
+        lr: float [R, T] learning rates, as in `simulate` (schedule-aware variants only).
 
     Returns:
         f32 [R, T + 1, n_test].
 
     Raises:
-        ValueError: bad shapes, ids out of range or non-finite initial losses.
+        ValueError: bad shapes, ids out of range, non-finite initial losses, or a bad `lr`.
     """
     _check_sim(sim)
     curricula, initial_losses = _check_sim_inputs(sim, curricula, initial_losses, batched=True)
+    if sim.variant in SCHEDULED_VARIANTS:
+        w = _rates(sim, lr, curricula, batched=True)
+        return scheduled.rollout_runs(sim.A, sim.B, curricula, initial_losses, w, _additive(sim))
     return _rollout_runs(sim.A, sim.B, curricula, initial_losses, sim.variant == "additive")
+
+
+def _additive(sim_or_variant) -> bool:
+    """Whether the variant fixes a = 0 / alpha = 1 (additive, additive-lr)."""
+    variant = getattr(sim_or_variant, "variant", sim_or_variant)
+    return variant in ("additive", "additive-lr")
 
 
 def _concrete(x) -> np.ndarray | None:
@@ -622,13 +767,14 @@ def _check_sim_inputs(sim, curriculum, initial_losses, batched: bool):
 def _grid_points(variant: str, grid) -> list[tuple[float, float]]:
     values = DEFAULT_GRID if grid is None else grid
     arr = np.asarray(values, dtype=np.float64)
+    use_a, use_b = _features(variant)
     if arr.ndim == 2 and arr.shape[1] == 2:
         pts = [(float(a), float(b)) for a, b in arr]
     elif arr.ndim == 1 and arr.size >= 1:
         vals = [float(v) for v in arr]
-        if variant == "linear":
+        if use_a and use_b:
             pts = [(a, b) for a in vals for b in vals]
-        elif variant == "additive":
+        elif use_b:
             pts = [(0.0, b) for b in vals]
         else:
             pts = [(a, 0.0) for a in vals]
@@ -666,21 +812,25 @@ class _ValidationScore:
     about one by one; `select_lambdas` sums them up in one warning.
     """
 
-    def __init__(self, problem: _Problem, vcurs, vls):
+    def __init__(self, problem: _Problem, vcurs, vls, vlrs=None):
         self.problem = problem
         n_runs = len(vcurs)
         by_len: dict[int, list[int]] = {}
         for k, c in enumerate(vcurs):
             by_len.setdefault(c.shape[0], []).append(k)
         # One group per run length: curricula [R, T, b], L_0 [R, n_test], targets [R, T, n_test]
-        # (float64) and run weights [R]. The score is a mean over runs of per-run means, so
-        # each run's SSE is weighted by 1 / (runs * T * n_test).
+        # (float64), run weights [R] and, for the schedule-aware variants, w [R, T]. The score
+        # is a mean over runs of per-run means, so each run's SSE is weighted by
+        # 1 / (runs * T * n_test).
         self.groups = [
             (
                 jnp.asarray(np.stack([vcurs[k] for k in ks])),
                 np.stack([vls[k][0] for k in ks]),
                 np.stack([vls[k][1:] for k in ks]).astype(np.float64),
                 np.full(len(ks), 1.0 / (n_runs * t * problem.n_test)),
+                None
+                if problem.lr_max is None
+                else scheduled.relative_rates(np.stack([vlrs[k] for k in ks]), problem.lr_max),
             )
             for t, ks in by_len.items()
         ]
@@ -691,7 +841,7 @@ class _ValidationScore:
         """pts: (l2_a, l2_b) pairs -> f64 [len(pts)] validation MSEs."""
         problem = self.problem
         mse = np.zeros(len(pts), np.float64)
-        additive = problem.variant == "additive"
+        additive = _additive(problem.variant)
         # Warm starts work best when consecutive points are close: visit in sorted order,
         # starting from the end nearer to the chunk's last solved point.
         order = sorted(range(len(pts)), key=lambda g: pts[g])
@@ -699,8 +849,8 @@ class _ValidationScore:
             x, y = problem.rows(j0, j1)
             sub = _sub_problem(problem, j0, j1)
             groups = [
-                (cur, jnp.asarray(l0[:, j0:j1]), true[:, :, j0:j1], w)
-                for cur, l0, true, w in self.groups
+                (cur, jnp.asarray(l0[:, j0:j1]), true[:, :, j0:j1], weight, w)
+                for cur, l0, true, weight, w in self.groups
             ]
             seq, start = order, None
             if c in self.last:
@@ -709,17 +859,20 @@ class _ValidationScore:
                     seq = order[::-1]
             for g in seq:
                 report: list[tuple[float, float]] = []
-                theta = problem.solve(x, y, *pts[g], start=start, report=report)
+                theta = problem.solve(x, y, *pts[g], start=start, report=report, span=(j0, j1))
                 if report:
                     prev = self.unconverged.get(pts[g])
                     rows = [*report] if prev is None else [prev, *report]
                     self.unconverged[pts[g]] = max(rows, key=lambda r: _nan_high(r[0]))
                 start = theta
                 sim = sub.to_simulator(np.asarray(theta)[: j1 - j0], *pts[g])
-                for cur, l0, true, w in groups:
-                    pred = _rollout_runs(sim.A, sim.B, cur, l0, additive)  # [R, T + 1, chunk]
+                for cur, l0, true, weight, w in groups:
+                    if w is None:
+                        pred = _rollout_runs(sim.A, sim.B, cur, l0, additive)  # [R, T + 1, chunk]
+                    else:
+                        pred = scheduled.rollout_runs(sim.A, sim.B, cur, l0, w, additive)
                     err = np.asarray(pred[:, 1:], np.float64) - true  # [R, T, chunk]
-                    mse[g] += float(w @ np.sum(err * err, axis=(1, 2)))
+                    mse[g] += float(weight @ np.sum(err * err, axis=(1, 2)))
             self.last[c] = (pts[seq[-1]], start)
         return mse
 
@@ -837,6 +990,9 @@ def select_lambdas(
     variant: str,
     a_prior: float | None = None,
     grid=None,
+    lrs: Sequence[Float[ArrayLike, " steps"]] | None = None,
+    valid_lrs: Sequence[Float[ArrayLike, " steps"]] | None = None,
+    b_prior: Float[ArrayLike, "n_test n_train"] | None = None,
 ) -> tuple[float, float, list[dict]]:
     """Chooses (l2_a, l2_b) on a log grid by all-steps MSE of rollouts on validation runs.
 
@@ -864,12 +1020,17 @@ def select_lambdas(
         valid_curricula: validation runs' curricula, int [T_r, batch] each.
         valid_losses: validation runs' losses, f32 [T_r + 1, n_test] each (same n_test).
         n_train: size of the training pool.
-        variant: one of `VARIANTS`.
+        variant: one of `VARIANTS` or `SCHEDULED_VARIANTS`.
         a_prior: as in `fit`.
         grid: None for the default log grid ``DEFAULT_GRID`` (1e-4..1e2, extended at its
-            edges as above; product grid for linear, l2_b only for additive, l2_a only for
-            multiplicative), a 1-D list of values used the same way but never extended, or an
-            [G, 2] list of explicit (l2_a, l2_b) pairs.
+            edges as above; product grid for the linear variants, l2_b only for the additive
+            ones, l2_a only for multiplicative), a 1-D list of values used the same way but
+            never extended, or an [G, 2] list of explicit (l2_a, l2_b) pairs.
+        lrs: the fitting runs' learning rates, as in `fit` (schedule-aware variants).
+        valid_lrs: the validation runs' learning rates, one float [T_r] per run
+            (schedule-aware variants: their rollouts are scaled by valid_lr / eta_max of the
+            fitting runs).
+        b_prior: as in `fit` (linear-lr-tracin-prior).
 
     Returns:
         (l2_a, l2_b, table): the chosen pair (lowest finite validation MSE, ties broken as
@@ -890,13 +1051,18 @@ def select_lambdas(
     References:
         Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
     """
-    problem = _prepare(fit_curricula, fit_losses, n_train, variant, a_prior)
+    problem = _prepare(
+        fit_curricula, fit_losses, n_train, variant, a_prior, lrs=lrs, b_prior=b_prior
+    )
     vcurs, vls, _, vn_test = _check_runs(valid_curricula, valid_losses, n_train, "validation")
     if vn_test != problem.n_test:
         raise ValueError(
             f"validation runs have n_test={vn_test} but fitting runs have {problem.n_test}"
         )
-    score = _ValidationScore(problem, vcurs, vls)
+    vlrs = None
+    if variant in SCHEDULED_VARIANTS:
+        vlrs = scheduled.check_lrs(valid_lrs, [c.shape[0] for c in vcurs], variant, "validation")
+    score = _ValidationScore(problem, vcurs, vls, vlrs)
     if grid is None:
         pts, mses, rounds = _extended_search(score, problem.use_x, problem.use_one)
     else:
@@ -975,6 +1141,7 @@ def removal_influence(
     curriculum: Int[ArrayLike, "steps batch"],
     initial_losses: Float[ArrayLike, " n_test"],
     test_index: int,
+    lr: Float[ArrayLike, " steps"] | None = None,
 ) -> Float[Array, " n_train"]:
     """Exact change of one test example's simulated final loss when each example is removed.
 
@@ -986,13 +1153,16 @@ def removal_influence(
     m (A_i - 1/batch) and beta loses m B_i (for "additive" alpha stays 1).
     The rollout with all examples and the n_train rollouts with one example removed are run
     together in one `lax.scan` that carries the differences directly (exact, O(T (n_train +
-    batch)), no gradient approximation).
+    batch)), no gradient approximation). For the schedule-aware variants a removed slot is
+    likewise neutral (a = b = 0 there): alpha_t = 1 + w_t sum a loses m w_t a_i and beta_t loses
+    m w_t b_i.
 
     Args:
         sim: a fitted `Simulator`.
         curriculum: int [T, batch].
         initial_losses: f32 [n_test], the observed L_0 (only `test_index` is used).
         test_index: which test example, 0..n_test-1.
+        lr: float [T] learning rates, as in `simulate` (schedule-aware variants only).
 
     Returns:
         f32 [n_train]: final loss without example i minus final loss with all (0 for examples
@@ -1013,6 +1183,12 @@ def removal_influence(
     c = np.asarray(cur)
     mult = (c[:, :, None] == c[:, None, :]).sum(-1).astype(np.float32)  # [T, batch]
     j = int(test_index)
+    if sim.variant in SCHEDULED_VARIANTS:
+        w = _rates(sim, lr, cur, batched=False)
+        a = jnp.asarray(sim.A, jnp.float32)[j] - jnp.float32(1.0 / c.shape[1])
+        return scheduled.removal(
+            a, jnp.asarray(sim.B, jnp.float32)[j], cur, jnp.asarray(mult), w, l0[j], _additive(sim)
+        )
     return _removal(
         jnp.asarray(sim.A)[j],
         jnp.asarray(sim.B)[j],
@@ -1033,7 +1209,7 @@ def save_simulator(path, sim: Simulator, *, origin: dict | None = None) -> None:
 
     Args:
         path: destination file (its folder is created if needed; no suffix is appended).
-        sim: the `Simulator` to save (A, B, variant, l2_a, l2_b, a_prior, batch).
+        sim: the `Simulator` to save (A, B, variant, l2_a, l2_b, a_prior, batch, lr_max).
         origin: optional JSON-able record of where it was fitted (`simfluence fit` stores
             ``{"experiment_sha256", "fit_runs", "valid_runs"}``); read back by `read_origin`.
 
@@ -1051,6 +1227,7 @@ def save_simulator(path, sim: Simulator, *, origin: dict | None = None) -> None:
         l2_b=np.asarray(sim.l2_b, np.float64),
         a_prior=np.asarray(sim.a_prior, np.float64),
         **({} if sim.batch is None else {"batch": np.asarray(sim.batch, np.int64)}),
+        **({} if sim.lr_max is None else {"lr_max": np.asarray(sim.lr_max, np.float64)}),
     )
 
 
@@ -1095,11 +1272,19 @@ def load_simulator(path) -> Simulator:
         try:
             data = {k: z[k] for k in keys}
             batch = int(z["batch"]) if "batch" in z.files else None  # older files: unknown
+            lr_max = float(z["lr_max"]) if "lr_max" in z.files else None  # schedule-aware only
         except Exception as e:  # zipfile errors, object arrays: one line naming the file
             raise ValueError(f"{path}: cannot read simulator ({type(e).__name__}: {e})") from None
     variant = str(data["variant"])
-    if variant not in VARIANTS:
-        raise ValueError(f"{path}: unknown simulator variant {variant!r}; use one of {VARIANTS}")
+    if variant not in _ALL:
+        raise ValueError(f"{path}: unknown simulator variant {variant!r}; use one of {_ALL}")
+    if variant in SCHEDULED_VARIANTS and not (
+        lr_max is not None and math.isfinite(lr_max) and lr_max > 0
+    ):
+        raise ValueError(
+            f"{path}: {variant} simulator without a valid lr_max ({lr_max}); refit it with "
+            "`simfluence fit`"
+        )
     A, B = data["A"], data["B"]
     if A.ndim != 2 or A.shape != B.shape:
         raise ValueError(f"{path}: A {A.shape} and B {B.shape} must both be [n_test, n_train]")
@@ -1113,6 +1298,7 @@ def load_simulator(path) -> Simulator:
         l2_b=float(data["l2_b"]),
         a_prior=float(data["a_prior"]),
         batch=batch,
+        lr_max=lr_max if variant in SCHEDULED_VARIANTS else None,
     )
 
 

@@ -50,11 +50,15 @@ VARIANTS = (
     "linear",
     "additive",
     "multiplicative",
+    "linear-lr",
+    "additive-lr",
+    "linear-lr-tracin-prior",
     "tracin-cp",
     "tracin-cp-rescaled",
     "constant",
     "mean-trajectory",
 )
+CF_ARGS = "--base-runs 3,4 --targets 2 --k 2"
 
 
 def _make(target: str, config: Path, exp: Path, data_dir: Path, tok: Path, **extra) -> None:
@@ -106,6 +110,7 @@ def test_make_targets_end_to_end_and_rerun(tmp_path, data_dir, t5_tokenizer_dir)
 
     for target in ("runs", "tracin", "simulate", "figures"):
         _make(target, *args)
+    _make("counterfactual", *args, CF_ARGS=CF_ARGS)
     _make("table", *args, TABLE_INPUTS=str(exp / "results.json"), TABLE_OUT=str(table))
 
     # runs: five complete runs in the run-log format, with checkpoints and TracIn-CP dots.
@@ -126,7 +131,20 @@ def test_make_targets_end_to_end_and_rerun(tmp_path, data_dir, t5_tokenizer_dir)
         for metric in ("all_steps_mse", "final_step_spearman", "final_step_mse"):
             assert math.isfinite(row[metric]["mean"]), (name, metric, row[metric])
     assert results["split"]["fit"] == [0, 1] and results["split"]["test"] == [3, 4]
-    assert (exp / "sim_linear.npz").is_file()
+    for name in VARIANTS[:-2]:  # every variant but the baselines, fitted to a file
+        assert (exp / f"sim_{name}.npz").is_file(), name
+
+    # counterfactual: every proposal trained, from the base run's starting state, and scored.
+    cf = exp / "counterfactual"
+    report = json.loads((cf / "report.json").read_text())
+    assert len(report["proposals"]) == 10 and report["step0_mismatch"] == []
+    assert set(report["summary"]) == set(VARIANTS)
+    for p in report["proposals"]:
+        cf_losses = runlog.load_counterfactual_runs(exp, [p["id"]])[0].losses
+        base = runlog.load_runs(exp, [p["base_run"]])[0].losses
+        assert (cf_losses[0] == base[0]).all()
+        assert p["actual_change"] == float(cf_losses[-1, p["test"]]) - float(base[-1, p["test"]])
+    assert (cf / "report.md").is_file() and (cf / "predicted_vs_actual.png").is_file()
 
     # figures and table.
     for name in ("trajectories.png", "parameters.png", "influence.txt", "influence.json"):
@@ -138,11 +156,15 @@ def test_make_targets_end_to_end_and_rerun(tmp_path, data_dir, t5_tokenizer_dir)
 
     # A second pass keeps every finished file bitwise as it was and gives the same results.
     before = _snapshot(exp)
+    cf_before = {p: p.read_bytes() for p in sorted(cf.glob("run_*/*"))}
     for target in ("runs", "tracin", "simulate"):
         _make(target, *args)
+    _make("counterfactual", *args, CF_ARGS=CF_ARGS)
     assert _snapshot(exp) == before
+    assert {p: p.read_bytes() for p in sorted(cf.glob("run_*/*"))} == cf_before
     again = json.loads((exp / "results.json").read_text())
     assert again["variants"] == results["variants"]
+    assert json.loads((cf / "report.json").read_text())["summary"] == report["summary"]
 
 
 def test_make_table_without_results_fails_cleanly(tmp_path):

@@ -47,7 +47,7 @@ SIMFLUENCE = $(PYTHON) -m simfluence.cli
   lint tpu-submit
 
 help:  ## List the targets.
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	$(PY_BOOT) -m venv $(VENV)
@@ -57,13 +57,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## Create .venv and install the project with its finetune and test extras.
 
-test: install  ## The default test suite (CPU, no network, 5-6 min on 2 cores).
+test: install  ## The default test suite (CPU, no network, about 7 min on 2 cores).
 	$(PYTHON) -m pytest -q tests
 
 test-all: install  ## Every test, the slow ones too.
 	$(PYTHON) -m pytest -q -m "slow or not slow" tests
 
-demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots).
+demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots, counterfactual check).
 	$(MAKE) --no-print-directory runs tracin simulate figures counterfactual \
 	  CONFIG=runs/demo OUT=$(DEMO_EXP) INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON) CF_ARGS=
 	$(SIMFLUENCE) table $(DEMO_EXP)/results.json --out $(DEMO_EXP)/table.md
@@ -89,7 +89,7 @@ simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP);
 	fi
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.
-	$(SIMFLUENCE) counterfactual propose $(EXP) $(CF_ARGS)
+	$(SIMFLUENCE) counterfactual propose $(EXP) --split $(SPLIT) $(CF_ARGS)
 	$(FINETUNE) counterfactual $(EXP)
 	$(SIMFLUENCE) counterfactual score $(EXP)
 

@@ -14,11 +14,13 @@ import importlib.util
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+_DEBUG_ENV = "SIMFLUENCE_DEBUG"  # set to 1: tracebacks on errors, as --debug
 # What the run generator needs beyond the simulator's own dependencies: the `finetune` extra.
 _MODEL_STACK = (
     "flax",
@@ -42,6 +44,62 @@ def _missing_model_stack() -> list[str]:
         if not found:
             missing.append(name)
     return missing
+
+
+# Set, any of them makes the Hugging Face libraries use only their local cache.
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _offline_without_hub(timeout: float = 3.0) -> bool:
+    """Sets the Hugging Face offline variables when the hub cannot be reached.
+
+    Without them, on a machine without network, every hub request of transformers and datasets
+    is retried five times with a logged warning (minutes of retries before the error). Skipped
+    when an offline variable or a proxy is set (the proxy may reach what a direct connection
+    cannot). Must run before the Hugging Face libraries are imported: they read the variables
+    once.
+
+    Returns:
+        True when the hub was unreachable and the variables were set.
+    """
+    if any(os.environ.get(v) for v in _OFFLINE_VARS) or any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    ):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return False
+    except OSError:  # no DNS, no route, refused or timed out
+        for v in _OFFLINE_VARS:
+            os.environ[v] = "1"
+        return True
+
+
+def _quiet_abandoned_reads() -> None:
+    """Drops the "Event loop is closed" errors of orbax's abandoned array reads.
+
+    When a restore fails (a damaged checkpoint), orbax closes its event loop while tensorstore
+    still finishes the other reads; each one then reports a RuntimeError traceback as an
+    unraisable exception, dozens of them after the one-line error. Other unraisable exceptions
+    go to the previous hook; --debug keeps them all.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_abandoned_reads", False):  # installed by an earlier call
+        return
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == (
+            "Event loop is closed"
+        ):
+            return
+        previous(unraisable)
+
+    hook._drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="finetune",
         description="Fine-tuning runs under random curricula (Simfluence run logs) and TracIn-CP.",
     )
+    _add_debug_flag(parser, default=False)
     dist = parser.add_argument_group("multi-host (jax.distributed; see finetune.distributed)")
     dist.add_argument(
         "--coordinator-address", default=None, help="HOST:PORT of process 0 (same on every process)"
@@ -146,7 +205,19 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     _add_tracin(sub)
     _add_counterfactual(sub)
+    for p in sub.choices.values():  # --debug after the command too
+        _add_debug_flag(p, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_debug_flag(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,  # SUPPRESS on the commands: keeps a --debug given before them
+        help="on an error, also print the Python traceback (for bug reports); or set "
+        f"{_DEBUG_ENV}=1",
+    )
 
 
 # `finetune tracin`. Mirrors finetune.tracin.MODES and its default chunk size (a test pins both):
@@ -281,8 +352,9 @@ def _add_counterfactual(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "--max-steps",
         type=_positive_int,
         default=None,
-        help="train only the whole groups this many group steps cover (a group trains the "
-        "config's steps); run again to continue",
+        help="step budget of this call: each group of runs trains the config's full number of "
+        "steps and saves no checkpoints, so only the groups the budget covers whole are trained "
+        "(e.g. 26 trains one demo group of 32 proposals); run again to continue",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_counterfactual)
@@ -297,7 +369,8 @@ def _counterfactual(args: argparse.Namespace) -> int:
     )
     done = (
         f"{len(result['complete'])} of {result['proposals']} counterfactual runs complete in "
-        f"{result['folder']} ({result['seconds']:.1f} s this call)"
+        f"{result['folder']} ({len(result['trained'])} trained in {result['seconds']:.1f} s "
+        "this call)"
     )
     if result["interrupted"]:
         left = result["proposals"] - len(result["complete"])
@@ -318,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit code: 0 on success, 2 (``EXIT_BAD_INPUT``) for bad input or a missing model
-        stack (one line ``error: ...`` on stderr), 1 (``EXIT_FAILED``) for a non-finite loss.
+        stack (one line ``error: ...`` on stderr, after the traceback with ``--debug`` or
+        ``SIMFLUENCE_DEBUG=1``), 1 (``EXIT_FAILED``) for a non-finite loss.
 
     Raises:
         SystemExit: from argparse, for ``--help`` (code 0) or a bad flag (code 2, one line).
@@ -326,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     parser = _parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get(_DEBUG_ENV, "") not in ("", "0")
     # After parsing, so that --help works without the extra (the parser imports none of it).
     missing = _missing_model_stack()
     if missing:
@@ -335,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
+    _offline_without_hub()  # before transformers / datasets / huggingface_hub are imported
+    if not debug:
+        _quiet_abandoned_reads()
     try:
         from finetune import distributed
 
@@ -342,9 +420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         return int(args.handler(args) or 0)
     except ValueError as e:
+        if debug:
+            traceback.print_exc()
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:  # e.g. a folder that cannot be created: one line, as simfluence does
+        if debug:
+            traceback.print_exc()
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"error: {where}{' '.join(str(e.strerror or e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -352,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from finetune.trainer import NonFiniteLossError
 
         if isinstance(e, NonFiniteLossError):
+            if debug:
+                traceback.print_exc()
             print(f"error: {_one_line(e)}", file=sys.stderr)
             return EXIT_FAILED
         raise

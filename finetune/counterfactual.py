@@ -120,7 +120,16 @@ def _plan(exp_dir: Path, budget: int | None) -> _Plan:
             batch size, a base run missing or incomplete in EXP, a run folder of other
             proposals in EXP/counterfactual, or a ``budget`` too small for one group.
     """
-    config = E.read_config(exp_dir)
+    from finetune.config import ConfigError
+
+    try:
+        config = E.read_config(exp_dir)
+    except ConfigError as e:
+        raise E.ExperimentError(
+            f"{exp_dir / 'experiment.json'}: not an experiment made by `finetune run` (its "
+            f"config is not a finetune config: {e}); counterfactual runs train finetune "
+            "experiments only"
+        ) from None
     E.check_backend(config)
     fix_exp = f"finish the experiment with `finetune run CONFIG --out {exp_dir}` first"
     if not (exp_dir / E.DATA_FILE).is_file():
@@ -139,6 +148,11 @@ def _plan(exp_dir: Path, budget: int | None) -> _Plan:
         raise E.ExperimentError(
             f"{folder / runlog.PROPOSALS_FILE} not found; run `simfluence counterfactual "
             f"propose {exp_dir} ...` first"
+        )
+    if props.get("experiment_sha256") != runlog.experiment_sha256(exp_dir):
+        raise E.ExperimentError(
+            f"{folder / runlog.PROPOSALS_FILE} was proposed for another experiment.json than "
+            f"{exp_dir}'s; delete {folder} and propose again"
         )
     cur, sha, proposals = props["curricula"], props["curricula_sha256"], props["proposals"]
     n, steps, batch = cur.shape
@@ -165,11 +179,11 @@ def _plan(exp_dir: Path, budget: int | None) -> _Plan:
         cur_path = path / runlog.CURRICULUM_FILE
         if i >= n:
             stale = f"is not one of the {n} proposals of {folder / runlog.PROPOSALS_FILE}"
-        elif cur_path.is_file() and not np.array_equal(np.load(cur_path), cur[i]):
+        elif cur_path.is_file() and not np.array_equal(_read_npy(cur_path), cur[i]):
             stale = f"holds another curriculum than proposal {i}"
         elif done:
             old = json.loads((path / runlog.META_FILE).read_text(encoding="utf-8"))
-            old = old.get("proposals_sha256")
+            old = old.get("proposals_sha256") if isinstance(old, dict) else None
             if old != sha:
                 stale = (
                     f"was trained for other proposals (proposals_sha256 {str(old)[:12]}..., "
@@ -203,6 +217,17 @@ def _plan(exp_dir: Path, budget: int | None) -> _Plan:
         if why:
             raise E.ExperimentError(f"{why} (counterfactual runs save no checkpoints)")
     return plan
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """np.load of a run file, or a one-line error naming it."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # truncated, object arrays, not .npy
+        raise E.ExperimentError(
+            f"{path}: cannot read ({type(e).__name__}: {' '.join(str(e).split())}); delete "
+            f"{path.parent} to train it again"
+        ) from None
 
 
 def _todo(plan: _Plan) -> list[list[int]]:
@@ -267,6 +292,9 @@ def run_counterfactuals(
             train_warmup=False,
         )
         ctx.meta, ctx.checkpoints = plan.meta, False
+        # A report of the proposals scored before this call no longer describes the folder.
+        for name in runlog.COUNTERFACTUAL_REPORT_FILES:
+            (plan.folder / name).unlink(missing_ok=True)
         n = len(plan.proposals)
         done = sum(plan.complete.values()) * config.steps
         ctx.bar = T._progress_bar(f"{config.name} counterfactual", n * config.steps, done, progress)

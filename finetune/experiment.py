@@ -18,6 +18,8 @@ References:
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,8 +279,21 @@ def _load_data(exp_dir: Path) -> dict[str, np.ndarray]:
     path = exp_dir / DATA_FILE
     if not path.is_file():
         raise ExperimentError(f"{path} not found; {exp_dir} was not prepared by finetune run")
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    fix = "delete it and run `finetune run` again to tokenize the data anew"
+    try:  # our own handle: np.load leaks its file when the archive is truncated
+        with open(path, "rb") as f:
+            z = np.load(f, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ExperimentError(f"{path}: holds one array, not an .npz archive; {fix}")
+            with z:
+                return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        if isinstance(e, ExperimentError):
+            raise
+        # Truncated or corrupted: BadZipFile (archive) or zlib.error (a member).
+        raise ExperimentError(
+            f"{path}: cannot read the tokenized data ({type(e).__name__}: {e}); {fix}"
+        ) from e
 
 
 def read_config(exp_dir: str | Path) -> ExperimentConfig:
@@ -468,6 +483,9 @@ def restore_checkpoint(run_dir: str | Path, step: int, trainable, opt_state, log
 
     Returns:
         ``(trainable, opt_state, log)`` as saved at ``step`` (host-local arrays).
+
+    Raises:
+        ExperimentError: the checkpoint cannot be restored (damaged, or another config's).
     """
     import orbax.checkpoint as ocp
 
@@ -482,5 +500,18 @@ def restore_checkpoint(run_dir: str | Path, step: int, trainable, opt_state, log
             ),
         )
         return out["trainable"], out["opt_state"], out["log"]
+    except Exception as e:  # orbax / tensorstore raise many types for a damaged checkpoint
+        raise ExperimentError(
+            f"{Path(run_dir) / CHECKPOINT_DIR / str(step)}: cannot restore this checkpoint "
+            f"({checkpoint_error_reason(e)}); it is damaged or was written by another config: "
+            f"delete {run_dir} and run `finetune run` again to retrain the run"
+        ) from e
     finally:
         mngr.close()
+
+
+def checkpoint_error_reason(err: Exception) -> str:
+    """The reason of an orbax restore error on one line, without the tensorstore spec (about
+    1.5 kB of JSON) that tensorstore appends to it."""
+    reason = " ".join(str(err).split(" [tensorstore_spec=")[0].split())
+    return f"{type(err).__name__}: {reason}" if reason else type(err).__name__

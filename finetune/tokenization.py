@@ -28,7 +28,8 @@ def load_tokenizer(path_or_name: str | os.PathLike):
         ``transformers.T5TokenizerFast``.
 
     Raises:
-        TokenizerError: the path holds no tokenizer files, or the hub name cannot be fetched.
+        TokenizerError: the path holds no tokenizer files or an unparsable spiece.model, or
+            the hub name cannot be fetched.
     """
     from transformers import T5TokenizerFast
 
@@ -52,6 +53,8 @@ def load_tokenizer(path_or_name: str | os.PathLike):
                 f"{path} holds neither spiece.model nor tokenizer.json; pass the tokenizer "
                 "directory of a T5 checkpoint"
             )
+        if not (path / "tokenizer.json").is_file():
+            _check_sentencepiece(path / "spiece.model")
         return T5TokenizerFast.from_pretrained(str(path))
     name = str(path_or_name)
     if name.startswith((".", "/", "~")):
@@ -62,6 +65,23 @@ def load_tokenizer(path_or_name: str | os.PathLike):
         raise TokenizerError(
             f"tokenizer {name!r} is not a local path and could not be fetched from the hub "
             f"({type(err).__name__}: {err}); pass a local directory holding spiece.model"
+        ) from err
+
+
+def _check_sentencepiece(path: Path) -> None:
+    """Raise unless `path` parses as a SentencePiece model.
+
+    transformers falls back to other formats on an unparsable spiece.model, logs a line and ends
+    advising to install tiktoken; sentencepiece itself names the problem.
+    """
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as err:
+        raise TokenizerError(
+            f"{path}: not a SentencePiece model ({' '.join(str(err).split())}); pass the "
+            "spiece.model of a T5 checkpoint (or the directory holding it)"
         ) from err
 
 

@@ -377,16 +377,16 @@ def _check_like(restored: PyTree, target: PyTree, where: str) -> None:
 
 
 def _restore(run_dir: Path, step: int, target: PyTree) -> PyTree:
-    from finetune.experiment import restore_trainable
+    from finetune.experiment import checkpoint_error_reason, restore_trainable
 
     where = f"{run_dir / 'checkpoints'} (step {step})"
     try:
         restored = restore_trainable(run_dir, step, target)
     except Exception as e:  # orbax raises many types for a mismatched or damaged checkpoint
-        first = " ".join(str(e).split(". ")[0].split()) or type(e).__name__
         raise ValueError(
-            f"{where}: cannot restore it against the experiment config ({first}); was it "
-            "written by another config? Re-train the run under this experiment's config"
+            f"{where}: cannot restore it against the experiment config "
+            f"({checkpoint_error_reason(e)}); it is damaged or was written by another config: "
+            f"delete {run_dir} and run `finetune run` again to retrain the run"
         ) from e
     _check_like(restored, target, where)
     return restored

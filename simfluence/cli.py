@@ -11,7 +11,9 @@ References:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 from simfluence.runlog import RunLogError
 
 PROG = "simfluence"
+_DEBUG_ENV = "SIMFLUENCE_DEBUG"  # set to 1: tracebacks on errors, as --debug
 _EPILOG = (
     "Experiment folders use the run-log format of simfluence.runlog: EXP/experiment.json and "
     "EXP/run_XXX/{curriculum.npy, losses.npy, meta.json}."
@@ -87,9 +90,16 @@ def _load_array(path: str, what: str) -> np.ndarray:
     if not p.is_file():
         raise RunLogError(f"{p}: {what} file not found")
     try:
-        return np.load(p, allow_pickle=False)
+        arr = np.load(p, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise RunLogError(f"{p}: cannot read {what} as .npy ({exc})") from exc
+    if not isinstance(arr, np.ndarray):  # an .npz archive (NpzFile), not one array
+        arr.close()
+        raise RunLogError(
+            f"{p}: {what} must be one array saved as .npy, not an .npz archive; "
+            "save it with numpy.save"
+        )
+    return arr
 
 
 def _load_inputs(args, sim) -> tuple[np.ndarray, np.ndarray]:
@@ -177,10 +187,15 @@ def _check_out(path: str, suffixes: Sequence[str], flag: str = "--out") -> Path:
 
 def _cmd_evaluate(args) -> None:
     from simfluence.evaluation import check_variants, evaluate
-    from simfluence.runlog import atomic_write_json
+    from simfluence.runlog import atomic_write_json, experiment_owns
     from simfluence.table import format_results
 
     out = _check_out(args.out, [".json"]) if args.out else None
+    if out is not None and experiment_owns(args.exp, out):
+        raise ValueError(
+            f"--out {out} is one of the experiment's own files and would be overwritten; "
+            f"choose another path (e.g. {Path(args.exp) / 'results.json'})"
+        )
     variants = check_variants(args.variants.split(",")) if args.variants else None
     results = evaluate(
         args.exp,
@@ -419,6 +434,11 @@ def _cmd_plot(args) -> None:
 def _cmd_demo_data(args) -> None:
     from simfluence.demo_data import make_demo_experiment
 
+    if not (np.isfinite(args.noise) and args.noise >= 0):
+        raise ValueError(
+            f"--noise {args.noise}: the std of the loss noise must be finite and >= 0 "
+            "(e.g. --noise 0.003)"
+        )
     exp = make_demo_experiment(
         args.exp,
         n_runs=args.runs,
@@ -555,30 +575,40 @@ def _parse_sims(text: str) -> dict[str, str]:
     return out
 
 
+def _parse_distinct(text: str, flag: str) -> list[int]:
+    """`_parse_indices`, refusing an index given twice (it would silently count once)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    values = [v for part in items for v in _parse_indices(part, flag)]
+    dup = sorted({v for v in values if values.count(v) > 1})
+    if dup:
+        raise ValueError(f"{flag} {text!r} names {dup} more than once; give each once")
+    return values
+
+
 def _cmd_cf_propose(args) -> None:
     from simfluence import counterfactual as cf
 
     sims = _parse_sims(args.sims) if args.sims else None
-    if args.k < 1:
-        raise ValueError(f"--k {args.k} must be >= 1")
     proposals, curricula, header = cf.propose(
         args.exp,
         simulator_files=sims,
         proposer=args.proposer,
-        base_runs=_parse_indices(args.base_runs, "--base-runs") if args.base_runs else None,
-        tests=_parse_indices(args.tests, "--tests") if args.tests else None,
+        base_runs=_parse_distinct(args.base_runs, "--base-runs") if args.base_runs else None,
+        tests=_parse_distinct(args.tests, "--tests") if args.tests else None,
         n_targets=args.targets,
         kinds=args.kinds.split(","),
         k=args.k,
         seed=args.seed,
         optimize_cap=args.optimize_cap,
+        split=_parse_split(args.split) if args.split else None,
     )
     path, written = cf.write_proposals(args.exp, proposals, curricula, header)
-    kinds = ", ".join(header["settings"]["kinds"])
+    settings = header["settings"]
+    n, n_t = len(proposals), len(settings["tests"])
     state = "wrote" if written else "kept the identical proposals already in"
     print(
-        f"{len(proposals)} proposals ({kinds}) for {len(header['settings']['tests'])} target "
-        f"test examples on base runs {header['settings']['base_runs']}, proposed by "
+        f"{n} proposal{'s' * (n != 1)} ({', '.join(settings['kinds'])}) for {n_t} target test "
+        f"example{'s' * (n_t != 1)} on base runs {settings['base_runs']}, proposed by "
         f"{args.proposer}; {state} {path}; next: `finetune counterfactual {args.exp}`"
     )
 
@@ -648,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(Guu et al. 2023, arXiv 2303.08114) on logged fine-tuning runs.",
         epilog=_EPILOG,
     )
+    _add_debug_flag(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -841,27 +872,44 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--sims",
         default=None,
-        help="VARIANT=FILE,... simulators to score, relative to EXP or absolute (default: "
-        "every EXP/sim_<variant>.npz, as `make simulate` writes)",
+        help="VARIANT=FILE,... the simulators to score, the proposer among them; FILE relative "
+        "to EXP or absolute (default: every EXP/sim_<variant>.npz, as `make simulate` writes)",
     )
     q.add_argument(
-        "--proposer", default="linear", help="the Simfluence variant that proposes (default linear)"
+        "--proposer",
+        default="linear",
+        help="the Simfluence variant that proposes: linear, additive, multiplicative, linear-lr, "
+        "additive-lr or linear-lr-tracin-prior (default linear)",
     )
     q.add_argument(
         "--base-runs",
         default=None,
-        help="base run indices (default: the held-out runs of the experiment's split)",
+        help="base run indices, e.g. 22-31 or 22,25 (default: the held-out runs of --split); "
+        "target i uses the i-th, cycling",
     )
     q.add_argument(
-        "--tests", default=None, help="target test examples (default: --targets drawn at random)"
+        "--split",
+        default=None,
+        help="FIT,VALID,TEST numbers of complete runs whose TEST part gives the default base "
+        "runs (default: the config's split, else 20,2,10)",
     )
     q.add_argument(
-        "--targets", type=int, default=12, help="targets to draw when --tests is absent (12)"
+        "--tests",
+        default=None,
+        help="target test examples, e.g. 0-3,7 (default: --targets drawn at random)",
+    )
+    q.add_argument(
+        "--targets",
+        type=int,
+        default=None,
+        help="how many target test examples to draw, at most n_test (default: 12, or n_test "
+        "when smaller); not with --tests",
     )
     q.add_argument(
         "--kinds",
         default=",".join(("remove-top", "remove-bottom", "remove-random", "reorder", "optimize")),
-        help="proposal kinds (default: all five)",
+        help="proposal kinds among remove-top, remove-bottom, remove-random, reorder, optimize "
+        "(default: all five)",
     )
     q.add_argument("--k", type=int, default=10, help="examples removed per removal proposal (10)")
     q.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
@@ -881,7 +929,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("exp", metavar="EXP", help="experiment folder")
     q.set_defaults(func=_cmd_cf_score)
+    for p in [*sub.choices.values(), *cf_sub.choices.values()]:  # --debug after the command too
+        _add_debug_flag(p, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_debug_flag(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,  # SUPPRESS on the commands: keeps a --debug given before them
+        help="on an error, also print the Python traceback (for bug reports); or set "
+        f"{_DEBUG_ENV}=1",
+    )
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -895,16 +955,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (None -> sys.argv[1:]).
 
     Returns:
-        0 on success. Bad input raises SystemExit(2) after one line on stderr.
+        0 on success. Bad input raises SystemExit(2) after one line on stderr (preceded by the
+        traceback with --debug or SIMFLUENCE_DEBUG=1).
     """
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(_DEBUG_ENV, "") not in ("", "0")
     old = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
         args.func(args)
     except (RunLogError, ValueError) as exc:
+        if debug:
+            traceback.print_exc()
         _fail(str(exc))
     except OSError as exc:
+        if debug:
+            traceback.print_exc()
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         _fail(f"{where}{exc.strerror or exc}")
     finally:

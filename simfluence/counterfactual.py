@@ -71,9 +71,7 @@ __all__ = [
 KINDS = ("remove-top", "remove-bottom", "remove-random", "reorder", "optimize")
 REMOVAL_KINDS = ("remove-top", "remove-bottom", "remove-random")
 PROPOSER_VARIANTS = simulators.VARIANTS + simulators.SCHEDULED_VARIANTS
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-REPORT_PNG = "predicted_vs_actual.png"
+REPORT_JSON, REPORT_MD, REPORT_PNG = runlog.COUNTERFACTUAL_REPORT_FILES
 _NO_CHANGE = baselines.BASELINES  # same-length curricula: these predict a change of exactly 0
 
 
@@ -212,7 +210,8 @@ def load_simulator_file(path: str | os.PathLike):
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as fh:
+            z = np.load(fh, allow_pickle=False)
             is_tracin = isinstance(z, np.lib.npyio.NpzFile) and "dots" in z.files
     except Exception:  # the loaders name the problem
         is_tracin = False
@@ -260,7 +259,7 @@ def _load_sims(exp_dir: Path, files: dict[str, str], split_runs: dict) -> dict[s
     info = runlog.read_experiment(exp_dir)
     sims = {}
     for variant, rel in files.items():
-        path = exp_dir / rel
+        path = Path(os.path.normpath(exp_dir / rel))
         if not path.is_file():
             raise ValueError(
                 f"simulator file {path} ({variant}) not found; fit it with `simfluence fit "
@@ -271,11 +270,14 @@ def _load_sims(exp_dir: Path, files: dict[str, str], split_runs: dict) -> dict[s
             raise ValueError(f"{path} holds a {_variant(sim)} simulator, not {variant}")
         origin = simulators.read_origin(path)
         if origin is None or origin.get("experiment_sha256") != exp_sha:
-            why = "records no experiment" if origin is None else "was fitted on another experiment"
-            raise ValueError(
-                f"{path}: {why} (its experiment.json hash differs from {exp_dir}'s); refit it "
-                f"on this experiment with `simfluence fit {exp_dir} ...`"
+            why = (
+                "records no experiment it was fitted on (written by an older version or "
+                "without `simfluence fit`)"
+                if origin is None
+                else f"was fitted on another experiment (its experiment.json hash differs "
+                f"from {exp_dir}'s)"
             )
+            raise ValueError(f"{path}: {why}; refit it with `simfluence fit {exp_dir} ...`")
         tracin_sim = isinstance(sim, tracin.TracInSimulator)
         shape = sim.dots.shape[1:] if tracin_sim else (sim.n_test, sim.n_train)
         if tuple(shape) != (info["n_test"], info["n_train"]):
@@ -309,28 +311,35 @@ def _default_split(info: dict) -> tuple[int, int, int]:
     return DEFAULT_SPLIT
 
 
-def default_base_runs(exp_dir: str | os.PathLike) -> list[int]:
-    """The held-out runs of the experiment's split (config ``extra.split``, else 20,2,10).
+def default_base_runs(exp_dir: str | os.PathLike, split: Sequence[int] | None = None) -> list[int]:
+    """The held-out runs of a split, as `simfluence evaluate` takes them.
 
     Args:
         exp_dir: experiment folder.
+        split: (fit, valid, test) numbers of complete runs (None: the config's ``extra.split``,
+            else 20,2,10).
 
     Returns:
-        Run indices: the complete runs after the fitting and validation ones.
+        Run indices: the ``test`` complete runs after the fitting and validation ones.
 
     Raises:
-        RunLogError: fewer complete runs than the split's fitting and validation runs plus one.
+        RunLogError: fewer complete runs than the split needs (an incomplete held-out run would
+            otherwise shift the choice silently).
     """
     info = runlog.read_experiment(exp_dir)
-    n_fit, n_valid, n_test = _default_split(info)
-    complete = [i for i, _, c in runlog.list_runs(exp_dir) if c]
-    base = complete[n_fit + n_valid : n_fit + n_valid + n_test]
-    if not base:
+    n_fit, n_valid, n_test = tuple(split) if split is not None else _default_split(info)
+    listing = runlog.list_runs(exp_dir)
+    complete = [i for i, _, c in listing if c]
+    need = n_fit + n_valid + n_test
+    if n_test < 1 or len(complete) < need:
+        bad = [p.name for _, p, c in listing if not c]
         raise RunLogError(
-            f"{exp_dir}: split {n_fit},{n_valid},{n_test} leaves no held-out run among the "
-            f"{len(complete)} complete runs; pass --base-runs"
+            f"{exp_dir}: split {n_fit},{n_valid},{n_test} needs {need} complete runs but there "
+            f"are {len(complete)}"
+            + (f" (incomplete: {', '.join(bad)})" if bad else "")
+            + "; finish the runs, or pass --split or --base-runs"
         )
-    return base
+    return complete[n_fit + n_valid : need]
 
 
 def _lr(sim, run: Run) -> np.ndarray | None:
@@ -339,8 +348,8 @@ def _lr(sim, run: Run) -> np.ndarray | None:
         return None
     if run.lr is None:
         raise ValueError(
-            f"{run.path}: no lr.npy, which the {sim.variant} proposer needs; propose with "
-            "linear or use base runs that record their learning rates"
+            f"{run.path}: no lr.npy, which the {sim.variant} simulator needs; leave it out of "
+            "--sims or use base runs that record their learning rates"
         )
     return run.lr
 
@@ -365,11 +374,12 @@ def propose(
     proposer: str = "linear",
     base_runs: Sequence[int] | None = None,
     tests: Sequence[int] | None = None,
-    n_targets: int = 12,
+    n_targets: int | None = None,
     kinds: Sequence[str] = KINDS,
     k: int = 10,
     seed: int = 0,
     optimize_cap: int | None = None,
+    split: Sequence[int] | None = None,
 ) -> tuple[list[dict], np.ndarray, dict]:
     """Proposals of curricula to train, one per (target test example, kind).
 
@@ -383,14 +393,17 @@ def propose(
             absolute; None: every ``EXP/sim_<variant>.npz``). Each must record this
             experiment (`simfluence fit` does) and must not have been fitted on a base run.
         proposer: the Simfluence variant (a key of ``simulator_files``) that proposes.
-        base_runs: run indices (None: the held-out runs of the experiment's split).
-        tests: target test examples (None: ``n_targets`` drawn).
-        n_targets: how many targets to draw when ``tests`` is None.
+        base_runs: run indices (None: the held-out runs of ``split``); only the first
+            ``len(tests)`` are used when there are more.
+        tests: target test examples (None: ``n_targets`` drawn; give one or the other).
+        n_targets: how many targets to draw (None: min(12, n_test)).
         kinds: proposal kinds from `KINDS`.
         k: examples removed by each removal proposal.
         seed: seed of every draw.
         optimize_cap: most uses of one example in an ``optimize`` curriculum (None: the largest
             count of any example in the base curriculum).
+        split: (fit, valid, test) numbers of complete runs whose held-out part gives the
+            default base runs (None: the config's ``extra.split``, else 20,2,10).
 
     Returns:
         (proposals: list of {"id", "kind", "base_run", "test", "k", "removed", "run",
@@ -406,52 +419,78 @@ def propose(
     info = runlog.read_experiment(exp_dir)
     n_train, n_test = info["n_train"], info["n_test"]
     kinds = _check_kinds(kinds)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"--k {k!r} must be an integer >= 1")
+    for flag, value, low in (
+        ("--k", k, 1),
+        ("--seed", seed, 0),
+        ("--optimize-cap", optimize_cap, 1),
+    ):
+        if value is None and flag == "--optimize-cap":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            raise ValueError(f"{flag} {value!r} must be an integer >= {low}")
     if k >= n_train:
         raise ValueError(
             f"--k {k} leaves nothing of the pool (n_train={n_train}); use k <= {n_train - 1}"
         )
-    base_runs = list(base_runs) if base_runs is not None else default_base_runs(exp_dir)
-    runs = runlog.load_runs(exp_dir, base_runs)  # missing or incomplete: an error naming it
-    if simulator_files is None:
-        simulator_files = default_simulator_files(exp_dir)
-    files = {
-        v: _relative(p, exp_dir) if Path(p).is_absolute() else str(p)
-        for v, p in simulator_files.items()
-    }
     if proposer not in PROPOSER_VARIANTS:
         raise ValueError(
             f"--proposer {proposer!r}: proposals come from a Simfluence simulator; use one of "
             f"{', '.join(PROPOSER_VARIANTS)}"
         )
-    if proposer not in files:
-        raise ValueError(
-            f"no {proposer} simulator to propose with (simulators: {sorted(files) or 'none'}); "
-            f"fit EXP/sim_{proposer}.npz with `simfluence fit` (make simulate) or pass --sims"
-        )
-    sims = _load_sims(exp_dir, files, {"base": base_runs})
-    sim = sims[proposer]
+    if tests is not None and n_targets is not None:
+        raise ValueError("give --tests or --targets, not both")
     if tests is None:
+        n_targets = min(12, n_test) if n_targets is None else n_targets
         if not 1 <= n_targets <= n_test:
             raise ValueError(f"--targets {n_targets} must be in 1..{n_test} (n_test)")
         rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
         tests = [int(j) for j in rng.choice(n_test, size=n_targets, replace=False)]
     tests = [int(j) for j in tests]
     bad = [j for j in tests if not 0 <= j < n_test]
-    if bad or len(set(tests)) != len(tests):
+    if not tests or bad or len(set(tests)) != len(tests):
         raise ValueError(f"--tests {tests}: give distinct test examples in 0..{n_test - 1}")
+    if base_runs is not None and len(set(base_runs)) != len(base_runs):
+        raise ValueError(f"--base-runs {list(base_runs)}: each run once")
+    base_runs = list(base_runs) if base_runs is not None else default_base_runs(exp_dir, split)
+    base_runs = base_runs[: len(tests)]  # the ones the targets use
+    runs = runlog.load_runs(exp_dir, base_runs)  # missing or incomplete: an error naming it
+    if any(kd in REMOVAL_KINDS for kd in kinds):
+        distinct = min(np.unique(r.curriculum).size for r in runs)
+        if k > distinct:
+            raise ValueError(
+                f"--k {k} exceeds the {distinct} distinct examples of the smallest base "
+                f"curriculum (runs {base_runs}); use k <= {distinct}"
+            )
+    if simulator_files is None:
+        simulator_files = default_simulator_files(exp_dir)
+    known = PROPOSER_VARIANTS + tracin.TRACIN_VARIANTS
+    unknown = sorted(set(simulator_files) - set(known))
+    if unknown:
+        raise ValueError(
+            f"--sims: unknown variant(s) {unknown}; name files as VARIANT=FILE with VARIANT one "
+            f"of {', '.join(known)}"
+        )
+    files = {
+        v: _relative(p, exp_dir) if Path(p).is_absolute() else str(p)
+        for v, p in simulator_files.items()
+    }
+    if proposer not in files:
+        raise ValueError(
+            f"no {proposer} simulator to propose with (simulators: {sorted(files) or 'none'}); "
+            f"fit EXP/sim_{proposer}.npz with `simfluence fit` (make simulate) or pass --sims"
+        )
+    sims = _load_sims(exp_dir, files, {"base": base_runs})
+    for sm in sims.values():  # every schedule-aware simulator needs the base runs' rates
+        if isinstance(sm, simulators.Simulator):
+            for r in runs:
+                _lr(sm, r)
+    sim = sims[proposer]
     proposals, curricula = [], []
     for i, j in enumerate(tests):
         run = runs[i % len(runs)]
         if msg := simulators.batch_mismatch(sim, run.batch):
             raise ValueError(f"base run {run.index}: {msg}")
         present = np.unique(run.curriculum)
-        if any(kd in REMOVAL_KINDS for kd in kinds) and k > present.size:
-            raise ValueError(
-                f"--k {k} exceeds the {present.size} distinct examples of base run "
-                f"{run.index}'s curriculum; use k <= {present.size}"
-            )
         influence = None
         for kind in kinds:
             pid = len(proposals)
@@ -489,6 +528,8 @@ def propose(
                 )
                 entry["optimize_cap"] = cap
             entry.update(k=len(removed), removed=removed, run=f"run_{pid:03d}")
+            if kind in REMOVAL_KINDS:  # slots that got a replacement
+                entry["slots_replaced"] = int(np.isin(run.curriculum, removed).sum())
             pred = np.asarray(simulators.simulate(sim, cur, run.losses[0], lr=_lr(sim, run)))
             pred = pred[-1, j]
             entry["proposer_predicted_final"] = float(pred)
@@ -512,8 +553,20 @@ def propose(
         },
         "simulator_files": files,
         "simulator_sha256": {v: _file_sha256(exp_dir / p) for v, p in files.items()},
+        "base_runs_sha256": {str(r.index): _run_sha256(r.path) for r in runs},
     }
     return proposals, np.stack(curricula).astype(np.int32), header
+
+
+def _run_sha256(run_path: Path) -> str:
+    """Hash of a base run's curriculum, losses and learning rates (the files scoring reads)."""
+    h = hashlib.sha256()
+    for name in (runlog.CURRICULUM_FILE, runlog.LOSSES_FILE, runlog.LR_FILE):
+        path = run_path / name
+        h.update(name.encode())
+        if path.is_file():
+            h.update(_file_sha256(path).encode())
+    return h.hexdigest()
 
 
 def write_proposals(
@@ -564,19 +617,43 @@ def write_proposals(
 # ----------------------------------------------------------------------------------------------
 
 
-def _final_losses(sim, curricula: np.ndarray, l0: np.ndarray, lr: np.ndarray | None, runs):
+def _rollout64(sim: simulators.Simulator, curricula, l0, lr) -> np.ndarray:
+    """Final losses [P, n_test] of a Simfluence simulator, rolled out in float64.
+
+    The jitted rollouts compute in float32; a difference of two float32 rollouts carries
+    rounding noise of about 1e-7, which would give order-blind variants (additive,
+    multiplicative: sums and products of per-step terms) spurious nonzero predictions for a
+    reorder. In float64 that noise is about 1e-16 and is zeroed by `_ROUNDOFF`.
+    """
+    A = np.asarray(sim.A, np.float64)  # [n_test, n_train]
+    B = np.asarray(sim.B, np.float64)
+    scheduled = sim.variant in simulators.SCHEDULED_VARIANTS
+    if scheduled:
+        if lr is None:
+            raise ValueError(f"the {sim.variant} simulator needs the base runs' lr.npy")
+        w = np.asarray(lr, np.float64) / float(sim.lr_max)  # [P, T]
+    loss = np.asarray(l0, np.float64).copy()  # [P, n_test]
+    for t in range(curricula.shape[1]):
+        ids = curricula[:, t]  # [P, b]
+        a_sum = A[:, ids].sum(-1).T  # [P, n_test]
+        b_sum = B[:, ids].sum(-1).T
+        if scheduled:  # L + w (sum (A - 1/b) L + sum B)
+            loss = loss + w[:, t, None] * ((a_sum - 1.0) * loss + b_sum)
+        elif sim.variant == "additive":
+            loss = loss + b_sum
+        else:
+            loss = a_sum * loss + b_sum
+    return loss
+
+
+# Relative size below which a float64 predicted change is rounding noise (set to 0).
+_ROUNDOFF = 1e-12
+
+
+def _final_losses(sim, curricula: np.ndarray, l0: np.ndarray, lr: np.ndarray | None):
     """Simulated final losses [P, n_test] of curricula [P, T, b] from l0 [P, n_test]."""
-    variant = sim if isinstance(sim, str) else _variant(sim)
-    if variant == "constant":
-        return l0.astype(np.float64)
-    if variant == "mean-trajectory":
-        delta = baselines.fit_mean_trajectory([r.losses for r in runs])
-        T = curricula.shape[1]
-        return np.stack([baselines.mean_trajectory(delta, x, T)[-1] for x in l0]).astype(np.float64)
-    if variant in simulators.VARIANTS + simulators.SCHEDULED_VARIANTS:
-        # The -lr variants scale each step by the base run's rate (lr [P, T]; required there).
-        out = simulators.simulate_many(sim, curricula, l0, lr)
-        return np.asarray(out, np.float64)[:, -1]
+    if isinstance(sim, simulators.Simulator):
+        return _rollout64(sim, curricula, l0, lr)
     return np.stack(
         [
             tracin.simulate_tracin(sim, c, x, None if lr is None else lr[p])[-1]
@@ -591,26 +668,34 @@ def predicted_changes(
     base_curricula: Int[np.ndarray, "P T b"],
     initial_losses: Float[np.ndarray, "P n_test"],
     lr: Float[np.ndarray, "P T"] | None = None,
-    fit_runs: Sequence[Run] = (),
 ) -> Float[np.ndarray, "P n_test"]:
     """Simulated final losses on the proposals minus those on their base runs.
 
     Args:
-        sim: a `simulators.Simulator`, a `tracin.TracInSimulator`, or a baseline name
-            ("constant", "mean-trajectory").
+        sim: a `simulators.Simulator` (rolled out in float64), a `tracin.TracInSimulator`, or
+            a baseline name ("constant", "mean-trajectory": a curriculum of the base run's
+            length gets the same prediction, so the change is exactly 0).
         curricula: int [P, T, b] proposals.
         base_curricula: int [P, T, b] their base runs' curricula.
         initial_losses: f32 [P, n_test] the base runs' observed L_0 (also the proposals').
-        lr: f32 [P, T] the base runs' learning rates (TracIn-CP; None: the checkpoints').
-        fit_runs: the mean-trajectory baseline's fitting runs.
+        lr: f32 [P, T] the base runs' learning rates (schedule-aware variants and TracIn-CP;
+            None: TracIn-CP uses its checkpoints' rates).
 
     Returns:
-        float64 [P, n_test] predicted changes (both rollouts from the same L_0).
+        float64 [P, n_test] predicted changes (both rollouts from the same L_0); changes
+        within float64 rounding of the losses are exactly 0.
     """
     l0 = np.asarray(initial_losses, np.float32)
-    new = _final_losses(sim, np.asarray(curricula, np.int32), l0, lr, fit_runs)
-    old = _final_losses(sim, np.asarray(base_curricula, np.int32), l0, lr, fit_runs)
-    return new - old
+    if isinstance(sim, str):
+        if sim not in _NO_CHANGE:
+            raise ValueError(f"unknown baseline {sim!r}; use one of {', '.join(_NO_CHANGE)}")
+        return np.zeros(l0.shape, np.float64)
+    new = _final_losses(sim, np.asarray(curricula, np.int32), l0, lr)
+    old = _final_losses(sim, np.asarray(base_curricula, np.int32), l0, lr)
+    change = new - old
+    scale = np.maximum(np.abs(new), np.abs(old))
+    change[np.abs(change) <= _ROUNDOFF * np.maximum(scale, 1.0)] = 0.0
+    return change
 
 
 def _undefined(reason: str, **extra) -> dict:
@@ -625,7 +710,8 @@ def _correlations(pred: np.ndarray, actual: np.ndarray) -> dict:
         return _undefined(f"{pred.size} value(s); a correlation needs 3 or more")
     if np.ptp(pred) == 0:
         return _undefined(
-            "the predicted change does not vary (constant and mean-trajectory predict no change)"
+            "the predicted change does not vary (a variant that predicts no change: the "
+            "baselines always, additive and multiplicative for a reorder)"
         )
     if np.ptp(actual) == 0:
         return _undefined("the actual change is the same for every item")
@@ -679,22 +765,33 @@ def score(exp_dir: str | os.PathLike) -> dict:
             step-0 losses are not those it should have.
     """
     exp_dir = Path(exp_dir)
+    runlog.read_experiment(exp_dir)  # a missing experiment is named as such
     folder = runlog.counterfactual_dir(exp_dir)
     data = runlog.read_proposals(exp_dir)
     if data is None:
+        has_runs = folder.is_dir() and any(p.name.startswith("run_") for p in folder.iterdir())
         raise ValueError(
-            f"{folder / runlog.PROPOSALS_FILE} not found; run `simfluence counterfactual propose "
-            f"{exp_dir}` and `finetune counterfactual {exp_dir}` first"
+            f"{folder / runlog.PROPOSALS_FILE} not found"
+            + (
+                f" but {folder} holds run folders; delete {folder} and propose again"
+                if has_runs
+                else f"; run `simfluence counterfactual propose {exp_dir}` and `finetune "
+                f"counterfactual {exp_dir}` first"
+            )
         )
     proposals, curricula = data["proposals"], data["curricula"]
+    redo = f"delete {folder} and propose again"
+    if data.get("experiment_sha256") != runlog.experiment_sha256(exp_dir):
+        raise ValueError(
+            f"{folder / runlog.PROPOSALS_FILE} was proposed for another experiment.json; {redo}"
+        )
     files = data.get("simulator_files", {})
     for v, rel in files.items():
-        path = exp_dir / rel
+        path = Path(os.path.normpath(exp_dir / rel))
         if not path.is_file() or _file_sha256(path) != data["simulator_sha256"].get(v):
             raise ValueError(
                 f"{path} ({v}) changed or disappeared since the proposals were made; the "
-                f"report would score another simulator: restore it, or delete {folder} and "
-                "propose again"
+                f"report would score another simulator: restore it, or {redo}"
             )
     status = {i: c for i, _, c in runlog.list_runs(folder)} if folder.is_dir() else {}
     missing = [p["id"] for p in proposals if not status.get(p["id"])]
@@ -706,15 +803,34 @@ def score(exp_dir: str | os.PathLike) -> dict:
     cf_runs = runlog.load_counterfactual_runs(exp_dir, [p["id"] for p in proposals])
     base_ids = sorted({p["base_run"] for p in proposals})
     base = {r.index: r for r in runlog.load_runs(exp_dir, base_ids)}
+    recorded = data.get("base_runs_sha256", {})
+    for i, r in base.items():
+        if recorded.get(str(i)) != _run_sha256(r.path):
+            raise ValueError(
+                f"{r.path}: its curriculum, losses or lr.npy changed since the proposals were "
+                f"made (or it is not a recorded base run); restore it, or {redo}"
+            )
     for p, r in zip(proposals, cf_runs, strict=True):
         if not np.array_equal(r.curriculum, curricula[p["id"]]):
             raise RunLogError(
                 f"{r.path / 'curriculum.npy'} is not proposal {p['id']}'s curriculum; delete "
                 f"{r.path} and train it again"
             )
+        meta = r.meta
+        want = {
+            "proposal_id": p["id"],
+            "kind": p["kind"],
+            "base_run": p["base_run"],
+            "test": p["test"],
+            "proposals_sha256": data["curricula_sha256"],
+        }
+        wrong = sorted(key for key, value in want.items() if meta.get(key) != value)
+        if wrong:
+            raise RunLogError(
+                f"{r.path / 'meta.json'}: {', '.join(wrong)} disagree with proposal {p['id']}; "
+                f"delete {r.path} and train it again (`finetune counterfactual {exp_dir}`)"
+            )
     sims = _load_sims(exp_dir, files, {"base": base_ids})
-    origin = simulators.read_origin(exp_dir / files[data["settings"]["proposer"]]) or {}
-    fit_runs = runlog.load_runs(exp_dir, origin.get("fit_runs") or None)
     bases = [base[p["base_run"]] for p in proposals]
     base_cur = np.stack([b.curriculum for b in bases])
     l0 = np.stack([b.losses[0] for b in bases])
@@ -731,10 +847,7 @@ def score(exp_dir: str | os.PathLike) -> dict:
         if not np.array_equal(r.losses[0], b.losses[0])
     ]
     variants = list(sims) + list(_NO_CHANGE)
-    pred = {
-        v: predicted_changes(sims.get(v, v), curricula, base_cur, l0, lr, fit_runs)
-        for v in variants
-    }
+    pred = {v: predicted_changes(sims.get(v, v), curricula, base_cur, l0, lr) for v in variants}
     targets = np.array([p["test"] for p in proposals])
     rows = np.arange(len(proposals))
     out_props = []
@@ -765,7 +878,14 @@ def score(exp_dir: str | os.PathLike) -> dict:
             }
     by_kind = {k: [p for p in out_props if p["kind"] == k] for k in kinds}
     removal = {
-        k: _mean_se([p["actual_change"] for p in by_kind[k]]) for k in REMOVAL_KINDS if k in by_kind
+        k: dict(
+            _mean_se([p["actual_change"] for p in by_kind[k]]),
+            slots_replaced=float(
+                np.mean([np.isin(base_cur[p["id"]], p["removed"]).sum() for p in by_kind[k]])
+            ),
+        )
+        for k in REMOVAL_KINDS
+        if k in by_kind
     }
     paired = {}
     if "remove-random" in by_kind:
@@ -895,12 +1015,21 @@ def format_report(report: dict) -> str:
             "",
             "## Removal: actual change of the target's final loss (mean ± standard error)",
             "",
-            "| kind | actual change | n |",
-            "|---|---|---|",
+            "| kind | actual change | n | slots replaced per proposal |",
+            "|---|---|---|---|",
         ]
-        lines += [f"| {k} | {_pm(d)} | {d['n']} |" for k, d in rem["by_kind"].items()]
         lines += [
-            f"| {k} (paired by target) | {_pm(d)} | {d['n']} |" for k, d in rem["paired"].items()
+            f"| {k} | {_pm(d)} | {d['n']} | {d['slots_replaced']:.1f} |"
+            for k, d in rem["by_kind"].items()
+        ]
+        lines += [
+            f"| {k} (paired by target) | {_pm(d)} | {d['n']} | |" for k, d in rem["paired"].items()
+        ]
+        lines += [
+            "",
+            "`remove-random` draws k examples of the base curriculum uniformly, so it replaces "
+            "fewer slots than the informed kinds when these pick frequent examples; part of the "
+            "gap to it is that.",
         ]
     opt = report.get("optimize")
     if opt:
@@ -955,13 +1084,16 @@ def write_report(exp_dir: str | os.PathLike, report: dict) -> list[Path]:
 
     folder = runlog.counterfactual_dir(exp_dir)
     props = report["proposals"]
-    variants = list(report["summary"])
+    # The baselines predict no change: a vertical line at 0 in every panel; left out.
+    variants = [v for v in report["summary"] if v not in _NO_CHANGE]
+    titles = {v: f"{v} (ρ = {_fmt(report['summary'][v]['all']['spearman'], 2)})" for v in variants}
     png = plot_counterfactual(
         folder / REPORT_PNG,
-        {v: [p["predicted_change"][v] for p in props] for v in variants},
+        {titles[v]: [p["predicted_change"][v] for p in props] for v in variants},
         [p["actual_change"] for p in props],
         [p["kind"] for p in props],
-        title="counterfactual check: change of the target's final loss",
+        title="counterfactual check: change of the target's final loss (ρ: Spearman over all "
+        "proposals; constant and mean-trajectory predict 0)",
     )
     md = runlog.atomic_write_text(folder / REPORT_MD, format_report(report))
     js = runlog.atomic_write_json(folder / REPORT_JSON, report)

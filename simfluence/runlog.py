@@ -33,6 +33,8 @@ import os
 import re
 import tempfile
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +330,26 @@ def experiment_sha256(exp_dir: str | os.PathLike) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def experiment_owns(exp_dir: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether `path` is one of the experiment's own files, which an output must not replace.
+
+    Args:
+        exp_dir: experiment folder.
+        path: a file to be written.
+
+    Returns:
+        True for EXP/experiment.json, EXP/examples.json, EXP/data.npz (the tokenized pool of
+        `finetune run`) and anything inside a run_XXX folder or EXP/counterfactual.
+    """
+    exp, target = Path(exp_dir).resolve(), Path(path).resolve()
+    if not target.is_relative_to(exp) or target == exp:
+        return False
+    parts = target.relative_to(exp).parts
+    if len(parts) == 1:
+        return parts[0] in (EXPERIMENT_FILE, EXAMPLES_FILE, "data.npz")
+    return parts[0] == COUNTERFACTUAL_DIR or bool(_RUN_RE.match(parts[0]))
+
+
 def read_examples(exp_dir: str | os.PathLike) -> dict | None:
     """Read the optional `EXP/examples.json` (texts for display).
 
@@ -585,9 +607,13 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise _error(f"{path}: {what} not found; the run is marked complete but lacks it, rerun it")
     try:
-        return np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise _error(f"{path}: cannot read {what} as .npy ({exc}); rerun the run") from exc
+    if not isinstance(arr, np.ndarray):  # an .npz archive (NpzFile), not one array
+        arr.close()
+        raise _error(f"{path}: holds an .npz archive, not one .npy array; rerun the run")
+    return arr
 
 
 def _read_run(index: int, path: Path, info: dict) -> Run:
@@ -847,8 +873,8 @@ def read_tracin(run_dir: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     origin = str(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
+    try:  # our own handle: np.load leaks its file when the archive is truncated
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
             missing = [
                 k
                 for k in ("steps", "learning_rates", "dots", "mode", "proj_dim", "seed")
@@ -861,7 +887,8 @@ def read_tracin(run_dir: str | os.PathLike) -> dict | None:
             arrays = {k: data[k] for k in data.files}
     except RunLogError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        # A truncated or corrupted archive (BadZipFile) or member (zlib.error).
         raise _error(f"{origin}: cannot read as .npz ({exc}); delete it and recompute") from exc
     return _check_tracin(
         arrays["steps"],
@@ -882,6 +909,8 @@ def read_tracin(run_dir: str | os.PathLike) -> dict | None:
 COUNTERFACTUAL_DIR = "counterfactual"
 PROPOSALS_FILE = "proposals.json"
 PROPOSAL_CURRICULA_FILE = "proposals.npz"
+# Written by `simfluence counterfactual score`; removed when new counterfactual runs train.
+COUNTERFACTUAL_REPORT_FILES = ("report.json", "report.md", "predicted_vs_actual.png")
 _PROPOSAL_KEYS = ("id", "kind", "base_run", "test", "k", "removed", "run")
 
 
@@ -965,6 +994,15 @@ def _check_proposals(proposals: Any, curricula: np.ndarray, info: dict, origin: 
     return out
 
 
+def _content_sha256(data: dict) -> str:
+    """Hash of a proposals.json dict without its own `content_sha256` (canonical JSON)."""
+    import hashlib
+
+    body = {k: v for k, v in data.items() if k not in ("content_sha256", "curricula")}
+    text = json.dumps(body, sort_keys=True, default=_json_default, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def write_proposals(
     exp_dir: str | os.PathLike,
     proposals: Sequence[dict],
@@ -978,7 +1016,9 @@ def write_proposals(
         proposals: one dict per proposal with `id` (its position), `kind`, `base_run`, `test`,
             `k`, `removed` (pool positions) and `run` (`run_{id:03d}`), plus anything JSON.
         curricula: int [P, T, b]: the curriculum proposal `id` trains, exactly.
-        header: extra JSON (settings, simulator files) stored beside the proposals.
+        header: extra JSON (settings, simulator files) stored beside the proposals; the
+            experiment's `experiment_sha256`, the curricula's hash and a hash of the whole
+            content are added, so readers refuse proposals of another experiment or edited ones.
 
     Returns:
         Path of proposals.json.
@@ -993,7 +1033,12 @@ def write_proposals(
     props = _check_proposals(list(proposals), cur, info, str(folder / PROPOSALS_FILE))
     cur = cur.astype(np.int32)
     out = dict(header or {})
-    out.update(curricula_sha256=curricula_sha256(cur), proposals=props)
+    out.update(
+        experiment_sha256=experiment_sha256(exp_dir),
+        curricula_sha256=curricula_sha256(cur),
+        proposals=props,
+    )
+    out["content_sha256"] = _content_sha256(out)
     (folder / PROPOSALS_FILE).unlink(missing_ok=True)
     atomic_savez(folder / PROPOSAL_CURRICULA_FILE, curricula=cur)
     return atomic_write_json(folder / PROPOSALS_FILE, out)
@@ -1022,14 +1067,21 @@ def read_proposals(exp_dir: str | os.PathLike) -> dict | None:
     data = _read_json(path, "proposals.json")
     if not isinstance(data, dict) or "proposals" not in data or "curricula_sha256" not in data:
         raise _error(f"{path}: not a proposals file (no proposals or curricula_sha256)")
+    if data.get("content_sha256") != _content_sha256(data):
+        raise _error(
+            f"{path}: its content does not match its content_sha256 (edited after proposing?); "
+            f"delete {folder} and propose again"
+        )
     npz = folder / PROPOSAL_CURRICULA_FILE
     if not npz.is_file():
         raise _error(f"{npz}: not found beside {path.name}; propose again")
     try:
-        with np.load(npz, allow_pickle=False) as z:
+        with open(npz, "rb") as fh, np.load(fh, allow_pickle=False) as z:  # closed on errors
             cur = z["curricula"]
-    except (OSError, ValueError, EOFError, KeyError) as exc:
-        raise _error(f"{npz}: cannot read curricula ({exc}); propose again") from exc
+    except Exception as exc:  # OSError, BadZipFile, a missing key: one line naming the file
+        raise _error(
+            f"{npz}: cannot read curricula ({type(exc).__name__}: {exc}); propose again"
+        ) from exc
     if curricula_sha256(cur) != data["curricula_sha256"]:
         raise _error(
             f"{npz}: its curricula do not match the hash in {path.name} (changed after "

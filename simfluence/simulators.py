@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from functools import partial
@@ -405,6 +406,7 @@ def _prepare(
 ) -> _Problem:
     _check_variant(variant)
     curs, ls, batch, n_test = _check_runs(curricula, losses, n_train, what)
+    _check_memory(int(n_train), n_test, curs, what)
     a0 = _resolve_prior(a_prior, batch)
     if variant in SCHEDULED_VARIANTS:
         lrs = scheduled.check_lrs(lrs, [c.shape[0] for c in curs], variant, what)
@@ -415,6 +417,29 @@ def _prepare(
             f"b_prior is only used by {', '.join(PRIOR_VARIANTS)}; leave it out for {variant}"
         )
     return _Problem(curs, ls, int(n_train), variant, a0, batch, lrs, b_prior)
+
+
+def _physical_memory() -> int | None:
+    """Bytes of physical memory of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_memory(n_train: int, n_test: int, curs: list[np.ndarray], what: str) -> None:
+    """Refuses a pool too large to fit before allocating (a wrong n_train in experiment.json
+    otherwise ends in a MemoryError or a swapping machine)."""
+    # A and B [n_test, n_train] f32 plus the solver's copies of the same size: 4 x 4 bytes.
+    need, have = 16 * n_test * n_train, _physical_memory()
+    if have is None or need <= have:
+        return
+    top = max((int(c.max()) for c in curs if c.size), default=-1)
+    raise ValueError(
+        f"{what}: n_train={n_train} with n_test={n_test} needs about {need / 2**30:.1f} GiB to "
+        f"fit, more than this machine's {have / 2**30:.1f} GiB, and the curricula use training "
+        f"ids up to {top} only; check n_train (experiment.json of the experiment)"
+    )
 
 
 def _check_b_prior(b_prior, n_test: int, n_train: int, variant: str) -> np.ndarray:
@@ -1271,10 +1296,12 @@ def load_simulator(path) -> Simulator:
             )
         try:
             data = {k: z[k] for k in keys}
-            batch = int(z["batch"]) if "batch" in z.files else None  # older files: unknown
-            lr_max = float(z["lr_max"]) if "lr_max" in z.files else None  # schedule-aware only
+            batch = z["batch"] if "batch" in z.files else None  # older files: unknown
+            lr_max = z["lr_max"] if "lr_max" in z.files else None  # schedule-aware only
         except Exception as e:  # zipfile errors, object arrays: one line naming the file
             raise ValueError(f"{path}: cannot read simulator ({type(e).__name__}: {e})") from None
+    batch = None if batch is None else int(_file_scalar(path, "batch", batch, integer=True))
+    lr_max = None if lr_max is None else _file_scalar(path, "lr_max", lr_max)
     variant = str(data["variant"])
     if variant not in _ALL:
         raise ValueError(f"{path}: unknown simulator variant {variant!r}; use one of {_ALL}")
@@ -1286,6 +1313,12 @@ def load_simulator(path) -> Simulator:
             "`simfluence fit`"
         )
     A, B = data["A"], data["B"]
+    for name, arr in (("A", A), ("B", B)):
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(
+                f"{path}: {name} holds {arr.dtype}, not numbers; write the simulator again with "
+                "`simfluence fit`"
+            )
     if A.ndim != 2 or A.shape != B.shape:
         raise ValueError(f"{path}: A {A.shape} and B {B.shape} must both be [n_test, n_train]")
     if not (np.isfinite(A).all() and np.isfinite(B).all()):
@@ -1294,12 +1327,24 @@ def load_simulator(path) -> Simulator:
         A=jnp.asarray(A, jnp.float32),
         B=jnp.asarray(B, jnp.float32),
         variant=variant,
-        l2_a=float(data["l2_a"]),
-        l2_b=float(data["l2_b"]),
-        a_prior=float(data["a_prior"]),
+        l2_a=_file_scalar(path, "l2_a", data["l2_a"]),
+        l2_b=_file_scalar(path, "l2_b", data["l2_b"]),
+        a_prior=_file_scalar(path, "a_prior", data["a_prior"]),
         batch=batch,
         lr_max=lr_max if variant in SCHEDULED_VARIANTS else None,
     )
+
+
+def _file_scalar(path: Path, name: str, value: np.ndarray, *, integer: bool = False) -> float:
+    """One number of a simulator file (0-d int or float array), or a ValueError naming it."""
+    kinds = (np.integer,) if integer else (np.integer, np.floating)
+    if value.shape != () or not any(np.issubdtype(value.dtype, k) for k in kinds):
+        what = "an integer" if integer else "a number"
+        raise ValueError(
+            f"{path}: {name} must be {what}, got {value.dtype} {value.shape}; write the "
+            "simulator again with `simfluence fit`"
+        )
+    return float(value)
 
 
 def _origin_arrays(origin: dict | None) -> dict:

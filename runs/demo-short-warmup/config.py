@@ -4,8 +4,9 @@ Command (from the repository root; not part of ``make demo``)::
 
     make runs tracin simulate counterfactual CONFIG=runs/demo-short-warmup
 
-Hardware: a 2-core CPU, no network, no pretrained weights; the whole sequence takes about 6-8
-minutes there (measured figures in the README).
+Hardware: a 2-core CPU, no network, no pretrained weights; the whole sequence took 7 min 46 s
+there while other jobs shared the cores (115 s of runs, 264 s of counterfactual training; the
+figures are in the README).
 
 Why it exists: the demo ramps its learning rate over 20 of its 26 steps, so its last batches
 dominate every run, which favours the schedule-aware simulators (`linear-lr` and friends). The

@@ -1,5 +1,6 @@
 """`finetune run` end to end on a tiny config: files, resume, determinism, bad input."""
 
+import gc
 import json
 import os
 import shutil
@@ -508,3 +509,104 @@ def test_tracked_examples_from_the_train_split_stay_out_of_pool_and_warmup(
         prepare_experiment(
             too_many, tmp_path / "big", data_dir=data_dir, tokenizer=str(t5_tokenizer_dir)
         )
+
+
+def _one_error_line(err: str) -> str:
+    lines = [x for x in err.strip().splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_truncated_data_npz_exits_2_naming_it(
+    finished, tmp_path, data_dir, t5_tokenizer_dir, capsys
+):
+    root, cfg, out = finished
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    for run in ("run_000", "run_001"):  # incomplete: the runs need data.npz again
+        (work / run / "meta.json").unlink()
+    data = work / E.DATA_FILE
+    data.write_bytes(data.read_bytes()[:400])
+    before = {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
+    _bad(
+        capsys, _run(cfg, work, data_dir, t5_tokenizer_dir), str(data), "delete it", "finetune run"
+    )
+    assert {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()} == before
+
+
+def test_unparsable_spiece_model_exits_2_naming_it(tmp_path, data_dir, capfd):
+    """Random bytes used to print a transformers log line, then advice to install tiktoken."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "spiece.model").write_bytes(np.random.default_rng(0).bytes(5000))
+    cfg = _write_config(tmp_path / "c")
+    code = _run(cfg, tmp_path / "out", data_dir, tok)
+    err = capfd.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert f"{tok / 'spiece.model'}: not a SentencePiece model" in err and "tiktoken" not in err
+    assert not (tmp_path / "out").exists()
+
+
+# orbax leaves its cancelled array-read coroutines behind when a restore fails (not ours).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_checkpoint_exits_2_naming_it(
+    finished, tmp_path, data_dir, t5_tokenizer_dir, capsys
+):
+    """A corrupted checkpoint used to print about 1.5 kB of tensorstore spec and no fix."""
+    _, cfg, out = finished
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    for run in ("run_000", "run_001"):  # stopped at step 3: resumes from the step-2 checkpoint
+        (work / run / "meta.json").unlink()
+        shutil.rmtree(work / run / "checkpoints" / "4")
+    for f in (work / "run_000" / "checkpoints" / "2" / "trainable").rglob("d/*"):
+        f.write_bytes(b"\0" * 100)
+    code = _run(cfg, work, data_dir, t5_tokenizer_dir)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = _one_error_line(err)
+    assert line.startswith(f"error: {work / 'run_000' / 'checkpoints' / '2'}: cannot restore")
+    assert f"delete {work / 'run_000'} and run `finetune run` again" in line
+    assert "tensorstore_spec" not in line and len(line) < 1000
+    gc.collect()  # collect orbax's abandoned coroutines here, under this test's filter
+
+
+def test_the_hub_is_offline_when_unreachable(monkeypatch):
+    """Without network and the offline variables, every hub request used to be retried five
+    times with a logged warning (minutes, hundreds of lines) before the error."""
+    import socket
+
+    from finetune import cli
+
+    calls = []
+
+    def refuse(address, timeout=None):
+        calls.append(address)
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)  # never the real network
+    for var in (*cli._OFFLINE_VARS, "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert cli._offline_without_hub()
+    assert calls == [("huggingface.co", 443)]
+    assert all(os.environ[v] == "1" for v in cli._OFFLINE_VARS)
+    assert not cli._offline_without_hub()  # already offline: no second probe
+    assert len(calls) == 1
+    for var in cli._OFFLINE_VARS:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # a proxy may reach the hub
+    assert not cli._offline_without_hub() and len(calls) == 1
+
+
+def test_debug_shows_the_traceback_before_the_error(tmp_path, capsys, monkeypatch):
+    argv = ["run", str(tmp_path / "nope")]
+    _bad(capsys, main(argv), "not found")
+    for full, env in ((["--debug", *argv], None), ([*argv, "--debug"], None), (argv, "1")):
+        if env:
+            monkeypatch.setenv("SIMFLUENCE_DEBUG", env)
+        code = main(full)
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.startswith("Traceback (most recent call last):"), err
+        assert err.strip().splitlines()[-1].startswith("error: ") and "not found" in err

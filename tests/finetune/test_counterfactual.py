@@ -269,7 +269,17 @@ def _stale_curriculum(exp):
     np.save(path, np.load(path)[::-1])
 
 
+def _other_experiment(exp):
+    info = runlog.read_experiment(exp)
+    info["note"] = "edited after proposing"
+    runlog.write_experiment(exp, info)
+
+
 BAD = {
+    "proposals of another experiment.json": (
+        _other_experiment,
+        ["proposed for another experiment.json", "propose again"],
+    ),
     "no proposals": (
         lambda exp: shutil.rmtree(runlog.counterfactual_dir(exp)),
         ["proposals.json not found", "run `simfluence counterfactual propose"],

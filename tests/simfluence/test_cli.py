@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -546,3 +547,138 @@ def test_demo_data_suggests_a_command_that_works(tmp_path, capsys, monkeypatch, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lambda-cap and convergence notes on tiny experiments
         _ok(command[1:], capsys)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"A": np.full((5, 12), "a"), "B": np.full((5, 12), "b")}, "A holds <U1, not numbers"),
+        ({"l2_a": np.array([1.0, 2.0])}, "l2_a must be a number, got float64 (2,)"),
+        ({"l2_a": np.array("abc")}, "l2_a must be a number, got <U3 ()"),
+        ({"batch": np.array(2.5)}, "batch must be an integer"),
+    ],
+)
+def test_a_simulator_file_with_bad_values_is_named(work, tmp_path, capsys, change, needle):
+    d, _ = work
+    with np.load(d / "sim.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    bad, out = tmp_path / "bad.npz", tmp_path / "pred.npy"
+    np.savez(bad, **{**arrays, **change})
+    argv = ["simulate", bad, "--curriculum", d / "cur.npy", "--initial-losses", d / "l0.npy"]
+    line = _bad([*argv, "--out", out], capsys, str(bad), [out])
+    assert needle in line and "simfluence fit" in line
+
+
+def test_an_npz_archive_as_curriculum_or_initial_losses_is_named(work, tmp_path, capsys):
+    d, _ = work
+    sim, cur, l0, out = d / "sim.npz", d / "cur.npy", d / "l0.npy", tmp_path / "pred.npy"
+    for flags in (
+        ["--curriculum", sim, "--initial-losses", l0],
+        ["--curriculum", cur, "--initial-losses", sim],
+    ):
+        line = _bad(["simulate", sim, *flags, "--out", out], capsys, f"{sim}: ", [out])
+        assert "not an .npz archive" in line and "numpy.save" in line
+    _bad(
+        ["influence", sim, "--curriculum", sim, "--initial-losses", l0, "--test", 0],
+        capsys,
+        f"{sim}: curriculum must be one array",
+    )
+
+
+@pytest.mark.parametrize("command", ["evaluate", "fit", "plot"])
+def test_an_npz_archive_as_a_run_array_is_named(work, tmp_path, capsys, command):
+    d, exp = work
+    bad = tmp_path / "exp"
+    shutil.copytree(exp, bad)
+    for name in ("curriculum.npy", "losses.npy"):
+        path = bad / "run_002" / name
+        keep = path.read_bytes()
+        with open(path, "wb") as f:  # np.savez on an open file keeps the .npy name
+            np.savez(f, a=np.zeros(3))
+        out = tmp_path / ("out.png" if command == "plot" else "out.npz")
+        argv = {
+            "evaluate": ["evaluate", bad, "--split", "4,1,3", "--out", tmp_path / "r.json"],
+            "fit": ["fit", bad, "--runs", "0-3", "--out", out],
+            "plot": ["plot", bad, "--sim", d / "sim.npz", "--runs", "2", "--out", out],
+        }[command]
+        line = _bad(argv, capsys, str(path), [out, tmp_path / "r.json"])
+        assert "npz archive" in line and "rerun the run" in line
+        path.write_bytes(keep)
+
+
+def test_a_truncated_tracin_npz_is_named(work, tmp_path, capsys):
+    _, exp = work
+    bad = tmp_path / "exp"
+    shutil.copytree(exp, bad)
+    path = bad / "run_000" / "tracin.npz"
+    path.write_bytes(path.read_bytes()[:400])
+    out = tmp_path / "r.json"
+    line = _bad(["evaluate", bad, "--split", "4,1,3", "--out", out], capsys, str(path), [out])
+    assert "delete it and recompute" in line
+
+
+def test_evaluate_refuses_to_overwrite_the_experiments_own_files(work, tmp_path, capsys):
+    _, exp = work
+    exp2 = tmp_path / "exp"
+    shutil.copytree(exp, exp2)
+    (exp2 / "counterfactual").mkdir()
+    before = {p: p.read_bytes() for p in sorted(exp2.rglob("*")) if p.is_file()}
+    owned = [
+        exp2 / "experiment.json",
+        exp2 / "examples.json",
+        exp2 / "run_001" / "meta.json",
+        exp2 / "run_001" / "results.json",
+        exp2 / "counterfactual" / "report.json",
+        exp2 / "run_001" / ".." / "experiment.json",
+    ]
+    for out in owned:
+        line = _bad(["evaluate", exp2, "--split", "4,1,3", "--out", out], capsys, f"--out {out}")
+        assert "one of the experiment's own files" in line and "results.json" in line
+    after = {p: p.read_bytes() for p in sorted(exp2.rglob("*")) if p.is_file()}
+    assert after == before
+
+
+def test_demo_data_refuses_a_negative_noise(tmp_path, capsys):
+    for noise in ("-1", "nan", "inf"):
+        line = _bad(
+            ["demo-data", tmp_path / "exp", "--noise", noise], capsys, "--noise", [tmp_path / "exp"]
+        )
+        assert "finite and >= 0" in line
+
+
+def test_a_huge_n_train_is_refused_before_allocating(work, tmp_path, capsys, monkeypatch):
+    """experiment.json claiming n_train = 2e9 used to end in a MemoryError traceback."""
+    _, exp = work
+    bad = tmp_path / "exp"
+    shutil.copytree(exp, bad)
+    info = json.loads((bad / "experiment.json").read_text())
+    (bad / "experiment.json").write_text(json.dumps({**info, "n_train": 2_000_000_000}))
+    # This machine's memory, fixed so the check fires on any test machine.
+    monkeypatch.setattr(simulators, "_physical_memory", lambda: 8 << 30)
+    out = tmp_path / "sim.npz"
+    for argv in (
+        ["evaluate", bad, "--split", "4,1,3", "--out", tmp_path / "r.json"],
+        ["fit", bad, "--runs", "0-3", "--out", out],
+        ["fit", bad, "--runs", "0-3", "--l2-a", "1", "--l2-b", "1", "--out", out],
+    ):
+        line = _bad(argv, capsys, "n_train=2000000000", [out, tmp_path / "r.json"])
+        assert "experiment.json" in line and "more than this machine's 8.0 GiB" in line
+        assert "ids up to 11" in line
+
+
+def test_debug_shows_the_traceback_before_the_error(work, tmp_path, capsys, monkeypatch):
+    d, _ = work
+    argv = ["simulate", d / "sim.npz", "--curriculum", d / "sim.npz", "--initial-losses"]
+    argv += [d / "l0.npy", "--out", tmp_path / "p.npy"]
+    _bad(argv, capsys, "curriculum must be one array")  # one line without --debug
+    for flags, env in ((["--debug"], None), ([], "1"), (None, None)):
+        if env:
+            monkeypatch.setenv("SIMFLUENCE_DEBUG", env)
+        full = [*argv, *flags] if flags is not None else ["--debug", *argv]
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in full])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last):"), err
+        assert err.strip().splitlines()[-1].startswith("simfluence: error: ")
+        monkeypatch.delenv("SIMFLUENCE_DEBUG", raising=False)

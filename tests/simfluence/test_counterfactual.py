@@ -59,7 +59,13 @@ def _train_with_true_simulator(exp):
             runlog.run_dir(folder, p["id"]),
             cur,
             np.asarray(losses, np.float32),
-            meta={"proposal_id": p["id"], "base_run": p["base_run"]},
+            meta={  # as `finetune counterfactual` records it
+                "proposal_id": p["id"],
+                "kind": p["kind"],
+                "base_run": p["base_run"],
+                "test": p["test"],
+                "proposals_sha256": data["curricula_sha256"],
+            },
             lr=base.lr,
         )
 
@@ -245,7 +251,7 @@ def test_bad_input_is_one_line_and_writes_nothing(exp, scored, capsys, tmp_path)
     assert not runlog.counterfactual_dir(other).exists()
     fit = ["fit", other, "--runs", "0-5", "--l2-a", "1", "--l2-b", "1"]
     _ok([*fit, "--out", other / "sim_linear.npz"], capsys)
-    _bad([*fresh, "--k", "19"], capsys, "distinct examples of base run")
+    _bad([*fresh, "--k", "19"], capsys, "distinct examples of the smallest base curriculum")
     _bad([*fresh, "--k", "20"], capsys, "leaves nothing of the pool")
     (runlog.run_dir(other, 9) / "meta.json").unlink()
     _bad([*fresh, "--k", "2"], capsys, "run 9 is incomplete")
@@ -256,3 +262,75 @@ def test_bad_input_is_one_line_and_writes_nothing(exp, scored, capsys, tmp_path)
     _bad(["counterfactual", "score", other], capsys, "are not complete", [report])
     _ok([*fit[:3], "0-6", *fit[4:], "--out", other / "sim_linear.npz"], capsys)
     _bad(["counterfactual", "score", other], capsys, "changed or disappeared", [report])
+
+
+def test_order_blind_variants_predict_exactly_no_change_for_a_reorder(scored):
+    for p in scored["proposals"]:
+        if p["kind"] == "reorder":  # sums and products of per-step terms ignore the order
+            assert p["predicted_change"]["additive"] == 0.0
+    s = scored["summary"]["additive"]["reorder"]
+    assert s["spearman"] is None and s["sign_agreement"] is None
+
+
+def test_edits_after_proposing_are_refused(exp, scored, capsys, tmp_path):
+    import shutil
+
+    score = ["counterfactual", "score"]
+    fresh = tmp_path / "copy"
+    shutil.copytree(exp, fresh)
+    folder = runlog.counterfactual_dir(fresh)
+    report = folder / "report.json"
+    # A proposal's target edited by hand.
+    props = folder / "proposals.json"
+    data = json.loads(props.read_text())
+    data["proposals"][0]["test"] = (data["proposals"][0]["test"] + 1) % 6
+    props.write_text(json.dumps(data))
+    _bad([*score, fresh], capsys, "does not match its content_sha256", [report])
+    _bad(
+        ["counterfactual", "propose", fresh, "--base-runs", "8-11", "--targets", "4"],
+        capsys,
+        "does not match its content_sha256",
+        [props],
+    )
+    shutil.rmtree(fresh)
+    shutil.copytree(exp, fresh)
+    # A base run changed after proposing.
+    losses = fresh / "run_009" / "losses.npy"
+    arr = np.load(losses)
+    arr[-1] += 0.1
+    np.save(losses, arr)
+    _bad([*score, fresh], capsys, "changed since the proposals were made", [report])
+    np.save(losses, arr - 0.1 * (arr == arr))  # restore the values, not the bytes' hash
+    shutil.rmtree(fresh)
+    shutil.copytree(exp, fresh)
+    # A trained run whose meta.json names another target.
+    meta = folder / "run_001" / "meta.json"
+    m = json.loads(meta.read_text())
+    m["test"] = -1
+    meta.write_text(json.dumps(m))
+    _bad([*score, fresh], capsys, "test disagree with proposal 1", [report])
+    # A corrupt proposals.npz.
+    npz = folder / "proposals.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    _bad([*score, fresh], capsys, "cannot read curricula", [report])
+
+
+def test_propose_argument_refusals(exp, scored, capsys, tmp_path):
+    other = tmp_path / "e"
+    assert main(["demo-data", str(other), *SIZES, "--tracin"]) == 0
+    fit = ["fit", other, "--runs", "0-5", "--l2-a", "1", "--l2-b", "1"]
+    _ok([*fit, "--out", other / "sim_linear.npz"], capsys)
+    base = ["counterfactual", "propose", other, "--base-runs", "8-11"]
+    folder = runlog.counterfactual_dir(other)
+    _bad([*base, "--tests", "1,1"], capsys, "more than once")
+    _bad([*base[:3], "--base-runs", "8,8", "--targets", "2"], capsys, "more than once")
+    _bad([*base, "--tests", "1", "--targets", "2"], capsys, "not both")
+    _bad([*base, "--seed", "-1"], capsys, "--seed -1 must be an integer >= 0")
+    _bad([*base, "--optimize-cap", "0", "--kinds", "reorder"], capsys, "--optimize-cap 0")
+    _bad([*base, "--sims", f"foo={other / 'sim_linear.npz'}"], capsys, "unknown variant(s)")
+    # A schedule-aware simulator needs the base runs' lr.npy (demo-data with --tracin has it).
+    fit_lr = ["fit", other, "--runs", "0-5", "--l2-a", "1", "--l2-b", "1", "--variant"]
+    _ok([*fit_lr, "linear-lr", "--out", other / "sim_linear-lr.npz"], capsys)
+    (other / "run_008" / "lr.npy").unlink()
+    _bad([*base, "--targets", "2"], capsys, "no lr.npy, which the linear-lr simulator needs")
+    assert not folder.exists()

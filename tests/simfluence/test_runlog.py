@@ -223,3 +223,39 @@ def test_read_examples(tmp_path):
     runlog.atomic_write_json(exp / "examples.json", {"train": ["x"], "test": ["a", "b", "c"]})
     with pytest.raises(RunLogError, match="1 texts"):
         runlog.read_examples(exp)
+
+
+@pytest.mark.parametrize("name", ["curriculum.npy", "losses.npy", "lr.npy"])
+def test_load_runs_names_an_npz_archive_in_place_of_an_array(tmp_path, name):
+    exp, _ = _exp(tmp_path)
+    path = runlog.run_dir(exp, 0) / name
+    with open(path, "wb") as f:  # np.savez on an open file keeps the .npy name
+        np.savez(f, a=np.zeros(3))
+    with pytest.raises(RunLogError, match="npz archive") as exc:
+        runlog.load_runs(exp)
+    assert str(path) in _single_line(exc)
+
+
+def test_read_tracin_names_a_truncated_archive(tmp_path):
+    exp, _ = _exp(tmp_path)
+    rd = runlog.run_dir(exp, 0)
+    dots = np.zeros((2, N_TEST, N_TRAIN), np.float32)
+    runlog.write_tracin(rd, [0, 3], [1e-3, 5e-4], dots, "exact", 0, 0)
+    data = (rd / "tracin.npz").read_bytes()
+    for cut in (400, len(data) - 100):  # the member headers, then the central directory
+        (rd / "tracin.npz").write_bytes(data[:cut])
+        with pytest.raises(RunLogError, match="delete it and recompute") as exc:
+            runlog.read_tracin(rd)
+        assert str(rd / "tracin.npz") in _single_line(exc)
+
+
+def test_experiment_owns_its_own_files(tmp_path):
+    exp, _ = _exp(tmp_path)
+    owned = ["experiment.json", "examples.json", "data.npz", "run_000/meta.json", "run_7/x.json"]
+    for rel in [*owned, "counterfactual/report.json", "counterfactual/run_003/losses.npy"]:
+        assert runlog.experiment_owns(exp, exp / rel), rel
+    assert runlog.experiment_owns(exp, exp / "run_000" / ".." / "experiment.json")
+    for rel in ["results.json", "sim.npz", "figures/a.json", "run_x/a.json"]:
+        assert not runlog.experiment_owns(exp, exp / rel), rel
+    assert not runlog.experiment_owns(exp, tmp_path / "experiment.json")
+    assert not runlog.experiment_owns(exp, exp)

@@ -355,16 +355,9 @@ def _lr(sim, run: Run) -> np.ndarray | None:
 
 
 def _check_kinds(kinds: Sequence[str]) -> list[str]:
-    out = []
-    for k in kinds:
-        k = k.strip()
-        if k not in KINDS:
-            raise ValueError(f"unknown proposal kind {k!r}; choose from {', '.join(KINDS)}")
-        if k not in out:
-            out.append(k)
-    if not out:
-        raise ValueError(f"no proposal kind given; choose from {', '.join(KINDS)}")
-    return out
+    from simfluence.evaluation import check_names
+
+    return check_names(kinds, KINDS, "proposal kind")
 
 
 def propose(

@@ -66,15 +66,32 @@ def check_variants(variants: Sequence[str]) -> list[str]:
     Raises:
         ValueError: an unknown name, naming the choices.
     """
+    return check_names(variants, ALL_VARIANTS, "variant")
+
+
+def check_names(names: Sequence[str], choices: Sequence[str], what: str) -> list[str]:
+    """Names from ``choices`` (stripped; order kept, duplicates dropped), else a one-line error.
+
+    Args:
+        names: the names given (e.g. a comma-separated flag split at the commas).
+        choices: the allowed names.
+        what: what a name is, for the message ("variant", "proposal kind").
+
+    Returns:
+        The names, in the order given, each once.
+
+    Raises:
+        ValueError: an unknown name, or none, naming the choices.
+    """
     out: list[str] = []
-    for v in variants:
+    for v in names:
         v = v.strip()
-        if v not in ALL_VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(ALL_VARIANTS)}")
+        if v not in choices:
+            raise ValueError(f"unknown {what} {v!r}; choose from {', '.join(choices)}")
         if v not in out:
             out.append(v)
     if not out:
-        raise ValueError(f"no variant given; choose from {', '.join(ALL_VARIANTS)}")
+        raise ValueError(f"no {what} given; choose from {', '.join(choices)}")
     return out
 
 

@@ -25,8 +25,8 @@ a checkpoint "at step s" is the trainable state after ``s`` optimizer steps (``s
 initial state). Its learning rate ``eta_k`` is the learning rate of the step that FOLLOWS it,
 step ``s + 1`` (``lr.npy[s]``): the first-order prediction of the loss change at step ``s + 1``
 is ``-(eta / batch) * sum_{i in c_{s+1}} dots[k, :, i]``, since that step's gradient is taken at
-theta_s. A checkpoint at the last step ``T`` (no step follows) gets the learning rate of step T.
-So a simulator should pair step t with the latest checkpoint at or before step ``t - 1``.
+theta_s. So a simulator pairs step t with the latest checkpoint at or before step ``t - 1``, and
+no step uses a checkpoint at the run's last step ``T``: ``run_tracin`` skips it (and says so).
 
 Checkpoints with identical contents (step 0 of runs that share their start state) are computed
 once per ``run_tracin`` call and reused.
@@ -334,6 +334,11 @@ def compute_dots(
 # Over an experiment directory.
 
 
+def _run_length(run_dir: Path) -> int:
+    """The number of steps T of a complete run (rows of its curriculum.npy)."""
+    return int(np.load(run_dir / "curriculum.npy", mmap_mode="r").shape[0])
+
+
 def _lr_at_checkpoints(run_dir: Path, steps: Sequence[int]) -> np.ndarray:
     """f32 [K]: lr of step s + 1 for a checkpoint at step s (lr of step T for s == T)."""
     path = run_dir / "lr.npy"
@@ -475,11 +480,15 @@ def run_tracin(
     n_train pool examples with all n_test tracked examples (``compute_dots``) and writes
     ``steps`` int32 [K], ``learning_rates`` f32 [K], ``dots`` f32 [K, n_test, n_train], ``mode``,
     ``proj_dim`` (0 for exact) and ``seed`` atomically through ``simfluence.runlog.write_tracin``.
+    A checkpoint at the run's last step T is skipped, with a line on stderr (with ``progress``)
+    or in the log: no step follows it, and TracIn-CP pairs step t with the latest checkpoint at
+    or before step t - 1, so its dots would never be used; ``steps`` leaves it out. A run whose
+    only checkpoint is at step T counts as a run without checkpoints.
     Runs whose ``tracin.npz`` already covers the checkpoints the run lists (meta.json's
-    ``checkpoint_steps``, else those on disk) are skipped (resumable per run), even if the
-    checkpoints have since been deleted; a ``tracin.npz`` with other steps is recomputed with a
-    warning. Every other selected run is checked (checkpoints present, lr.npy present) before
-    anything is computed.
+    ``checkpoint_steps``, else those on disk; less step T) are skipped (resumable per run),
+    even if the checkpoints have since been deleted; a ``tracin.npz`` with other steps is
+    recomputed with a warning. Every other selected run is checked (checkpoints present,
+    lr.npy present) before anything is computed.
 
     Args:
         exp_dir: experiment directory (experiment.json, run_XXX/ with checkpoints/).
@@ -515,6 +524,8 @@ def run_tracin(
         steps = sorted(int(s) for s in checkpoint_steps(run_dir))
         promised = _promised_steps(run_dir)
         listed = sorted(promised) if promised is not None else steps
+        n_steps = _run_length(run_dir)
+        listed = [s for s in listed if s != n_steps]
         done = read_tracin(run_dir)
         if done is not None and done["steps"].tolist() == listed:
             asked = (mode, int(proj_dim) if mode == "projected" else 0, int(seed))
@@ -534,6 +545,16 @@ def run_tracin(
                 f"{run_dir / 'checkpoints'}: meta.json lists checkpoints at steps {promised} but "
                 f"found {steps} (missing {lost}); re-run training for run {index}"
             )
+        if n_steps in steps:
+            message = (
+                f"{run_dir.name}: checkpoint at step {n_steps}, the run's last step, skipped "
+                "(TracIn-CP pairs step t with a checkpoint at or before step t - 1)"
+            )
+            if progress:
+                print(message, file=sys.stderr)
+            else:
+                _LOG.info("%s", message)
+            steps = [s for s in steps if s != n_steps]
         if not steps:
             without.append((index, run_dir))
             continue
@@ -549,7 +570,8 @@ def run_tracin(
         index, run_dir = without[0]
         names = ", ".join(p.name for _, p in without)
         raise ValueError(
-            f"{run_dir}: no checkpoints in {run_dir / 'checkpoints'} (runs without checkpoints: "
+            f"{run_dir}: no checkpoints before the run's last step in {run_dir / 'checkpoints'} "
+            f"(runs without them: "
             f"{names}); train with checkpoint_steps set in the config (and checkpoint_runs "
             "covering these runs), or leave them out with --runs"
         )

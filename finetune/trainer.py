@@ -251,12 +251,19 @@ def _prepare(
     train = load_split(config.task, config.train_split, data_dir)
     test = load_split(config.task, config.test_split, data_dir)
     n_warm = config.warmup.n_examples if config.warmup else 0
-    # Tracked examples drawn from the training split itself stay out of the pool and warm-up.
-    same = config.train_split == config.test_split
+    # Tracked examples drawn from a training file stay out of the pool and warm-up. They are
+    # matched by example id, not split name: Winogrande's "train" is "train_l", and "train_xs",
+    # "train_s", "train_m" are subsets of it (qIDs are global; RTE/COPA ids are row numbers
+    # within a file, so they are compared only between training files). The count here is a
+    # worst case: the draw excludes the ids of the tracked examples actually drawn.
+    same = config.train_split == config.test_split or (
+        _is_training_split(config.train_split) and _is_training_split(config.test_split)
+    )
     n_used = config.n_train + n_warm + (config.n_test if same else 0)
     if n_used > len(train):
         extra = f" + warmup.n_examples={n_warm}" if n_warm else ""
-        extra += f" + n_test={config.n_test} (same split)" if same else ""
+        where = "same split" if config.train_split == config.test_split else "a training file"
+        extra += f" + n_test={config.n_test} ({where})" if same else ""
         raise TaskError(
             f"config {config.name!r}: n_train={config.n_train}{extra} exceeds the "
             f"{len(train)} examples of {config.task} {config.train_split}; lower it"
@@ -291,7 +298,8 @@ def _prepare(
         return rng.choice(candidates, size=n, replace=False)
 
     test_idx = draw(len(test), config.n_test, 1)
-    held = test_idx if same else np.zeros(0, int)  # (different splits: draws as before)
+    held_ids = {test[i].uid for i in test_idx} if same else set()
+    held = np.asarray([i for i, x in enumerate(train) if x.uid in held_ids], np.int64)
     pool_idx = draw(len(train), config.n_train, 0, exclude=held)
     warm_idx = (
         draw(len(train), n_warm, 2, exclude=np.concatenate([pool_idx, held]))
@@ -353,6 +361,11 @@ def _prepare(
     }
     runlog.write_experiment(exp_dir, info)
     return runlog.read_experiment(exp_dir), base
+
+
+def _is_training_split(split: str) -> bool:
+    """Whether a split is read from a training file (every split but "validation")."""
+    return split != "validation"
 
 
 # ----------------------------------------------------------------------------------------------

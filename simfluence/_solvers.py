@@ -36,6 +36,11 @@ from jaxtyping import Array, Float, Int
 # Unit roundoff of float32 (round to nearest): |fl(v) - v| <= U32 |v|.
 U32 = 2.0**-24
 
+# The CG solver's defaults, shared with its caller (`simfluence.simulators`) and the docs:
+# float64 relative residual per test column, and CG iterations per refinement round.
+DEFAULT_TOL = 1e-7
+DEFAULT_MAX_ITER = 1000
+
 
 @dataclasses.dataclass(frozen=True)
 class Structure:
@@ -102,8 +107,8 @@ def solve(
     prior: Float[np.ndarray, " F"] | Float[np.ndarray, "n F n_train"],
     use_x: bool,
     use_one: bool,
-    tol: float = 1e-8,
-    max_iter: int = 1000,
+    tol: float = DEFAULT_TOL,
+    max_iter: int = DEFAULT_MAX_ITER,
     x0: Float[np.ndarray | Array, "n F n_train"] | None = None,
     *,
     inner_tol: float = 1e-6,

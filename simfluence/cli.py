@@ -333,18 +333,27 @@ def _check_rollout(pred: np.ndarray, where: str) -> None:
 
 def _cmd_influence(args) -> None:
     from simfluence import simulators
-    from simfluence.plots import format_influences, top_influences
-    from simfluence.runlog import atomic_write_json
+    from simfluence.plots import format_influences, influence_listing
+    from simfluence.runlog import atomic_save_npy, atomic_write_json
 
-    out = _check_out(args.out, [".json"]) if args.out else None
+    if args.all_tests:
+        if args.out is None:
+            raise ValueError("--all-tests writes a matrix: pass --out SCORES.npy")
+        if args.exp is not None:
+            raise ValueError(
+                "--exp labels a listing, which --all-tests does not print; leave it out"
+            )
+        out = _check_out(args.out, [".npy"], "--out (with --all-tests)")
+    else:
+        out = _check_out(args.out, [".json"]) if args.out else None
     sim = simulators.load_simulator(args.sim)
     cur, l0 = _load_inputs(args, sim)
     lr = _load_lr(args, sim, cur.shape[0])
-    if not 0 <= args.test < sim.n_test:
+    if not args.all_tests and not 0 <= args.test < sim.n_test:
         raise ValueError(f"--test {args.test} is outside 0..{sim.n_test - 1}")
     if args.top < 1:
         raise ValueError(f"--top {args.top} must be >= 1")
-    texts = None
+    texts, ids = None, None
     if args.exp is not None:
         from simfluence.runlog import read_examples, read_experiment
 
@@ -353,19 +362,70 @@ def _cmd_influence(args) -> None:
             sim, info, args.sim, f"--exp {args.exp}", "pass the experiment it was fitted on"
         )
         texts = read_examples(args.exp)
-        if texts is None:
+        ids = _pool_ids(info, args.exp)
+        if texts is None and ids is None:
             raise RunLogError(
-                f"{args.exp}: no examples.json to take the texts from; leave out --exp"
+                f"{args.exp}: no examples.json to take the texts from and no pool_ids in its "
+                "experiment.json; leave out --exp"
             )
     _check_rollout(np.asarray(simulators.simulate(sim, cur, l0, lr=lr)), args.curriculum)
+    if args.all_tests:
+        scores = _removal_influence_matrix(sim, cur, l0, lr)
+        for j in range(sim.n_test):
+            _check_influence(scores[j], f"{args.curriculum} (test example {j})")
+        atomic_save_npy(out, scores)
+        print(
+            f"removal influence of {sim.n_train} training examples on {sim.n_test} test "
+            f"examples (final loss without minus with); wrote {out} float32 "
+            f"{list(scores.shape)} [n_test, n_train]"
+        )
+        return
     inf = np.asarray(simulators.removal_influence(sim, cur, l0, args.test, lr=lr))
     _check_influence(inf, args.curriculum)
-    rows = top_influences(inf, cur, args.top, texts["train"] if texts else None)
+    listing = influence_listing(inf, cur, args.top, texts["train"] if texts else None, ids)
     if out is not None:
-        atomic_write_json(out, {"test_index": args.test, "top": rows})
+        atomic_write_json(out, {"test_index": args.test, **listing})
     sys.stdout.write(
-        format_influences(rows, args.test, texts["test"][args.test] if texts else None)
+        format_influences(listing, args.test, texts["test"][args.test] if texts else None)
     )
+
+
+def _removal_influence_matrix(sim, cur: np.ndarray, l0: np.ndarray, lr=None) -> np.ndarray:
+    """Removal influence of every training example on every test example.
+
+    Args:
+        sim: a fitted simulator.
+        cur: int [T, batch] curriculum.
+        l0: f32 [n_test] initial losses.
+        lr: f32 [T] learning rates (the -lr simulators only), else None.
+
+    Returns:
+        f32 [n_test, n_train]; row j is `simulators.removal_influence(sim, cur, l0, j, lr=lr)`.
+    """
+    from simfluence import simulators
+
+    # One jitted removal scan per test example (compiled once: the shapes do not change).
+    return np.stack(
+        [
+            np.asarray(simulators.removal_influence(sim, cur, l0, j, lr=lr), np.float32)
+            for j in range(sim.n_test)
+        ]
+    )
+
+
+def _pool_ids(info: dict, exp) -> list | None:
+    """experiment.json "pool_ids" (dataset ids by pool position, from `finetune run`), if any."""
+    ids = info.get("pool_ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or len(ids) != info["n_train"]:
+        raise RunLogError(
+            f"{exp}: experiment.json pool_ids must be a list of {info['n_train']} dataset ids "
+            f"(one per training example), got {type(ids).__name__}"
+            + (f" of {len(ids)}" if isinstance(ids, list) else "")
+            + "; repair experiment.json or leave out --exp"
+        )
+    return ids
 
 
 def _check_influence(inf: np.ndarray, where: str) -> None:
@@ -477,18 +537,18 @@ def _next_step_hint(exp, n_runs: int, n_test: int) -> str:
 def _cmd_table(args) -> None:
     from simfluence.table import write_table
 
-    md_path, json_path = write_table(args.results, args.out)
-    sys.stdout.write(Path(md_path).read_text(encoding="utf-8"))  # the table just written
-    print(f"\nwrote {md_path} and {json_path}")
+    path, json_path = write_table(args.results, args.out, layout=args.layout)
+    sys.stdout.write(Path(path).read_text(encoding="utf-8"))  # the table just written
+    print(f"\nwrote {path} and {json_path}")
 
 
 def _cmd_figures(args) -> None:
     from simfluence import simulators
     from simfluence.plots import (
         format_influences,
+        influence_listing,
         plot_parameters,
         plot_trajectories,
-        top_influences,
     )
     from simfluence.runlog import (
         atomic_write_json,
@@ -530,7 +590,9 @@ def _cmd_figures(args) -> None:
         )
     )
     _check_influence(inf, f"run {run0.index}")
-    rows = top_influences(inf, run0.curriculum, args.top, texts["train"] if texts else None)
+    rows = influence_listing(
+        inf, run0.curriculum, args.top, texts["train"] if texts else None, _pool_ids(info, args.exp)
+    )
     listing = (
         f"simulator {args.sim} ({sim.variant}), curriculum of run {run0.index}\n"
         + format_influences(rows, args.test, texts["test"][args.test] if texts else None)
@@ -553,7 +615,7 @@ def _cmd_figures(args) -> None:
         atomic_write_text(out / "influence.txt", listing),
         atomic_write_json(
             out / "influence.json",
-            {"run": run0.index, "test_index": args.test, "variant": sim.variant, "top": rows},
+            {"run": run0.index, "test_index": args.test, "variant": sim.variant, **rows},
         ),
     ]
     sys.stdout.write(listing)
@@ -756,13 +818,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="training examples whose removal changes a test example's final loss the most",
         description="For test example J, the simulated change of its final loss when each "
         "training example is removed from the curriculum (all examples at once): its slots "
-        "become neutral ones (A = 1/batch, B = 0) that leave the loss unchanged.",
+        "become neutral ones (A = 1/batch, B = 0) that leave the loss unchanged. Lists the "
+        "proponents (removal raises the loss: they help) and opponents (removal lowers it: "
+        "they hurt) apart; --all-tests writes the whole [n_test, n_train] matrix instead.",
     )
     _sim_input_flags(p)
-    p.add_argument("--test", type=int, required=True, metavar="J", help="test example index")
-    p.add_argument("--top", type=int, default=10, help="how many examples to list (default 10)")
-    p.add_argument("--exp", default=None, help="experiment folder whose examples.json gives texts")
-    p.add_argument("--out", default=None, help="also write the listing as JSON (.json)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--test", type=int, default=None, metavar="J", help="list the influences on test example J"
+    )
+    which.add_argument(
+        "--all-tests",
+        action="store_true",
+        help="write the whole matrix float32 [n_test, n_train] to --out (.npy); row j equals "
+        "the values `--test j` lists",
+    )
+    p.add_argument(
+        "--top",
+        type=int,
+        default=10,
+        help="how many proponents (removal raises the loss) and how many opponents (removal "
+        "lowers it) to list (default 10 each)",
+    )
+    p.add_argument(
+        "--exp",
+        default=None,
+        help="experiment folder: list the texts of its examples.json and the dataset ids of "
+        "its experiment.json pool_ids beside the pool positions",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="with --test: also write the listing as JSON (.json); with --all-tests: the "
+        "matrix (.npy, required)",
+    )
     p.set_defaults(func=_cmd_influence)
 
     p = sub.add_parser(
@@ -811,9 +900,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "table",
-        help="all finished experiments in one markdown + JSON table",
-        description="Rows = variants, columns = experiments; cells = all-steps MSE ± se / "
-        "final-step ρ ± se, then a second table with across-run ρ / skill / final-step MSE.",
+        help="all finished experiments in one table (.md, .csv or .tex) + JSON",
+        description="Rows = variants, one table per experiment (an experiment column in csv); "
+        "one column per metric (all-steps MSE, final-step ρ, final-step MSE, LDS (across-run "
+        "ρ), skill) and one per standard error; the best value of each column marked (bold in "
+        "md, \\textbf in tex, a '<metric> best' true/false column in csv). --layout paper: "
+        "the paper's markdown layout (columns = experiments).",
     )
     p.add_argument(
         "results",
@@ -822,7 +914,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="results.json files of `simfluence evaluate`, or experiment folders holding one",
     )
     p.add_argument(
-        "--out", required=True, help="output markdown (.md); the JSON is written beside it"
+        "--out",
+        required=True,
+        help="output table (.md, .csv or .tex); the JSON is written beside it (same stem)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=["metrics", "paper"],
+        default="metrics",
+        help="metrics (default): one metric per column, per experiment; paper: rows = "
+        "variants, columns = experiments, cells = mean ± se (markdown only)",
     )
     p.set_defaults(func=_cmd_table)
 

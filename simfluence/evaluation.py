@@ -10,7 +10,11 @@ scored. Scores per variant (see `simfluence.scoring`):
   final loss, averaged over test examples, i.e. does the simulator capture the curriculum; its
   stderr is a delete-one jackknife over held-out runs (`stderr_method` in the JSON), since the
   test examples share the runs and their rhos are strongly correlated;
-- `skill_vs_mean_trajectory`: 1 - all-steps MSE / all-steps MSE of the mean-trajectory baseline.
+- `skill_vs_mean_trajectory`: 1 - all-steps MSE / all-steps MSE of the mean-trajectory baseline;
+- `across_run_spearman_vs_linear`: the paired difference of across-run rho, variant minus
+  `linear`, on the same held-out runs, with a delete-one jackknife stderr of the difference
+  (`scoring.across_run_spearman_difference`): the two rhos share the runs, so whether one
+  variant beats the other is judged by this stderr, not by the two separate ones.
 
 Metrics are computed in float64 (`scoring.host_metrics`), so a huge but finite rollout gets
 huge but finite scores; a variant whose rollout or any metric is not finite is reported as
@@ -37,6 +41,7 @@ from simfluence.runlog import Run, RunLogError, list_runs, load_runs, read_exper
 from simfluence.scoring import (
     ACROSS_RUN_STDERR_METHOD,
     across_run_spearman,
+    across_run_spearman_difference,
     host_metrics,
     mean_stderr,
     skill_score,
@@ -219,6 +224,29 @@ def _score(preds: Sequence[np.ndarray], runs: Sequence[Run]) -> dict:
     }
 
 
+REFERENCE_VARIANT = "linear"  # the variant every other one is paired against
+_VS_REF = f"across_run_spearman_vs_{REFERENCE_VARIANT}"
+
+
+def _versus(finals: dict, name: str, ref: str, true_final: np.ndarray) -> dict:
+    """`scoring.across_run_spearman_difference` of variant ``name`` minus ``ref`` on the
+    held-out runs, with the reference named; undefined when either has no finite rollout."""
+    missing = [v for v in dict.fromkeys((name, ref)) if v not in finals]
+    if missing:
+        return {
+            "mean": None,
+            "stderr": None,
+            "stderr_method": ACROSS_RUN_STDERR_METHOD,
+            "stderr_undefined_reason": None,
+            "n_runs": len(true_final),
+            "undefined_reason": f"no finite rollout of {' and '.join(missing)} on the held-out "
+            "runs (not evaluated, or undefined)",
+            "reference": ref,
+        }
+    out = across_run_spearman_difference(finals[name], finals[ref], true_final)
+    return {**out, "reference": ref}
+
+
 def _skill(mse: dict, ref: dict) -> tuple[float | None, str | None]:
     """(skill vs the mean trajectory, None) or (None, why it is undefined)."""
     if mse["mean"] is None:
@@ -303,7 +331,9 @@ def evaluate(
         "stderr_method", "stderr_undefined_reason", "n_runs", "n_used", "n_excluded",
         "n_constant_prediction", "undefined_reason"}, "skill_vs_mean_trajectory": float | None,
         "skill_undefined_reason": str | None, "l2_a": float | None, "l2_b": float | None,
-        "per_run": {...}, ...}}, "split": {"fit": [...], "valid": [...], "test": [...]},
+        "per_run": {...}, "across_run_spearman_vs_linear": {"mean", "stderr", "stderr_method",
+        "stderr_undefined_reason", "n_runs", "undefined_reason", "reference"}, ...}},
+        "split": {"fit": [...], "valid": [...], "test": [...]},
         "experiment": {"name", "path", "n_train", "n_test", "batch", "info"}}`.
         The stderr of the per-run metrics (all-steps MSE, final-step rho and MSE) is over
         held-out runs (ddof=1); that of `across_run_spearman` is a delete-one jackknife over
@@ -359,6 +389,7 @@ def evaluate(
     mean_scores = _score(mean_preds, test_runs)
 
     results: dict[str, dict] = {}
+    finals: dict[str, np.ndarray] = {}  # variant -> [held-out runs, n_test] final losses
     bar = tqdm(variants, desc="evaluate", file=sys.stderr, disable=not progress, leave=False)
     for name in bar:
         bar.set_postfix_str(name)
@@ -438,6 +469,8 @@ def evaluate(
             scores = mean_scores
         else:
             scores = _score(preds, test_runs)
+        if not diverged and scores["all_steps_mse"]["mean"] is not None:
+            finals[name] = np.stack([p[-1] for p in preds])
         entry = {k: scores[k] for k in scores if k != "per_run"}
         skill, why = _skill(scores["all_steps_mse"], mean_scores["all_steps_mse"])
         entry["skill_vs_mean_trajectory"] = skill
@@ -446,6 +479,9 @@ def evaluate(
         entry["per_run"] = scores["per_run"]
         results[name] = entry
     bar.close()
+    true_final = np.stack([r.losses[-1] for r in test_runs])
+    for name, entry in results.items():
+        entry[_VS_REF] = _versus(finals, name, REFERENCE_VARIANT, true_final)
     return {
         "variants": results,
         "split": {

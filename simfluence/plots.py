@@ -26,6 +26,7 @@ __all__ = [
     "plot_trajectories",
     "plot_parameters",
     "top_influences",
+    "influence_listing",
     "format_influences",
     "check_finite_losses",
     "plot_counterfactual",
@@ -235,6 +236,7 @@ def top_influences(
     curriculum: Int[np.ndarray, "steps batch"],
     top: int,
     texts: Sequence[str] | None = None,
+    ids: Sequence | None = None,
 ) -> list[dict]:
     """The training examples whose removal changes the simulated final loss the most.
 
@@ -243,15 +245,69 @@ def top_influences(
         curriculum: int [T, b] the curriculum the influence was computed on.
         top: how many to return.
         texts: optional training texts (examples.json).
+        ids: optional dataset ids of the training pool (experiment.json "pool_ids").
 
     Returns:
-        Up to `top` dicts {rank, train_index, removal_change, count, text?}, largest
+        Up to `top` dicts {rank, train_index, removal_change, count, id?, text?}, largest
         |removal_change| first (ties by index); examples absent from the curriculum excluded.
     """
     inf = np.asarray(influence, np.float64)
+    present = _present(inf, curriculum)
+    order = present[np.lexsort((present, -np.abs(inf[present])))]
+    return _rows(inf, curriculum, order[: max(int(top), 0)], texts, ids)
+
+
+def influence_listing(
+    influence: Float[np.ndarray, " n_train"],
+    curriculum: Int[np.ndarray, "steps batch"],
+    top: int,
+    texts: Sequence[str] | None = None,
+    ids: Sequence | None = None,
+) -> dict[str, list[dict]]:
+    """Proponents and opponents of one test example, `top` of each, plus the overall top.
+
+    A proponent is a training example whose removal raises the simulated final loss (it
+    helps: removal_change > 0); an opponent one whose removal lowers it (it hurts:
+    removal_change < 0). Examples whose removal changes nothing are neither; examples absent
+    from the curriculum are left out.
+
+    Args:
+        influence: float [n_train], final loss without example i minus with all examples.
+        curriculum: int [T, b] the curriculum the influence was computed on.
+        top: how many of each to return.
+        texts: optional training texts (examples.json).
+        ids: optional dataset ids of the training pool (experiment.json "pool_ids").
+
+    Returns:
+        {"top": `top_influences` rows (largest |change| first, either sign), "proponents":
+        largest change first, "opponents": most negative change first}; each row a dict
+        {rank, train_index, removal_change, count, id?, text?}, ranked from 1 within its list.
+        Also "n_proponents" and "n_opponents": how many there are in all.
+    """
+    inf = np.asarray(influence, np.float64)
+    present = _present(inf, curriculum)
+    pro = present[inf[present] > 0]
+    con = present[inf[present] < 0]
+    k = max(int(top), 0)
+    pro = pro[np.lexsort((pro, -inf[pro]))][:k]
+    con = con[np.lexsort((con, inf[con]))][:k]
+    return {
+        "top": top_influences(inf, curriculum, top, texts, ids),
+        "proponents": _rows(inf, curriculum, pro, texts, ids),
+        "opponents": _rows(inf, curriculum, con, texts, ids),
+        "n_proponents": int((inf[present] > 0).sum()),
+        "n_opponents": int((inf[present] < 0).sum()),
+    }
+
+
+def _present(inf: np.ndarray, curriculum) -> np.ndarray:
+    """Indices of the training examples that occur in the curriculum."""
     counts = np.bincount(np.asarray(curriculum).reshape(-1), minlength=inf.shape[0])
-    present = np.flatnonzero(counts > 0)
-    order = present[np.lexsort((present, -np.abs(inf[present])))][: max(int(top), 0)]
+    return np.flatnonzero(counts > 0)
+
+
+def _rows(inf, curriculum, order, texts, ids) -> list[dict]:
+    counts = np.bincount(np.asarray(curriculum).reshape(-1), minlength=inf.shape[0])
     rows = []
     for rank, i in enumerate(order, start=1):
         row = {
@@ -260,37 +316,62 @@ def top_influences(
             "removal_change": float(inf[i]),
             "count": int(counts[i]),
         }
+        if ids is not None:
+            row["id"] = ids[i]
         if texts is not None:
             row["text"] = texts[i]
         rows.append(row)
     return rows
 
 
-def format_influences(rows: Sequence[dict], test_index: int, test_text: str | None = None) -> str:
-    """Plain-text listing of `top_influences` rows (removing a helpful example raises the loss).
+def _oneline(x) -> str:
+    return " ".join(str(x).split())
+
+
+def _section(rows: Sequence[dict]) -> list[str]:
+    with_ids = any("id" in r for r in rows)
+    idw = max([2, *(len(_oneline(r.get("id", ""))) for r in rows)])
+    idcol = f"  {'id':<{idw}}" if with_ids else ""
+    lines = [f"{'rank':>4}  {'train':>6}{idcol}  {'removal change':>15}  {'count':>5}  text"]
+    for r in rows:
+        idcell = f"  {_oneline(r.get('id', '')):<{idw}}" if with_ids else ""
+        lines.append(
+            f"{r['rank']:>4}  {r['train_index']:>6}{idcell}  {r['removal_change']:>15.6g}  "
+            f"{r['count']:>5}  {_oneline(r.get('text', ''))}"  # one line a row
+        )
+    return lines
+
+
+def format_influences(listing: dict, test_index: int, test_text: str | None = None) -> str:
+    """Plain-text listing of `influence_listing`: proponents, then opponents.
+
+    Rows show the pool position ("train"), the dataset id when the listing has ids, the
+    removal change, how often the example occurs in the curriculum and its text if given.
 
     Args:
-        rows: dicts from `top_influences`.
+        listing: the dict `influence_listing` returns.
         test_index: the test example the influences are on.
         test_text: optional text of that test example (whitespace runs become one space).
 
     Returns:
-        A header line, a legend line, a column header and one line per row, newline-ended.
+        A header line, a legend line, then for proponents and for opponents a title line, a
+        column header and one line per row ("(none)" when empty), newline-ended.
     """
     head = f"test example {test_index}"
     if test_text is not None:
-        head += f": {' '.join(test_text.split())}"
+        head += f": {_oneline(test_text)}"
     lines = [
         head,
-        "removal change = simulated final loss without the example minus with it "
-        "(> 0: the example helps, < 0: it hurts)",
-        f"{'rank':>4}  {'train':>6}  {'removal change':>15}  {'count':>5}  text",
+        "removal change = simulated final loss without the example minus with it",
     ]
-    for r in rows:
-        lines.append(
-            f"{r['rank']:>4}  {r['train_index']:>6}  {r['removal_change']:>15.6g}  "
-            f"{r['count']:>5}  {' '.join(str(r.get('text', '')).split())}"  # one line a row
-        )
+    for key, what in (
+        ("proponents", "removal raises the loss: the example helps"),
+        ("opponents", "removal lowers the loss: the example hurts"),
+    ):
+        rows = listing[key]
+        total = listing.get(f"n_{key}", len(rows))
+        lines.append(f"{key} ({what}): {len(rows)} of {total}")
+        lines += _section(rows) if rows else ["  (none)"]
     return "\n".join(lines) + "\n"
 
 

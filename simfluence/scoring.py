@@ -45,6 +45,7 @@ __all__ = [
     "metrics",
     "host_metrics",
     "across_run_spearman",
+    "across_run_spearman_difference",
     "ACROSS_RUN_STDERR_METHOD",
     "mean_stderr",
     "skill_score",
@@ -438,6 +439,84 @@ def _jackknife(pred: np.ndarray, true: np.ndarray, rtol: float) -> dict:
             "and true final losses both vary across the other runs"
         }
     return {"stderr": float(np.sqrt((n_runs - 1) / n_runs * np.sum((theta - theta.mean()) ** 2)))}
+
+
+def across_run_spearman_difference(
+    pred_final: Float[ArrayLike, "runs n_test"],
+    ref_final: Float[ArrayLike, "runs n_test"],
+    true_final: Float[ArrayLike, "runs n_test"],
+    *,
+    rtol: float = CONSTANT_RTOL,
+) -> dict:
+    """The paired difference of two simulators' across-run rho on the same held-out runs.
+
+    The two rhos rank the same runs, so their errors are strongly correlated and the stderr of
+    their difference is far smaller than either stderr suggests. `mean` is
+    ``across_run_spearman(pred).mean - across_run_spearman(ref).mean``; `stderr` is the
+    delete-one jackknife over held-out runs of that difference: with d_k the difference
+    recomputed (by `across_run_spearman`'s rules) without run k and d_bar their mean,
+    ``stderr = sqrt((R - 1) / R * sum_k (d_k - d_bar) ** 2)``.
+
+    Args:
+        pred_final: float [R, n_test] final losses simulated by the variant.
+        ref_final: float [R, n_test] final losses simulated by the reference variant.
+        true_final: float [R, n_test] observed final losses.
+        rtol: relative spread at or below which a column counts as constant.
+
+    Returns:
+        dict with `mean`, `stderr` (float | None), `stderr_method`, `stderr_undefined_reason`,
+        `n_runs`, `undefined_reason` (str | None; then `mean` and `stderr` are None: either rho
+        is undefined on all runs).
+
+    Raises:
+        ValueError: shapes differ, fewer than 2 runs, or non-finite values.
+    """
+    pred = np.asarray(pred_final, dtype=np.float64)
+    ref = np.asarray(ref_final, dtype=np.float64)
+    true = np.asarray(true_final, dtype=np.float64)
+    if not pred.shape == ref.shape == true.shape or pred.ndim != 2:
+        raise ValueError(
+            f"across_run_spearman_difference expects three [runs, n_test] arrays, got "
+            f"{pred.shape}, {ref.shape} and {true.shape}"
+        )
+    n_runs = pred.shape[0]
+    if n_runs < 2:
+        raise ValueError(f"across_run_spearman_difference needs at least 2 runs, got {n_runs}")
+    if not (np.isfinite(pred).all() and np.isfinite(ref).all() and np.isfinite(true).all()):
+        raise ValueError("across_run_spearman_difference got non-finite final losses")
+    result = {
+        "mean": None,
+        "stderr": None,
+        "stderr_method": ACROSS_RUN_STDERR_METHOD,
+        "stderr_undefined_reason": None,
+        "n_runs": n_runs,
+        "undefined_reason": None,
+    }
+    both = np.stack([pred, ref])  # [2, R, n]
+    full = _across_run_stat(both, np.stack([true, true]), rtol)[0]  # [2]
+    if not np.isfinite(full).all():
+        result["undefined_reason"] = (
+            "the across-run rho of the variant or the reference is undefined"
+        )
+        return result
+    result["mean"] = float(full[0] - full[1])
+    if n_runs < _JACKKNIFE_MIN_RUNS:
+        result["stderr_undefined_reason"] = (
+            f"the jackknife over held-out runs needs at least {_JACKKNIFE_MIN_RUNS} runs, got "
+            f"{n_runs}; hold out more runs"
+        )
+        return result
+    keep = np.array([np.delete(np.arange(n_runs), k) for k in range(n_runs)])  # [R, R - 1]
+    theta = [_across_run_stat(x[keep], true[keep], rtol)[0] for x in (pred, ref)]  # 2 x [R]
+    d = theta[0] - theta[1]
+    if not np.isfinite(d).all():
+        result["stderr_undefined_reason"] = (
+            "the jackknife is undefined: a leave-one-out rho of the variant or the reference is "
+            "undefined"
+        )
+        return result
+    result["stderr"] = float(np.sqrt((n_runs - 1) / n_runs * np.sum((d - d.mean()) ** 2)))
+    return result
 
 
 def skill_score(mse: float, baseline_mse: float) -> float | None:

@@ -261,7 +261,7 @@ def _test_chunks(n_test: int, n_rows: int, budget_bytes: int = 1 << 27) -> list[
     return [(j, min(j + size, n_test)) for j in range(0, n_test, size)]
 
 
-_TOL, _MAX_ITER = 1e-7, 1000  # the CG solver's defaults: relative residual, iterations per round
+_TOL, _MAX_ITER = _solvers.DEFAULT_TOL, _solvers.DEFAULT_MAX_ITER  # the CG solver's defaults
 
 
 class _Problem:

@@ -1,12 +1,24 @@
 """Results tables: one experiment (printed by `simfluence evaluate`) or many (`simfluence table`).
 
-The multi-experiment table follows the paper's layout (rows = variants, columns = experiments,
-cells = all-steps MSE +- stderr and final-step rho +- stderr), followed by a second table with
-the honest metrics (across-run Spearman, skill vs the mean trajectory, final-step MSE). Values
-that are undefined show a dash with a numbered footnote giving the reason, never a NaN; values
-averaged over only part of what they could cover (final-step rho undefined on some runs, test
-examples left out of the across-run rho or counted as rho = 0) carry a footnote saying how many
-of how many. Columns of experiments that share a name are told apart by their folder.
+`simfluence table` writes, by default, one table per experiment (the csv: one experiment
+column instead), rows = variants, one column per metric and one per standard error: all-steps
+MSE (lower is better), final-step rho (higher), final-step MSE (lower), LDS = across-run rho
+(higher; jackknife stderr over held-out runs), skill vs the mean trajectory (higher, no
+stderr). The best value of each metric column within an experiment is marked: bold in
+markdown, `\\textbf` in LaTeX, and in csv a separate "<metric> best" column of true/false (so
+the number cells stay plain numbers that parse back to the results.json values). Ties are all
+marked; undefined values are never best.
+
+The paper layout (`layout="paper"`, markdown only) has rows = variants, columns =
+experiments, cells = all-steps MSE +- stderr and final-step rho +- stderr, followed by a second
+table with the honest metrics (across-run Spearman, skill vs the mean trajectory, final-step
+MSE).
+
+Values that are undefined show a dash with a numbered footnote giving the reason, never a NaN;
+values averaged over only part of what they could cover (final-step rho undefined on some runs,
+test examples left out of the across-run rho or counted as rho = 0) carry a footnote saying how
+many of how many (in csv: an empty cell, the reasons in the row's "notes" column). Experiments that
+share a name are told apart by their folder.
 
 References:
     Guu et al., "Simfluence", 2023. https://arxiv.org/abs/2303.08114
@@ -29,6 +41,11 @@ __all__ = [
     "format_results",
     "table_json",
     "format_table",
+    "METRICS",
+    "metrics_table",
+    "format_metrics_md",
+    "format_metrics_csv",
+    "format_metrics_tex",
     "write_table",
 ]
 
@@ -119,22 +136,28 @@ def _partial(stat: dict, what: str, notes: _Notes, n_runs: int | None) -> str:
     return "".join(f" {notes.ref(r)}" for r in refs)
 
 
-def _skill(entry: dict, notes: _Notes) -> str:
+def _skill_value(entry: dict) -> tuple[float | None, str | None]:
+    """(skill, None) or (None, the footnote saying why it is undefined)."""
     if "skill_vs_mean_trajectory" not in entry:
-        return notes.mark(
+        return None, (
             "skill: no skill_vs_mean_trajectory in this results file (it predates the skill "
             "score); run `simfluence evaluate` again"
         )
     s = entry["skill_vs_mean_trajectory"]
-    if s is None:
-        if entry.get("skill_undefined_reason"):
-            return notes.mark(f"skill undefined: {entry['skill_undefined_reason']}")
-        mse = entry.get("all_steps_mse") or {}
-        if mse.get("mean") is None:
-            reason = mse.get("undefined_reason") or "the all-steps MSE is undefined"
-            return notes.mark(f"skill undefined: {reason}")
-        return notes.mark("skill undefined: the mean-trajectory baseline has zero all-steps MSE")
-    return _num(s, "skill")
+    if s is not None:
+        return s, None
+    if entry.get("skill_undefined_reason"):
+        return None, f"skill undefined: {entry['skill_undefined_reason']}"
+    mse = entry.get("all_steps_mse") or {}
+    if mse.get("mean") is None:
+        reason = mse.get("undefined_reason") or "the all-steps MSE is undefined"
+        return None, f"skill undefined: {reason}"
+    return None, "skill undefined: the mean-trajectory baseline has zero all-steps MSE"
+
+
+def _skill(entry: dict, notes: _Notes) -> str:
+    value, reason = _skill_value(entry)
+    return notes.mark(reason) if value is None else _num(value, "skill")
 
 
 def _lam(x: float | None) -> str:
@@ -471,23 +494,292 @@ def format_table(results: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> tuple[Path, Path]:
-    """Write the markdown table to `out` (.md) and its JSON beside it (same stem, .json).
+# (results key, header, direction, number kind). Skill has no standard error.
+METRICS = (
+    ("all_steps_mse", "all-steps MSE", "lower", "mse"),
+    ("final_step_spearman", "final-step ρ", "higher", "rho"),
+    ("final_step_mse", "final-step MSE", "lower", "mse"),
+    ("across_run_spearman", "LDS (across-run ρ)", "higher", "rho"),
+    ("skill_vs_mean_trajectory", "skill", "higher", "skill"),
+)
+FORMATS = (".md", ".csv", ".tex")
+
+
+def _metric_cells(entry: dict | None, notes: _Notes, n_runs: int | None) -> dict[str, tuple]:
+    """{key: (mean or None, stderr or None, mean footnote refs, stderr footnote refs)}."""
+    out = {}
+    for key, header, _, _ in METRICS:
+        what = "across-run ρ" if key == "across_run_spearman" else header
+        if entry is None:
+            out[key] = (None, None, notes.ref("variant not evaluated on this experiment"), "")
+            continue
+        if key == "skill_vs_mean_trajectory":
+            value, reason = _skill_value(entry)
+            out[key] = (value, None, "" if reason is None else notes.ref(reason), "")
+            continue
+        stat = entry.get(key)
+        if stat is None:
+            out[key] = (None, None, notes.ref(f"{what}: not computed for this variant"), "")
+            continue
+        mean, se, mean_ref, se_ref = stat.get("mean"), stat.get("stderr"), "", ""
+        if mean is None:
+            reason = stat.get("undefined_reason") or "undefined"
+            mean_ref = notes.ref(f"{what} undefined: {reason}")
+        part = _partial(stat, what, notes, n_runs if key == "final_step_spearman" else None)
+        mean_ref = (mean_ref + part).strip()
+        if mean is not None and se is None and stat.get("stderr_undefined_reason"):
+            se_ref = notes.ref(
+                f"{what} standard error undefined: {stat['stderr_undefined_reason']}"
+            )
+        out[key] = (mean, se if mean is not None else None, mean_ref, se_ref)
+    return out
+
+
+def _best(values: Sequence[float | None], direction: str) -> list[bool]:
+    """Which entries equal the best defined value (min for "lower", max for "higher")."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return [False] * len(values)
+    best = min(defined) if direction == "lower" else max(defined)
+    return [v is not None and v == best for v in values]
+
+
+def metrics_table(results: Sequence[dict]) -> list[dict]:
+    """One table per experiment, one metric per column, with the best value of each marked.
+
+    Args:
+        results: from `load_results`.
+
+    Returns:
+        Per experiment, in order: {"label", "source", "rows": [{"variant", "cells": {key:
+        (mean, stderr, mean_refs, stderr_refs)}, "best": {key: bool}, "notes": [reasons]}],
+        "notes": _Notes}. Keys are those of `METRICS`; a mean or stderr is None where
+        undefined (refs then give the footnote numbers). "best" marks the lowest MSE and the
+        highest rho and skill among the variants where the value is defined (all of a tie).
+        Each row's "notes" lists the reasons behind its own refs (for the csv).
+    """
+    notes = _Notes()
+    tables = []
+    for label, r in zip(_labels(results), results, strict=True):
+        variants = _ordered(r["variants"])
+        rows = []
+        for v in variants:
+            own = _Notes()  # the row's own reasons, for the csv's notes column
+            _metric_cells(r["variants"][v], own, _n_test_runs(r))
+            rows.append(
+                {
+                    "variant": v,
+                    "cells": _metric_cells(r["variants"][v], notes, _n_test_runs(r)),
+                    "notes": own.reasons,
+                }
+            )
+        for key, _, direction, _ in METRICS:
+            marks = _best([row["cells"][key][0] for row in rows], direction)
+            for row, m in zip(rows, marks, strict=True):
+                row.setdefault("best", {})[key] = m
+        tables.append({"label": label, "source": r.get("_source"), "rows": rows, "notes": notes})
+    return tables
+
+
+def _columns() -> list[tuple[str, str, str]]:
+    """(header, metric key, "mean" | "se") for the metric columns, in order."""
+    cols = []
+    for key, header, _, _ in METRICS:
+        cols.append((header, key, "mean"))
+        if key != "skill_vs_mean_trajectory":
+            cols.append((f"{header} se", key, "se"))
+    return cols
+
+
+def _text_cell(row: dict, key: str, part: str, kind: str, bold) -> str:
+    mean, se, mean_ref, se_ref = row["cells"][key]
+    if part == "mean":
+        text = (
+            DASH
+            if mean is None
+            else bold(_num(mean, kind))
+            if row["best"][key]
+            else _num(mean, kind)
+        )
+        return f"{text} {mean_ref}".strip()
+    if se is None:
+        return f"{DASH} {se_ref}".strip()
+    return _num(se, "rho" if kind == "skill" else kind)
+
+
+_KINDS = {key: kind for key, _, _, kind in METRICS}
+_DIRECTIONS = {key: d for key, _, d, _ in METRICS}
+
+
+def format_metrics_md(results: Sequence[dict]) -> str:
+    """Markdown: per experiment a heading and a table (rows = variants, one column per metric
+    and one per standard error), the best value of each metric column in bold; then the
+    numbered footnotes of the dashes.
+
+    Args:
+        results: from `load_results`.
+
+    Returns:
+        The markdown text.
+    """
+    tables = metrics_table(results)
+    cols = _columns()
+    lines = [
+        "Mean over held-out runs with standard errors in the se columns (LDS = across-run "
+        "Spearman ρ, stderr by a jackknife over held-out runs; skill = 1 - MSE / "
+        "MSE(mean trajectory)); best of each column in bold (lowest MSE, highest ρ and skill)",
+    ]
+    for t in tables:
+        rows = [
+            [row["variant"]]
+            + [_text_cell(row, k, part, _KINDS[k], lambda x: f"**{x}**") for _, k, part in cols]
+            for row in t["rows"]
+        ]
+        lines += ["", f"### {t['label']}", "", *_md(["variant", *(h for h, _, _ in cols)], rows)]
+    notes = tables[0]["notes"] if tables else _Notes()
+    if notes.reasons:
+        lines += [""] + notes.lines()
+    return "\n".join(lines) + "\n"
+
+
+_TEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "ρ": r"$\rho$",
+    "λ": r"$\lambda$",
+    "±": r"$\pm$",
+    "—": "---",
+}
+
+
+def _tex(text: str) -> str:
+    return "".join(_TEX_ESCAPES.get(c, c) for c in str(text))
+
+
+def format_metrics_tex(results: Sequence[dict]) -> str:
+    """LaTeX (booktabs): per experiment a `table` with the layout of `format_metrics_md`, the
+    best value of each metric column in `\\textbf`, then the footnotes as a small paragraph.
+
+    Args:
+        results: from `load_results`.
+
+    Returns:
+        A fragment to `\\input` (needs `\\usepackage{booktabs}`).
+    """
+    tables = metrics_table(results)
+    cols = _columns()
+    lines = [
+        "% simfluence table: mean over held-out runs, standard errors in the se columns; best "
+        "of each column in bold (lowest MSE, highest rho and skill). Needs booktabs.",
+    ]
+    for t in tables:
+        lines += [
+            r"\begin{table}[t]",
+            r"\centering",
+            rf"\caption{{{_tex(t['label'])}}}",
+            r"\begin{tabular}{l" + "r" * len(cols) + "}",
+            r"\toprule",
+            " & ".join(["variant", *(_tex(h) for h, _, _ in cols)]) + r" \\",
+            r"\midrule",
+        ]
+        for row in t["rows"]:
+            cells = [
+                _tex(_text_cell(row, k, part, _KINDS[k], lambda x: f"\x00{x}\x01"))
+                for _, k, part in cols
+            ]
+            cells = [c.replace("\x00", r"\textbf{").replace("\x01", "}") for c in cells]
+            lines.append(" & ".join([_tex(row["variant"]), *cells]) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    notes = tables[0]["notes"] if tables else _Notes()
+    if notes.reasons:
+        lines += ["", r"{\footnotesize"] + [_tex(n) + r"\par" for n in notes.lines()] + ["}"]
+    return "\n".join(lines) + "\n"
+
+
+def format_metrics_csv(results: Sequence[dict]) -> str:
+    """CSV: one row per (experiment, variant), one column per metric and per standard error.
+
+    Numbers are written in full precision (Python's shortest round-trip repr), so parsing the
+    file gives back the results.json values. An undefined value is an empty cell. The best
+    value of each metric within an experiment is marked in a separate boolean column
+    "{metric} best" ("true"/"false"), so every number cell stays a plain number. The last
+    column, "notes", holds the reasons behind that row's empty or partly defined cells
+    ("; "-separated), in place of the footnotes of the other formats.
+
+    Args:
+        results: from `load_results`.
+
+    Returns:
+        The CSV text (header row first, "\\n" line ends).
+    """
+    import csv
+    import io
+
+    tables = metrics_table(results)
+    header = ["experiment", "variant"]
+    for key, name, _, _ in METRICS:
+        header.append(name)
+        if key != "skill_vs_mean_trajectory":
+            header.append(f"{name} se")
+        header.append(f"{name} best")
+    header.append("notes")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for t in tables:
+        for row in t["rows"]:
+            line = [t["label"], row["variant"]]
+            for key, _, _, _ in METRICS:
+                mean, se, _, _ = row["cells"][key]
+                line.append("" if mean is None else repr(float(mean)))
+                if key != "skill_vs_mean_trajectory":
+                    line.append("" if se is None else repr(float(se)))
+                line.append("true" if row["best"][key] else "false")
+            line.append("; ".join(row["notes"]))
+            w.writerow(line)
+    return buf.getvalue()
+
+
+def write_table(
+    paths: Sequence[str | os.PathLike], out: str | os.PathLike, layout: str = "metrics"
+) -> tuple[Path, Path]:
+    """Write the table to `out` (.md, .csv or .tex) and its JSON beside it (same stem, .json).
 
     Args:
         paths: results JSON files or experiment folders (see `load_results`).
-        out: the markdown path, ending in .md.
+        out: the table path: .md (`format_metrics_md`), .csv (`format_metrics_csv`) or .tex
+            (`format_metrics_tex`).
+        layout: "metrics" (one table per experiment, one metric per column, standard errors
+            in their own columns, best values marked) or "paper" (the paper's layout, .md
+            only: `format_table`).
 
     Returns:
-        (markdown path, JSON path).
+        (table path, JSON path).
 
     Raises:
-        RunLogError: unreadable results, `out` not ending in .md, or a table path that is one
-            of the inputs.
+        RunLogError: unreadable results, `out` not ending in .md/.csv/.tex, the paper layout
+            not to .md, or a table path that is one of the inputs.
     """
     out = Path(out)
-    if out.suffix != ".md":
-        raise RunLogError(f"--out {out}: expected a .md path (the JSON goes beside it)")
+    if out.suffix not in FORMATS:
+        raise RunLogError(
+            f"--out {out}: expected a .md, .csv or .tex path (the JSON goes beside it)"
+        )
+    if layout not in ("metrics", "paper"):
+        raise RunLogError(f"--layout {layout!r}: expected metrics or paper")
+    if layout == "paper" and out.suffix != ".md":
+        raise RunLogError(
+            f"--out {out}: the paper layout is markdown only; give a .md path or use "
+            "--layout metrics"
+        )
     json_path = out.with_suffix(".json")
     for p in map(Path, paths):
         source = _results_file(p)
@@ -497,8 +789,15 @@ def write_table(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> t
                 f"input {source}; choose another --out"
             )
     results = load_results(paths)
-    md = format_table(results)
+    if layout == "paper":
+        text = format_table(results)
+    else:
+        text = {
+            ".md": format_metrics_md,
+            ".csv": format_metrics_csv,
+            ".tex": format_metrics_tex,
+        }[out.suffix](results)
     data = table_json(results)
     atomic_write_json(json_path, data)
-    atomic_write_text(out, md)
+    atomic_write_text(out, text)
     return out, json_path

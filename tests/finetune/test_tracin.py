@@ -560,3 +560,25 @@ def test_module_entry_point_runs_the_cli(tmp_path):
     )
     assert out.returncode == 2, out
     assert "experiment folder not found" in out.stderr.strip().splitlines()[-1]
+
+
+def test_run_tracin_skips_a_checkpoint_at_the_runs_last_step(
+    tmp_path, data_dir, t5_tokenizer_dir, capsys
+):
+    """Checkpoints at steps 0 and 2 of 2-step runs: step 2 feeds no step (TracIn-CP pairs step t
+    with a checkpoint at or before t - 1), so only step 0 is computed, and said so."""
+    from simfluence import runlog
+
+    exp_dir = tmp_path / "exp"
+    _, _, lr = _tiny_experiment(exp_dir, data_dir, t5_tokenizer_dir, steps=2, n_runs=2)
+    written = tracin.run_tracin(exp_dir, chunk_size=4, progress=True)
+    err = capsys.readouterr().err
+    assert [p.parent.name for p in written] == ["run_000", "run_001"]
+    for r in range(2):
+        got = runlog.read_tracin(exp_dir / f"run_{r:03d}")
+        np.testing.assert_array_equal(got["steps"], [0])
+        np.testing.assert_array_equal(got["learning_rates"], lr[[0]])
+        assert got["dots"].shape == (1, 3, 6)
+        assert f"run_{r:03d}: checkpoint at step 2, the run's last step, skipped" in err
+    # The skipped step does not make the finished runs look stale: nothing is recomputed.
+    assert tracin.run_tracin(exp_dir, progress=False) == []

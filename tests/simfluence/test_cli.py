@@ -682,3 +682,135 @@ def test_debug_shows_the_traceback_before_the_error(work, tmp_path, capsys, monk
         assert err.startswith("Traceback (most recent call last):"), err
         assert err.strip().splitlines()[-1].startswith("simfluence: error: ")
         monkeypatch.delenv("SIMFLUENCE_DEBUG", raising=False)
+
+
+def test_influence_all_tests_matrix_equals_each_listing(work, tmp_path, capsys):
+    d, exp = work
+    sim = simulators.load_simulator(d / "sim.npz")
+    cur, l0 = np.load(d / "cur.npy"), np.load(d / "l0.npy")
+    inputs = ["--curriculum", d / "cur.npy", "--initial-losses", d / "l0.npy"]
+    out = tmp_path / "scores.npy"
+    _ok(["influence", d / "sim.npz", *inputs, "--all-tests", "--out", out], capsys)
+    scores = np.load(out)
+    assert scores.dtype == np.float32 and scores.shape == (sim.n_test, sim.n_train)
+    present = np.unique(cur)
+    for j in range(sim.n_test):
+        want = np.asarray(simulators.removal_influence(sim, cur, l0, j))
+        np.testing.assert_array_equal(scores[j], want)
+        listing = tmp_path / f"t{j}.json"
+        _ok(
+            ["influence", d / "sim.npz", *inputs, "--test", j, "--top", 99, "--out", listing],
+            capsys,
+        )
+        data = json.loads(listing.read_text())
+        rows = data["proponents"] + data["opponents"]
+        assert {r["train_index"] for r in data["top"]} == set(present.tolist())
+        for r in rows + data["top"]:
+            assert r["removal_change"] == float(scores[j, r["train_index"]])
+        assert all(r["removal_change"] > 0 for r in data["proponents"])
+        assert all(r["removal_change"] < 0 for r in data["opponents"])
+    # --test and --all-tests exclusive; the matrix needs a .npy, the listing a .json.
+    argv = ["influence", d / "sim.npz", *inputs]
+    _bad([*argv, "--test", 0, "--all-tests", "--out", out], capsys, "not allowed with")
+    _bad(
+        [*argv, "--all-tests", "--out", tmp_path / "s.json"],
+        capsys,
+        "expected a file ending in .npy",
+    )
+    _bad([*argv, "--all-tests"], capsys, "pass --out SCORES.npy")
+    _bad(
+        [*argv, "--test", 0, "--out", tmp_path / "s.npy"], capsys, "expected a file ending in .json"
+    )
+    _bad(argv, capsys, "one of the arguments --test --all-tests is required")
+
+
+def test_influence_all_tests_with_a_schedule_aware_simulator(work, tmp_path, capsys):
+    d, _ = work
+    exp = tmp_path / "exp"
+    _ok(["demo-data", exp, *SIZES], capsys)  # the same experiment as `work`'s
+    lr = np.linspace(1.0, 0.1, 23).astype(np.float32)
+    for r in range(4):
+        np.save(exp / f"run_{r:03d}" / "lr.npy", lr)
+    sim_path = tmp_path / "lr.npz"
+    _ok(["fit", exp, "--runs", "0-3", "--variant", "linear-lr", "--out", sim_path], capsys)
+    np.save(tmp_path / "lr.npy", lr)
+    out = tmp_path / "scores.npy"
+    inputs = ["--curriculum", d / "cur.npy", "--initial-losses", d / "l0.npy"]
+    _ok(
+        ["influence", sim_path, *inputs, "--lr", tmp_path / "lr.npy", "--all-tests", "--out", out],
+        capsys,
+    )
+    sim = simulators.load_simulator(sim_path)
+    cur, l0 = np.load(d / "cur.npy"), np.load(d / "l0.npy")
+    for j in range(sim.n_test):
+        want = simulators.removal_influence(sim, cur, l0, j, lr=lr)
+        np.testing.assert_array_equal(np.load(out)[j], np.asarray(want))
+    _bad(["influence", sim_path, *inputs, "--all-tests", "--out", out], capsys, "pass --lr")
+
+
+def test_influence_lists_dataset_ids_when_experiment_json_has_pool_ids(work, tmp_path, capsys):
+    d, _ = work
+    exp = tmp_path / "exp"
+    _ok(["demo-data", exp, *SIZES], capsys)  # the same experiment as `work`'s
+    info = json.loads((exp / "experiment.json").read_text())
+    ids = [f"rte-train-{1000 + i}" for i in range(info["n_train"])]
+    runlog.write_experiment(exp, {**info, "pool_ids": ids})
+    argv = ["influence", d / "sim.npz", "--curriculum", d / "cur.npy"]
+    argv += ["--initial-losses", d / "l0.npy", "--test", "1", "--top", "2", "--exp", exp]
+    res = _ok([*argv, "--out", tmp_path / "inf.json"], capsys)
+    data = json.loads((tmp_path / "inf.json").read_text())
+    for r in data["proponents"] + data["opponents"] + data["top"]:
+        assert r["id"] == ids[r["train_index"]]
+        line = next(ln for ln in res.out.splitlines() if f" {ids[r['train_index']]} " in ln)
+        assert line.split()[1:3] == [str(r["train_index"]), r["id"]]
+    assert len(data["proponents"]) <= 2 and len(data["opponents"]) <= 2
+    assert "proponents (removal raises the loss" in res.out
+    # figures uses the same listing: ids there too.
+    figs = tmp_path / "figs"
+    _ok(
+        ["figures", exp, "--sim", d / "sim.npz", "--out", figs, "--test", "1", "--top", "2"], capsys
+    )
+    fig_rows = json.loads((figs / "influence.json").read_text())
+    assert fig_rows["proponents"][0]["id"] == ids[fig_rows["proponents"][0]["train_index"]]
+    assert "rte-train-" in (figs / "influence.txt").read_text()
+    # Without examples.json the ids alone label the listing.
+    (exp / "examples.json").unlink()
+    res = _ok(argv, capsys)
+    assert "rte-train-" in res.out and "synthetic" not in res.out
+    runlog.write_experiment(exp, {**info, "pool_ids": ids[:3]})
+    _bad(argv, capsys, "pool_ids must be a list of 12 dataset ids")
+
+
+def test_table_writes_md_csv_and_tex(work, tmp_path, capsys):
+    import csv
+
+    _, exp = work
+    res_path = tmp_path / "results.json"
+    argv = ["evaluate", exp, "--split", "4,1,3", "--l2-a", "0.1", "--l2-b", "0.01"]
+    _ok([*argv, "--variants", "linear,additive,constant", "--out", res_path], capsys)
+    data = json.loads(res_path.read_text())
+    for suffix in (".md", ".csv", ".tex"):
+        out = tmp_path / f"t{suffix}"
+        res = _ok(["table", res_path, "--out", out], capsys)
+        assert res.out.split("\nwrote")[0] == out.read_text()
+        assert out.with_suffix(".json").is_file()
+    assert "| variant | all-steps MSE | all-steps MSE se |" in (tmp_path / "t.md").read_text()
+    assert r"\textbf{" in (tmp_path / "t.tex").read_text()
+    with (tmp_path / "t.csv").open(newline="", encoding="utf-8") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    mse = {v: data["variants"][v]["all_steps_mse"]["mean"] for v in rows}
+    assert {v: float(r["all-steps MSE"]) for v, r in rows.items()} == mse
+    best = min(mse, key=mse.get)
+    assert [v for v, r in rows.items() if r["all-steps MSE best"] == "true"] == [best]
+    assert rows["constant"]["LDS (across-run ρ)"] == ""  # undefined: empty, reason in notes
+    assert "ignores the curriculum" in rows["constant"]["notes"]
+    # The paper layout stays available, as markdown only.
+    res = _ok(["table", res_path, "--out", tmp_path / "p.md", "--layout", "paper"], capsys)
+    assert "All-steps MSE ± stderr / final-step Spearman ρ" in res.out
+    _bad(
+        ["table", res_path, "--out", tmp_path / "p.csv", "--layout", "paper"],
+        capsys,
+        "the paper layout is markdown only",
+        [tmp_path / "p.csv"],
+    )
+    _bad(["table", res_path, "--out", tmp_path / "t.txt"], capsys, "expected a .md, .csv or .tex")

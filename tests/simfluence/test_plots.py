@@ -6,18 +6,51 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_hex
 
-from simfluence.plots import format_influences, plot_trajectories
+from simfluence.plots import (
+    format_influences,
+    influence_listing,
+    plot_trajectories,
+    top_influences,
+)
 
 
 def test_multi_line_texts_are_listed_on_one_line_each():
     rows = [
         {"rank": 1, "train_index": 7, "removal_change": 0.25, "count": 3, "text": "a\nb\t c"},
-        {"rank": 2, "train_index": 2, "removal_change": -0.5, "count": 1, "text": "d  e\n"},
+        {"rank": 2, "train_index": 2, "removal_change": 0.125, "count": 1, "text": "d  e\n"},
     ]
-    lines = format_influences(rows, 4, "premise\nhypothesis").splitlines()
+    listing = {"proponents": rows, "opponents": []}
+    lines = format_influences(listing, 4, "premise\nhypothesis").splitlines()
     assert lines[0] == "test example 4: premise hypothesis"
-    assert len(lines) == 3 + len(rows)
-    assert lines[3].endswith("  a b c") and lines[4].endswith("  d e")
+    assert len(lines) == 2 + (2 + len(rows)) + 2
+    assert lines[4].endswith("  a b c") and lines[5].endswith("  d e")
+    assert lines[-2].startswith("opponents") and lines[-1] == "  (none)"
+
+
+def test_proponents_and_opponents_are_listed_apart_against_a_sort():
+    rng = np.random.default_rng(0)
+    inf = rng.normal(size=30)
+    inf[[3, 4]] = 0.0  # neither helps nor hurts
+    inf[5] = inf[6] = 2.5  # a tie, broken by index
+    cur = rng.integers(0, 30, (40, 3))
+    cur[cur == 11] = 12  # 11 absent from the curriculum
+    ids = [f"uid-{i}" for i in range(30)]
+    got = influence_listing(inf, cur, 4, ids=ids)
+    present = set(cur.reshape(-1).tolist())
+    pro = sorted((i for i in present if inf[i] > 0), key=lambda i: (-inf[i], i))
+    con = sorted((i for i in present if inf[i] < 0), key=lambda i: (inf[i], i))
+    assert [r["train_index"] for r in got["proponents"]] == pro[:4]
+    assert [r["train_index"] for r in got["opponents"]] == con[:4]
+    assert (got["n_proponents"], got["n_opponents"]) == (len(pro), len(con))
+    assert [r["rank"] for r in got["opponents"]] == [1, 2, 3, 4]
+    for r in got["proponents"] + got["opponents"]:
+        assert r["id"] == f"uid-{r['train_index']}" and r["removal_change"] == inf[r["train_index"]]
+        assert r["count"] == int((cur == r["train_index"]).sum())
+    assert got["top"] == top_influences(inf, cur, 4, ids=ids)
+    text = format_influences(got, 0)
+    first = text.splitlines()[4]  # the first proponent, its dataset id beside the position
+    assert first.split()[:3] == ["1", str(pro[0]), f"uid-{pro[0]}"]
+    assert "opponents (removal lowers the loss: the example hurts): 4 of" in text
 
 
 def _trajectories(n_runs: int, steps: int = 12, n_test: int = 5):

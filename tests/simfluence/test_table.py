@@ -1,7 +1,10 @@
 """Table writer on fixed inputs: layout, footnotes for undefined values, JSON, errors."""
 
+import csv
 import json
+import re
 
+import numpy as np
 import pytest
 
 from simfluence import table
@@ -52,7 +55,7 @@ def test_format_table_fixed_inputs(tmp_path):
     a.write_text(json.dumps(_results("rte-ia3", True)))
     b.mkdir()
     (b / "results.json").write_text(json.dumps(_results("copa-full", False)))
-    md, js = table.write_table([a, b], tmp_path / "t.md")
+    md, js = table.write_table([a, b], tmp_path / "t.md", layout="paper")
     text = md.read_text()
     lines = text.splitlines()
     assert "| variant | rte-ia3 | copa-full |" in lines
@@ -91,8 +94,10 @@ def test_format_results_single_experiment():
 
 
 def test_errors(tmp_path):
-    with pytest.raises(RunLogError, match="expected a .md"):
+    with pytest.raises(RunLogError, match=r"expected a \.md, \.csv or \.tex path"):
         table.write_table([tmp_path], tmp_path / "t.txt")
+    with pytest.raises(RunLogError, match="the paper layout is markdown only"):
+        table.write_table([tmp_path], tmp_path / "t.csv", layout="paper")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(RunLogError, match="not a `simfluence evaluate` result"):
         table.write_table([tmp_path / "bad.json"], tmp_path / "t.md")
@@ -223,7 +228,7 @@ def test_results_from_before_the_jackknife_do_not_show_their_stderr(tmp_path):
     res = _results("old", with_tracin=False)
     del res["variants"]["linear"]["across_run_spearman"]["stderr_method"]
     (tmp_path / "old.json").write_text(json.dumps(res))
-    md, _ = table.write_table([tmp_path / "old.json"], tmp_path / "t.md")
+    md, _ = table.write_table([tmp_path / "old.json"], tmp_path / "t.md", layout="paper")
     text = md.read_text()
     # The across-run table's row (the first table holds the per-run metrics).
     row = next(ln for ln in text.splitlines() if ln.startswith("| linear") and "0.250" in ln)
@@ -245,3 +250,171 @@ def test_a_table_never_overwrites_its_input(tmp_path):
     assert src.read_bytes() == before and not (tmp_path / "old.md").exists()
     md, js = table.write_table([src], tmp_path / "t.md")  # elsewhere: fine
     assert md.is_file() and js.is_file()
+
+
+# (results key, header, direction) as the issue names them; an independent copy of METRICS.
+_METRICS = [
+    ("all_steps_mse", "all-steps MSE", "lower"),
+    ("final_step_spearman", "final-step ρ", "higher"),
+    ("final_step_mse", "final-step MSE", "lower"),
+    ("across_run_spearman", "LDS (across-run ρ)", "higher"),
+    ("skill_vs_mean_trajectory", "skill", "higher"),
+]
+
+
+def _varied(name, seed):
+    """Results with distinct random values, one tie, an undefined value and a missing stderr."""
+    rng = np.random.default_rng(seed)
+    res = _results(name, with_tracin=True)
+    for e in res["variants"].values():
+        for key in ("all_steps_mse", "final_step_spearman", "final_step_mse"):
+            e[key]["mean"] = float(rng.uniform(0.001, 0.9))
+            e[key]["stderr"] = float(rng.uniform(0.0001, 0.01))
+        if e["across_run_spearman"].get("mean") is not None:
+            e["across_run_spearman"]["mean"] = float(rng.uniform(-0.5, 0.9))
+        e["skill_vs_mean_trajectory"] = float(rng.uniform(-2, 0.5))
+    v = res["variants"]
+    v["tracin-cp"]["final_step_mse"]["mean"] = v["linear"]["final_step_mse"]["mean"] = 1e-4  # tie
+    v["linear"]["skill_vs_mean_trajectory"] = None
+    v["linear"]["skill_undefined_reason"] = "no baseline"
+    v["tracin-cp"]["all_steps_mse"].update(stderr=None, stderr_undefined_reason="one run")
+    return res
+
+
+def _value(res, variant, key):
+    e = res["variants"][variant]
+    if key == "skill_vs_mean_trajectory":
+        return e.get(key), None
+    return e[key].get("mean"), e[key].get("stderr")
+
+
+def _best_of(res, key, direction):
+    """The variants holding the best defined value, by numpy argmin/argmax (all of a tie)."""
+    names = list(res["variants"])
+    vals = np.array([np.nan if (x := _value(res, n, key)[0]) is None else x for n in names])
+    i = np.nanargmin(vals) if direction == "lower" else np.nanargmax(vals)
+    return {n for n, x in zip(names, vals, strict=True) if x == vals[i]}
+
+
+def _number(cell):
+    """The number in a md/tex cell (bold markers and footnote refs stripped), or None."""
+    m = re.search(r"[-+]?\d[\d.]*(e[-+]?\d+)?", re.sub(r"\[\d+\]", "", cell))
+    return None if m is None else float(m.group(0))
+
+
+@pytest.fixture
+def two_results(tmp_path):
+    paths = []
+    for k, name in enumerate(("rte_ia3", "copa-full")):
+        f = tmp_path / f"r{k}.json"
+        f.write_text(json.dumps(_varied(name, k)))
+        paths.append(f)
+    return paths, [json.loads(p.read_text()) for p in paths]
+
+
+def test_csv_parses_back_to_the_results_numbers_with_the_best_marked(tmp_path, two_results):
+    paths, res = two_results
+    out, js = table.write_table(paths, tmp_path / "t.csv")
+    with out.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["experiment"], r["variant"]) for r in rows] == [
+        (lab, v)
+        for lab, rr in zip(("rte_ia3", "copa-full"), res, strict=True)
+        for v in ("linear", "tracin-cp", "constant", "mean-trajectory")
+        if v in rr["variants"]
+    ]
+    for r in rows:
+        rr = res[0] if r["experiment"] == "rte_ia3" else res[1]
+        for key, header, direction in _METRICS:
+            mean, se = _value(rr, r["variant"], key)
+            assert (None if r[header] == "" else float(r[header])) == mean, (r, header)
+            if key != "skill_vs_mean_trajectory":
+                want_se = se if mean is not None else None
+                assert (None if r[f"{header} se"] == "" else float(r[f"{header} se"])) == want_se
+            best = r[f"{header} best"] == "true"
+            assert best == (r["variant"] in _best_of(rr, key, direction)), (r["variant"], header)
+    linear = next(r for r in rows if r["variant"] == "linear")
+    tracin = next(r for r in rows if r["variant"] == "tracin-cp")
+    assert linear["final-step MSE best"] == tracin["final-step MSE best"] == "true"  # the tie
+    assert linear["skill"] == "" and "skill undefined: no baseline" in linear["notes"]
+    assert "all-steps MSE standard error undefined: one run" in tracin["notes"]
+    assert js.is_file() and json.loads(js.read_text())["experiments"] == ["rte_ia3", "copa-full"]
+
+
+def _md_tables(text):
+    """{experiment: (header, [rows of cells])} from the metrics markdown."""
+    out, label = {}, None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            label = line[4:]
+            out[label] = (None, [])
+        elif label and line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if out[label][0] is None:
+                out[label] = (cells, [])
+            else:
+                out[label][1].append(cells)
+    return out
+
+
+def _check_cells(header, rows, rr, bold):
+    for cells in rows:
+        variant = cells[0]
+        for key, name, direction in _METRICS:
+            mean, se = _value(rr, variant, key)
+            cell = cells[header.index(name)]
+            got = _number(cell)
+            if mean is None:
+                assert got is None and cell.startswith(("—", "---")) and "[" in cell, cell
+            else:
+                assert got == pytest.approx(mean, rel=5e-3, abs=5e-4), (variant, name, cell)
+            assert bold(cell) == (variant in _best_of(rr, key, direction)), (variant, name, cell)
+            if key != "skill_vs_mean_trajectory":
+                se_cell = cells[header.index(f"{name} se")]
+                if mean is None or se is None:
+                    assert _number(se_cell) is None
+                else:
+                    assert _number(se_cell) == pytest.approx(se, rel=5e-3, abs=5e-4)
+
+
+def test_markdown_has_one_table_per_experiment_with_the_best_in_bold(tmp_path, two_results):
+    paths, res = two_results
+    out, _ = table.write_table(paths, tmp_path / "t.md")
+    text = out.read_text()
+    tables = _md_tables(text)
+    assert list(tables) == ["rte_ia3", "copa-full"]
+    for (header, rows), rr in zip(tables.values(), res, strict=True):
+        assert header == [
+            "variant",
+            "all-steps MSE",
+            "all-steps MSE se",
+            "final-step ρ",
+            "final-step ρ se",
+            "final-step MSE",
+            "final-step MSE se",
+            "LDS (across-run ρ)",
+            "LDS (across-run ρ) se",
+            "skill",
+        ]
+        assert [r[0] for r in rows] == [v for v in table.VARIANT_ORDER if v in rr["variants"]]
+        _check_cells(header, rows, rr, lambda c: c.startswith("**"))
+    notes = [ln for ln in text.splitlines() if re.match(r"\[\d+\] ", ln)]
+    assert any("skill undefined: no baseline" in n for n in notes)
+    assert any("across-run ρ undefined: the prediction ignores the curriculum" in n for n in notes)
+    assert "nan" not in text.lower()
+
+
+def test_latex_marks_the_best_with_textbf_and_escapes(tmp_path, two_results):
+    paths, res = two_results
+    out, _ = table.write_table(paths, tmp_path / "t.tex")
+    text = out.read_text()
+    assert text.count(r"\begin{tabular}") == 2 and r"\caption{rte\_ia3}" in text
+    assert "ρ" not in text and "—" not in text  # as LaTeX: $\rho$, ---
+    blocks = text.split(r"\midrule")[1:]
+    header_lines = [ln for ln in text.splitlines() if ln.startswith("variant & ")]
+    for block, head, rr in zip(blocks, header_lines, res, strict=True):
+        header = [c.strip().replace(r"$\rho$", "ρ") for c in head.rstrip("\\ ").split(" & ")]
+        body = block.split(r"\bottomrule")[0].strip().splitlines()
+        rows = [[c.strip() for c in ln.rstrip("\\ ").split(" & ")] for ln in body]
+        _check_cells(header, rows, rr, lambda c: c.startswith(r"\textbf{"))
+    assert r"skill undefined: no baseline\par" in text

@@ -159,16 +159,9 @@ def _load_lr(args, sim, steps: int) -> np.ndarray | None:
 
 def _run_lr(sim, run) -> np.ndarray | None:
     """A run's lr.npy where the simulator needs it (schedule-aware variants)."""
-    from simfluence.simulators import SCHEDULED_VARIANTS
+    from simfluence.scheduled import run_lr
 
-    if sim.variant not in SCHEDULED_VARIANTS:
-        return None
-    if run.lr is None:
-        raise RunLogError(
-            f"{run.path}: no lr.npy, which the {sim.variant} simulator needs; use a "
-            "schedule-free simulator for this run"
-        )
-    return run.lr
+    return run_lr(sim.variant, run, "use a schedule-free simulator for this run")
 
 
 def _check_out(path: str, suffixes: Sequence[str], flag: str = "--out") -> Path:

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float, Int
 
-from simfluence import baselines, runlog, simulators, tracin
+from simfluence import baselines, runlog, scheduled, simulators, tracin
 from simfluence.runlog import Run, RunLogError
 
 __all__ = [
@@ -343,15 +343,10 @@ def default_base_runs(exp_dir: str | os.PathLike, split: Sequence[int] | None = 
 
 
 def _lr(sim, run: Run) -> np.ndarray | None:
-    """The base run's learning rates where the proposer needs them (schedule-aware variants)."""
-    if sim.variant not in simulators.SCHEDULED_VARIANTS:
-        return None
-    if run.lr is None:
-        raise ValueError(
-            f"{run.path}: no lr.npy, which the {sim.variant} simulator needs; leave it out of "
-            "--sims or use base runs that record their learning rates"
-        )
-    return run.lr
+    """The base run's learning rates where the simulator needs them (schedule-aware variants)."""
+    return scheduled.run_lr(
+        sim.variant, run, "leave it out of --sims or use base runs that record their learning rates"
+    )
 
 
 def _check_kinds(kinds: Sequence[str]) -> list[str]:

@@ -54,6 +54,7 @@ __all__ = [
     "SCHEDULED_VARIANTS",
     "PRIOR_VARIANTS",
     "check_lrs",
+    "run_lr",
     "run_lrs",
     "tracin_prior",
     "fit_inputs",
@@ -126,6 +127,27 @@ def lr_max_of(lrs: Sequence[np.ndarray], variant: str) -> float:
             "pass the rates the runs used"
         )
     return value
+
+
+def run_lr(variant: str, run: Run, fix: str) -> Float[np.ndarray, " T"] | None:
+    """One run's lr.npy where ``variant`` needs it (the schedule-aware variants), else None.
+
+    Args:
+        variant: the simulator variant.
+        run: a loaded run.
+        fix: what to do instead, ending the message.
+
+    Returns:
+        ``run.lr`` for a schedule-aware variant, None for the others.
+
+    Raises:
+        ValueError: the variant needs the rates and the run has no lr.npy (names the run).
+    """
+    if variant not in SCHEDULED_VARIANTS:
+        return None
+    if run.lr is None:
+        raise ValueError(f"{run.path}: no lr.npy, which the {variant} simulator needs; {fix}")
+    return run.lr
 
 
 def run_lrs(runs: Sequence[Run], variant: str) -> list[Float[np.ndarray, " T"]]:

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float, Int
 
-from simfluence import baselines, runlog, scheduled, simulators, tracin
+from simfluence import baselines, momentum, runlog, scheduled, simulators, tracin
 from simfluence.runlog import Run, RunLogError
 
 __all__ = [
@@ -240,7 +240,12 @@ def default_simulator_files(exp_dir: str | os.PathLike) -> dict[str, str]:
         {variant: file name relative to EXP}.
     """
     exp_dir = Path(exp_dir)
-    names = simulators.VARIANTS + tracin.TRACIN_VARIANTS + simulators.SCHEDULED_VARIANTS
+    names = (
+        simulators.VARIANTS
+        + tracin.TRACIN_VARIANTS
+        + simulators.SCHEDULED_VARIANTS
+        + simulators.MOMENTUM_VARIANTS
+    )
     return {v: f"sim_{v}.npz" for v in names if (exp_dir / f"sim_{v}.npz").is_file()}
 
 
@@ -451,7 +456,7 @@ def propose(
             )
     if simulator_files is None:
         simulator_files = default_simulator_files(exp_dir)
-    known = PROPOSER_VARIANTS + tracin.TRACIN_VARIANTS
+    known = PROPOSER_VARIANTS + tracin.TRACIN_VARIANTS + simulators.MOMENTUM_VARIANTS
     unknown = sorted(set(simulator_files) - set(known))
     if unknown:
         raise ValueError(
@@ -613,6 +618,8 @@ def _rollout64(sim: simulators.Simulator, curricula, l0, lr) -> np.ndarray:
     multiplicative: sums and products of per-step terms) spurious nonzero predictions for a
     reorder. In float64 that noise is about 1e-16 and is zeroed by `_ROUNDOFF`.
     """
+    if sim.variant in simulators.MOMENTUM_VARIANTS:
+        return momentum.rollout64(sim.A, sim.B, curricula, l0, float(sim.decay))
     A = np.asarray(sim.A, np.float64)  # [n_test, n_train]
     B = np.asarray(sim.B, np.float64)
     scheduled = sim.variant in simulators.SCHEDULED_VARIANTS

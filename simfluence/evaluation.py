@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simfluence import baselines, scheduled, simulators, tracin
+from simfluence import baselines, momentum, scheduled, simulators, tracin
 from simfluence.runlog import Run, RunLogError, list_runs, load_runs, read_experiment
 
 # Names, not the module: the package may re-export the function `metrics` under the same name.
@@ -54,8 +54,9 @@ ALL_VARIANTS = (
     + baselines.BASELINES
     + tracin.TRACIN_VARIANTS
     + scheduled.SCHEDULED_VARIANTS
+    + momentum.MOMENTUM_VARIANTS
 )
-_SIMFLUENCE = simulators.VARIANTS + scheduled.SCHEDULED_VARIANTS
+_SIMFLUENCE = simulators.VARIANTS + scheduled.SCHEDULED_VARIANTS + momentum.MOMENTUM_VARIANTS
 DEFAULT_SPLIT = (20, 2, 10)
 
 
@@ -109,8 +110,9 @@ def default_variants(fit_runs: Sequence[Run], other_runs: Sequence[Run] = ()) ->
         other_runs: the validation and held-out runs (they need lr.npy for the -lr variants).
 
     Returns:
-        Variant names in `ALL_VARIANTS` order: TracIn-CP when a fitting run has tracin.npz;
-        linear-lr and additive-lr when every run has lr.npy; linear-lr-tracin-prior when both.
+        Variant names in `ALL_VARIANTS` order: TracIn-CP (tracin-cp-momentum included) when a
+        fitting run has tracin.npz; linear-lr and additive-lr when every run has lr.npy;
+        linear-lr-tracin-prior when both; linear-momentum always.
     """
     out = list(simulators.VARIANTS + baselines.BASELINES)
     has_tracin = tracin.has_tracin(fit_runs)
@@ -120,6 +122,7 @@ def default_variants(fit_runs: Sequence[Run], other_runs: Sequence[Run] = ()) ->
         out += [v for v in scheduled.SCHEDULED_VARIANTS if v not in scheduled.PRIOR_VARIANTS]
         if has_tracin:
             out += list(scheduled.PRIOR_VARIANTS)
+    out += list(momentum.MOMENTUM_VARIANTS)
     return out
 
 
@@ -139,6 +142,33 @@ def _check_split(split: Sequence[int]) -> tuple[int, int, int]:
             "across-run Spearman need two or more)"
         )
     return parts
+
+
+def _momentum_choice(name, fit_c, fit_l, valid_runs, n_train, a_prior, grid, l2_a, l2_b):
+    """(l2_a, l2_b, source, search, {"decay": d}) of a momentum variant.
+
+    The decay d is chosen with the lambdas on the validation runs, never on held-out runs
+    (`momentum.select`); given lambdas fix the lambda grid to that pair. Without validation
+    runs: d is `momentum.DEFAULT_DECAY` (AdamW's beta_1) with the default (or given) lambdas.
+    """
+    if not valid_runs:
+        given = l2_a is not None
+        la = float(l2_a) if given else simulators.DEFAULT_L2_A
+        lb = float(l2_b) if given else simulators.DEFAULT_L2_B
+        source = "given" if given else "default"
+        return la, lb, source, None, {"decay": momentum.DEFAULT_DECAY}
+    fixed = None if l2_a is None else [(float(l2_a), float(l2_b))]
+    d, la, lb, search = momentum.select(
+        fit_c,
+        fit_l,
+        [r.curriculum for r in valid_runs],
+        [r.losses for r in valid_runs],
+        n_train=n_train,
+        variant=name,
+        a_prior=a_prior,
+        grid=grid if fixed is None else fixed,
+    )
+    return la, lb, "validation" if fixed is None else "given", search, {"decay": d}
 
 
 def _predict_simfluence(sim, runs: Sequence[Run]) -> list[np.ndarray]:
@@ -394,7 +424,11 @@ def evaluate(
     for name in bar:
         bar.set_postfix_str(name)
         extra: dict = {"l2_a": None, "l2_b": None}
-        if name in _SIMFLUENCE:
+        if name in momentum.MOMENTUM_VARIANTS:
+            la, lb, source, search, inputs = _momentum_choice(
+                name, fit_c, fit_l, valid_runs, n_train, a_prior, grid, l2_a, l2_b
+            )
+        elif name in _SIMFLUENCE:
             inputs = scheduled.fit_inputs(fit_runs, name)  # lrs, b_prior of the -lr variants
             if l2_a is not None:
                 la, lb, source, search = float(l2_a), float(l2_b), "given", None
@@ -419,6 +453,7 @@ def evaluate(
                     "default",
                     None,
                 )
+        if name in _SIMFLUENCE:
             sim = simulators.fit(
                 fit_c,
                 fit_l,
@@ -439,11 +474,15 @@ def evaluate(
             }
             if sim.lr_max is not None:
                 extra["lr_max"] = float(sim.lr_max)
+            if sim.decay is not None:
+                extra["decay"] = float(sim.decay)
+                extra["decay_source"] = "default" if search is None else "validation"
             if search is not None:
                 extra["lambda_search"] = search
                 # Whether the choice is limited by the searched range: with the default grid
                 # an edge is a cap of its extension, with a given grid the grid's own edge.
-                edges = simulators.lambda_edges(search, name, la, lb)
+                rows = [r for r in search if r.get("decay", sim.decay) == sim.decay]
+                edges = simulators.lambda_edges(rows, name, la, lb)
                 extra["lambda_grid"] = "default" if grid is None else "given"
                 extra["lambda_at_edge"] = bool(edges)
                 extra["lambda_edges"] = edges
@@ -452,7 +491,13 @@ def evaluate(
         elif name == "mean-trajectory":
             preds = mean_preds
         else:  # TracIn-CP variants
-            tsim = tracin.from_runs(fit_runs, variant=name)
+            if name == momentum.TRACIN_MOMENTUM:  # d chosen on the validation runs
+                tsim, dsearch = momentum.tracin_from_runs(fit_runs, valid_runs)
+                extra["decay"] = float(tsim.decay)
+                extra["decay_source"] = "validation" if dsearch else "default"
+                extra["decay_search"] = dsearch
+            else:
+                tsim = tracin.from_runs(fit_runs, variant=name)
             preds = [
                 tracin.simulate_tracin(tsim, r.curriculum, r.losses[0], r.lr) for r in test_runs
             ]

@@ -1,0 +1,237 @@
+"""Momentum variants (linear-momentum, tracin-cp-momentum) against independent numpy references."""
+
+import numpy as np
+import pytest
+
+from simfluence import momentum, runlog, tracin
+from simfluence import simulators as S
+from simfluence.cli import main
+from simfluence.counterfactual import predicted_changes
+from simfluence.demo_data import make_demo_experiment
+
+# Tolerances, fixed up front.
+FIT_RTOL = 1e-4  # CG (float32) vs dense float64 least squares: max error / largest |coefficient|
+EQ_RTOL = 1e-5  # two float32 fits of the same system (linear vs linear-momentum at d = 0)
+ROLL_RTOL = 1e-5  # float32 scan vs float64 numpy loop
+RECOVER_RTOL = 1e-3  # noise-free momentum data, ridge 1e-9: the generating a, b come back
+
+N_TRAIN, N_TEST, BATCH = 12, 4, 3
+LENGTHS = (40, 30, 50, 36)
+
+
+def _true(seed):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0.0, 0.02, (N_TEST, N_TRAIN)), rng.normal(-0.02, 0.03, (N_TEST, N_TRAIN))
+
+
+def _runs(seed=0, decay=0.6, noise=0.005):
+    """Runs of the momentum model (unrolled sum form) plus noise, with in-batch repeats."""
+    rng = np.random.default_rng(seed)
+    a, b = _true(seed)
+    curs, ls = [], []
+    for t_r in LENGTHS:
+        c = rng.integers(0, N_TRAIN, (t_r, BATCH)).astype(np.int32)
+        c[::5, 1] = c[::5, 0]
+        loss = np.empty((t_r + 1, N_TEST))
+        loss[0] = rng.uniform(1.5, 3.0, N_TEST)
+        u = []  # each batch's change, taken at the loss it met
+        for t in range(t_r):
+            u.append(a[:, c[t]].sum(1) * loss[t] + b[:, c[t]].sum(1))
+            w = [(1 - decay) * decay ** (t - s) for s in range(t + 1)]
+            loss[t + 1] = loss[t] + sum(wi * ui for wi, ui in zip(w, u, strict=True))
+            loss[t + 1] += rng.normal(0, noise, N_TEST)
+        curs.append(c)
+        ls.append(loss.astype(np.float32))
+    return curs, ls
+
+
+def _counts(cur):
+    m = np.zeros((cur.shape[0], N_TRAIN))
+    for t, batch in enumerate(cur):
+        for i in batch:
+            m[t, i] += 1
+    return m
+
+
+def _dense_fit(curs, ls, decay, l2_a, l2_b):
+    """float64 least squares (np.linalg.lstsq on the ridge-augmented system), per test example,
+    of sum_t (D_t - d D_{t-1} - (1 - d) sum_{c_t} (a_i L_{t-1} + b_i))^2 + ridge."""
+    a_out = np.zeros((N_TEST, N_TRAIN))
+    b_out = np.zeros((N_TEST, N_TRAIN))
+    M = np.concatenate([_counts(c) for c in curs]) * (1 - decay)
+    for j in range(N_TEST):
+        x = np.concatenate([loss[:-1, j] for loss in ls]).astype(np.float64)
+        ys = []
+        for loss in ls:
+            dl = np.diff(loss[:, j].astype(np.float64))
+            ys.append(dl - decay * np.concatenate([[0.0], dl[:-1]]))
+        X = np.concatenate([M * x[:, None], M], axis=1)
+        ridge = np.diag(np.sqrt(np.r_[np.full(N_TRAIN, l2_a), np.full(N_TRAIN, l2_b)]))
+        theta = np.linalg.lstsq(
+            np.vstack([X, ridge]), np.r_[np.concatenate(ys), np.zeros(2 * N_TRAIN)], rcond=None
+        )[0]
+        a_out[j], b_out[j] = theta[:N_TRAIN], theta[N_TRAIN:]
+    return a_out, b_out
+
+
+def _numpy_rollout(A, B, cur, l0, decay):
+    """The unrolled sum: L_t = L_{t-1} + sum_{s<=t} (1-d) d^(t-s) u_s (no recursion)."""
+    a = np.asarray(A, np.float64) - 1.0 / cur.shape[1]
+    B = np.asarray(B, np.float64)
+    loss = [np.asarray(l0, np.float64)]
+    u = []
+    for t, ids in enumerate(cur):
+        u.append(sum(a[:, i] * loss[t] + B[:, i] for i in ids))
+        loss.append(loss[t] + sum((1 - decay) * decay ** (t - s) * u[s] for s in range(t + 1)))
+    return np.stack(loss)
+
+
+def _close(got, want, rtol):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(np.abs(want).max(), 1e-30)
+    assert np.abs(got - want).max() <= rtol * scale, np.abs(got - want).max() / scale
+
+
+def test_zero_decay_is_the_linear_fit_rollout_and_removal():
+    curs, ls = _runs(seed=1, decay=0.0)
+    kw = dict(n_train=N_TRAIN, l2_a=1e-2, l2_b=1e-3)
+    lin = S.fit(curs, ls, variant="linear", **kw)
+    mom = S.fit(curs, ls, variant="linear-momentum", decay=0.0, **kw)
+    assert mom.decay == 0.0 and lin.decay is None
+    _close(mom.A, lin.A, EQ_RTOL)
+    _close(mom.B, lin.B, EQ_RTOL)
+    cur, l0 = curs[0], ls[0][0]
+    _close(S.simulate(mom, cur, l0), S.simulate(lin, cur, l0), ROLL_RTOL)
+    for j in (0, 3):
+        _close(S.removal_influence(mom, cur, l0, j), S.removal_influence(lin, cur, l0, j), 1e-4)
+
+
+def test_fit_matches_dense_least_squares_and_recovers_the_model():
+    curs, ls = _runs(seed=2, decay=0.6)
+    sim = S.fit(
+        curs, ls, n_train=N_TRAIN, variant="linear-momentum", decay=0.6, l2_a=1e-2, l2_b=1e-3
+    )
+    a, b = _dense_fit(curs, ls, 0.6, 1e-2, 1e-3)
+    _close(np.asarray(sim.A, np.float64) - 1.0 / BATCH, a, FIT_RTOL)
+    _close(sim.B, b, FIT_RTOL)
+    # Noise-free data of the unrolled model: the fit returns the generating coefficients.
+    curs, ls = _runs(seed=3, decay=0.6, noise=0.0)
+    sim = S.fit(
+        curs, ls, n_train=N_TRAIN, variant="linear-momentum", decay=0.6, l2_a=1e-9, l2_b=1e-9
+    )
+    a_true, b_true = _true(3)
+    _close(np.asarray(sim.A, np.float64) - 1.0 / BATCH, a_true, RECOVER_RTOL)
+    _close(sim.B, b_true, RECOVER_RTOL)
+
+
+def test_rollout_removal_and_float64_scorer_match_numpy_loops(tmp_path):
+    curs, ls = _runs(seed=4, decay=0.8)
+    sim = S.fit(
+        curs, ls, n_train=N_TRAIN, variant="linear-momentum", decay=0.8, l2_a=1e-2, l2_b=1e-3
+    )
+    cur, l0 = curs[1], ls[1][0]
+    want = _numpy_rollout(sim.A, sim.B, cur, l0, 0.8)
+    _close(S.simulate(sim, cur, l0), want, ROLL_RTOL)
+    many = S.simulate_many(sim, np.stack([cur, cur[::-1]]), np.stack([l0, l0]))
+    _close(many[1], _numpy_rollout(sim.A, sim.B, cur[::-1], l0, 0.8), ROLL_RTOL)
+    # Removal: brute force, the example's slots made neutral (A = 1/batch, B = 0).
+    j = 2
+    got = np.asarray(S.removal_influence(sim, cur, l0, j))
+    for i in range(N_TRAIN):
+        A, B = np.array(sim.A, np.float64), np.array(sim.B, np.float64)
+        A[:, i], B[:, i] = 1.0 / BATCH, 0.0
+        brute = _numpy_rollout(A, B, cur, l0, 0.8)[-1, j] - want[-1, j]
+        assert abs(got[i] - brute) <= 1e-4 * max(abs(want[-1, j]), 1.0), (i, got[i], brute)
+    # The counterfactual scorer's float64 rollout, and the file round trip with its decay.
+    ch = predicted_changes(sim, cur[::-1][None], cur[None], l0[None])
+    _close(ch[0], _numpy_rollout(sim.A, sim.B, cur[::-1], l0, 0.8)[-1] - want[-1], 1e-6)
+    S.save_simulator(tmp_path / "m.npz", sim)
+    back = S.load_simulator(tmp_path / "m.npz")
+    assert back.variant == "linear-momentum" and back.decay == 0.8
+    with np.load(tmp_path / "m.npz") as z:
+        np.savez(tmp_path / "bad.npz", **{k: z[k] for k in z.files if k != "decay"})
+    with pytest.raises(ValueError, match="without its decay"):
+        S.load_simulator(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="pass decay"):
+        S.fit(curs, ls, n_train=N_TRAIN, variant="linear-momentum")
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        S.fit(curs, ls, n_train=N_TRAIN, variant="linear-momentum", decay=1.0)
+
+
+def test_tracin_spread_zero_decay_and_scale(tmp_path):
+    exp = tmp_path / "exp"
+    make_demo_experiment(exp, n_runs=4, n_train=10, n_test=3, batch=2, steps=12, tracin=True)
+    runs = runlog.load_runs(exp)
+    plain = tracin.from_runs(runs[:2])
+    rescaled = tracin.from_runs(runs[:2], variant="tracin-cp-rescaled")
+    zero = tracin.from_runs(runs[:2], variant="tracin-cp-momentum", decay=0.0)
+    assert zero.scale == pytest.approx(rescaled.scale, rel=1e-9)
+    r = runs[3]
+    one = tracin.with_decay(plain, runs[:2], 0.0)
+    import dataclasses
+
+    one = dataclasses.replace(one, scale=1.0)  # d = 0 and s = 1: tracin-cp itself
+    np.testing.assert_array_equal(
+        tracin.simulate_tracin(one, r.curriculum, r.losses[0], r.lr),
+        tracin.simulate_tracin(plain, r.curriculum, r.losses[0], r.lr),
+    )
+    # d = 0.7: the unrolled weights on the scaled per-step changes, scale by least squares.
+    sim = tracin.from_runs(runs[:2], variant="tracin-cp-momentum", decay=0.7)
+    delta = tracin.predicted_deltas(plain, r.curriculum, r.lr).astype(np.float64)
+    T = delta.shape[0]
+    W = np.array([[0.3 * 0.7 ** (t - s) if s <= t else 0.0 for s in range(T)] for t in range(T)])
+    want = r.losses[0] + np.cumsum(sim.scale * (W @ delta), axis=0)
+    _close(tracin.simulate_tracin(sim, r.curriculum, r.losses[0], r.lr)[1:], want, ROLL_RTOL)
+    num = den = 0.0
+    for f in runs[:2]:
+        p = W[: f.steps, : f.steps] @ tracin.predicted_deltas(plain, f.curriculum, f.lr)
+        num += float((p * np.diff(f.losses.astype(np.float64), axis=0)).sum())
+        den += float((p * p).sum())
+    assert sim.scale == pytest.approx(num / den, rel=1e-5)
+    tracin.save_tracin_simulator(tmp_path / "t.npz", sim)
+    assert tracin.load_tracin_simulator(tmp_path / "t.npz").decay == 0.7
+
+
+def test_decay_is_chosen_on_validation_runs_only(tmp_path, monkeypatch):
+    """evaluate and fit choose d (and the lambdas) on the validation runs: the curricula the
+    search sees are the validation runs', and scrambling the held-out runs changes nothing."""
+    exp = tmp_path / "exp"
+    make_demo_experiment(exp, n_runs=7, n_train=10, n_test=3, batch=2, steps=16, tracin=True)
+    from simfluence.evaluation import evaluate
+
+    seen = []
+    real = S.select_lambdas
+
+    def spy(fit_c, fit_l, valid_c, valid_l, **kw):
+        seen.append([np.asarray(c).copy() for c in valid_c])
+        return real(fit_c, fit_l, valid_c, valid_l, **kw)
+
+    monkeypatch.setattr(S, "select_lambdas", spy)
+    variants = ["linear-momentum", "tracin-cp-momentum"]
+    res = evaluate(exp, split=(4, 1, 2), variants=variants, grid=(1e-2, 1.0))
+    runs = runlog.load_runs(exp)
+    assert res["split"]["valid"] == [4]
+    assert len(seen) == len(momentum.DECAY_GRID)
+    assert all(len(v) == 1 and np.array_equal(v[0], runs[4].curriculum) for v in seen)
+    e, t = res["variants"]["linear-momentum"], res["variants"]["tracin-cp-momentum"]
+    assert e["decay_source"] == "validation" and e["decay"] in momentum.DECAY_GRID
+    assert {row["decay"] for row in e["lambda_search"]} == set(momentum.DECAY_GRID)
+    best = min(e["lambda_search"], key=lambda row: row["valid_mse"])
+    assert (best["decay"], best["l2_a"], best["l2_b"]) == (e["decay"], e["l2_a"], e["l2_b"])
+    assert t["decay"] == min(t["decay_search"], key=lambda row: row["valid_mse"])["decay"]
+    # Held-out runs 5 and 6 scrambled: the choices stay.
+    for r in runs[5:]:
+        np.save(r.path / "losses.npy", r.losses[::-1].copy())
+    again = evaluate(exp, split=(4, 1, 2), variants=variants, grid=(1e-2, 1.0))
+    for name in variants:
+        for key in ("decay", "l2_a", "l2_b"):
+            assert again["variants"][name].get(key) == res["variants"][name].get(key)
+    # The CLI records the chosen d in the simulator file.
+    out = tmp_path / "m.npz"
+    argv = ["fit", str(exp), "--runs", "0-3", "--valid-runs", "4", "--variant", "linear-momentum"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert S.load_simulator(out).decay in momentum.DECAY_GRID
+    out = tmp_path / "t.npz"
+    argv[-1] = "tracin-cp-momentum"
+    assert main([*argv, "--out", str(out)]) == 0
+    assert tracin.load_tracin_simulator(out).decay == t["decay"]

@@ -77,15 +77,17 @@ tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the run
 
 simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); fits each to $(EXP)/sim_<variant>.npz.
 	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json
-	for v in linear additive multiplicative linear-lr additive-lr; do \
+	for v in linear additive multiplicative linear-lr additive-lr linear-momentum; do \
 	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \
 	    --out $(EXP)/sim_$$v.npz || exit; done
 	if compgen -G "$(EXP)/run_*/tracin.npz" > /dev/null; then \
 	  for v in tracin-cp tracin-cp-rescaled; do \
 	    $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --variant $$v --out $(EXP)/sim_$$v.npz || exit; \
 	  done; \
-	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) \
-	    --variant linear-lr-tracin-prior --out $(EXP)/sim_linear-lr-tracin-prior.npz || exit; \
+	  for v in linear-lr-tracin-prior tracin-cp-momentum; do \
+	    $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \
+	      --out $(EXP)/sim_$$v.npz || exit; \
+	  done; \
 	fi
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.

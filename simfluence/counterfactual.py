@@ -740,12 +740,17 @@ def _mean_se(values: Sequence[float]) -> dict:
     return {"mean": float(x.mean()), "stderr": se, "n": int(x.size)}
 
 
-def score(exp_dir: str | os.PathLike) -> dict:
+def score(exp_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> dict:
     """Scores every recorded simulator (and the baselines) against the trained proposals.
 
     Args:
         exp_dir: experiment folder whose ``counterfactual/`` holds proposals and, for each
             proposal, its complete trained run.
+        extra_files: {variant: .npz path} of simulators to score beside the recorded ones
+            (relative to EXP or absolute), e.g. variants fitted after the proposals were
+            trained. They did not propose anything; like the recorded ones they must record
+            this experiment and must not have been fitted on a base run. Their hashes go into
+            the report (``extra_simulator_files``).
 
     Returns:
         The report (see ``report.json`` in the README): ``{"simulator_files", "settings",
@@ -825,6 +830,27 @@ def score(exp_dir: str | os.PathLike) -> dict:
                 f"{r.path / 'meta.json'}: {', '.join(wrong)} disagree with proposal {p['id']}; "
                 f"delete {r.path} and train it again (`finetune counterfactual {exp_dir}`)"
             )
+    extra = {}
+    if extra_files:
+        known = PROPOSER_VARIANTS + tracin.TRACIN_VARIANTS + simulators.MOMENTUM_VARIANTS
+        bad = sorted(set(extra_files) - set(known))
+        again = sorted(set(extra_files) & set(files))
+        if bad or again:
+            raise ValueError(
+                f"--sims: {bad} are unknown variants (use {', '.join(known)})"
+                if bad
+                else f"--sims: {again} are already recorded in the proposals; leave them out"
+            )
+        extra = {
+            v: _relative(p, exp_dir) if Path(p).is_absolute() else str(p)
+            for v, p in extra_files.items()
+        }
+    extra_sha = {
+        v: _file_sha256(Path(os.path.normpath(exp_dir / p)))
+        for v, p in extra.items()
+        if Path(os.path.normpath(exp_dir / p)).is_file()
+    }
+    files = {**files, **extra}
     sims = _load_sims(exp_dir, files, {"base": base_ids})
     bases = [base[p["base_run"]] for p in proposals]
     base_cur = np.stack([b.curriculum for b in bases])
@@ -920,7 +946,8 @@ def score(exp_dir: str | os.PathLike) -> dict:
         "experiment_sha256": data["experiment_sha256"],
         "settings": data["settings"],
         "simulator_files": {**files, **{v: None for v in _NO_CHANGE}},
-        "simulator_sha256": data["simulator_sha256"],
+        "simulator_sha256": {**data["simulator_sha256"], **extra_sha},
+        "extra_simulator_files": sorted(extra),
         "baselines": {
             v: "predicts no change for a curriculum of the base run's length" for v in _NO_CHANGE
         },

@@ -77,7 +77,8 @@ tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the run
 
 simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); fits each to $(EXP)/sim_<variant>.npz.
 	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json
-	for v in linear additive multiplicative linear-lr additive-lr linear-momentum; do \
+	for v in linear additive multiplicative linear-lr additive-lr \
+	  linear-momentum linear-lr-momentum; do \
 	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \
 	    --out $(EXP)/sim_$$v.npz || exit; done
 	if compgen -G "$(EXP)/run_*/tracin.npz" > /dev/null; then \

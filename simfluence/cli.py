@@ -251,6 +251,8 @@ def _cmd_fit(args) -> None:
             n_train=info["n_train"],
             variant=args.variant,
             a_prior=args.a_prior,
+            lrs=inputs.get("lrs"),
+            valid_lrs=scheduled.run_lrs(valid, args.variant) if "lrs" in inputs else None,
         )
         source = f"chosen on runs {args.valid_runs}"
     elif args.valid_runs:
@@ -266,7 +268,7 @@ def _cmd_fit(args) -> None:
             n_train=info["n_train"],
             variant=args.variant,
             a_prior=args.a_prior,
-            valid_lrs=scheduled.run_lrs(valid, args.variant) if inputs else None,
+            valid_lrs=scheduled.run_lrs(valid, args.variant) if "lrs" in inputs else None,
             **inputs,
         )
         source = f"chosen on runs {args.valid_runs}"
@@ -822,6 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
             "additive-lr",
             "linear-lr-tracin-prior",
             "linear-momentum",
+            "linear-lr-momentum",
             "tracin-cp-momentum",
         ],
         help="simulator variant (default linear); the tracin ones average the fitting runs' "

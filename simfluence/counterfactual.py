@@ -70,7 +70,12 @@ __all__ = [
 
 KINDS = ("remove-top", "remove-bottom", "remove-random", "reorder", "optimize")
 REMOVAL_KINDS = ("remove-top", "remove-bottom", "remove-random")
-PROPOSER_VARIANTS = simulators.VARIANTS + simulators.SCHEDULED_VARIANTS
+# Momentum variants are scored, not proposers: `optimize` needs per-slot terms given L_{t-1}.
+PROPOSER_VARIANTS = tuple(
+    v
+    for v in simulators.VARIANTS + simulators.SCHEDULED_VARIANTS
+    if v not in simulators.MOMENTUM_VARIANTS
+)
 REPORT_JSON, REPORT_MD, REPORT_PNG = runlog.COUNTERFACTUAL_REPORT_FILES
 _NO_CHANGE = baselines.BASELINES  # same-length curricula: these predict a change of exactly 0
 
@@ -619,7 +624,12 @@ def _rollout64(sim: simulators.Simulator, curricula, l0, lr) -> np.ndarray:
     reorder. In float64 that noise is about 1e-16 and is zeroed by `_ROUNDOFF`.
     """
     if sim.variant in simulators.MOMENTUM_VARIANTS:
-        return momentum.rollout64(sim.A, sim.B, curricula, l0, float(sim.decay))
+        w = None
+        if sim.lr_max is not None:  # linear-lr-momentum
+            if lr is None:
+                raise ValueError(f"the {sim.variant} simulator needs the base runs' lr.npy")
+            w = np.asarray(lr, np.float64) / float(sim.lr_max)  # [P, T]
+        return momentum.rollout64(sim.A, sim.B, curricula, l0, float(sim.decay), w)
     A = np.asarray(sim.A, np.float64)  # [n_test, n_train]
     B = np.asarray(sim.B, np.float64)
     scheduled = sim.variant in simulators.SCHEDULED_VARIANTS

@@ -49,12 +49,14 @@ from simfluence.scoring import (
 
 __all__ = ["ALL_VARIANTS", "DEFAULT_SPLIT", "evaluate", "default_variants", "check_variants"]
 
-ALL_VARIANTS = (
-    simulators.VARIANTS
-    + baselines.BASELINES
-    + tracin.TRACIN_VARIANTS
-    + scheduled.SCHEDULED_VARIANTS
-    + momentum.MOMENTUM_VARIANTS
+ALL_VARIANTS = tuple(
+    dict.fromkeys(
+        simulators.VARIANTS
+        + baselines.BASELINES
+        + tracin.TRACIN_VARIANTS
+        + scheduled.SCHEDULED_VARIANTS
+        + momentum.MOMENTUM_VARIANTS
+    )
 )
 _SIMFLUENCE = simulators.VARIANTS + scheduled.SCHEDULED_VARIANTS + momentum.MOMENTUM_VARIANTS
 DEFAULT_SPLIT = (20, 2, 10)
@@ -111,8 +113,8 @@ def default_variants(fit_runs: Sequence[Run], other_runs: Sequence[Run] = ()) ->
 
     Returns:
         Variant names in `ALL_VARIANTS` order: TracIn-CP (tracin-cp-momentum included) when a
-        fitting run has tracin.npz; linear-lr and additive-lr when every run has lr.npy;
-        linear-lr-tracin-prior when both; linear-momentum always.
+        fitting run has tracin.npz; linear-lr, additive-lr and linear-lr-momentum when every
+        run has lr.npy; linear-lr-tracin-prior when both; linear-momentum always.
     """
     out = list(simulators.VARIANTS + baselines.BASELINES)
     has_tracin = tracin.has_tracin(fit_runs)
@@ -122,7 +124,7 @@ def default_variants(fit_runs: Sequence[Run], other_runs: Sequence[Run] = ()) ->
         out += [v for v in scheduled.SCHEDULED_VARIANTS if v not in scheduled.PRIOR_VARIANTS]
         if has_tracin:
             out += list(scheduled.PRIOR_VARIANTS)
-    out += list(momentum.MOMENTUM_VARIANTS)
+    out += [v for v in momentum.MOMENTUM_VARIANTS if v not in scheduled.SCHEDULED_VARIANTS]
     return out
 
 
@@ -144,31 +146,35 @@ def _check_split(split: Sequence[int]) -> tuple[int, int, int]:
     return parts
 
 
-def _momentum_choice(name, fit_c, fit_l, valid_runs, n_train, a_prior, grid, l2_a, l2_b):
-    """(l2_a, l2_b, source, search, {"decay": d}) of a momentum variant.
+def _momentum_choice(name, fit_runs, valid_runs, n_train, a_prior, grid, l2_a, l2_b):
+    """(l2_a, l2_b, source, search, fit inputs: {"decay": d} and the -lr variant's "lrs")
+    of a momentum variant.
 
     The decay d is chosen with the lambdas on the validation runs, never on held-out runs
     (`momentum.select`); given lambdas fix the lambda grid to that pair. Without validation
     runs: d is `momentum.DEFAULT_DECAY` (AdamW's beta_1) with the default (or given) lambdas.
     """
+    inputs = scheduled.fit_inputs(fit_runs, name)  # the -lr variant's "lrs"
     if not valid_runs:
         given = l2_a is not None
         la = float(l2_a) if given else simulators.DEFAULT_L2_A
         lb = float(l2_b) if given else simulators.DEFAULT_L2_B
         source = "given" if given else "default"
-        return la, lb, source, None, {"decay": momentum.DEFAULT_DECAY}
+        return la, lb, source, None, {**inputs, "decay": momentum.DEFAULT_DECAY}
     fixed = None if l2_a is None else [(float(l2_a), float(l2_b))]
     d, la, lb, search = momentum.select(
-        fit_c,
-        fit_l,
+        [r.curriculum for r in fit_runs],
+        [r.losses for r in fit_runs],
         [r.curriculum for r in valid_runs],
         [r.losses for r in valid_runs],
         n_train=n_train,
         variant=name,
         a_prior=a_prior,
         grid=grid if fixed is None else fixed,
+        valid_lrs=scheduled.run_lrs(valid_runs, name) if inputs else None,
+        **inputs,
     )
-    return la, lb, "validation" if fixed is None else "given", search, {"decay": d}
+    return la, lb, "validation" if fixed is None else "given", search, {**inputs, "decay": d}
 
 
 def _predict_simfluence(sim, runs: Sequence[Run]) -> list[np.ndarray]:
@@ -426,7 +432,7 @@ def evaluate(
         extra: dict = {"l2_a": None, "l2_b": None}
         if name in momentum.MOMENTUM_VARIANTS:
             la, lb, source, search, inputs = _momentum_choice(
-                name, fit_c, fit_l, valid_runs, n_train, a_prior, grid, l2_a, l2_b
+                name, fit_runs, valid_runs, n_train, a_prior, grid, l2_a, l2_b
             )
         elif name in _SIMFLUENCE:
             inputs = scheduled.fit_inputs(fit_runs, name)  # lrs, b_prior of the -lr variants

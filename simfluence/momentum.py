@@ -26,6 +26,12 @@ structure-aware ridge solver of Simfluence-Linear (`simfluence._solvers`, throug
 `simulators.fit(..., decay=d)`) with the row weight ``w_t = 1 - d`` of the schedule-aware
 variants. The ridge penalties are those of linear, so ``d = 0`` gives the linear fit.
 
+``linear-lr-momentum`` also scales each batch's change by its relative learning rate, as
+``linear-lr`` does: ``D_t = d D_{t-1} + (1 - d) w_t u_t`` with ``w_t = eta_t / eta_max``
+(row weight ``(1 - d) w_t``; ``d = 0`` is exactly linear-lr). Adam multiplies the whole first
+moment by the rate of step t; spreading each batch's own rate instead keeps the fit linear and
+exact (the two differ only where the rate changes within the ~1/(1 - d) steps of the memory).
+
 ``tracin-cp-momentum`` spreads TracIn-CP's per-step predicted change the same way,
 ``D_t = d D_{t-1} + (1 - d) s delta_t`` (`tracin.simulate_tracin` with a ``decay``); its scale s
 is fitted by least squares to the spread predictions on the fitting runs (with ``d = 0`` it is
@@ -58,6 +64,7 @@ from simfluence.runlog import Run
 
 __all__ = [
     "MOMENTUM_VARIANTS",
+    "LR_MOMENTUM_VARIANTS",
     "TRACIN_MOMENTUM",
     "DECAY_GRID",
     "DEFAULT_DECAY",
@@ -68,7 +75,10 @@ __all__ = [
     "tracin_from_runs",
 ]
 
-MOMENTUM_VARIANTS = ("linear-momentum",)
+MOMENTUM_VARIANTS = ("linear-momentum", "linear-lr-momentum")
+# The momentum variants that also scale each batch's change by its relative learning rate
+# (they are schedule-aware too: `scheduled.SCHEDULED_VARIANTS` lists them, they need lr.npy).
+LR_MOMENTUM_VARIANTS = ("linear-lr-momentum",)
 TRACIN_MOMENTUM = "tracin-cp-momentum"
 # Decays searched on the validation runs (0 = no memory, 0.9 = AdamW's default beta_1).
 DECAY_GRID = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9)
@@ -152,8 +162,9 @@ def rollout_runs(
     curricula: Int[Array, "R T b"],
     initial_losses: Float[Array, "R n_test"],
     decay: Float[ArrayLike, ""],
+    w: Float[Array, "R T"] | None = None,
 ) -> Float[Array, "R T+1 n_test"]:
-    """Batched rollout: D_t = d D_{t-1} + (1 - d) sum_{i in c_t} ((A_i - 1/b) L_{t-1} + B_i).
+    """Batched rollout: D_t = d D_{t-1} + (1 - d) w_t sum_{i in c_t} ((A_i - 1/b) L_{t-1} + B_i).
 
     Args:
         A: f32 [n_test, n_train], 1/batch + a.
@@ -161,6 +172,7 @@ def rollout_runs(
         curricula: int [R, T, b].
         initial_losses: f32 [R, n_test].
         decay: scalar d (traced: one compile for every d).
+        w: f32 [R, T] relative learning rates eta_t / eta_max (linear-lr-momentum); None: 1.
 
     Returns:
         f32 [R, T + 1, n_test].
@@ -171,15 +183,18 @@ def rollout_runs(
     inv_b = jnp.float32(1.0 / curricula.shape[-1])
     table = jnp.concatenate([(A - inv_b).T, B.T], axis=1)  # [n_train, 2 n_test]
 
-    def step(carry, ids):  # loss, vel: [R, n_test]; ids: [R, b]
+    def step(carry, inp):  # loss, vel: [R, n_test]; ids: [R, b]; wt: [R]
         loss, vel = carry
+        ids, wt = inp
         g = table.at[ids].get(mode="promise_in_bounds").sum(axis=1)  # [R, 2 n_test]
-        vel = d * vel + (1.0 - d) * (g[:, :n_test] * loss + g[:, n_test:])
+        u = g[:, :n_test] * loss + g[:, n_test:]
+        vel = d * vel + (1.0 - d) * (u if wt is None else wt.astype(jnp.float32)[:, None] * u)
         loss = loss + vel
         return (loss, vel), loss
 
     l0 = initial_losses.astype(jnp.float32)
-    _, traj = jax.lax.scan(step, (l0, jnp.zeros_like(l0)), jnp.swapaxes(curricula, 0, 1))
+    xs = (jnp.swapaxes(curricula, 0, 1), None if w is None else jnp.swapaxes(w, 0, 1))
+    _, traj = jax.lax.scan(step, (l0, jnp.zeros_like(l0)), xs)
     return jnp.swapaxes(jnp.concatenate([l0[None], traj], axis=0), 0, 1)
 
 
@@ -191,6 +206,7 @@ def removal(
     mult: Float[Array, "T batch"],
     l0: Float[ArrayLike, ""],
     decay: Float[ArrayLike, ""],
+    w: Float[Array, " T"] | None = None,
 ) -> Float[Array, " n_train"]:
     """Final-loss change of one test example when each training example is removed.
 
@@ -205,16 +221,18 @@ def removal(
         mult: f32 [T, batch], multiplicity of each slot's id within its batch.
         l0: scalar, the observed L_0.
         decay: scalar d.
+        w: f32 [T] relative learning rates (linear-lr-momentum); None: 1.
 
     Returns:
         f32 [n_train]: final loss without example i minus final loss with all.
     """
     d = jnp.asarray(decay, jnp.float32)
+    w = jnp.ones(curriculum.shape[0], jnp.float32) if w is None else w.astype(jnp.float32)
 
     def step(carry, inp):
         loss, vel, dl, dv = carry  # scalars; [n_train] differences of loss and momentum
-        ids, m = inp  # [batch], [batch]
-        ai, bi = a[ids], b[ids]
+        ids, m, wt = inp  # [batch], [batch], scalar
+        ai, bi = wt * a[ids], wt * b[ids]
         a_sum = ai.sum()
         u = a_sum * loss + bi.sum()
         # Without example i: u_i - u = sum(a) dl_i - m (a_i (L + dl_i) + b_i) (only for ids).
@@ -225,7 +243,8 @@ def removal(
 
     zero = jnp.zeros_like(b)
     l0 = jnp.asarray(l0, jnp.float32)
-    (_, _, dl, _), _ = jax.lax.scan(step, (l0, jnp.float32(0.0), zero, zero), (curriculum, mult))
+    init = (l0, jnp.float32(0.0), zero, zero)
+    (_, _, dl, _), _ = jax.lax.scan(step, init, (curriculum, mult, w))
     return dl
 
 
@@ -235,6 +254,7 @@ def rollout64(
     curricula: Int[np.ndarray, "P T b"],
     initial_losses: Float[np.ndarray, "P n_test"],
     decay: float,
+    w: Float[np.ndarray, "P T"] | None = None,
 ) -> Float[np.ndarray, "P n_test"]:
     """Final losses of a linear-momentum simulator, rolled out in float64 numpy (for scoring
     small predicted changes without float32 rounding noise, see `counterfactual`).
@@ -245,6 +265,7 @@ def rollout64(
         curricula: int [P, T, b].
         initial_losses: [P, n_test].
         decay: d.
+        w: [P, T] relative learning rates (linear-lr-momentum); None: 1.
 
     Returns:
         float64 [P, n_test].
@@ -257,7 +278,8 @@ def rollout64(
         ids = curricula[:, t]  # [P, b]
         a_sum = A[:, ids].sum(-1).T - 1.0  # [P, n_test]: sum over b slots of (A_i - 1/b)
         b_sum = B[:, ids].sum(-1).T
-        vel = decay * vel + (1.0 - decay) * (a_sum * loss + b_sum)
+        wt = 1.0 if w is None else np.asarray(w, np.float64)[:, t, None]  # [P, 1]
+        vel = decay * vel + (1.0 - decay) * wt * (a_sum * loss + b_sum)
         loss = loss + vel
     return loss
 
@@ -298,6 +320,8 @@ def select(
     a_prior: float | None = None,
     grid=None,
     decays: Sequence[float] = DECAY_GRID,
+    lrs=None,
+    valid_lrs=None,
 ) -> tuple[float, float, float, list[dict]]:
     """Chooses the decay d and the lambdas of linear-momentum on validation runs.
 
@@ -315,6 +339,8 @@ def select(
         a_prior: as in `simulators.fit`.
         grid: the lambda grid of `select_lambdas` (None: its default, extended at its edges).
         decays: the decays to search, each in [0, 1).
+        lrs: the fitting runs' learning rates (linear-lr-momentum), as in `simulators.fit`.
+        valid_lrs: the validation runs' learning rates (linear-lr-momentum).
 
     Returns:
         (decay, l2_a, l2_b, table): the choice and every evaluated point, one dict
@@ -340,6 +366,7 @@ def select(
             a_prior=a_prior,
             grid=grid,
             decay=d,
+            **({} if lrs is None else {"lrs": lrs, "valid_lrs": valid_lrs}),
         )
         table += [{"decay": d, **row} for row in rows]
         best = [r["valid_mse"] for r in rows if r["l2_a"] == la and r["l2_b"] == lb][0]

@@ -51,7 +51,7 @@ from simfluence.scheduled import PRIOR_VARIANTS, SCHEDULED_VARIANTS
 # The schedule-free variants; SCHEDULED_VARIANTS (learning-rate aware) and MOMENTUM_VARIANTS
 # (AdamW's first moment, `simfluence.momentum`) are fitted here too.
 VARIANTS = ("linear", "additive", "multiplicative")
-_ALL = VARIANTS + SCHEDULED_VARIANTS + MOMENTUM_VARIANTS
+_ALL = tuple(dict.fromkeys(VARIANTS + SCHEDULED_VARIANTS + MOMENTUM_VARIANTS))
 
 # Default ridge strengths; `select_lambdas` tunes them on validation runs.
 DEFAULT_L2_A = 1e-2
@@ -257,6 +257,7 @@ def _features(variant: str) -> tuple[bool, bool]:
         "additive-lr": (False, True),
         "linear-lr-tracin-prior": (True, True),
         "linear-momentum": (True, True),
+        "linear-lr-momentum": (True, True),
     }[variant]
 
 
@@ -295,11 +296,13 @@ class _Problem:
         if variant in SCHEDULED_VARIANTS:
             self.lr_max = scheduled.lr_max_of(lrs, variant)
             self.w = np.concatenate([lr / np.float32(self.lr_max) for lr in lrs])  # [rows]
-        # Momentum variants: every row is scaled by 1 - d and the target is D_t - d D_{t-1}
-        # (`momentum.targets`); d = 0 is exactly the linear problem.
+        # Momentum variants: every row is scaled by 1 - d (times w_t for linear-lr-momentum) and
+        # the target is D_t - d D_{t-1} (`momentum.targets`); d = 0 is exactly linear
+        # (linear-lr).
         self.decay = decay
         if decay is not None:
-            self.w = np.full(self.n_rows, 1.0 - decay, np.float32)  # [rows]
+            scale = np.float32(1.0 - decay)
+            self.w = np.full(self.n_rows, scale) if self.w is None else scale * self.w  # [rows]
         self.b_prior = b_prior  # f32 [n_test, n_train] or None (B shrunk towards 0)
         self.chunks = _test_chunks(self.n_test, self.n_rows)
         self.chunk_size = max(j1 - j0 for j0, j1 in self.chunks)
@@ -720,14 +723,20 @@ def simulate(
     """
     _check_sim(sim)
     curriculum, initial_losses = _check_sim_inputs(sim, curriculum, initial_losses, batched=False)
+    if sim.variant in MOMENTUM_VARIANTS:
+        w = _rates(sim, lr, curriculum, batched=False) if sim.lr_max is not None else None
+        return momentum.rollout_runs(
+            sim.A,
+            sim.B,
+            curriculum[None],
+            initial_losses[None],
+            sim.decay,
+            None if w is None else w[None],
+        )[0]
     if sim.variant in SCHEDULED_VARIANTS:
         w = _rates(sim, lr, curriculum, batched=False)
         return scheduled.rollout_runs(
             sim.A, sim.B, curriculum[None], initial_losses[None], w[None], _additive(sim)
-        )[0]
-    if sim.variant in MOMENTUM_VARIANTS:
-        return momentum.rollout_runs(
-            sim.A, sim.B, curriculum[None], initial_losses[None], sim.decay
         )[0]
     return _rollout(sim.A, sim.B, curriculum, initial_losses, sim.variant == "additive")
 
@@ -754,11 +763,12 @@ def simulate_many(
     """
     _check_sim(sim)
     curricula, initial_losses = _check_sim_inputs(sim, curricula, initial_losses, batched=True)
+    if sim.variant in MOMENTUM_VARIANTS:
+        w = _rates(sim, lr, curricula, batched=True) if sim.lr_max is not None else None
+        return momentum.rollout_runs(sim.A, sim.B, curricula, initial_losses, sim.decay, w)
     if sim.variant in SCHEDULED_VARIANTS:
         w = _rates(sim, lr, curricula, batched=True)
         return scheduled.rollout_runs(sim.A, sim.B, curricula, initial_losses, w, _additive(sim))
-    if sim.variant in MOMENTUM_VARIANTS:
-        return momentum.rollout_runs(sim.A, sim.B, curricula, initial_losses, sim.decay)
     return _rollout_runs(sim.A, sim.B, curricula, initial_losses, sim.variant == "additive")
 
 
@@ -946,7 +956,7 @@ class _ValidationScore:
                 sim = sub.to_simulator(np.asarray(theta)[: j1 - j0], *pts[g])
                 for cur, l0, true, weight, w in groups:
                     if problem.decay is not None:
-                        pred = momentum.rollout_runs(sim.A, sim.B, cur, l0, problem.decay)
+                        pred = momentum.rollout_runs(sim.A, sim.B, cur, l0, problem.decay, w)
                     elif w is None:
                         pred = _rollout_runs(sim.A, sim.B, cur, l0, additive)  # [R, T + 1, chunk]
                     else:
@@ -1272,16 +1282,17 @@ def removal_influence(
     c = np.asarray(cur)
     mult = (c[:, :, None] == c[:, None, :]).sum(-1).astype(np.float32)  # [T, batch]
     j = int(test_index)
+    if sim.variant in MOMENTUM_VARIANTS:
+        w = _rates(sim, lr, cur, batched=False) if sim.lr_max is not None else None
+        a = jnp.asarray(sim.A, jnp.float32)[j] - jnp.float32(1.0 / c.shape[1])
+        return momentum.removal(
+            a, jnp.asarray(sim.B, jnp.float32)[j], cur, jnp.asarray(mult), l0[j], sim.decay, w
+        )
     if sim.variant in SCHEDULED_VARIANTS:
         w = _rates(sim, lr, cur, batched=False)
         a = jnp.asarray(sim.A, jnp.float32)[j] - jnp.float32(1.0 / c.shape[1])
         return scheduled.removal(
             a, jnp.asarray(sim.B, jnp.float32)[j], cur, jnp.asarray(mult), w, l0[j], _additive(sim)
-        )
-    if sim.variant in MOMENTUM_VARIANTS:
-        a = jnp.asarray(sim.A, jnp.float32)[j] - jnp.float32(1.0 / c.shape[1])
-        return momentum.removal(
-            a, jnp.asarray(sim.B, jnp.float32)[j], cur, jnp.asarray(mult), l0[j], sim.decay
         )
     return _removal(
         jnp.asarray(sim.A)[j],

@@ -1,7 +1,5 @@
 """Momentum variants (linear-momentum, tracin-cp-momentum) against independent numpy references."""
 
-import warnings
-
 import numpy as np
 import pytest
 
@@ -26,25 +24,33 @@ def _true(seed):
     return rng.normal(0.0, 0.02, (N_TEST, N_TRAIN)), rng.normal(-0.02, 0.03, (N_TEST, N_TRAIN))
 
 
-def _runs(seed=0, decay=0.6, noise=0.005):
-    """Runs of the momentum model (unrolled sum form) plus noise, with in-batch repeats."""
+def _ramp(t_r, r):
+    return (np.minimum(np.arange(1, t_r + 1) / 20.0, 1.0) * 1e-3 * (1 + 0.3 * r)).astype(np.float32)
+
+
+def _runs(seed=0, decay=0.6, noise=0.005, lr=False):
+    """Runs of the momentum model (unrolled sum form) plus noise, with in-batch repeats; with
+    ``lr`` each batch's change is scaled by a warm-up ramp's relative rate (returns the rates)."""
     rng = np.random.default_rng(seed)
     a, b = _true(seed)
-    curs, ls = [], []
-    for t_r in LENGTHS:
+    curs, ls, lrs = [], [], []
+    lr_max = max(float(_ramp(t, r).max()) for r, t in enumerate(LENGTHS))
+    for r, t_r in enumerate(LENGTHS):
         c = rng.integers(0, N_TRAIN, (t_r, BATCH)).astype(np.int32)
         c[::5, 1] = c[::5, 0]
+        w = _ramp(t_r, r) / lr_max if lr else np.ones(t_r)
         loss = np.empty((t_r + 1, N_TEST))
         loss[0] = rng.uniform(1.5, 3.0, N_TEST)
         u = []  # each batch's change, taken at the loss it met
         for t in range(t_r):
-            u.append(a[:, c[t]].sum(1) * loss[t] + b[:, c[t]].sum(1))
-            w = [(1 - decay) * decay ** (t - s) for s in range(t + 1)]
-            loss[t + 1] = loss[t] + sum(wi * ui for wi, ui in zip(w, u, strict=True))
+            u.append(w[t] * (a[:, c[t]].sum(1) * loss[t] + b[:, c[t]].sum(1)))
+            k = [(1 - decay) * decay ** (t - s) for s in range(t + 1)]
+            loss[t + 1] = loss[t] + sum(ki * ui for ki, ui in zip(k, u, strict=True))
             loss[t + 1] += rng.normal(0, noise, N_TEST)
         curs.append(c)
         ls.append(loss.astype(np.float32))
-    return curs, ls
+        lrs.append(_ramp(t_r, r))
+    return (curs, ls, lrs) if lr else (curs, ls)
 
 
 def _counts(cur):
@@ -55,12 +61,17 @@ def _counts(cur):
     return m
 
 
-def _dense_fit(curs, ls, decay, l2_a, l2_b):
+def _dense_fit(curs, ls, decay, l2_a, l2_b, lrs=None):
     """float64 least squares (np.linalg.lstsq on the ridge-augmented system), per test example,
-    of sum_t (D_t - d D_{t-1} - (1 - d) sum_{c_t} (a_i L_{t-1} + b_i))^2 + ridge."""
+    of sum_t (D_t - d D_{t-1} - (1 - d) w_t sum_{c_t} (a_i L_{t-1} + b_i))^2 + ridge."""
     a_out = np.zeros((N_TEST, N_TRAIN))
     b_out = np.zeros((N_TEST, N_TRAIN))
-    M = np.concatenate([_counts(c) for c in curs]) * (1 - decay)
+    ws = [np.ones(c.shape[0]) for c in curs]
+    if lrs is not None:
+        lr_max = max(float(lr.max()) for lr in lrs)
+        ws = [lr.astype(np.float64) / lr_max for lr in lrs]
+    M = np.concatenate([_counts(c) * w[:, None] for c, w in zip(curs, ws, strict=True)])
+    M *= 1 - decay
     for j in range(N_TEST):
         x = np.concatenate([loss[:-1, j] for loss in ls]).astype(np.float64)
         ys = []
@@ -76,14 +87,15 @@ def _dense_fit(curs, ls, decay, l2_a, l2_b):
     return a_out, b_out
 
 
-def _numpy_rollout(A, B, cur, l0, decay):
-    """The unrolled sum: L_t = L_{t-1} + sum_{s<=t} (1-d) d^(t-s) u_s (no recursion)."""
+def _numpy_rollout(A, B, cur, l0, decay, w=None):
+    """The unrolled sum: L_t = L_{t-1} + sum_{s<=t} (1-d) d^(t-s) w_s u_s (no recursion)."""
     a = np.asarray(A, np.float64) - 1.0 / cur.shape[1]
     B = np.asarray(B, np.float64)
+    w = np.ones(cur.shape[0]) if w is None else np.asarray(w, np.float64)
     loss = [np.asarray(l0, np.float64)]
     u = []
     for t, ids in enumerate(cur):
-        u.append(sum(a[:, i] * loss[t] + B[:, i] for i in ids))
+        u.append(w[t] * sum(a[:, i] * loss[t] + B[:, i] for i in ids))
         loss.append(loss[t] + sum((1 - decay) * decay ** (t - s) * u[s] for s in range(t + 1)))
     return np.stack(loss)
 
@@ -227,14 +239,16 @@ def test_decay_is_chosen_on_validation_runs_only(tmp_path, monkeypatch):
         np.save(r.path / "losses.npy", r.losses[::-1].copy())
     again = evaluate(exp, split=(4, 1, 2), variants=["tracin-cp-momentum"])
     assert again["variants"]["tracin-cp-momentum"]["decay_search"] == t["decay_search"]
-    # The CLI records the chosen d in the simulator file.
-    out = tmp_path / "m.npz"
-    argv = ["fit", str(exp), "--runs", "0-3", "--valid-runs", "4", "--variant", "linear-momentum"]
-    with warnings.catch_warnings():  # this tiny noise experiment may hit the l2_b cap
-        warnings.simplefilter("ignore", UserWarning)
-        assert main([*argv, "--out", str(out)]) == 0
-    assert S.load_simulator(out).decay in momentum.DECAY_GRID
+    # The CLI records d in the simulator file: chosen on --valid-runs (TracIn-CP, cheap) or
+    # given (--decay; the linear-momentum search is the one evaluate ran above).
     out = tmp_path / "t.npz"
-    argv[-1] = "tracin-cp-momentum"
-    assert main([*argv, "--out", str(out)]) == 0
+    argv = ["fit", str(exp), "--runs", "0-3", "--valid-runs", "4", "--variant"]
+    assert main([*argv, "tracin-cp-momentum", "--out", str(out)]) == 0
     assert tracin.load_tracin_simulator(out).decay == t["decay"]
+    out = tmp_path / "m.npz"
+    argv = ["fit", str(exp), "--runs", "0-3", "--variant", "linear-momentum", "--decay", "0.5"]
+    assert main([*argv, "--l2-a", "1", "--l2-b", "1", "--out", str(out)]) == 0
+    assert S.load_simulator(out).decay == 0.5
+    with pytest.raises(SystemExit) as e:
+        main([*argv[:-3], "linear", "--decay", "0.5", "--out", str(out)])
+    assert e.value.code == 2

@@ -252,3 +252,32 @@ def test_decay_is_chosen_on_validation_runs_only(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main([*argv[:-3], "linear", "--decay", "0.5", "--out", str(out)])
     assert e.value.code == 2
+
+
+def test_lr_momentum_matches_dense_numpy_and_zero_decay_is_linear_lr():
+    curs, ls, lrs = _runs(seed=5, decay=0.7, lr=True)
+    kw = dict(n_train=N_TRAIN, variant="linear-lr-momentum", l2_a=1e-2, l2_b=1e-3, lrs=lrs)
+    sim = S.fit(curs, ls, decay=0.7, **kw)
+    a, b = _dense_fit(curs, ls, 0.7, 1e-2, 1e-3, lrs)
+    _close(np.asarray(sim.A, np.float64) - 1.0 / BATCH, a, FIT_RTOL)
+    _close(sim.B, b, FIT_RTOL)
+    lr_max = max(float(lr.max()) for lr in lrs)
+    assert sim.lr_max == pytest.approx(lr_max) and sim.decay == 0.7
+    cur, l0, lr = curs[0], ls[0][0], lrs[0]
+    want = _numpy_rollout(sim.A, sim.B, cur, l0, 0.7, lr / lr_max)
+    _close(S.simulate(sim, cur, l0, lr=lr), want, ROLL_RTOL)
+    with pytest.raises(ValueError, match="pass lr"):
+        S.simulate(sim, cur, l0)
+    got = np.asarray(S.removal_influence(sim, cur, l0, 1, lr=lr))
+    for i in (0, 5, 11):
+        A, B = np.array(sim.A, np.float64), np.array(sim.B, np.float64)
+        A[:, i], B[:, i] = 1.0 / BATCH, 0.0
+        brute = _numpy_rollout(A, B, cur, l0, 0.7, lr / lr_max)[-1, 1] - want[-1, 1]
+        assert abs(got[i] - brute) <= 1e-4 * max(abs(want[-1, 1]), 1.0), (i, got[i], brute)
+    ch = predicted_changes(sim, cur[::-1][None], cur[None], l0[None], lr[None])
+    rev = _numpy_rollout(sim.A, sim.B, cur[::-1], l0, 0.7, lr / lr_max)[-1]
+    _close(ch[0], rev - want[-1], 1e-6)
+    lin = S.fit(curs, ls, **{**kw, "variant": "linear-lr"})
+    zero = S.fit(curs, ls, decay=0.0, **kw)
+    _close(zero.A, lin.A, EQ_RTOL)
+    _close(zero.B, lin.B, EQ_RTOL)

@@ -125,7 +125,7 @@ def default_variants(fit_runs: Sequence[Run], other_runs: Sequence[Run] = ()) ->
         if has_tracin:
             out += list(scheduled.PRIOR_VARIANTS)
     out += [v for v in momentum.MOMENTUM_VARIANTS if v not in scheduled.SCHEDULED_VARIANTS]
-    return out
+    return [v for v in ALL_VARIANTS if v in out]
 
 
 def _check_split(split: Sequence[int]) -> tuple[int, int, int]:

@@ -795,9 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         default=None,
         help="comma-separated variants among linear, additive, multiplicative, constant, "
-        "mean-trajectory, tracin-cp, tracin-cp-rescaled, linear-lr, additive-lr, "
-        "linear-lr-tracin-prior (default: all; the tracin ones only when fitting runs have "
-        "tracin.npz, the -lr ones only when every run has lr.npy)",
+        "mean-trajectory, tracin-cp, tracin-cp-rescaled, tracin-cp-momentum, linear-lr, "
+        "additive-lr, linear-lr-tracin-prior, linear-lr-momentum, linear-momentum (default: "
+        "all; the tracin ones only when fitting runs have tracin.npz, the -lr ones only when "
+        "every run has lr.npy; the -momentum ones choose their decay on VALID too)",
     )
     _add_lambda_flags(p)
     p.add_argument("--out", default=None, help="write the results as JSON here (.json)")

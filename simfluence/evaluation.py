@@ -489,7 +489,7 @@ def evaluate(
                 # an edge is a cap of its extension, with a given grid the grid's own edge.
                 rows = [r for r in search if r.get("decay", sim.decay) == sim.decay]
                 edges = simulators.lambda_edges(rows, name, la, lb)
-                extra["lambda_grid"] = "default" if grid is None else "given"
+                extra["lambda_grid"] = "default" if grid is None and source != "given" else "given"
                 extra["lambda_at_edge"] = bool(edges)
                 extra["lambda_edges"] = edges
         elif name == "constant":

@@ -53,6 +53,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -355,24 +356,36 @@ def select(
     table: list[dict] = []
     chosen: list[tuple[float, float, float]] = []
     mses: list[float] = []
+    caught: list[list[warnings.WarningMessage]] = []
     for d in decays:
-        la, lb, rows = simulators.select_lambdas(
-            fit_curricula,
-            fit_losses,
-            valid_curricula,
-            valid_losses,
-            n_train=n_train,
-            variant=variant,
-            a_prior=a_prior,
-            grid=grid,
-            decay=d,
-            **({} if lrs is None else {"lrs": lrs, "valid_lrs": valid_lrs}),
-        )
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            la, lb, rows = simulators.select_lambdas(
+                fit_curricula,
+                fit_losses,
+                valid_curricula,
+                valid_losses,
+                n_train=n_train,
+                variant=variant,
+                a_prior=a_prior,
+                grid=grid,
+                decay=d,
+                **({} if lrs is None else {"lrs": lrs, "valid_lrs": valid_lrs}),
+            )
+        caught.append(got)
         table += [{"decay": d, **row} for row in rows]
         best = [r["valid_mse"] for r in rows if r["l2_a"] == la and r["l2_b"] == lb][0]
         chosen.append((d, la, lb))
         mses.append(float(best))
-    d, la, lb = chosen[_best_decay(decays, mses)]
+    k = _best_decay(decays, mses)
+    # Re-issue the search's warnings: inexact fits at any decay (they bear on the choice), but
+    # a lambda at a cap of the search only for the chosen decay (the others are not used).
+    for j, got in enumerate(caught):
+        for w in got:
+            if j == k or issubclass(w.category, simulators.ConvergenceWarning):
+                prefix = "" if j == k else f"(decay {decays[j]:g}) "
+                warnings.warn(prefix + str(w.message), w.category, stacklevel=2)
+    d, la, lb = chosen[k]
     return d, la, lb, table
 
 

@@ -223,7 +223,8 @@ def test_decay_is_chosen_on_validation_runs_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(S, "select_lambdas", spy)
     variants = ["linear-momentum", "tracin-cp-momentum"]
-    res = evaluate(exp, split=(4, 1, 2), variants=variants, grid=(1e-2, 1.0))
+    saved = tmp_path / "sims"
+    res = evaluate(exp, split=(4, 1, 2), variants=variants, grid=(1e-2, 1.0), save_dir=saved)
     runs = runlog.load_runs(exp)
     assert res["split"]["valid"] == [4]
     assert len(seen) == len(momentum.DECAY_GRID)
@@ -245,6 +246,11 @@ def test_decay_is_chosen_on_validation_runs_only(tmp_path, monkeypatch):
     argv = ["fit", str(exp), "--runs", "0-3", "--valid-runs", "4", "--variant"]
     assert main([*argv, "tracin-cp-momentum", "--out", str(out)]) == 0
     assert tracin.load_tracin_simulator(out).decay == t["decay"]
+    with np.load(out) as want, np.load(saved / "sim_tracin-cp-momentum.npz") as got:
+        assert sorted(got.files) == sorted(want.files)  # evaluate saves what fit writes
+        for key in want.files:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert S.load_simulator(saved / "sim_linear-momentum.npz").decay == e["decay"]
     out = tmp_path / "m.npz"
     argv = ["fit", str(exp), "--runs", "0-3", "--variant", "linear-momentum", "--decay", "0.5"]
     assert main([*argv, "--l2-a", "1", "--l2-b", "1", "--out", str(out)]) == 0

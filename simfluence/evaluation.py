@@ -6,7 +6,9 @@ scored. Scores per variant (see `simfluence.scoring`):
 
 - the paper's metrics: all-steps MSE and final-step Spearman (mean +- stderr over held-out runs);
 - final-step MSE (mean +- stderr over held-out runs);
-- `across_run_spearman`: per test example, Spearman across held-out runs of simulated vs true
+- `lds` (the linear datamodeling score, with curricula in place of random subsets; the key
+  `across_run_spearman` is kept as an alias with the same value): per test example, Spearman
+  across held-out runs of simulated vs true
   final loss, averaged over test examples, i.e. does the simulator capture the curriculum; its
   stderr is a delete-one jackknife over held-out runs (`stderr_method` in the JSON), since the
   test examples share the runs and their rhos are strongly correlated;
@@ -224,6 +226,7 @@ def _score(preds: Sequence[np.ndarray], runs: Sequence[Run]) -> dict:
     }
 
 
+LDS_KEY = "lds"  # alias: "across_run_spearman", the same value
 REFERENCE_VARIANT = "linear"  # the variant every other one is paired against
 _VS_REF = f"across_run_spearman_vs_{REFERENCE_VARIANT}"
 
@@ -329,7 +332,8 @@ def evaluate(
         "final_step_spearman": {"mean", "stderr", "n_runs", "n_undefined", "undefined_reason"},
         "final_step_mse": {"mean", "stderr"}, "across_run_spearman": {"mean", "stderr",
         "stderr_method", "stderr_undefined_reason", "n_runs", "n_used", "n_excluded",
-        "n_constant_prediction", "undefined_reason"}, "skill_vs_mean_trajectory": float | None,
+        "n_constant_prediction", "undefined_reason"}, "lds": the same as across_run_spearman
+        (its name; the old key is an alias), "skill_vs_mean_trajectory": float | None,
         "skill_undefined_reason": str | None, "l2_a": float | None, "l2_b": float | None,
         "per_run": {...}, "across_run_spearman_vs_linear": {"mean", "stderr", "stderr_method",
         "stderr_undefined_reason", "n_runs", "undefined_reason", "reference"}, ...}},
@@ -472,6 +476,9 @@ def evaluate(
         if not diverged and scores["all_steps_mse"]["mean"] is not None:
             finals[name] = np.stack([p[-1] for p in preds])
         entry = {k: scores[k] for k in scores if k != "per_run"}
+        # The linear datamodeling score (LDS, with curricula in place of random subsets) is
+        # the across-run rho; "across_run_spearman" stays as an alias of it.
+        entry[LDS_KEY] = dict(entry["across_run_spearman"])
         skill, why = _skill(scores["all_steps_mse"], mean_scores["all_steps_mse"])
         entry["skill_vs_mean_trajectory"] = skill
         entry["skill_undefined_reason"] = why

@@ -452,7 +452,7 @@ def _metric_bars_figure(results: dict, title=None):
         for n in names:
             m = variants[n].get(key) or {}
             means.append(np.nan if m.get("mean") is None else float(m["mean"]))
-            errs.append(0.0 if m.get("stderr") is None else float(m["stderr"]))
+            errs.append(np.nan if m.get("stderr") is None else float(m["stderr"]))
         x = np.arange(len(names))
         ok = np.isfinite(means)
         ax.bar(x[ok], np.asarray(means)[ok], yerr=np.asarray(errs)[ok], color="C0", capsize=2)

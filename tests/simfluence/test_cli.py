@@ -163,6 +163,11 @@ def test_fit_simulate_influence_plot_figures(work, tmp_path, capsys):
     assert "additive" in res.out
     sim = simulators.load_simulator(sim_path)
     assert sim.variant == "additive" and sim.A.shape == (5, 12)
+    # The file records the lambda search (the validation curve `figures` draws); the chosen
+    # lambda is among its points with the lowest validation MSE (ties within 1e-4 relative).
+    search = simulators.read_origin(sim_path)["lambda_search"]
+    (chosen,) = [r for r in search if (r["l2_a"], r["l2_b"]) == (0.0, sim.l2_b)]
+    assert chosen["valid_mse"] <= min(r["valid_mse"] for r in search) * (1 + 1e-4)
     pred_path = tmp_path / "pred.npy"
     _ok(
         [
@@ -229,7 +234,8 @@ def test_fit_simulate_influence_plot_figures(work, tmp_path, capsys):
     assert sorted(p.name for p in figs.iterdir()) == [
         "influence.json",
         "influence.txt",
-        "parameters.png",
+        *(f"{stem}.{ext}" for stem in ("lds", "parameters_linear") for ext in ("pdf", "png")),
+        "trajectories.pdf",
         "trajectories.png",
     ]
     assert json.loads((figs / "influence.json").read_text())["run"] == 8

@@ -490,15 +490,27 @@ def _roles(sims, runs) -> list[str | None]:
 
 
 def _role_title(roles: list[str | None], indices: list[int]) -> str:
-    """'held-out run 22', 'fitted runs 3, 4', or 'runs 3 (fitted), 22 (held out)'."""
-    kinds = set(roles)
-    plural = "s" if len(indices) > 1 else ""
-    if len(kinds) == 1:
-        (role,) = kinds
-        name = f"run{plural} {', '.join(map(str, indices))}"
-        return name if role is None else f"{role.replace(' ', '-')} {name}"
-    parts = [f"{i} ({r or 'role unknown'})" for i, r in zip(indices, roles, strict=True)]
-    return f"runs {', '.join(parts)}"
+    """'held-out run 22', 'fitted run 3; held-out runs 22-29' (runs grouped by role)."""
+    groups: dict[str | None, list[int]] = {}
+    for i, role in zip(indices, roles, strict=True):
+        groups.setdefault(role, []).append(i)
+    parts = []
+    for role, idx in groups.items():
+        name = f"run{'s' * (len(idx) > 1)} {_ranges(idx)}"
+        parts.append(f"{role.replace(' ', '-')} {name}" if role else f"{name} (role unknown)")
+    return "; ".join(parts)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[22, 23, 24, 27] -> '22-24, 27'."""
+    out, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            out.append(str(i) if i == start else f"{start}-{i}")
+            start = None
+    return ", ".join(out)
 
 
 def _trajectory_inputs(sims, runs, texts, tests) -> dict:
@@ -516,7 +528,8 @@ def _trajectory_inputs(sims, runs, texts, tests) -> dict:
         stripped, golds, _ = describe_examples(texts["train"] + texts["test"])
         n = len(texts["train"])
         test_labels = [
-            stripped[n + j] + ("" if golds[n + j] is None else f"\ngold: {golds[n + j]}")
+            " ".join(stripped[n + j].split())
+            + ("" if golds[n + j] is None else f"\ngold: {golds[n + j]}")
             for j in tests
         ]
     what = " and ".join(labels) if many else f"{labels[0]} simulator"

@@ -140,6 +140,12 @@ def _as_variants(pred) -> dict[str, list]:
     return {"simulated": list(pred)}
 
 
+def _clip(text: str, n: int) -> str:
+    """`text` on one line, cut to at most `n` characters (an ellipsis marks a cut)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _trajectory_figure(true, pred, run_labels, tests, test_labels=None, title=None):
     """The Figure of `plot_trajectories` (same arguments, no path)."""
     from matplotlib.lines import Line2D
@@ -193,7 +199,7 @@ def _trajectory_figure(true, pred, run_labels, tests, test_labels=None, title=No
             text = " ".join(first.split())
             label += ": " + (text if len(text) <= 40 else text[:37] + "...")
             if rest.strip():
-                label += "\n" + " ".join(rest.split())
+                label += "\n" + _clip(rest, 40)
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("loss", fontsize=8)
@@ -387,7 +393,7 @@ def _lds_figure(actual, predicted, tests, test_labels=None, title=None):
             text = " ".join(first.split())
             label += ": " + (text if len(text) <= 34 else text[:31] + "...")
             if rest.strip():
-                label += "\n" + " ".join(rest.split())
+                label += "\n" + _clip(rest, 40)
         ax.set_title(label + "\nrho: " + ", ".join(rhos), fontsize=7)
         ax.set_xlabel("actual final loss", fontsize=8)
         ax.set_ylabel("predicted final loss", fontsize=8)

@@ -238,7 +238,7 @@ def test_several_simulators_on_the_same_panels_name_each_and_the_runs_role(exp):
         "constant",
     ]
     assert fig._suptitle.get_text() == (
-        "linear and tracin-cp and constant vs true losses: runs 1 (fitted), 6 (held out)"
+        "linear and tracin-cp and constant vs true losses: fitted run 1; held-out run 6"
     )
     for ax, j in zip(fig.axes, [0, 3], strict=True):
         # the template is stripped, the gold answer shown
@@ -339,3 +339,29 @@ def test_figures_draw_the_run_files_results_and_lambda_search(
         np.testing.assert_array_equal(patch.get_data().values, np.histogram(A[:, cols], edges)[0])
     (a0,) = [ln for ln in ax_a.get_lines() if ln.get_label().startswith("prior a0")]
     assert a0.get_xdata()[0] == pytest.approx(lin.a_prior) == pytest.approx(1 / B)
+
+
+def _bad(argv, capsys, match, absent=()):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("simfluence: error: ") and match in lines[0]
+    for p in absent:
+        assert not p.exists()
+
+
+def test_bad_inputs_of_the_new_files_and_flags(exp, tmp_path, capsys):
+    d, exp_dir = exp
+    out = tmp_path / "x.npz"
+    fit = ["fit", exp_dir, "--runs", FIT, "--variant", "mean-trajectory", "--out", out]
+    _bad(fit + ["--valid-runs", VALID], capsys, "has no lambdas or prior", [out])
+    sim = ["simulate", d / "sim_constant.npz", "--curriculum", d / "cur.npy"]
+    sim += ["--initial-losses", d / "l0.npy", "--out", tmp_path / "p.npy"]
+    _bad(sim + ["--lr", d / "lr.npy"], capsys, "ignores the learning rates", [tmp_path / "p.npy"])
+    many = ",".join(str(d / f"sim_{v}.npz") for v in VARIANTS)
+    png = tmp_path / "f.png"
+    plot = ["plot", exp_dir, "--runs", "6", "--out", png, "--sim", many]
+    _bad(plot, capsys, "10 simulators on the same panels; at most 6", [png])
+    figs = ["figures", exp_dir, "--sim", d / "sim_linear.npz", "--out", tmp_path / "f"]
+    _bad(figs + ["--results", tmp_path / "none.json"], capsys, "none.json: file not found")

@@ -50,11 +50,11 @@ _LEGEND_FONT = 6
 _LEGEND_ROW_PT = 1.9 * _LEGEND_FONT
 
 
-def _figure(n_panels: int, panel_size=(3.6, 2.6), extra_width: float = 0.0):
-    """A constrained-layout figure of up to 4 panels a row, `extra_width` inches wider."""
+def _figure(n_panels: int, panel_size=(3.6, 2.6), extra_width: float = 0.0, max_cols: int = 4):
+    """A constrained-layout figure of up to `max_cols` panels a row, `extra_width` inches wider."""
     from matplotlib.figure import Figure
 
-    cols = min(n_panels, 4)
+    cols = min(n_panels, max_cols)
     rows = math.ceil(n_panels / cols)
     fig = Figure(
         figsize=(panel_size[0] * cols + extra_width, panel_size[1] * rows), layout="constrained"
@@ -437,12 +437,13 @@ def plot_lds(
     return _save(_lds_figure(actual, predicted, tests, test_labels, title), path)
 
 
-# results.json metrics drawn as bars: (key, axis label); "lds" is across_run_spearman's name.
+# results.json metrics drawn as bars: (key, axis label); files written before the "lds" key
+# hold the same value under its alias "across_run_spearman".
 _BAR_METRICS = (
     ("all_steps_mse", "all-steps MSE"),
     ("final_step_spearman", "final-step Spearman"),
     ("final_step_mse", "final-step MSE"),
-    ("across_run_spearman", "LDS (across-run Spearman)"),
+    ("lds", "LDS (across-run Spearman)"),
 )
 
 
@@ -452,11 +453,12 @@ def _metric_bars_figure(results: dict, title=None):
     if not isinstance(variants, dict) or not variants:
         raise ValueError("results have no 'variants'; pass the JSON of `simfluence evaluate`")
     names = list(variants)
-    fig, axes = _figure(len(_BAR_METRICS), panel_size=(0.35 * len(names) + 1.6, 3.2))
+    fig, axes = _figure(len(_BAR_METRICS), panel_size=(0.3 * len(names) + 1.6, 3.0), max_cols=2)
     for ax, (key, label) in zip(axes, _BAR_METRICS, strict=True):
         means, errs = [], []
         for n in names:
-            m = variants[n].get(key) or {}
+            entry = variants[n]
+            m = entry.get(key) or (entry.get("across_run_spearman") if key == "lds" else {}) or {}
             means.append(np.nan if m.get("mean") is None else float(m["mean"]))
             errs.append(np.nan if m.get("stderr") is None else float(m["stderr"]))
         x = np.arange(len(names))

@@ -917,8 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-simulators",
         metavar="DIR",
         default=None,
-        help="also save every fitted Simfluence and TracIn-CP variant as DIR/sim_<variant>.npz "
-        "(the file `simfluence fit` writes for that variant on this split's runs)",
+        help="also save every variant (the baselines too) as DIR/sim_<variant>.npz (the file "
+        "`simfluence fit` writes for that variant on this split's runs)",
     )
     p.set_defaults(func=_cmd_evaluate)
 

@@ -334,9 +334,10 @@ def evaluate(
         grid: lambda grid passed to `select_lambdas` (None = its default log grid, extended
             by decades while the best point lies on its edge; a given grid is used as is).
         progress: show a tqdm progress bar on stderr.
-        save_dir: if given, every fitted Simfluence and TracIn-CP variant is also saved there
-            as ``sim_<variant>.npz`` (with its origin: experiment hash, fitting and validation
-            runs), the same file `simfluence fit` writes for that variant and split.
+        save_dir: if given, every variant (Simfluence, TracIn-CP and the baselines) is also
+            saved there as ``sim_<variant>.npz`` (with its origin: experiment hash, fitting and
+            validation runs, the lambda search), the same file `simfluence fit` writes for
+            that variant and split.
 
     Returns:
         JSON-ready dict: `{"variants": {name: {"all_steps_mse": {"mean", "stderr"},
@@ -454,8 +455,9 @@ def evaluate(
                 a_prior=a_prior,
                 **inputs,
             )
-            if save_dir is not None:
-                simulators.save_simulator(save_dir / f"sim_{name}.npz", sim, origin=origin)
+            if save_dir is not None:  # with the lambda search, as `fit --valid-runs` records it
+                own = origin if search is None else {**origin, "lambda_search": search}
+                simulators.save_simulator(save_dir / f"sim_{name}.npz", sim, origin=own)
             preds = _predict_simfluence(sim, test_runs)
             # An ablation ignores one lambda: report it as None (not applicable), not 0.
             extra = {
@@ -474,10 +476,17 @@ def evaluate(
                 extra["lambda_grid"] = "default" if grid is None else "given"
                 extra["lambda_at_edge"] = bool(edges)
                 extra["lambda_edges"] = edges
-        elif name == "constant":
-            preds = [baselines.constant(r.losses[0], r.steps) for r in test_runs]
-        elif name == "mean-trajectory":
-            preds = mean_preds
+        elif name in baselines.BASELINES:
+            if save_dir is not None:  # no lambdas: no validation runs, as `fit` records it
+                baselines.save_baseline(
+                    save_dir / f"sim_{name}.npz",
+                    baselines.fit_baseline(name, fit_l, n_train),
+                    origin={**origin, "valid_runs": []},
+                )
+            if name == "constant":
+                preds = [baselines.constant(r.losses[0], r.steps) for r in test_runs]
+            else:
+                preds = mean_preds
         else:  # TracIn-CP variants
             tsim = tracin.from_runs(fit_runs, variant=name)
             if save_dir is not None:

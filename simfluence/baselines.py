@@ -8,6 +8,10 @@
 A simulator that does not beat the mean trajectory on all-steps MSE has learnt nothing about the
 curriculum that the average shape of a run does not already say.
 
+`simfluence fit --variant constant|mean-trajectory` writes a baseline to a file
+(`save_baseline`; `fit_mean_trajectory`'s delta), which `simfluence.loader.load_any_simulator`
+reads like any other simulator file.
+
 References:
     Guu et al., "Simfluence", 2023. https://arxiv.org/abs/2303.08114
 """

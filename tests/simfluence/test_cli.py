@@ -448,7 +448,10 @@ def test_plot_and_figures_work_without_examples_json(work, tmp_path, capsys):
     _ok(["plot", exp, "--sim", d / "sim.npz", "--runs", "7,8", "--out", fig], capsys)
     assert fig.read_bytes()[:4] == b"\x89PNG"
     figs = tmp_path / "figs"
-    res = _ok(["figures", exp, "--sim", d / "sim.npz", "--out", figs, "--top", "3"], capsys)
+    res = _ok(
+        ["figures", exp, "--sim", d / "sim.npz", "--out", figs, "--top", "3", "--tests", "0"],
+        capsys,
+    )
     rows = json.loads((figs / "influence.json").read_text())["top"]
     assert len(rows) == 3 and all("text" not in r for r in rows)
     assert "synthetic" not in res.out  # no texts to show

@@ -77,6 +77,9 @@ def _save(fig, path: str | os.PathLike | Sequence[str | os.PathLike]) -> Path | 
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=DPI)
         blobs.append(buf.getvalue())
+        # The layout is laid out once (text sizes are in points, the same in every format):
+        # later formats keep it instead of running the constrained layout again.
+        fig.set_layout_engine("none")
     written = [atomic_write_bytes(p, b) for p, b in zip(paths, blobs, strict=True)]
     return written[0] if isinstance(path, str | os.PathLike) else written
 
@@ -358,11 +361,23 @@ def plot_parameters(
     return _save(_parameters_figure(A, B, variant, a_prior, labels), path)
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based average ranks (ties share their mean rank, as scipy's "average")."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho of two 1-d arrays; NaN when either is constant."""
+    ra, rb = _ranks(np.asarray(a)), _ranks(np.asarray(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else math.nan
+
+
 def _lds_figure(actual, predicted, tests, test_labels=None, title=None):
     """The Figure of `plot_lds` (same arguments, no path)."""
     from matplotlib import colormaps
-
-    from simfluence.scoring import _spearman64
 
     actual = np.asarray(actual, np.float64)
     tests = [int(j) for j in tests]
@@ -381,7 +396,7 @@ def _lds_figure(actual, predicted, tests, test_labels=None, title=None):
         rhos = []
         for k, v in preds.items():
             ax.scatter(x, v[:, j], s=14, color=colors[k], label=k, alpha=0.85)
-            rho = float(_spearman64(v[:, j], x))
+            rho = _spearman(v[:, j], x)
             rhos.append(f"{k} {rho:.2f}" if np.isfinite(rho) else f"{k} n/a")
         lo = float(min(x.min(), *(v[:, j].min() for v in preds.values())))
         hi = float(max(x.max(), *(v[:, j].max() for v in preds.values())))

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 from matplotlib.container import BarContainer
+from scipy import stats
 
 from simfluence import plots, runlog, simulators
 from simfluence.cli import _trajectory_inputs, main
@@ -292,6 +293,7 @@ def test_figures_draw_the_run_files_results_and_lambda_search(
     held = runlog.load_runs(exp_dir, HELD)
     actual = np.stack([r.losses[-1] for r in held])
     for ax, j in zip(drawn["lds"].axes, [0, 2], strict=True):
+        rhos = []
         for coll, v in zip(ax.collections, ("linear", "tracin-cp", "mean-trajectory"), strict=True):
             xy = coll.get_offsets()
             want = [
@@ -300,6 +302,8 @@ def test_figures_draw_the_run_files_results_and_lambda_search(
             ]
             np.testing.assert_array_equal(xy[:, 0], actual[:, j])
             np.testing.assert_allclose(xy[:, 1], want, rtol=RTOL, atol=ATOL)
+            rhos.append(f"{v} {stats.spearmanr(want, actual[:, j]).statistic:.2f}")
+        assert ax.get_title().splitlines()[-1] == "rho: " + ", ".join(rhos)
     # Metric bars: heights and error bars are results.json's means and standard errors.
     on_file = json.loads((tmp_path / "results.json").read_text())["variants"]
     for ax, key in zip(

@@ -425,9 +425,13 @@ def _tracin_estimate(args: argparse.Namespace) -> int:
         device = (int(args.device_memory), f"the device (--device-memory {args.device_memory:g})")
     else:
         device = tracin.device_memory()
-    n_params, n_trainable = tracin.param_counts(config, args.model_config)
+    n_params, n_trainable, largest = tracin.param_counts(config, args.model_config)
     sizes = dict(
-        n_params=n_params, n_trainable=n_trainable, n_train=config.n_train, n_test=config.n_test
+        n_params=n_params,
+        n_trainable=n_trainable,
+        n_train=config.n_train,
+        n_test=config.n_test,
+        largest_leaf=largest,
     )
     est = tracin.estimate_memory(**sizes, mode=mode, proj_dim=proj_dim, chunk_size=chunk_size)
     print(

@@ -408,6 +408,8 @@ def _parse_value(text: str, hint: Any, where: str) -> Any:
         if type(None) in args and text.strip().lower() in ("none", "null"):
             return None
         others = [a for a in args if a is not type(None)]
+        if len(others) == 1:
+            return _parse_value(text, others[0], where)
         for kind in sorted(others, key=lambda a: a is str):  # str (accepts anything) last
             try:
                 return _parse_value(text, kind, where)
@@ -520,7 +522,8 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
         try:
             changes["warmup"] = dataclasses.replace(warmup, **warm_changes)
         except ConfigError as e:
-            raise ConfigError(f"--set: {e}") from None
+            items = " ".join(o for o in overrides if o.strip().startswith("warmup."))
+            raise ConfigError(f"--set {items}: {e}") from None
     try:
         return dataclasses.replace(config, **changes)
     except ConfigError as e:

@@ -434,15 +434,18 @@ def estimate_memory(
     mode: str,
     proj_dim: int,
     chunk_size: int,
+    largest_leaf: int = 0,
 ) -> dict[str, int]:
     """A lower bound of TracIn-CP's peak memory (bytes), buffer by buffer.
 
     Counts the buffers ``run_tracin`` and ``compute_dots`` must hold at once, all float32:
     the loaded parameters plus a restored trainable checkpoint; in exact mode the flattened
     gradients of one test chunk (the scan's carry) and of one pool chunk, ``[c, P]`` each; in
-    projected mode the per-example gradients of one chunk ``[c, P]`` and the test projections
-    ``[n_test (padded), d]``; and the dot products. Activations and XLA's temporaries come on
-    top, so a setting above the device's memory cannot run, and one below may still not.
+    projected mode the per-example gradients of one chunk ``[c, P]``, the test projections
+    ``[n_test (padded), d]`` and one block of the Gaussian matrix (at most
+    ``_PROJ_BLOCK_ELEMS`` entries, fewer for a leaf of fewer rows); and the dot products.
+    Activations and XLA's temporaries come on top, so a setting above the device's memory
+    cannot run, and one below may still not.
 
     Args:
         n_params: all parameters of the model.
@@ -452,9 +455,12 @@ def estimate_memory(
         mode: ``"exact"`` or ``"projected"``.
         proj_dim: projection dimension d (projected mode).
         chunk_size: examples per per-example-gradient chunk (as ``compute_dots``).
+        largest_leaf: entries of the largest trainable leaf (projected mode: bounds the
+            Gaussian block; 0 leaves that block out).
 
     Returns:
-        ``{"parameters", "test gradients", "pool gradients", "dots", "total"}`` in bytes.
+        ``{"parameters", "test gradients", "pool gradients", "projection", "dots", "total"}``
+        in bytes ("projection" is 0 in exact mode).
     """
     c = min(chunk_size, max(n_train, n_test))
     n_te, n_tr = -(-n_test // c), -(-n_train // c)
@@ -462,10 +468,13 @@ def estimate_memory(
     if mode == "exact":
         out["test gradients"] = _F32 * c * n_trainable
         out["pool gradients"] = _F32 * c * n_trainable
+        out["projection"] = 0
         out["dots"] = _F32 * (n_te * (1 + n_tr) * c * c + n_test * n_train)
     else:
         out["test gradients"] = _F32 * n_te * c * proj_dim
         out["pool gradients"] = _F32 * c * n_trainable
+        rows = min(largest_leaf, max(1, _PROJ_BLOCK_ELEMS // proj_dim))
+        out["projection"] = _F32 * rows * proj_dim
         out["dots"] = _F32 * ((n_te + n_tr) * n_test * c + n_test * n_train)
     out["total"] = sum(out.values())
     return out
@@ -524,8 +533,8 @@ def _t5_config(config: Any, model_config: str | Path | None = None) -> Any:
     )
 
 
-def param_counts(config: Any, model_config: str | Path | None = None) -> tuple[int, int]:
-    """``(all parameters, trainable parameters)`` of an experiment config's model.
+def param_counts(config: Any, model_config: str | Path | None = None) -> tuple[int, int, int]:
+    """``(all parameters, trainable parameters, largest trainable leaf)`` of a config's model.
 
     Built with ``nnx.eval_shape`` (``jax.eval_shape``): shapes only, no weights allocated or
     read, so it is instant for a 3B model.
@@ -557,7 +566,8 @@ def param_counts(config: Any, model_config: str | Path | None = None) -> tuple[i
     )
     _, params = nnx.split(model)
     trainable, _ = partition(params, E.make_mask(config, params))
-    return count_params(params), count_params(trainable)
+    largest = max((int(np.prod(np.shape(x))) for x in jax.tree.leaves(trainable)), default=0)
+    return count_params(params), count_params(trainable), largest
 
 
 def check_memory(
@@ -570,6 +580,7 @@ def check_memory(
     proj_dim: int,
     chunk_size: int,
     where: str,
+    largest_leaf: int = 0,
     device_bytes: int | None = None,
     device_name: str | None = None,
     flags: tuple[str, str] = ("--chunk-size {}", "--mode projected"),
@@ -577,7 +588,7 @@ def check_memory(
     """Estimates TracIn-CP's memory (``estimate_memory``) and refuses what cannot fit.
 
     Args:
-        n_params, n_trainable, n_train, n_test, mode, proj_dim, chunk_size: as
+        n_params, n_trainable, n_train, n_test, mode, proj_dim, chunk_size, largest_leaf: as
             ``estimate_memory``.
         where: the config or experiment, for the message.
         device_bytes: the device's memory; None: ``device_memory()``.
@@ -595,7 +606,13 @@ def check_memory(
     if device_bytes is None:
         device_bytes, device_name = device_memory()
     device_name = device_name or "the device"
-    sizes = dict(n_params=n_params, n_trainable=n_trainable, n_train=n_train, n_test=n_test)
+    sizes = dict(
+        n_params=n_params,
+        n_trainable=n_trainable,
+        n_train=n_train,
+        n_test=n_test,
+        largest_leaf=largest_leaf,
+    )
     est = estimate_memory(**sizes, mode=mode, proj_dim=proj_dim, chunk_size=chunk_size)
     if est["total"] <= device_bytes:
         return est
@@ -665,10 +682,11 @@ def check_config_memory(
         TracinMemoryError: the setting cannot fit (see ``check_memory``).
         ValueError: the model's config cannot be found (see ``param_counts``).
     """
-    n_params, n_trainable = param_counts(config, model_config)
+    n_params, n_trainable, largest = param_counts(config, model_config)
     est = check_memory(
         n_params=n_params,
         n_trainable=n_trainable,
+        largest_leaf=largest,
         n_train=config.n_train,
         n_test=config.n_test,
         mode=mode or config.tracin_mode,
@@ -943,7 +961,7 @@ def run_tracin(
     if not plan:
         return []
 
-    n_params, n_trainable = param_counts(config)
+    n_params, n_trainable, largest = param_counts(config)
     if mode == "projected" and proj_dim > n_trainable:
         raise ValueError(
             f"{exp_dir}: --proj-dim {proj_dim} exceeds the {n_trainable} trainable parameters of "
@@ -952,6 +970,7 @@ def run_tracin(
     check_memory(
         n_params=n_params,
         n_trainable=n_trainable,
+        largest_leaf=largest,
         n_train=config.n_train,
         n_test=config.n_test,
         mode=mode,

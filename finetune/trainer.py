@@ -206,6 +206,7 @@ def prepare_experiment(
     *,
     data_dir: str | Path | None,
     tokenizer: str | None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Draws the pool and tracked test set once and writes data.npz, examples.json, then
     experiment.json (last). A workdir that already holds the config is reused unchanged.
@@ -219,6 +220,8 @@ def prepare_experiment(
         exp_dir: output folder.
         data_dir: local data directory (layout of ../shared/data); None loads from the hub.
         tokenizer: tokenizer path or name; None: SIMFLUENCE_TOKENIZER, config.tokenizer, model.
+        overrides: the ``--set KEY=VALUE`` strings applied to ``config``; recorded in a fresh
+            experiment.json (``overrides``).
 
     Returns:
         experiment.json's content.
@@ -227,7 +230,9 @@ def prepare_experiment(
         TaskError, ExperimentError, CheckpointError, TokenizerError: bad input (see
             `finetune.cli` for the exit code).
     """
-    return _prepare(config, Path(exp_dir), data_dir=data_dir, tokenizer=tokenizer)[0]
+    return _prepare(
+        config, Path(exp_dir), data_dir=data_dir, tokenizer=tokenizer, overrides=overrides
+    )[0]
 
 
 def _prepare(

@@ -330,9 +330,12 @@ def compute_dots(
     ``dots[z, i] = grad_t L(z; theta) . grad_t L(z_i; theta)`` where ``grad_t`` is the gradient
     with respect to the trainable parameters only and ``theta = combine(trainable, frozen)``.
     One jitted call: per-example gradients (``finetune.model.per_example_grads``, a
-    ``vmap(grad)``) over chunks of ``chunk_size`` examples, one ``lax.scan`` over the test chunks
-    then the pool chunks (the model is traced once), no Python loop over examples. Pool and test
-    arrays with different trailing shapes take two scans instead (the model is traced twice).
+    ``vmap(grad)``) over chunks of ``chunk_size`` examples in one ``lax.scan`` (the model is
+    traced once), no Python loop over examples. Exact mode holds one test chunk's gradients
+    and streams the pool past it, test chunk after test chunk (no ``[n_test, P]`` buffer; the
+    pool's gradients are computed ``ceil(n_test / chunk_size)`` times); projected mode projects
+    the test chunks first, then the pool chunks. Pool and test arrays with different trailing
+    shapes take nested maps instead (the model is traced twice).
     The compiled function is cached on the identity of ``per_example_loss`` and ``combine`` plus
     the settings and batch sizes, so pass the same loss object for every checkpoint: a new
     closure (e.g. another ``make_per_example_loss(graphdef)`` call) compiles again.
@@ -353,8 +356,9 @@ def compute_dots(
             trainable parameters.
         seed: seed of the projection (projected mode only); the same seed gives the same
             projection for every checkpoint and run.
-        chunk_size: examples per ``vmap(grad)`` chunk; memory grows with
-            ``chunk_size * (P or proj_dim)`` plus the activations of that many examples.
+        chunk_size: examples per ``vmap(grad)`` chunk; memory grows with ``chunk_size * P``
+            (two chunks of gradients in exact mode, one in projected mode; see
+            ``estimate_memory``) plus the activations of that many examples.
         combine: ``(trainable, frozen) -> params``; defaults to ``finetune.model.combine``.
 
     Returns:

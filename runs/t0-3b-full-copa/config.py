@@ -16,7 +16,7 @@ tuned. Runs trained together: 2 (memory bound for full tuning). Checkpoints for 
 (0, 500, 1000) of the 20 fitting runs.
 
 TracIn-CP (after training, or with --tracin): projected mode (d = 4096) in chunks of 4 examples, at
-least 68.4 GB on the device (`finetune tracin-estimate runs/t0-3b-full-copa --device-memory 141e9`);
+least 68.5 GB on the device (`finetune tracin-estimate runs/t0-3b-full-copa --device-memory 141e9`);
 exact mode in chunks of 32 would need 752 GB and is refused before training."""
 
 from finetune.config import ExperimentConfig, paper_config

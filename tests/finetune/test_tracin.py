@@ -275,8 +275,12 @@ def test_cli_mirrors_the_library_modes_and_chunk_size():
     """finetune.cli keeps its own copies (so that `--help` loads no JAX); they must agree."""
     from finetune import cli
 
-    assert cli._TRACIN_MODES == tracin.MODES
+    from finetune import config
+
+    assert cli._TRACIN_MODES == tracin.MODES == config.TRACIN_MODES
     assert cli._TRACIN_CHUNK == tracin._DEFAULT_CHUNK
+    fields = {f.name: f.default for f in config.dataclasses.fields(config.ExperimentConfig)}
+    assert fields["tracin_chunk_size"] == tracin._DEFAULT_CHUNK
 
 
 def test_cli_parses_flags_and_help_explains_each(capsys):

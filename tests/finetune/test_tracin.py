@@ -273,9 +273,7 @@ def _parser():
 
 def test_cli_mirrors_the_library_modes_and_chunk_size():
     """finetune.cli keeps its own copies (so that `--help` loads no JAX); they must agree."""
-    from finetune import cli
-
-    from finetune import config
+    from finetune import cli, config
 
     assert cli._TRACIN_MODES == tracin.MODES == config.TRACIN_MODES
     assert cli._TRACIN_CHUNK == tracin._DEFAULT_CHUNK

@@ -531,9 +531,16 @@ def _t5_config(config: Any, model_config: str | Path | None = None) -> Any:
         return hf.load_config(Path(cached).parent)
     if config.model in _KNOWN_T5:
         return transformers.T5Config(**_T5_V11, **_KNOWN_T5[config.model])
+    try:  # only config.json (kilobytes); fails offline
+        from huggingface_hub import hf_hub_download
+
+        return hf.load_config(Path(hf_hub_download(str(config.model), "config.json")).parent)
+    except Exception:  # offline, unknown repository
+        pass
     raise ValueError(
         f"model {config.model}: its config.json is neither a local folder nor in the Hugging "
-        "Face cache; pass --model-config PATH/config.json"
+        "Face cache, and the hub cannot be reached; download the model first, or pass "
+        "`finetune tracin-estimate --model-config PATH/config.json`"
     )
 
 

@@ -740,3 +740,27 @@ def test_finetune_tracin_honours_the_config_and_refuses_what_cannot_fit(
         assert err.startswith(f"error: {exp_dir}: TracIn-CP in {mode} mode needs at least")
         assert what in err and "the fake device has" in err and "\n" not in err
     assert not list(exp_dir.glob("run_*/tracin.npz"))  # nothing written
+
+
+def test_param_counts_of_a_checkpoint_equal_the_loaded_model(tiny_t5_dir, monkeypatch):
+    """eval_shape counts (no weights read) against the model load_pretrained allocates; a hub
+    name whose config.json cannot be found offline is a one-line error naming it."""
+    from flax import nnx
+
+    from finetune import hf
+    from finetune.config import ExperimentConfig
+
+    base = dict(name="n", task="rte", n_train=10, n_test=4, batch_size=2)
+    config = ExperimentConfig(**base, model=str(tiny_t5_dir), freeze_embeddings=True)
+    model, _ = hf.load_pretrained(tiny_t5_dir)
+    _, params = nnx.split(model)
+    from finetune.experiment import make_mask
+    from finetune.model import partition
+
+    trainable, _ = partition(params, make_mask(config, params))
+    counts = tracin.param_counts(config)
+    assert counts[:2] == (tracin.count_params(params), tracin.count_params(trainable))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"model nobody/no-such-t5: its config.json") as e:
+        tracin.param_counts(ExperimentConfig(**base, model="nobody/no-such-t5"))
+    assert "\n" not in str(e.value)

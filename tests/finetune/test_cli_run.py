@@ -674,3 +674,25 @@ def test_run_tracin_refuses_before_training_what_cannot_fit(
     code = _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir, "--tracin")
     _bad(capsys, code, "TracIn-CP in exact mode needs at least", "the fake device has")
     assert not (tmp_path / "out").exists()  # refused before anything was prepared or trained
+
+
+def test_tracin_estimate_prints_the_refusal_without_a_device(tmp_path, capsys):
+    from finetune import tracin
+    from finetune.config import load_experiment_config
+
+    cfg = _write_config(tmp_path / "c")
+    est = tracin.check_config_memory(load_experiment_config(cfg)[0], device_bytes=10**15)
+    small = est["total"] - 1
+    assert main(["tracin-estimate", str(cfg), "--device-memory", str(small)]) == 0
+    out = capsys.readouterr().out
+    total = next(x.split() for x in out.splitlines() if x.strip().startswith("total"))
+    assert total[1:] == [f"{est['total'] / 1e9:.3f}", "GB"]
+    refusal = next(x for x in out.splitlines() if x.startswith("refused: error: "))
+    assert "TracIn-CP in exact mode needs at least" in refusal
+    assert f"(--device-memory {float(small):g}) has" in refusal
+    assert main(["tracin-estimate", str(cfg), "--device-memory", "1e15", "--set", "n_test=2"]) == 0
+    assert "fits" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["tracin-estimate", str(cfg), "--device-memory", "-1"])
+    _bad(capsys, e.value.code, "--device-memory", "'-1' is not a positive number")
+    assert not (tmp_path / "c" / "output").exists()

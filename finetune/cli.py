@@ -1,5 +1,5 @@
-"""``finetune`` command line: ``finetune run CONFIG``, ``finetune tracin EXP`` and
-``finetune counterfactual EXP``.
+"""``finetune`` command line: ``finetune run CONFIG``, ``finetune tracin EXP``,
+``finetune tracin-estimate CONFIG`` and ``finetune counterfactual EXP``.
 
 Thin entry point: parses arguments and calls `finetune.trainer.run_experiment` (and
 `finetune.tracin.run_tracin`, `finetune.counterfactual.run_counterfactuals`). Bad input prints

@@ -631,8 +631,8 @@ def _wide_loss(params, batch):  # batch {"x": [b, 2000]} -> [b]; 100k weights, t
 def test_memory_estimate_bounds_the_compiled_buffers():
     """On a model whose per-example gradients dominate memory, XLA's own buffer assignment
     (compiled memory_analysis: arguments + temporaries + outputs) is at least the estimate
-    (it is a lower bound) and, in exact mode, within 25% of it (it counts what matters);
-    doubling n_test barely moves exact mode's temporaries (streaming)."""
+    (it is a lower bound) and, in exact mode, within 25% of it (it counts what matters, and
+    16 test examples in chunks of 8 hold one chunk of test gradients, not all 16)."""
     k = jax.random.split(jax.random.key(0), 3)
     trainable, frozen = {"w": jax.random.normal(k[0], (2000, 50)) / 40}, {"b": jnp.float32(0)}
     n_params = 2000 * 50
@@ -657,13 +657,11 @@ def test_memory_estimate_bounds_the_compiled_buffers():
         # The estimate also counts the restored checkpoint, held outside the jitted function.
         inside = est["total"] - 4 * n_params
         total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
-        return inside, total, m.temp_size_in_bytes
+        return inside, total
 
-    inside, total, temp8 = measured("exact", 8)
-    assert inside <= total <= 1.25 * inside
-    _, _, temp16 = measured("exact", 16)
-    assert temp16 - temp8 < 0.1 * 4 * 8 * n_params  # a held [n_test, P] would add 8 x P floats
-    inside, total, _ = measured("projected", 8)
+    inside, total = measured("exact", 16)
+    assert inside <= total <= 1.25 * inside  # 1.10x; a held [16, P] would add 8 x P: 1.57x
+    inside, total = measured("projected", 8)
     assert inside <= total
 
 

@@ -691,17 +691,25 @@ def check_config_memory(
 
     Raises:
         TracinMemoryError: the setting cannot fit (see ``check_memory``).
-        ValueError: the model's config cannot be found (see ``param_counts``).
+        ValueError: the model's config cannot be found (see ``param_counts``); a projection
+            larger than the trainable parameters.
     """
     n_params, n_trainable, largest = param_counts(config, model_config)
+    mode = mode or config.tracin_mode
+    proj_dim = proj_dim or config.tracin_proj_dim
+    if mode == "projected" and proj_dim > n_trainable:
+        raise ValueError(
+            f"{where or config.name}: tracin_proj_dim={proj_dim} exceeds the {n_trainable} "
+            f"trainable parameters; use a tracin_proj_dim <= {n_trainable} or tracin_mode=exact"
+        )
     est = check_memory(
         n_params=n_params,
         n_trainable=n_trainable,
         largest_leaf=largest,
         n_train=config.n_train,
         n_test=config.n_test,
-        mode=mode or config.tracin_mode,
-        proj_dim=proj_dim or config.tracin_proj_dim,
+        mode=mode,
+        proj_dim=proj_dim,
         chunk_size=chunk_size or config.tracin_chunk_size,
         where=where or f"config {config.name!r}",
         device_bytes=device_bytes,

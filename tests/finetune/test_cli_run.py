@@ -673,6 +673,9 @@ def test_run_tracin_refuses_before_training_what_cannot_fit(
     monkeypatch.setattr(tracin, "device_memory", lambda: (est["total"] - 1, "the fake device"))
     code = _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir, "--tracin")
     _bad(capsys, code, "TracIn-CP in exact mode needs at least", "the fake device has")
+    sets = ["--set", "tracin_mode=projected", "--set", "tracin_proj_dim=5000"]
+    code = _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir, "--tracin", *sets)
+    _bad(capsys, code, "tracin_proj_dim=5000 exceeds the 1368 trainable parameters")
     assert not (tmp_path / "out").exists()  # refused before anything was prepared or trained
 
 

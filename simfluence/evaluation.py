@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simfluence import baselines, scheduled, simulators, tracin
+from simfluence import baselines, choice_metrics, scheduled, simulators, tracin
 from simfluence.runlog import Run, RunLogError, list_runs, load_runs, read_experiment
 
 # Names, not the module: the package may re-export the function `metrics` under the same name.
@@ -306,6 +306,7 @@ def evaluate(
     *,
     grid=None,
     progress: bool = False,
+    metric: str = choice_metrics.DEFAULT_METRIC,
 ) -> dict:
     """Fit, choose lambdas, and score every requested variant on one experiment.
 
@@ -323,6 +324,12 @@ def evaluate(
         grid: lambda grid passed to `select_lambdas` (None = its default log grid, extended
             by decades while the best point lies on its edge; a given grid is used as is).
         progress: show a tqdm progress bar on stderr.
+        metric: the per-example trajectory the variants fit and are scored on: ``loss``
+            (default), ``margin`` or ``choice:K`` (`simfluence.choice_metrics`; the last two
+            need choice_losses.npy). TracIn-CP and linear-lr-tracin-prior are loss-only.
+            For ``margin`` each variant also gets ``final_sign_accuracy``: the share of
+            (held-out run, test example) pairs whose simulated final margin has the sign of
+            the true one (mean +- stderr over held-out runs).
 
     Returns:
         JSON-ready dict: `{"variants": {name: {"all_steps_mse": {"mean", "stderr"},
@@ -364,6 +371,7 @@ def evaluate(
         variants = check_variants(variants)
     if (l2_a is None) != (l2_b is None):
         raise ValueError("give both l2_a and l2_b, or neither (then they are chosen on validation)")
+    metric = choice_metrics.check_metric(metric)
     runs = load_runs(exp_dir)
     needed = n_fit + n_valid + n_heldout
     if needed > len(runs):
@@ -372,11 +380,20 @@ def evaluate(
             f"{exp_dir}: split {n_fit},{n_valid},{n_heldout} needs {needed} complete runs but "
             f"there are {len(runs)} ({n_inc} incomplete); finish more runs or use a smaller split"
         )
-    fit_runs = runs[:n_fit]
-    valid_runs = runs[n_fit : n_fit + n_valid]
-    test_runs = runs[n_fit + n_valid : needed]
+    used = choice_metrics.with_metric(runs[:needed], metric)  # the trajectories to simulate
+    fit_runs = used[:n_fit]
+    valid_runs = used[n_fit : n_fit + n_valid]
+    test_runs = used[n_fit + n_valid : needed]
+    loss_only = tracin.TRACIN_VARIANTS + scheduled.PRIOR_VARIANTS
     if variants is None:
         variants = default_variants(fit_runs, [*valid_runs, *test_runs])
+        if metric != "loss":
+            variants = [v for v in variants if v not in loss_only]
+    elif metric != "loss" and set(variants) & set(loss_only):
+        raise ValueError(
+            f"--metric {metric}: {', '.join(v for v in variants if v in loss_only)} use "
+            "TracIn-CP's loss gradients and are loss-only; leave them out or use --metric loss"
+        )
     n_train = info["n_train"]
     fit_c = [r.curriculum for r in fit_runs]
     fit_l = [r.losses for r in fit_runs]
@@ -476,13 +493,18 @@ def evaluate(
         entry["skill_vs_mean_trajectory"] = skill
         entry["skill_undefined_reason"] = why
         entry.update(extra)
+        if metric == "margin":
+            entry["final_sign_accuracy"] = (
+                _sign_accuracy(preds, test_runs) if not diverged else {"mean": None, "stderr": None}
+            )
         entry["per_run"] = scores["per_run"]
         results[name] = entry
     bar.close()
     true_final = np.stack([r.losses[-1] for r in test_runs])
     for name, entry in results.items():
         entry[_VS_REF] = _versus(finals, name, REFERENCE_VARIANT, true_final)
-    return {
+    out = {
+        "metric": metric,
         "variants": results,
         "split": {
             "fit": [r.index for r in fit_runs],
@@ -502,3 +524,19 @@ def evaluate(
             "skill_vs_mean_trajectory = 1 - all_steps_mse / all_steps_mse(mean-trajectory)"
         ),
     }
+    if metric == "margin":
+        out["true_final_accuracy"] = mean_stderr(
+            [float((r.losses[-1] > 0).mean()) for r in test_runs]
+        )
+    return out
+
+
+def _sign_accuracy(preds: Sequence[np.ndarray], runs: Sequence[Run]) -> dict:
+    """Share of test examples whose simulated final margin has the true one's sign (> 0 or
+    not), mean +- stderr over the held-out runs."""
+    return mean_stderr(
+        [
+            float(((p[-1] > 0) == (r.losses[-1] > 0)).mean())
+            for p, r in zip(preds, runs, strict=True)
+        ]
+    )

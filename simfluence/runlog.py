@@ -511,9 +511,12 @@ def gold_choices(
             )
         return same.argmax(1).astype(np.int64)
     arr = np.asarray(labels)
-    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or (arr < 0).any() or (
-        arr >= c
-    ).any():
+    if (
+        arr.shape != (n,)
+        or not np.issubdtype(arr.dtype, np.integer)
+        or (arr < 0).any()
+        or (arr >= c).any()
+    ):
         raise _error(
             f"{origin}: experiment.json test_labels must be {n} integers in 0..{c - 1} (one "
             "gold choice per tracked test example); fix experiment.json"

@@ -36,6 +36,8 @@ PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
 CF_ARGS ?=
+# The demo's: every kind, flip (needs EXP/sim_linear_margin.npz, fitted by `simulate`) included.
+DEMO_CF_ARGS ?= --kinds remove-top,remove-bottom,remove-random,reorder,optimize,flip,flip-random
 TABLE_INPUTS ?= $(wildcard runs/*/output/results.json)
 TABLE_OUT ?= results/table.md
 # Tests run the targets with INSTALL_DEP= and PYTHON=<their interpreter>.
@@ -65,7 +67,8 @@ test-all: install  ## Every test, the slow ones too.
 
 demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots, counterfactual check).
 	$(MAKE) --no-print-directory runs tracin simulate figures counterfactual \
-	  CONFIG=runs/demo OUT=$(DEMO_EXP) INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON) CF_ARGS=
+	  CONFIG=runs/demo OUT=$(DEMO_EXP) INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON) \
+	  CF_ARGS="$(DEMO_CF_ARGS)"
 	$(SIMFLUENCE) table $(DEMO_EXP)/results.json --out $(DEMO_EXP)/table.md
 	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, figures/, counterfactual/report.md"
 
@@ -75,7 +78,7 @@ runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interru
 tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
 	$(FINETUNE) tracin $(EXP)
 
-simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); fits each to $(EXP)/sim_<variant>.npz.
+simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); fits each to $(EXP)/sim_<variant>.npz (+ sim_linear_margin.npz).
 	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json
 	for v in linear additive multiplicative linear-lr additive-lr; do \
 	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \
@@ -86,6 +89,10 @@ simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP);
 	  done; \
 	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) \
 	    --variant linear-lr-tracin-prior --out $(EXP)/sim_linear-lr-tracin-prior.npz || exit; \
+	fi
+	if compgen -G "$(EXP)/run_*/choice_losses.npy" > /dev/null; then \
+	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant linear \
+	    --metric margin --out $(EXP)/sim_linear_margin.npz || exit; \
 	fi
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.

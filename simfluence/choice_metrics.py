@@ -37,6 +37,7 @@ __all__ = [
     "check_metric",
     "check_sim_metric",
     "margin",
+    "sim_file_name",
     "sim_metric",
     "trajectory",
     "with_metric",
@@ -197,6 +198,21 @@ def check_sim_metric(path, origin: dict | None, metric: str) -> None:
             f"{path}: simulator fitted on --metric {fitted}, used with --metric {metric}; pass "
             f"--metric {fitted} or refit it with `simfluence fit ... --metric {metric}`"
         )
+
+
+def sim_file_name(variant: str, metric: str = DEFAULT_METRIC) -> str:
+    """The file `make simulate` saves a simulator to.
+
+    Args:
+        variant: the simulator variant.
+        metric: its metric.
+
+    Returns:
+        ``sim_<variant>.npz`` for the loss, ``sim_<variant>_margin.npz`` for the margin,
+        ``sim_<variant>_choiceK.npz`` for choice:K.
+    """
+    tag = "" if metric == "loss" else "_" + check_metric(metric).replace(":", "")
+    return f"sim_{variant}{tag}.npz"
 
 
 def check_runs_have(runs: Sequence[Run], metric: str) -> None:

@@ -323,13 +323,6 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def sim_file_name(variant: str, metric: str = "loss") -> str:
-    """The file `make simulate` writes a simulator to: ``sim_<variant>.npz`` for the loss,
-    ``sim_<variant>_margin.npz`` for the margin, ``sim_<variant>_choiceK.npz`` for choice:K."""
-    tag = "" if metric == "loss" else "_" + metric.replace(":", "")
-    return f"sim_{variant}{tag}.npz"
-
-
 def default_simulator_files(exp_dir: str | os.PathLike, metric: str = "loss") -> dict[str, str]:
     """``EXP/sim_<variant>.npz`` for every variant that has one (as `make simulate` writes).
 
@@ -342,7 +335,7 @@ def default_simulator_files(exp_dir: str | os.PathLike, metric: str = "loss") ->
     """
     exp_dir = Path(exp_dir)
     names = simulators.VARIANTS + tracin.TRACIN_VARIANTS + simulators.SCHEDULED_VARIANTS
-    files = {v: sim_file_name(v, metric) for v in names}
+    files = {v: choice_metrics.sim_file_name(v, metric) for v in names}
     return {v: f for v, f in files.items() if (exp_dir / f).is_file()}
 
 
@@ -591,8 +584,8 @@ def propose(
     if proposer not in files:
         raise ValueError(
             f"no {proposer} simulator to propose with (simulators: {sorted(files) or 'none'}); "
-            f"fit EXP/{sim_file_name(proposer, metric)} with `simfluence fit` (make simulate) "
-            "or pass --sims"
+            f"fit EXP/{choice_metrics.sim_file_name(proposer, metric)} with `simfluence fit` "
+            "(make simulate) or pass --sims"
         )
     sims = _load_sims(exp_dir, files, {"base": base_runs}, metric)
     flip_file, margin_sim = None, None
@@ -600,7 +593,11 @@ def propose(
         if flip_sim is None and metric == "margin":
             flip_file = files[proposer]
         else:
-            given = flip_sim if flip_sim is not None else sim_file_name(proposer, "margin")
+            given = (
+                flip_sim
+                if flip_sim is not None
+                else choice_metrics.sim_file_name(proposer, "margin")
+            )
             flip_file = _relative(given, exp_dir) if Path(given).is_absolute() else str(given)
         margin_sim = _load_sims(exp_dir, {proposer: flip_file}, {"base": base_runs}, "margin")[
             proposer

@@ -35,7 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from simfluence import baselines, choice_metrics, scheduled, simulators, tracin
-from simfluence.runlog import Run, RunLogError, list_runs, load_runs, read_experiment
+from simfluence.runlog import (
+    Run,
+    RunLogError,
+    experiment_sha256,
+    list_runs,
+    load_runs,
+    read_experiment,
+)
 
 # Names, not the module: the package may re-export the function `metrics` under the same name.
 from simfluence.scoring import (
@@ -307,6 +314,7 @@ def evaluate(
     grid=None,
     progress: bool = False,
     metric: str = choice_metrics.DEFAULT_METRIC,
+    save_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Fit, choose lambdas, and score every requested variant on one experiment.
 
@@ -330,6 +338,10 @@ def evaluate(
             For ``margin`` each variant also gets ``final_sign_accuracy``: the share of
             (held-out run, test example) pairs whose simulated final margin has the sign of
             the true one (mean +- stderr over held-out runs).
+        save_dir: if given, every fitted Simfluence and TracIn-CP variant is also saved there
+            as ``sim_<variant>.npz`` (``sim_<variant>_margin.npz`` etc. for another ``metric``:
+            `choice_metrics.sim_file_name`), with its origin (experiment hash, fitting and
+            validation runs, the metric): the file `simfluence fit` writes for that variant.
 
     Returns:
         JSON-ready dict: `{"variants": {name: {"all_steps_mse": {"mean", "stderr"},
@@ -400,6 +412,18 @@ def evaluate(
 
     from tqdm import tqdm
 
+    origin = None
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        origin = {
+            "experiment_sha256": experiment_sha256(exp_dir),
+            "fit_runs": [r.index for r in fit_runs],
+            "valid_runs": [r.index for r in valid_runs],
+        }
+        if metric != "loss":  # as `simfluence fit --metric` records it
+            origin["metric"] = metric
+
     # The mean trajectory is the reference of the skill score: always computed.
     delta = baselines.fit_mean_trajectory(fit_l)
     mean_preds = [baselines.mean_trajectory(delta, r.losses[0], r.steps) for r in test_runs]
@@ -446,6 +470,9 @@ def evaluate(
                 a_prior=a_prior,
                 **inputs,
             )
+            if save_dir is not None:
+                path = save_dir / choice_metrics.sim_file_name(name, metric)
+                simulators.save_simulator(path, sim, origin=origin)
             preds = _predict_simfluence(sim, test_runs)
             # An ablation ignores one lambda: report it as None (not applicable), not 0.
             extra = {
@@ -470,6 +497,13 @@ def evaluate(
             preds = mean_preds
         else:  # TracIn-CP variants
             tsim = tracin.from_runs(fit_runs, variant=name)
+            if save_dir is not None:
+                # TracIn-CP has no lambdas: no validation runs, as `fit` records it.
+                tracin.save_tracin_simulator(
+                    save_dir / choice_metrics.sim_file_name(name, metric),
+                    tsim,
+                    origin={**origin, "valid_runs": []},
+                )
             preds = [
                 tracin.simulate_tracin(tsim, r.curriculum, r.losses[0], r.lr) for r in test_runs
             ]

@@ -86,3 +86,52 @@ def test_flip_search_covers_both_signs_and_a_miss():
     assert wrong["predicted_flip"] and wrong["predicted_margin"] > 0
     distinct = np.unique(cur).size
     assert not far["predicted_flip"] and far["k"] == max(k for k in cf.FLIP_KS if k <= distinct)
+
+
+def _run(index, final_margins):
+    """A 1-step run of 2 test examples whose final margins are given (gold choice 0)."""
+    from pathlib import Path
+
+    from simfluence.runlog import Run
+
+    cl = np.zeros((2, 2, 2), np.float32)
+    cl[:, :, 0] = 0.5
+    cl[1, :, 1] = 0.5 + np.asarray(final_margins, np.float32)
+    cl[0, :, 1] = 0.6
+    return Run(
+        index=index,
+        path=Path(f"run_{index:03d}"),
+        curriculum=np.zeros((1, 1), np.int32),
+        losses=cl[:, :, 0],
+        lr=None,
+        meta={},
+        choice_losses=cl,
+        gold=np.zeros(2, np.int64),
+    )
+
+
+def test_flip_rates_count_sign_changes_of_the_trained_margins():
+    # Base runs 7 and 8: target 0 right in run 7 (margin +0.25), target 1 wrong in run 8 (-0.25).
+    base = {7: _run(7, [0.25, 0.0]), 8: _run(8, [0.0, -0.25])}
+    flip = {"predicted_flip": True, "predicted_margin": -0.1}
+    props = [
+        {"id": 0, "kind": "flip", "test": 0, "base_run": 7, "k": 2, "flip": flip},
+        {"id": 1, "kind": "flip-random", "test": 0, "base_run": 7, "k": 2},
+        {"id": 2, "kind": "flip", "test": 1, "base_run": 8, "k": 4, "flip": flip},
+        {"id": 3, "kind": "flip-random", "test": 1, "base_run": 8, "k": 4},
+        {"id": 4, "kind": "remove-top", "test": 1, "base_run": 8, "k": 4},
+    ]
+    # Trained: flip 0 flips (+0.25 -> -0.125), its control does not; flip 2 does not (-0.25 ->
+    # -0.125), its control does (-> +0.375). Proposal 4 is not a flip kind: left out.
+    cf_runs = [_run(9, m) for m in ([-0.125, 0], [0.125, 0], [0, -0.125], [0, 0.375], [0, 1])]
+    out = cf._flip_summary(props, cf_runs, base)
+    assert out["n_targets"] == 2 and out["n_predicted"] == 2 and len(out["rows"]) == 4
+    s = out["summary"]
+    assert s["flip"]["predicted_flip"] == {"flipped": 1, "n": 2, "rate": 0.5}
+    assert s["flip"]["base_correct"] == {"flipped": 1, "n": 1, "rate": 1.0}
+    assert s["flip"]["base_wrong"] == {"flipped": 0, "n": 1, "rate": 0.0}
+    assert s["flip-random"]["base_correct"]["flipped"] == 0
+    assert s["flip-random"]["base_wrong"]["flipped"] == 1
+    assert s["flip"]["not_predicted"]["n"] == 0
+    row = out["rows"][0]
+    assert row["base_margin"] == 0.25 and row["actual_margin"] == -0.125 and row["actual_flip"]

@@ -608,14 +608,18 @@ def propose(
                 _lr(sm, r)
     sim = sims[proposer]
     proposals, curricula = [], []
-    for i, j in enumerate(tests):
+    # The flip kinds come after every other proposal, so that asking for them leaves the other
+    # proposals' ids (and so their seeded draws) as they are without them.
+    flip_kinds = [kd for kd in kinds if kd in ("flip", "flip-random")]
+    passes = [[kd for kd in kinds if kd not in flip_kinds], flip_kinds]
+    for todo, (i, j) in [(t, ij) for t in passes if t for ij in enumerate(tests)]:
         run = runs[i % len(runs)]
         if msg := simulators.batch_mismatch(sim, run.batch):
             raise ValueError(f"base run {run.index}: {msg}")
         present = np.unique(run.curriculum)
         influence = None
         flip = None
-        for kind in kinds:
+        for kind in todo:
             pid = len(proposals)
             rng = np.random.default_rng(np.random.SeedSequence([seed, 2, pid]))
             entry: dict[str, Any] = {"id": pid, "kind": kind, "base_run": run.index, "test": j}

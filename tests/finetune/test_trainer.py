@@ -151,6 +151,42 @@ def test_bucketed_tracked_losses_match_unpadded_reference(setup):
     assert np.unique(np.round(test[0, -1], 4)).size == len(inputs)  # distinct: order checked
 
 
+def test_logged_choice_losses_are_each_choices_own_loss(setup, tmp_path):
+    """choice_losses.npy: every answer choice's logged loss (length buckets, choice scoring,
+    scatter) against that choice's per-example loss computed directly (one batch at full width,
+    no buckets), at weights other than the initial ones; the gold column and the run-log round
+    trip. The programs and shapes are those the tests above compiled (one run: the run axis is
+    checked there)."""
+    from finetune.model import combine
+    from simfluence import runlog
+
+    mesh, progs = _programs(setup, jax.devices()[:1])
+    inputs, _, choices, labels, _ = setup["test"]
+    tracked = make_tracked_set(*setup["test"], multiple=4, n_devices=1, mesh=mesh)
+    assert len(tracked.buckets) > 1
+    tr = jax.tree.map(lambda x: x * np.asarray(1.2, x.dtype), broadcast_runs(setup["trainable"], 1))
+    te = progs["test_losses"](place(tr, mesh), place(setup["frozen"], mesh), tracked.buckets)
+    choice = _choice_rows(te, tracked)[0]  # [n_test, C], as the trainer logs it
+    gold = _gold(choice, tracked)
+    n = len(labels)
+    assert choice.shape == (n, 2) and choice.dtype == np.float32
+    params = combine(jax.tree.map(lambda x: x[0], tr), setup["frozen"])
+    direct = jax.jit(setup["fns"][0])
+    for k in range(2):
+        want = direct(params, {"inputs": inputs, "targets": choices[:, k]})
+        np.testing.assert_allclose(choice[:, k], np.asarray(want), **TOL)
+    np.testing.assert_array_equal(gold, choice[np.arange(n), labels])
+    assert np.abs(choice[:, 0] - choice[:, 1]).min() > 1e-4  # the choices differ
+    # The run log takes them: the gold column is losses.npy bitwise, the labels come back.
+    exp = tmp_path / "exp"
+    runlog.write_experiment(exp, {"n_train": 16, "n_test": n, "test_labels": labels.tolist()})
+    cur = np.zeros((1, 2), np.int32)
+    runlog.write_run(
+        runlog.run_dir(exp, 0), cur, np.stack([gold] * 2), choice_losses=choice[None][[0, 0]]
+    )
+    np.testing.assert_array_equal(runlog.load_runs(exp)[0].gold, labels)
+
+
 def test_gather_batch_pads_to_multiple_of_own_max(setup):
     pool = setup["pool"]
     ids = np.array([[0, 1], [2, 3]])

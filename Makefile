@@ -34,6 +34,8 @@ PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
 CF_ARGS ?=
+# The demo's: every kind, flip (needs EXP/sim_linear_margin.npz, fitted by `simulate`) included.
+DEMO_CF_ARGS ?= --kinds remove-top,remove-bottom,remove-random,reorder,optimize,flip,flip-random
 TABLE_INPUTS ?= $(wildcard runs/*/output/results.json)
 TABLE_OUT ?= results/table.md
 # Tests run the targets with INSTALL_DEP= and PYTHON=<their interpreter>.
@@ -63,7 +65,8 @@ test-all: install  ## Every test, the slow ones too.
 
 demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots, counterfactual check).
 	$(MAKE) --no-print-directory runs tracin simulate figures counterfactual \
-	  CONFIG=runs/demo OUT=$(DEMO_EXP) INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON) CF_ARGS=
+	  CONFIG=runs/demo OUT=$(DEMO_EXP) INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON) \
+	  CF_ARGS="$(DEMO_CF_ARGS)"
 	$(SIMFLUENCE) table $(DEMO_EXP)/results.json --out $(DEMO_EXP)/table.md
 	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, figures/, counterfactual/report.md"
 
@@ -73,8 +76,12 @@ runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interru
 tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
 	$(FINETUNE) tracin $(EXP)
 
-simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); saves each to $(EXP)/sim_<variant>.npz.
+simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); saves each to $(EXP)/sim_<variant>.npz (+ sim_linear_margin.npz).
 	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json --save-simulators $(EXP)
+	if compgen -G "$(EXP)/run_*/choice_losses.npy" > /dev/null; then \
+	  $(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --metric margin --variants linear \
+	    --out $(EXP)/results_margin.json --save-simulators $(EXP) > /dev/null || exit; \
+	fi
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.
 	$(SIMFLUENCE) counterfactual propose $(EXP) --split $(SPLIT) $(CF_ARGS)

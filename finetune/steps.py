@@ -226,13 +226,15 @@ def make_programs(
         ``advance(trainable_R, opt_R, frozen, batch_R) -> (trainable_R, opt_R, train_loss
         f32 [R])`` (jitted; donates the states; `make_train_step` vmapped over the runs),
         ``step(trainable_R, opt_R, frozen, batch_R, buckets) -> (trainable_R, opt_R,
-        train_loss f32 [R], test_loss f32 [R, rows])``: ``advance`` then ``test_losses``,
-        ``step_nolog(...)`` the same without the test losses (test_loss is an empty [R, 0]),
+        train_loss f32 [R], test_loss f32 [R, rows, C])``: ``advance`` then ``test_losses``,
+        ``step_nolog(...)`` the same without the test losses (test_loss is an empty [R, 0, 0]),
         ``advance_flat`` / ``step_flat(trainable_R, opt_R, frozen, groups, buckets)`` the same
         step with the R x b examples in length groups (`make_flat_train_step`,
         ``finetune.data.gather_flat``; IA3-sized trainable trees only: every example gathers
         its run's trainable parameters),
-        ``test_losses(trainable_R, frozen, buckets) -> f32 [R, rows]``,
+        ``test_losses(trainable_R, frozen, buckets) -> f32 [R, rows, C]``: the loss of every
+        answer choice of every tracked row (``score_choices``; the gold choice's column is the
+        tracked test loss),
         ``scores(trainable_R, frozen, buckets) -> f32 [R, rows, C]``.
     """
     train_step = make_train_step(per_example_loss, optimizer)
@@ -240,12 +242,12 @@ def make_programs(
     replicated = NamedSharding(mesh, P())
 
     def test_losses_one(trainable, frozen, buckets):
+        # Every answer choice's loss (rank classification's scores); the gold choice's column
+        # is the logged test loss, so losses.npy and choice_losses.npy come from one forward.
         params = combine(trainable, frozen)
-        rows = [
-            per_example_loss(params, {"inputs": b["inputs"], "targets": b["targets"]})
-            for b in buckets
-        ]
-        return jnp.concatenate(rows)  # [rows]
+        return jnp.concatenate(
+            [score_choices(params, b["inputs"], b["choices"]) for b in buckets]
+        )  # [rows, C]
 
     def scores_one(trainable, frozen, buckets):
         params = combine(trainable, frozen)
@@ -261,7 +263,7 @@ def make_programs(
         return jax.vmap(fn, in_axes=(0, None, 0))(trainable_r, frozen, buckets_r)
 
     def test_losses(trainable_r, frozen, buckets):
-        out = over_runs(test_losses_one, trainable_r, frozen, buckets)  # [R, rows]
+        out = over_runs(test_losses_one, trainable_r, frozen, buckets)  # [R, rows, C]
         return jax.lax.with_sharding_constraint(out, replicated)
 
     def scores(trainable_r, frozen, buckets):
@@ -290,7 +292,7 @@ def make_programs(
 
     def step_nolog(trainable_r, opt_r, frozen, batch_r, buckets):
         trainable_r, opt_r, loss_r = advance_jit(trainable_r, opt_r, frozen, batch_r)
-        return trainable_r, opt_r, loss_r, jnp.zeros((loss_r.shape[0], 0), jnp.float32)
+        return trainable_r, opt_r, loss_r, jnp.zeros((loss_r.shape[0], 0, 0), jnp.float32)
 
     advance_flat_jit = jax.jit(advance_flat, donate_argnums=(0, 1))
 

@@ -369,6 +369,7 @@ def _prepare(
         "test_split": config.test_split,
         "pool_ids": [x.uid for x in pool],
         "test_ids": [x.uid for x in tracked],
+        "test_labels": [int(x.label) for x in tracked],  # gold column of choice_losses.npy
         "warmup_ids": [x.uid for x in warm],
         "tokenizer": _tokenizer_key(tok_name),
         "data_dir": None if data_dir is None else _data_key(data_dir),
@@ -522,7 +523,7 @@ def _warmup(
     tr = place(broadcast_runs(trainable, 1), mesh)
     op = place(broadcast_runs(opt.init(trainable), 1), mesh)
     fr = place(frozen, mesh)
-    before = tracked.scatter(np.asarray(progs["test_losses"](tr, fr, tracked.buckets)))[0]
+    before = _gold(_choice_rows(progs["test_losses"](tr, fr, tracked.buckets), tracked), tracked)[0]
     losses = []
     from tqdm.auto import tqdm
 
@@ -543,7 +544,7 @@ def _warmup(
             f"warm-up of {config.name!r}: non-finite training loss at step "
             f"{step}; lower warmup.learning_rate"
         )
-    after = tracked.scatter(np.asarray(progs["test_losses"](tr, fr, tracked.buckets)))[0]
+    after = _gold(_choice_rows(progs["test_losses"](tr, fr, tracked.buckets), tracked), tracked)[0]
     acc = float(_accuracy(np.asarray(progs["scores"](tr, fr, tracked.buckets)), tracked)[0])
     from finetune.model import combine
 
@@ -564,6 +565,18 @@ def _warmup(
 
 # ----------------------------------------------------------------------------------------------
 # The runs
+
+
+def _choice_rows(rows, tracked: TrackedSet) -> np.ndarray:
+    """[..., rows, C] choice losses in bucket order -> f32 [..., n_test, C] in test order."""
+    per = tracked.scatter(np.moveaxis(np.asarray(rows), -1, -2))  # [..., C, n]
+    return np.ascontiguousarray(np.moveaxis(per, -2, -1))
+
+
+def _gold(choice: np.ndarray, tracked: TrackedSet) -> np.ndarray:
+    """[..., n_test, C] choice losses -> [..., n_test] the gold choice's (the test loss)."""
+    labels = np.broadcast_to(tracked.labels, choice.shape[:-1])[..., None]
+    return np.take_along_axis(choice, labels, axis=-1)[..., 0]
 
 
 def _accuracy(scores_rows: np.ndarray, tracked: TrackedSet) -> np.ndarray:
@@ -905,26 +918,27 @@ def _train_group(
             d.mkdir(parents=True, exist_ok=True)
             runlog.atomic_save_npy(path, ctx.curricula[r])
     ctx.bar.update(len(write) * s0)  # steps an earlier call already kept
+    n_choices = tracked.buckets[0]["choices"].shape[1]
+    choice = np.zeros((R, config.steps + 1, config.n_test, n_choices), np.float32)
     losses = np.zeros((R, config.steps + 1, config.n_test), np.float32)
     train_loss = np.zeros((R, config.steps), np.float32)
+
+    def log(i: int) -> dict:  # run i's log, as checkpoints hold it
+        return {"losses": losses[i], "choice_losses": choice[i], "train_loss": train_loss[i]}
+
     if s0 > 0:
-        restored = [
-            E.restore_checkpoint(
-                d, s0, ctx.trainable0, ctx.opt0, {"losses": losses[0], "train_loss": train_loss[0]}
-            )
-            for d in dirs
-        ]
+        restored = [E.restore_checkpoint(d, s0, ctx.trainable0, ctx.opt0, log(0)) for d in dirs]
         tr = place(stack_runs([x[0] for x in restored]), mesh)
         op = place(stack_runs([x[1] for x in restored]), mesh)
         for i, x in enumerate(restored):
             losses[i, : s0 + 1] = x[2]["losses"][: s0 + 1]
+            choice[i, : s0 + 1] = x[2]["choice_losses"][: s0 + 1]
             train_loss[i, :s0] = x[2]["train_loss"][:s0]
     else:
         tr = place(broadcast_runs(ctx.trainable0, R), mesh)
         op = place(broadcast_runs(ctx.opt0, R), mesh)
-        losses[:, 0] = tracked.scatter(
-            np.asarray(progs["test_losses"](tr, ctx.frozen, tracked.buckets))
-        )
+        choice[:, 0] = _choice_rows(progs["test_losses"](tr, ctx.frozen, tracked.buckets), tracked)
+        losses[:, 0] = _gold(choice[:, 0], tracked)
     if ctx.start_accuracy is None:  # same for every run; R copies reuse the end-of-run program
         tr0 = place(broadcast_runs(ctx.trainable0, R), mesh)
         ctx.start_accuracy = float(
@@ -937,11 +951,13 @@ def _train_group(
         if not pending:
             return
         tl = np.asarray(jnp.stack([p[1] for p in pending], axis=1))  # [R, k]
-        te = tracked.scatter(np.asarray(jnp.stack([p[2] for p in pending], axis=1)))
+        ce = _choice_rows(jnp.stack([p[2] for p in pending], axis=1), tracked)  # [R, k, n, C]
+        te = _gold(ce, tracked)
         first = pending[0][0]
         train_loss[:, first - 1 : upto] = tl
         losses[:, first : upto + 1] = te
-        finite = np.isfinite(tl) & np.isfinite(te).all(2)  # [R, k]
+        choice[:, first : upto + 1] = ce
+        finite = np.isfinite(tl) & np.isfinite(ce).all((2, 3))  # [R, k]
         if not finite.all():
             k = int(np.flatnonzero(~finite.all(0))[0])
             which = [group[i] for i in range(R) if not finite[i, k]]
@@ -966,13 +982,7 @@ def _train_group(
         for i, d in enumerate(dirs):
             if saves[i]:
                 # The log so far, at full length (rows after `step` are zero).
-                E.save_checkpoint(
-                    d,
-                    step,
-                    take_run(host_tr, i),
-                    take_run(host_op, i),
-                    {"losses": losses[i], "train_loss": train_loss[i]},
-                )
+                E.save_checkpoint(d, step, take_run(host_tr, i), take_run(host_op, i), log(i))
 
     if s0 == 0 and 0 in config.checkpoint_steps:
         save(0, tr, op)
@@ -1019,6 +1029,7 @@ def _train_group(
                 ctx.curricula[r],
                 losses[i],
                 lr=ctx.lrs,
+                choice_losses=choice[i],
                 meta={
                     "run": r,
                     "curriculum_seed": [config.curriculum_seed, r],

@@ -199,20 +199,60 @@ def _cmd_evaluate(args) -> None:
         l2_b=args.l2_b,
         a_prior=args.a_prior,
         progress=sys.stderr.isatty(),
+        metric=args.metric,
         save_dir=args.save_simulators,
     )
     if out is not None:
         atomic_write_json(out, results)
+    if results["metric"] != "loss":
+        sys.stdout.write(f"metric: {results['metric']} (every column scores its trajectory)\n")
     sys.stdout.write(format_results(results))
+    if results["metric"] == "margin":
+        sys.stdout.write(_format_sign_accuracy(results))
     if out is not None:
         sys.stdout.write(f"\nwrote {out}\n")
 
 
+def _format_sign_accuracy(results: dict) -> str:
+    """`evaluate --metric margin`: each variant's accuracy of the simulated final sign."""
+    true = results["true_final_accuracy"]
+    lines = [
+        "",
+        "Final-step sign accuracy (share of test examples whose simulated final margin has the "
+        f"true sign; mean ± se over held-out runs). True accuracy of the held-out runs: "
+        f"{true['mean']:.3f}" + ("" if true["stderr"] is None else f" ± {true['stderr']:.3f}"),
+        "",
+        "| variant | final sign accuracy |",
+        "|---|---|",
+    ]
+    for name, e in results["variants"].items():
+        acc = e.get("final_sign_accuracy") or {}
+        cell = "—" if acc.get("mean") is None else f"{acc['mean']:.3f}"
+        if acc.get("stderr") is not None:
+            cell += f" ± {acc['stderr']:.3f}"
+        lines.append(f"| {name} | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def _check_metric_of(sim_path: str, metric: str) -> None:
+    """Refuses a simulator file fitted on another metric than --metric."""
+    from simfluence import choice_metrics, simulators
+
+    choice_metrics.check_sim_metric(sim_path, simulators.read_origin(sim_path), metric)
+
+
 def _cmd_fit(args) -> None:
-    from simfluence import momentum, scheduled, simulators
+    from simfluence import choice_metrics, momentum, scheduled, simulators
     from simfluence.baselines import BASELINES
     from simfluence.runlog import experiment_sha256, load_runs, read_experiment
     from simfluence.tracin import TRACIN_VARIANTS
+
+    metric = choice_metrics.check_metric(args.metric)
+    if metric != "loss" and args.variant in TRACIN_VARIANTS + scheduled.PRIOR_VARIANTS:
+        raise ValueError(
+            f"--variant {args.variant} uses TracIn-CP's loss gradients and is loss-only; use "
+            f"--metric loss, or a Simfluence variant for --metric {metric}"
+        )
 
     out = _check_out(args.out, [".npz"])
     if (args.l2_a is None) != (args.l2_b is None):
@@ -221,7 +261,7 @@ def _cmd_fit(args) -> None:
         raise ValueError("--valid-runs chooses the lambdas; do not also give --l2-a/--l2-b")
     info = read_experiment(args.exp)
     fit_idx = _parse_indices(args.runs, "--runs")
-    runs = load_runs(args.exp, fit_idx)
+    runs = choice_metrics.with_metric(load_runs(args.exp, fit_idx), metric)
     origin = {
         "experiment_sha256": experiment_sha256(args.exp),
         "fit_runs": fit_idx,
@@ -233,6 +273,8 @@ def _cmd_fit(args) -> None:
             raise ValueError(
                 f"--decay is for the -momentum variants; leave it out for {args.variant}"
             )
+    if metric != "loss":  # files without one are loss simulators (as before)
+        origin["metric"] = metric
     if args.variant in TRACIN_VARIANTS:
         _fit_tracin(args, runs, out, origin, fit_idx)
         return
@@ -244,7 +286,7 @@ def _cmd_fit(args) -> None:
     if args.variant in momentum.MOMENTUM_VARIANTS:
         inputs["decay"] = momentum.DEFAULT_DECAY if args.decay is None else args.decay
     if args.valid_runs and args.variant in momentum.MOMENTUM_VARIANTS and args.decay is None:
-        valid = _valid_runs(args, fit_idx)
+        valid = choice_metrics.with_metric(_valid_runs(args, fit_idx), metric)
         sys.stderr.write(
             f"{PROG}: choosing the decay and lambdas for {args.variant} on {len(valid)} "
             "validation run(s)...\n"
@@ -264,7 +306,7 @@ def _cmd_fit(args) -> None:
         # The validation curve at the chosen decay (`simfluence figures` draws it).
         origin["lambda_search"] = [r for r in search if r["decay"] == inputs["decay"]]
     elif args.valid_runs:
-        valid = _valid_runs(args, fit_idx)
+        valid = choice_metrics.with_metric(_valid_runs(args, fit_idx), metric)
         sys.stderr.write(
             f"{PROG}: choosing lambdas for {args.variant} on {len(valid)} validation run(s)...\n"
         )
@@ -298,7 +340,8 @@ def _cmd_fit(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     simulators.save_simulator(out, sim, origin=origin)
     print(
-        f"fitted {args.variant} on {len(runs)} runs (n_test={sim.n_test}, n_train={sim.n_train}); "
+        f"fitted {args.variant} to the {metric} of {len(runs)} runs (n_test={sim.n_test}, "
+        f"n_train={sim.n_train}); "
         f"l2_a={sim.l2_a:g}, l2_b={sim.l2_b:g} ({source}), a_prior={sim.a_prior:g}"
         + ("" if sim.lr_max is None else f", lr_max={sim.lr_max:g}")
         + ("" if sim.decay is None else f", decay={sim.decay:g}")
@@ -366,6 +409,7 @@ def _cmd_simulate(args) -> None:
 
     out = _check_out(args.out, [".npy"])
     sim = load_any_simulator(args.sim)
+    _check_metric_of(args.sim, args.metric)
     cur, l0 = _load_inputs(args, sim)
     lr = _load_lr(args, sim, cur.shape[0])
     pred = np.asarray(sim.rollout(cur, l0, lr=lr), np.float32)
@@ -408,6 +452,7 @@ def _cmd_influence(args) -> None:
     else:
         out = _check_out(args.out, [".json"]) if args.out else None
     sim = load_any_simulator(args.sim)
+    _check_metric_of(args.sim, args.metric)
     sim.require_influence()  # a baseline is refused, with the reason
     cur, l0 = _load_inputs(args, sim)
     lr = _load_lr(args, sim, cur.shape[0])
@@ -854,6 +899,8 @@ def _cmd_cf_propose(args) -> None:
         seed=args.seed,
         optimize_cap=args.optimize_cap,
         split=_parse_split(args.split) if args.split else None,
+        metric=args.metric,
+        flip_sim=args.flip_sim,
     )
     path, written = cf.write_proposals(args.exp, proposals, curricula, header)
     settings = header["settings"]
@@ -869,7 +916,7 @@ def _cmd_cf_propose(args) -> None:
 def _cmd_cf_score(args) -> None:
     from simfluence import counterfactual as cf
 
-    report = cf.score(args.exp, _parse_sims(args.sims) if args.sims else None)
+    report = cf.score(args.exp, _parse_sims(args.sims) if args.sims else None, metric=args.metric)
     paths = cf.write_report(args.exp, report)
     sys.stdout.write(cf.format_report(report))
     print("\nwrote " + ", ".join(str(p) for p in paths))
@@ -923,6 +970,17 @@ def _sim_input_flags(p) -> None:
     )
 
 
+def _add_metric_flag(p, what: str) -> None:
+    p.add_argument(
+        "--metric",
+        default="loss",
+        metavar="METRIC",
+        help=f"{what}: loss (default; losses.npy), margin (best wrong answer's loss minus the "
+        "gold one's, > 0 = correct) or choice:K (answer choice K's loss); the last two need "
+        "choice_losses.npy",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `simfluence` argument parser (one subcommand per command)."""
     parser = _Parser(
@@ -957,6 +1015,11 @@ def build_parser() -> argparse.ArgumentParser:
         "every run has lr.npy; the -momentum ones choose their decay on VALID too)",
     )
     _add_lambda_flags(p)
+    _add_metric_flag(
+        p,
+        "the per-example trajectory to fit and score (margin also reports the "
+        "accuracy of the simulated final sign)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here (.json)")
     p.add_argument(
         "--save-simulators",
@@ -1014,6 +1077,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="validation run indices to choose lambdas on (log grid, all-steps MSE)",
     )
     _add_lambda_flags(p)
+    _add_metric_flag(p, "the per-example trajectory to fit (recorded in the file)")
     p.add_argument("--out", required=True, help="output simulator file (.npz)")
     p.set_defaults(func=_cmd_fit)
 
@@ -1026,6 +1090,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="output .npy, float32 [steps + 1, n_test] (row 0 = initial)"
     )
+    _add_metric_flag(p, "the metric the simulator was fitted on (another is refused)")
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser(
@@ -1067,6 +1132,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --test: also write the listing as JSON (.json); with --all-tests: the "
         "matrix (.npy, required)",
     )
+    _add_metric_flag(p, "the metric the simulator was fitted on (another is refused)")
     p.set_defaults(func=_cmd_influence)
 
     p = sub.add_parser(
@@ -1244,8 +1310,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--kinds",
         default=",".join(("remove-top", "remove-bottom", "remove-random", "reorder", "optimize")),
-        help="proposal kinds among remove-top, remove-bottom, remove-random, reorder, optimize "
-        "(default: all five)",
+        help="proposal kinds among remove-top, remove-bottom, remove-random, reorder, optimize, "
+        "flip (the smallest top-k removal, k in 1,2,4,..,32, that the margin simulator predicts "
+        "flips the target's prediction) and flip-random (random removal of flip's k; needs "
+        "flip) (default: the first five)",
     )
     q.add_argument("--k", type=int, default=10, help="examples removed per removal proposal (10)")
     q.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
@@ -1255,6 +1323,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="most uses of one example in an optimize curriculum (default: the largest count "
         "in the base curriculum)",
+    )
+    q.add_argument(
+        "--flip-sim",
+        default=None,
+        metavar="FILE",
+        help="the proposer's simulator fitted with --metric margin, for flip proposals (default "
+        "EXP/sim_<proposer>_margin.npz; with --metric margin the proposer itself)",
+    )
+    _add_metric_flag(
+        q, "what the check predicts and scores the change of (every --sims file fitted on it)"
     )
     q.set_defaults(func=_cmd_cf_propose)
     q = cf_sub.add_parser(
@@ -1270,6 +1348,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="VARIANT=FILE,... more simulators to score beside those recorded in the "
         "proposals (e.g. fitted after training; FILE relative to EXP or absolute); they must "
         "not be fitted on a base run",
+    )
+    q.add_argument(
+        "--metric",
+        default=None,
+        metavar="METRIC",
+        help="the proposals' metric (default: the one they were proposed with; another is refused)",
     )
     q.set_defaults(func=_cmd_cf_score)
     for p in [*sub.choices.values(), *cf_sub.choices.values()]:  # --debug after the command too

@@ -14,7 +14,11 @@ the simulators answer:
    - ``remove-bottom``: the k whose removal it predicts lowers that loss the most;
    - ``remove-random``: k random examples of the base curriculum (the control);
    - ``reorder``: the base run's batches in a random other order (same multiset of batches);
-   - ``optimize``: a greedy curriculum over the proposer (`optimize_curriculum`).
+   - ``optimize``: a greedy curriculum over the proposer (`optimize_curriculum`);
+   - ``flip``: the smallest top-k removal, k in `FLIP_KS`, that the proposer fitted on the
+     margin predicts flips the target's prediction (`flip_search`);
+   - ``flip-random``: k random examples of the base curriculum, k that of the target's
+     ``flip`` proposal (its control).
 
    Removal rule, the same for every removal kind (`remove_examples`): each slot holding a
    removed example gets an example drawn uniformly (seeded) from the pool minus the removed
@@ -51,7 +55,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float, Int
 
-from simfluence import baselines, momentum, runlog, scheduled, simulators, tracin
+from simfluence import baselines, choice_metrics, momentum, runlog, scheduled, simulators, tracin
 from simfluence.runlog import Run, RunLogError
 
 __all__ = [
@@ -62,14 +66,25 @@ __all__ = [
     "remove_examples",
     "reorder_batches",
     "optimize_curriculum",
+    "flip_search",
     "load_simulator_file",
     "predicted_changes",
     "score",
     "write_report",
 ]
 
-KINDS = ("remove-top", "remove-bottom", "remove-random", "reorder", "optimize")
-REMOVAL_KINDS = ("remove-top", "remove-bottom", "remove-random")
+KINDS = (
+    "remove-top",
+    "remove-bottom",
+    "remove-random",
+    "reorder",
+    "optimize",
+    "flip",
+    "flip-random",
+)
+DEFAULT_KINDS = KINDS[:5]
+REMOVAL_KINDS = ("remove-top", "remove-bottom", "remove-random", "flip", "flip-random")
+FLIP_KS = (1, 2, 4, 8, 16, 32)  # the removal sizes `flip_search` tries, smallest first
 # Momentum variants are scored, not proposers: `optimize` needs per-slot terms given L_{t-1}.
 PROPOSER_VARIANTS = tuple(
     v
@@ -196,6 +211,84 @@ def optimize_curriculum(
     return out
 
 
+def flip_search(
+    sim: simulators.Simulator,
+    curriculum: Int[np.ndarray, "T b"],
+    initial: Float[np.ndarray, " n_test"],
+    observed_final: float,
+    test: int,
+    n_train: int,
+    make_rng,
+    lr: Float[np.ndarray, " T"] | None = None,
+    ks: Sequence[int] = FLIP_KS,
+) -> dict:
+    """The smallest top-k removal that a margin simulator predicts flips a prediction.
+
+    The prediction is the base run's: correct when its observed final margin is > 0. The
+    candidates are ranked by `simulators.removal_influence` on the margin, the examples that
+    most support the current sign first (for a correct target those whose removal lowers the
+    margin the most, for a wrong one those whose removal raises it the most): the ranking of
+    ``remove-top`` with the sign taken into account. For each k in ``ks`` (at most the distinct
+    examples of the curriculum), the top k are removed by `remove_examples` with a fresh
+    ``make_rng()`` (the proposal's own generator, so the trained curriculum is the searched
+    one). The predicted final margin is the observed one plus the simulated change (simulated
+    final margin on the new curriculum minus on the base one, both from ``initial``), as the
+    check predicts every change; the first k whose predicted final margin has the other sign is
+    returned, else the largest k with ``predicted_flip`` False.
+
+    Args:
+        sim: a Simfluence simulator fitted on ``--metric margin``.
+        curriculum: int [T, b] the base run's curriculum.
+        initial: f32 [n_test] the base run's observed step-0 margins.
+        observed_final: the base run's observed final margin of ``test``.
+        test: the target test example.
+        n_train: pool size.
+        make_rng: () -> np.random.Generator, the proposal's generator (called once per k).
+        lr: f32 [T] the base run's learning rates (schedule-aware variants only).
+        ks: removal sizes to try, increasing.
+
+    Returns:
+        {"k", "removed" (sorted pool positions), "curriculum" int32 [T, b], "predicted_flip",
+        "base_margin", "predicted_margin", "ks_tried"}.
+    """
+    cur = np.asarray(curriculum, np.int32)
+    present = np.unique(cur)
+    influence = np.asarray(simulators.removal_influence(sim, cur, initial, test, lr=lr), np.float64)
+    if not np.isfinite(influence).all():
+        raise ValueError(
+            f"the removal influence on test {test} is not finite (the margin simulator "
+            "diverges); refit it"
+        )
+    correct = observed_final > 0
+    # Supporters of the current sign first: removal lowers a positive margin, raises a negative.
+    key = influence[present] * (1.0 if correct else -1.0)
+    order = np.argsort(key, kind="stable")
+    l0 = np.asarray(initial, np.float32)[None]
+    lr_p = None if lr is None else np.asarray(lr)[None]
+    base = _rollout64(sim, cur[None], l0, lr_p)[0, test]
+    tried = [int(k) for k in ks if k <= present.size]
+    if not tried:
+        raise ValueError(f"flip: the base curriculum holds {present.size} distinct examples")
+    out: dict[str, Any] = {}
+    for k in tried:
+        removed = sorted(int(i) for i in present[order[:k]])
+        new = remove_examples(cur, removed, n_train, make_rng())
+        change = _rollout64(sim, new[None], l0, lr_p)[0, test] - base
+        predicted = float(observed_final) + float(change)
+        out = {
+            "k": k,
+            "removed": removed,
+            "curriculum": new,
+            "predicted_flip": bool((predicted > 0) != correct),
+            "base_margin": float(observed_final),
+            "predicted_margin": predicted,
+            "ks_tried": tried[: tried.index(k) + 1],
+        }
+        if out["predicted_flip"]:
+            break
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Simulator files
 # ----------------------------------------------------------------------------------------------
@@ -237,11 +330,12 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def default_simulator_files(exp_dir: str | os.PathLike) -> dict[str, str]:
+def default_simulator_files(exp_dir: str | os.PathLike, metric: str = "loss") -> dict[str, str]:
     """``EXP/sim_<variant>.npz`` for every variant that has one (as `make simulate` writes).
 
     Args:
         exp_dir: experiment folder.
+        metric: the metric of the check (`sim_file_name`).
 
     Returns:
         {variant: file name relative to EXP}.
@@ -253,7 +347,8 @@ def default_simulator_files(exp_dir: str | os.PathLike) -> dict[str, str]:
         + simulators.SCHEDULED_VARIANTS
         + simulators.MOMENTUM_VARIANTS
     )
-    return {v: f"sim_{v}.npz" for v in names if (exp_dir / f"sim_{v}.npz").is_file()}
+    files = {v: choice_metrics.sim_file_name(v, metric) for v in names}
+    return {v: f for v, f in files.items() if (exp_dir / f).is_file()}
 
 
 def _relative(path: str | os.PathLike, exp_dir: Path) -> str:
@@ -265,8 +360,11 @@ def _relative(path: str | os.PathLike, exp_dir: Path) -> str:
         return str(p.resolve())
 
 
-def _load_sims(exp_dir: Path, files: dict[str, str], split_runs: dict) -> dict[str, Any]:
-    """Loads every simulator file (relative to EXP), checking it belongs to this experiment."""
+def _load_sims(
+    exp_dir: Path, files: dict[str, str], split_runs: dict, metric: str = "loss"
+) -> dict[str, Any]:
+    """Loads every simulator file (relative to EXP), checking it belongs to this experiment
+    and was fitted on ``metric``."""
     exp_sha = runlog.experiment_sha256(exp_dir)
     info = runlog.read_experiment(exp_dir)
     sims = {}
@@ -290,6 +388,7 @@ def _load_sims(exp_dir: Path, files: dict[str, str], split_runs: dict) -> dict[s
                 f"from {exp_dir}'s)"
             )
             raise ValueError(f"{path}: {why}; refit it with `simfluence fit {exp_dir} ...`")
+        choice_metrics.check_sim_metric(path, origin, metric)
         tracin_sim = isinstance(sim, tracin.TracInSimulator)
         shape = sim.dots.shape[1:] if tracin_sim else (sim.n_test, sim.n_train)
         if tuple(shape) != (info["n_test"], info["n_train"]):
@@ -375,11 +474,13 @@ def propose(
     base_runs: Sequence[int] | None = None,
     tests: Sequence[int] | None = None,
     n_targets: int | None = None,
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     k: int = 10,
     seed: int = 0,
     optimize_cap: int | None = None,
     split: Sequence[int] | None = None,
+    metric: str = "loss",
+    flip_sim: str | os.PathLike | None = None,
 ) -> tuple[list[dict], np.ndarray, dict]:
     """Proposals of curricula to train, one per (target test example, kind).
 
@@ -404,6 +505,11 @@ def propose(
             count of any example in the base curriculum).
         split: (fit, valid, test) numbers of complete runs whose held-out part gives the
             default base runs (None: the config's ``extra.split``, else 20,2,10).
+        metric: what the check predicts the change of (`simfluence.choice_metrics`); every
+            simulator file must have been fitted on it (default files: `sim_file_name`).
+        flip_sim: for ``flip``: the proposer's simulator fitted on the margin (relative to EXP
+            or absolute; None: ``EXP/sim_<proposer>_margin.npz``, or the proposer itself when
+            ``metric`` is margin). The base runs need choice_losses.npy.
 
     Returns:
         (proposals: list of {"id", "kind", "base_run", "test", "k", "removed", "run",
@@ -418,7 +524,18 @@ def propose(
     exp_dir = Path(exp_dir)
     info = runlog.read_experiment(exp_dir)
     n_train, n_test = info["n_train"], info["n_test"]
+    metric = choice_metrics.check_metric(metric)
     kinds = _check_kinds(kinds)
+    if "flip-random" in kinds:
+        if "flip" not in kinds:
+            raise ValueError("--kinds flip-random removes flip's k at random: add flip to --kinds")
+        kinds.remove("flip-random")  # right after flip: it takes flip's k
+        kinds.insert(kinds.index("flip") + 1, "flip-random")
+    if metric == "margin" and "optimize" in kinds:
+        raise ValueError(
+            "--kinds optimize minimises the metric, which for --metric margin makes the target "
+            "wrong; leave optimize out (flip proposes removals that change the prediction)"
+        )
     for flag, value, low in (
         ("--k", k, 1),
         ("--seed", seed, 0),
@@ -454,7 +571,9 @@ def propose(
     base_runs = list(base_runs) if base_runs is not None else default_base_runs(exp_dir, split)
     base_runs = base_runs[: len(tests)]  # the ones the targets use
     runs = runlog.load_runs(exp_dir, base_runs)  # missing or incomplete: an error naming it
-    if any(kd in REMOVAL_KINDS for kd in kinds):
+    runs = choice_metrics.with_metric(runs, metric)  # losses: the metric's trajectories
+    margins = choice_metrics.with_metric(runs, "margin") if "flip" in kinds else None
+    if any(kd in REMOVAL_KINDS[:3] for kd in kinds):
         distinct = min(np.unique(r.curriculum).size for r in runs)
         if k > distinct:
             raise ValueError(
@@ -462,7 +581,7 @@ def propose(
                 f"curriculum (runs {base_runs}); use k <= {distinct}"
             )
     if simulator_files is None:
-        simulator_files = default_simulator_files(exp_dir)
+        simulator_files = default_simulator_files(exp_dir, metric)
     known = PROPOSER_VARIANTS + tracin.TRACIN_VARIANTS + simulators.MOMENTUM_VARIANTS
     unknown = sorted(set(simulator_files) - set(known))
     if unknown:
@@ -477,22 +596,42 @@ def propose(
     if proposer not in files:
         raise ValueError(
             f"no {proposer} simulator to propose with (simulators: {sorted(files) or 'none'}); "
-            f"fit EXP/sim_{proposer}.npz with `simfluence fit` (make simulate) or pass --sims"
+            f"fit EXP/{choice_metrics.sim_file_name(proposer, metric)} with `simfluence fit` "
+            "(make simulate) or pass --sims"
         )
-    sims = _load_sims(exp_dir, files, {"base": base_runs})
+    sims = _load_sims(exp_dir, files, {"base": base_runs}, metric)
+    flip_file, margin_sim = None, None
+    if "flip" in kinds:
+        if flip_sim is None and metric == "margin":
+            flip_file = files[proposer]
+        else:
+            given = (
+                flip_sim
+                if flip_sim is not None
+                else choice_metrics.sim_file_name(proposer, "margin")
+            )
+            flip_file = _relative(given, exp_dir) if Path(given).is_absolute() else str(given)
+        margin_sim = _load_sims(exp_dir, {proposer: flip_file}, {"base": base_runs}, "margin")[
+            proposer
+        ]
     for sm in sims.values():  # every schedule-aware simulator needs the base runs' rates
         if isinstance(sm, simulators.Simulator):
             for r in runs:
                 _lr(sm, r)
     sim = sims[proposer]
     proposals, curricula = [], []
-    for i, j in enumerate(tests):
+    # The flip kinds come after every other proposal, so that asking for them leaves the other
+    # proposals' ids (and so their seeded draws) as they are without them.
+    flip_kinds = [kd for kd in kinds if kd in ("flip", "flip-random")]
+    passes = [[kd for kd in kinds if kd not in flip_kinds], flip_kinds]
+    for todo, (i, j) in [(t, ij) for t in passes if t for ij in enumerate(tests)]:
         run = runs[i % len(runs)]
         if msg := simulators.batch_mismatch(sim, run.batch):
             raise ValueError(f"base run {run.index}: {msg}")
         present = np.unique(run.curriculum)
         influence = None
-        for kind in kinds:
+        flip = None
+        for kind in todo:
             pid = len(proposals)
             rng = np.random.default_rng(np.random.SeedSequence([seed, 2, pid]))
             entry: dict[str, Any] = {"id": pid, "kind": kind, "base_run": run.index, "test": j}
@@ -515,7 +654,26 @@ def propose(
                 removed = sorted(int(i) for i in present[order[:k]])
             elif kind == "remove-random":
                 removed = sorted(int(i) for i in rng.choice(present, size=k, replace=False))
-            if kind in REMOVAL_KINDS:
+            elif kind == "flip":
+                mrun = margins[i % len(runs)]
+                flip = flip_search(
+                    margin_sim,
+                    run.curriculum,
+                    mrun.losses[0],
+                    float(mrun.losses[-1][j]),
+                    j,
+                    n_train,
+                    lambda pid=pid: np.random.default_rng(np.random.SeedSequence([seed, 2, pid])),
+                    lr=_lr(margin_sim, run),
+                )
+                removed = flip["removed"]
+                entry["flip"] = {key: v for key, v in flip.items() if key != "curriculum"}
+                entry["flip"].pop("removed")
+            elif kind == "flip-random":
+                removed = sorted(int(i) for i in rng.choice(present, size=flip["k"], replace=False))
+            if kind == "flip":
+                cur = flip["curriculum"]
+            elif kind in REMOVAL_KINDS:
                 cur = remove_examples(run.curriculum, removed, n_train, rng)
             elif kind == "reorder":
                 cur, perm = reorder_batches(run.curriculum, rng)
@@ -550,18 +708,25 @@ def propose(
             "k": k,
             "seed": seed,
             "optimize_cap": optimize_cap,
+            **({} if metric == "loss" else {"metric": metric}),
+            **({} if flip_file is None else {"flip_sim": flip_file, "flip_ks": list(FLIP_KS)}),
         },
         "simulator_files": files,
         "simulator_sha256": {v: _file_sha256(exp_dir / p) for v, p in files.items()},
         "base_runs_sha256": {str(r.index): _run_sha256(r.path) for r in runs},
     }
+    if flip_file is not None:
+        header["flip_sim_sha256"] = _file_sha256(exp_dir / flip_file)
     return proposals, np.stack(curricula).astype(np.int32), header
 
 
 def _run_sha256(run_path: Path) -> str:
     """Hash of a base run's curriculum, losses and learning rates (the files scoring reads)."""
     h = hashlib.sha256()
-    for name in (runlog.CURRICULUM_FILE, runlog.LOSSES_FILE, runlog.LR_FILE):
+    names = (runlog.CURRICULUM_FILE, runlog.LOSSES_FILE, runlog.LR_FILE)
+    if (run_path / runlog.CHOICE_LOSSES_FILE).is_file():  # the margins of flip and --metric
+        names += (runlog.CHOICE_LOSSES_FILE,)
+    for name in names:
         path = run_path / name
         h.update(name.encode())
         if path.is_file():
@@ -752,7 +917,11 @@ def _mean_se(values: Sequence[float]) -> dict:
     return {"mean": float(x.mean()), "stderr": se, "n": int(x.size)}
 
 
-def score(exp_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> dict:
+def score(
+    exp_dir: str | os.PathLike,
+    extra_files: dict[str, str] | None = None,
+    metric: str | None = None,
+) -> dict:
     """Scores every recorded simulator (and the baselines) against the trained proposals.
 
     Args:
@@ -763,6 +932,7 @@ def score(exp_dir: str | os.PathLike, extra_files: dict[str, str] | None = None)
             trained. They did not propose anything; like the recorded ones they must record
             this experiment and must not have been fitted on a base run. Their hashes go into
             the report (``extra_simulator_files``).
+        metric: the proposals' metric (None: the one recorded with them; another is refused).
 
     Returns:
         The report (see ``report.json`` in the README): ``{"simulator_files", "settings",
@@ -797,7 +967,21 @@ def score(exp_dir: str | os.PathLike, extra_files: dict[str, str] | None = None)
         raise ValueError(
             f"{folder / runlog.PROPOSALS_FILE} was proposed for another experiment.json; {redo}"
         )
-    files = data.get("simulator_files", {})
+    recorded_metric = data["settings"].get("metric", "loss")
+    if metric is not None and choice_metrics.check_metric(metric) != recorded_metric:
+        raise ValueError(
+            f"--metric {metric}: the proposals in {folder} were made with --metric "
+            f"{recorded_metric}; score them with that, or {redo}"
+        )
+    metric = recorded_metric
+    files = dict(data.get("simulator_files", {}))
+    flip_file = data["settings"].get("flip_sim")
+    if flip_file is not None:
+        if _file_sha256(Path(os.path.normpath(exp_dir / flip_file))) != data.get("flip_sim_sha256"):
+            raise ValueError(
+                f"{exp_dir / flip_file} (the flip proposals' margin simulator) changed since the "
+                f"proposals were made; restore it, or {redo}"
+            )
     for v, rel in files.items():
         path = Path(os.path.normpath(exp_dir / rel))
         if not path.is_file() or _file_sha256(path) != data["simulator_sha256"].get(v):
@@ -863,7 +1047,12 @@ def score(exp_dir: str | os.PathLike, extra_files: dict[str, str] | None = None)
         if Path(os.path.normpath(exp_dir / p)).is_file()
     }
     files = {**files, **extra}
-    sims = _load_sims(exp_dir, files, {"base": base_ids})
+    sims = _load_sims(exp_dir, files, {"base": base_ids}, metric)
+    flips = None
+    if any(p["kind"] in ("flip", "flip-random") for p in proposals):
+        flips = _flip_summary(proposals, cf_runs, base)
+    cf_runs = choice_metrics.with_metric(cf_runs, metric)
+    base = {r.index: r for r in choice_metrics.with_metric(list(base.values()), metric)}
     bases = [base[p["base_run"]] for p in proposals]
     base_cur = np.stack([b.curriculum for b in bases])
     l0 = np.stack([b.losses[0] for b in bases])
@@ -963,13 +1152,76 @@ def score(exp_dir: str | os.PathLike, extra_files: dict[str, str] | None = None)
         "baselines": {
             v: "predicts no change for a curriculum of the base run's length" for v in _NO_CHANGE
         },
-        "change": "target's final loss in the counterfactual run minus in the base run",
+        "change": f"target's final {metric} in the counterfactual run minus in the base run",
         "step0_mismatch": step0,
         "proposals": out_props,
         "summary": summary,
         "side_effects_summary": side,
         "removal_effect": {"by_kind": removal, "paired": paired},
         "optimize": optimize,
+        "metric": metric,
+        "flip": flips,
+    }
+
+
+def _flip_summary(proposals: list[dict], cf_runs: Sequence[Run], base: dict[int, Run]) -> dict:
+    """Predicted against actual flips of the targets' predictions (``flip`` and ``flip-random``).
+
+    A flip: the target's final margin in the trained counterfactual run has the other sign
+    (> 0 or not) than in its base run. Rates are split by whether the base run gets the target
+    right (final margin > 0).
+    """
+    margins_cf = choice_metrics.with_metric(list(cf_runs), "margin")
+    margins_base = {r.index: r for r in choice_metrics.with_metric(list(base.values()), "margin")}
+    rows = []
+    for p, r in zip(proposals, margins_cf, strict=True):
+        if p["kind"] not in ("flip", "flip-random"):
+            continue
+        before = float(margins_base[p["base_run"]].losses[-1][p["test"]])
+        after = float(r.losses[-1][p["test"]])
+        rows.append(
+            {
+                "id": p["id"],
+                "kind": p["kind"],
+                "test": p["test"],
+                "base_run": p["base_run"],
+                "k": p["k"],
+                "base_correct": bool(before > 0),
+                "base_margin": before,
+                "actual_margin": after,
+                "actual_flip": bool((after > 0) != (before > 0)),
+                "predicted_flip": p["flip"]["predicted_flip"] if p["kind"] == "flip" else None,
+                "predicted_margin": p["flip"]["predicted_margin"] if p["kind"] == "flip" else None,
+            }
+        )
+    predicted = {(r["test"], r["base_run"]) for r in rows if r["predicted_flip"]}
+
+    def rate(sel: list[dict]) -> dict:
+        n = len(sel)
+        hits = sum(r["actual_flip"] for r in sel)
+        return {"flipped": hits, "n": n, "rate": hits / n if n else None}
+
+    summary = {}
+    for kind in ("flip", "flip-random"):
+        mine = [r for r in rows if r["kind"] == kind]
+        pred = [r for r in mine if (r["test"], r["base_run"]) in predicted]
+        summary[kind] = {
+            "all": rate(mine),
+            "predicted_flip": rate(pred),
+            "not_predicted": rate([r for r in mine if (r["test"], r["base_run"]) not in predicted]),
+            "base_correct": rate([r for r in pred if r["base_correct"]]),
+            "base_wrong": rate([r for r in pred if not r["base_correct"]]),
+        }
+    return {
+        "definition": "a flip: the target's final margin (best wrong answer's loss minus the "
+        "gold one's) changes sign between the base run and the trained counterfactual run; "
+        "'predicted_flip' rows are the targets whose flip search found a k, 'base_correct' and "
+        "'base_wrong' split those by the base run's prediction; flip-random removes the same k "
+        "at random",
+        "n_targets": sum(r["kind"] == "flip" for r in rows),
+        "n_predicted": len(predicted),
+        "summary": summary,
+        "rows": rows,
     }
 
 
@@ -1083,6 +1335,8 @@ def format_report(report: dict) -> str:
             f"{_fmt(r['actual_final'], 4)} | {_fmt(r['predicted_final'], 4)} |"
             for r in opt["rows"]
         ]
+    if report.get("flip"):
+        lines += _format_flip(report["flip"], s)
     lines += [
         "",
         "## Side effects: predicted against actual change over all tracked test examples",
@@ -1102,6 +1356,54 @@ def format_report(report: dict) -> str:
             "their base runs' (trained on another machine or software?).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _format_flip(flip: dict, settings: dict) -> list[str]:
+    """The report's flip section: predicted against actual flips, beside random removal."""
+
+    def cell(d: dict) -> str:
+        return "—" if d["rate"] is None else f"{d['flipped']}/{d['n']} = {d['rate']:.2f}"
+
+    ks = ", ".join(map(str, settings.get("flip_ks", FLIP_KS)))
+    lines = [
+        "",
+        "## Flip: removals that the margin simulator predicts flip the target's prediction",
+        "",
+        f"Per target, the smallest top-k removal (k in {ks}; the examples that most support the "
+        f"current sign first, by {settings['proposer']} fitted on the margin, "
+        f"{settings.get('flip_sim')}) whose predicted final margin has the other sign; "
+        f"flip-random removes the same k at random. The search predicted a flip for "
+        f"{flip['n_predicted']} of {flip['n_targets']} targets. Actual flip: the target's final "
+        "margin changes sign in the trained run.",
+        "",
+        "| removal | targets with a predicted flip | base run right | base run wrong | "
+        "no predicted flip (k = largest) |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, d in flip["summary"].items():
+        lines.append(
+            f"| {kind} | {cell(d['predicted_flip'])} | {cell(d['base_correct'])} | "
+            f"{cell(d['base_wrong'])} | {cell(d['not_predicted'])} |"
+        )
+    lines += [
+        "",
+        "| test | base run | k | base margin | predicted margin | actual margin (flip) | "
+        "flip-random margin |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rand = {(r["test"], r["base_run"]): r for r in flip["rows"] if r["kind"] == "flip-random"}
+    for r in flip["rows"]:
+        if r["kind"] != "flip":
+            continue
+        other = rand.get((r["test"], r["base_run"]))
+        lines.append(
+            f"| {r['test']} | {r['base_run']} | {r['k']} | {r['base_margin']:+.4f} | "
+            f"{r['predicted_margin']:+.4f} | {r['actual_margin']:+.4f} "
+            f"({'yes' if r['actual_flip'] else 'no'}) | "
+            + ("—" if other is None else f"{other['actual_margin']:+.4f}")
+            + " |"
+        )
+    return lines
 
 
 def write_report(exp_dir: str | os.PathLike, report: dict) -> list[Path]:

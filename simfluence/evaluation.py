@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simfluence import baselines, momentum, scheduled, simulators, tracin
+from simfluence import baselines, choice_metrics, momentum, scheduled, simulators, tracin
 from simfluence.runlog import (
     Run,
     RunLogError,
@@ -357,6 +357,7 @@ def evaluate(
     *,
     grid=None,
     progress: bool = False,
+    metric: str = choice_metrics.DEFAULT_METRIC,
     save_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Fit, choose lambdas, and score every requested variant on one experiment.
@@ -375,10 +376,17 @@ def evaluate(
         grid: lambda grid passed to `select_lambdas` (None = its default log grid, extended
             by decades while the best point lies on its edge; a given grid is used as is).
         progress: show a tqdm progress bar on stderr.
+        metric: the per-example trajectory the variants fit and are scored on: ``loss``
+            (default), ``margin`` or ``choice:K`` (`simfluence.choice_metrics`; the last two
+            need choice_losses.npy). TracIn-CP and linear-lr-tracin-prior are loss-only.
+            For ``margin`` each variant also gets ``final_sign_accuracy``: the share of
+            (held-out run, test example) pairs whose simulated final margin has the sign of
+            the true one (mean +- stderr over held-out runs).
         save_dir: if given, every variant (Simfluence, TracIn-CP and the baselines) is also
-            saved there as ``sim_<variant>.npz`` (with its origin: experiment hash, fitting and
-            validation runs, the lambda search), the same file `simfluence fit` writes for
-            that variant and split.
+            saved there as ``sim_<variant>.npz`` (``sim_<variant>_margin.npz`` etc. for another
+            ``metric``: `choice_metrics.sim_file_name`), with its origin (experiment hash,
+            fitting and validation runs, the lambda search, the metric): the file `simfluence
+            fit` writes for that variant and split.
 
     Returns:
         JSON-ready dict: `{"variants": {name: {"all_steps_mse": {"mean", "stderr"},
@@ -421,6 +429,7 @@ def evaluate(
         variants = check_variants(variants)
     if (l2_a is None) != (l2_b is None):
         raise ValueError("give both l2_a and l2_b, or neither (then they are chosen on validation)")
+    metric = choice_metrics.check_metric(metric)
     runs = load_runs(exp_dir)
     needed = n_fit + n_valid + n_heldout
     if needed > len(runs):
@@ -429,11 +438,20 @@ def evaluate(
             f"{exp_dir}: split {n_fit},{n_valid},{n_heldout} needs {needed} complete runs but "
             f"there are {len(runs)} ({n_inc} incomplete); finish more runs or use a smaller split"
         )
-    fit_runs = runs[:n_fit]
-    valid_runs = runs[n_fit : n_fit + n_valid]
-    test_runs = runs[n_fit + n_valid : needed]
+    used = choice_metrics.with_metric(runs[:needed], metric)  # the trajectories to simulate
+    fit_runs = used[:n_fit]
+    valid_runs = used[n_fit : n_fit + n_valid]
+    test_runs = used[n_fit + n_valid : needed]
+    loss_only = tracin.TRACIN_VARIANTS + scheduled.PRIOR_VARIANTS
     if variants is None:
         variants = default_variants(fit_runs, [*valid_runs, *test_runs])
+        if metric != "loss":
+            variants = [v for v in variants if v not in loss_only]
+    elif metric != "loss" and set(variants) & set(loss_only):
+        raise ValueError(
+            f"--metric {metric}: {', '.join(v for v in variants if v in loss_only)} use "
+            "TracIn-CP's loss gradients and are loss-only; leave them out or use --metric loss"
+        )
     n_train = info["n_train"]
     fit_c = [r.curriculum for r in fit_runs]
     fit_l = [r.losses for r in fit_runs]
@@ -449,6 +467,8 @@ def evaluate(
             "fit_runs": [r.index for r in fit_runs],
             "valid_runs": [r.index for r in valid_runs],
         }
+        if metric != "loss":  # as `simfluence fit --metric` records it
+            origin["metric"] = metric
 
     # The mean trajectory is the reference of the skill score: always computed.
     delta = baselines.fit_mean_trajectory(fit_l)
@@ -504,7 +524,9 @@ def evaluate(
             if save_dir is not None:  # with the lambda search, as `fit --valid-runs` records it
                 # (momentum variants: the search at the chosen decay, the curve `figures` draws)
                 own = origin if search is None else {**origin, "lambda_search": _at(search, sim)}
-                simulators.save_simulator(save_dir / f"sim_{name}.npz", sim, origin=own)
+                simulators.save_simulator(
+                    save_dir / choice_metrics.sim_file_name(name, metric), sim, origin=own
+                )
             preds = _predict_simfluence(sim, test_runs)
             # An ablation ignores one lambda: report it as None (not applicable), not 0.
             extra = {
@@ -529,7 +551,7 @@ def evaluate(
         elif name in baselines.BASELINES:
             if save_dir is not None:  # no lambdas: no validation runs, as `fit` records it
                 baselines.save_baseline(
-                    save_dir / f"sim_{name}.npz",
+                    save_dir / choice_metrics.sim_file_name(name, metric),
                     baselines.fit_baseline(name, fit_l, n_train),
                     origin={**origin, "valid_runs": []},
                 )
@@ -550,7 +572,9 @@ def evaluate(
                 # as `fit` records it.
                 used = [r.index for r in valid_runs] if dsearch else []
                 tracin.save_tracin_simulator(
-                    save_dir / f"sim_{name}.npz", tsim, origin={**origin, "valid_runs": used}
+                    save_dir / choice_metrics.sim_file_name(name, metric),
+                    tsim,
+                    origin={**origin, "valid_runs": used},
                 )
             preds = [
                 tracin.simulate_tracin(tsim, r.curriculum, r.losses[0], r.lr) for r in test_runs
@@ -578,13 +602,18 @@ def evaluate(
         entry["skill_vs_mean_trajectory"] = skill
         entry["skill_undefined_reason"] = why
         entry.update(extra)
+        if metric == "margin":
+            entry["final_sign_accuracy"] = (
+                _sign_accuracy(preds, test_runs) if not diverged else {"mean": None, "stderr": None}
+            )
         entry["per_run"] = scores["per_run"]
         results[name] = entry
     bar.close()
     true_final = np.stack([r.losses[-1] for r in test_runs])
     for name, entry in results.items():
         entry[_VS_REF] = _versus(finals, name, REFERENCE_VARIANT, true_final)
-    return {
+    out = {
+        "metric": metric,
         "variants": results,
         "split": {
             "fit": [r.index for r in fit_runs],
@@ -604,3 +633,19 @@ def evaluate(
             "skill_vs_mean_trajectory = 1 - all_steps_mse / all_steps_mse(mean-trajectory)"
         ),
     }
+    if metric == "margin":
+        out["true_final_accuracy"] = mean_stderr(
+            [float((r.losses[-1] > 0).mean()) for r in test_runs]
+        )
+    return out
+
+
+def _sign_accuracy(preds: Sequence[np.ndarray], runs: Sequence[Run]) -> dict:
+    """Share of test examples whose simulated final margin has the true one's sign (> 0 or
+    not), mean +- stderr over the held-out runs."""
+    return mean_stderr(
+        [
+            float(((p[-1] > 0) == (r.losses[-1] > 0)).mean())
+            for p, r in zip(preds, runs, strict=True)
+        ]
+    )

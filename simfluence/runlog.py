@@ -10,6 +10,9 @@ write run logs without importing the simulator stack. Layout::
         curriculum.npy  # int32 [steps, batch]: positions in the training pool 0..n_train-1
         losses.npy      # float32 [steps + 1, n_test]: row 0 before the first step, row t after t
         lr.npy          # optional float32 [steps]: learning rate used at step t (index t-1)
+        choice_losses.npy  # optional float32 [steps + 1, n_test, C]: the loss of every answer
+                        #   choice; the gold choice's column (experiment.json "test_labels", or
+                        #   the column equal to losses.npy) is losses.npy bitwise
         metrics.jsonl   # optional, one line per step
         checkpoints/    # optional orbax checkpoints (finetune)
         tracin.npz      # optional: steps int32 [K], learning_rates float32 [K],
@@ -48,6 +51,7 @@ if TYPE_CHECKING:  # shape annotations only: this module stays numpy + json at r
 __all__ = [
     "RunLogError",
     "Run",
+    "gold_choices",
     "atomic_save_npy",
     "atomic_write_json",
     "atomic_savez",
@@ -75,6 +79,7 @@ EXAMPLES_FILE = "examples.json"
 CURRICULUM_FILE = "curriculum.npy"
 LOSSES_FILE = "losses.npy"
 LR_FILE = "lr.npy"
+CHOICE_LOSSES_FILE = "choice_losses.npy"
 META_FILE = "meta.json"
 TRACIN_FILE = "tracin.npz"
 TRACIN_MODES = ("exact", "projected")
@@ -470,6 +475,87 @@ def _validate_lr(lr: np.ndarray, origin: str, steps: int) -> np.ndarray:
     return out
 
 
+def gold_choices(
+    choice_losses: Float[np.ndarray, "T+1 n_test C"],
+    losses: Float[np.ndarray, "T+1 n_test"],
+    info: dict | None,
+    origin: str,
+) -> np.ndarray:
+    """The gold choice of every tracked test example, checked against the run's losses.
+
+    From experiment.json's ``test_labels`` when present, else the first column of
+    ``choice_losses`` that equals ``losses`` at every step (runs written before the labels were
+    recorded).
+
+    Args:
+        choice_losses: float32 [steps + 1, n_test, C].
+        losses: float32 [steps + 1, n_test], the run's losses.npy.
+        info: experiment.json's content (or None).
+        origin: the choice-losses file, for messages.
+
+    Returns:
+        int64 [n_test] gold choice indices.
+
+    Raises:
+        RunLogError: bad labels, or a gold column that is not ``losses`` bitwise.
+    """
+    n, c = choice_losses.shape[1:]
+    same = (choice_losses == losses[..., None]).all(0)  # [n_test, C]
+    labels = None if info is None else info.get("test_labels")
+    if labels is None:
+        if not same.any(1).all():
+            i = int(np.flatnonzero(~same.any(1))[0])
+            raise _error(
+                f"{origin}: no answer choice of test example {i} equals its losses.npy column; "
+                "the gold choice's loss must be losses.npy bitwise: rewrite the run"
+            )
+        return same.argmax(1).astype(np.int64)
+    arr = np.asarray(labels)
+    if (
+        arr.shape != (n,)
+        or not np.issubdtype(arr.dtype, np.integer)
+        or (arr < 0).any()
+        or (arr >= c).any()
+    ):
+        raise _error(
+            f"{origin}: experiment.json test_labels must be {n} integers in 0..{c - 1} (one "
+            "gold choice per tracked test example); fix experiment.json"
+        )
+    bad = ~same[np.arange(n), arr]
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise _error(
+            f"{origin}: the gold choice ({int(arr[i])}) of test example {i} differs from "
+            "losses.npy; the gold column must be losses.npy bitwise: rewrite the run"
+        )
+    return arr.astype(np.int64)
+
+
+def _validate_choice_losses(
+    choice: np.ndarray, origin: str, losses: np.ndarray, info: dict | None
+) -> np.ndarray:
+    if not np.issubdtype(choice.dtype, np.floating):
+        raise _error(
+            f"{origin}: choice losses dtype is {choice.dtype}, expected float32 "
+            "[steps+1, n_test, C]"
+        )
+    if choice.ndim != 3 or choice.shape[:2] != losses.shape or choice.shape[2] < 2:
+        raise _error(
+            f"{origin}: choice losses shape is {choice.shape}, expected "
+            f"[{losses.shape[0]}, {losses.shape[1]}, C] (steps+1, n_test, C >= 2 answer "
+            "choices) as losses.npy"
+        )
+    out = choice.astype(np.float32, copy=False)
+    if not np.isfinite(out).all():
+        row, col, k = (int(v) for v in np.argwhere(~np.isfinite(out))[0])
+        raise _error(
+            f"{origin}: non-finite loss {out[row, col, k]} at step {row}, test example {col}, "
+            f"choice {k}; rerun the run or delete choice_losses.npy"
+        )
+    gold_choices(out, losses, info, origin)
+    return out
+
+
 def _experiment_for_run(run_path: Path) -> dict | None:
     parent = run_path.parent
     if parent.name == COUNTERFACTUAL_DIR and not (parent / EXPERIMENT_FILE).is_file():
@@ -486,6 +572,7 @@ def write_run(
     losses: Float[ArrayLike, "T+1 n_test"],
     meta: dict | None = None,
     lr: Float[ArrayLike, " T"] | None = None,
+    choice_losses: Float[ArrayLike, "T+1 n_test C"] | None = None,
 ) -> Path:
     """Validate and write one complete run; `meta.json` is written last.
 
@@ -499,12 +586,15 @@ def write_run(
         losses: float [steps + 1, n_test] per-test-example losses; row 0 before the first step.
         meta: extra JSON metadata; `status` is set to "complete".
         lr: optional float [steps], learning rate used at each step (None removes lr.npy).
+        choice_losses: optional float [steps + 1, n_test, C], the loss of every answer choice
+            (None removes choice_losses.npy); its gold column must equal ``losses`` bitwise.
 
     Returns:
         The run folder.
 
     Raises:
-        RunLogError: wrong dtype/shape, ids outside 0..n_train-1, non-finite values.
+        RunLogError: wrong dtype/shape, ids outside 0..n_train-1, non-finite values, choice
+            losses whose gold column is not ``losses``.
     """
     path = Path(run_dir)
     info = _experiment_for_run(path)
@@ -513,6 +603,11 @@ def write_run(
     cur = _validate_curriculum(np.asarray(curriculum), f"{path / CURRICULUM_FILE}", n_train)
     los = _validate_losses(np.asarray(losses), f"{path / LOSSES_FILE}", cur.shape[0], n_test)
     lr_arr = None if lr is None else _validate_lr(np.asarray(lr), f"{path / LR_FILE}", cur.shape[0])
+    choice = None
+    if choice_losses is not None:
+        choice = _validate_choice_losses(
+            np.asarray(choice_losses), str(path / CHOICE_LOSSES_FILE), los, info
+        )
     meta_out = dict(meta or {})
     meta_out["status"] = "complete"
     try:
@@ -527,6 +622,10 @@ def write_run(
         atomic_save_npy(path / LR_FILE, lr_arr)
     else:
         (path / LR_FILE).unlink(missing_ok=True)
+    if choice is not None:
+        atomic_save_npy(path / CHOICE_LOSSES_FILE, choice)
+    else:
+        (path / CHOICE_LOSSES_FILE).unlink(missing_ok=True)
     atomic_write_json(path / META_FILE, meta_out)
     return path
 
@@ -583,6 +682,10 @@ class Run:
         losses: float32 [T + 1, n_test] test losses; row 0 before the first step.
         lr: float32 [T] learning rate per step, or None when lr.npy is absent.
         meta: contents of meta.json.
+        choice_losses: float32 [T + 1, n_test, C] the loss of every answer choice, or None
+            when choice_losses.npy is absent.
+        gold: int64 [n_test] the gold choice of each test example (None without
+            choice_losses.npy); ``choice_losses[:, i, gold[i]]`` is ``losses[:, i]``.
     """
 
     index: int
@@ -591,6 +694,8 @@ class Run:
     losses: Float[np.ndarray, "T+1 n_test"] = field(repr=False)
     lr: Float[np.ndarray, " T"] | None = field(repr=False)
     meta: dict = field(repr=False)
+    choice_losses: Float[np.ndarray, "T+1 n_test C"] | None = field(default=None, repr=False)
+    gold: Int[np.ndarray, " n_test"] | None = field(default=None, repr=False)
 
     @property
     def steps(self) -> int:
@@ -631,13 +736,29 @@ def _read_run(index: int, path: Path, info: dict) -> Run:
     lr = None
     if (path / LR_FILE).is_file():
         lr = _validate_lr(_load_npy(path / LR_FILE, "lr.npy"), str(path / LR_FILE), cur.shape[0])
+    choice = gold = None
+    if (path / CHOICE_LOSSES_FILE).is_file():
+        origin = str(path / CHOICE_LOSSES_FILE)
+        choice = _validate_choice_losses(
+            _load_npy(path / CHOICE_LOSSES_FILE, "choice_losses.npy"), origin, losses, info
+        )
+        gold = gold_choices(choice, losses, info, origin)
     meta = _read_json(path / META_FILE, "meta.json")
     if not isinstance(meta, dict):
         raise _error(f"{path / META_FILE}: expected a JSON object")
-    for arr in (cur, losses, lr):
+    for arr in (cur, losses, lr, choice, gold):
         if arr is not None:
             arr.setflags(write=False)
-    return Run(index=index, path=path, curriculum=cur, losses=losses, lr=lr, meta=meta)
+    return Run(
+        index=index,
+        path=path,
+        curriculum=cur,
+        losses=losses,
+        lr=lr,
+        meta=meta,
+        choice_losses=choice,
+        gold=gold,
+    )
 
 
 def _format_indices(indices: Iterable[int]) -> str:

@@ -18,6 +18,7 @@ from finetune.data import (
 from finetune.distributed import batch_sharding, make_mesh, place, put, rows_sharding
 from finetune.model import make_per_example_loss, make_score_choices, partition, trainable_mask
 from finetune.steps import broadcast_runs, make_optimizer, make_programs
+from finetune.trainer import _choice_rows, _gold
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32 reassociation only; fixed before running
 
@@ -102,7 +103,7 @@ def _train(s, devices, curricula, multiple=24, test_multiple=8):
         batch = {k: put(v, sharding) for k, v in batch.items()}
         tr, op, tl, te = progs["step"](tr, op, fr, batch, tracked.buckets)
         train.append(np.asarray(tl))
-        test.append(tracked.scatter(np.asarray(te)))
+        test.append(_gold(_choice_rows(te, tracked), tracked))  # the gold choice's loss
     return np.stack(train, 1), np.stack(test, 1), jax.device_get(tr), progs
 
 
@@ -148,6 +149,42 @@ def test_bucketed_tracked_losses_match_unpadded_reference(setup):
         want = jax.jit(setup["fns"][0])(params, {"inputs": inputs, "targets": targets})
         np.testing.assert_allclose(test[r, -1], np.asarray(want), **TOL)
     assert np.unique(np.round(test[0, -1], 4)).size == len(inputs)  # distinct: order checked
+
+
+def test_logged_choice_losses_are_each_choices_own_loss(setup, tmp_path):
+    """choice_losses.npy: every answer choice's logged loss (length buckets, choice scoring,
+    scatter) against that choice's per-example loss computed directly (one batch at full width,
+    no buckets), at weights other than the initial ones; the gold column and the run-log round
+    trip. The programs and shapes are those the tests above compiled (one run: the run axis is
+    checked there)."""
+    from finetune.model import combine
+    from simfluence import runlog
+
+    mesh, progs = _programs(setup, jax.devices()[:1])
+    inputs, _, choices, labels, _ = setup["test"]
+    tracked = make_tracked_set(*setup["test"], multiple=4, n_devices=1, mesh=mesh)
+    assert len(tracked.buckets) > 1
+    tr = jax.tree.map(lambda x: x * np.asarray(1.2, x.dtype), broadcast_runs(setup["trainable"], 1))
+    te = progs["test_losses"](place(tr, mesh), place(setup["frozen"], mesh), tracked.buckets)
+    choice = _choice_rows(te, tracked)[0]  # [n_test, C], as the trainer logs it
+    gold = _gold(choice, tracked)
+    n = len(labels)
+    assert choice.shape == (n, 2) and choice.dtype == np.float32
+    params = combine(jax.tree.map(lambda x: x[0], tr), setup["frozen"])
+    direct = jax.jit(setup["fns"][0])
+    for k in range(2):
+        want = direct(params, {"inputs": inputs, "targets": choices[:, k]})
+        np.testing.assert_allclose(choice[:, k], np.asarray(want), **TOL)
+    np.testing.assert_array_equal(gold, choice[np.arange(n), labels])
+    assert np.abs(choice[:, 0] - choice[:, 1]).min() > 1e-4  # the choices differ
+    # The run log takes them: the gold column is losses.npy bitwise, the labels come back.
+    exp = tmp_path / "exp"
+    runlog.write_experiment(exp, {"n_train": 16, "n_test": n, "test_labels": labels.tolist()})
+    cur = np.zeros((1, 2), np.int32)
+    runlog.write_run(
+        runlog.run_dir(exp, 0), cur, np.stack([gold] * 2), choice_losses=choice[None][[0, 0]]
+    )
+    np.testing.assert_array_equal(runlog.load_runs(exp)[0].gold, labels)
 
 
 def test_gather_batch_pads_to_multiple_of_own_max(setup):
@@ -211,7 +248,10 @@ def test_capped_buckets_log_the_same_losses_and_compile_logging_once(setup):
         for k in (None, 1)
     ]
     assert len(sets[0].buckets) > 1 and len(sets[1].buckets) == 1
-    losses = [s.scatter(np.asarray(progs["test_losses"](tr, fr, s.buckets))) for s in sets]
+    losses = [
+        s.scatter(np.moveaxis(np.asarray(progs["test_losses"](tr, fr, s.buckets)), -1, 1))
+        for s in sets
+    ]
     np.testing.assert_allclose(losses[1], losses[0], **TOL)
 
     op = place(broadcast_runs(setup["optimizer"].init(setup["trainable"]), 1), mesh)
@@ -299,7 +339,7 @@ def _train_ia3(s, devices, curricula, groups):
             batch = {k: put(v, sharding) for k, v in batch.items()}
             tr, op, tl, te = progs["step"](tr, op, fr, batch, tracked.buckets)
         train.append(np.asarray(tl))
-        test.append(tracked.scatter(np.asarray(te)))
+        test.append(_gold(_choice_rows(te, tracked), tracked))  # the gold choice's loss
     return np.stack(train, 1), np.stack(test, 1), jax.device_get(tr)
 
 

@@ -143,7 +143,7 @@ def test_proposals_follow_their_kind(exp, scored):
     data = runlog.read_proposals(exp)
     props, curs = data["proposals"], data["curricula"]
     sim = simulators.load_simulator(exp / "sim_linear.npz")
-    assert len(props) == 4 * len(cf.KINDS)
+    assert len(props) == 4 * len(cf.DEFAULT_KINDS)
     for p, cur in zip(props, curs, strict=True):
         base = runlog.load_runs(exp, [p["base_run"]])[0]
         assert cur.shape == base.curriculum.shape
@@ -240,7 +240,7 @@ def test_bad_input_is_one_line_and_writes_nothing(exp, scored, capsys, tmp_path)
     keep = [props, folder / "report.json"]
     base = ["counterfactual", "propose", exp, "--base-runs", "8-11", "--targets", "4"]
     _bad([*base, "--k", "4"], capsys, "differs: settings.k", keep)
-    _bad([*base, "--k", "3", "--kinds", "reorder,flip"], capsys, "unknown proposal kind", keep)
+    _bad([*base, "--k", "3", "--kinds", "reorder,flop"], capsys, "unknown proposal kind", keep)
     _bad([*base[:3], "--base-runs", "8,40"], capsys, "run 40 not found", keep)
     _bad([*base[:3], "--base-runs", "5"], capsys, "were fitting or validation runs", keep)
     # A fresh experiment for the rest, so the refusals are not the "other settings" one.

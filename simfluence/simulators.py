@@ -44,7 +44,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
 from simfluence import _solvers, scheduled
-from simfluence.runlog import atomic_savez
+from simfluence.runlog import atomic_savez, first_non_finite, release_pages
 from simfluence.scheduled import PRIOR_VARIANTS, SCHEDULED_VARIANTS
 
 # The schedule-free variants; SCHEDULED_VARIANTS (learning-rate aware) are fitted here too.
@@ -178,10 +178,10 @@ def _check_losses(loss, steps: int, n_test: int | None, what: str) -> np.ndarray
             f"{what}: losses have shape {arr.shape}; expected {want} "
             "(row 0 before the first step, row t after step t)"
         )
-    arr = arr.astype(np.float32, copy=False)
-    finite = np.isfinite(arr)
-    if not finite.all():
-        step, test = np.argwhere(~finite)[0]
+    arr = arr.astype(np.float32, copy=False)  # a float32 memory-mapped log stays mapped
+    step, test = first_non_finite(arr)
+    release_pages(arr)
+    if step >= 0:
         raise ValueError(
             f"{what}: non-finite loss {arr[step, test]} at step {step}, test example {test}; "
             "drop or repair that run"
@@ -343,10 +343,14 @@ class _Problem:
             self.structure, x, y, lam, prior, self.use_x, self.use_one, tol, max_iter, start
         )
         rel, floor = info["rel_residual"], info["floor"]
-        bad = ~(rel <= np.maximum(tol, floor))  # NaN counts as not converged
+        # Per column: `tol`, or tighter where an underdetermined fit needs it to bound the
+        # coefficient error (`_solvers.COEF_TOL`).
+        col_tol = info.get("tol", tol)
+        bad = ~(rel <= np.maximum(col_tol, floor))  # NaN counts as not converged
         if bad.any():
             k = int(np.argmax(np.where(bad, np.nan_to_num(rel, nan=np.inf), -1.0)))
             worst, at = float(rel[k]), float(floor[k])
+            tol = float(np.broadcast_to(col_tol, rel.shape)[k])
             if report is not None:
                 report.append((worst, at))
             else:
@@ -372,6 +376,7 @@ class _Problem:
             prev = loss[:-1, j0:j1]
             x[r : r + t, : j1 - j0] = prev
             y[r : r + t, : j1 - j0] = loss[1:, j0:j1] - prev
+            release_pages(loss)  # a memory-mapped log: read a run at a time
             r += t
         if self.w is not None:
             x *= self.w[:, None]

@@ -19,6 +19,12 @@ The solution is stored in float32, so a residual below the float32 rounding floo
 to float32 can cost at worst) cannot be reached; `solve` reports that floor beside the residual so
 callers can tell "stopped early" from "as exact as float32 coefficients can be".
 
+The whole solve, refinement included, is one compiled call: blocks of `BLOCK` test columns are
+solved one after another by `lax.map` and split over every device of `mesh()` by `shard_map`
+(test columns are independent). With fewer rows than unknowns a small residual does not mean
+small coefficient errors; there each column must also reach the bound ``||r|| / min(lam) <=
+COEF_TOL ||theta||`` (or its float32 floor). Notes and measurements: docs/solver.md.
+
 References:
     Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
 """

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finetune import experiment as E
-from finetune.config import ExperimentConfig
+from finetune.config import TRACIN_FIELDS, ExperimentConfig
 from finetune.curricula import make_curriculum
 from finetune.data import (
     TrackedSet,
@@ -72,10 +72,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _same_config(info: dict, config: ExperimentConfig) -> list[str]:
-    """Names of the config fields that differ between a workdir's experiment.json and config."""
+    """Names of the config fields that differ between a workdir's experiment.json and config.
+
+    The TracIn-CP settings (``TRACIN_FIELDS``) are not compared: they choose how the runs are
+    post-processed, not the runs, and each tracin.npz records the settings it was computed with
+    (so a run that does not fit in exact mode can be continued with ``--set
+    tracin_mode=projected``). Experiments recorded before those fields existed hold none.
+    """
     old = info.get("config", {})
     new = json.loads(json.dumps(config.to_dict(), default=str))
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    keys = (set(old) | set(new)) - set(TRACIN_FIELDS)
+    return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
 def _check_out(exp_dir: Path) -> None:
@@ -199,6 +206,7 @@ def prepare_experiment(
     *,
     data_dir: str | Path | None,
     tokenizer: str | None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Draws the pool and tracked test set once and writes data.npz, examples.json, then
     experiment.json (last). A workdir that already holds the config is reused unchanged.
@@ -212,6 +220,8 @@ def prepare_experiment(
         exp_dir: output folder.
         data_dir: local data directory (layout of ../shared/data); None loads from the hub.
         tokenizer: tokenizer path or name; None: SIMFLUENCE_TOKENIZER, config.tokenizer, model.
+        overrides: the ``--set KEY=VALUE`` strings applied to ``config``; recorded in a fresh
+            experiment.json (``overrides``).
 
     Returns:
         experiment.json's content.
@@ -220,7 +230,9 @@ def prepare_experiment(
         TaskError, ExperimentError, CheckpointError, TokenizerError: bad input (see
             `finetune.cli` for the exit code).
     """
-    return _prepare(config, Path(exp_dir), data_dir=data_dir, tokenizer=tokenizer)[0]
+    return _prepare(
+        config, Path(exp_dir), data_dir=data_dir, tokenizer=tokenizer, overrides=overrides
+    )[0]
 
 
 def _prepare(
@@ -230,12 +242,15 @@ def _prepare(
     data_dir: str | Path | None,
     tokenizer: str | None,
     budget: int | None = None,
+    overrides: Sequence[str] = (),
 ) -> tuple[dict, Any]:
     """`prepare_experiment`, also returning the base model it built to check it.
 
     Args:
         budget: ``run_experiment``'s ``max_steps_this_call``: refused here, after the workdir
             check and before anything is written, when it would keep nothing (`_check_budget`).
+        overrides: the ``--set KEY=VALUE`` strings already applied to ``config``, recorded in
+            a fresh experiment.json as ``overrides``.
 
     Returns:
         (experiment.json's content, `E.build_base_model(config)` or None when an existing
@@ -358,6 +373,7 @@ def _prepare(
         "tokenizer": _tokenizer_key(tok_name),
         "data_dir": None if data_dir is None else _data_key(data_dir),
         "config": json.loads(json.dumps(config.to_dict(), default=str)),
+        "overrides": list(overrides),
     }
     runlog.write_experiment(exp_dir, info)
     return runlog.read_experiment(exp_dir), base
@@ -639,6 +655,7 @@ def run_experiment(
     devices: Sequence | None = None,
     progress: bool = True,
     max_steps_this_call: int | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Trains (or continues) every run of an experiment.
 
@@ -653,6 +670,9 @@ def run_experiment(
             time-limited jobs); the runs in progress stay incomplete and resume from their latest
             checkpoint on the next call, so steps after it are redone. A group that this budget
             could not take to a checkpoint (or to its end) is not started.
+        overrides: ``--set KEY=VALUE`` strings already applied to ``config`` (see
+            `finetune.config.apply_overrides`); recorded in experiment.json. Resuming compares
+            the resulting config, as without overrides.
 
     Returns:
         {"complete": [run indices], "interrupted": bool, "seconds": float, "stop": None or
@@ -668,7 +688,12 @@ def run_experiment(
     exp_dir = Path(exp_dir)
     E.check_backend(config)
     _, base = _prepare(
-        config, exp_dir, data_dir=data_dir, tokenizer=tokenizer, budget=max_steps_this_call
+        config,
+        exp_dir,
+        data_dir=data_dir,
+        tokenizer=tokenizer,
+        budget=max_steps_this_call,
+        overrides=overrides,
     )
     if base is None:  # an existing workdir: the model was not needed to prepare it
         base = E.build_base_model(config)

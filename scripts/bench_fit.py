@@ -10,6 +10,15 @@ Prints the device, the ratio and the process peak memory.
     python scripts/bench_fit.py                    # the issue's default sizes (CPU: ~2-4 min)
     python scripts/bench_fit.py --n-train 10000    # 20 runs x 20000 steps, no dense baseline
 
+With --cli the experiment is written to disk (run-log format, `simfluence demo-data`'s
+generator) and the whole `simfluence fit` command line is timed in a subprocess, with its peak
+resident memory (ru_maxrss) against the size of the loss logs; the strong baseline, a dense
+Cholesky per test example of the normal equations assembled from a sparse design (scipy), is
+timed on --dense-tests test examples in the same run and scaled to all of them:
+
+    python scripts/bench_fit.py --cli              # issue 16 part 3: n = m = 1000, 20 x 2000, b 4
+    python scripts/bench_fit.py --cli --n-train 10000 --steps 10000 --batch 8 --dense-tests 1
+
 GPU: the same command; nothing here imports `datasets` or torch.
 
 References:
@@ -79,6 +88,113 @@ def _dense_fit_one(ids, x, y, n_train, l2_a, l2_b, a0, assemble):
     return theta[:n], theta[n:]
 
 
+def _cholesky_fit_one(ids, x, y, n_train, l2_a, l2_b, a0):
+    """The strong baseline, one test example, float64: sparse design X [rows, 2n] (scipy),
+    normal equations X^T X assembled sparse then made dense, Cholesky (scipy.linalg)."""
+    import scipy.linalg
+    import scipy.sparse
+
+    rows, b = ids.shape
+    r = np.repeat(np.arange(rows), b)
+    M = scipy.sparse.csr_matrix(
+        (np.ones(rows * b), (r, ids.ravel())), shape=(rows, n_train)
+    )  # repeats summed
+    X = scipy.sparse.hstack([M.multiply(x[:, None]), M]).tocsr()
+    G = (X.T @ X).toarray()
+    d = np.arange(2 * n_train)
+    G[d, d] += np.repeat([l2_a, l2_b], n_train)
+    rhs = X.T @ y
+    rhs[:n_train] += l2_a * a0
+    # At n_train = 10^4 (a 20000 x 20000 matrix) this Cholesky, and scipy's cho_factor, ended
+    # in a segfault inside OpenBLAS on the 2-core CPU: the large-size baseline is unmeasured.
+    L = np.linalg.cholesky(G)
+    del G
+    z = scipy.linalg.solve_triangular(L, rhs, lower=True, check_finite=False)
+    theta = scipy.linalg.solve_triangular(L.T, z, lower=False, check_finite=False)
+    return theta[:n_train], theta[n_train:]
+
+
+def _cli_bench(args, steps: int) -> None:
+    """Times `simfluence fit` on an experiment on disk against the Cholesky baseline."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from simfluence import runlog
+
+    keep = args.exp_dir is not None
+    exp = Path(args.exp_dir or tempfile.mkdtemp(prefix="bench_fit_")) / "exp"
+    try:
+        want = {"n_train": args.n_train, "n_test": args.n_test}
+        reuse = (exp / "experiment.json").is_file() and all(
+            runlog.read_experiment(exp).get(k) == v for k, v in want.items()
+        )
+        reuse = reuse and len(runlog.list_runs(exp)) == args.runs
+        if not reuse:
+            t0 = time.perf_counter()
+            demo_data.make_demo_experiment(
+                exp,
+                n_runs=args.runs,
+                n_train=args.n_train,
+                n_test=args.n_test,
+                batch=args.batch,
+                steps=steps,
+                seed=args.seed,
+                overwrite=exp.exists(),
+            )
+            print(f"wrote {exp} in {time.perf_counter() - t0:.1f} s")
+        logs = sum((p / "losses.npy").stat().st_size for _, p, _ in runlog.list_runs(exp))
+        print(f"loss logs: {logs / 2**30:.3f} GiB ({args.runs} runs x {steps + 1} x {args.n_test})")
+        out = exp.parent / "sim.npz"
+        cmd = [sys.executable, "-m", "simfluence.cli", "fit", str(exp), "--runs"]
+        cmd += [f"0-{args.runs - 1}", "--l2-a", str(args.l2_a), "--l2-b", str(args.l2_b)]
+        cmd += ["--out", str(out)]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        if status != 0:
+            raise SystemExit(f"simfluence fit failed (status {status})")
+        peak = usage.ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
+        print(
+            f"simfluence fit (whole CLI, subprocess): {wall:.2f} s wall, {usage.ru_utime:.1f} s "
+            f"user + {usage.ru_stime:.1f} s sys CPU; peak memory (ru_maxrss) {peak / 2**30:.3f} "
+            f"GiB = {peak / logs:.2f}x the loss logs; load average {os.getloadavg()[0]:.1f} now"
+        )
+        if args.dense_tests == 0:
+            return
+        sim = S.load_simulator(out)
+        runs = runlog.load_runs(exp)
+        ids = np.concatenate([r.curriculum for r in runs])
+        a0 = 1.0 / args.batch
+        tests = np.linspace(0, args.n_test - 1, args.dense_tests).astype(int)
+        times, errs = [], []
+        for j in tests:
+            x = np.concatenate([r.losses[:-1, j] for r in runs]).astype(np.float64)
+            y = np.concatenate([r.losses[1:, j] for r in runs]).astype(np.float64)
+            t1 = time.perf_counter()
+            dA, dB = _cholesky_fit_one(ids, x, y, args.n_train, args.l2_a, args.l2_b, a0)
+            times.append(time.perf_counter() - t1)
+            fA, fB = np.asarray(sim.A[j], np.float64), np.asarray(sim.B[j], np.float64)
+            dev = np.concatenate([dA - a0, dB])
+            got = np.concatenate([fA - a0, fB])
+            errs.append(np.linalg.norm(got - dev) / np.linalg.norm(dev))
+        per = statistics.median(times)
+        total = per * args.n_test
+        print(
+            f"strong baseline (sparse design, assembled normal equations, dense Cholesky): "
+            f"{per:.3f} s per test example (median of {len(tests)}) -> {total:.0f} s for "
+            f"{args.n_test}; ratio vs the whole CLI: {total / wall:.0f}x"
+        )
+        print(
+            f"largest relative difference of (A - a0, B) from the Cholesky solution over "
+            f"{len(tests)} test examples: {max(errs):.2e}"
+        )
+    finally:
+        if not keep:
+            shutil.rmtree(exp.parent, ignore_errors=True)
+
+
 def _timed(fn, *args, **kw):
     t0 = time.perf_counter()
     out = fn(*args, **kw)
@@ -128,6 +244,18 @@ def main(argv=None) -> None:
         default=3,
         help="warm calls per variant (and rollout); their median is reported",
     )
+    p.add_argument(
+        "--cli",
+        action="store_true",
+        help="write the experiment to disk and time the `simfluence fit` CLI in a subprocess "
+        "(wall time, peak memory) against the Cholesky baseline",
+    )
+    p.add_argument(
+        "--exp-dir",
+        default=None,
+        help="with --cli: keep the experiment in DIR/exp and reuse it when its sizes match "
+        "(default: a temporary folder, removed afterwards)",
+    )
     args = p.parse_args(argv)
     steps = args.steps if args.steps is not None else 2 * args.n_train
     variants = [v for v in args.variants.split(",") if v]
@@ -144,6 +272,9 @@ def main(argv=None) -> None:
         f"steps={steps} batch={args.batch} (rows={args.runs * steps}, "
         f"each example seen ~{args.runs * steps * args.batch / args.n_train:.0f} times)"
     )
+    if args.cli:
+        _cli_bench(args, steps)
+        return
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     A_true, B_true = demo_data.synthetic_simulator(rng, args.n_train, args.n_test, args.batch)

@@ -19,6 +19,12 @@ The solution is stored in float32, so a residual below the float32 rounding floo
 to float32 can cost at worst) cannot be reached; `solve` reports that floor beside the residual so
 callers can tell "stopped early" from "as exact as float32 coefficients can be".
 
+The whole solve, refinement included, is one compiled call: blocks of `BLOCK` test columns are
+solved one after another by `lax.map` and split over every device of `mesh()` by `shard_map`
+(test columns are independent). With fewer rows than unknowns a small residual does not mean
+small coefficient errors; there each column must also reach the bound ``||r|| / min(lam) <=
+COEF_TOL ||theta||`` (or its float32 floor). Notes and measurements: docs/solver.md.
+
 References:
     Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
 """
@@ -26,11 +32,14 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import os
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 # Unit roundoff of float32 (round to nearest): |fl(v) - v| <= U32 |v|.
@@ -40,6 +49,11 @@ U32 = 2.0**-24
 # float64 relative residual per test column, and CG iterations per refinement round.
 DEFAULT_TOL = 1e-7
 DEFAULT_MAX_ITER = 1000
+
+# Underdetermined fits (fewer rows than unknowns) with every lambda > 0: each column must also
+# reach the coefficient error bound ||theta - theta*|| <= ||r|| / min(lam) <= COEF_TOL ||theta||
+# (theta: the deviation from the reference A = 1/batch, B = 0), or its float32 floor.
+COEF_TOL = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +135,12 @@ def solve(
     by float32 preconditioned CG (asked for the remaining reduction, but at most `inner_tol`);
     rounds stop once every test column's float64 relative residual is below `tol`.
 
+    The whole solve, refinement rounds included, is one compiled call: the test columns are cut
+    into blocks of `BLOCK` (padded with zero columns), each block is solved to completion by a
+    `lax.map` (so a block's working set stays small), and the blocks are split over every device
+    of `mesh()` with `shard_map` (test columns are independent, so no device talks to another
+    except to return the result). The result does not depend on the number of devices.
+
     Args:
         structure: the shared design sparsity.
         x: f32 [rows, n] A-column value per row and test example: the observed L_{t-1}, times
@@ -138,85 +158,338 @@ def solve(
         max_rounds: cap on refinement rounds.
 
     Returns:
-        (theta f32 [n, F, n_train], info dict: "iterations" (total CG iterations), "rounds",
-        "rel_residual" f64 [n], "floor" f64 [n]). "floor" is the float32 rounding floor of each
-        column's solution, u ||(|X|^T |X| + diag(lam)) |theta| || / ||rhs|| with u = 2^-24: the
-        largest relative residual that rounding the exact solution to float32 can cause. A
-        column with rel_residual above `tol` but within its floor is as exact as float32
-        coefficients allow; refinement rounds cannot take it below.
+        (theta f32 [n, F, n_train], info dict: "iterations" (CG iterations of the slowest
+        block, all rounds), "rounds" (refinement rounds of the slowest block), "rel_residual"
+        f64 [n], "floor" f64 [n]). "floor" is the float32 rounding floor of each column's
+        solution, u ||(|X|^T |X| + diag(lam)) |theta| || / ||rhs|| with u = 2^-24: the largest
+        relative residual that rounding the exact solution to float32 can cause. A column with
+        rel_residual above `tol` but within its floor is as exact as float32 coefficients allow;
+        refinement rounds cannot take it below.
     """
-    n = x.shape[1]
+    n = int(x.shape[1])
     n_f = int(use_x) + int(use_one)
+    mesh_ = mesh()
+    n_dev = mesh_.devices.size
+    block = min(BLOCK, -(-n // n_dev))  # no device gets only padding at small n
+    n_pad = -(-n // (block * n_dev)) * block * n_dev
     lam = np.asarray(lam, np.float32)
     prior = np.asarray(prior, np.float32)
     per_coef = prior.ndim == 3
+    cols = NamedSharding(mesh_, P(None, "data"))  # [rows, n]: test columns split
+    tests = NamedSharding(mesh_, P("data"))  # [n, ...]: test examples split
+    x = _put(_pad_axis(x, 1, n_pad, np.float32), cols)
+    y = _put(_pad_axis(y, 1, n_pad, np.float32), cols)
     if per_coef:
-        prior_j = jnp.transpose(jnp.asarray(prior), (2, 1, 0))  # [n_train, F, n]
+        prior_in = _put(_pad_axis(prior, 0, n_pad, np.float32), tests)  # [n, F, n_train]
     else:
-        prior_j = jnp.asarray(prior)[None, :, None]  # [1, F, 1]
+        prior_in = _put(np.broadcast_to(prior[None, :, None], (1, n_f, 1)), _replicated(mesh_))
     if x0 is None:
-        theta = jnp.broadcast_to(prior_j, (structure.n_train, n_f, n))
+        theta0 = None
     else:
-        theta = jnp.transpose(jnp.asarray(x0, jnp.float32), (2, 1, 0))  # [n_train, F, n]
-    x = jnp.asarray(x, jnp.float32)
-    y = jnp.asarray(y, jnp.float32)
-    w = structure.w
-    kw = dict(n_train=structure.n_train, use_x=use_x, use_one=use_one)
-    precond_blocks = _blocks(
-        structure.ids,
-        structure.count_sq,
-        structure.rep_rows,
-        structure.rep_ids,
-        structure.rep_extra,
+        theta0 = _put(_pad_axis(x0, 0, n_pad, np.float32), tests)  # [n, F, n_train]
+    # Fewer rows than unknowns: X^T X is singular, the smallest eigenvalue of the normal matrix
+    # is min(lam), and a small residual no longer means small coefficient errors. There the
+    # columns must also certify a coefficient error bound (see `COEF_TOL`).
+    underdetermined = int(x.shape[0]) < n_f * structure.n_train
+    coef_tol = COEF_TOL if underdetermined and float(lam.min()) > 0 else 0.0
+    with _x64():
+        theta, rel, floor, eff, iters, rounds = _solve_device(
+            mesh_,
+            structure,
+            x,
+            y,
+            jnp.asarray(lam),
+            prior_in,
+            theta0,
+            jnp.float64(tol),
+            jnp.float64(coef_tol),
+            jnp.float32(inner_tol),
+            jnp.int32(max_iter),
+            block=block,
+            use_x=bool(use_x),
+            use_one=bool(use_one),
+            max_rounds=int(max_rounds),
+            per_coef=per_coef,
+        )
+        rel, floor, eff = _host(rel)[:n], _host(floor)[:n], _host(eff)[:n]
+        iters, rounds = _host(iters), _host(rounds)
+    if jax.process_count() > 1:
+        theta = _host(theta)
+    info = {
+        "iterations": int(iters.max()),
+        "rounds": int(rounds.max()),
+        "rel_residual": np.asarray(rel, np.float64),
+        "floor": np.asarray(floor, np.float64),
+        "tol": np.asarray(eff, np.float64),
+    }
+    return theta[:n], info
+
+
+# Test columns per block of the compiled solve: each block runs its own CG to completion, so its
+# [rows, BLOCK] arrays stay in cache; wider blocks amortise the gathers' index work. Measured on
+# the 2-core CPU (docs/solver.md): 16-32 columns per block were ~2x faster per column-iteration
+# than one block of 800.
+BLOCK = 32
+
+
+def initialize_distributed() -> bool:
+    """Joins a multi-process JAX job when the environment describes one (else does nothing).
+
+    The same variables as `finetune run` (simfluence does not import finetune):
+    ``SIMFLUENCE_COORDINATOR`` (``HOST:PORT`` of process 0), ``SIMFLUENCE_NUM_PROCESSES`` and
+    ``SIMFLUENCE_PROCESS_ID``, all three; or ``SIMFLUENCE_DISTRIBUTED=1`` for JAX's automatic
+    cluster detection (Cloud TPU, Slurm, Open MPI). Call it before any other JAX call; every
+    process then loads the same runs and `solve` splits the test columns over the devices of
+    all processes. Returns whether the distributed runtime is on.
+
+    Raises:
+        ValueError: only some of the three variables are set, or one is malformed.
+    """
+    global _DISTRIBUTED
+    if _DISTRIBUTED is not None:
+        return _DISTRIBUTED
+    env = os.environ
+    names = ("SIMFLUENCE_COORDINATOR", "SIMFLUENCE_NUM_PROCESSES", "SIMFLUENCE_PROCESS_ID")
+    given = [n for n in names if env.get(n)]
+    auto = env.get("SIMFLUENCE_DISTRIBUTED", "").strip().lower() in ("1", "true", "yes", "on")
+    if given and len(given) < 3:
+        missing = ", ".join(n for n in names if n not in given)
+        raise ValueError(f"{', '.join(given)} set but {missing} not; set all three or none")
+    if given:
+        try:
+            count, index = int(env[names[1]]), int(env[names[2]])
+        except ValueError:
+            raise ValueError(
+                f"{names[1]}={env[names[1]]!r} and {names[2]}={env[names[2]]!r} must be "
+                "integers; set them to the process count and this process's index"
+            ) from None
+        if not (count >= 1 and 0 <= index < count):
+            raise ValueError(
+                f"{names[2]}={index} is outside 0..{count - 1} ({names[1]}={count}); fix them"
+            )
+        _DISTRIBUTED = count > 1
+        if _DISTRIBUTED:
+            jax.distributed.initialize(
+                coordinator_address=env[names[0]], num_processes=count, process_id=index
+            )
+    elif auto:
+        jax.distributed.initialize()
+        _DISTRIBUTED = True
+    else:
+        _DISTRIBUTED = False
+    return _DISTRIBUTED
+
+
+_DISTRIBUTED: bool | None = None
+
+
+def mesh() -> jax.sharding.Mesh:
+    """The 1-D mesh ("data",) over every device of every process (test columns split over it)."""
+    devices = jax.devices()
+    key = tuple(d.id for d in devices)
+    if key not in _MESHES:
+        _MESHES[key] = jax.make_mesh(
+            (len(devices),),
+            ("data",),
+            devices=devices,
+            axis_types=(jax.sharding.AxisType.Auto,),
+        )
+    return _MESHES[key]
+
+
+_MESHES: dict[tuple, jax.sharding.Mesh] = {}
+
+
+def _replicated(mesh_: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh_, P())
+
+
+def _pad_axis(a, axis: int, size: int, dtype) -> np.ndarray | jax.Array:
+    """`a` as `dtype`, zero-padded along `axis` to `size` (no copy when nothing changes)."""
+    if isinstance(a, jax.Array):
+        a = a.astype(dtype)
+        pad = size - a.shape[axis]
+        if pad == 0:
+            return a
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, pad)
+        return jnp.pad(a, widths)
+    a = np.asarray(a, dtype)
+    pad = size - a.shape[axis]
+    if pad == 0:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, pad)
+    return np.pad(a, widths)
+
+
+def _put(a, sharding: NamedSharding) -> jax.Array:
+    """A host array (identical on every process) or a device array, placed with `sharding`."""
+    if jax.process_count() == 1:
+        return jax.device_put(a, sharding)
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+
+def _host(a) -> np.ndarray:
+    """A (possibly multi-host sharded) array as one host numpy array."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+
+
+def _solve_device(
+    mesh_, structure, x, y, lam, prior, theta0, tol, coef_tol, inner_tol, max_iter, **static
+):
+    """Runs `_solve_sharded` with the structure's arrays replicated on `mesh_`."""
+    rep = _replicated(mesh_)
+    args = [structure.ids, structure.count_sq, structure.rep_rows, structure.rep_ids]
+    args += [structure.rep_extra, structure.w]
+    args = [None if a is None else jax.device_put(a, rep) for a in args]
+    return _solve_sharded(
+        mesh_,
+        *args,
         x,
-        w,
+        y,
+        lam,
+        prior,
+        theta0,
+        tol,
+        coef_tol,
+        inner_tol,
+        max_iter,
         n_train=structure.n_train,
+        **static,
     )
-    iters, rounds = 0, 0
-    lam_j = jnp.asarray(lam)
-    # ||rhs|| = ||X^T y + lam prior|| (the residual at theta = 0) normalises the residuals; the
-    # first round starts from a float32 residual, later ones from float64 residuals.
-    if x0 is None and not per_coef:
-        r32, r_sq, rhs_sq = _start(structure.ids, x, w, y, lam_j, jnp.asarray(prior), **kw)
-    else:
-        zeros = jnp.zeros((structure.n_train, n_f, n), jnp.float32)
-        _, rhs_sq = _residual(structure.ids, x, w, y, lam_j, prior_j, zeros, **kw)
-        r32, r_sq = _residual(structure.ids, x, w, y, lam_j, prior_j, theta, **kw)
-    rhs_norm = np.sqrt(np.maximum(np.asarray(rhs_sq, np.float64), 1e-300))
-    rel = np.sqrt(np.asarray(r_sq, np.float64)) / rhs_norm
-    worst = float(rel.max())
-    while True:
-        if rounds > 0 or worst <= tol:  # confirm convergence in float64
-            with _x64():
-                r, r_sq = _residual(structure.ids, x, w, y, lam_j, prior_j, theta, wide=True, **kw)
-                rel = np.sqrt(np.asarray(r_sq)) / rhs_norm
-                worst = float(rel.max())
-                if worst > tol and rounds < max_rounds:
-                    r32 = jnp.asarray(r, jnp.float32)
-            if worst <= tol or rounds == max_rounds:
-                break
+
+
+@partial(
+    jax.jit,
+    static_argnames=("mesh_", "n_train", "block", "use_x", "use_one", "max_rounds", "per_coef"),
+)
+def _solve_sharded(
+    mesh_,
+    ids,
+    count_sq,
+    rep_rows,
+    rep_ids,
+    rep_extra,
+    w,
+    x,
+    y,
+    lam,
+    prior,
+    theta0,
+    tol,
+    coef_tol,
+    inner_tol,
+    max_iter,
+    *,
+    n_train,
+    block,
+    use_x,
+    use_one,
+    max_rounds,
+    per_coef,
+):
+    """The whole solve on every device: x, y [rows, n] split by columns over "data"."""
+    rep, cols, tests = P(), P(None, "data"), P("data")
+
+    tols = (tol, coef_tol)
+
+    def local(ids, count_sq, rep_rows, rep_ids, rep_extra, w, x, y, lam, prior, theta0):
+        rows, n = x.shape
+        nb = n // block
+        xb = jnp.transpose(x.reshape(rows, nb, block), (1, 0, 2))  # [nb, rows, block]
+        yb = jnp.transpose(y.reshape(rows, nb, block), (1, 0, 2))
+        kw = dict(n_train=n_train, use_x=use_x, use_one=use_one)
+        structure = (ids, count_sq, rep_rows, rep_ids, rep_extra, w)
+
+        def to_blocks(a):  # [n, F, n_train] -> [nb, n_train, F, block]
+            f = a.shape[1]
+            return jnp.transpose(a.reshape(nb, block, f, n_train), (0, 3, 2, 1))
+
+        mapped = [xb, yb]
+        mapped.append(to_blocks(prior) if per_coef else None)
+        mapped.append(None if theta0 is None else to_blocks(theta0))
+
+        def one(args):
+            xk, yk, pk, tk = args
+            pk = prior if pk is None else pk  # [1, F, 1] or [n_train, F, block]
+            return _solve_block(
+                structure, xk, yk, lam, pk, tk, *tols, inner_tol, max_iter, max_rounds, **kw
+            )
+
+        theta, rel, floor, eff, iters, rounds = jax.lax.map(one, mapped)
+        theta = jnp.transpose(theta, (0, 3, 2, 1)).reshape(n, -1, n_train)  # [n, F, n_train]
+        return theta, rel.reshape(n), floor.reshape(n), eff.reshape(n), iters, rounds
+
+    specs = (rep, rep, rep, rep, rep, rep, cols, cols, rep, tests if per_coef else rep)
+    specs += (tests,)
+    return jax.shard_map(
+        local,
+        mesh=mesh_,
+        in_specs=specs,
+        out_specs=(tests, tests, tests, tests, tests, tests),
+        check_vma=False,
+    )(ids, count_sq, rep_rows, rep_ids, rep_extra, w, x, y, lam, prior, theta0)
+
+
+def _solve_block(
+    structure, x, y, lam, prior, theta0, tol, coef_tol, inner_tol, max_iter, max_rounds, **kw
+):
+    """Iterative refinement of one block of test columns, all on the device.
+
+    x, y: f32 [rows, block]; prior: f32 [1, F, 1] or [n_train, F, block]; theta0: None (start
+    from the prior) or f32 [n_train, F, block]. Returns (theta f32 [n_train, F, block], rel f64
+    [block], floor f64 [block], CG iterations [1], rounds [1]).
+    """
+    ids, count_sq, rep_rows, rep_ids, rep_extra, w = structure
+    n_train, use_x, use_one = kw["n_train"], kw["use_x"], kw["use_one"]
+    n_f = int(use_x) + int(use_one)
+    block = x.shape[1]
+    if theta0 is None:
+        theta0 = jnp.broadcast_to(prior, (n_train, n_f, block)).astype(jnp.float32)
+    pblocks = _blocks_impl(ids, count_sq, rep_rows, rep_ids, rep_extra, x, w, n_train=n_train)
+    # The starting residual and ||rhs|| = ||X^T y + lam prior|| (which normalises the residuals)
+    # in one float32 pass; every later residual is float64. The first round always runs.
+    r, rhs_sq = _start_impl(ids, x, w, y, lam, prior, theta0, **kw)
+    rhs_norm = jnp.sqrt(jnp.maximum(rhs_sq.astype(jnp.float64), 1e-300))
+    rel = jnp.full((block,), jnp.inf, jnp.float64)
+    lam_min = jnp.min(lam).astype(jnp.float64)
+
+    def column_tol(theta):
+        # Underdetermined (coef_tol > 0): also ||theta - theta*|| <= ||r|| / lam_min <=
+        # coef_tol ||theta||, i.e. rel <= coef_tol lam_min ||theta|| / ||rhs||.
+        norm = jnp.sqrt(jnp.sum(jnp.square(theta.astype(jnp.float64)), axis=(0, 1)))
+        bound = coef_tol * lam_min * norm / rhs_norm
+        return jnp.where(coef_tol > 0, jnp.minimum(tol, bound), tol)
+
+    def cond(state):
+        rounds, _, _, rel, _, eff = state
+        # A NaN residual is not converged (as on the host before): keep refining to the cap.
+        return (rounds < max_rounds) & ~jnp.all(rel <= eff)
+
+    def body(state):
+        rounds, theta, r, rel, iters, eff = state
         # Ask the float32 round for just the reduction still needed (it cannot go below about
         # 1e-6 usefully); the first round thus does most of the work, later ones a few steps.
-        target = float(np.clip(0.3 * tol / worst, inner_tol, 0.5))
-        d, it = _pcg(
-            structure.ids,
-            x,
-            w,
-            r32,
-            lam_j,
-            precond_blocks,
-            jnp.float32(target),
-            jnp.int32(max_iter),
-            **kw,
-        )
+        need = jnp.min(eff / rel)
+        target = jnp.clip(0.3 * need, inner_tol, 0.5).astype(jnp.float32)
+        d, it = _pcg_impl(ids, x, w, r.astype(jnp.float32), lam, pblocks, target, max_iter, **kw)
         theta = theta + d
-        iters += int(it)
-        rounds += 1
-    with _x64():
-        g_abs = _abs_normal_norm(structure.ids, x, w, lam_j, theta, **kw)
-        floor = U32 * np.sqrt(np.asarray(g_abs, np.float64)) / rhs_norm
-    info = {"iterations": iters, "rounds": rounds, "rel_residual": rel, "floor": floor}
-    return jnp.transpose(theta, (2, 1, 0)), info
+        r, r_sq = _residual_impl(ids, x, w, y, lam, prior, theta, wide=True, **kw)
+        rel = jnp.sqrt(r_sq) / rhs_norm
+        return rounds + 1, theta, r, rel, iters + it, column_tol(theta)
+
+    eff0 = jnp.full((block,), tol, jnp.float64)
+    state = (jnp.int32(0), theta0, r.astype(jnp.float64), rel, jnp.int32(0), eff0)
+    rounds, theta, _, rel, iters, eff = jax.lax.while_loop(cond, body, state)
+    g_abs = _abs_normal_norm_impl(ids, x, w, lam, theta, **kw)
+    floor = U32 * jnp.sqrt(g_abs.astype(jnp.float64)) / rhs_norm
+    return theta, rel, floor, eff, iters[None], rounds[None]
 
 
 def _forward(v, ids, x, w, use_x, use_one):
@@ -245,8 +518,7 @@ def _transpose(s, ids, x, w, n_train, use_x, use_one):
     return out.reshape(n_train, len(parts), -1)  # [n_train, F, n]
 
 
-@partial(jax.jit, static_argnames=("n_train",))
-def _blocks(ids, count_sq, rep_rows, rep_ids, rep_extra, x, w, *, n_train):
+def _blocks_impl(ids, count_sq, rep_rows, rep_ids, rep_extra, x, w, *, n_train):
     """Diagonal 2x2 blocks of X^T X (without lambda): [n_train, 3, n] = (xx, xw, ww)."""
     vals = jnp.concatenate([x * x, x if w is None else x * w], axis=1)  # [rows, 2 n]
     out = jnp.zeros((n_train, vals.shape[1]), x.dtype)
@@ -259,38 +531,7 @@ def _blocks(ids, count_sq, rep_rows, rep_ids, rep_extra, x, w, *, n_train):
     return jnp.stack([out[:, :n], out[:, n:], ones], axis=1)
 
 
-@partial(jax.jit, static_argnames=("n_train", "use_x", "use_one"))
-def _start(ids, x, w, y, lam, prior, *, n_train, use_x, use_one):
-    """Residual at theta = prior (a constant per feature, [F]) and ||rhs||^2, in one pass.
-
-    Every row has `batch` slots, so X theta for a constant theta is batch * (p_a x + p_b w):
-    no gather needed. Returns (r [n_train, F, n], ||r||^2 [n], ||X^T y + lam prior||^2 [n]).
-    """
-    b = ids.shape[1]
-    f = 0
-    pred = jnp.zeros_like(x)
-    if use_x:
-        pred = pred + b * prior[0] * x
-        f += 1
-    if use_one:
-        pred = pred + b * prior[f] * (1.0 if w is None else w)
-    n = x.shape[1]
-    both = _transpose(
-        jnp.concatenate([y, y - pred], axis=1),
-        ids,
-        jnp.tile(x, (1, 2)),
-        w,
-        n_train,
-        use_x,
-        use_one,
-    )  # [n_train, F, 2 n]
-    rhs = both[:, :, :n] + lam[None, :, None] * prior[None, :, None]
-    r = both[:, :, n:]
-    return r, jnp.sum(r * r, axis=(0, 1)), jnp.sum(rhs * rhs, axis=(0, 1))
-
-
-@partial(jax.jit, static_argnames=("n_train", "use_x", "use_one", "wide"))
-def _residual(ids, x, w, y, lam, prior, theta, *, n_train, use_x, use_one, wide=False):
+def _residual_impl(ids, x, w, y, lam, prior, theta, *, n_train, use_x, use_one, wide=False):
     """r = X^T (y - X theta) + lam (prior - theta) and ||r||^2 per test column.
 
     `prior` is [1, F, 1] (one value per feature) or [n_train, F, n] (one per coefficient).
@@ -305,20 +546,36 @@ def _residual(ids, x, w, y, lam, prior, theta, *, n_train, use_x, use_one, wide=
     return r, jnp.sum(r * r, axis=(0, 1))
 
 
-@partial(jax.jit, static_argnames=("n_train", "use_x", "use_one"))
-def _abs_normal_norm(ids, x, w, lam, theta, *, n_train, use_x, use_one):
-    """||(|X|^T |X| + diag(lam)) |theta| ||^2 per test column, in float64 (caller enables x64).
+def _abs_normal_norm_impl(ids, x, w, lam, theta, *, n_train, use_x, use_one):
+    """||(|X|^T |X| + diag(lam)) |theta| ||^2 per test column (float32: every term is >= 0, so
+    there is no cancellation and the relative error stays near 1e-6, plenty for a bound).
 
     Rounding theta to float32 moves each coefficient by at most u |theta_i|, so the residual
     moves by at most u times this norm (X's entries are m x and m w, m >= 0).
     """
-    x = jnp.abs(x.astype(jnp.float64))
-    w = None if w is None else jnp.abs(w.astype(jnp.float64))
-    v = jnp.abs(theta.astype(jnp.float64))  # [n_train, F, n]
+    x = jnp.abs(x.astype(jnp.float32))
+    w = None if w is None else jnp.abs(w.astype(jnp.float32))
+    v = jnp.abs(theta.astype(jnp.float32))  # [n_train, F, n]
     s = _forward(v, ids, x, w, use_x, use_one)  # [rows, n]
     g = _transpose(s, ids, x, w, n_train, use_x, use_one)
-    g = g + lam.astype(jnp.float64)[None, :, None] * v
+    g = g + lam.astype(jnp.float32)[None, :, None] * v
     return jnp.sum(g * g, axis=(0, 1))
+
+
+def _start_impl(ids, x, w, y, lam, prior, theta, *, n_train, use_x, use_one):
+    """float32 residual at `theta` and ||X^T y + lam prior||^2, in one transpose pass.
+
+    Returns (r f32 [n_train, F, n], ||rhs||^2 f32 [n]); `prior` is [1, F, 1] or [n_train, F, n].
+    """
+    n = x.shape[1]
+    s = y - _forward(theta, ids, x, w, use_x, use_one)  # [rows, n]
+    both = _transpose(
+        jnp.concatenate([y, s], axis=1), ids, jnp.tile(x, (1, 2)), w, n_train, use_x, use_one
+    )  # [n_train, F, 2 n]
+    lam_b = lam[None, :, None]
+    rhs = both[:, :, :n] + lam_b * prior
+    r = both[:, :, n:] + lam_b * (prior - theta)
+    return r, jnp.sum(rhs * rhs, axis=(0, 1))
 
 
 def _make_precond(blocks, lam, use_x, use_one):
@@ -349,8 +606,7 @@ def _make_precond(blocks, lam, use_x, use_one):
     return apply
 
 
-@partial(jax.jit, static_argnames=("n_train", "use_x", "use_one"))
-def _pcg(ids, x, w, rhs, lam, blocks, tol, max_iter, *, n_train, use_x, use_one):
+def _pcg_impl(ids, x, w, rhs, lam, blocks, tol, max_iter, *, n_train, use_x, use_one):
     """float32 PCG from 0 for (X^T X + diag(lam)) d = rhs; rhs [n_train, F, n]."""
     lam_b = lam[None, :, None]  # [1, F, 1]
 

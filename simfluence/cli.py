@@ -1390,6 +1390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     old = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
+        if args.func in (_cmd_fit, _cmd_evaluate):
+            from simfluence import _solvers
+
+            _solvers.initialize_distributed()  # a multi-host job: the fits use every device
         args.func(args)
     except (RunLogError, ValueError) as exc:
         if debug:

@@ -32,6 +32,7 @@ References:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import tempfile
@@ -72,6 +73,8 @@ __all__ = [
     "write_proposals",
     "read_proposals",
     "load_counterfactual_runs",
+    "first_non_finite",
+    "release_pages",
 ]
 
 EXPERIMENT_FILE = "experiment.json"
@@ -450,15 +453,44 @@ def _validate_losses(losses: np.ndarray, origin: str, steps: int, n_test: int | 
             f"{origin}: losses has {losses.shape[1]} columns but experiment.json says "
             f"n_test={n_test}; write one column per tracked test example"
         )
-    out = losses.astype(np.float32, copy=False)
-    finite = np.isfinite(out)
-    if not finite.all():
-        row, col = (int(v) for v in np.argwhere(~finite)[0])
+    out = losses.astype(np.float32, copy=False)  # a float32 file stays memory-mapped
+    row, col = first_non_finite(out)
+    release_pages(out)
+    if row >= 0:
         raise _error(
             f"{origin}: non-finite loss {out[row, col]} at step {row}, test example {col}; "
             "the run diverged or was logged wrongly: rerun it or delete the run folder"
         )
     return out
+
+
+def first_non_finite(arr: np.ndarray, rows: int = 4096) -> tuple[int, int]:
+    """(row, column) of the first NaN or inf of a 2-D array, or (-1, -1); checked in blocks of
+    rows so a memory-mapped log is never materialised as a whole."""
+    for r0 in range(0, arr.shape[0], rows):
+        finite = np.isfinite(arr[r0 : r0 + rows])
+        if not finite.all():
+            row, col = (int(v) for v in np.argwhere(~finite)[0])
+            return r0 + row, col
+    return -1, -1
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Drops the pages of a memory-mapped array from this process (no-op for other arrays).
+
+    The data stays in the kernel's page cache and is read back on the next access (a minor
+    page fault); the pages just stop counting towards this process's resident memory, so
+    reading a large experiment's loss logs a run at a time never holds them all at once.
+    """
+    base = arr
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if base is not None and advice is not None and not base.closed:
+        try:
+            base.madvise(advice)
+        except (OSError, ValueError):  # not supported here: the pages just stay resident
+            pass
 
 
 def _validate_lr(lr: np.ndarray, origin: str, steps: int) -> np.ndarray:
@@ -709,10 +741,12 @@ class Run:
 
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
+    """One run file, memory-mapped read-only: its pages are read on use and are the page
+    cache's, so loading an experiment does not hold a second copy of its loss logs."""
     if not path.is_file():
         raise _error(f"{path}: {what} not found; the run is marked complete but lacks it, rerun it")
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:
         raise _error(f"{path}: cannot read {what} as .npy ({exc}); rerun the run") from exc
     if not isinstance(arr, np.ndarray):  # an .npz archive (NpzFile), not one array

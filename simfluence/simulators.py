@@ -45,7 +45,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from simfluence import _solvers, momentum, scheduled
 from simfluence.momentum import MOMENTUM_VARIANTS
-from simfluence.runlog import atomic_savez
+from simfluence.runlog import atomic_savez, first_non_finite, release_pages
 from simfluence.scheduled import PRIOR_VARIANTS, SCHEDULED_VARIANTS
 
 # The schedule-free variants; SCHEDULED_VARIANTS (learning-rate aware) and MOMENTUM_VARIANTS
@@ -184,10 +184,10 @@ def _check_losses(loss, steps: int, n_test: int | None, what: str) -> np.ndarray
             f"{what}: losses have shape {arr.shape}; expected {want} "
             "(row 0 before the first step, row t after step t)"
         )
-    arr = arr.astype(np.float32, copy=False)
-    finite = np.isfinite(arr)
-    if not finite.all():
-        step, test = np.argwhere(~finite)[0]
+    arr = arr.astype(np.float32, copy=False)  # a float32 memory-mapped log stays mapped
+    step, test = first_non_finite(arr)
+    release_pages(arr)
+    if step >= 0:
         raise ValueError(
             f"{what}: non-finite loss {arr[step, test]} at step {step}, test example {test}; "
             "drop or repair that run"
@@ -261,11 +261,23 @@ def _features(variant: str) -> tuple[bool, bool]:
     }[variant]
 
 
-def _test_chunks(n_test: int, n_rows: int, budget_bytes: int = 1 << 27) -> list[tuple[int, int]]:
-    """Splits the test axis so one f32 [rows, chunk] array stays under `budget_bytes`."""
+def _test_chunks(n_test: int, n_rows: int, budget_bytes: int = 1 << 26) -> list[tuple[int, int]]:
+    """Splits the test axis so one f32 [rows, chunk] array stays under `budget_bytes`.
+
+    Chunks are whole multiples of the solver's unit (`_solvers.BLOCK` test columns per device
+    of the mesh) where the budget allows, so the solver pads nothing but the last chunk; every
+    chunk has one padded width, so the solve compiles once. The loss logs are read (memory-
+    mapped) once per chunk; the host and device copies of a chunk's rows are the fit's working
+    memory.
+    """
+    unit = _solvers.BLOCK * _solvers.mesh().devices.size
     max_chunk = max(1, budget_bytes // (4 * max(n_rows, 1)))
+    if max_chunk >= unit:
+        max_chunk -= max_chunk % unit
     n_chunks = -(-n_test // max_chunk)
     size = -(-n_test // n_chunks)
+    if n_chunks > 1 and size % unit and max_chunk >= unit:
+        size = min(max_chunk, size + unit - size % unit)
     return [(j, min(j + size, n_test)) for j in range(0, n_test, size)]
 
 
@@ -360,10 +372,14 @@ class _Problem:
             self.structure, x, y, lam, prior, self.use_x, self.use_one, tol, max_iter, start
         )
         rel, floor = info["rel_residual"], info["floor"]
-        bad = ~(rel <= np.maximum(tol, floor))  # NaN counts as not converged
+        # Per column: `tol`, or tighter where an underdetermined fit needs it to bound the
+        # coefficient error (`_solvers.COEF_TOL`).
+        col_tol = info.get("tol", tol)
+        bad = ~(rel <= np.maximum(col_tol, floor))  # NaN counts as not converged
         if bad.any():
             k = int(np.argmax(np.where(bad, np.nan_to_num(rel, nan=np.inf), -1.0)))
             worst, at = float(rel[k]), float(floor[k])
+            tol = float(np.broadcast_to(col_tol, rel.shape)[k])
             if report is not None:
                 report.append((worst, at))
             else:
@@ -392,6 +408,7 @@ class _Problem:
                 y[r : r + t, : j1 - j0] = loss[1:, j0:j1] - prev
             else:
                 y[r : r + t, : j1 - j0] = momentum.targets(loss[:, j0:j1], self.decay)
+            release_pages(loss)  # a memory-mapped log: read a run at a time
             r += t
         if self.w is not None:
             x *= self.w[:, None]

@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,27 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _simulator_sha256(path: Path) -> str:
+    """Hash of a simulator file's content, its ``provenance`` entry left out.
+
+    A refit that gives the same simulator from another commit, machine or command line is the
+    same simulator for scoring, so proposals made with it stay valid. A file without the entry
+    (written before provenance was recorded) hashes as its bytes, as it always did.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = sorted(zf.namelist())
+            if "provenance.npy" not in names:
+                return _file_sha256(path)
+            h = hashlib.sha256(b"simulator members without provenance")
+            for name in names:
+                if name != "provenance.npy":
+                    h.update(name.encode() + b"\0" + hashlib.sha256(zf.read(name)).digest())
+            return h.hexdigest()
+    except (OSError, zipfile.BadZipFile):  # unreadable: its bytes (loading it names the error)
+        return _file_sha256(path)
 
 
 def default_simulator_files(exp_dir: str | os.PathLike) -> dict[str, str]:
@@ -540,7 +562,7 @@ def propose(
             "optimize_cap": optimize_cap,
         },
         "simulator_files": files,
-        "simulator_sha256": {v: _file_sha256(exp_dir / p) for v, p in files.items()},
+        "simulator_sha256": {v: _simulator_sha256(exp_dir / p) for v, p in files.items()},
         "base_runs_sha256": {str(r.index): _run_sha256(r.path) for r in runs},
     }
     return proposals, np.stack(curricula).astype(np.int32), header
@@ -776,7 +798,7 @@ def score(exp_dir: str | os.PathLike) -> dict:
     files = data.get("simulator_files", {})
     for v, rel in files.items():
         path = Path(os.path.normpath(exp_dir / rel))
-        if not path.is_file() or _file_sha256(path) != data["simulator_sha256"].get(v):
+        if not path.is_file() or _simulator_sha256(path) != data["simulator_sha256"].get(v):
             raise ValueError(
                 f"{path} ({v}) changed or disappeared since the proposals were made; the "
                 f"report would score another simulator: restore it, or {redo}"
@@ -924,6 +946,7 @@ def score(exp_dir: str | os.PathLike) -> dict:
         "side_effects_summary": side,
         "removal_effect": {"by_kind": removal, "paired": paired},
         "optimize": optimize,
+        "provenance": runlog.provenance(),
     }
 
 

@@ -137,8 +137,9 @@ class LiveMetrics:
         self._tb = None
         self._wandb = None
         self._group = ""
+        self._label = ""
         self._last = (0, 0.0)  # (step, time) of the previous log point
-        self._start = time.perf_counter()
+        self._started = time.perf_counter()
 
     # -- lines -------------------------------------------------------------------------------
 
@@ -150,11 +151,13 @@ class LiveMetrics:
         stream.write(f"[{self.name}] {text}\n")
         stream.flush()
 
-    def phase(self, what: str, text: str) -> None:
-        """A phase line with the seconds since the previous phase (or since the call began)."""
-        now = time.perf_counter()
-        self.line(f"{what}: {text} ({now - self._start:.1f} s)")
-        self._start = now
+    def elapsed(self) -> float:
+        """Seconds since this call began (since the `LiveMetrics` was made)."""
+        return time.perf_counter() - self._started
+
+    def restart_clock(self, step: int) -> None:
+        """Counts the next steps/s from now and ``step`` (after the compilation)."""
+        self._last = (step, time.perf_counter())
 
     # -- groups ------------------------------------------------------------------------------
 
@@ -170,20 +173,12 @@ class LiveMetrics:
         self.close_group()
         self._group = group_name(keys)
         what = "counterfactual runs" if self.runs_dir.name == "counterfactual" else "runs"
+        self._label = f"{what} {keys[0]}-{keys[-1]}"
         self.line(
-            f"group {index + 1} of {total}: {what} {keys[0]}-{keys[-1]}"
-            + (f", from step {s0}" if s0 else "")
+            f"group {index + 1} of {total}: {self._label}" + (f", from step {s0}" if s0 else "")
         )
         if "tensorboard" in self.report_to:
-            from tensorboardX import SummaryWriter
-
-            # A resumed group redoes the steps after s0: purge_step hides the earlier call's
-            # events from s0 + 1 on, so the curves do not double back.
-            self._tb = SummaryWriter(
-                str(self.runs_dir / TENSORBOARD_DIR / self._group),
-                purge_step=s0 + 1 if s0 else None,
-                flush_secs=30,
-            )
+            self._tb = _EventWriter(self.runs_dir / TENSORBOARD_DIR / self._group, s0)
         if "wandb" in self.report_to:
             import wandb
 
@@ -234,14 +229,12 @@ class LiveMetrics:
                 }
             )
             self.line(
-                f"{self._group} step {step}/{last_step}: train loss {train_loss:.4f}, test loss "
+                f"{self._label} step {step}/{last_step}: train loss {train_loss:.4f}, test loss "
                 f"{test_loss:.4f}, lr {lr:.3g}, {rate:.2f} steps/s"
             )
         self._last = (step, now)
         if self._tb is not None:
-            for tag, value in scalars.items():
-                self._tb.add_scalar(tag, value, step)
-            self._tb.flush()  # visible to TensorBoard while the group trains
+            self._tb.write(step, scalars)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
@@ -255,6 +248,49 @@ class LiveMetrics:
             self._wandb = None
 
     close = close_group
+
+
+_WRITERS = [0]  # event files opened by this process (their names must differ)
+
+
+class _EventWriter:
+    """One TensorBoard event file, written synchronously with tensorboardX's record writer.
+
+    tensorboardX's ``SummaryWriter`` queues events to a background thread, and its ``flush``
+    does not wait for that queue, so a point could reach the disk only after the next one.
+    Here every log point is on disk when `write` returns.
+    """
+
+    def __init__(self, logdir: Path, s0: int) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
+
+        self._pb = event_pb2
+        logdir.mkdir(parents=True, exist_ok=True)
+        _WRITERS[0] += 1
+        self._writer = EventsWriter(str(logdir / "events"), f".{os.getpid()}.{_WRITERS[0]}")
+        if s0:
+            # A resumed group redoes the steps after its checkpoint s0: a session START at
+            # s0 + 1 makes TensorBoard drop the earlier call's events from there on (what
+            # ``SummaryWriter(purge_step=...)`` writes), so the curves do not double back.
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._writer.write_event(
+                event_pb2.Event(wall_time=time.time(), step=s0 + 1, session_log=start)
+            )
+        self._writer.flush()
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        from tensorboardX.proto import summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+        event = self._pb.Event(
+            wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)
+        )
+        self._writer.write_event(event)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:

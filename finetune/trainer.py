@@ -820,6 +820,7 @@ def _setup(
     Returns:
         The `_Context` (``bar`` still None).
     """
+    metrics = metrics or LiveMetrics(config.name, runs_dir)
     mesh = make_mesh(devices)
     n_dev = len(mesh.devices.flat)
     data = E._load_data(exp_dir)
@@ -835,29 +836,30 @@ def _setup(
         mesh=mesh,
         max_buckets=config.tracked_buckets,
     )
-    metrics = metrics or LiveMetrics(config.name, runs_dir)
     data_line = (
         f"{len(data['pool_lengths'])} pool and {len(data['test_lengths'])} tracked examples, "
         f"{len(tracked.buckets)} tracked length bucket(s), {n_dev} device(s)"
     )
     if train_warmup and config.warmup is not None and not E.warmup_path(exp_dir).is_dir():
-        metrics.phase("data", data_line)
+        metrics.line(f"data: {data_line}")
         data_line = None
         metrics.line(f"warm-up: training {config.warmup.steps} steps (cached in EXP/warmup)")
+        t_warm = time.perf_counter()
         _warmup(config, exp_dir, *base, data, tracked, mesh, progress)
-        metrics.phase("warm-up", "done")
+        metrics.line(f"warm-up: done ({time.perf_counter() - t_warm:.1f} s)")
     exp = E.load_experiment(exp_dir, _params=E.initial_params(config, exp_dir, base=base))
     from finetune.model import partition
 
     trainable0, frozen = partition(exp.params, exp.mask)
     optimizer = optimizer_for_config(config, make_schedule(config))
     if data_line is not None:
-        metrics.phase("data", data_line)
+        metrics.line(f"data: {data_line}")
     n_trainable = sum(int(np.size(x)) for x in jax.tree.leaves(trainable0))
     n_all = sum(int(np.size(x)) for x in jax.tree.leaves(exp.params))
     model = config.model or "random-init T5"
-    metrics.phase(
-        "model", f"{model}, {config.method}: {n_trainable:,} of {n_all:,} parameters trainable"
+    metrics.line(
+        f"model: {model}, {config.method}: {n_trainable:,} of {n_all:,} parameters trainable "
+        f"({metrics.elapsed():.1f} s since the start)"
     )
     return _Context(
         config=config,
@@ -1064,6 +1066,7 @@ def _train_group_body(
             ctx.data["pool_inputs"].shape[1],
         )
     pool = (ctx.data["pool_inputs"], ctx.data["pool_targets"], ctx.data["pool_lengths"])
+    t_first = time.perf_counter()
     for t in range(s0 + 1, config.steps + 1):
         ids = np.stack([ctx.curricula[r][t - 1] for r in group])  # [R, b]
         if n_groups:
@@ -1076,7 +1079,11 @@ def _train_group_body(
         if not ctx.compiled:  # the first step of the call: compiling is most of it
             jax.block_until_ready(tl)
             ctx.compiled = True
-            metrics.phase("compile", f"first step of {label} (compiled and ran)")
+            metrics.line(
+                f"compile: first step of {label} compiled and ran in "
+                f"{time.perf_counter() - t_first:.1f} s"
+            )
+            metrics.restart_clock(t)
         due = metrics.due(t, config.steps)
         if due or t in config.checkpoint_steps or len(pending) >= _SYNC_EVERY:
             flush(pending, t)

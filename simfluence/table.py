@@ -207,11 +207,13 @@ def machine_line(results: dict) -> str:
 
     Returns:
         One line, e.g. ``"machine: evaluated on cpu x1 (AMD EPYC, 2 cores, x86_64), jax
-        0.10.2, commit 1a2b3c4d; runs prepared on the same"``; results written before
-        provenance was recorded say ``not recorded``.
+        0.10.2, commit 1a2b3c4d; runs prepared on the same"``; ``"machine: not recorded
+        (...)"`` for results written before provenance was recorded.
     """
     from simfluence.runlog import describe_machine
 
+    if not isinstance(results.get("provenance"), dict):
+        return "machine: not recorded (results of an older version)"
     evaluated = describe_machine(results.get("provenance"))
     exp = results.get("experiment") if isinstance(results.get("experiment"), dict) else {}
     info = exp.get("info") if isinstance(exp.get("info"), dict) else {}

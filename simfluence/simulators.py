@@ -1240,7 +1240,9 @@ def save_simulator(
         origin: optional JSON-able record of where it was fitted (`simfluence fit` stores
             ``{"experiment_sha256", "fit_runs", "valid_runs"}``); read back by `read_origin`.
         provenance: what made the file (`simfluence.runlog.provenance`; None: this process's),
-            stored as a JSON string entry ``provenance``; read back by `read_provenance`.
+            stored as a JSON string entry ``provenance``; read back by `read_provenance`. ``{}``
+            records none (the synthetic truth of `simfluence demo-data`, a function of its seed,
+            whose bytes stay the same from run to run).
 
     Raises:
         ValueError: `sim` is not a valid Simulator.
@@ -1360,13 +1362,13 @@ def _origin_arrays(origin: dict | None) -> dict:
 
 def provenance_arrays(provenance: dict | None = None) -> dict:
     """The ``provenance`` entry of a simulator file: `runlog.provenance` (None: this process's)
-    as a 0-d JSON string array."""
+    as a 0-d JSON string array; no entry for ``{}``."""
     import json
 
     from simfluence.runlog import provenance as _provenance
 
     prov = _provenance() if provenance is None else provenance
-    return {"provenance": np.asarray(json.dumps(prov, sort_keys=True))}
+    return {"provenance": np.asarray(json.dumps(prov, sort_keys=True))} if prov else {}
 
 
 def read_provenance(path) -> dict | None:

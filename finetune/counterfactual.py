@@ -289,6 +289,8 @@ def run_counterfactuals(
         left = []
     trained: list[int] = []
     if todo:
+        import jax
+
         ctx = T._setup(
             config,
             exp_dir,
@@ -301,7 +303,7 @@ def run_counterfactuals(
             metrics=LiveMetrics(
                 config.name,
                 plan.folder,
-                report_to=sinks,
+                report_to=sinks if jax.process_index() == 0 else (),  # one writer
                 log_every=log_every,
                 lines=not progress,
                 config=json.loads(json.dumps(config.to_dict(), default=str)),

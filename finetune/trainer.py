@@ -679,10 +679,12 @@ def run_experiment(
     """
     start_all = time.perf_counter()
     exp_dir = Path(exp_dir)
+    sinks = check_report_to(report_to)
     metrics = LiveMetrics(
         config.name,
         exp_dir,
-        report_to=check_report_to(report_to),
+        # One writer of event files and wandb runs on several hosts: process 0 (as for files).
+        report_to=sinks if jax.process_index() == 0 else (),
         log_every=check_log_every(log_every),
         lines=not progress,
         config=json.loads(json.dumps(config.to_dict(), default=str)),

@@ -30,8 +30,6 @@ CONFIG_DIR = $(patsubst %/config.py,%,$(patsubst %/,%,$(CONFIG)))
 EXP = $(if $(OUT),$(OUT),$(CONFIG_DIR)/output)
 DEMO_EXP = $(if $(OUT),$(OUT),runs/demo/output)
 SPLIT ?= 20,2,10
-FIT_RUNS ?= 0-19
-VALID_RUNS ?= 20-21
 PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
@@ -75,27 +73,18 @@ runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interru
 tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
 	$(FINETUNE) tracin $(EXP)
 
-simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); fits each to $(EXP)/sim_<variant>.npz.
-	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json
-	for v in linear additive multiplicative linear-lr additive-lr; do \
-	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \
-	    --out $(EXP)/sim_$$v.npz || exit; done
-	if compgen -G "$(EXP)/run_*/tracin.npz" > /dev/null; then \
-	  for v in tracin-cp tracin-cp-rescaled; do \
-	    $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --variant $$v --out $(EXP)/sim_$$v.npz || exit; \
-	  done; \
-	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) \
-	    --variant linear-lr-tracin-prior --out $(EXP)/sim_linear-lr-tracin-prior.npz || exit; \
-	fi
+simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); saves each to $(EXP)/sim_<variant>.npz.
+	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json --save-simulators $(EXP)
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.
 	$(SIMFLUENCE) counterfactual propose $(EXP) --split $(SPLIT) $(CF_ARGS)
 	$(FINETUNE) counterfactual $(EXP)
 	$(SIMFLUENCE) counterfactual score $(EXP)
 
-figures: $(INSTALL_DEP)  ## Trajectories, fitted A/B distributions and top influences for $(EXP).
-	$(SIMFLUENCE) figures $(EXP) --sim $(EXP)/sim_linear.npz --runs $(PLOT_RUN) --tests $(TESTS) \
-	  --out $(EXP)/figures
+figures: $(INSTALL_DEP)  ## Trajectories, A/B, LDS, metric bars, lambda curve (PNG + PDF) and top influences for $(EXP).
+	$(SIMFLUENCE) figures $(EXP) --runs $(PLOT_RUN) --tests $(TESTS) --out $(EXP)/figures \
+	  --sim $(EXP)/sim_linear.npz$$(test -f $(EXP)/sim_tracin-cp-rescaled.npz && \
+	    echo ,$(EXP)/sim_tracin-cp-rescaled.npz)
 
 table: $(INSTALL_DEP)  ## All finished experiments (runs/*/output) into results/table.md and .json.
 	@if [ -z "$(strip $(TABLE_INPUTS))" ]; then \

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finetune import experiment as E
-from finetune.config import ExperimentConfig
+from finetune.config import TRACIN_FIELDS, ExperimentConfig
 from finetune.curricula import make_curriculum
 from finetune.data import (
     TrackedSet,
@@ -73,10 +73,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _same_config(info: dict, config: ExperimentConfig) -> list[str]:
-    """Names of the config fields that differ between a workdir's experiment.json and config."""
+    """Names of the config fields that differ between a workdir's experiment.json and config.
+
+    The TracIn-CP settings (``TRACIN_FIELDS``) are not compared: they choose how the runs are
+    post-processed, not the runs, and each tracin.npz records the settings it was computed with
+    (so a run that does not fit in exact mode can be continued with ``--set
+    tracin_mode=projected``). Experiments recorded before those fields existed hold none.
+    """
     old = info.get("config", {})
     new = json.loads(json.dumps(config.to_dict(), default=str))
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    keys = (set(old) | set(new)) - set(TRACIN_FIELDS)
+    return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
 def _check_out(exp_dir: Path) -> None:
@@ -200,6 +207,7 @@ def prepare_experiment(
     *,
     data_dir: str | Path | None,
     tokenizer: str | None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Draws the pool and tracked test set once and writes data.npz, examples.json, then
     experiment.json (last). A workdir that already holds the config is reused unchanged.
@@ -213,6 +221,8 @@ def prepare_experiment(
         exp_dir: output folder.
         data_dir: local data directory (layout of ../shared/data); None loads from the hub.
         tokenizer: tokenizer path or name; None: SIMFLUENCE_TOKENIZER, config.tokenizer, model.
+        overrides: the ``--set KEY=VALUE`` strings applied to ``config``; recorded in a fresh
+            experiment.json (``overrides``).
 
     Returns:
         experiment.json's content.
@@ -221,7 +231,9 @@ def prepare_experiment(
         TaskError, ExperimentError, CheckpointError, TokenizerError: bad input (see
             `finetune.cli` for the exit code).
     """
-    return _prepare(config, Path(exp_dir), data_dir=data_dir, tokenizer=tokenizer)[0]
+    return _prepare(
+        config, Path(exp_dir), data_dir=data_dir, tokenizer=tokenizer, overrides=overrides
+    )[0]
 
 
 def _prepare(
@@ -231,12 +243,15 @@ def _prepare(
     data_dir: str | Path | None,
     tokenizer: str | None,
     budget: int | None = None,
+    overrides: Sequence[str] = (),
 ) -> tuple[dict, Any]:
     """`prepare_experiment`, also returning the base model it built to check it.
 
     Args:
         budget: ``run_experiment``'s ``max_steps_this_call``: refused here, after the workdir
             check and before anything is written, when it would keep nothing (`_check_budget`).
+        overrides: the ``--set KEY=VALUE`` strings already applied to ``config``, recorded in
+            a fresh experiment.json as ``overrides``.
 
     Returns:
         (experiment.json's content, `E.build_base_model(config)` or None when an existing
@@ -361,6 +376,7 @@ def _prepare(
         "config": json.loads(json.dumps(config.to_dict(), default=str)),
         # Not part of the experiment's identity: `runlog.experiment_sha256` leaves it out.
         "provenance": runlog.provenance(),
+        "overrides": list(overrides),
     }
     runlog.write_experiment(exp_dir, info)
     return runlog.read_experiment(exp_dir), base
@@ -644,6 +660,7 @@ def run_experiment(
     max_steps_this_call: int | None = None,
     report_to: str | Sequence[str] | None = None,
     log_every: int = DEFAULT_LOG_EVERY,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Trains (or continues) every run of an experiment.
 
@@ -664,6 +681,9 @@ def run_experiment(
             (event files in EXP/tensorboard/runs_<first>-<last>/), "wandb", comma-separated,
             or None / "none" for neither. Checked before anything is prepared.
         log_every: log the live metrics every this many steps (and at each group's end).
+        overrides: ``--set KEY=VALUE`` strings already applied to ``config`` (see
+            `finetune.config.apply_overrides`); recorded in experiment.json. Resuming compares
+            the resulting config, as without overrides.
 
     Returns:
         {"complete": [run indices], "interrupted": bool, "seconds": float, "stop": None or
@@ -691,7 +711,12 @@ def run_experiment(
     )
     E.check_backend(config)
     _, base = _prepare(
-        config, exp_dir, data_dir=data_dir, tokenizer=tokenizer, budget=max_steps_this_call
+        config,
+        exp_dir,
+        data_dir=data_dir,
+        tokenizer=tokenizer,
+        budget=max_steps_this_call,
+        overrides=overrides,
     )
     if base is None:  # an existing workdir: the model was not needed to prepare it
         base = E.build_base_model(config)

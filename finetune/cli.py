@@ -136,6 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         progress=not args.no_progress,
         max_steps_this_call=args.max_steps,
+        report_to=args.report_to,
+        log_every=args.log_every,
         overrides=overrides,
     )
     if result["interrupted"]:
@@ -232,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="stop after this many (group) steps; run again to continue",
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_flags(run, "EXP/tensorboard")
     run.set_defaults(handler=_run)
     _add_tracin(sub)
     _add_tracin_estimate(sub)
@@ -240,6 +242,38 @@ def _parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():  # --debug after the command too
         _add_debug_flag(p, default=argparse.SUPPRESS)
     return parser
+
+
+# Mirror finetune.metrics.DEFAULT_REPORT_TO and DEFAULT_LOG_EVERY (a test pins them): importing
+# it here is cheap, but the parser imports nothing of the package.
+_REPORT_TO = "tensorboard"
+_LOG_EVERY = 10
+
+
+def _add_progress_flags(p: argparse.ArgumentParser, events: str) -> None:
+    """--no-progress, --report-to and --log-every of the training commands."""
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: one flushed line per phase (data, model, compile, group i of n) "
+        "and every --log-every steps on stderr, for batch jobs",
+    )
+    p.add_argument(
+        "--report-to",
+        default=_REPORT_TO,
+        metavar="SINKS",
+        help="live metrics while groups train, comma-separated: tensorboard (event files in "
+        f"{events}/runs_<first>-<last>/), wandb (Weights & Biases, one run per group), or "
+        f"none (default: {_REPORT_TO})",
+    )
+    p.add_argument(
+        "--log-every",
+        type=_positive_int,
+        default=_LOG_EVERY,
+        metavar="N",
+        help="log the mean train and tracked test loss, learning rate and steps/s every N "
+        f"steps and at each group's last step (default: {_LOG_EVERY})",
+    )
 
 
 def _add_debug_flag(p: argparse.ArgumentParser, default) -> None:
@@ -501,7 +535,7 @@ def _add_counterfactual(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "steps and saves no checkpoints, so only the groups the budget covers whole are trained "
         "(e.g. 26 trains one demo group of 32 proposals); run again to continue",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_flags(parser, "EXP/counterfactual/tensorboard")
     parser.set_defaults(handler=_counterfactual)
     return parser
 
@@ -510,7 +544,11 @@ def _counterfactual(args: argparse.Namespace) -> int:
     from finetune.counterfactual import run_counterfactuals
 
     result = run_counterfactuals(
-        args.exp, progress=not args.no_progress, max_steps_this_call=args.max_steps
+        args.exp,
+        progress=not args.no_progress,
+        max_steps_this_call=args.max_steps,
+        report_to=args.report_to,
+        log_every=args.log_every,
     )
     done = (
         f"{len(result['complete'])} of {result['proposals']} counterfactual runs complete in "

@@ -46,6 +46,7 @@ from jaxtyping import Int
 from finetune import experiment as E
 from finetune import trainer as T
 from finetune.config import ExperimentConfig
+from finetune.metrics import DEFAULT_LOG_EVERY, LiveMetrics, check_log_every, check_report_to
 from simfluence import runlog
 
 __all__ = ["run_counterfactuals"]
@@ -241,6 +242,8 @@ def run_counterfactuals(
     devices: Sequence | None = None,
     progress: bool = True,
     max_steps_this_call: int | None = None,
+    report_to: str | Sequence[str] | None = None,
+    log_every: int = DEFAULT_LOG_EVERY,
 ) -> dict:
     """Trains (or continues) the counterfactual runs of an experiment's proposals.
 
@@ -253,10 +256,14 @@ def run_counterfactuals(
         exp_dir: an experiment folder made by ``finetune run`` holding proposals written by
             `simfluence.runlog.write_proposals`.
         devices: devices of the data-parallel mesh (default: all).
-        progress: show a tqdm bar over runs and steps.
+        progress: show a tqdm bar over runs and steps (False: batch-log lines on stderr, see
+            `finetune.trainer.run_experiment`).
         max_steps_this_call: train only the whole groups this many group steps cover (each
             group trains the config's ``steps``; no checkpoints, so a group cut short would keep
             nothing); a budget below one group is refused. Run again to continue.
+        report_to: live metric sinks (`finetune.metrics`; event files in
+            EXP/counterfactual/tensorboard/runs_<first>-<last>/), None or "none" for neither.
+        log_every: log the live metrics every this many steps (and at each group's end).
 
     Returns:
         {"complete": [proposal ids], "trained": [proposal ids written by this call],
@@ -271,6 +278,7 @@ def run_counterfactuals(
     """
     start = time.perf_counter()
     exp_dir = Path(exp_dir)
+    sinks, log_every = check_report_to(report_to), check_log_every(log_every)
     plan = _plan(exp_dir, max_steps_this_call)
     config = plan.config
     todo = _todo(plan)
@@ -281,6 +289,8 @@ def run_counterfactuals(
         left = []
     trained: list[int] = []
     if todo:
+        import jax
+
         ctx = T._setup(
             config,
             exp_dir,
@@ -290,6 +300,14 @@ def run_counterfactuals(
             devices=devices,
             progress=progress,
             train_warmup=False,
+            metrics=LiveMetrics(
+                config.name,
+                plan.folder,
+                report_to=sinks if jax.process_index() == 0 else (),  # one writer
+                log_every=log_every,
+                lines=not progress,
+                config=json.loads(json.dumps(config.to_dict(), default=str)),
+            ),
         )
         ctx.meta, ctx.checkpoints = plan.meta, False
         # A report of the proposals scored before this call no longer describes the folder.
@@ -298,9 +316,11 @@ def run_counterfactuals(
         n = len(plan.proposals)
         done = sum(plan.complete.values()) * config.steps
         ctx.bar = T._progress_bar(f"{config.name} counterfactual", n * config.steps, done, progress)
-        for group in todo:
+        for i, group in enumerate(todo):
             write = [k for k in _ids(plan, group) if not plan.complete[k]]
-            T._train_group(ctx, group, write, 0, None)
+            T._train_group(
+                ctx, group, write, 0, None, position=(i, len(todo)), keys=_ids(plan, group)
+            )
             for k in write:
                 plan.complete[k] = True
             trained += write

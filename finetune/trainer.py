@@ -53,6 +53,7 @@ from finetune.data import (
     put_groups,
 )
 from finetune.distributed import make_mesh, place
+from finetune.metrics import DEFAULT_LOG_EVERY, LiveMetrics, check_log_every, check_report_to
 from finetune.tasks import TaskError, encode, load_split, pad, pad_choices, round_up
 from simfluence import runlog
 
@@ -374,6 +375,8 @@ def _prepare(
         "tokenizer": _tokenizer_key(tok_name),
         "data_dir": None if data_dir is None else _data_key(data_dir),
         "config": json.loads(json.dumps(config.to_dict(), default=str)),
+        # Not part of the experiment's identity: `runlog.experiment_sha256` leaves it out.
+        "provenance": runlog.provenance(),
         "overrides": list(overrides),
     }
     runlog.write_experiment(exp_dir, info)
@@ -668,6 +671,8 @@ def run_experiment(
     devices: Sequence | None = None,
     progress: bool = True,
     max_steps_this_call: int | None = None,
+    report_to: str | Sequence[str] | None = None,
+    log_every: int = DEFAULT_LOG_EVERY,
     overrides: Sequence[str] = (),
 ) -> dict:
     """Trains (or continues) every run of an experiment.
@@ -678,11 +683,17 @@ def run_experiment(
         data_dir: local data directory; None: the hub.
         tokenizer: tokenizer path or name (see `prepare_experiment`).
         devices: devices of the data-parallel mesh (default: all).
-        progress: show a tqdm bar over runs and steps (steps/s, ETA).
+        progress: show a tqdm bar over runs and steps (steps/s, ETA, the current mean losses);
+            False: one flushed line on stderr per phase (data, model, compile, group i of n)
+            and per log point instead (batch jobs).
         max_steps_this_call: stop after this many group steps (for tests of resume and for
             time-limited jobs); the runs in progress stay incomplete and resume from their latest
             checkpoint on the next call, so steps after it are redone. A group that this budget
             could not take to a checkpoint (or to its end) is not started.
+        report_to: live metric sinks while groups train (`finetune.metrics`): "tensorboard"
+            (event files in EXP/tensorboard/runs_<first>-<last>/), "wandb", comma-separated,
+            or None / "none" for neither. Checked before anything is prepared.
+        log_every: log the live metrics every this many steps (and at each group's end).
         overrides: ``--set KEY=VALUE`` strings already applied to ``config`` (see
             `finetune.config.apply_overrides`); recorded in experiment.json. Resuming compares
             the resulting config, as without overrides.
@@ -695,10 +706,22 @@ def run_experiment(
     Raises:
         TaskError, ExperimentError, RunLogError: bad input (nothing half-written), including a
             ``max_steps_this_call`` too small to keep any step of the first group it meets.
+        MetricsError: an unknown ``report_to`` sink, one whose library is not installed, or
+            ``log_every`` < 1 (before anything is written).
         NonFiniteLossError: a loss became non-finite (names the run and the step).
     """
     start_all = time.perf_counter()
     exp_dir = Path(exp_dir)
+    sinks = check_report_to(report_to)
+    metrics = LiveMetrics(
+        config.name,
+        exp_dir,
+        # One writer of event files and wandb runs on several hosts: process 0 (as for files).
+        report_to=sinks if jax.process_index() == 0 else (),
+        log_every=check_log_every(log_every),
+        lines=not progress,
+        config=json.loads(json.dumps(config.to_dict(), default=str)),
+    )
     E.check_backend(config)
     _, base = _prepare(
         config,
@@ -731,6 +754,7 @@ def run_experiment(
         devices=devices,
         progress=progress,
         train_warmup=True,
+        metrics=metrics,
     )
     del base
     status = {i: c for i, _, c in runlog.list_runs(exp_dir)}
@@ -739,6 +763,7 @@ def run_experiment(
     ctx.bar = _progress_bar(config.name, config.num_runs * config.steps, done, progress)
     budget = max_steps_this_call
     interrupted, stop = False, None
+    with_work = [g for g in groups if not all(status.get(r) for r in g)]
     for group in groups:
         todo = [r for r in group if not status.get(r)]
         if not todo:
@@ -755,7 +780,8 @@ def run_experiment(
         # The whole group trains again, complete members included, so that a run resumed after
         # a crash during the group's final writes sees the same R (vmap width) as before: its
         # files stay bitwise identical. Only the incomplete members are written.
-        used, stopped = _train_group(ctx, group, todo, s0, budget)
+        position = (with_work.index(group), len(with_work))
+        used, stopped = _train_group(ctx, group, todo, s0, budget, position=position)
         if budget is not None:
             budget -= used
         if stopped:
@@ -794,6 +820,9 @@ class _Context:
     meta: dict = field(default_factory=dict)  # run key -> meta.json fields added or overridden
     checkpoints: bool = True  # False: no run saves checkpoints (counterfactual runs)
     start_accuracy: float | None = None
+    metrics: LiveMetrics | None = None  # live metric sinks and batch-log lines
+    provenance: dict = field(default_factory=dict)  # `runlog.provenance()`, into meta.json
+    compiled: bool = False  # the first step of this call ran (its time is the compile line)
 
 
 def _setup(
@@ -806,6 +835,7 @@ def _setup(
     devices: Sequence | None,
     progress: bool,
     train_warmup: bool,
+    metrics: LiveMetrics | None = None,
 ) -> _Context:
     """Builds what the groups of runs of an experiment share: the mesh, the data, the tracked
     set, the starting state (after the warm-up), the optimizer and the jitted programs.
@@ -823,10 +853,14 @@ def _setup(
         progress: show the warm-up's progress bar.
         train_warmup: train the warm-up when the config has one and EXP/warmup does not exist
             yet (False: `E.initial_params` refuses a missing warm-up).
+        metrics: the call's live metrics and batch-log lines (None: none). Lines are printed
+            only once nothing more can fail on bad input here (the data and model lines at
+            the end, the data line before a warm-up that trains).
 
     Returns:
         The `_Context` (``bar`` still None).
     """
+    metrics = metrics or LiveMetrics(config.name, runs_dir)
     mesh = make_mesh(devices)
     n_dev = len(mesh.devices.flat)
     data = E._load_data(exp_dir)
@@ -842,13 +876,31 @@ def _setup(
         mesh=mesh,
         max_buckets=config.tracked_buckets,
     )
+    data_line = (
+        f"{len(data['pool_lengths'])} pool and {len(data['test_lengths'])} tracked examples, "
+        f"{len(tracked.buckets)} tracked length bucket(s), {n_dev} device(s)"
+    )
     if train_warmup and config.warmup is not None and not E.warmup_path(exp_dir).is_dir():
+        metrics.line(f"data: {data_line}")
+        data_line = None
+        metrics.line(f"warm-up: training {config.warmup.steps} steps (cached in EXP/warmup)")
+        t_warm = time.perf_counter()
         _warmup(config, exp_dir, *base, data, tracked, mesh, progress)
+        metrics.line(f"warm-up: done ({time.perf_counter() - t_warm:.1f} s)")
     exp = E.load_experiment(exp_dir, _params=E.initial_params(config, exp_dir, base=base))
     from finetune.model import partition
 
     trainable0, frozen = partition(exp.params, exp.mask)
     optimizer = optimizer_for_config(config, make_schedule(config))
+    if data_line is not None:
+        metrics.line(f"data: {data_line}")
+    n_trainable = sum(int(np.size(x)) for x in jax.tree.leaves(trainable0))
+    n_all = sum(int(np.size(x)) for x in jax.tree.leaves(exp.params))
+    model = config.model or "random-init T5"
+    metrics.line(
+        f"model: {model}, {config.method}: {n_trainable:,} of {n_all:,} parameters trainable "
+        f"({metrics.elapsed():.1f} s since the start)"
+    )
     return _Context(
         config=config,
         runs_dir=runs_dir,
@@ -862,6 +914,8 @@ def _setup(
         lrs=learning_rates(config),
         curricula=curricula,
         writer=jax.process_index() == 0,
+        metrics=metrics,
+        provenance=runlog.provenance(),
     )
 
 
@@ -882,7 +936,14 @@ def _progress_bar(desc: str, total: int, done: int, progress: bool):
 
 
 def _train_group(
-    ctx: _Context, group: list[int], write: list[int], s0: int, budget: int | None
+    ctx: _Context,
+    group: list[int],
+    write: list[int],
+    s0: int,
+    budget: int | None,
+    *,
+    position: tuple[int, int] = (0, 1),
+    keys: Sequence[int] | None = None,
 ) -> tuple[int, bool]:
     """Trains the runs ``group`` together from step ``s0`` (their latest common checkpoint,
     ``_resume_step``) and writes the ones in ``write`` (the incomplete ones; complete members,
@@ -896,10 +957,30 @@ def _train_group(
         write: the keys of ``group`` whose files are written.
         s0: the step to start from (0, or a checkpoint every member holds).
         budget: stop after this many steps (None: train to the end).
+        position: (index, count) of this group among the groups the call trains (log lines).
+        keys: the run keys that name the group in the live metrics (default: ``group``;
+            counterfactual groups leave their padding out).
 
     Returns:
         (group steps taken, whether the step budget stopped the group before its end).
     """
+    metrics = ctx.metrics or LiveMetrics(ctx.config.name, ctx.runs_dir)
+    metrics.start_group(list(keys if keys is not None else group), *position, s0)
+    try:
+        return _train_group_body(ctx, group, write, s0, budget, metrics)
+    finally:
+        metrics.close_group()
+
+
+def _train_group_body(
+    ctx: _Context,
+    group: list[int],
+    write: list[int],
+    s0: int,
+    budget: int | None,
+    metrics: LiveMetrics,
+) -> tuple[int, bool]:
+    """`_train_group` with its metric sinks open."""
     from finetune.steps import broadcast_runs, stack_runs, take_run
 
     config, progs, tracked, mesh = ctx.config, ctx.progs, ctx.tracked, ctx.mesh
@@ -946,6 +1027,27 @@ def _train_group(
         )
         del tr0
 
+    # The live metrics average over the runs this call writes: their files hold every value.
+    w_idx = np.asarray([i for i in range(R) if writes[i]])
+    label = f"runs {write[0]}-{write[-1]}"
+
+    def log(t: int) -> None:
+        """Live metrics and the bar's losses at step t (its losses are on the host)."""
+        test = float(losses[w_idx, t].astype(np.float64).mean())
+        if t == 0:
+            metrics.log(0, train_loss=None, test_loss=test, lr=None, runs=R, last_step=config.steps)
+            return
+        train = float(train_loss[w_idx, t - 1].astype(np.float64).mean())
+        metrics.log(
+            t,
+            train_loss=train,
+            test_loss=test,
+            lr=float(ctx.lrs[t - 1]),
+            runs=R,
+            last_step=config.steps,
+        )
+        ctx.bar.set_postfix_str(f"{label}, train loss {train:.4f}, test loss {test:.4f}")
+
     def flush(pending: list, upto: int) -> None:
         """Copies the logged losses of steps pending[0].step..upto to the host; checks them."""
         if not pending:
@@ -986,8 +1088,10 @@ def _train_group(
 
     if s0 == 0 and 0 in config.checkpoint_steps:
         save(0, tr, op)
+    if s0 == 0:
+        log(0)
     pending: list = []
-    ctx.bar.set_postfix_str(f"runs {write[0]}-{write[-1]}")
+    ctx.bar.set_postfix_str(label)
     used = 0
     n_groups = config.train_length_groups
     if n_groups:  # fixed from all steps of these runs: the same after a resume
@@ -999,6 +1103,7 @@ def _train_group(
             ctx.data["pool_inputs"].shape[1],
         )
     pool = (ctx.data["pool_inputs"], ctx.data["pool_targets"], ctx.data["pool_lengths"])
+    t_first = time.perf_counter()
     for t in range(s0 + 1, config.steps + 1):
         ids = np.stack([ctx.curricula[r][t - 1] for r in group])  # [R, b]
         if n_groups:
@@ -1008,8 +1113,19 @@ def _train_group(
             batch = put_batch(gather_batch(*pool, ids, config.length_multiple), mesh)
             tr, op, tl, te = progs["step"](tr, op, ctx.frozen, batch, tracked.buckets)
         pending.append((t, tl, te))
-        if t in config.checkpoint_steps or len(pending) >= _SYNC_EVERY or t == config.steps:
+        if not ctx.compiled:  # the first step of the call: compiling is most of it
+            jax.block_until_ready(tl)
+            ctx.compiled = True
+            metrics.line(
+                f"compile: first step of {label} compiled and ran in "
+                f"{time.perf_counter() - t_first:.1f} s"
+            )
+            metrics.restart_clock(t)
+        due = metrics.due(t, config.steps)
+        if due or t in config.checkpoint_steps or len(pending) >= _SYNC_EVERY:
             flush(pending, t)
+        if due:
+            log(t)
         if t in config.checkpoint_steps:
             save(t, tr, op)
         ctx.bar.update(len(write))
@@ -1019,6 +1135,10 @@ def _train_group(
             return used, True
     end_acc = _accuracy(np.asarray(progs["scores"](tr, ctx.frozen, tracked.buckets)), tracked)
     seconds = time.perf_counter() - g_start
+    metrics.line(
+        f"{label} complete: {R * (config.steps - s0) / seconds:.2f} run-steps/s over "
+        f"{seconds:.1f} s, tracked accuracy {float(np.mean(end_acc[w_idx])):.3f}"
+    )
     if ctx.writer:
         for i, (r, d) in enumerate(zip(group, dirs, strict=True)):
             if not writes[i]:  # complete already: its files are those of the first time
@@ -1046,6 +1166,7 @@ def _train_group(
                     "group_seconds": seconds,
                     "run_steps_per_second": R * (config.steps - s0) / seconds,
                     "checkpoint_steps": list(config.checkpoint_steps) if saves[i] else [],
+                    "provenance": ctx.provenance,
                     **ctx.meta.get(r, {}),
                 },
             )

@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -328,6 +329,27 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _simulator_sha256(path: Path) -> str:
+    """Hash of a simulator file's content, its ``provenance`` entry left out.
+
+    A refit that gives the same simulator from another commit, machine or command line is the
+    same simulator for scoring, so proposals made with it stay valid. A file without the entry
+    (written before provenance was recorded) hashes as its bytes, as it always did.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = sorted(zf.namelist())
+            if "provenance.npy" not in names:
+                return _file_sha256(path)
+            h = hashlib.sha256(b"simulator members without provenance")
+            for name in names:
+                if name != "provenance.npy":
+                    h.update(name.encode() + b"\0" + hashlib.sha256(zf.read(name)).digest())
+            return h.hexdigest()
+    except (OSError, zipfile.BadZipFile):  # unreadable: its bytes (loading it names the error)
+        return _file_sha256(path)
 
 
 def default_simulator_files(exp_dir: str | os.PathLike, metric: str = "loss") -> dict[str, str]:
@@ -712,11 +734,11 @@ def propose(
             **({} if flip_file is None else {"flip_sim": flip_file, "flip_ks": list(FLIP_KS)}),
         },
         "simulator_files": files,
-        "simulator_sha256": {v: _file_sha256(exp_dir / p) for v, p in files.items()},
+        "simulator_sha256": {v: _simulator_sha256(exp_dir / p) for v, p in files.items()},
         "base_runs_sha256": {str(r.index): _run_sha256(r.path) for r in runs},
     }
     if flip_file is not None:
-        header["flip_sim_sha256"] = _file_sha256(exp_dir / flip_file)
+        header["flip_sim_sha256"] = _simulator_sha256(exp_dir / flip_file)
     return proposals, np.stack(curricula).astype(np.int32), header
 
 
@@ -977,14 +999,16 @@ def score(
     files = dict(data.get("simulator_files", {}))
     flip_file = data["settings"].get("flip_sim")
     if flip_file is not None:
-        if _file_sha256(Path(os.path.normpath(exp_dir / flip_file))) != data.get("flip_sim_sha256"):
+        if _simulator_sha256(Path(os.path.normpath(exp_dir / flip_file))) != data.get(
+            "flip_sim_sha256"
+        ):
             raise ValueError(
                 f"{exp_dir / flip_file} (the flip proposals' margin simulator) changed since the "
                 f"proposals were made; restore it, or {redo}"
             )
     for v, rel in files.items():
         path = Path(os.path.normpath(exp_dir / rel))
-        if not path.is_file() or _file_sha256(path) != data["simulator_sha256"].get(v):
+        if not path.is_file() or _simulator_sha256(path) != data["simulator_sha256"].get(v):
             raise ValueError(
                 f"{path} ({v}) changed or disappeared since the proposals were made; the "
                 f"report would score another simulator: restore it, or {redo}"
@@ -1161,6 +1185,7 @@ def score(
         "optimize": optimize,
         "metric": metric,
         "flip": flips,
+        "provenance": runlog.provenance(),
     }
 
 

@@ -83,6 +83,7 @@ def _write(
             a_prior=1.0 / batch,
             batch=batch,
         ),
+        provenance={},  # the synthetic truth is a function of the seed: no machine to record
     )
     runlog.atomic_write_json(
         exp / "examples.json",

@@ -43,6 +43,7 @@ from simfluence.runlog import (
     experiment_sha256,
     list_runs,
     load_runs,
+    provenance,
     read_experiment,
 )
 
@@ -399,7 +400,8 @@ def evaluate(
         "per_run": {...}, "across_run_spearman_vs_linear": {"mean", "stderr", "stderr_method",
         "stderr_undefined_reason", "n_runs", "undefined_reason", "reference"}, ...}},
         "split": {"fit": [...], "valid": [...], "test": [...]},
-        "experiment": {"name", "path", "n_train", "n_test", "batch", "info"}}`.
+        "experiment": {"name", "path", "n_train", "n_test", "batch", "info"}, "provenance":
+        `runlog.provenance()` of this call}`.
         The stderr of the per-run metrics (all-steps MSE, final-step rho and MSE) is over
         held-out runs (ddof=1); that of `across_run_spearman` is a delete-one jackknife over
         held-out runs (see `scoring.across_run_spearman`). The final-step rho averages the
@@ -632,6 +634,8 @@ def evaluate(
         "reference": (
             "skill_vs_mean_trajectory = 1 - all_steps_mse / all_steps_mse(mean-trajectory)"
         ),
+        # The machine, versions and command of this evaluation (`simfluence table` prints it).
+        "provenance": provenance(),
     }
     if metric == "margin":
         out["true_final_accuracy"] = mean_stderr(

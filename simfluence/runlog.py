@@ -34,7 +34,10 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import platform
 import re
+import subprocess
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -75,6 +78,9 @@ __all__ = [
     "load_counterfactual_runs",
     "first_non_finite",
     "release_pages",
+    "provenance",
+    "PROVENANCE_PACKAGES",
+    "describe_machine",
 ]
 
 EXPERIMENT_FILE = "experiment.json"
@@ -236,6 +242,165 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# Provenance: what made a file (code, packages, machine, command line)
+# ----------------------------------------------------------------------------------------------
+
+# Distributions whose versions can move a result (by their installed names).
+PROVENANCE_PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "transformers",
+    "numpy",
+)
+_PROVENANCE_KEY = "provenance"
+
+
+def _git_state(root: Path) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the git checkout whose top level is ``root``; (None, None) when it is
+    not one (an installed package), git is missing or slow, or anything else goes wrong."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", "-C", str(root), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},  # never take the index lock
+        )
+        return out.stdout.strip()
+
+    try:
+        # A package installed inside another checkout (a venv in a repository) is not the
+        # code of that checkout: only its own top level counts.
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return None, None
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return commit, dirty
+    except Exception:  # not a checkout, no git, a timeout: provenance never fails a command
+        return None, None
+
+
+def _package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except Exception:  # not installed (PackageNotFoundError) or broken metadata
+            out[name] = None
+    return out
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _devices() -> dict | None:
+    """The JAX devices of this process, only when jax is imported already (never imports it)."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return None
+    try:
+        devices = jax.devices()
+        return {
+            "platform": devices[0].platform,
+            "kind": devices[0].device_kind,
+            "count": len(devices),
+            "local_count": jax.local_device_count(),
+            "processes": jax.process_count(),
+        }
+    except Exception:  # no backend can start: say nothing rather than fail the command
+        return None
+
+
+def provenance(argv: Sequence[str] | None = None) -> dict:
+    """What produced a result: code version, package versions, machine and command line.
+
+    Recorded under a ``provenance`` key in experiment.json, every run's meta.json, results.json,
+    simulator files and the counterfactual report, so that two results that differ can be traced
+    to a machine, a library version or a code change. It never fails: what cannot be found is
+    None. Identity checks leave it out (`experiment_sha256`; counterfactual simulator hashes).
+
+    Args:
+        argv: the command line to record (default: ``sys.argv``).
+
+    Returns:
+        {"git_commit": hex str or None (None: the code is not a git checkout), "git_dirty": bool
+        or None (tracked files differ from the commit), "packages": {name: version or None} for
+        `PROVENANCE_PACKAGES` (from the installed metadata; nothing is imported), "device":
+        {"platform", "kind", "count", "local_count", "processes"} of the JAX devices, or None
+        when jax is not imported in this process, "host": {"machine", "system", "cpu",
+        "cpu_count"}, "python": version, "argv": [str], "time_utc": ISO 8601 seconds}.
+    """
+    import datetime
+
+    commit, dirty = _git_state(Path(__file__).resolve().parent.parent)
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "packages": _package_versions(),
+        "device": _devices(),
+        "host": {
+            "machine": platform.machine() or None,
+            "system": platform.system() or None,
+            "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+        },
+        "python": platform.python_version(),
+        "argv": [str(a) for a in (sys.argv if argv is None else argv)],
+        "time_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def describe_machine(prov: Any) -> str:
+    """One line naming the machine and versions of a `provenance` record (for tables).
+
+    Args:
+        prov: a `provenance` dict, or None / anything else for a file that records none.
+
+    Returns:
+        E.g. ``"cpu x1 (Intel Xeon ..., 2 cores, x86_64), jax 0.10.2, commit 1a2b3c4d (dirty)"``;
+        ``"not recorded"`` when ``prov`` is not a provenance dict.
+    """
+    if not isinstance(prov, dict):
+        return "not recorded"
+    dev = prov.get("device") if isinstance(prov.get("device"), dict) else {}
+    host = prov.get("host") if isinstance(prov.get("host"), dict) else {}
+    pkgs = prov.get("packages") if isinstance(prov.get("packages"), dict) else {}
+    where = [host.get(k) for k in ("cpu",) if host.get(k)]
+    if host.get("cpu_count"):
+        where.append(f"{host['cpu_count']} cores")
+    if host.get("machine"):
+        where.append(str(host["machine"]))
+    if dev:
+        kind = str(dev.get("kind") or dev.get("platform") or "?")
+        text = f"{kind} x{dev.get('count', '?')}"
+    else:
+        text = "devices not recorded"
+    if where:
+        text += f" ({', '.join(str(w) for w in where)})"
+    if pkgs.get("jax"):
+        text += f", jax {pkgs['jax']}"
+    commit = prov.get("git_commit")
+    if commit:
+        text += f", commit {str(commit)[:8]}" + (" (dirty)" if prov.get("git_dirty") else "")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
 # Experiment and examples
 # ----------------------------------------------------------------------------------------------
 
@@ -320,7 +485,9 @@ def experiment_sha256(exp_dir: str | os.PathLike) -> str:
     """Content hash of `EXP/experiment.json` (canonical JSON), identifying the experiment.
 
     Simulators record it when fitted, so a simulator of another experiment (another pool or
-    tracked set) is recognised even when its sizes agree.
+    tracked set) is recognised even when its sizes agree. The ``provenance`` record (which
+    machine and code prepared the folder) is left out: it says nothing about the pool, the
+    tracked set or the config, and files written before it was recorded keep their hash.
 
     Args:
         exp_dir: experiment folder.
@@ -333,7 +500,7 @@ def experiment_sha256(exp_dir: str | os.PathLike) -> str:
     """
     import hashlib
 
-    info = read_experiment(exp_dir)
+    info = {k: v for k, v in read_experiment(exp_dir).items() if k != _PROVENANCE_KEY}
     text = json.dumps(info, sort_keys=True, default=_json_default, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

@@ -1326,7 +1326,9 @@ def removal_influence(
 # ----------------------------------------------------------------------------------------------
 
 
-def save_simulator(path, sim: Simulator, *, origin: dict | None = None) -> None:
+def save_simulator(
+    path, sim: Simulator, *, origin: dict | None = None, provenance: dict | None = None
+) -> None:
     """Writes a simulator to an .npz file atomically (temporary name, then rename).
 
     Args:
@@ -1335,6 +1337,10 @@ def save_simulator(path, sim: Simulator, *, origin: dict | None = None) -> None:
             decay).
         origin: optional JSON-able record of where it was fitted (`simfluence fit` stores
             ``{"experiment_sha256", "fit_runs", "valid_runs"}``); read back by `read_origin`.
+        provenance: what made the file (`simfluence.runlog.provenance`; None: this process's),
+            stored as a JSON string entry ``provenance``; read back by `read_provenance`. ``{}``
+            records none (the synthetic truth of `simfluence demo-data`, a function of its seed,
+            whose bytes stay the same from run to run).
 
     Raises:
         ValueError: `sim` is not a valid Simulator.
@@ -1343,6 +1349,7 @@ def save_simulator(path, sim: Simulator, *, origin: dict | None = None) -> None:
     atomic_savez(
         Path(path),
         **_origin_arrays(origin),
+        **provenance_arrays(provenance),
         A=np.asarray(sim.A, np.float32),
         B=np.asarray(sim.B, np.float32),
         variant=np.asarray(sim.variant),
@@ -1459,6 +1466,47 @@ def _origin_arrays(origin: dict | None) -> dict:
     import json
 
     return {} if origin is None else {"origin": np.asarray(json.dumps(origin, sort_keys=True))}
+
+
+def provenance_arrays(provenance: dict | None = None) -> dict:
+    """The ``provenance`` entry of a simulator file: `runlog.provenance` (None: this process's)
+    as a 0-d JSON string array; no entry for ``{}``."""
+    import json
+
+    from simfluence.runlog import provenance as _provenance
+
+    prov = _provenance() if provenance is None else provenance
+    return {"provenance": np.asarray(json.dumps(prov, sort_keys=True))} if prov else {}
+
+
+def read_provenance(path) -> dict | None:
+    """The provenance recorded in a simulator file (Simfluence or TracIn-CP).
+
+    Args:
+        path: the .npz file.
+
+    Returns:
+        The ``provenance`` dict (see `simfluence.runlog.provenance`), or None when the file
+        records none (written before provenance was recorded) or it is not a JSON object.
+
+    Raises:
+        ValueError: the file cannot be read.
+    """
+    import json
+
+    try:
+        with open(path, "rb") as fh:
+            z = np.load(fh, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile) or "provenance" not in z.files:
+                return None
+            text = str(z["provenance"])
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read simulator ({type(e).__name__}: {e})") from None
+    try:
+        prov = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return prov if isinstance(prov, dict) else None
 
 
 def read_origin(path) -> dict | None:

@@ -201,6 +201,32 @@ def _n_test_runs(results: dict) -> int | None:
     return len(test) if isinstance(test, list) else None
 
 
+def machine_line(results: dict) -> str:
+    """Which machine made a table: that of the evaluation, and that which prepared the runs.
+
+    Args:
+        results: an `evaluate` result (its ``provenance``, and the experiment.json it records
+            under ``experiment.info``, whose ``provenance`` says where ``finetune run`` began).
+
+    Returns:
+        One line, e.g. ``"machine: evaluated on cpu x1 (AMD EPYC, 2 cores, x86_64), jax
+        0.10.2, commit 1a2b3c4d; runs prepared on the same"``; ``"machine: not recorded
+        (...)"`` for results written before provenance was recorded.
+    """
+    from simfluence.runlog import describe_machine
+
+    if not isinstance(results.get("provenance"), dict):
+        return "machine: not recorded (results of an older version)"
+    evaluated = describe_machine(results.get("provenance"))
+    exp = results.get("experiment") if isinstance(results.get("experiment"), dict) else {}
+    info = exp.get("info") if isinstance(exp.get("info"), dict) else {}
+    if "provenance" not in info:  # a synthetic or pre-provenance experiment: nothing to say
+        return f"machine: evaluated on {evaluated}"
+    runs = describe_machine(info.get("provenance"))
+    same = runs.split(", commit")[0] == evaluated.split(", commit")[0]
+    return f"machine: evaluated on {evaluated}; runs prepared on {'the same' if same else runs}"
+
+
 def format_results(results: dict) -> str:
     """Markdown table of one experiment's `evaluate` results, with footnotes for dashes.
 
@@ -251,6 +277,7 @@ def format_results(results: dict) -> str:
         f"validation runs {len(split.get('valid', []))}, held-out runs "
         f"{len(split.get('test', []))}; mean ± stderr (per-run metrics over held-out runs, "
         "across-run ρ by a jackknife over held-out runs); skill = 1 - MSE / MSE(mean-trajectory)",
+        machine_line(results),
         "",
     ]
     lines += _md(header, rows)
@@ -422,7 +449,8 @@ def table_json(results: Sequence[dict]) -> dict:
         results: from `load_results`.
 
     Returns:
-        `{"experiments": [labels], "variants": [...], "sources": {label: file}, "cells":
+        `{"experiments": [labels], "variants": [...], "sources": {label: file}, "machines":
+        {label: `machine_line`}, "cells":
         {variant: {label: {metric: {...}} | None}}}`; None where a variant was not run on an
         experiment.
     """
@@ -442,7 +470,14 @@ def table_json(results: Sequence[dict]) -> dict:
             e = r["variants"].get(v)
             cells[v][lab] = None if e is None else {k: e.get(k) for k in keys}
     sources = {lab: r.get("_source") for lab, r in zip(labels, results, strict=True)}
-    return {"experiments": labels, "variants": variants, "sources": sources, "cells": cells}
+    machines = {lab: machine_line(r) for lab, r in zip(labels, results, strict=True)}
+    return {
+        "experiments": labels,
+        "variants": variants,
+        "sources": sources,
+        "machines": machines,
+        "cells": cells,
+    }
 
 
 def format_table(results: Sequence[dict]) -> str:
@@ -491,6 +526,8 @@ def format_table(results: Sequence[dict]) -> str:
         "MSE/MSE(mean trajectory) / final-step MSE ± stderr (over held-out runs)",
         "",
         *_md(["variant", *labels], rows2),
+        "",
+        *(f"{lab}: {machine_line(r)}" for lab, r in zip(labels, results, strict=True)),
     ]
     if notes.reasons:
         lines += [""] + notes.lines()
@@ -554,11 +591,12 @@ def metrics_table(results: Sequence[dict]) -> list[dict]:
         results: from `load_results`.
 
     Returns:
-        Per experiment, in order: {"label", "source", "rows": [{"variant", "cells": {key:
-        (mean, stderr, mean_refs, stderr_refs)}, "best": {key: bool}, "notes": [reasons]}],
-        "notes": _Notes}. Keys are those of `METRICS`; a mean or stderr is None where
-        undefined (refs then give the footnote numbers). "best" marks the lowest MSE and the
-        highest rho and skill among the variants where the value is defined (all of a tie).
+        Per experiment, in order: {"label", "source", "machine" (`machine_line`), "rows":
+        [{"variant", "cells": {key: (mean, stderr, mean_refs, stderr_refs)}, "best": {key:
+        bool}, "notes": [reasons]}], "notes": _Notes}. Keys are those of `METRICS`; a mean or
+        stderr is None where undefined (refs then give the footnote numbers). "best" marks the
+        lowest MSE and the highest rho and skill among the variants where the value is defined
+        (all of a tie).
         Each row's "notes" lists the reasons behind its own refs (for the csv).
     """
     notes = _Notes()
@@ -580,7 +618,15 @@ def metrics_table(results: Sequence[dict]) -> list[dict]:
             marks = _best([row["cells"][key][0] for row in rows], direction)
             for row, m in zip(rows, marks, strict=True):
                 row.setdefault("best", {})[key] = m
-        tables.append({"label": label, "source": r.get("_source"), "rows": rows, "notes": notes})
+        tables.append(
+            {
+                "label": label,
+                "source": r.get("_source"),
+                "machine": machine_line(r),
+                "rows": rows,
+                "notes": notes,
+            }
+        )
     return tables
 
 
@@ -638,7 +684,8 @@ def format_metrics_md(results: Sequence[dict]) -> str:
             + [_text_cell(row, k, part, _KINDS[k], lambda x: f"**{x}**") for _, k, part in cols]
             for row in t["rows"]
         ]
-        lines += ["", f"### {t['label']}", "", *_md(["variant", *(h for h, _, _ in cols)], rows)]
+        lines += ["", f"### {t['label']}", "", t["machine"], ""]
+        lines += _md(["variant", *(h for h, _, _ in cols)], rows)
     notes = tables[0]["notes"] if tables else _Notes()
     if notes.reasons:
         lines += [""] + notes.lines()
@@ -685,6 +732,7 @@ def format_metrics_tex(results: Sequence[dict]) -> str:
     ]
     for t in tables:
         lines += [
+            f"% {t['label']}: {t['machine']}",
             r"\begin{table}[t]",
             r"\centering",
             rf"\caption{{{_tex(t['label'])}}}",
@@ -713,9 +761,10 @@ def format_metrics_csv(results: Sequence[dict]) -> str:
     Numbers are written in full precision (Python's shortest round-trip repr), so parsing the
     file gives back the results.json values. An undefined value is an empty cell. The best
     value of each metric within an experiment is marked in a separate boolean column
-    "{metric} best" ("true"/"false"), so every number cell stays a plain number. The last
-    column, "notes", holds the reasons behind that row's empty or partly defined cells
-    ("; "-separated), in place of the footnotes of the other formats.
+    "{metric} best" ("true"/"false"), so every number cell stays a plain number. The column
+    "notes" holds the reasons behind that row's empty or partly defined cells ("; "-separated),
+    in place of the footnotes of the other formats; the last, "machine", says which machine
+    made the experiment's numbers (`machine_line`).
 
     Args:
         results: from `load_results`.
@@ -733,7 +782,7 @@ def format_metrics_csv(results: Sequence[dict]) -> str:
         if key != "skill_vs_mean_trajectory":
             header.append(f"{name} se")
         header.append(f"{name} best")
-    header.append("notes")
+    header += ["notes", "machine"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -747,6 +796,7 @@ def format_metrics_csv(results: Sequence[dict]) -> str:
                     line.append("" if se is None else repr(float(se)))
                 line.append("true" if row["best"][key] else "false")
             line.append("; ".join(row["notes"]))
+            line.append(t["machine"].removeprefix("machine: "))
             w.writerow(line)
     return buf.getvalue()
 

@@ -374,7 +374,9 @@ def fit_scale(sim: TracInSimulator, runs: Sequence[Run]) -> float:
 _FILE_KEYS = ("steps", "learning_rates", "dots", "scale", "variant", "source_runs")
 
 
-def save_tracin_simulator(path, sim: TracInSimulator, *, origin: dict | None = None) -> None:
+def save_tracin_simulator(
+    path, sim: TracInSimulator, *, origin: dict | None = None, provenance: dict | None = None
+) -> None:
     """Writes a TracIn-CP simulator (averaged dots, scale) to an .npz file atomically.
 
     Args:
@@ -382,8 +384,13 @@ def save_tracin_simulator(path, sim: TracInSimulator, *, origin: dict | None = N
         sim: the `TracInSimulator`.
         origin: optional JSON-able record of where it was built (as in
             `simfluence.simulators.save_simulator`; read back by `simulators.read_origin`).
+        provenance: what made the file (`simfluence.runlog.provenance`; None: this process's);
+            read back by `simulators.read_provenance`.
     """
+    from simfluence.simulators import provenance_arrays
+
     extra = {} if origin is None else {"origin": np.asarray(json.dumps(origin, sort_keys=True))}
+    extra.update(provenance_arrays(provenance))
     atomic_savez(
         Path(path),
         steps=np.asarray(sim.steps, np.int32),

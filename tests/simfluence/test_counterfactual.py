@@ -7,6 +7,7 @@ half (`finetune counterfactual`) is tested in tests/finetune/test_counterfactual
 
 import itertools
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -225,6 +226,9 @@ def test_rerun_keeps_identical_proposals_and_report_files_exist(exp, scored, cap
     folder = runlog.counterfactual_dir(exp)
     for name in ("report.json", "report.md", "predicted_vs_actual.png"):
         assert (folder / name).is_file()
+    # The report says what made it (the machine and the command line of `score`).
+    prov = json.loads((folder / "report.json").read_text())["provenance"]
+    assert prov["argv"] == sys.argv and prov["device"]["count"] >= 1
     before = (folder / "proposals.json").read_bytes()
     out = _ok(
         ["counterfactual", "propose", exp, "--base-runs", "8-11", "--targets", "4", "--k", "3"],

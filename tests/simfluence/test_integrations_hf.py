@@ -186,3 +186,26 @@ def test_callback_refuses_a_trainer_that_reorders_the_curriculum(setup, tmp_path
     with pytest.raises(ValueError, match="takes 4 steps of 4 examples but the curriculum has 4"):
         _train(setup, tmp_path / "exp", 0, cur, gradient_accumulation_steps=2)
     assert not (tmp_path / "exp").exists() or not list((tmp_path / "exp").glob("run_*"))
+
+
+# Printed without use_cpu=True: on a machine without an accelerator torch says pinning is off.
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true:UserWarning")
+def test_readme_example_runs_as_printed(setup, tmp_path):
+    import re
+    from pathlib import Path
+
+    from transformers import T5ForConditionalGeneration
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("\n### Hugging Face `Trainer`\n")
+    section = text[start : text.index("\n## ", start)]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    pool, tracked, model_dir = setup
+    cur = np.arange(STEPS * BATCH).reshape(STEPS, BATCH) % N_TRAIN
+    model = T5ForConditionalGeneration.from_pretrained(model_dir)
+    scope = dict(cur=cur, pool=pool, tracked=tracked, collate=collate, model=model)
+    exec(code.replace("my_exp", str(tmp_path / "my_exp")), scope)
+    (run,) = runlog.load_runs(tmp_path / "my_exp")
+    np.testing.assert_array_equal(run.curriculum, cur)
+    np.testing.assert_allclose(run.losses[-1], _reference_losses(model, tracked), RTOL, ATOL)
+    np.testing.assert_allclose(run.lr, 1e-4 * (1 - np.arange(STEPS) / STEPS), rtol=1e-6)

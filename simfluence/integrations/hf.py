@@ -263,8 +263,8 @@ class _CallbackLogic:
             )
         fetched = self.train_dataset.fetched
         if fetched:  # empty when DataLoader workers (other processes) fetch the examples
-            n = t * self.batch
-            if len(fetched) < n or fetched[:n] != list(range(n)):
+            lo, n = (t - 1) * self.batch, t * self.batch  # earlier steps were checked already
+            if len(fetched) < n or fetched[lo:n] != list(range(lo, n)):
                 raise ValueError(
                     f"SimfluenceCallback ({self.run_dir}): step {t} did not consume the "
                     "curriculum's examples in order (a custom sampler?); train on "

@@ -70,7 +70,7 @@ def setup(tiny_t5_dir):
     torch.set_num_threads(threads)
 
 
-def _train(setup, exp, run, curriculum, extra_callbacks=(), **arg_overrides):
+def _train(setup, exp, run, curriculum, extra_callbacks=(), trainer_cls=None, **arg_overrides):
     from transformers import T5ForConditionalGeneration, Trainer, TrainingArguments
 
     from simfluence.integrations.hf import SimfluenceCallback
@@ -106,7 +106,7 @@ def _train(setup, exp, run, curriculum, extra_callbacks=(), **arg_overrides):
         disable_tqdm=True,
         seed=run,
     )
-    trainer = Trainer(
+    trainer = (trainer_cls or Trainer)(
         model=model,
         args=args,
         train_dataset=cb.train_dataset,
@@ -180,12 +180,28 @@ def test_callback_logs_a_run_that_loads_and_fits(setup, tmp_path, capsys):
 
 
 def test_callback_refuses_a_trainer_that_reorders_the_curriculum(setup, tmp_path):
+    from transformers import Trainer
+
+    class ReversedOrder(Trainer):  # a custom sampler behind train_sampling_strategy="sequential"
+        def _get_train_sampler(self, train_dataset=None):
+            return list(reversed(range(len(self.train_dataset))))
+
+    class OtherDataset(Trainer):  # the same examples, not through callback.train_dataset
+        def get_train_dataloader(self):
+            self.train_dataset = list(self.train_dataset.pool)
+            return super().get_train_dataloader()
+
     cur = np.arange(STEPS * BATCH).reshape(STEPS, BATCH) % N_TRAIN
+    exp = tmp_path / "exp"
     with pytest.raises(ValueError, match="train_sampling_strategy='random' reorders"):
-        _train(setup, tmp_path / "exp", 0, cur, train_sampling_strategy="random")
+        _train(setup, exp, 0, cur, train_sampling_strategy="random")
     with pytest.raises(ValueError, match="takes 4 steps of 4 examples but the curriculum has 4"):
-        _train(setup, tmp_path / "exp", 0, cur, gradient_accumulation_steps=2)
-    assert not (tmp_path / "exp").exists() or not list((tmp_path / "exp").glob("run_*"))
+        _train(setup, exp, 0, cur, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="step 1 did not consume the curriculum's examples"):
+        _train(setup, exp, 0, cur, trainer_cls=ReversedOrder)
+    with pytest.raises(ValueError, match="train on train_dataset=callback.train_dataset"):
+        _train(setup, exp, 0, cur, trainer_cls=OtherDataset)
+    assert not (exp / "experiment.json").exists() and not list(exp.glob("run_*"))
 
 
 # Printed without use_cpu=True: on a machine without an accelerator torch says pinning is off.

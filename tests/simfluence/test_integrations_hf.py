@@ -70,7 +70,9 @@ def setup(tiny_t5_dir):
     torch.set_num_threads(threads)
 
 
-def _train(setup, exp, run, curriculum, extra_callbacks=(), trainer_cls=None, **arg_overrides):
+def _train(
+    setup, exp, run, curriculum, extra_callbacks=(), trainer_cls=None, attach=True, **arg_overrides
+):
     from transformers import T5ForConditionalGeneration, Trainer, TrainingArguments
 
     from simfluence.integrations.hf import SimfluenceCallback
@@ -111,7 +113,7 @@ def _train(setup, exp, run, curriculum, extra_callbacks=(), trainer_cls=None, **
         args=args,
         train_dataset=cb.train_dataset,
         data_collator=recording_collate,
-        callbacks=[cb, *extra_callbacks],
+        callbacks=[cb, *extra_callbacks] if attach else list(extra_callbacks),
     )
     trainer.train()
     by_ids = {tuple(ex["input_ids"]): i for i, ex in enumerate(pool)}
@@ -155,6 +157,12 @@ def test_callback_logs_a_run_that_loads_and_fits(setup, tmp_path, capsys):
         run.losses[-1], _reference_losses(trainer.model, tracked), RTOL, ATOL
     )
     assert not np.allclose(run.losses[0], run.losses[-1])  # training moved the tracked losses
+    # Logging draws no random numbers (dropout is on in training): the same weights without it.
+    _, plain, _ = _train(setup, tmp_path / "plain", 0, curricula[0], attach=False)
+    trained, untouched = trainer.model.state_dict(), plain.model.state_dict()
+    assert list(trained) == list(untouched)
+    for name, value in trained.items():
+        assert torch.equal(value, untouched[name]), name
     # Linear decay from LR to 0 over STEPS steps: step t uses LR * (1 - (t - 1) / STEPS).
     np.testing.assert_allclose(run.lr, LR * (1 - np.arange(STEPS) / STEPS), rtol=1e-6)
     info = runlog.read_experiment(exp)

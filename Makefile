@@ -34,8 +34,6 @@ DEMO_EXP = $(if $(OUT),$(OUT),runs/demo/output)
 # Empty: `simfluence evaluate` and `counterfactual propose` take the split experiment.json
 # records (the config's extra.split), else 20,2,10. Set it to pass --split FIT,VALID,TEST.
 SPLIT ?=
-FIT_RUNS ?= 0-19
-VALID_RUNS ?= 20-21
 PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
@@ -54,13 +52,11 @@ SIMFLUENCE = $(PYTHON) -m simfluence.cli
   figures bench lint tpu-submit
 
 # `make help` prints these with their current values (VAR=value on the command line sets one).
-HELP_VARS := CONFIG OUT SPLIT FIT_RUNS VALID_RUNS PLOT_RUN TESTS CF_ARGS TABLE_INPUTS TABLE_OUT \
+HELP_VARS := CONFIG OUT SPLIT PLOT_RUN TESTS CF_ARGS TABLE_INPUTS TABLE_OUT \
   VENV PY_BOOT PYTHON INSTALL_DEP SHARED
 HELP_CONFIG := experiment config: runs/<name> or runs/<name>/config.py
 HELP_OUT := output folder (empty: <CONFIG>/output)
-HELP_SPLIT := FIT,VALID,TEST runs for evaluate and counterfactual (empty: experiment.json's)
-HELP_FIT_RUNS := runs `make simulate` fits sim_<variant>.npz on
-HELP_VALID_RUNS := runs that choose those fits' lambdas
+HELP_SPLIT := FIT,VALID,TEST runs of simulate and counterfactual (empty: experiment.json's)
 HELP_PLOT_RUN := held-out run `make figures` plots
 HELP_TESTS := test examples `make figures` plots
 HELP_CF_ARGS := extra flags of `simfluence counterfactual propose`
@@ -116,18 +112,8 @@ runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interru
 tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
 	$(FINETUNE) tracin $(EXP)
 
-simulate: $(INSTALL_SIM_DEP)  ## `simfluence evaluate` with every variant on $(EXP); fits each to $(EXP)/sim_<variant>.npz.
-	$(SIMFLUENCE) evaluate $(EXP) $(SPLIT_FLAG) --out $(EXP)/results.json
-	for v in linear additive multiplicative linear-lr additive-lr; do \
-	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \
-	    --out $(EXP)/sim_$$v.npz || exit; done
-	if compgen -G "$(EXP)/run_*/tracin.npz" > /dev/null; then \
-	  for v in tracin-cp tracin-cp-rescaled; do \
-	    $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --variant $$v --out $(EXP)/sim_$$v.npz || exit; \
-	  done; \
-	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) \
-	    --variant linear-lr-tracin-prior --out $(EXP)/sim_linear-lr-tracin-prior.npz || exit; \
-	fi
+simulate: $(INSTALL_SIM_DEP)  ## `simfluence evaluate` with every variant on $(EXP); saves each to $(EXP)/sim_<variant>.npz.
+	$(SIMFLUENCE) evaluate $(EXP) $(SPLIT_FLAG) --out $(EXP)/results.json --save-simulators $(EXP)
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.
 	$(SIMFLUENCE) counterfactual propose $(EXP) $(SPLIT_FLAG) $(CF_ARGS)

@@ -54,13 +54,13 @@ def test_model_targets_install_the_whole_stack(tmp_path, target):
 def test_help_lists_every_variable_with_its_current_value():
     text = (REPO / "Makefile").read_text()
     variables = set(re.findall(r"^([A-Z_]+) \?=", text, re.M)) - TARGET_SPECIFIC
-    assert {"CONFIG", "OUT", "SPLIT", "FIT_RUNS", "VALID_RUNS", "PYTHON"} <= variables
+    assert {"CONFIG", "OUT", "SPLIT", "PLOT_RUN", "TESTS", "PYTHON"} <= variables
     default = {ln.split()[0]: ln for ln in _make("help") if ln.startswith("  ")}
     given = {ln.split()[0]: ln for ln in _make("help", *(f"{v}=x{v}" for v in variables))}
     for name in sorted(variables):
         assert name in default, f"make help does not list {name}"
         assert given[name].endswith(f"[x{name}]"), given[name]
-    assert default["FIT_RUNS"].endswith("[0-19]") and default["SPLIT"].endswith("[]")
+    assert default["PLOT_RUN"].endswith("[22]") and default["SPLIT"].endswith("[]")
     assert "install-sim" in default
 
 

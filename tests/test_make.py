@@ -38,7 +38,8 @@ def test_simulator_targets_install_only_the_simulator_half(tmp_path, target):
     lines = _make("-n", target, f"VENV={venv}", "TABLE_INPUTS=results.json")
     (pip,) = _pip_lines(lines)
     assert pip.endswith("pip install -q -e ."), pip
-    assert not any("finetune" in ln for ln in lines if "pip" in ln), lines
+    assert not any("finetune" in ln for ln in lines), lines  # no extra, no finetune command
+    assert any("-m simfluence.cli " in ln for ln in lines), lines
     # The full install's stamp counts as the simulator's: nothing more to install.
     (venv / "bin").mkdir(parents=True)
     (venv / ".installed").touch()

@@ -15,6 +15,7 @@ from simfluence import runlog
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer needs it (the test and hf extras have it)
 
 N_TRAIN, N_TEST, STEPS, BATCH = 6, 3, 4, 2
 LR = 1e-2

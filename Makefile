@@ -7,6 +7,8 @@
 #   make table                        every results.json   -> results/table.md (+ table.json)
 # `runs` and `tracin` skip finished work and complete unfinished work (run them again after a
 # kill); `simulate`, `figures` and `table` redo their evaluation (seconds to a minute).
+# Install level per target: `simulate`, `figures` and `table` need only the simulator half
+# (`install-sim`: pip install -e .); the others the whole stack (`install`: ".[finetune,test]").
 SHELL := /bin/bash
 PY_BOOT ?= python3
 VENV ?= .venv
@@ -29,7 +31,9 @@ OUT ?=
 CONFIG_DIR = $(patsubst %/config.py,%,$(patsubst %/,%,$(CONFIG)))
 EXP = $(if $(OUT),$(OUT),$(CONFIG_DIR)/output)
 DEMO_EXP = $(if $(OUT),$(OUT),runs/demo/output)
-SPLIT ?= 20,2,10
+# Empty: `simfluence evaluate` and `counterfactual propose` take the split experiment.json
+# records (the config's extra.split), else 20,2,10. Set it to pass --split FIT,VALID,TEST.
+SPLIT ?=
 PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
@@ -38,24 +42,59 @@ CF_ARGS ?=
 DEMO_CF_ARGS ?= --kinds remove-top,remove-bottom,remove-random,reorder,optimize,flip,flip-random
 TABLE_INPUTS ?= $(wildcard runs/*/output/results.json)
 TABLE_OUT ?= results/table.md
-# Tests run the targets with INSTALL_DEP= and PYTHON=<their interpreter>.
+# Tests run the targets with INSTALL_DEP= and PYTHON=<their interpreter>; INSTALL_DEP= skips
+# both install levels.
 INSTALL_DEP ?= install
+INSTALL_SIM_DEP = $(if $(strip $(INSTALL_DEP)),install-sim)
+SPLIT_FLAG = $(if $(strip $(SPLIT)),--split $(strip $(SPLIT)))
 FINETUNE = $(PYTHON) -m finetune.cli
 SIMFLUENCE = $(PYTHON) -m simfluence.cli
 
-.PHONY: help install test test-all demo runs tracin simulate counterfactual table figures bench \
-  lint tpu-submit
+.PHONY: help install install-sim test test-all demo runs tracin simulate counterfactual table \
+  figures bench lint tpu-submit
 
-help:  ## List the targets.
+# `make help` prints these with their current values (VAR=value on the command line sets one).
+HELP_VARS := CONFIG OUT SPLIT PLOT_RUN TESTS CF_ARGS TABLE_INPUTS TABLE_OUT \
+  VENV PY_BOOT PYTHON INSTALL_DEP SHARED
+HELP_CONFIG := experiment config: runs/<name> or runs/<name>/config.py
+HELP_OUT := output folder (empty: <CONFIG>/output)
+HELP_SPLIT := FIT,VALID,TEST runs of simulate and counterfactual (empty: experiment.json's)
+HELP_PLOT_RUN := held-out run `make figures` plots
+HELP_TESTS := test examples `make figures` plots
+HELP_CF_ARGS := extra flags of `simfluence counterfactual propose`
+HELP_TABLE_INPUTS := results.json files of `make table`
+HELP_TABLE_OUT := where `make table` writes (.md, .csv or .tex)
+HELP_VENV := virtual environment the install targets create
+HELP_PY_BOOT := interpreter that creates VENV
+HELP_PYTHON := interpreter every target runs
+HELP_INSTALL_DEP := `install` (default) installs what a target needs first; empty: never
+HELP_SHARED := offline data and T5 vocabulary (../shared)
+
+# One shell word, single-quoted.
+shq = '$(subst ','\'',$(1))'
+
+help:  ## List the targets and the variables.
+	@echo "Targets (make TARGET VAR=value ...):"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
+	@echo "Variables (current value in brackets):"
+	@$(foreach v,$(HELP_VARS),printf '  %-15s %s [%s]\n' $(v) $(call shq,$(HELP_$(v))) \
+	  $(call shq,$(strip $($(v))));)
 
-$(VENV)/.installed: pyproject.toml
-	$(PY_BOOT) -m venv $(VENV)
+# Two install levels, each with its stamp in $(VENV); the full one includes the simulator's.
+$(VENV)/.installed-sim: pyproject.toml
+	test -x $(VENV)/bin/python || $(PY_BOOT) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e ".[finetune,test]"
+	$(VENV)/bin/python -m pip install -q -e .
 	touch $@
 
-install: $(VENV)/.installed  ## Create .venv and install the project with its finetune and test extras.
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PY_BOOT) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e ".[finetune,test]"
+	touch $@ $(VENV)/.installed-sim
+
+install: $(VENV)/.installed  ## Create .venv with the whole stack: the finetune and test extras (torch too).
+install-sim: $(if $(wildcard $(VENV)/.installed),$(VENV)/.installed,$(VENV)/.installed-sim)  ## Only the simulator half (pip install -e .): enough for simulate, figures and table.
 
 test: install  ## The default test suite (CPU, no network, about 7 min on 2 cores).
 	$(PYTHON) -m pytest -q tests
@@ -76,24 +115,24 @@ runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interru
 tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
 	$(FINETUNE) tracin $(EXP)
 
-simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); saves each to $(EXP)/sim_<variant>.npz (+ sim_linear_margin.npz).
-	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json --save-simulators $(EXP)
+simulate: $(INSTALL_SIM_DEP)  ## `simfluence evaluate` with every variant on $(EXP); saves each to $(EXP)/sim_<variant>.npz (+ sim_linear_margin.npz).
+	$(SIMFLUENCE) evaluate $(EXP) $(SPLIT_FLAG) --out $(EXP)/results.json --save-simulators $(EXP)
 	if compgen -G "$(EXP)/run_*/choice_losses.npy" > /dev/null; then \
-	  $(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --metric margin --variants linear \
+	  $(SIMFLUENCE) evaluate $(EXP) $(SPLIT_FLAG) --metric margin --variants linear \
 	    --out $(EXP)/results_margin.json --save-simulators $(EXP) > /dev/null || exit; \
 	fi
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.
-	$(SIMFLUENCE) counterfactual propose $(EXP) --split $(SPLIT) $(CF_ARGS)
+	$(SIMFLUENCE) counterfactual propose $(EXP) $(SPLIT_FLAG) $(CF_ARGS)
 	$(FINETUNE) counterfactual $(EXP)
 	$(SIMFLUENCE) counterfactual score $(EXP)
 
-figures: $(INSTALL_DEP)  ## Trajectories, A/B, LDS, metric bars, lambda curve (PNG + PDF) and top influences for $(EXP).
+figures: $(INSTALL_SIM_DEP)  ## Trajectories, A/B, LDS, metric bars, lambda curve (PNG + PDF) and top influences for $(EXP).
 	$(SIMFLUENCE) figures $(EXP) --runs $(PLOT_RUN) --tests $(TESTS) --out $(EXP)/figures \
 	  --sim $(EXP)/sim_linear.npz$$(test -f $(EXP)/sim_tracin-cp-rescaled.npz && \
 	    echo ,$(EXP)/sim_tracin-cp-rescaled.npz)
 
-table: $(INSTALL_DEP)  ## All finished experiments (runs/*/output) into results/table.md and .json.
+table: $(INSTALL_SIM_DEP)  ## All finished experiments (runs/*/output) into results/table.md and .json.
 	@if [ -z "$(strip $(TABLE_INPUTS))" ]; then \
 	  echo "make table: no runs/*/output/results.json yet; run make simulate first" >&2; exit 2; fi
 	mkdir -p $(dir $(TABLE_OUT)) && $(SIMFLUENCE) table $(TABLE_INPUTS) --out $(TABLE_OUT)

@@ -193,7 +193,7 @@ def _cmd_evaluate(args) -> None:
     variants = check_variants(args.variants.split(",")) if args.variants else None
     results = evaluate(
         args.exp,
-        split=_parse_split(args.split),
+        split=_parse_split(args.split) if args.split is not None else None,
         variants=variants,
         l2_a=args.l2_a,
         l2_b=args.l2_b,
@@ -1002,8 +1002,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("exp", metavar="EXP", help="experiment folder")
     p.add_argument(
         "--split",
-        default="20,2,10",
-        help="FIT,VALID,TEST numbers of complete runs (default 20,2,10)",
+        default=None,
+        help="FIT,VALID,TEST numbers of complete runs (default: the split experiment.json "
+        "records, e.g. the config's extra.split, else 20,2,10)",
     )
     p.add_argument(
         "--variants",

@@ -434,23 +434,13 @@ def _load_sims(
 # ----------------------------------------------------------------------------------------------
 
 
-def _default_split(info: dict) -> tuple[int, int, int]:
-    extra = (info.get("config") or {}).get("extra") or {}
-    split = extra.get("split") if isinstance(extra, dict) else None
-    if isinstance(split, list | tuple) and len(split) == 3:
-        return tuple(int(x) for x in split)  # type: ignore[return-value]
-    from simfluence.evaluation import DEFAULT_SPLIT
-
-    return DEFAULT_SPLIT
-
-
 def default_base_runs(exp_dir: str | os.PathLike, split: Sequence[int] | None = None) -> list[int]:
     """The held-out runs of a split, as `simfluence evaluate` takes them.
 
     Args:
         exp_dir: experiment folder.
-        split: (fit, valid, test) numbers of complete runs (None: the config's ``extra.split``,
-            else 20,2,10).
+        split: (fit, valid, test) numbers of complete runs (None: the split experiment.json
+            records, see `simfluence.evaluation.recorded_split`, else 20,2,10).
 
     Returns:
         Run indices: the ``test`` complete runs after the fitting and validation ones.
@@ -459,8 +449,9 @@ def default_base_runs(exp_dir: str | os.PathLike, split: Sequence[int] | None = 
         RunLogError: fewer complete runs than the split needs (an incomplete held-out run would
             otherwise shift the choice silently).
     """
-    info = runlog.read_experiment(exp_dir)
-    n_fit, n_valid, n_test = tuple(split) if split is not None else _default_split(info)
+    from simfluence.evaluation import resolve_split
+
+    n_fit, n_valid, n_test = resolve_split(exp_dir, split)[0]  # reads experiment.json
     listing = runlog.list_runs(exp_dir)
     complete = [i for i, _, c in listing if c]
     need = n_fit + n_valid + n_test
@@ -526,7 +517,7 @@ def propose(
         optimize_cap: most uses of one example in an ``optimize`` curriculum (None: the largest
             count of any example in the base curriculum).
         split: (fit, valid, test) numbers of complete runs whose held-out part gives the
-            default base runs (None: the config's ``extra.split``, else 20,2,10).
+            default base runs (None: the split experiment.json records, else 20,2,10).
         metric: what the check predicts the change of (`simfluence.choice_metrics`); every
             simulator file must have been fitted on it (default files: `sim_file_name`).
         flip_sim: for ``flip``: the proposer's simulator fitted on the margin (relative to EXP

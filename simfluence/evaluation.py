@@ -57,7 +57,15 @@ from simfluence.scoring import (
     skill_score,
 )
 
-__all__ = ["ALL_VARIANTS", "DEFAULT_SPLIT", "evaluate", "default_variants", "check_variants"]
+__all__ = [
+    "ALL_VARIANTS",
+    "DEFAULT_SPLIT",
+    "evaluate",
+    "default_variants",
+    "check_variants",
+    "recorded_split",
+    "resolve_split",
+]
 
 ALL_VARIANTS = tuple(
     dict.fromkeys(
@@ -70,6 +78,68 @@ ALL_VARIANTS = tuple(
 )
 _SIMFLUENCE = simulators.VARIANTS + scheduled.SCHEDULED_VARIANTS + momentum.MOMENTUM_VARIANTS
 DEFAULT_SPLIT = (20, 2, 10)
+# Where experiment.json may record the split, first match wins: a top-level "split" (any
+# experiment, e.g. one logged by your own loop), or the config's ("split", or "extra.split" as the
+# `finetune` configs record it).
+_SPLIT_KEYS = (("split",), ("config", "split"), ("config", "extra", "split"))
+
+
+def recorded_split(exp_dir: str | os.PathLike) -> tuple[tuple[int, int, int], str] | None:
+    """The (fit, valid, test) split that the experiment's `experiment.json` records.
+
+    Looked up as a top-level ``split``, then ``config.split``, then ``config.extra.split`` (where
+    the `finetune` configs put it, e.g. ``extra={"split": [20, 2, 10]}``).
+
+    Args:
+        exp_dir: experiment folder.
+
+    Returns:
+        ``((n_fit, n_valid, n_test), "experiment.json <key>")``, or None when nothing is recorded.
+
+    Raises:
+        RunLogError: experiment.json is missing or malformed, or the recorded split is not three
+            non-negative integers.
+    """
+    info = read_experiment(exp_dir)
+    for keys in _SPLIT_KEYS:
+        node: object = info
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        name = ".".join(keys)
+        if (
+            not isinstance(node, list | tuple)
+            or len(node) != 3
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in node)
+        ):
+            raise RunLogError(
+                f"{Path(exp_dir) / 'experiment.json'}: {name} is {node!r:.60}, expected three "
+                "non-negative integers [FIT, VALID, TEST]; fix it or pass --split"
+            )
+        return (int(node[0]), int(node[1]), int(node[2])), f"experiment.json {name}"
+    return None
+
+
+def resolve_split(
+    exp_dir: str | os.PathLike, split: Sequence[int] | None = None
+) -> tuple[tuple[int, int, int], str]:
+    """The split to use: the one given, else the recorded one, else `DEFAULT_SPLIT`.
+
+    Args:
+        exp_dir: experiment folder.
+        split: (fit, valid, test) numbers of complete runs, or None.
+
+    Returns:
+        ``(split, source)``: source is "given", "experiment.json <key>" or "default".
+
+    Raises:
+        RunLogError: see `recorded_split`.
+    """
+    if split is not None:
+        return tuple(split), "given"  # type: ignore[return-value]
+    found = recorded_split(exp_dir)
+    return found if found is not None else (DEFAULT_SPLIT, "default")
 
 
 def check_variants(variants: Sequence[str]) -> list[str]:
@@ -350,7 +420,7 @@ def _experiment_name(exp_dir: Path, info: dict) -> str:
 
 def evaluate(
     exp_dir: str | os.PathLike,
-    split: Sequence[int] = DEFAULT_SPLIT,
+    split: Sequence[int] | None = None,
     variants: Sequence[str] | None = None,
     l2_a: float | None = None,
     l2_b: float | None = None,
@@ -365,7 +435,8 @@ def evaluate(
 
     Args:
         exp_dir: experiment folder (run-log format of `simfluence.runlog`).
-        split: (n_fit, n_valid, n_test) numbers of complete runs, taken in index order.
+        split: (n_fit, n_valid, n_test) numbers of complete runs, taken in index order; None ->
+            the split experiment.json records (see `recorded_split`), else `DEFAULT_SPLIT`.
         variants: names from `ALL_VARIANTS`; None -> linear, additive, multiplicative, constant,
             mean-trajectory; tracin-cp, tracin-cp-rescaled when a fitting run has tracin.npz;
             linear-lr, additive-lr when every run of the split has lr.npy; and
@@ -399,9 +470,9 @@ def evaluate(
         "skill_undefined_reason": str | None, "l2_a": float | None, "l2_b": float | None,
         "per_run": {...}, "across_run_spearman_vs_linear": {"mean", "stderr", "stderr_method",
         "stderr_undefined_reason", "n_runs", "undefined_reason", "reference"}, ...}},
-        "split": {"fit": [...], "valid": [...], "test": [...]},
-        "experiment": {"name", "path", "n_train", "n_test", "batch", "info"}, "provenance":
-        `runlog.provenance()` of this call}`.
+        "split": {"fit": [...], "valid": [...], "test": [...]}, "split_source": "given" |
+        "experiment.json <key>" | "default", "experiment": {"name", "path", "n_train",
+        "n_test", "batch", "info"}, "provenance": `runlog.provenance()` of this call}`.
         The stderr of the per-run metrics (all-steps MSE, final-step rho and MSE) is over
         held-out runs (ddof=1); that of `across_run_spearman` is a delete-one jackknife over
         held-out runs (see `scoring.across_run_spearman`). The final-step rho averages the
@@ -420,7 +491,12 @@ def evaluate(
         ValueError: fewer than 2 test examples, unknown variant, bad split or lambdas.
     """
     exp_dir = Path(exp_dir)
-    n_fit, n_valid, n_heldout = _check_split(split)
+    split, split_source = resolve_split(exp_dir, split)
+    origin = "" if split_source == "given" else f" ({split_source}; pass --split to override)"
+    try:
+        n_fit, n_valid, n_heldout = _check_split(split)
+    except ValueError as exc:
+        raise ValueError(f"{exc}{origin}") from None
     info = read_experiment(exp_dir)
     if info["n_test"] < 2:
         raise ValueError(
@@ -438,7 +514,8 @@ def evaluate(
         n_inc = sum(1 for _, _, c in list_runs(exp_dir) if not c)
         raise RunLogError(
             f"{exp_dir}: split {n_fit},{n_valid},{n_heldout} needs {needed} complete runs but "
-            f"there are {len(runs)} ({n_inc} incomplete); finish more runs or use a smaller split"
+            f"there are {len(runs)} ({n_inc} incomplete); finish more runs or use a smaller "
+            f"split{origin}"
         )
     used = choice_metrics.with_metric(runs[:needed], metric)  # the trajectories to simulate
     fit_runs = used[:n_fit]
@@ -622,6 +699,7 @@ def evaluate(
             "valid": [r.index for r in valid_runs],
             "test": [r.index for r in test_runs],
         },
+        "split_source": split_source,
         "experiment": {
             "name": _experiment_name(exp_dir, info),
             "path": str(exp_dir),

@@ -90,3 +90,23 @@ raise SystemExit(m.main(["run", "runs/demo"]))
     helped = _run(code.replace('["run", "runs/demo"]', '["run", "--help"]'), tmp_path)
     assert helped.returncode == 0, helped.stderr[-3000:]
     assert "usage: finetune run" in helped.stdout
+
+
+def test_integrations_import_without_torch_or_transformers(tmp_path):
+    code = """
+import simfluence, simfluence.integrations
+import simfluence.integrations.hf as hf
+assert callable(hf.mean_token_loss) and hf.CurriculumDataset([10, 11], [[1, 0]])[0] == 11
+try:
+    hf.SimfluenceCallback
+except ImportError as exc:
+    print("ERROR", exc)
+print("LOADED", " ".join(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+    out = _run(code, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    loaded = set(next(ln for ln in lines if ln.startswith("LOADED")).split())
+    assert not loaded & set(BLOCKED), loaded & set(BLOCKED)
+    error = next(ln for ln in lines if ln.startswith("ERROR"))
+    assert "needs transformers and torch" in error and '".[hf]"' in error, error

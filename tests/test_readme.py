@@ -1,5 +1,6 @@
 """The README's library examples run as printed (paths pointed at test fixtures)."""
 
+import json
 import re
 from pathlib import Path
 
@@ -41,3 +42,63 @@ def test_model_example_runs_on_the_tiny_checkpoint(tiny_t5_dir):
     assert scope["losses"].shape == (2,)
     leaves = jax.tree.leaves(scope["grads"])
     assert leaves and all(leaf.shape[0] == 2 for leaf in leaves)
+
+
+def _section_blocks(title: str) -> list[str]:
+    text = (REPO_ROOT / "README.md").read_text()
+    start = text.index(f"\n{title}\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+BYO = "## Bring your own runs"
+
+
+def test_bring_your_own_runs_recipe_runs_loads_and_fits(tmp_path, capsys):
+    from simfluence import runlog
+    from simfluence.cli import main
+
+    code = _section_blocks(BYO)[0]
+    assert len([ln for ln in code.splitlines() if ln.strip()]) <= 15
+    assert '"my_exp"' in code
+    # "Your own code": SGD on a least-squares model; the tracked losses are 10 test examples'.
+    rng = np.random.default_rng(0)
+    x_pool, x_test, w_true = rng.normal(size=(50, 5)), rng.normal(size=(10, 5)), rng.normal(size=5)
+    y_pool, y_test = x_pool @ w_true, x_test @ w_true
+
+    def init_model():
+        return {"w": np.zeros(5), "t": 0}
+
+    def tracked_losses(model):
+        return (x_test @ model["w"] - y_test) ** 2
+
+    def train_step(model, ids):
+        model["t"] += 1
+        lr = 0.05 * min(1.0, model["t"] / 10)  # a warm-up, so lr.npy is not constant
+        err = x_pool[ids] @ model["w"] - y_pool[ids]
+        model["w"] = model["w"] - lr * 2 * x_pool[ids].T @ err / len(ids)
+        return lr
+
+    exp = tmp_path / "my_exp"
+    scope = dict(init_model=init_model, tracked_losses=tracked_losses, train_step=train_step)
+    exec(code.replace('"my_exp"', repr(str(exp))), scope)
+
+    runs = runlog.load_runs(exp)
+    assert [r.index for r in runs] == list(range(10))
+    for r in runs:
+        cur = np.random.default_rng(r.index).integers(0, 50, (30, 4))
+        np.testing.assert_array_equal(r.curriculum, cur)
+        model, rows = init_model(), [tracked_losses(init_model())]
+        for ids in cur:
+            train_step(model, ids)
+            rows.append(tracked_losses(model))
+        np.testing.assert_allclose(r.losses, np.array(rows, np.float32), rtol=1e-6)
+        np.testing.assert_allclose(r.lr, 0.05 * np.minimum(1.0, np.arange(1, 31) / 10), rtol=1e-6)
+
+    assert main(["fit", str(exp), "--runs", "0-5", "--out", str(tmp_path / "sim.npz")]) == 0
+    out = tmp_path / "results.json"
+    assert main(["evaluate", str(exp), "--variants", "constant", "--out", str(out)]) == 0
+    capsys.readouterr()
+    results = json.loads(out.read_text())
+    assert results["split"] == {"fit": [0, 1, 2, 3, 4, 5], "valid": [6], "test": [7, 8, 9]}
+    assert results["split_source"] == "experiment.json split"

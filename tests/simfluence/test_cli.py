@@ -825,3 +825,24 @@ def test_table_writes_md_csv_and_tex(work, tmp_path, capsys):
         [tmp_path / "p.csv"],
     )
     _bad(["table", res_path, "--out", tmp_path / "t.txt"], capsys, "expected a .md, .csv or .tex")
+
+
+def test_evaluate_takes_the_recorded_split_unless_split_is_given(work, tmp_path, capsys):
+    _, exp = work
+    rec = tmp_path / "rec"
+    shutil.copytree(exp, rec)
+    info = json.loads((rec / "experiment.json").read_text())
+    info["config"] = {"extra": {"split": [4, 2, 3]}}
+    runlog.write_experiment(rec, info)
+    out = tmp_path / "r.json"
+    _ok(["evaluate", rec, "--variants", "constant", "--out", out], capsys)
+    data = json.loads(out.read_text())
+    assert data["split"] == {"fit": [0, 1, 2, 3], "valid": [4, 5], "test": [6, 7, 8]}
+    assert data["split_source"] == "experiment.json config.extra.split"
+    _ok(["evaluate", rec, "--split", "5,1,2", "--variants", "constant", "--out", out], capsys)
+    data = json.loads(out.read_text())
+    assert data["split"]["test"] == [6, 7] and data["split_source"] == "given"
+    info["config"]["extra"]["split"] = "4,2,3"
+    runlog.write_experiment(rec, info)
+    out.unlink()
+    _bad(["evaluate", rec, "--out", out], capsys, "config.extra.split is '4,2,3'", [out])

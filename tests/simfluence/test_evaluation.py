@@ -304,3 +304,49 @@ def test_final_step_rho_undefined_on_some_runs_is_counted_and_footnoted(exp, mon
     assert "held-out run(s) 4" in rho["undefined_reason"]
     text = format_results(res)
     assert "final-step ρ averaged over the 2 of 3 held-out runs where it is defined" in text
+
+
+def _record_split(exp, tmp_path, name, keys, value):
+    """A copy of `exp` whose experiment.json records `value` under the nested `keys`."""
+    import shutil
+
+    copy = tmp_path / name
+    shutil.copytree(exp, copy)
+    info = json.loads((copy / "experiment.json").read_text())
+    node = info
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    runlog.write_experiment(copy, info)
+    return copy
+
+
+def test_split_defaults_to_the_one_experiment_json_records(exp, tmp_path):
+    from simfluence.counterfactual import default_base_runs
+
+    fast = dict(variants=["constant"])  # no fitting: the split is what is tested
+    # As `finetune` configs record it (config.extra.split) ...
+    rec = _record_split(exp, tmp_path, "rec", ("config", "extra", "split"), [3, 2, 4])
+    res = evaluate(rec, **fast)
+    assert res["split"] == {"fit": [0, 1, 2], "valid": [3, 4], "test": [5, 6, 7, 8]}
+    assert res["split_source"] == "experiment.json config.extra.split"
+    assert default_base_runs(rec) == [5, 6, 7, 8]
+    # ... unless a split is given.
+    res = evaluate(rec, split=(4, 1, 2), **fast)
+    assert res["split"] == {"fit": [0, 1, 2, 3], "valid": [4], "test": [5, 6]}
+    assert res["split_source"] == "given"
+    assert default_base_runs(rec, (4, 1, 2)) == [5, 6]
+    # A top-level "split" (e.g. written by your own training loop) comes first.
+    top = _record_split(rec, tmp_path, "top", ("split",), [5, 0, 3])
+    res = evaluate(top, **fast)
+    assert res["split"]["test"] == [5, 6, 7] and res["split_source"] == "experiment.json split"
+    # Nothing recorded: 20,2,10, which this 9-run experiment cannot hold.
+    with pytest.raises(RunLogError, match=r"split 20,2,10 needs 32 complete runs.*\(default;"):
+        evaluate(exp, **fast)
+    # A recorded split that cannot be used names experiment.json and the key.
+    bad = _record_split(exp, tmp_path, "bad", ("config", "extra", "split"), [3, 2])
+    with pytest.raises(RunLogError, match=r"experiment.json: config.extra.split is \[3, 2\]"):
+        evaluate(bad, **fast)
+    short = _record_split(exp, tmp_path, "short", ("config", "extra", "split"), [3, 2, 1])
+    with pytest.raises(ValueError, match=r"held-out .*experiment.json config.extra.split; pass"):
+        evaluate(short, **fast)

@@ -14,7 +14,11 @@ the simulators answer:
    - ``remove-bottom``: the k whose removal it predicts lowers that loss the most;
    - ``remove-random``: k random examples of the base curriculum (the control);
    - ``reorder``: the base run's batches in a random other order (same multiset of batches);
-   - ``optimize``: a greedy curriculum over the proposer (`optimize_curriculum`).
+   - ``optimize``: a greedy curriculum over the proposer (`optimize_curriculum`);
+   - ``swap-in``: k random examples of the base curriculum each replaced, in every slot, by a
+     distinct held-out pool example (experiment.json ``held_out_pool``: training examples no
+     fitting run contains), so the featurized simulators (``sim_linear-feat.npz``,
+     ``sim_additive-feat.npz``) predict examples they never saw trained.
 
    Removal rule, the same for every removal kind (`remove_examples`): each slot holding a
    removed example gets an example drawn uniformly (seeded) from the pool minus the removed
@@ -68,7 +72,11 @@ __all__ = [
     "write_report",
 ]
 
-KINDS = ("remove-top", "remove-bottom", "remove-random", "reorder", "optimize")
+KINDS = ("remove-top", "remove-bottom", "remove-random", "reorder", "optimize", "swap-in")
+# The default proposals; swap-in needs held-out pool examples (config held_out_pool).
+DEFAULT_KINDS = KINDS[:5]
+# Featurized simulators (`simfluence.featurized`) are saved as per-pair tables of the whole pool.
+FEATURIZED_VARIANTS = ("linear-feat", "additive-feat")
 REMOVAL_KINDS = ("remove-top", "remove-bottom", "remove-random")
 PROPOSER_VARIANTS = simulators.VARIANTS + simulators.SCHEDULED_VARIANTS
 REPORT_JSON, REPORT_MD, REPORT_PNG = runlog.COUNTERFACTUAL_REPORT_FILES
@@ -240,7 +248,12 @@ def default_simulator_files(exp_dir: str | os.PathLike) -> dict[str, str]:
         {variant: file name relative to EXP}.
     """
     exp_dir = Path(exp_dir)
-    names = simulators.VARIANTS + tracin.TRACIN_VARIANTS + simulators.SCHEDULED_VARIANTS
+    names = (
+        simulators.VARIANTS
+        + tracin.TRACIN_VARIANTS
+        + simulators.SCHEDULED_VARIANTS
+        + FEATURIZED_VARIANTS
+    )
     return {v: f"sim_{v}.npz" for v in names if (exp_dir / f"sim_{v}.npz").is_file()}
 
 
@@ -266,9 +279,10 @@ def _load_sims(exp_dir: Path, files: dict[str, str], split_runs: dict) -> dict[s
                 f"{exp_dir} --variant {variant} ...` (make simulate writes EXP/sim_<variant>.npz)"
             )
         sim = load_simulator_file(path)
-        if _variant(sim) != variant:
-            raise ValueError(f"{path} holds a {_variant(sim)} simulator, not {variant}")
         origin = simulators.read_origin(path)
+        held = (origin or {}).get("featurized") if variant in FEATURIZED_VARIANTS else None
+        if _variant(sim) != variant and held != variant:
+            raise ValueError(f"{path} holds a {_variant(sim)} simulator, not {variant}")
         if origin is None or origin.get("experiment_sha256") != exp_sha:
             why = (
                 "records no experiment it was fitted on (written by an older version or "
@@ -363,7 +377,7 @@ def propose(
     base_runs: Sequence[int] | None = None,
     tests: Sequence[int] | None = None,
     n_targets: int | None = None,
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     k: int = 10,
     seed: int = 0,
     optimize_cap: int | None = None,
@@ -386,7 +400,7 @@ def propose(
         tests: target test examples (None: ``n_targets`` drawn; give one or the other).
         n_targets: how many targets to draw (None: min(12, n_test)).
         kinds: proposal kinds from `KINDS`.
-        k: examples removed by each removal proposal.
+        k: examples removed by each removal proposal (swapped out by swap-in).
         seed: seed of every draw.
         optimize_cap: most uses of one example in an ``optimize`` curriculum (None: the largest
             count of any example in the base curriculum).
@@ -406,7 +420,16 @@ def propose(
     exp_dir = Path(exp_dir)
     info = runlog.read_experiment(exp_dir)
     n_train, n_test = info["n_train"], info["n_test"]
+    # Pool positions held out of the fitting runs (issue 19) come last; removals never draw them.
+    outside = [int(i) for i in info.get("held_out_pool", []) or []]
+    n_fit_pool = n_train - len(outside)
     kinds = _check_kinds(kinds)
+    if "swap-in" in kinds and not outside:
+        raise ValueError(
+            f"{Path(exp_dir) / 'experiment.json'} records no held-out pool examples; swap-in "
+            "needs them (held_out_pool and held_out_runs in the experiment config): leave "
+            "swap-in out of --kinds"
+        )
     for flag, value, low in (
         ("--k", k, 1),
         ("--seed", seed, 0),
@@ -503,8 +526,17 @@ def propose(
                 removed = sorted(int(i) for i in present[order[:k]])
             elif kind == "remove-random":
                 removed = sorted(int(i) for i in rng.choice(present, size=k, replace=False))
-            if kind in REMOVAL_KINDS:
-                cur = remove_examples(run.curriculum, removed, n_train, rng)
+            if kind in REMOVAL_KINDS:  # replacements from the fitting runs' pool only
+                cur = remove_examples(run.curriculum, removed, n_fit_pool, rng)
+            elif kind == "swap-in":
+                kk = min(k, len(outside), present.size)
+                removed = sorted(int(i) for i in rng.choice(present, size=kk, replace=False))
+                incoming = [int(i) for i in rng.choice(outside, size=kk, replace=False)]
+                cur = np.array(run.curriculum, np.int32, copy=True)
+                for out_id, in_id in zip(removed, incoming, strict=True):
+                    cur[run.curriculum == out_id] = in_id
+                entry["swapped_in"] = incoming
+                entry["slots_replaced"] = int(np.isin(run.curriculum, removed).sum())
             elif kind == "reorder":
                 cur, perm = reorder_batches(run.curriculum, rng)
                 entry["permutation"] = [int(p) for p in perm]

@@ -57,8 +57,8 @@ from simfluence import _solvers, simulators
 
 FEAT_VARIANTS = ("linear-feat", "additive-feat")
 # Validation grid defaults: the reduced feature dimension and one log grid for the lambdas.
-DEFAULT_DIMS = (2, 4, 8, 16)
-DEFAULT_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+DEFAULT_DIMS = (1, 2, 4, 8, 16)
+DEFAULT_GRID = (1e-4, 1e-2, 1.0, 100.0, 1e4, 1e6)
 # Residual strengths searched by `select_residual` (inf: no residual).
 DEFAULT_RESIDUAL_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, math.inf)
 MAX_UNKNOWNS = 2 * 65 * 65  # dense normal equations beyond this are refused (memory, time)
@@ -133,6 +133,9 @@ class FeatSimulator:
         l2_a: ridge strength on W_A (None for additive-feat).
         l2_b: ridge strength on W_B.
         batch: batch size of the fitting runs (A sits near 1/batch).
+        lr_max: None (schedule-free), or eta_max of the fitting runs: the schedule-aware fit
+            scales every step's change by w_t = eta_t / eta_max (as `simfluence.scheduled`),
+            and its tables are "linear-lr" / "additive-lr" simulators.
     """
 
     W_A: np.ndarray
@@ -141,6 +144,7 @@ class FeatSimulator:
     l2_a: float | None
     l2_b: float
     batch: int
+    lr_max: float | None = None
 
     def tables(
         self, phi: Float[ArrayLike, "n_train d_phi"], psi: Float[ArrayLike, "n_test d_psi"]
@@ -152,8 +156,10 @@ class FeatSimulator:
             psi: f [n_test, d_psi] features of the test examples (any, fitted or not).
 
         Returns:
-            A `simulators.Simulator` (variant "linear" or "additive") with A, B f32
-            [n_test, n_train]; roll it out with `simulators.simulate` / `simulate_many`.
+            A `simulators.Simulator` (variant "linear" or "additive"; "linear-lr" or
+            "additive-lr" when schedule-aware) with A, B f32 [n_test, n_train]; roll it out
+            with `simulators.simulate` / `simulate_many` (with the run's lr when
+            schedule-aware).
         """
         phi = _check_feats(phi, "phi", self.W_B.shape[0])
         psi = _check_feats(psi, "psi", self.W_B.shape[1])
@@ -166,12 +172,19 @@ class FeatSimulator:
         return simulators.Simulator(
             A=np.asarray(A, np.float32),
             B=np.asarray(B, np.float32),
-            variant="additive" if self.variant == "additive-feat" else "linear",
+            variant=_per_pair(self.variant, self.lr_max is not None),
             l2_a=float(self.l2_a or 0.0),
             l2_b=float(self.l2_b),
             a_prior=a0,
             batch=self.batch,
+            lr_max=self.lr_max,
         )
+
+
+def _per_pair(variant: str, scheduled: bool) -> str:
+    """The per-pair simulator variant whose tables a featurized variant fills."""
+    base = "additive" if variant == "additive-feat" else "linear"
+    return f"{base}-lr" if scheduled else base
 
 
 def _check_feats(x, name: str, dim: int | None = None) -> np.ndarray:
@@ -191,16 +204,20 @@ def _check_variant(variant: str) -> None:
         )
 
 
-def _rows(curricula, losses, phi):
+def _rows(curricula, losses, phi, lrs=None, lr_max=None):
     """Teacher-forced rows: x = L_{t-1} [rows, n], y = L_t - L_{t-1} [rows, n],
-    Phi [rows, d_phi] (sum of the batch's phi, repeats counted)."""
+    Phi [rows, d_phi] (sum of the batch's phi, repeats counted; times w_t = lr_t / lr_max
+    when schedule-aware)."""
     xs, ys, ps = [], [], []
-    for c, loss in zip(curricula, losses, strict=True):
+    for r, (c, loss) in enumerate(zip(curricula, losses, strict=True)):
         loss = np.asarray(loss, np.float64)
         c = np.asarray(c)
         xs.append(loss[:-1])
         ys.append(loss[1:] - loss[:-1])
-        ps.append(phi[c].sum(axis=1))  # [T, d_phi]
+        big_phi = phi[c].sum(axis=1)  # [T, d_phi]
+        if lrs is not None:
+            big_phi = big_phi * (np.asarray(lrs[r], np.float64) / lr_max)[:, None]
+        ps.append(big_phi)
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(ps)
 
 
@@ -210,6 +227,8 @@ def normal_equations(
     phi: Float[ArrayLike, "n_train d_phi"],
     psi: Float[ArrayLike, "n_test d_psi"],
     variant: str = "linear-feat",
+    lrs: Sequence[Float[ArrayLike, " steps"]] | None = None,
+    lr_max: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """X^T X and X^T y of the featurized regression, in float64, without lambdas.
 
@@ -219,6 +238,8 @@ def normal_equations(
         phi: f [n_train, d_phi] training features.
         psi: f [n_test, d_psi] features of the test examples in `losses`' columns.
         variant: "linear-feat" (unknowns [vec W_A; vec W_B]) or "additive-feat" (vec W_B).
+        lrs: None, or one float [T_r] per run (schedule-aware: each row times lr_t / lr_max).
+        lr_max: eta_max (required with lrs).
 
     Returns:
         (G f64 [D, D], rhs f64 [D]) with D = 2 d_phi d_psi (linear) or d_phi d_psi; vec is
@@ -227,7 +248,9 @@ def normal_equations(
     _check_variant(variant)
     phi = _check_feats(phi, "phi")
     psi = _check_feats(psi, "psi")
-    x, y, P = _rows(curricula, losses, phi)
+    if lrs is not None and lr_max is None:
+        lr_max = _lr_max(lrs, curricula)
+    x, y, P = _rows(curricula, losses, phi, lrs, lr_max)
     if x.shape[1] != psi.shape[0]:
         raise FeaturizedError(
             f"losses track {x.shape[1]} test examples but psi has {psi.shape[0]} rows"
@@ -282,6 +305,7 @@ def fit(
     variant: str = "linear-feat",
     l2_a: float = 1.0,
     l2_b: float = 1.0,
+    lrs: Sequence[Float[ArrayLike, " steps"]] | None = None,
     _normal: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> FeatSimulator:
     """Fits W_A, W_B exactly (dense normal equations) on teacher-forced fitting runs.
@@ -299,6 +323,9 @@ def fit(
         variant: "linear-feat" or "additive-feat" (W_A = 0, l2_a ignored).
         l2_a: ridge strength on W_A (>= 0).
         l2_b: ridge strength on W_B (>= 0).
+        lrs: None (schedule-free), or one float [T_r] per run (the runs' lr.npy): the
+            schedule-aware fit, every step's predicted change times w_t = lr_t / max lr (as
+            `simfluence.scheduled`'s linear-lr; the features then give a and b per unit w).
 
     Returns:
         A `FeatSimulator`.
@@ -341,8 +368,11 @@ def fit(
             f"{MAX_UNKNOWNS}; reduce the features (Basis.fit with a smaller dim)"
         )
     batch = _batch_of(curricula)
+    lr_max = _lr_max(lrs, curricula)
     g, rhs = (
-        _normal if _normal is not None else normal_equations(curricula, losses, phi, psi, variant)
+        _normal
+        if _normal is not None
+        else normal_equations(curricula, losses, phi, psi, variant, lrs, lr_max)
     )
     theta = _solve(g, rhs, _lam_vector(variant, d1, float(l2_a), float(l2_b)))
     shape = (phi.shape[1], psi.shape[1])
@@ -357,7 +387,17 @@ def fit(
         l2_a=None if variant == "additive-feat" else float(l2_a),
         l2_b=float(l2_b),
         batch=batch,
+        lr_max=lr_max,
     )
+
+
+def _lr_max(lrs, curricula) -> float | None:
+    if lrs is None:
+        return None
+    from simfluence import scheduled
+
+    lrs = scheduled.check_lrs(lrs, [np.asarray(c).shape[0] for c in curricula], "featurized")
+    return scheduled.lr_max_of(lrs, "featurized")
 
 
 def with_residual(
@@ -367,6 +407,7 @@ def with_residual(
     phi: Float[ArrayLike, "n_train d_phi"],
     psi: Float[ArrayLike, "n_test d_psi"],
     l2_r: float,
+    lrs: Sequence[Float[ArrayLike, " steps"]] | None = None,
 ) -> simulators.Simulator:
     """Adds a free per-pair residual, ridge-regularised towards 0, for the fitted test examples.
 
@@ -380,6 +421,7 @@ def with_residual(
         curricula, losses: the fitting runs (as in `fit`).
         phi: training features; psi: features of the test examples of `losses`.
         l2_r: residual ridge strength (> 0; math.inf returns the featurized tables).
+        lrs: the fitting runs' learning rates; required when `fsim` is schedule-aware.
 
     Returns:
         A `simulators.Simulator` for these test examples.
@@ -390,8 +432,10 @@ def with_residual(
     if not (math.isfinite(l2_r) and l2_r > 0):
         raise FeaturizedError(f"l2_r={l2_r!r} must be > 0 (inf: no residual)")
     additive = fsim.variant == "additive-feat"
-    variant = "additive" if additive else "linear"
-    problem = simulators._prepare(curricula, losses, phi.shape[0], variant, None)
+    variant = _per_pair(fsim.variant, fsim.lr_max is not None)
+    if (lrs is None) != (fsim.lr_max is None):
+        raise FeaturizedError("pass lrs exactly when the featurized fit was schedule-aware")
+    problem = simulators._prepare(curricula, losses, phi.shape[0], variant, None, lrs=lrs)
     a_ref = np.float32(problem.a_ref)
     parts = [] if additive else [np.asarray(base.A) - a_ref]
     parts.append(np.asarray(base.B))
@@ -408,12 +452,13 @@ def with_residual(
     return problem.to_simulator(out, l2_r, l2_r)
 
 
-def _valid_mse(sim: simulators.Simulator, curricula, losses) -> float:
+def _valid_mse(sim: simulators.Simulator, curricula, losses, lrs=None) -> float:
     """Mean over runs of the all-steps MSE (steps 1..T, every test) of rollouts."""
     errs = []
-    for c, loss in zip(curricula, losses, strict=True):
+    for r, (c, loss) in enumerate(zip(curricula, losses, strict=True)):
         loss = np.asarray(loss, np.float32)
-        pred = np.asarray(simulators.simulate(sim, np.asarray(c, np.int32), loss[0]))
+        lr = None if lrs is None else lrs[r]
+        pred = np.asarray(simulators.simulate(sim, np.asarray(c, np.int32), loss[0], lr))
         errs.append(float(np.mean((pred[1:].astype(np.float64) - loss[1:]) ** 2)))
     out = float(np.mean(errs))
     return out if math.isfinite(out) else math.inf
@@ -433,6 +478,8 @@ def select(
     grid: Sequence[float] = DEFAULT_GRID,
     basis_train: Float[ArrayLike, "n d_raw"] | None = None,
     basis_test: Float[ArrayLike, "m d_raw2"] | None = None,
+    fit_lrs: Sequence[Float[ArrayLike, " steps"]] | None = None,
+    valid_lrs: Sequence[Float[ArrayLike, " steps"]] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Chooses the feature dimension and the lambdas by all-steps MSE on validation runs.
 
@@ -454,6 +501,8 @@ def select(
         grid: lambda values (one log grid for each lambda).
         basis_train, basis_test: the features the PCA bases are fitted on (default: the
             training and the fitted test features). Unsupervised: no losses are used.
+        fit_lrs, valid_lrs: the runs' learning rates for the schedule-aware fit (both or
+            neither).
 
     Returns:
         (best, table): best = {"dim", "l2_a", "l2_b", "valid_mse"}, table = every candidate.
@@ -468,7 +517,8 @@ def select(
     for dim in sorted(set(int(d) for d in dims)):
         bphi, bpsi = Basis.fit(bt, dim), Basis.fit(bs, dim)
         phi, psi, psi_v = bphi(train_feats), bpsi(fit_test_feats), bpsi(vt)
-        normal = normal_equations(fit_curricula, fit_losses, phi, psi, variant)
+        lr_max = _lr_max(fit_lrs, fit_curricula)
+        normal = normal_equations(fit_curricula, fit_losses, phi, psi, variant, fit_lrs, lr_max)
         pairs = (
             [(None, b) for b in grid]
             if variant == "additive-feat"
@@ -483,9 +533,65 @@ def select(
                 variant=variant,
                 l2_a=la or 0.0,
                 l2_b=lb,
+                lrs=fit_lrs,
                 _normal=normal,
             )
-            mse = _valid_mse(fsim.tables(phi, psi_v), valid_curricula, valid_losses)
+            mse = _valid_mse(fsim.tables(phi, psi_v), valid_curricula, valid_losses, valid_lrs)
             table.append({"dim": dim, "l2_a": la, "l2_b": lb, "valid_mse": mse})
     best = min(table, key=lambda e: (e["valid_mse"], -e["l2_b"], -(e["l2_a"] or 0), e["dim"]))
     return dict(best), table
+
+
+def fit_runs(
+    fit_runs: Sequence,
+    valid_runs: Sequence,
+    feats: dict,
+    *,
+    variant: str = "linear-feat",
+    dims: Sequence[int] = DEFAULT_DIMS,
+    grid: Sequence[float] = DEFAULT_GRID,
+) -> tuple[simulators.Simulator, dict]:
+    """Chooses dim and lambdas on validation runs and fits on every tracked test example.
+
+    Schedule-aware when every run has its learning rates (`runlog.Run.lr`). The tables cover
+    the whole pool, examples no fitting run contains included (their features decide).
+
+    Args:
+        fit_runs: the fitting runs (`runlog.Run`).
+        valid_runs: the validation runs (at least one).
+        feats: `runlog.read_features` output (pool and test features).
+        variant: "linear-feat" or "additive-feat".
+        dims, grid: the validation search.
+
+    Returns:
+        (the per-pair `simulators.Simulator` of the tables, the selection dict).
+    """
+    _check_variant(variant)
+    if not valid_runs:
+        raise FeaturizedError(
+            f"{variant} chooses its feature size and lambdas on validation runs; give some"
+        )
+    every = [*fit_runs, *valid_runs]
+    aware = all(r.lr is not None for r in every)
+    flr = [r.lr for r in fit_runs] if aware else None
+    vlr = [r.lr for r in valid_runs] if aware else None
+    fc, fl = [r.curriculum for r in fit_runs], [r.losses for r in fit_runs]
+    best, table = select(
+        fc,
+        fl,
+        [r.curriculum for r in valid_runs],
+        [r.losses for r in valid_runs],
+        feats["pool"],
+        feats["test"],
+        variant=variant,
+        dims=dims,
+        grid=grid,
+        fit_lrs=flr,
+        valid_lrs=vlr,
+    )
+    bphi, bpsi = Basis.fit(feats["pool"], best["dim"]), Basis.fit(feats["test"], best["dim"])
+    phi, psi = bphi(feats["pool"]), bpsi(feats["test"])
+    fsim = fit(
+        fc, fl, phi, psi, variant=variant, l2_a=best["l2_a"] or 0.0, l2_b=best["l2_b"], lrs=flr
+    )
+    return fsim.tables(phi, psi), {**best, "schedule_aware": aware, "search_points": len(table)}

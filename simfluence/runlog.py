@@ -1146,7 +1146,9 @@ def _check_features(arrays: dict, origin: str, info: dict | None) -> dict:
     for key in ("pool", "test", "outside"):
         a = np.asarray(arrays[key])
         if a.ndim != 2 or not np.issubdtype(a.dtype, np.floating):
-            raise _error(f"{origin}: {key} has dtype {a.dtype} shape {a.shape}; expected float [n, d]")
+            raise _error(
+                f"{origin}: {key} has dtype {a.dtype} shape {a.shape}; expected float [n, d]"
+            )
         if dim is None:
             dim = a.shape[1]
         elif a.shape[1] != dim:
@@ -1168,7 +1170,9 @@ def _check_features(arrays: dict, origin: str, info: dict | None) -> dict:
     for key in ("model_sha256", "ids_sha256"):
         out[key] = str(np.asarray(arrays[key]))
     settings = arrays["settings"]
-    out["settings"] = json.loads(str(np.asarray(settings))) if not isinstance(settings, dict) else settings
+    out["settings"] = (
+        json.loads(str(np.asarray(settings))) if not isinstance(settings, dict) else settings
+    )
     return out
 
 

@@ -53,20 +53,32 @@ def test_bilinear_fit_matches_dense_ridge(variant):
 
 
 @pytest.mark.parametrize(
-    ("variant", "per_pair"), [("linear-feat", "linear"), ("additive-feat", "additive")]
+    ("variant", "per_pair"),
+    [
+        ("linear-feat", "linear"),
+        ("additive-feat", "additive"),
+        ("linear-feat", "linear-lr"),
+        ("additive-feat", "additive-lr"),
+    ],
 )
 def test_identity_features_reduce_to_per_pair_simfluence(variant, per_pair):
     """phi = I, psi = I: W[i, j] is a free per-pair coefficient and ||W||^2 the per-pair ridge
-    with A shrunk towards 1/batch, i.e. Simfluence-Linear (additive) with a_prior = 1/batch."""
+    with A shrunk towards 1/batch, i.e. Simfluence-Linear (additive) with a_prior = 1/batch;
+    with learning rates, the schedule-aware linear-lr (additive-lr)."""
     rng = np.random.default_rng(1)
     n_train, n_test = 9, 3
     curs, losses = _runs(rng, 4, 8, 2, n_train, n_test)
+    lrs = [rng.uniform(0.1, 1.0, 8) for _ in curs] if per_pair.endswith("-lr") else None
     la, lb = 0.05, 0.2
     fsim = featurized.fit(
-        curs, losses, np.eye(n_train), np.eye(n_test), variant=variant, l2_a=la, l2_b=lb
+        curs, losses, np.eye(n_train), np.eye(n_test), variant=variant, l2_a=la, l2_b=lb, lrs=lrs
     )
     feat = fsim.tables(np.eye(n_train), np.eye(n_test))
-    ref = simulators.fit(curs, losses, n_train=n_train, variant=per_pair, l2_a=la, l2_b=lb)
+    assert feat.variant == per_pair
+    kw = {} if lrs is None else {"lrs": lrs}
+    ref = simulators.fit(curs, losses, n_train=n_train, variant=per_pair, l2_a=la, l2_b=lb, **kw)
+    if lrs is not None:
+        assert feat.lr_max == pytest.approx(ref.lr_max)
     np.testing.assert_allclose(np.asarray(feat.A), np.asarray(ref.A), rtol=CG_RTOL, atol=CG_ATOL)
     np.testing.assert_allclose(np.asarray(feat.B), np.asarray(ref.B), rtol=CG_RTOL, atol=CG_ATOL)
 

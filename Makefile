@@ -2,12 +2,15 @@
 #   make runs CONFIG=runs/<name>      training runs        -> $(EXP) (default runs/<name>/output)
 #   make tracin CONFIG=runs/<name>    TracIn-CP dots       -> $(EXP)/run_XXX/tracin.npz
 #   make simulate CONFIG=runs/<name>  every simulator      -> $(EXP)/results.json, sim_<variant>.npz
+#   make features CONFIG=runs/<name>  example features     -> $(EXP)/features/<kind>.npz
+#   make unseen CONFIG=runs/<name>    four settings        -> $(EXP)/results_unseen.{json,md}
 #   make counterfactual CONFIG=...    train proposals      -> $(EXP)/counterfactual/report.md
 #   make figures CONFIG=runs/<name>   plots + influences   -> $(EXP)/figures/
 #   make table                        every results.json   -> results/table.md (+ table.json)
 # `runs` and `tracin` skip finished work and complete unfinished work (run them again after a
 # kill); `simulate`, `figures` and `table` redo their evaluation (seconds to a minute).
 SHELL := /bin/bash
+comma := ,
 PY_BOOT ?= python3
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
@@ -36,6 +39,12 @@ PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
 CF_ARGS ?=
+# Featurized Simfluence (issue 19): feature kinds to compute, the kinds and unseen test
+# examples of `make unseen`, and the demo's counterfactual kinds (swap-in: held-out examples).
+FEATURE_KINDS ?= hidden,tracin
+UNSEEN_FEATURES ?= tracin
+UNSEEN_TESTS ?= 25-49
+DEMO_CF_ARGS ?= --kinds remove-top,remove-bottom,remove-random,reorder,optimize,swap-in
 TABLE_INPUTS ?= $(wildcard runs/*/output/results.json)
 TABLE_OUT ?= results/table.md
 # Tests run the targets with INSTALL_DEP= and PYTHON=<their interpreter>.
@@ -44,7 +53,7 @@ FINETUNE = $(PYTHON) -m finetune.cli
 SIMFLUENCE = $(PYTHON) -m simfluence.cli
 
 .PHONY: help install test test-all demo runs tracin simulate counterfactual table figures bench \
-  lint tpu-submit
+  lint tpu-submit features unseen
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -64,10 +73,11 @@ test-all: install  ## Every test, the slow ones too.
 	$(PYTHON) -m pytest -q -m "slow or not slow" tests
 
 demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots, counterfactual check).
-	$(MAKE) --no-print-directory runs tracin simulate figures counterfactual \
-	  CONFIG=runs/demo OUT=$(DEMO_EXP) INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON) CF_ARGS=
+	$(MAKE) --no-print-directory runs tracin features simulate figures unseen counterfactual \
+	  CONFIG=runs/demo OUT=$(DEMO_EXP) INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON) \
+	  CF_ARGS="$(DEMO_CF_ARGS)" FEATURE_KINDS=tracin
 	$(SIMFLUENCE) table $(DEMO_EXP)/results.json --out $(DEMO_EXP)/table.md
-	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, figures/, counterfactual/report.md"
+	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, results_unseen.md, figures/, counterfactual/report.md"
 
 runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interrupted experiment).
 	$(FINETUNE) run $(CONFIG) --out $(EXP)
@@ -87,6 +97,20 @@ simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP);
 	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) \
 	    --variant linear-lr-tracin-prior --out $(EXP)/sim_linear-lr-tracin-prior.npz || exit; \
 	fi
+	if [ -f "$(EXP)/features/$(firstword $(subst $(comma), ,$(UNSEEN_FEATURES))).npz" ]; then \
+	  for v in linear-feat additive-feat; do \
+	    $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \
+	      --features $(firstword $(subst $(comma), ,$(UNSEEN_FEATURES))) \
+	      --out $(EXP)/sim_$$v.npz || exit; done; \
+	fi
+
+features: $(INSTALL_DEP)  ## Example features from the starting model (hidden states, step-0 TracIn gradient) -> $(EXP)/features/.
+	$(FINETUNE) features $(EXP) --kind $(FEATURE_KINDS)
+
+unseen: $(INSTALL_DEP)  ## Featurized Simfluence on examples never seen: four settings -> $(EXP)/results_unseen.{json,md}.
+	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --test-examples $(UNSEEN_TESTS) \
+	  --features $(UNSEEN_FEATURES) --out $(EXP)/results_unseen.json > $(EXP)/.results_unseen.md
+	mv $(EXP)/.results_unseen.md $(EXP)/results_unseen.md && cat $(EXP)/results_unseen.md
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.
 	$(SIMFLUENCE) counterfactual propose $(EXP) --split $(SPLIT) $(CF_ARGS)

@@ -198,24 +198,40 @@ def compute_features(
     if progress:
         why = "not cached" if cached is None else "the starting model, examples or settings changed"
         print(f"features {kind}: computing ({why})", file=sys.stderr)
-    feats = {}
-    for name, batch in batches.items():
-        if kind == "hidden":
-            ids = join_example(batch["inputs"], batch["targets"])
-            feats[name] = np.asarray(hidden_features(exp.graphdef, exp.params, ids, chunk_size))
-        else:
-            b = {k: jnp.asarray(v) for k, v in batch.items()}
-            feats[name] = np.asarray(
-                projected_gradients(
-                    exp.per_example_loss,
-                    trainable,
-                    frozen,
-                    b,
-                    proj_dim=settings["proj_dim"],
-                    seed=settings["seed"],
-                    chunk_size=chunk_size,
+    # One batch of every example (token arrays padded to common widths with the pad id 0, which
+    # the loss and the pooling mask), so each kind compiles one program.
+    names = list(batches)
+    sizes = [int(batches[n]["inputs"].shape[0]) for n in names]
+    if kind == "hidden":
+        joined = [join_example(batches[n]["inputs"], batches[n]["targets"]) for n in names]
+        width = max(j.shape[1] for j in joined)
+        ids = np.concatenate([np.pad(j, ((0, 0), (0, width - j.shape[1]))) for j in joined])
+        rows = np.asarray(hidden_features(exp.graphdef, exp.params, ids, chunk_size))
+    else:
+        both = {}
+        for key in ("inputs", "targets"):
+            width = max(int(batches[n][key].shape[1]) for n in names)
+            both[key] = jnp.asarray(
+                np.concatenate(
+                    [
+                        np.pad(batches[n][key], ((0, 0), (0, width - batches[n][key].shape[1])))
+                        for n in names
+                    ]
                 )
             )
+        rows = np.asarray(
+            projected_gradients(
+                exp.per_example_loss,
+                trainable,
+                frozen,
+                both,
+                proj_dim=settings["proj_dim"],
+                seed=settings["seed"],
+                chunk_size=chunk_size,
+            )
+        )
+    ends = np.cumsum(sizes)
+    feats = {n: rows[e - k : e] for n, k, e in zip(names, sizes, ends, strict=True)}
     d = feats["pool"].shape[1]
     outside_ids = [str(x) for x in exp.info.get("warmup_ids", [])[:n_outside]]
     path = runlog.write_features(

@@ -474,7 +474,7 @@ def propose(
             )
     if simulator_files is None:
         simulator_files = default_simulator_files(exp_dir)
-    known = PROPOSER_VARIANTS + tracin.TRACIN_VARIANTS
+    known = PROPOSER_VARIANTS + tracin.TRACIN_VARIANTS + FEATURIZED_VARIANTS
     unknown = sorted(set(simulator_files) - set(known))
     if unknown:
         raise ValueError(

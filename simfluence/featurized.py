@@ -452,14 +452,38 @@ def with_residual(
     return problem.to_simulator(out, l2_r, l2_r)
 
 
+def _rollout_np(sim: simulators.Simulator, curriculum, l0, lr=None) -> np.ndarray:
+    """`simulators.simulate` in float64 numpy (validation search: no dispatch per candidate).
+
+    L_t = L_{t-1} + w_t sum_{i in c_t} ((A_i - 1/b) L_{t-1} + B_i), with w_t = 1 for the
+    schedule-free variants (then 1 + sum (A_i - 1/b) = sum A_i) and lr_t / lr_max otherwise;
+    the additive variants have A = 1/b. Returns f64 [T + 1, n_test].
+    """
+    cur = np.asarray(curriculum)
+    b = cur.shape[1]
+    a = np.asarray(sim.A, np.float64) - 1.0 / b  # [n_test, n_train]
+    bb = np.asarray(sim.B, np.float64)
+    scheduled = sim.variant.endswith("-lr")
+    w = np.asarray(lr, np.float64) / sim.lr_max if scheduled else np.ones(cur.shape[0])
+    additive = sim.variant.startswith("additive")
+    sa = a[:, cur].sum(-1)  # [n_test, T]
+    sb = bb[:, cur].sum(-1)  # [n_test, T]
+    out = np.empty((cur.shape[0] + 1, a.shape[0]))
+    out[0] = np.asarray(l0, np.float64)
+    for t in range(cur.shape[0]):  # T sequential affine steps of [n_test] vectors
+        d = sb[:, t] if additive else sa[:, t] * out[t] + sb[:, t]
+        out[t + 1] = out[t] + w[t] * d
+    return out
+
+
 def _valid_mse(sim: simulators.Simulator, curricula, losses, lrs=None) -> float:
     """Mean over runs of the all-steps MSE (steps 1..T, every test) of rollouts."""
     errs = []
     for r, (c, loss) in enumerate(zip(curricula, losses, strict=True)):
-        loss = np.asarray(loss, np.float32)
+        loss = np.asarray(loss, np.float64)
         lr = None if lrs is None else lrs[r]
-        pred = np.asarray(simulators.simulate(sim, np.asarray(c, np.int32), loss[0], lr))
-        errs.append(float(np.mean((pred[1:].astype(np.float64) - loss[1:]) ** 2)))
+        pred = _rollout_np(sim, c, loss[0], lr)
+        errs.append(float(np.mean((pred[1:] - loss[1:]) ** 2)))
     out = float(np.mean(errs))
     return out if math.isfinite(out) else math.inf
 

@@ -92,8 +92,8 @@ def test_features_match_single_example_references_and_cache(feat_exp, tmp_path):
     assert got["outside_ids"] == [str(x) for x in exp.info["warmup_ids"][:2]]
     # Reference: each example alone, input then answer tokens without padding, plain mean.
     model = nnx.merge(exp.graphdef, exp.params)
-    for name, rows in (("pool", exp.pool_batch), ("test", exp.test_batch)):
-        for k in range(rows["inputs"].shape[0]):
+    for name, rows, ks in (("pool", exp.pool_batch, (7,)), ("test", exp.test_batch, (2,))):
+        for k in ks:  # the last rows (the last pool one is a held-out example)
             inp, tgt = rows["inputs"][k], rows["targets"][k]
             toks = np.concatenate([inp[inp != 0], tgt[tgt != 0]])[None]
             want = np.asarray(model.encode(jnp.asarray(toks)))[0].mean(0)

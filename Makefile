@@ -33,8 +33,6 @@ CONFIG_DIR = $(patsubst %/config.py,%,$(patsubst %/,%,$(CONFIG)))
 EXP = $(if $(OUT),$(OUT),$(CONFIG_DIR)/output)
 DEMO_EXP = $(if $(OUT),$(OUT),runs/demo/output)
 SPLIT ?= 20,2,10
-FIT_RUNS ?= 0-19
-VALID_RUNS ?= 20-21
 PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
@@ -85,18 +83,8 @@ runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interru
 tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
 	$(FINETUNE) tracin $(EXP)
 
-simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); fits each to $(EXP)/sim_<variant>.npz.
-	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json
-	for v in linear additive multiplicative linear-lr additive-lr; do \
-	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \
-	    --out $(EXP)/sim_$$v.npz || exit; done
-	if compgen -G "$(EXP)/run_*/tracin.npz" > /dev/null; then \
-	  for v in tracin-cp tracin-cp-rescaled; do \
-	    $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --variant $$v --out $(EXP)/sim_$$v.npz || exit; \
-	  done; \
-	  $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) \
-	    --variant linear-lr-tracin-prior --out $(EXP)/sim_linear-lr-tracin-prior.npz || exit; \
-	fi
+simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP); saves each to $(EXP)/sim_<variant>.npz.
+	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json --save-simulators $(EXP)
 	if [ -f "$(EXP)/features/$(firstword $(subst $(comma), ,$(UNSEEN_FEATURES))).npz" ]; then \
 	  for v in linear-feat additive-feat; do \
 	    $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \

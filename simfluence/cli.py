@@ -203,6 +203,7 @@ def _cmd_evaluate(args) -> None:
         l2_b=args.l2_b,
         a_prior=args.a_prior,
         progress=sys.stderr.isatty(),
+        save_dir=args.save_simulators,
     )
     if out is not None:
         atomic_write_json(out, results)
@@ -858,6 +859,13 @@ def build_parser() -> argparse.ArgumentParser:
         "kind EXP/features holds)",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here (.json)")
+    p.add_argument(
+        "--save-simulators",
+        metavar="DIR",
+        default=None,
+        help="also save every fitted Simfluence and TracIn-CP variant as DIR/sim_<variant>.npz "
+        "(the file `simfluence fit` writes for that variant on this split's runs)",
+    )
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(

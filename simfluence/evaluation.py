@@ -35,7 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from simfluence import baselines, scheduled, simulators, tracin
-from simfluence.runlog import Run, RunLogError, list_runs, load_runs, read_experiment
+from simfluence.runlog import (
+    Run,
+    RunLogError,
+    experiment_sha256,
+    list_runs,
+    load_runs,
+    read_experiment,
+)
 
 # Names, not the module: the package may re-export the function `metrics` under the same name.
 from simfluence.scoring import (
@@ -306,6 +313,7 @@ def evaluate(
     *,
     grid=None,
     progress: bool = False,
+    save_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Fit, choose lambdas, and score every requested variant on one experiment.
 
@@ -323,6 +331,9 @@ def evaluate(
         grid: lambda grid passed to `select_lambdas` (None = its default log grid, extended
             by decades while the best point lies on its edge; a given grid is used as is).
         progress: show a tqdm progress bar on stderr.
+        save_dir: if given, every fitted Simfluence and TracIn-CP variant is also saved there
+            as ``sim_<variant>.npz`` (with its origin: experiment hash, fitting and validation
+            runs), the same file `simfluence fit` writes for that variant and split.
 
     Returns:
         JSON-ready dict: `{"variants": {name: {"all_steps_mse": {"mean", "stderr"},
@@ -383,6 +394,16 @@ def evaluate(
 
     from tqdm import tqdm
 
+    origin = None
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        origin = {
+            "experiment_sha256": experiment_sha256(exp_dir),
+            "fit_runs": [r.index for r in fit_runs],
+            "valid_runs": [r.index for r in valid_runs],
+        }
+
     # The mean trajectory is the reference of the skill score: always computed.
     delta = baselines.fit_mean_trajectory(fit_l)
     mean_preds = [baselines.mean_trajectory(delta, r.losses[0], r.steps) for r in test_runs]
@@ -429,6 +450,8 @@ def evaluate(
                 a_prior=a_prior,
                 **inputs,
             )
+            if save_dir is not None:
+                simulators.save_simulator(save_dir / f"sim_{name}.npz", sim, origin=origin)
             preds = _predict_simfluence(sim, test_runs)
             # An ablation ignores one lambda: report it as None (not applicable), not 0.
             extra = {
@@ -453,6 +476,11 @@ def evaluate(
             preds = mean_preds
         else:  # TracIn-CP variants
             tsim = tracin.from_runs(fit_runs, variant=name)
+            if save_dir is not None:
+                # TracIn-CP has no lambdas: no validation runs, as `fit` records it.
+                tracin.save_tracin_simulator(
+                    save_dir / f"sim_{name}.npz", tsim, origin={**origin, "valid_runs": []}
+                )
             preds = [
                 tracin.simulate_tracin(tsim, r.curriculum, r.losses[0], r.lr) for r in test_runs
             ]

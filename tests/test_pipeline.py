@@ -70,8 +70,6 @@ def _make(target: str, config: Path, exp: Path, data_dir: Path, tok: Path, **ext
         "PYTHON": sys.executable,
         "INSTALL_DEP": "",
         "SPLIT": "2,1,2",
-        "FIT_RUNS": "0-1",
-        "VALID_RUNS": "2",
         "PLOT_RUN": "4",
         "TESTS": "0,1",
         **extra,

@@ -332,3 +332,24 @@ def test_evaluate_cli_save_load_and_counterfactual(ramp_exp, tmp_path):
     new = _numpy_lr_rollout(sim.A, sim.B, cf[0], base.losses[0], base.lr, sim.lr_max, 2)[-1]
     old = _numpy_lr_rollout(sim.A, sim.B, base.curriculum, base.losses[0], base.lr, sim.lr_max, 2)
     np.testing.assert_allclose(got[0], new - old[-1], atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*at a cap of the lambda search:UserWarning")
+def test_evaluate_saves_the_files_fit_writes(ramp_exp, tmp_path):
+    """`evaluate --save-simulators DIR` (what `make simulate` runs) saves every fitted variant,
+    and each file holds the same arrays and origin as `simfluence fit` on the same runs."""
+    out = tmp_path / "sims"
+    fitted = ["linear", "linear-lr-tracin-prior", "tracin-cp-rescaled", "mean-trajectory"]
+    argv = ["evaluate", str(ramp_exp), "--split", "4,1,2", "--variants", ",".join(fitted)]
+    assert main([*argv, "--save-simulators", str(out)]) == 0
+    fitted.remove("mean-trajectory")  # a baseline: nothing to save
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"sim_{v}.npz" for v in fitted)
+    for variant in fitted:
+        ref = tmp_path / f"fit_{variant}.npz"
+        flags = [] if variant.startswith("tracin") else ["--valid-runs", "4"]
+        argv = ["fit", str(ramp_exp), "--runs", "0-3", *flags, "--variant", variant]
+        assert main([*argv, "--out", str(ref)]) == 0
+        with np.load(out / f"sim_{variant}.npz") as got, np.load(ref) as want:
+            assert sorted(got.files) == sorted(want.files), variant
+            for key in want.files:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{variant}: {key}")

@@ -33,6 +33,9 @@ CONFIG_DIR = $(patsubst %/config.py,%,$(patsubst %/,%,$(CONFIG)))
 EXP = $(if $(OUT),$(OUT),$(CONFIG_DIR)/output)
 DEMO_EXP = $(if $(OUT),$(OUT),runs/demo/output)
 SPLIT ?= 20,2,10
+# Fitting and validation runs of the featurized simulator files (sim_linear-feat.npz, ...).
+FEAT_FIT_RUNS ?= 0-19
+FEAT_VALID_RUNS ?= 20-21
 PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
@@ -87,7 +90,7 @@ simulate: $(INSTALL_DEP)  ## `simfluence evaluate` with every variant on $(EXP);
 	$(SIMFLUENCE) evaluate $(EXP) --split $(SPLIT) --out $(EXP)/results.json --save-simulators $(EXP)
 	if [ -f "$(EXP)/features/$(firstword $(subst $(comma), ,$(UNSEEN_FEATURES))).npz" ]; then \
 	  for v in linear-feat additive-feat; do \
-	    $(SIMFLUENCE) fit $(EXP) --runs $(FIT_RUNS) --valid-runs $(VALID_RUNS) --variant $$v \
+	    $(SIMFLUENCE) fit $(EXP) --runs $(FEAT_FIT_RUNS) --valid-runs $(FEAT_VALID_RUNS) --variant $$v \
 	      --features $(firstword $(subst $(comma), ,$(UNSEEN_FEATURES))) \
 	      --out $(EXP)/sim_$$v.npz || exit; done; \
 	fi

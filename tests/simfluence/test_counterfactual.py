@@ -143,7 +143,7 @@ def test_proposals_follow_their_kind(exp, scored):
     data = runlog.read_proposals(exp)
     props, curs = data["proposals"], data["curricula"]
     sim = simulators.load_simulator(exp / "sim_linear.npz")
-    assert len(props) == 4 * len(cf.KINDS)
+    assert len(props) == 4 * len(cf.DEFAULT_KINDS)
     for p, cur in zip(props, curs, strict=True):
         base = runlog.load_runs(exp, [p["base_run"]])[0]
         assert cur.shape == base.curriculum.shape

@@ -105,3 +105,33 @@ def test_cli_test_examples_bad_input_is_one_line(truth_exp, capsys, tmp_path):
     assert "--features 'pixels'" in msg
     argv = ["evaluate", exp, "--test-examples", "6-9", "--l2-a", "1", "--l2-b", "1"]
     assert "--l2-a does not apply" in _fails(argv, capsys)
+
+
+def test_swap_in_proposals_and_featurized_files(truth_exp, capsys):
+    exp = str(truth_exp)
+    fit = ["fit", exp, "--runs", "0-3", "--out"]
+    assert main([*fit, str(truth_exp / "sim_linear.npz"), "--l2-a", "1", "--l2-b", "1"]) == 0
+    feat = [*fit, str(truth_exp / "sim_linear-feat.npz"), "--valid-runs", "4-5"]
+    assert main([*feat, "--variant", "linear-feat", "--features", "hidden"]) == 0
+    sim = simulators.load_simulator(truth_exp / "sim_linear-feat.npz")
+    assert sim.variant == "linear-lr" and sim.n_train == N_FIT_POOL + N_HELD
+    argv = ["counterfactual", "propose", exp, "--kinds", "swap-in", "--base-runs", "6,7"]
+    argv += ["--tests", "0,1", "--k", "3"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    data = runlog.read_proposals(truth_exp)
+    assert set(data["simulator_files"]) == {"linear", "linear-feat"}
+    for p, cur in zip(data["proposals"], data["curricula"], strict=True):
+        base = runlog.load_runs(truth_exp, [p["base_run"]])[0].curriculum
+        assert p["kind"] == "swap-in" and len(p["removed"]) == len(p["swapped_in"]) == 3
+        assert len(set(p["swapped_in"])) == 3 and min(p["swapped_in"]) >= N_FIT_POOL
+        hit = np.isin(base, p["removed"])
+        np.testing.assert_array_equal(cur[~hit], base[~hit])
+        for out_id, in_id in zip(p["removed"], p["swapped_in"], strict=True):
+            assert (cur[base == out_id] == in_id).all()
+    # Without held-out pool examples swap-in is refused in one line.
+    info = runlog.read_experiment(truth_exp)
+    bare = truth_exp.parent / "bare"
+    runlog.write_experiment(bare, {"n_train": info["n_train"], "n_test": info["n_test"]})
+    msg = _fails(["counterfactual", "propose", str(bare), "--kinds", "swap-in"], capsys)
+    assert "no held-out pool examples" in msg

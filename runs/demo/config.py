@@ -37,6 +37,10 @@ What it does:
 - Inputs are truncated to 96 tokens (the question comes first, the premise is cut) and padded
   to multiples of 32, so jit compiles a couple of shapes only.
 - Checkpoints at steps 0 and 13 of the 20 fitting runs for TracIn-CP.
+- Examples never seen (issue 19, featurized Simfluence): 20 more RTE training examples are
+  appended to the pool (positions 100-119, ``held_out_pool``) and only 8 more runs (32-39,
+  ``held_out_runs``) train on them, drawing from all 120; runs 0-31 are those without the
+  option, bit for bit. ``make unseen`` scores the four settings on them.
 """
 
 from finetune.config import ExperimentConfig, WarmupConfig

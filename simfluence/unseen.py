@@ -61,12 +61,10 @@ def _cols(runs: Sequence[Run], idx: np.ndarray) -> list[Run]:
 
 
 def _rollouts(sim: simulators.Simulator, runs: Sequence[Run]) -> list[np.ndarray]:
+    """Rollouts of per-pair tables (float64 numpy, tested equal to `simulators.simulate`)."""
     lr = sim.variant in scheduled.SCHEDULED_VARIANTS
     return [
-        np.asarray(
-            simulators.simulate(sim, r.curriculum, r.losses[0], r.lr if lr else None), np.float32
-        )
-        for r in runs
+        featurized._rollout_np(sim, r.curriculum, r.losses[0], r.lr if lr else None) for r in runs
     ]
 
 

@@ -78,8 +78,6 @@ def test_features_match_single_example_references_and_cache(feat_exp, tmp_path):
 
     from finetune import experiment as E
     from finetune.features import compute_features, join_example
-    from finetune.model import partition
-    from finetune.tracin import compute_dots
     from simfluence import runlog
 
     exp_dir = tmp_path / "exp"
@@ -100,22 +98,10 @@ def test_features_match_single_example_references_and_cache(feat_exp, tmp_path):
             np.testing.assert_allclose(got[name][k], want, rtol=RTOL, atol=ATOL)
     assert join_example(np.array([[5, 6, 0]]), np.array([[7, 0]])).tolist() == [[5, 6, 7, 0, 0]]
 
-    # The tracin kind: its dot products are TracIn-CP's projected-mode dots at the start.
-    compute_features(exp_dir, "tracin", proj_dim=16, seed=3, _exp=exp)
-    tr = runlog.read_features(exp_dir, "tracin")
-    trainable, frozen = partition(exp.params, exp.mask)
-    pool, test = (
-        {k: jnp.asarray(v) for k, v in b.items()} for b in (exp.pool_batch, exp.test_batch)
-    )
-    dots = compute_dots(
-        exp.per_example_loss, trainable, frozen, pool, test, mode="projected", proj_dim=16, seed=3
-    )
-    np.testing.assert_allclose(tr["test"] @ tr["pool"].T, np.asarray(dots), rtol=1e-4, atol=1e-7)
-
-    # Cached: same starting model, examples and settings.
-    assert compute_features(exp_dir, "tracin", proj_dim=16, seed=3, _exp=exp)[1]
-    assert not compute_features(exp_dir, "tracin", proj_dim=16, seed=4, _exp=exp)[1]
+    # Cached: same starting model, examples and settings; other settings recompute.
     assert compute_features(exp_dir, "hidden", n_outside=2, _exp=exp)[1]
+    assert not compute_features(exp_dir, "hidden", n_outside=1, _exp=exp)[1]
+    assert not compute_features(exp_dir, "hidden", n_outside=2, _exp=exp)[1]
     # A new starting model (another warm-up) invalidates the cache.
     E.save_warmup(exp_dir, jax.tree.map(lambda x: x * 1.5, exp.params))
     path, reused = compute_features(exp_dir, "hidden", n_outside=2)
@@ -154,3 +140,55 @@ def test_features_file_of_another_experiment_is_refused(feat_exp, tmp_path):
             ids_sha256="y",
             settings={},
         )
+
+
+def test_projected_gradients_are_the_rows_of_tracin_projected_dots():
+    """On a small MLP: rows whose products are `compute_dots(mode="projected")`, same seed."""
+    from finetune.tracin import compute_dots, projected_gradients
+
+    def loss(params, batch):  # [b]
+        h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+        return 0.5 * (h @ params["w2"] - batch["y"]) ** 2
+
+    k = jax.random.split(jax.random.key(0), 5)
+    params = {
+        "w1": jax.random.normal(k[0], (5, 7)),
+        "b1": jax.random.normal(k[1], (7,)),
+        "w2": jax.random.normal(k[2], (7,)),
+    }
+    train = {"x": jax.random.normal(k[3], (9, 5)), "y": jnp.linspace(-1, 1, 9)}
+    test = {"x": jax.random.normal(k[4], (3, 5)), "y": jnp.linspace(1, 0, 3)}
+    kw = dict(proj_dim=16, seed=3, chunk_size=4, combine=lambda t, f: t)
+    both = {key: jnp.concatenate([train[key], test[key]]) for key in train}  # one compile
+    g = np.asarray(projected_gradients(loss, params, {}, both, **kw))  # [12, 16]
+    dots = compute_dots(loss, params, {}, train, test, mode="projected", **kw)
+    np.testing.assert_allclose(g[9:] @ g[:9].T, np.asarray(dots), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="proj_dim=50 exceeds the 49 trainable parameters"):
+        projected_gradients(loss, params, {}, test, proj_dim=50)
+
+
+@pytest.mark.slow
+def test_tracin_features_of_the_t5_are_its_step0_projected_dots(feat_exp, tmp_path):
+    import shutil
+
+    from finetune import experiment as E
+    from finetune.features import compute_features
+    from finetune.model import partition
+    from finetune.tracin import compute_dots
+    from simfluence import runlog
+
+    exp_dir = tmp_path / "exp"
+    shutil.copytree(feat_exp[0], exp_dir)
+    exp = E.load_experiment(exp_dir)
+    compute_features(exp_dir, "tracin", proj_dim=16, seed=3, _exp=exp)
+    tr = runlog.read_features(exp_dir, "tracin")
+    trainable, frozen = partition(exp.params, exp.mask)
+    pool, test = (
+        {k: jnp.asarray(v) for k, v in b.items()} for b in (exp.pool_batch, exp.test_batch)
+    )
+    dots = compute_dots(
+        exp.per_example_loss, trainable, frozen, pool, test, mode="projected", proj_dim=16, seed=3
+    )
+    np.testing.assert_allclose(tr["test"] @ tr["pool"].T, np.asarray(dots), rtol=1e-4, atol=1e-7)
+    assert compute_features(exp_dir, "tracin", proj_dim=16, seed=3, _exp=exp)[1]
+    assert not compute_features(exp_dir, "tracin", proj_dim=16, seed=4, _exp=exp)[1]

@@ -80,8 +80,8 @@ def test_identity_features_reduce_to_per_pair_simfluence(variant, per_pair):
 
 def test_residual_is_per_pair_ridge_centred_on_the_featurized_tables():
     rng = np.random.default_rng(2)
-    n_train, n_test, batch = 6, 2, 2
-    curs, losses = _runs(rng, 3, 7, batch, n_train, n_test)
+    n_train, n_test, batch = 9, 3, 2  # the identity test's sizes: the solver compiles once
+    curs, losses = _runs(rng, 4, 8, batch, n_train, n_test)
     phi, psi = rng.normal(size=(n_train, 2)), rng.normal(size=(n_test, 2))
     fsim = featurized.fit(curs, losses, phi, psi, l2_a=1.0, l2_b=1.0)
     lr = 0.7

@@ -25,8 +25,8 @@ normal equations are formed in float64 with einsums over rows and test examples,
     G_AA = sum_j M_xx[j] (x) psi_j psi_j^T,  M_xx[j] = sum_rows L_{t-1,j}^2 Phi_t Phi_t^T
 
 (and alike for the AB and BB blocks), and solved by a dense Cholesky factorisation. With the
-dimensions the validation search allows (d <= 32 plus a constant, so at most 2 * 33 * 33 =
-2178 unknowns) a dense solve is exact and takes well under a second; the per-pair CG solver of
+dimensions the validation search allows (d <= 12 plus a constant, so at most 2 * 13 * 13 =
+338 unknowns) a dense solve is exact and takes well under a second; the per-pair CG solver of
 `simfluence._solvers` is built for the opposite shape (few features, n_test * n_train pairs).
 
 Optionally a free per-pair residual regularised towards 0 (strength ``l2_r``) is added for the
@@ -57,7 +57,7 @@ from simfluence import _solvers, simulators
 
 FEAT_VARIANTS = ("linear-feat", "additive-feat")
 # Validation grid defaults: the reduced feature dimension and one log grid for the lambdas.
-DEFAULT_DIMS = (1, 2, 4, 8, 16)
+DEFAULT_DIMS = (1, 2, 4, 8, 12)
 DEFAULT_GRID = (1e-4, 1e-2, 1.0, 100.0, 1e4, 1e6)
 # Residual strengths searched by `select_residual` (inf: no residual).
 DEFAULT_RESIDUAL_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, math.inf)
@@ -88,7 +88,7 @@ class Basis:
         return int(self.components.shape[1]) + 1
 
     @staticmethod
-    def fit(feats: Float[ArrayLike, "n d_raw"], dim: int) -> Basis:
+    def fit(feats: Float[ArrayLike, "n d_raw"], dim: int, _svd=None) -> Basis:
         """Principal axes of `feats` (unsupervised: features only, no losses).
 
         Args:
@@ -108,7 +108,7 @@ class Basis:
         k = max(0, min(int(dim), x.shape[0] - 1, x.shape[1]))
         if k == 0:
             return Basis(mean, np.zeros((x.shape[1], 0)), np.zeros(0))
-        _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+        _, s, vt = _svd if _svd is not None else np.linalg.svd(x - mean, full_matrices=False)
         keep = s[:k] > 1e-10 * max(s[0], 1e-300)
         comp = vt[:k][keep].T
         scale = s[:k][keep] / math.sqrt(max(x.shape[0] - 1, 1))
@@ -275,11 +275,12 @@ def normal_equations(
 
 def _solve(g, rhs, lam):
     """(G + diag(lam)) theta = rhs by Cholesky (lstsq when G + diag(lam) is singular)."""
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
     m = g + np.diag(lam)
     try:
-        c = np.linalg.cholesky(m)
-        return np.linalg.solve(c.T, np.linalg.solve(c, rhs))
-    except np.linalg.LinAlgError:
+        return cho_solve(cho_factor(m, check_finite=False), rhs, check_finite=False)
+    except (LinAlgError, np.linalg.LinAlgError):
         return np.linalg.lstsq(m, rhs, rcond=None)[0]
 
 
@@ -538,8 +539,11 @@ def select(
     bt = train_feats if basis_train is None else basis_train
     bs = fit_test_feats if basis_test is None else basis_test
     table = []
+    # One SVD per side; each dim keeps its leading axes.
+    svd_t = np.linalg.svd(np.asarray(bt, np.float64) - np.mean(bt, 0), full_matrices=False)
+    svd_s = np.linalg.svd(np.asarray(bs, np.float64) - np.mean(bs, 0), full_matrices=False)
     for dim in sorted(set(int(d) for d in dims)):
-        bphi, bpsi = Basis.fit(bt, dim), Basis.fit(bs, dim)
+        bphi, bpsi = Basis.fit(bt, dim, svd_t), Basis.fit(bs, dim, svd_s)
         phi, psi, psi_v = bphi(train_feats), bpsi(fit_test_feats), bpsi(vt)
         lr_max = _lr_max(fit_lrs, fit_curricula)
         normal = normal_equations(fit_curricula, fit_losses, phi, psi, variant, fit_lrs, lr_max)

@@ -108,9 +108,10 @@ counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them
 	$(FINETUNE) counterfactual $(EXP)
 	$(SIMFLUENCE) counterfactual score $(EXP)
 
-figures: $(INSTALL_DEP)  ## Trajectories, fitted A/B distributions and top influences for $(EXP).
-	$(SIMFLUENCE) figures $(EXP) --sim $(EXP)/sim_linear.npz --runs $(PLOT_RUN) --tests $(TESTS) \
-	  --out $(EXP)/figures
+figures: $(INSTALL_DEP)  ## Trajectories, A/B, LDS, metric bars, lambda curve (PNG + PDF) and top influences for $(EXP).
+	$(SIMFLUENCE) figures $(EXP) --runs $(PLOT_RUN) --tests $(TESTS) --out $(EXP)/figures \
+	  --sim $(EXP)/sim_linear.npz$$(test -f $(EXP)/sim_tracin-cp-rescaled.npz && \
+	    echo ,$(EXP)/sim_tracin-cp-rescaled.npz)
 
 table: $(INSTALL_DEP)  ## All finished experiments (runs/*/output) into results/table.md and .json.
 	@if [ -z "$(strip $(TABLE_INPUTS))" ]; then \

@@ -29,10 +29,14 @@ _EXPORTS = {
     "ExperimentConfig": "config",
     "load_experiment": "experiment",
     "load_experiment_config": "config",
+    "apply_overrides": "config",
+    "paper_config": "config",
     "run_experiment": "trainer",
     "run_counterfactuals": "counterfactual",
     "compute_dots": "tracin",
     "run_tracin": "tracin",
+    "estimate_memory": "tracin",
+    "check_config_memory": "tracin",
 }
 
 __all__ = sorted(_EXPORTS)

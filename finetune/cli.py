@@ -1,5 +1,5 @@
-"""``finetune`` command line: ``finetune run CONFIG``, ``finetune tracin EXP`` and
-``finetune counterfactual EXP``.
+"""``finetune`` command line: ``finetune run CONFIG``, ``finetune tracin EXP``,
+``finetune tracin-estimate CONFIG`` and ``finetune counterfactual EXP``.
 
 Thin entry point: parses arguments and calls `finetune.trainer.run_experiment` (and
 `finetune.tracin.run_tracin`, `finetune.counterfactual.run_counterfactuals`). Bad input prints
@@ -114,8 +114,21 @@ def _run(args: argparse.Namespace) -> int:
     from finetune.config import load_experiment_config
 
     config, folder = load_experiment_config(args.config)
+    overrides = list(args.set or [])
+    if overrides:
+        from finetune.config import apply_overrides
+
+        config = apply_overrides(config, overrides)
     out = args.out or (Path(config.output_dir) if config.output_dir else folder / "output")
     data_dir = args.data_dir or os.environ.get("SIMFLUENCE_DATA_DIR") or None
+    if args.tracin:  # before any training: a setting that cannot fit is refused now
+        from finetune import tracin
+
+        tracin.check_config_memory(
+            config,
+            where=f"{folder} (config {config.name!r})",
+            flags=("--set tracin_chunk_size={}", "--set tracin_mode=projected"),
+        )
     result = trainer.run_experiment(
         config,
         out,
@@ -123,6 +136,7 @@ def _run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         progress=not args.no_progress,
         max_steps_this_call=args.max_steps,
+        overrides=overrides,
     )
     if result["interrupted"]:
         stop = result["stop"]
@@ -146,7 +160,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.tracin:
         from finetune import tracin
 
-        written = tracin.run_tracin(out, progress=not args.no_progress)
+        written = tracin.run_tracin(
+            out,
+            mode=config.tracin_mode,
+            proj_dim=config.tracin_proj_dim,
+            seed=config.tracin_seed,
+            chunk_size=config.tracin_chunk_size,
+            progress=not args.no_progress,
+        )
         print(f"wrote {len(written)} tracin.npz file(s) under {out}")
     return 0
 
@@ -191,9 +212,19 @@ def _parser() -> argparse.ArgumentParser:
         "$SIMFLUENCE_TOKENIZER, else the config's tokenizer or model)",
     )
     run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=None,
+        help="override a config field, e.g. --set learning_rate=3e-4 --set steps=200 (typed "
+        "as the field; warmup.FIELD=VALUE for the warm-up; recorded in experiment.json)",
+    )
+    run.add_argument(
         "--tracin",
         action="store_true",
-        help="compute TracIn-CP dot products (finetune tracin) after training",
+        help="compute TracIn-CP dot products (finetune tracin) after training, with the "
+        "config's tracin_mode, tracin_proj_dim, tracin_seed and tracin_chunk_size (--set to "
+        "change them); their memory is checked before training",
     )
     run.add_argument(
         "--max-steps",
@@ -204,6 +235,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
     _add_tracin(sub)
+    _add_tracin_estimate(sub)
     _add_counterfactual(sub)
     _add_features(sub)
     for p in sub.choices.values():  # --debug after the command too
@@ -286,34 +318,147 @@ def _add_tracin(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         help="run indices to process, e.g. 0-19 or 0,3,5-7; each must have checkpoints "
         "(default: every complete run that saved checkpoints)",
     )
+    _add_tracin_settings(parser)
+    parser.set_defaults(handler=_tracin)
+    return parser
+
+
+def _add_tracin_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         choices=_TRACIN_MODES,
-        default="exact",
-        help="exact: flattened per-example gradients (IA3, small models); projected: seeded "
-        "Gaussian projection of each gradient to --proj-dim dimensions, for full tuning of "
-        "large models (default: exact)",
+        default=None,
+        help="exact: flattened per-example gradients, streamed in chunks (IA3, small models); "
+        "projected: seeded Gaussian projection of each gradient to --proj-dim dimensions, for "
+        "full tuning of large models (default: the experiment config's tracin_mode)",
     )
     parser.add_argument(
         "--proj-dim",
         type=_positive_int,
-        default=4096,
+        default=None,
         help="projection dimension d in projected mode; the error of a dot product g1.g2 has "
         "standard deviation about sqrt((1 + 1/cos^2)/d) times |g1.g2| (at most sqrt(2/d) "
-        "|g1||g2|); must not exceed the number of trainable parameters (default: 4096)",
+        "|g1||g2|); must not exceed the number of trainable parameters (default: the config's "
+        "tracin_proj_dim)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the random projection (default: 0)"
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the random projection (default: the config's tracin_seed)",
     )
     parser.add_argument(
         "--chunk-size",
         type=_positive_int,
-        default=_TRACIN_CHUNK,
-        help="examples per vmapped per-example-gradient chunk; lower it if memory runs out "
-        f"(default: {_TRACIN_CHUNK})",
+        default=None,
+        help="examples per vmapped per-example-gradient chunk; exact mode holds two chunks of "
+        "gradients; lower it if memory runs out (default: the config's tracin_chunk_size, "
+        f"{_TRACIN_CHUNK} unless set)",
     )
-    parser.set_defaults(handler=_tracin)
+
+
+def _add_tracin_estimate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``finetune tracin-estimate CONFIG ...`` (no device work, no weights)."""
+    parser = subparsers.add_parser(
+        "tracin-estimate",
+        help="TracIn-CP's memory for a config, and whether `finetune run --tracin` / "
+        "`finetune tracin` would refuse it (no weights are loaded)",
+        description=(
+            "Print the memory estimate that `finetune run CONFIG --tracin` and `finetune "
+            "tracin` check before any gradient work (parameters counted with jax.eval_shape: "
+            "no weights are loaded or allocated), against --device-memory or this machine's "
+            "device, and the one-line refusal they would print. CONFIG is a runs/<name> "
+            "folder, its config.py, or an experiment folder holding experiment.json."
+        ),
+    )
+    parser.add_argument("config", metavar="CONFIG", help="runs/<name>, its config.py, or EXP")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", default=None, help="as `finetune run`"
+    )
+    parser.add_argument(
+        "--device-memory",
+        type=_positive_float,
+        default=None,
+        help="device memory in bytes, e.g. 141e9 for an H200 (default: this machine's first "
+        "device, or its RAM on the CPU backend)",
+    )
+    parser.add_argument(
+        "--model-config",
+        type=Path,
+        default=None,
+        help="a T5 config.json to count parameters from (default: the config's model, from a "
+        "local folder, the Hugging Face cache, or the known paper models)",
+    )
+    _add_tracin_settings(parser)
+    parser.set_defaults(handler=_tracin_estimate)
     return parser
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a number > 0, else a one-line ``ArgumentTypeError``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def _tracin_estimate(args: argparse.Namespace) -> int:
+    from finetune import tracin
+    from finetune.config import apply_overrides, load_experiment_config
+
+    path = Path(args.config)
+    if (path / "experiment.json").is_file():
+        from finetune.experiment import read_config
+
+        config, where = read_config(path), str(path)
+    else:
+        config, folder = load_experiment_config(path)
+        where = f"{folder} (config {config.name!r})"
+    if args.set:
+        config = apply_overrides(config, args.set)
+    mode = args.mode or config.tracin_mode
+    proj_dim = args.proj_dim or config.tracin_proj_dim
+    chunk_size = args.chunk_size or config.tracin_chunk_size
+    if args.device_memory is not None:
+        device = (int(args.device_memory), f"the device (--device-memory {args.device_memory:g})")
+    else:
+        device = tracin.device_memory()
+    n_params, n_trainable, largest = tracin.param_counts(config, args.model_config)
+    sizes = dict(
+        n_params=n_params,
+        n_trainable=n_trainable,
+        n_train=config.n_train,
+        n_test=config.n_test,
+        largest_leaf=largest,
+    )
+    est = tracin.estimate_memory(**sizes, mode=mode, proj_dim=proj_dim, chunk_size=chunk_size)
+    print(
+        f"{where}: {n_params:,} parameters, {n_trainable:,} trainable; n_train "
+        f"{config.n_train}, n_test {config.n_test}; mode {mode}"
+        + (f" (proj_dim {proj_dim})" if mode == "projected" else "")
+        + f", chunk {chunk_size}"
+    )
+    for name, value in est.items():
+        print(f"  {name:<15} {value / 1e9:12.3f} GB")
+    print(f"  device memory   {device[0] / 1e9:12.3f} GB ({device[1]})")
+    try:
+        tracin.check_memory(
+            **sizes,
+            mode=mode,
+            proj_dim=proj_dim,
+            chunk_size=chunk_size,
+            where=where,
+            device_bytes=device[0],
+            device_name=device[1],
+        )
+    except tracin.TracinMemoryError as e:
+        print(f"refused: error: {e}")
+    else:
+        print("fits (a lower bound: activations and XLA temporaries come on top)")
+    return 0
 
 
 def _tracin(args: argparse.Namespace) -> int:

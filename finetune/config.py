@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ from typing import Any
 from finetune.curricula import KINDS
 from finetune.network import ATTENTION_IMPLS
 from finetune.tasks import TASKS, splits
+
+# The TracIn-CP modes (mirrors finetune.tracin.MODES; a test pins both).
+TRACIN_MODES = ("exact", "projected")
+# Fields that only choose how TracIn-CP post-processes the runs: a workdir is resumed when only
+# these differ (finetune.trainer); tracin.npz records the settings it was computed with.
+TRACIN_FIELDS = ("tracin_mode", "tracin_proj_dim", "tracin_seed", "tracin_chunk_size")
 
 
 class ConfigError(ValueError):
@@ -72,7 +79,7 @@ _WARMUP_TYPED_FIELDS = (
 
 # (field names, accepted types, what the message asks for) of ExperimentConfig, checked first.
 _TYPED_FIELDS = (
-    (("name", "task"), str, "a string"),
+    (("name", "task", "tracin_mode"), str, "a string"),
     (("model", "tokenizer"), str | os.PathLike | None, "a path, a hub name or None"),
     (("random_init",), dict | None, "a dict of transformers.T5Config kwargs or None"),
     (("freeze_embeddings", "scan_layers"), bool, "True or False"),
@@ -94,6 +101,9 @@ _TYPED_FIELDS = (
             "warmup_steps",
             "curriculum_seed",
             "runs_together",
+            "tracin_proj_dim",
+            "tracin_seed",
+            "tracin_chunk_size",
         ),
         int,
         "an integer",
@@ -166,6 +176,13 @@ class ExperimentConfig:
     checkpoint_steps: tuple[int, ...] = ()  # saved states (orbax), after that many steps; 0=start
     checkpoint_runs: int | None = None  # only runs 0..checkpoint_runs-1 save checkpoints; None=all
     warmup: WarmupConfig | None = None  # optional warm-up phase before all runs (random init)
+    # --- TracIn-CP (finetune run --tracin, finetune tracin, make tracin; their flags override) ---
+    tracin_mode: str = "exact"  # "exact": flattened per-example gradients, two chunks held
+    #   (4 bytes x 2 x tracin_chunk_size x trainable parameters); "projected": each gradient
+    #   projected to tracin_proj_dim dimensions (one chunk held; full tuning of large models)
+    tracin_proj_dim: int = 4096  # projection dimension d (projected mode; <= trainable params)
+    tracin_seed: int = 0  # seed of the random projection (projected mode)
+    tracin_chunk_size: int = 32  # examples per vmapped per-example-gradient chunk
     output_dir: str | None = None  # default output folder; None: runs/<name>/output
     notes: str = ""  # free text recorded with the experiment
     extra: dict[str, Any] = field(default_factory=dict)  # recorded, unused (e.g. the eval split)
@@ -289,6 +306,12 @@ class ExperimentConfig:
                 f"held_out_runs={self.held_out_runs} must be smaller than num_runs="
                 f"{self.num_runs} (the other runs fit the simulators)"
             )
+        if self.tracin_mode not in TRACIN_MODES:
+            bad(f"tracin_mode={self.tracin_mode!r}; choose 'exact' or 'projected'")
+        if self.tracin_proj_dim < 1:
+            bad(f"tracin_proj_dim={self.tracin_proj_dim} must be >= 1 (e.g. 4096)")
+        if self.tracin_chunk_size < 1:
+            bad(f"tracin_chunk_size={self.tracin_chunk_size} must be >= 1 (e.g. 32)")
         if self.checkpoint_runs is not None and not 0 <= self.checkpoint_runs <= self.num_runs:
             bad(f"checkpoint_runs={self.checkpoint_runs} must be in [0, num_runs]")
         if isinstance(self.warmup, dict):
@@ -403,3 +426,230 @@ def load_experiment_config(path: str | os.PathLike) -> tuple[ExperimentConfig, P
             "finetune.config.ExperimentConfig"
         )
     return config, file.parent
+
+
+def _parse_value(text: str, hint: Any, where: str) -> Any:
+    """``text`` parsed as a value of the type ``hint`` (a field annotation), else ConfigError."""
+    import json
+    import types
+    import typing
+
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.strip().lower() in ("none", "null"):
+            return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:
+            return _parse_value(text, others[0], where)
+        for kind in sorted(others, key=lambda a: a is str):  # str (accepts anything) last
+            try:
+                return _parse_value(text, kind, where)
+            except ConfigError:
+                continue
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
+        raise ConfigError(f"{where}: cannot read {text!r} as {names}")
+    if hint is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{where}: {text!r} is not true or false")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{where}: {text!r} is not an integer") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{where}: {text!r} is not a number") from None
+    if hint is str:
+        return text
+    if origin is tuple:  # tuple[int, ...]: "0,500,1000" (empty: no elements)
+        parts = [p for p in text.replace(" ", "").strip("()[]").split(",") if p]
+        return tuple(_parse_value(p, args[0], where) for p in parts)
+    if origin is dict or hint is dict:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{where}: {text!r} is not a JSON object (e.g. '{{\"d_model\": 32}}')"
+            )
+        return value
+    if hint is os.PathLike:
+        return text
+    raise ConfigError(f"{where}: fields of type {hint} cannot be set from the command line")
+
+
+def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    """The config with ``KEY=VALUE`` overrides applied (``finetune run CONFIG --set ...``).
+
+    Values are parsed against the field's type: integers, numbers, ``true``/``false``, strings,
+    ``none`` for optional fields, comma-separated integers for ``checkpoint_steps`` (``0,500``),
+    JSON objects for dict fields. ``warmup.FIELD=VALUE`` sets a field of the warm-up (the config
+    must have one), ``warmup=none`` removes it. Later overrides of one key win.
+
+    Args:
+        config: the config ``get_config()`` returned.
+        overrides: ``"KEY=VALUE"`` strings, in command-line order.
+
+    Returns:
+        A new config, checked by ``__post_init__``.
+
+    Raises:
+        ConfigError: a malformed override, an unknown key, a value that does not parse as the
+            field's type, or a resulting config that ``__post_init__`` refuses; the message
+            names the override (``--set KEY=VALUE``).
+    """
+    import difflib
+    import typing
+
+    hints = typing.get_type_hints(ExperimentConfig)
+    warm_hints = typing.get_type_hints(WarmupConfig)
+    changes: dict[str, Any] = {}
+    warm_changes: dict[str, Any] = {}
+    for item in overrides:
+        where = f"--set {item}"
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{where}: expected KEY=VALUE, e.g. --set learning_rate=3e-4")
+        if key.startswith("warmup."):
+            sub = key.removeprefix("warmup.")
+            if sub not in warm_hints:
+                raise ConfigError(
+                    f"{where}: WarmupConfig has no field {sub!r}; choose one of "
+                    f"{', '.join(warm_hints)}"
+                )
+            warm_changes[sub] = _parse_value(text, warm_hints[sub], where)
+            continue
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"{where}: ExperimentConfig has no field {key!r}; {hint}the fields are those of "
+                "finetune.config.ExperimentConfig"
+            )
+        if key == "warmup":
+            if text.strip().lower() not in ("none", "null"):
+                raise ConfigError(
+                    f"{where}: warmup can only be set to none here; set its "
+                    "fields with --set warmup.FIELD=VALUE"
+                )
+            changes[key] = None
+            continue
+        changes[key] = _parse_value(text, hints[key], where)
+    if warm_changes:
+        warmup = changes.get("warmup", config.warmup)
+        if warmup is None:
+            raise ConfigError(
+                f"--set warmup.{next(iter(warm_changes))}: config {config.name!r} has no warm-up "
+                "to change; add one in its config.py"
+            )
+        try:
+            changes["warmup"] = dataclasses.replace(warmup, **warm_changes)
+        except ConfigError as e:
+            items = " ".join(o for o in overrides if o.strip().startswith("warmup."))
+            raise ConfigError(f"--set {items}: {e}") from None
+    try:
+        return dataclasses.replace(config, **changes)
+    except ConfigError as e:
+        raise ConfigError(f"--set {' '.join(overrides)}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper-scale experiments (runs/t0-3b-*, runs/t5-base-lm-adapt-full-*): one definition.
+
+# Pool size per task: COPA's whole training split (400 examples), 1000 drawn otherwise.
+PAPER_POOL = {"rte": 1000, "copa": 400, "winogrande": 1000}
+# What differs between the three paper families (model, tuning method and its recipe, memory).
+PAPER_FAMILIES: dict[str, dict[str, Any]] = {
+    # T0-3B full tuning: 10x lower lr than T5-base (already prompted-task tuned); 2 runs at once.
+    # TracIn-CP projected: one exact gradient is 11.4 GB, so chunks of 4 per-example gradients.
+    "t0-3b-full": dict(
+        model="bigscience/T0_3B",
+        method="full",
+        scan_layers=True,  # 12-24 layers per stack: compile time independent of depth
+        learning_rate=1e-4,
+        schedule="constant",
+        warmup_steps=0,
+        grad_clip_norm=None,
+        runs_together=2,
+        checkpoint_steps=(0, 500, 1000),
+        tracin_mode="projected",
+        tracin_chunk_size=4,
+    ),
+    # T0-3B IA3, T-Few's recipe: lr 3e-3, linear decay after a 6% warm-up, clipping at 1.0.
+    "t0-3b-ia3": dict(
+        model="bigscience/T0_3B",
+        method="ia3",
+        scan_layers=False,  # unrolled: the scan's per-layer slices and residual writes cost more
+        learning_rate=3e-3,
+        schedule="linear",
+        warmup_steps=60,
+        grad_clip_norm=1.0,
+        runs_together=8,
+        train_length_groups=4,  # the 64 examples of a step in 4 length groups
+        checkpoint_steps=tuple(range(0, 1001, 100)),
+    ),
+    # T5 v1.1 LM-adapted base full tuning: Adafactor at a constant 1e-3 (the T5 paper's recipe).
+    "t5-base-lm-adapt-full": dict(
+        model="google/t5-base-lm-adapt",
+        method="full",
+        scan_layers=True,
+        learning_rate=1e-3,
+        schedule="constant",
+        warmup_steps=0,
+        grad_clip_norm=None,
+        runs_together=8,
+        checkpoint_steps=tuple(range(0, 1001, 200)),
+        tracin_mode="projected",
+    ),
+}
+
+
+def paper_config(family: str, task: str) -> ExperimentConfig:
+    """The config of one paper-scale experiment ``runs/<family>-<task>``.
+
+    Every paper experiment: bf16 compute, Adafactor, 100 tracked validation examples, 32 runs
+    (split 20 fit / 2 validation / 10 test) of 1000 steps of batch 8 under "uniform" curricula,
+    inputs up to 256 tokens, checkpoints in the 20 fitting runs. The family sets the model, the
+    tuning method and its recipe (``PAPER_FAMILIES``); the task sets the pool (``PAPER_POOL``).
+
+    Args:
+        family: ``"t0-3b-full"``, ``"t0-3b-ia3"`` or ``"t5-base-lm-adapt-full"``.
+        task: ``"rte"``, ``"copa"`` or ``"winogrande"``.
+
+    Returns:
+        The ExperimentConfig named ``f"{family}-{task}"``.
+
+    Raises:
+        ConfigError: an unknown family or task.
+    """
+    if family not in PAPER_FAMILIES:
+        raise ConfigError(f"unknown paper family {family!r}; choose one of {list(PAPER_FAMILIES)}")
+    if task not in PAPER_POOL:
+        raise ConfigError(f"unknown paper task {task!r}; choose one of {list(PAPER_POOL)}")
+    return ExperimentConfig(
+        name=f"{family}-{task}",
+        task=task,
+        dtype="bfloat16",
+        optimizer="adafactor",
+        n_train=PAPER_POOL[task],
+        n_test=100,
+        max_input_length=256,
+        max_target_length=32,
+        length_multiple=16,
+        num_runs=32,
+        steps=1000,
+        batch_size=8,
+        curriculum="uniform",
+        checkpoint_runs=20,
+        extra={"split": [20, 2, 10]},
+        **PAPER_FAMILIES[family],
+    )

@@ -8,11 +8,13 @@ example against every tracked test example at every checkpoint of every run, and
 
 Two modes:
 
-- ``exact``: per-example gradients are computed chunk by chunk (``vmap(grad)`` inside one
-  ``lax.scan`` over the test chunks, then the pool chunks), flattened, and each pool chunk is
-  dotted with the flattened test gradients; memory is bounded by one chunk of gradients plus the
-  ``[n_test, P]`` test gradients, never ``[n_train, P]`` (fine for IA3 and small models; for
-  full tuning of a large model use ``projected``).
+- ``exact``: per-example gradients are computed chunk by chunk (``vmap(grad)``) and flattened;
+  one ``lax.scan`` holds the gradients of one chunk of test examples ``[c, P]`` and streams the
+  pool past it in chunks, then moves to the next test chunk. Memory: two chunks of gradients
+  (``2 c P`` floats) besides the parameters, never ``[n_test, P]`` or ``[n_train, P]``; compute:
+  the pool's gradients are recomputed once per test chunk (``ceil(n_test / c) n_train + n_test``
+  per-example gradients). It runs for any model whose chunk of gradients fits; ``projected`` is
+  far cheaper for full tuning of a large model.
 - ``projected``: each per-example gradient is multiplied by a seeded Gaussian matrix with
   N(0, 1/d) entries, generated block by block over the parameter tree (one block per leaf, or
   per group of rows of a large leaf, from ``fold_in(key, leaf_index)``), so that a
@@ -57,7 +59,19 @@ from jaxtyping import Array, Float
 from finetune.model import combine as _model_combine
 from finetune.model import partition, per_example_grads
 
-__all__ = ["MODES", "compute_dots", "count_params", "projected_gradients", "run_tracin"]
+__all__ = [
+    "MODES",
+    "TracinMemoryError",
+    "check_config_memory",
+    "check_memory",
+    "compute_dots",
+    "count_params",
+    "device_memory",
+    "estimate_memory",
+    "param_counts",
+    "projected_gradients",
+    "run_tracin",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -185,7 +199,8 @@ def _make_dots_fn(
         return jnp.einsum("td,cd->tc", test_feats, feats, precision=jax.lax.Precision.HIGHEST)
 
     def separate(trainable, frozen, train_batch, test_batch, key):
-        """Test features by one lax.map, then train chunks by another (two traced copies)."""
+        """Projected mode, arrays of different shapes: test projections by one lax.map, then
+        the train chunks by another (two traced copies)."""
         c_test = min(chunk_size, n_test)
         test_feats = _chunk_map(
             lambda ch: features(trainable, frozen, ch, key), test_batch, n_test, c_test
@@ -201,8 +216,9 @@ def _make_dots_fn(
         return jnp.moveaxis(out, 0, 1).reshape(n_test, -1)[:, :n_train]
 
     def fused(trainable, frozen, train_batch, test_batch, key):
-        """One lax.scan over test chunks then train chunks: the model is traced (and compiled)
-        once. The test features accumulate in the carry; dots of the test chunks are dropped."""
+        """Projected mode: one lax.scan over test chunks then train chunks: the model is traced
+        (and compiled) once. The test projections [n_test, d] accumulate in the carry; dots of
+        the test chunks are dropped."""
         c = min(chunk_size, max(n_train, n_test))
         n_te, n_tr = -(-n_test // c), -(-n_train // c)
         idx_te = jnp.minimum(jnp.arange(n_te * c), n_test - 1).reshape(n_te, c)
@@ -230,15 +246,69 @@ def _make_dots_fn(
         out = out[n_te:]  # [n_tr, n_test, c]
         return jnp.moveaxis(out, 0, 1).reshape(n_test, -1)[:, :n_train]
 
+    def stream_separate(trainable, frozen, train_batch, test_batch, key):
+        """Exact mode, pool and test arrays of different shapes: for each test chunk (lax.map),
+        its gradients, then a lax.map over the pool chunks (two traced copies of the model)."""
+        c_test = min(chunk_size, n_test)
+        c_train = min(chunk_size, n_train)
+
+        def per_test_chunk(test_chunk):
+            test_feats = features(trainable, frozen, test_chunk, key)  # [c_test, P]
+            return _chunk_map(
+                lambda ch: dot(test_feats, features(trainable, frozen, ch, key)),
+                train_batch,
+                n_train,
+                c_train,
+            )  # [n_tr, c_test, c_train]
+
+        out = _chunk_map(per_test_chunk, test_batch, n_test, c_test)  # [n_te, n_tr, c_te, c_tr]
+        out = jnp.moveaxis(out, 2, 1)  # [n_te, c_te, n_tr, c_tr]
+        return out.reshape(out.shape[0] * c_test, -1)[:n_test, :n_train]
+
+    def stream_fused(trainable, frozen, train_batch, test_batch, key):
+        """Exact mode: one lax.scan over the items (test chunk j, pool chunk 0, ..., pool chunk
+        n_tr - 1) for j = 0..n_te - 1. The carry holds the current test chunk's gradients
+        [c, P], so memory is two chunks of gradients whatever n_test; the pool's gradients are
+        recomputed once per test chunk. The model is traced once."""
+        c = min(chunk_size, max(n_train, n_test))
+        n_te, n_tr = -(-n_test // c), -(-n_train // c)
+        both = jax.tree.map(
+            lambda te, tr: jnp.concatenate([jnp.asarray(te), jnp.asarray(tr)]),
+            test_batch,
+            train_batch,
+        )  # [n_test + n_train, ...]
+        idx_te = jnp.minimum(jnp.arange(n_te * c), n_test - 1).reshape(n_te, 1, c)
+        idx_tr = n_test + jnp.minimum(jnp.arange(n_tr * c), n_train - 1).reshape(1, n_tr, c)
+        rows = jnp.concatenate([idx_te, jnp.broadcast_to(idx_tr, (n_te, n_tr, c))], axis=1).reshape(
+            -1, c
+        )  # [n_te * (1 + n_tr), c] example indices into `both`
+        is_test = (jnp.arange(n_te * (1 + n_tr)) % (1 + n_tr)) == 0
+        buf = jnp.zeros((c, count_params(trainable)), jnp.float32)  # one test chunk [c, P]
+
+        def body(buf, xs):
+            test_item, idx = xs
+            chunk = jax.tree.map(lambda a: a[idx], both)  # [c, ...]
+            feats = features(trainable, frozen, chunk, key)  # [c, P]
+            buf = jax.lax.cond(test_item, lambda: feats, lambda: buf)
+            return buf, dot(buf, feats)  # [c_test, c_train]
+
+        _, out = jax.lax.scan(body, buf, (is_test, rows))
+        out = out.reshape(n_te, 1 + n_tr, c, c)[:, 1:]  # [n_te, n_tr, c_test, c_train]
+        out = jnp.moveaxis(out, 2, 1).reshape(n_te * c, n_tr * c)
+        return out[:n_test, :n_train]
+
     def dots(trainable, frozen, train_batch, test_batch, key):
         same = jax.tree.map(
             lambda a, b: np.shape(a)[1:] == np.shape(b)[1:] and a.dtype == b.dtype,
             train_batch,
             test_batch,
         )
-        if all(jax.tree.leaves(same)):
-            return fused(trainable, frozen, train_batch, test_batch, key)
-        return separate(trainable, frozen, train_batch, test_batch, key)
+        shared = all(jax.tree.leaves(same))
+        if mode == "exact":
+            run = stream_fused if shared else stream_separate
+        else:
+            run = fused if shared else separate
+        return run(trainable, frozen, train_batch, test_batch, key)
 
     return jax.jit(dots)
 
@@ -261,9 +331,12 @@ def compute_dots(
     ``dots[z, i] = grad_t L(z; theta) . grad_t L(z_i; theta)`` where ``grad_t`` is the gradient
     with respect to the trainable parameters only and ``theta = combine(trainable, frozen)``.
     One jitted call: per-example gradients (``finetune.model.per_example_grads``, a
-    ``vmap(grad)``) over chunks of ``chunk_size`` examples, one ``lax.scan`` over the test chunks
-    then the pool chunks (the model is traced once), no Python loop over examples. Pool and test
-    arrays with different trailing shapes take two scans instead (the model is traced twice).
+    ``vmap(grad)``) over chunks of ``chunk_size`` examples in one ``lax.scan`` (the model is
+    traced once), no Python loop over examples. Exact mode holds one test chunk's gradients
+    and streams the pool past it, test chunk after test chunk (no ``[n_test, P]`` buffer; the
+    pool's gradients are computed ``ceil(n_test / chunk_size)`` times); projected mode projects
+    the test chunks first, then the pool chunks. Pool and test arrays with different trailing
+    shapes take nested maps instead (the model is traced twice).
     The compiled function is cached on the identity of ``per_example_loss`` and ``combine`` plus
     the settings and batch sizes, so pass the same loss object for every checkpoint: a new
     closure (e.g. another ``make_per_example_loss(graphdef)`` call) compiles again.
@@ -284,8 +357,9 @@ def compute_dots(
             trainable parameters.
         seed: seed of the projection (projected mode only); the same seed gives the same
             projection for every checkpoint and run.
-        chunk_size: examples per ``vmap(grad)`` chunk; memory grows with
-            ``chunk_size * (P or proj_dim)`` plus the activations of that many examples.
+        chunk_size: examples per ``vmap(grad)`` chunk; memory grows with ``chunk_size * P``
+            (two chunks of gradients in exact mode, one in projected mode; see
+            ``estimate_memory``) plus the activations of that many examples.
         combine: ``(trainable, frozen) -> params``; defaults to ``finetune.model.combine``.
 
     Returns:
@@ -391,6 +465,322 @@ def projected_gradients(
         per_example_loss, combine or _model_combine, int(proj_dim), int(chunk_size), n
     )
     return fn(trainable, frozen, batch, jax.random.key(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: estimated before any gradient work, refused when it cannot fit.
+
+_F32 = 4  # bytes
+# T5 configs of the paper models named by hub id, used only when their config.json is neither a
+# local folder nor in the Hugging Face cache (e.g. `finetune tracin-estimate` on a machine that
+# never downloaded them). Values of the published config.json files.
+_KNOWN_T5 = {
+    "bigscience/T0_3B": dict(d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
+    "google/t5-base-lm-adapt": dict(d_model=768, d_ff=2048, num_layers=12, num_heads=12),
+}
+_T5_V11 = dict(
+    vocab_size=32128,
+    d_kv=64,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    relative_attention_num_buckets=32,
+    dropout_rate=0.0,
+    decoder_start_token_id=0,
+)
+
+
+class TracinMemoryError(ValueError):
+    """A TracIn-CP setting whose estimated memory exceeds the device's."""
+
+
+def estimate_memory(
+    *,
+    n_params: int,
+    n_trainable: int,
+    n_train: int,
+    n_test: int,
+    mode: str,
+    proj_dim: int,
+    chunk_size: int,
+    largest_leaf: int = 0,
+) -> dict[str, int]:
+    """A lower bound of TracIn-CP's peak memory (bytes), buffer by buffer.
+
+    Counts the buffers ``run_tracin`` and ``compute_dots`` must hold at once, all float32:
+    the loaded parameters plus a restored trainable checkpoint; in exact mode the flattened
+    gradients of one test chunk (the scan's carry) and of one pool chunk, ``[c, P]`` each; in
+    projected mode the per-example gradients of one chunk ``[c, P]``, the test projections
+    ``[n_test (padded), d]`` and one block of the Gaussian matrix (at most
+    ``_PROJ_BLOCK_ELEMS`` entries, fewer for a leaf of fewer rows); and the dot products.
+    Activations and XLA's temporaries come on top, so a setting above the device's memory
+    cannot run, and one below may still not.
+
+    Args:
+        n_params: all parameters of the model.
+        n_trainable: the trainable ones P (the width of an exact gradient).
+        n_train: pool size.
+        n_test: tracked test examples.
+        mode: ``"exact"`` or ``"projected"``.
+        proj_dim: projection dimension d (projected mode).
+        chunk_size: examples per per-example-gradient chunk (as ``compute_dots``).
+        largest_leaf: entries of the largest trainable leaf (projected mode: bounds the
+            Gaussian block; 0 leaves that block out).
+
+    Returns:
+        ``{"parameters", "test gradients", "pool gradients", "projection", "dots", "total"}``
+        in bytes ("projection" is 0 in exact mode).
+    """
+    c = min(chunk_size, max(n_train, n_test))
+    n_te, n_tr = -(-n_test // c), -(-n_train // c)
+    out = {"parameters": _F32 * (n_params + n_trainable)}
+    if mode == "exact":
+        out["test gradients"] = _F32 * c * n_trainable
+        out["pool gradients"] = _F32 * c * n_trainable
+        out["projection"] = 0
+        out["dots"] = _F32 * (n_te * (1 + n_tr) * c * c + n_test * n_train)
+    else:
+        out["test gradients"] = _F32 * n_te * c * proj_dim
+        out["pool gradients"] = _F32 * c * n_trainable
+        rows = min(largest_leaf, max(1, _PROJ_BLOCK_ELEMS // proj_dim))
+        out["projection"] = _F32 * rows * proj_dim
+        out["dots"] = _F32 * ((n_te + n_tr) * n_test * c + n_test * n_train)
+    out["total"] = sum(out.values())
+    return out
+
+
+def device_memory() -> tuple[int, str]:
+    """Memory of the device TracIn-CP runs on (the first local one), with its name.
+
+    Returns:
+        ``(bytes, description)``: ``memory_stats()['bytes_limit']`` where the backend reports
+        it (GPU, TPU), else the host's physical RAM (the CPU backend).
+    """
+    dev = jax.local_devices()[0]
+    try:
+        stats = dev.memory_stats()
+    except Exception:  # backends without memory statistics
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"the {dev.device_kind} ({dev.platform})"
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(ram), "this host's RAM (CPU backend)"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _t5_config(config: Any, model_config: str | Path | None = None) -> Any:
+    """The transformers.T5Config of an ExperimentConfig's model, without its weights."""
+    import transformers
+
+    from finetune import hf
+
+    if model_config is not None:
+        path = Path(model_config)
+        return hf.load_config(path.parent if path.is_file() else path)
+    if config.model is None:
+        return transformers.T5Config(**config.random_init)
+    if Path(config.model).expanduser().is_dir():
+        return hf.load_config(Path(config.model).expanduser())
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(config.model), "config.json")
+    except Exception:  # a name the hub library refuses
+        cached = None
+    if isinstance(cached, str):
+        return hf.load_config(Path(cached).parent)
+    if config.model in _KNOWN_T5:
+        return transformers.T5Config(**_T5_V11, **_KNOWN_T5[config.model])
+    try:  # only config.json (kilobytes); fails offline
+        from huggingface_hub import hf_hub_download
+
+        return hf.load_config(Path(hf_hub_download(str(config.model), "config.json")).parent)
+    except Exception:  # offline, unknown repository
+        pass
+    raise ValueError(
+        f"model {config.model}: its config.json is neither a local folder nor in the Hugging "
+        "Face cache, and the hub cannot be reached; download the model first, or pass "
+        "`finetune tracin-estimate --model-config PATH/config.json`"
+    )
+
+
+def param_counts(config: Any, model_config: str | Path | None = None) -> tuple[int, int, int]:
+    """``(all parameters, trainable parameters, largest trainable leaf)`` of a config's model.
+
+    Built with ``nnx.eval_shape`` (``jax.eval_shape``): shapes only, no weights allocated or
+    read, so it is instant for a 3B model.
+
+    Args:
+        config: a ``finetune.config.ExperimentConfig``.
+        model_config: a T5 ``config.json`` (or its folder) to use instead of the model's.
+
+    Returns:
+        The parameter counts; trainable as ``finetune.experiment.make_mask`` selects them.
+
+    Raises:
+        ValueError: the model's config.json cannot be found offline (see ``_t5_config``).
+    """
+    from flax import nnx
+
+    from finetune import experiment as E
+    from finetune.network import T5
+
+    t5 = _t5_config(config, model_config)
+    model = nnx.eval_shape(
+        lambda: T5(
+            t5,
+            ia3=config.method == "ia3",
+            rngs=nnx.Rngs(0),
+            scan_layers=config.scan_layers,
+            attention=config.attention,
+        )
+    )
+    _, params = nnx.split(model)
+    trainable, _ = partition(params, E.make_mask(config, params))
+    largest = max((int(np.prod(np.shape(x))) for x in jax.tree.leaves(trainable)), default=0)
+    return count_params(params), count_params(trainable), largest
+
+
+def check_memory(
+    *,
+    n_params: int,
+    n_trainable: int,
+    n_train: int,
+    n_test: int,
+    mode: str,
+    proj_dim: int,
+    chunk_size: int,
+    where: str,
+    largest_leaf: int = 0,
+    device_bytes: int | None = None,
+    device_name: str | None = None,
+    flags: tuple[str, str] = ("--chunk-size {}", "--mode projected"),
+) -> dict[str, int]:
+    """Estimates TracIn-CP's memory (``estimate_memory``) and refuses what cannot fit.
+
+    Args:
+        n_params, n_trainable, n_train, n_test, mode, proj_dim, chunk_size, largest_leaf: as
+            ``estimate_memory``.
+        where: the config or experiment, for the message.
+        device_bytes: the device's memory; None: ``device_memory()``.
+        device_name: its description for the message.
+        flags: how the message tells the user to set a chunk size (a format string) and
+            projected mode.
+
+    Returns:
+        The estimate, when it fits.
+
+    Raises:
+        TracinMemoryError: one line naming the estimate, the device's memory and the fix (a
+            chunk size that fits, projected mode, or a larger device).
+    """
+    if device_bytes is None:
+        device_bytes, device_name = device_memory()
+    device_name = device_name or "the device"
+    sizes = dict(
+        n_params=n_params,
+        n_trainable=n_trainable,
+        n_train=n_train,
+        n_test=n_test,
+        largest_leaf=largest_leaf,
+    )
+    est = estimate_memory(**sizes, mode=mode, proj_dim=proj_dim, chunk_size=chunk_size)
+    if est["total"] <= device_bytes:
+        return est
+    fixes = []
+    fits = [
+        c
+        for c in range(min(chunk_size, max(n_train, n_test)) - 1, 0, -1)
+        if estimate_memory(**sizes, mode=mode, proj_dim=proj_dim, chunk_size=c)["total"]
+        <= device_bytes
+    ]
+    if fits:
+        fixes.append(f"lower the chunk size to {fits[0]} ({flags[0].format(fits[0])})")
+    if mode == "exact":
+        d = min(proj_dim, n_trainable)
+        for c in (chunk_size, *range(chunk_size - 1, 0, -1)):
+            if estimate_memory(**sizes, mode="projected", proj_dim=d, chunk_size=c)["total"] <= (
+                device_bytes
+            ):
+                at = "" if c == chunk_size else f" {flags[0].format(c)}"
+                fixes.append(f"use projected mode ({flags[1]}{at}; d = {d})")
+                break
+    fix = " or ".join(fixes) if fixes else "use a device with more memory"
+    what = (
+        f"2 chunks of {min(chunk_size, max(n_train, n_test))} gradients x {n_trainable:,} "
+        "trainable parameters"
+        if mode == "exact"
+        else f"a chunk of {min(chunk_size, max(n_train, n_test))} gradients x "
+        f"{n_trainable:,} trainable parameters, {n_test} projections of {proj_dim}"
+    )
+    raise TracinMemoryError(
+        f"{where}: TracIn-CP in {mode} mode needs at least {_gb(est['total'])} (parameters "
+        f"{_gb(est['parameters'])}, {what}: "
+        f"{_gb(est['test gradients'] + est['pool gradients'])}) but {device_name} has "
+        f"{_gb(device_bytes)}; {fix}"
+    )
+
+
+def check_config_memory(
+    config: Any,
+    *,
+    mode: str | None = None,
+    proj_dim: int | None = None,
+    chunk_size: int | None = None,
+    where: str | None = None,
+    device_bytes: int | None = None,
+    device_name: str | None = None,
+    model_config: str | Path | None = None,
+    flags: tuple[str, str] = ("--chunk-size {}", "--mode projected"),
+) -> dict[str, int]:
+    """``check_memory`` for an ExperimentConfig (parameter counts by ``param_counts``).
+
+    Args:
+        config: the experiment config (n_train, n_test, tracin_*).
+        mode: overrides ``config.tracin_mode``.
+        proj_dim: overrides ``config.tracin_proj_dim``.
+        chunk_size: overrides ``config.tracin_chunk_size``.
+        where: names the config in the message (default: its name).
+        device_bytes: the device's memory; None: ``device_memory()``.
+        device_name: its description.
+        model_config: see ``param_counts``.
+        flags: see ``check_memory``.
+
+    Returns:
+        The estimate (``estimate_memory``) plus ``n_params`` and ``n_trainable``.
+
+    Raises:
+        TracinMemoryError: the setting cannot fit (see ``check_memory``).
+        ValueError: the model's config cannot be found (see ``param_counts``); a projection
+            larger than the trainable parameters.
+    """
+    n_params, n_trainable, largest = param_counts(config, model_config)
+    mode = mode or config.tracin_mode
+    proj_dim = proj_dim or config.tracin_proj_dim
+    if mode == "projected" and proj_dim > n_trainable:
+        raise ValueError(
+            f"{where or config.name}: tracin_proj_dim={proj_dim} exceeds the {n_trainable} "
+            f"trainable parameters; use a tracin_proj_dim <= {n_trainable} or tracin_mode=exact"
+        )
+    est = check_memory(
+        n_params=n_params,
+        n_trainable=n_trainable,
+        largest_leaf=largest,
+        n_train=config.n_train,
+        n_test=config.n_test,
+        mode=mode,
+        proj_dim=proj_dim,
+        chunk_size=chunk_size or config.tracin_chunk_size,
+        where=where or f"config {config.name!r}",
+        device_bytes=device_bytes,
+        device_name=device_name,
+        flags=flags,
+    )
+    return {**est, "n_params": n_params, "n_trainable": n_trainable}
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,11 +920,12 @@ def run_tracin(
     exp_dir: str | Path,
     *,
     runs: Sequence[int] | None = None,
-    mode: str = "exact",
-    proj_dim: int = 4096,
-    seed: int = 0,
-    chunk_size: int = _DEFAULT_CHUNK,
+    mode: str | None = None,
+    proj_dim: int | None = None,
+    seed: int | None = None,
+    chunk_size: int | None = None,
     progress: bool = True,
+    device_bytes: int | None = None,
 ) -> list[Path]:
     """Write ``run_XXX/tracin.npz`` for every complete run of an experiment.
 
@@ -557,11 +948,14 @@ def run_tracin(
         exp_dir: experiment directory (experiment.json, run_XXX/ with checkpoints/).
         runs: run indices to process (each must have checkpoints); None processes every
             complete run that saved checkpoints (an error if none is complete or none did).
-        mode: ``"exact"`` or ``"projected"`` (see ``compute_dots``).
-        proj_dim: projection dimension for projected mode.
-        seed: projection seed for projected mode.
-        chunk_size: examples per per-example-gradient chunk.
+        mode: ``"exact"`` or ``"projected"`` (see ``compute_dots``); None: the experiment
+            config's ``tracin_mode`` (as recorded in experiment.json).
+        proj_dim: projection dimension for projected mode; None: ``tracin_proj_dim``.
+        seed: projection seed for projected mode; None: ``tracin_seed``.
+        chunk_size: examples per per-example-gradient chunk; None: ``tracin_chunk_size``.
         progress: show a progress bar and per-checkpoint timing lines on stderr.
+        device_bytes: the device memory the estimate is compared with; None:
+            ``device_memory()``.
 
     Returns:
         The paths of the ``tracin.npz`` files written (skipped runs excluded).
@@ -571,14 +965,21 @@ def run_tracin(
             checkpoint that does not match the experiment config, proj_dim larger than the number
             of trainable parameters, runs that do not exist, no selected run complete,
             non-finite dot products.
+        TracinMemoryError: the estimated memory (``check_memory``) exceeds the device's;
+            checked before any checkpoint is restored or gradient computed.
 
     References:
         Pruthi et al. 2020, https://arxiv.org/abs/2002.08484.
     """
-    from finetune.experiment import checkpoint_steps, load_experiment
+    from finetune.experiment import checkpoint_steps, load_experiment, read_config
     from simfluence.runlog import read_tracin, write_tracin
 
     exp_dir = Path(exp_dir)
+    config = read_config(exp_dir)
+    mode = config.tracin_mode if mode is None else mode
+    proj_dim = config.tracin_proj_dim if proj_dim is None else proj_dim
+    seed = config.tracin_seed if seed is None else seed
+    chunk_size = config.tracin_chunk_size if chunk_size is None else chunk_size
     _check_mode(mode, proj_dim, chunk_size)
     selected = _select_runs(exp_dir, runs)
     plan = []
@@ -643,23 +1044,34 @@ def run_tracin(
     if not plan:
         return []
 
+    n_params, n_trainable, largest = param_counts(config)
+    if mode == "projected" and proj_dim > n_trainable:
+        raise ValueError(
+            f"{exp_dir}: --proj-dim {proj_dim} exceeds the {n_trainable} trainable parameters of "
+            f"this experiment; use --proj-dim <= {n_trainable} or --mode exact"
+        )
+    check_memory(
+        n_params=n_params,
+        n_trainable=n_trainable,
+        largest_leaf=largest,
+        n_train=config.n_train,
+        n_test=config.n_test,
+        mode=mode,
+        proj_dim=proj_dim,
+        chunk_size=chunk_size,
+        where=str(exp_dir),
+        device_bytes=device_bytes,
+        device_name=None if device_bytes is None else "the device (given)",
+    )
     exp = load_experiment(exp_dir)
     target, frozen = partition(exp.params, exp.mask)
-    n_params = count_params(target)
-    if mode == "projected" and proj_dim > n_params:
+    if count_params(target) != n_trainable:  # param_counts and the loaded model must agree
         raise ValueError(
-            f"{exp_dir}: --proj-dim {proj_dim} exceeds the {n_params} trainable parameters of "
-            f"this experiment; use --proj-dim <= {n_params} or --mode exact"
+            f"{exp_dir}: the model has {count_params(target)} trainable parameters, not the "
+            f"{n_trainable} its config describes; was it prepared by another version?"
         )
     n_train = _batch_size(exp.pool_batch, f"{exp_dir} pool")
     n_test = _batch_size(exp.test_batch, f"{exp_dir} test set")
-    if mode == "exact" and 4 * n_test * n_params > 8 << 30:
-        _LOG.warning(
-            "exact mode holds %d x %d test gradients (%.1f GiB); consider --mode projected",
-            n_test,
-            n_params,
-            4 * n_test * n_params / 2**30,
-        )
     pool, test = _same_widths(dict(exp.pool_batch), dict(exp.test_batch))
 
     from tqdm.auto import tqdm

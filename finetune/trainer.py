@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from finetune import experiment as E
-from finetune.config import ExperimentConfig
+from finetune.config import TRACIN_FIELDS, ExperimentConfig
 from finetune.curricula import make_curriculum
 from finetune.data import (
     TrackedSet,
@@ -73,12 +73,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _same_config(info: dict, config: ExperimentConfig) -> list[str]:
-    """Names of the config fields that differ between a workdir's experiment.json and config."""
+    """Names of the config fields that differ between a workdir's experiment.json and config.
+
+    The TracIn-CP settings (``TRACIN_FIELDS``) are not compared: they choose how the runs are
+    post-processed, not the runs, and each tracin.npz records the settings it was computed with
+    (so a run that does not fit in exact mode can be continued with ``--set
+    tracin_mode=projected``). Experiments recorded before those fields existed hold none.
+    """
     old = info.get("config", {})
     new = json.loads(json.dumps(config.to_dict(), default=str))
     # A field an older experiment.json lacks had its default then (fields added later).
     default = {f.name: f.default for f in dataclasses.fields(config) if f.name in _ADDED_FIELDS}
-    return sorted(k for k in set(old) | set(new) if old.get(k, default.get(k)) != new.get(k))
+    keys = (set(old) | set(new)) - set(TRACIN_FIELDS)
+    return sorted(k for k in keys if old.get(k, default.get(k)) != new.get(k))
 
 
 # Config fields added after experiments were first written (absent from older experiment.json).
@@ -206,6 +213,7 @@ def prepare_experiment(
     *,
     data_dir: str | Path | None,
     tokenizer: str | None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Draws the pool and tracked test set once and writes data.npz, examples.json, then
     experiment.json (last). A workdir that already holds the config is reused unchanged.
@@ -219,6 +227,8 @@ def prepare_experiment(
         exp_dir: output folder.
         data_dir: local data directory (layout of ../shared/data); None loads from the hub.
         tokenizer: tokenizer path or name; None: SIMFLUENCE_TOKENIZER, config.tokenizer, model.
+        overrides: the ``--set KEY=VALUE`` strings applied to ``config``; recorded in a fresh
+            experiment.json (``overrides``).
 
     Returns:
         experiment.json's content.
@@ -227,7 +237,9 @@ def prepare_experiment(
         TaskError, ExperimentError, CheckpointError, TokenizerError: bad input (see
             `finetune.cli` for the exit code).
     """
-    return _prepare(config, Path(exp_dir), data_dir=data_dir, tokenizer=tokenizer)[0]
+    return _prepare(
+        config, Path(exp_dir), data_dir=data_dir, tokenizer=tokenizer, overrides=overrides
+    )[0]
 
 
 def _prepare(
@@ -237,12 +249,15 @@ def _prepare(
     data_dir: str | Path | None,
     tokenizer: str | None,
     budget: int | None = None,
+    overrides: Sequence[str] = (),
 ) -> tuple[dict, Any]:
     """`prepare_experiment`, also returning the base model it built to check it.
 
     Args:
         budget: ``run_experiment``'s ``max_steps_this_call``: refused here, after the workdir
             check and before anything is written, when it would keep nothing (`_check_budget`).
+        overrides: the ``--set KEY=VALUE`` strings already applied to ``config``, recorded in
+            a fresh experiment.json as ``overrides``.
 
     Returns:
         (experiment.json's content, `E.build_base_model(config)` or None when an existing
@@ -377,6 +392,7 @@ def _prepare(
         "tokenizer": _tokenizer_key(tok_name),
         "data_dir": None if data_dir is None else _data_key(data_dir),
         "config": json.loads(json.dumps(config.to_dict(), default=str)),
+        "overrides": list(overrides),
     }
     if config.held_out_pool:  # pool positions no fitting run uses, and the runs that do
         info["held_out_pool"] = list(range(config.n_train, config.n_train + config.held_out_pool))
@@ -661,6 +677,7 @@ def run_experiment(
     devices: Sequence | None = None,
     progress: bool = True,
     max_steps_this_call: int | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Trains (or continues) every run of an experiment.
 
@@ -675,6 +692,9 @@ def run_experiment(
             time-limited jobs); the runs in progress stay incomplete and resume from their latest
             checkpoint on the next call, so steps after it are redone. A group that this budget
             could not take to a checkpoint (or to its end) is not started.
+        overrides: ``--set KEY=VALUE`` strings already applied to ``config`` (see
+            `finetune.config.apply_overrides`); recorded in experiment.json. Resuming compares
+            the resulting config, as without overrides.
 
     Returns:
         {"complete": [run indices], "interrupted": bool, "seconds": float, "stop": None or
@@ -690,7 +710,12 @@ def run_experiment(
     exp_dir = Path(exp_dir)
     E.check_backend(config)
     _, base = _prepare(
-        config, exp_dir, data_dir=data_dir, tokenizer=tokenizer, budget=max_steps_this_call
+        config,
+        exp_dir,
+        data_dir=data_dir,
+        tokenizer=tokenizer,
+        budget=max_steps_this_call,
+        overrides=overrides,
     )
     if base is None:  # an existing workdir: the model was not needed to prepare it
         base = E.build_base_model(config)

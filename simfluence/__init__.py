@@ -12,6 +12,7 @@ numpy and json only) stays light: the fine-tuning side imports it without pullin
 
 TracIn-CP as a simulator: build one with `simfluence.tracin.from_runs(runs)`, roll it out with
 `simfluence.simulate_tracin` (`simfluence.fit_scale` gives the rescaled variant's scalar).
+Any file `simfluence fit` writes: `simfluence.load_any_simulator(path).rollout(curriculum, l0)`.
 """
 
 import importlib
@@ -32,6 +33,8 @@ _EXPORTS = {
     "simulate_tracin": "tracin",
     "fit_scale": "tracin",
     "TracInSimulator": "tracin",
+    "load_any_simulator": "loader",
+    "AnySimulator": "loader",
     "metrics": "scoring",
     "all_steps_mse": "scoring",
     "final_step_mse": "scoring",

@@ -110,9 +110,7 @@ def _load_inputs(args, sim) -> tuple[np.ndarray, np.ndarray]:
             f"{args.curriculum}: curriculum must be integers [steps, batch], got "
             f"{cur.dtype} {cur.shape}"
         )
-    from simfluence.simulators import batch_mismatch
-
-    if msg := batch_mismatch(sim, cur.shape[1]):
+    if msg := sim.batch_mismatch(cur.shape[1]):
         raise RunLogError(f"{args.curriculum}: {msg}")
     if cur.min() < 0 or cur.max() >= sim.n_train:
         bad = int(cur.min()) if cur.min() < 0 else int(cur.max())
@@ -132,14 +130,19 @@ def _load_inputs(args, sim) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_lr(args, sim, steps: int) -> np.ndarray | None:
-    """--lr: float [steps] learning rates, required by the schedule-aware simulators only."""
-    from simfluence.simulators import SCHEDULED_VARIANTS
-
-    if sim.variant not in SCHEDULED_VARIANTS:
+    """--lr: float [steps] learning rates; required by the schedule-aware simulators, optional
+    for TracIn-CP (else its checkpoints' rates), refused by the others."""
+    if sim.lr_use == "ignored":
         if args.lr is not None:
             raise ValueError(
                 f"--lr: the {sim.variant} simulator ignores the learning rates; leave it out"
             )
+        return None
+    if args.lr is None and sim.lr_use == "optional":
+        sys.stderr.write(
+            f"{PROG}: note: no --lr: the {sim.variant} simulator uses its checkpoints' learning "
+            "rates (pass --lr LR.npy, the run's lr.npy, to use the run's own, as evaluate does)\n"
+        )
         return None
     if args.lr is None:
         raise ValueError(
@@ -158,10 +161,8 @@ def _load_lr(args, sim, steps: int) -> np.ndarray | None:
 
 
 def _run_lr(sim, run) -> np.ndarray | None:
-    """A run's lr.npy where the simulator needs it (schedule-aware variants)."""
-    from simfluence.scheduled import run_lr
-
-    return run_lr(sim.variant, run, "use a schedule-free simulator for this run")
+    """A run's lr.npy where the simulator uses it (schedule-aware variants, TracIn-CP)."""
+    return sim.run_lr(run, "use a schedule-free simulator for this run")
 
 
 def _check_out(path: str, suffixes: Sequence[str], flag: str = "--out") -> Path:
@@ -250,6 +251,7 @@ def _evaluate_unseen(args, out) -> None:
 
 def _cmd_fit(args) -> None:
     from simfluence import scheduled, simulators
+    from simfluence.baselines import BASELINES
     from simfluence.runlog import experiment_sha256, load_runs, read_experiment
     from simfluence.tracin import TRACIN_VARIANTS
 
@@ -274,6 +276,9 @@ def _cmd_fit(args) -> None:
         return
     if args.features is not None:
         raise ValueError("--features is for --variant linear-feat or additive-feat; leave it out")
+    if args.variant in BASELINES:
+        _fit_baseline(args, runs, info, out, origin)
+        return
     curs, losses = [r.curriculum for r in runs], [r.losses for r in runs]
     inputs = scheduled.fit_inputs(runs, args.variant)  # lrs, b_prior of the -lr variants
     if args.valid_runs:
@@ -285,7 +290,7 @@ def _cmd_fit(args) -> None:
         sys.stderr.write(
             f"{PROG}: choosing lambdas for {args.variant} on {len(valid)} validation run(s)...\n"
         )
-        l2_a, l2_b, _ = simulators.select_lambdas(
+        l2_a, l2_b, search = simulators.select_lambdas(
             curs,
             losses,
             [r.curriculum for r in valid],
@@ -297,6 +302,7 @@ def _cmd_fit(args) -> None:
             **inputs,
         )
         source = f"chosen on runs {args.valid_runs}"
+        origin["lambda_search"] = search  # the validation curve `simfluence figures` draws
     elif args.l2_a is not None:
         l2_a, l2_b, source = args.l2_a, args.l2_b, "given"
     else:
@@ -358,6 +364,23 @@ def _fit_featurized(args, runs, out: Path, origin: dict) -> None:
     )
 
 
+def _fit_baseline(args, runs, info: dict, out: Path, origin: dict) -> None:
+    """`fit --variant constant|mean-trajectory`: a curriculum-blind baseline file."""
+    from simfluence import baselines
+
+    if args.valid_runs or args.l2_a is not None or args.a_prior is not None:
+        raise ValueError(
+            f"--variant {args.variant} has no lambdas or prior; leave out --valid-runs, "
+            "--l2-a, --l2-b and --a-prior"
+        )
+    sim = baselines.fit_baseline(args.variant, [r.losses for r in runs], info["n_train"])
+    baselines.save_baseline(out, sim, origin=origin)
+    print(
+        f"fitted the {args.variant} baseline on {len(runs)} runs (n_test={sim.n_test}; it "
+        f"ignores the curriculum); wrote {out}"
+    )
+
+
 def _fit_tracin(args, runs, out: Path, origin: dict) -> None:
     """`fit --variant tracin-cp[-rescaled]`: the averaged dots of the fitting runs (and the
     least-squares scale) into a TracIn-CP simulator file."""
@@ -377,14 +400,14 @@ def _fit_tracin(args, runs, out: Path, origin: dict) -> None:
 
 
 def _cmd_simulate(args) -> None:
-    from simfluence import simulators
+    from simfluence.loader import load_any_simulator
     from simfluence.runlog import atomic_save_npy
 
     out = _check_out(args.out, [".npy"])
-    sim = simulators.load_simulator(args.sim)
+    sim = load_any_simulator(args.sim)
     cur, l0 = _load_inputs(args, sim)
     lr = _load_lr(args, sim, cur.shape[0])
-    pred = np.asarray(simulators.simulate(sim, cur, l0, lr=lr), np.float32)
+    pred = np.asarray(sim.rollout(cur, l0, lr=lr), np.float32)
     _check_rollout(pred, args.curriculum)
     atomic_save_npy(out, pred)
     print(
@@ -409,7 +432,7 @@ def _check_rollout(pred: np.ndarray, where: str) -> None:
 
 
 def _cmd_influence(args) -> None:
-    from simfluence import simulators
+    from simfluence.loader import load_any_simulator
     from simfluence.plots import format_influences, influence_listing
     from simfluence.runlog import atomic_save_npy, atomic_write_json
 
@@ -423,7 +446,8 @@ def _cmd_influence(args) -> None:
         out = _check_out(args.out, [".npy"], "--out (with --all-tests)")
     else:
         out = _check_out(args.out, [".json"]) if args.out else None
-    sim = simulators.load_simulator(args.sim)
+    sim = load_any_simulator(args.sim)
+    sim.require_influence()  # a baseline is refused, with the reason
     cur, l0 = _load_inputs(args, sim)
     lr = _load_lr(args, sim, cur.shape[0])
     if not args.all_tests and not 0 <= args.test < sim.n_test:
@@ -445,9 +469,9 @@ def _cmd_influence(args) -> None:
                 f"{args.exp}: no examples.json to take the texts from and no pool_ids in its "
                 "experiment.json; leave out --exp"
             )
-    _check_rollout(np.asarray(simulators.simulate(sim, cur, l0, lr=lr)), args.curriculum)
+    _check_rollout(sim.rollout(cur, l0, lr=lr), args.curriculum)
     if args.all_tests:
-        scores = _removal_influence_matrix(sim, cur, l0, lr)
+        scores = sim.removal_influence(cur, l0, lr=lr)
         for j in range(sim.n_test):
             _check_influence(scores[j], f"{args.curriculum} (test example {j})")
         atomic_save_npy(out, scores)
@@ -457,36 +481,13 @@ def _cmd_influence(args) -> None:
             f"{list(scores.shape)} [n_test, n_train]"
         )
         return
-    inf = np.asarray(simulators.removal_influence(sim, cur, l0, args.test, lr=lr))
+    inf = sim.removal_influence(cur, l0, lr=lr, test_index=args.test)
     _check_influence(inf, args.curriculum)
     listing = influence_listing(inf, cur, args.top, texts["train"] if texts else None, ids)
     if out is not None:
         atomic_write_json(out, {"test_index": args.test, **listing})
     sys.stdout.write(
         format_influences(listing, args.test, texts["test"][args.test] if texts else None)
-    )
-
-
-def _removal_influence_matrix(sim, cur: np.ndarray, l0: np.ndarray, lr=None) -> np.ndarray:
-    """Removal influence of every training example on every test example.
-
-    Args:
-        sim: a fitted simulator.
-        cur: int [T, batch] curriculum.
-        l0: f32 [n_test] initial losses.
-        lr: f32 [T] learning rates (the -lr simulators only), else None.
-
-    Returns:
-        f32 [n_test, n_train]; row j is `simulators.removal_influence(sim, cur, l0, j, lr=lr)`.
-    """
-    from simfluence import simulators
-
-    # One jitted removal scan per test example (compiled once: the shapes do not change).
-    return np.stack(
-        [
-            np.asarray(simulators.removal_influence(sim, cur, l0, j, lr=lr), np.float32)
-            for j in range(sim.n_test)
-        ]
     )
 
 
@@ -514,16 +515,12 @@ def _check_influence(inf: np.ndarray, where: str) -> None:
         )
 
 
-def _simulate_runs(sim, runs) -> list[np.ndarray]:
-    """Rollouts [steps + 1, n_test] of `runs` from their L_0; a diverging one is an error."""
-    from simfluence import simulators
-
-    preds = [
-        np.asarray(simulators.simulate(sim, r.curriculum, r.losses[0], lr=_run_lr(sim, r)))
-        for r in runs
-    ]
+def _simulate_runs(sim, runs, name_sim: bool = False) -> list[np.ndarray]:
+    """Rollouts [steps + 1, n_test] of `runs` from their L_0; a diverging one is an error
+    (naming the run, and the simulator file when `name_sim`)."""
+    preds = [sim.rollout(r.curriculum, r.losses[0], lr=_run_lr(sim, r)) for r in runs]
     for r, p in zip(runs, preds, strict=True):
-        _check_rollout(p, f"run {r.index}")
+        _check_rollout(p, f"{sim.name}: run {r.index}" if name_sim else f"run {r.index}")
     return preds
 
 
@@ -543,28 +540,108 @@ def _check_tests(tests: list[int], n_test: int) -> None:
         raise ValueError(f"--tests {bad} outside 0..{n_test - 1}")
 
 
+def _load_sims(text: str, info: dict, exp: str) -> list:
+    """--sim A.npz[,B.npz...]: every file loaded (any family) and checked against EXP."""
+    from simfluence.loader import load_any_simulator
+
+    paths = [x.strip() for x in text.split(",") if x.strip()]
+    if not paths:
+        raise ValueError(f"--sim {text!r}: no simulator file given")
+    sims = []
+    for path in dict.fromkeys(paths):
+        sim = load_any_simulator(path)
+        _check_sim_matches(sim, info, path, exp)
+        sims.append(sim)
+    return sims
+
+
+def _sim_labels(sims) -> list[str]:
+    """One legend label per simulator: its variant, or the file stem where variants repeat."""
+    variants = [s.variant for s in sims]
+    return [
+        s.variant if variants.count(s.variant) == 1 else f"{s.variant} ({Path(s.name).stem})"
+        for s in sims
+    ]
+
+
+def _roles(sims, runs) -> list[str | None]:
+    """Each run's role for the simulators (fitted / validation / held out; None: unknown)."""
+    out = []
+    for r in runs:
+        roles = list(dict.fromkeys(s.role(r.index) for s in sims))
+        out.append(None if None in roles else "/".join(roles))
+    return out
+
+
+def _role_title(roles: list[str | None], indices: list[int]) -> str:
+    """'held-out run 22', 'fitted run 3; held-out runs 22-29' (runs grouped by role)."""
+    groups: dict[str | None, list[int]] = {}
+    for i, role in zip(indices, roles, strict=True):
+        groups.setdefault(role, []).append(i)
+    parts = []
+    for role, idx in groups.items():
+        name = f"run{'s' * (len(idx) > 1)} {_ranges(idx)}"
+        parts.append(f"{role.replace(' ', '-')} {name}" if role else f"{name} (role unknown)")
+    return "; ".join(parts)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[22, 23, 24, 27] -> '22-24, 27'."""
+    out, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            out.append(str(i) if i == start else f"{start}-{i}")
+            start = None
+    return ", ".join(out)
+
+
+def _trajectory_inputs(sims, runs, texts, tests) -> dict:
+    """Arguments of `plots.plot_trajectories` for runs and simulators (rollouts checked)."""
+    from simfluence.plots import describe_examples
+
+    labels = _sim_labels(sims)
+    many = len(sims) > 1
+    preds = {
+        lab: _simulate_runs(s, runs, name_sim=many) for lab, s in zip(labels, sims, strict=True)
+    }
+    roles = _roles(sims, runs)
+    test_labels = None
+    if texts is not None:
+        stripped, golds, _ = describe_examples(texts["train"] + texts["test"])
+        n = len(texts["train"])
+        test_labels = [
+            " ".join(stripped[n + j].split())
+            + ("" if golds[n + j] is None else f"\ngold: {golds[n + j]}")
+            for j in tests
+        ]
+    what = " and ".join(labels) if many else f"{labels[0]} simulator"
+    return {
+        "true": [r.losses for r in runs],
+        "pred": preds if many else preds[labels[0]],
+        "run_labels": [
+            f"run {r.index}" + ("" if role is None else f" ({role})")
+            for r, role in zip(runs, roles, strict=True)
+        ],
+        "tests": tests,
+        "test_labels": test_labels,
+        "title": f"{what} vs true losses: {_role_title(roles, [r.index for r in runs])}",
+    }
+
+
 def _cmd_plot(args) -> None:
-    from simfluence import simulators
     from simfluence.plots import plot_trajectories
     from simfluence.runlog import load_runs, read_examples, read_experiment
 
     out = _check_out(args.out, [".png", ".pdf", ".svg"])
     info = read_experiment(args.exp)
-    sim = simulators.load_simulator(args.sim)
-    _check_sim_matches(sim, info, args.sim, args.exp)
+    sims = _load_sims(args.sim, info, args.exp)
     tests = _parse_indices(args.tests, "--tests")
     _check_tests(tests, info["n_test"])
     runs = load_runs(args.exp, _parse_indices(args.runs, "--runs"))
     texts = read_examples(args.exp)  # optional: panel titles without texts when absent
-    plot_trajectories(
-        out,
-        [r.losses for r in runs],
-        _simulate_runs(sim, runs),
-        [f"run {r.index}" for r in runs],
-        tests,
-        test_labels=[texts["test"][j] for j in tests] if texts else None,
-        title=f"{sim.variant} simulator vs true losses",
-    )
+    plot_trajectories(out, **_trajectory_inputs(sims, runs, texts, tests))
     print(f"wrote {out}")
 
 
@@ -619,14 +696,13 @@ def _cmd_table(args) -> None:
     print(f"\nwrote {path} and {json_path}")
 
 
+def _figure_paths(out: Path, stem: str) -> list[Path]:
+    """Every figure of `simfluence figures` is written as PNG (300 dpi) and PDF."""
+    return [out / f"{stem}.png", out / f"{stem}.pdf"]
+
+
 def _cmd_figures(args) -> None:
-    from simfluence import simulators
-    from simfluence.plots import (
-        format_influences,
-        influence_listing,
-        plot_parameters,
-        plot_trajectories,
-    )
+    from simfluence import plots
     from simfluence.runlog import (
         atomic_write_json,
         atomic_write_text,
@@ -635,17 +711,17 @@ def _cmd_figures(args) -> None:
         read_examples,
         read_experiment,
     )
+    from simfluence.table import load_results
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     info = read_experiment(args.exp)
-    sim = simulators.load_simulator(args.sim)
-    _check_sim_matches(sim, info, args.sim, args.exp)
+    sims = _load_sims(args.sim, info, args.exp)
+    complete = [i for i, _, c in list_runs(args.exp) if c]
     if args.runs:
         run_idx = _parse_indices(args.runs, "--runs")
     else:
-        complete = [i for i, _, c in list_runs(args.exp) if c]
         if not complete:
             raise RunLogError(f"{args.exp}: no complete runs")
         run_idx = [complete[-1]]
@@ -657,46 +733,123 @@ def _cmd_figures(args) -> None:
         raise ValueError(f"--test {args.test} is outside 0..{info['n_test'] - 1}")
     if args.top < 1:
         raise ValueError(f"--top {args.top} must be >= 1")
+    results_path = Path(args.results) if args.results else Path(args.exp) / "results.json"
+    if args.results and not results_path.is_file():
+        raise RunLogError(f"--results {results_path}: file not found")
+    results = load_results([results_path])[0] if results_path.is_file() else None
     runs = load_runs(args.exp, run_idx)
     texts = read_examples(args.exp)  # optional: listings and titles without texts when absent
-    preds = _simulate_runs(sim, runs)
-    run0 = runs[0]
-    inf = np.asarray(
-        simulators.removal_influence(
-            sim, run0.curriculum, run0.losses[0], args.test, lr=_run_lr(sim, run0)
+    labels = _sim_labels(sims)
+    figures: dict[str, tuple] = {}  # stem -> (plot function, args, kwargs); drawn at the end
+    skipped: list[str] = []
+    traj = _trajectory_inputs(sims, runs, texts, tests)
+    figures["trajectories"] = (plots.plot_trajectories, (), traj)
+    golds = plots.describe_examples(texts["train"])[1] if texts else None
+    for lab, sim in zip(labels, sims, strict=True):
+        params = sim.parameters()
+        if params is None:
+            skipped.append(f"parameters of {lab} ({sim.kind} has no A and B)")
+            continue
+        A, B, a0 = params
+        stem = sim.variant if lab == sim.variant else Path(sim.name).stem
+        figures[f"parameters_{stem}"] = (
+            plots.plot_parameters,
+            (A, B),
+            {"variant": sim.variant, "a_prior": a0, "labels": plots.example_labels(golds)},
         )
-    )
-    _check_influence(inf, f"run {run0.index}")
-    rows = influence_listing(
-        inf, run0.curriculum, args.top, texts["train"] if texts else None, _pool_ids(info, args.exp)
-    )
-    listing = (
-        f"simulator {args.sim} ({sim.variant}), curriculum of run {run0.index}\n"
-        + format_influences(rows, args.test, texts["test"][args.test] if texts else None)
-    )
+    held = _held_out(sims, complete)
+    if isinstance(held, str):
+        skipped.append(f"lds ({held})")
+    else:
+        held_runs = load_runs(args.exp, held)
+        figures["lds"] = (
+            plots.plot_lds,
+            (
+                np.stack([r.losses[-1] for r in held_runs]),
+                {
+                    lab: np.stack([p[-1] for p in _simulate_runs(s, held_runs, name_sim=True)])
+                    for lab, s in zip(labels, sims, strict=True)
+                },
+                tests,
+            ),
+            {
+                "test_labels": traj["test_labels"],
+                "title": f"final loss across {len(held)} held-out runs "
+                f"({', '.join(map(str, held))}): predicted against actual",
+            },
+        )
+    if results is None:
+        skipped.append(f"metrics (no {results_path}; run `simfluence evaluate --out`)")
+    else:
+        name = (results.get("experiment") or {}).get("name", "")
+        figures["metrics"] = (
+            plots.plot_metric_bars,
+            (results,),
+            {"title": f"{name}: held-out metrics, mean ± standard error".strip(": ")},
+        )
+    searches = {
+        lab: (s.origin["lambda_search"], {"l2_a": s.sim.l2_a, "l2_b": s.sim.l2_b})
+        for lab, s in zip(labels, sims, strict=True)
+        if s.origin and s.origin.get("lambda_search")
+    }
+    if searches:
+        figures["lambda"] = (
+            plots.plot_lambda_search,
+            (searches,),
+            {"title": "lambda validation curve (fit --valid-runs)"},
+        )
+    else:
+        skipped.append("lambda (no simulator recorded a search: fit it with --valid-runs)")
+    inf_sim = next((s for s in sims if s.kind != "baseline"), None)
+    listing = None
+    if inf_sim is None:
+        skipped.append("influence (the baselines ignore the curriculum: every influence is 0)")
+    else:
+        run0 = runs[0]
+        inf = inf_sim.removal_influence(
+            run0.curriculum, run0.losses[0], lr=_run_lr(inf_sim, run0), test_index=args.test
+        )
+        _check_influence(inf, f"run {run0.index}")
+        rows = plots.influence_listing(
+            inf,
+            run0.curriculum,
+            args.top,
+            texts["train"] if texts else None,
+            _pool_ids(info, args.exp),
+        )
+        listing = (
+            f"simulator {inf_sim.name} ({inf_sim.variant}), curriculum of run {run0.index}\n"
+            + plots.format_influences(rows, args.test, texts["test"][args.test] if texts else None)
+        )
     # Everything is computed; only now write.
     out.mkdir(parents=True, exist_ok=True)
-    written = [
-        plot_trajectories(
-            out / "trajectories.png",
-            [r.losses for r in runs],
-            preds,
-            [f"run {r.index}" for r in runs],
-            tests,
-            test_labels=[texts["test"][j] for j in tests] if texts else None,
-            title=f"{sim.variant} simulator vs true losses",
-        ),
-        plot_parameters(
-            out / "parameters.png", np.asarray(sim.A), np.asarray(sim.B), variant=sim.variant
-        ),
-        atomic_write_text(out / "influence.txt", listing),
-        atomic_write_json(
-            out / "influence.json",
-            {"run": run0.index, "test_index": args.test, "variant": sim.variant, **rows},
-        ),
-    ]
-    sys.stdout.write(listing)
+    written: list[Path] = []
+    for stem, (fn, fargs, kwargs) in figures.items():
+        written += fn(_figure_paths(out, stem), *fargs, **kwargs)
+    if listing is not None:
+        written.append(atomic_write_text(out / "influence.txt", listing))
+        written.append(
+            atomic_write_json(
+                out / "influence.json",
+                {"run": run0.index, "test_index": args.test, "variant": inf_sim.variant, **rows},
+            )
+        )
+        sys.stdout.write(listing)
+    for what in skipped:
+        print(f"skipped {what}")
     print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _held_out(sims, complete: list[int]) -> list[int] | str:
+    """Complete runs none of the simulators was fitted or validated on, or why there are too
+    few to draw the LDS picture."""
+    if any(s.origin is None for s in sims):
+        return "a simulator file records no fitting runs, so the held-out runs are unknown"
+    used = {i for s in sims for k in ("fit_runs", "valid_runs") for i in s.origin.get(k, [])}
+    held = [i for i in complete if i not in used]
+    if len(held) < 2:
+        return f"{len(held)} complete run(s) held out from every simulator; 2 or more needed"
+    return held
 
 
 def _parse_sims(text: str) -> dict[str, str]:
@@ -863,8 +1016,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-simulators",
         metavar="DIR",
         default=None,
-        help="also save every fitted Simfluence and TracIn-CP variant as DIR/sim_<variant>.npz "
-        "(the file `simfluence fit` writes for that variant on this split's runs)",
+        help="also save every variant (the baselines too) as DIR/sim_<variant>.npz (the file "
+        "`simfluence fit` writes for that variant on this split's runs)",
     )
     p.set_defaults(func=_cmd_evaluate)
 
@@ -890,12 +1043,16 @@ def build_parser() -> argparse.ArgumentParser:
             "linear-lr-tracin-prior",
             "linear-feat",
             "additive-feat",
+            "constant",
+            "mean-trajectory",
         ],
         help="simulator variant (default linear); the tracin ones average the fitting runs' "
-        "tracin.npz (used by `simfluence counterfactual`); the -lr ones scale each step by "
-        "the run's learning rate (need lr.npy; linear-lr-tracin-prior also tracin.npz); the "
-        "-feat ones are featurized (tables from example features, `finetune features`; need "
-        "--valid-runs), saved as per-pair tables of the whole pool",
+        "tracin.npz; the -lr ones scale each step by the run's learning rate (need lr.npy; "
+        "linear-lr-tracin-prior also tracin.npz); the -feat ones are featurized (tables from "
+        "example features, `finetune features`; need --valid-runs), saved as per-pair tables "
+        "of the whole pool; constant and mean-trajectory are the curriculum-blind baselines. "
+        "Every file works with simulate, influence (not the baselines: their influences are "
+        "all 0), plot and figures",
     )
     p.add_argument(
         "--features",
@@ -972,7 +1129,12 @@ def build_parser() -> argparse.ArgumentParser:
         "simulator diverges is an error.",
     )
     p.add_argument("exp", metavar="EXP", help="experiment folder")
-    p.add_argument("--sim", required=True, help="simulator file (.npz) from `simfluence fit`")
+    p.add_argument(
+        "--sim",
+        required=True,
+        help="simulator file(s) (.npz) from `simfluence fit`, any variant; several, "
+        "comma-separated (a.npz,b.npz), are drawn on the same panels with a legend",
+    )
     p.add_argument("--runs", required=True, help="run indices to plot, e.g. 22 or 22,23")
     p.add_argument("--tests", default="0,1,2,3", help="test example indices (default 0,1,2,3)")
     p.add_argument("--out", required=True, help="output image (.png, .pdf or .svg)")
@@ -1039,12 +1201,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "figures",
-        help="trajectory plot, fitted A/B distributions and top influences into a folder",
-        description="Write trajectories.png, parameters.png, influence.txt and influence.json "
-        "(with the example texts when EXP has examples.json).",
+        help="the figures a paper prints (PNG at 300 dpi and PDF) and top influences into a folder",
+        description="Write into --out, each figure as .png (300 dpi) and .pdf: trajectories "
+        "(true against simulated, every --sim on the same panels), parameters_<variant> (A/B "
+        "histograms of each Simfluence simulator, prior marked, split by label), lds "
+        "(predicted against actual final loss across the held-out runs), metrics (per-variant "
+        "bars with standard errors from results.json), lambda (the validation curve of "
+        "simulators fitted with --valid-runs); and influence.txt/.json (the first --sim that "
+        "has influences). A figure whose inputs are missing is skipped with a line saying why.",
     )
     p.add_argument("exp", metavar="EXP", help="experiment folder")
-    p.add_argument("--sim", required=True, help="simulator file (.npz) from `simfluence fit`")
+    p.add_argument(
+        "--sim",
+        required=True,
+        help="simulator file(s) (.npz) from `simfluence fit`, any variant, comma-separated",
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        help="results.json of `simfluence evaluate` for the metric bars (default: "
+        "EXP/results.json when it exists)",
+    )
     p.add_argument(
         "--runs",
         default=None,

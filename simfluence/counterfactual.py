@@ -214,16 +214,18 @@ def load_simulator_file(path: str | os.PathLike):
         The simulator.
 
     Raises:
-        ValueError: unreadable or neither kind of file.
+        ValueError: unreadable, malformed, or a baseline file (the baselines predict no change
+            and are scored always, without a file).
     """
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            z = np.load(fh, allow_pickle=False)
-            is_tracin = isinstance(z, np.lib.npyio.NpzFile) and "dots" in z.files
-    except Exception:  # the loaders name the problem
-        is_tracin = False
-    return tracin.load_tracin_simulator(path) if is_tracin else simulators.load_simulator(path)
+    from simfluence.loader import load_any_simulator
+
+    loaded = load_any_simulator(path)
+    if loaded.kind == "baseline":
+        raise ValueError(
+            f"{path}: a {loaded.variant} baseline file; the counterfactual check scores the "
+            "baselines always (they predict no change): leave it out of --sims"
+        )
+    return loaded.sim
 
 
 def _variant(sim) -> str:

@@ -6,7 +6,9 @@ scored. Scores per variant (see `simfluence.scoring`):
 
 - the paper's metrics: all-steps MSE and final-step Spearman (mean +- stderr over held-out runs);
 - final-step MSE (mean +- stderr over held-out runs);
-- `across_run_spearman`: per test example, Spearman across held-out runs of simulated vs true
+- `lds` (the linear datamodeling score, with curricula in place of random subsets; the key
+  `across_run_spearman` is kept as an alias with the same value): per test example, Spearman
+  across held-out runs of simulated vs true
   final loss, averaged over test examples, i.e. does the simulator capture the curriculum; its
   stderr is a delete-one jackknife over held-out runs (`stderr_method` in the JSON), since the
   test examples share the runs and their rhos are strongly correlated;
@@ -231,6 +233,7 @@ def _score(preds: Sequence[np.ndarray], runs: Sequence[Run]) -> dict:
     }
 
 
+LDS_KEY = "lds"  # alias: "across_run_spearman", the same value
 REFERENCE_VARIANT = "linear"  # the variant every other one is paired against
 _VS_REF = f"across_run_spearman_vs_{REFERENCE_VARIANT}"
 
@@ -331,16 +334,18 @@ def evaluate(
         grid: lambda grid passed to `select_lambdas` (None = its default log grid, extended
             by decades while the best point lies on its edge; a given grid is used as is).
         progress: show a tqdm progress bar on stderr.
-        save_dir: if given, every fitted Simfluence and TracIn-CP variant is also saved there
-            as ``sim_<variant>.npz`` (with its origin: experiment hash, fitting and validation
-            runs), the same file `simfluence fit` writes for that variant and split.
+        save_dir: if given, every variant (Simfluence, TracIn-CP and the baselines) is also
+            saved there as ``sim_<variant>.npz`` (with its origin: experiment hash, fitting and
+            validation runs, the lambda search), the same file `simfluence fit` writes for
+            that variant and split.
 
     Returns:
         JSON-ready dict: `{"variants": {name: {"all_steps_mse": {"mean", "stderr"},
         "final_step_spearman": {"mean", "stderr", "n_runs", "n_undefined", "undefined_reason"},
         "final_step_mse": {"mean", "stderr"}, "across_run_spearman": {"mean", "stderr",
         "stderr_method", "stderr_undefined_reason", "n_runs", "n_used", "n_excluded",
-        "n_constant_prediction", "undefined_reason"}, "skill_vs_mean_trajectory": float | None,
+        "n_constant_prediction", "undefined_reason"}, "lds": the same as across_run_spearman
+        (its name; the old key is an alias), "skill_vs_mean_trajectory": float | None,
         "skill_undefined_reason": str | None, "l2_a": float | None, "l2_b": float | None,
         "per_run": {...}, "across_run_spearman_vs_linear": {"mean", "stderr", "stderr_method",
         "stderr_undefined_reason", "n_runs", "undefined_reason", "reference"}, ...}},
@@ -450,8 +455,9 @@ def evaluate(
                 a_prior=a_prior,
                 **inputs,
             )
-            if save_dir is not None:
-                simulators.save_simulator(save_dir / f"sim_{name}.npz", sim, origin=origin)
+            if save_dir is not None:  # with the lambda search, as `fit --valid-runs` records it
+                own = origin if search is None else {**origin, "lambda_search": search}
+                simulators.save_simulator(save_dir / f"sim_{name}.npz", sim, origin=own)
             preds = _predict_simfluence(sim, test_runs)
             # An ablation ignores one lambda: report it as None (not applicable), not 0.
             extra = {
@@ -470,10 +476,17 @@ def evaluate(
                 extra["lambda_grid"] = "default" if grid is None else "given"
                 extra["lambda_at_edge"] = bool(edges)
                 extra["lambda_edges"] = edges
-        elif name == "constant":
-            preds = [baselines.constant(r.losses[0], r.steps) for r in test_runs]
-        elif name == "mean-trajectory":
-            preds = mean_preds
+        elif name in baselines.BASELINES:
+            if save_dir is not None:  # no lambdas: no validation runs, as `fit` records it
+                baselines.save_baseline(
+                    save_dir / f"sim_{name}.npz",
+                    baselines.fit_baseline(name, fit_l, n_train),
+                    origin={**origin, "valid_runs": []},
+                )
+            if name == "constant":
+                preds = [baselines.constant(r.losses[0], r.steps) for r in test_runs]
+            else:
+                preds = mean_preds
         else:  # TracIn-CP variants
             tsim = tracin.from_runs(fit_runs, variant=name)
             if save_dir is not None:
@@ -500,6 +513,9 @@ def evaluate(
         if not diverged and scores["all_steps_mse"]["mean"] is not None:
             finals[name] = np.stack([p[-1] for p in preds])
         entry = {k: scores[k] for k in scores if k != "per_run"}
+        # The linear datamodeling score (LDS, with curricula in place of random subsets) is
+        # the across-run rho; "across_run_spearman" stays as an alias of it.
+        entry[LDS_KEY] = dict(entry["across_run_spearman"])
         skill, why = _skill(scores["all_steps_mse"], mean_scores["all_steps_mse"])
         entry["skill_vs_mean_trajectory"] = skill
         entry["skill_undefined_reason"] = why

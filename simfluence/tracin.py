@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -49,6 +50,7 @@ __all__ = [
     "from_runs",
     "fit_scale",
     "predicted_deltas",
+    "removal_influence",
     "simulate_tracin",
     "save_tracin_simulator",
     "load_tracin_simulator",
@@ -194,6 +196,14 @@ def predicted_deltas(
         ValueError: the curriculum is not int [T, b] or holds ids outside 0..n_train-1, or
             `lr` is not [T].
     """
+    cur, ckpt, etas = _inputs(sim, curriculum, lr)
+    return np.asarray(
+        _deltas(jnp.asarray(sim.dots), jnp.asarray(ckpt), jnp.asarray(etas), jnp.asarray(cur))
+    )
+
+
+def _inputs(sim: TracInSimulator, curriculum, lr):
+    """Checked curriculum int [T, b], checkpoint index k(t) [T] and learning rates f32 [T]."""
     cur = np.asarray(curriculum)
     if cur.ndim != 2 or not np.issubdtype(cur.dtype, np.integer):
         raise ValueError(f"curriculum must be int [steps, batch], got {cur.dtype} {cur.shape}")
@@ -207,9 +217,7 @@ def predicted_deltas(
         etas = np.asarray(lr, np.float32)
         if etas.shape != (cur.shape[0],):
             raise ValueError(f"lr must be [{cur.shape[0]}], got shape {etas.shape}")
-    return np.asarray(
-        _deltas(jnp.asarray(sim.dots), jnp.asarray(ckpt), jnp.asarray(etas), jnp.asarray(cur))
-    )
+    return cur, ckpt, etas
 
 
 def simulate_tracin(
@@ -241,6 +249,53 @@ def simulate_tracin(
     out[0] = l0
     out[1:] = l0 + np.cumsum(d, axis=0, dtype=np.float64)
     return out
+
+
+def removal_influence(
+    sim: TracInSimulator,
+    curriculum: Int[ArrayLike, "T b"],
+    lr: Float[ArrayLike, " T"] | None = None,
+) -> Float[np.ndarray, "n_test n_train"]:
+    """Change of every test example's final loss when each training example is removed.
+
+    TracIn-CP's rollout is a sum of per-slot changes, so removing example i (its slots become
+    neutral, as in `simulators.removal_influence`) takes back exactly its slots' terms:
+    ``s * sum_{t, slots of i at t} (eta_t / b) dots[k(t), :, i]``.
+
+    Args:
+        sim: the simulator (its `scale` is applied).
+        curriculum: int [T, b] training-pool positions.
+        lr: optional float [T] learning rate per step; else the checkpoints' learning rates.
+
+    Returns:
+        float32 [n_test, n_train]: final loss without example i minus with all (0 for
+        examples absent from the curriculum).
+
+    Raises:
+        ValueError: as `predicted_deltas`.
+
+    References:
+        Pruthi et al. 2020, TracIn. https://arxiv.org/abs/2002.08484
+    """
+    cur, ckpt, etas = _inputs(sim, curriculum, lr)
+    out = _removal(
+        jnp.asarray(sim.dots),
+        jnp.asarray(ckpt),
+        jnp.asarray(etas, jnp.float32),
+        jnp.asarray(cur, jnp.int32),
+        sim.dots.shape[2],
+    )
+    return (np.asarray(out, np.float64) * sim.scale).astype(np.float32).T.copy()
+
+
+@partial(jax.jit, static_argnames=("n_train",))
+def _removal(dots, ckpt, etas, curriculum, n_train: int):
+    # dots [K, n_test, n_train]; ckpt int [T]; etas [T]; curriculum int [T, b]
+    b = curriculum.shape[1]
+    gathered = dots[ckpt[:, None], :, curriculum]  # [T, b, n_test]: each slot's dots
+    terms = (etas / b)[:, None, None] * gathered  # [T, b, n_test]
+    total = jnp.zeros((n_train, dots.shape[1]), jnp.float32)  # [n_train, n_test]
+    return total.at[curriculum.reshape(-1)].add(terms.reshape(-1, dots.shape[1]))
 
 
 def fit_scale(sim: TracInSimulator, runs: Sequence[Run]) -> float:

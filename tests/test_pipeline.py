@@ -145,7 +145,9 @@ def test_make_targets_end_to_end_and_rerun(tmp_path, data_dir, t5_tokenizer_dir)
     assert (cf / "report.md").is_file() and (cf / "predicted_vs_actual.png").is_file()
 
     # figures and table.
-    for name in ("trajectories.png", "parameters.png", "influence.txt", "influence.json"):
+    stems = ("trajectories", "parameters_linear", "lds", "metrics", "lambda")
+    names = [f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")]
+    for name in (*names, "influence.txt", "influence.json"):
         assert (exp / "figures" / name).stat().st_size > 0, name
     text = table.read_text()
     for name in VARIANTS:

@@ -14,35 +14,14 @@ Setup: pool = 1000 examples drawn from the winogrande training split (train_l); 
 validation examples; 32 runs (20 fit / 2 validation / 10 test) of 1000 steps of batch 8 under
 "uniform" curricula (slots drawn with replacement); a 10x lower learning rate than T5-base: T0-3B
 is already prompted-task tuned. Runs trained together: 2 (memory bound for full tuning).
-Checkpoints for TracIn-CP at steps (0, 500, 1000) of the 20 fitting runs."""
+Checkpoints for TracIn-CP at steps (0, 500, 1000) of the 20 fitting runs.
 
-from finetune.config import ExperimentConfig
+TracIn-CP (after training, or with --tracin): projected mode (d = 4096) in chunks of 4 examples, at
+least 68.5 GB on the device (`finetune tracin-estimate runs/t0-3b-full-winogrande --device-memory
+141e9`); exact mode in chunks of 32 would need 752 GB and is refused before training."""
+
+from finetune.config import ExperimentConfig, paper_config
 
 
 def get_config() -> ExperimentConfig:
-    return ExperimentConfig(
-        name="t0-3b-full-winogrande",
-        task="winogrande",
-        model="bigscience/T0_3B",
-        method="full",
-        dtype="bfloat16",
-        scan_layers=True,  # 12-24 layers per stack: compile time independent of depth
-        optimizer="adafactor",
-        learning_rate=1e-4,
-        schedule="constant",
-        warmup_steps=0,
-        grad_clip_norm=None,
-        n_train=1000,
-        n_test=100,
-        max_input_length=256,
-        max_target_length=32,
-        length_multiple=16,
-        num_runs=32,
-        steps=1000,
-        batch_size=8,
-        curriculum="uniform",
-        runs_together=2,
-        checkpoint_steps=(0, 500, 1000),
-        checkpoint_runs=20,
-        extra={"split": [20, 2, 10]},
-    )
+    return paper_config("t0-3b-full", "winogrande")

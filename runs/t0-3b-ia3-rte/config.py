@@ -22,34 +22,8 @@ memory bound). The 64 examples of a step train in 4 length groups of fixed
 padded length (train_length_groups). Checkpoints for TracIn-CP at steps (0, 100, 200, 300, 400,
 500, 600, 700, 800, 900, 1000) of the 20 fitting runs."""
 
-from finetune.config import ExperimentConfig
+from finetune.config import ExperimentConfig, paper_config
 
 
 def get_config() -> ExperimentConfig:
-    return ExperimentConfig(
-        name="t0-3b-ia3-rte",
-        task="rte",
-        model="bigscience/T0_3B",
-        method="ia3",
-        dtype="bfloat16",
-        scan_layers=False,  # unrolled: the scan's per-layer slices and residual writes cost more
-        optimizer="adafactor",
-        learning_rate=3e-3,
-        schedule="linear",
-        warmup_steps=60,
-        grad_clip_norm=1.0,
-        n_train=1000,
-        n_test=100,
-        max_input_length=256,
-        max_target_length=32,
-        length_multiple=16,
-        num_runs=32,
-        steps=1000,
-        batch_size=8,
-        curriculum="uniform",
-        runs_together=8,
-        train_length_groups=4,  # the 64 examples of a step in 4 length groups
-        checkpoint_steps=(0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000),
-        checkpoint_runs=20,
-        extra={"split": [20, 2, 10]},
-    )
+    return paper_config("t0-3b-ia3", "rte")

@@ -14,35 +14,13 @@ Setup: pool = the whole COPA training split (400 examples); 100 tracked validati
 runs (20 fit / 2 validation / 10 test) of 1000 steps of batch 8 under "uniform" curricula (slots
 drawn with replacement); Adafactor at a constant 1e-3 is the T5 paper's fine-tuning recipe. Runs
 trained together: 8 (memory bound for full tuning). Checkpoints for TracIn-CP at steps (0, 200,
-400, 600, 800, 1000) of the 20 fitting runs."""
+400, 600, 800, 1000) of the 20 fitting runs.
 
-from finetune.config import ExperimentConfig
+TracIn-CP (after training, or with --tracin): projected mode (d = 4096), at least 33.7 GB on the
+device (`finetune tracin-estimate runs/t5-base-lm-adapt-full-copa --device-memory 141e9`)."""
+
+from finetune.config import ExperimentConfig, paper_config
 
 
 def get_config() -> ExperimentConfig:
-    return ExperimentConfig(
-        name="t5-base-lm-adapt-full-copa",
-        task="copa",
-        model="google/t5-base-lm-adapt",
-        method="full",
-        dtype="bfloat16",
-        scan_layers=True,  # 12-24 layers per stack: compile time independent of depth
-        optimizer="adafactor",
-        learning_rate=1e-3,
-        schedule="constant",
-        warmup_steps=0,
-        grad_clip_norm=None,
-        n_train=400,
-        n_test=100,
-        max_input_length=256,
-        max_target_length=32,
-        length_multiple=16,
-        num_runs=32,
-        steps=1000,
-        batch_size=8,
-        curriculum="uniform",
-        runs_together=8,
-        checkpoint_steps=(0, 200, 400, 600, 800, 1000),
-        checkpoint_runs=20,
-        extra={"split": [20, 2, 10]},
-    )
+    return paper_config("t5-base-lm-adapt-full", "copa")

@@ -610,3 +610,92 @@ def test_debug_shows_the_traceback_before_the_error(tmp_path, capsys, monkeypatc
         assert code == 2
         assert err.startswith("Traceback (most recent call last):"), err
         assert err.strip().splitlines()[-1].startswith("error: ") and "not found" in err
+
+
+def test_set_overrides_reach_the_run_and_are_recorded(
+    finished, data_dir, t5_tokenizer_dir, capsys, monkeypatch
+):
+    """`--set` changes the config run_experiment trains and is recorded in a fresh
+    experiment.json; an existing workdir is refused when an override changes a training field
+    (as a changed config.py is), not when it changes only a TracIn-CP setting."""
+    from finetune import trainer
+    from finetune.config import apply_overrides, load_experiment_config
+
+    root, cfg, out = finished
+    before = (out / "run_000" / "losses.npy").read_bytes()
+    sets = ["--set", "learning_rate=0.5", "--set", "steps=5"]
+    _bad(capsys, _run(cfg, out, data_dir, t5_tokenizer_dir, *sets), "different config", "steps")
+    assert (out / "run_000" / "losses.npy").read_bytes() == before
+    config, _ = load_experiment_config(cfg)
+    other = apply_overrides(config, ["tracin_mode=projected", "tracin_chunk_size=2"])
+    assert trainer.check_workdir(other, out) is not None  # accepted: only TracIn-CP differs
+
+    seen = {}
+
+    def fake_run_experiment(config, out, **kw):
+        seen.update(config=config, overrides=kw["overrides"])
+        return {"complete": [], "interrupted": False, "seconds": 0.0}
+
+    monkeypatch.setattr(trainer, "run_experiment", fake_run_experiment)
+    assert _run(cfg, root / "fresh", data_dir, t5_tokenizer_dir, *sets) == 0
+    assert (seen["config"].learning_rate, seen["config"].steps) == (0.5, 5)
+    assert seen["overrides"] == ["learning_rate=0.5", "steps=5"]
+    monkeypatch.undo()
+    fresh = root / "fresh2"
+    trainer.prepare_experiment(
+        seen["config"], fresh, data_dir=data_dir, tokenizer=str(t5_tokenizer_dir),
+        overrides=seen["overrides"],
+    )  # fmt: skip
+    info = runlog.read_experiment(fresh)
+    assert info["overrides"] == ["learning_rate=0.5", "steps=5"]
+    assert (info["config"]["learning_rate"], info["config"]["steps"]) == (0.5, 5)
+    with pytest.raises(E.ExperimentError, match=r"different config \(fields \['learning_rate'"):
+        trainer.check_workdir(config, fresh)  # the config.py without the overrides
+
+
+def test_bad_set_is_one_line_exit_2_writing_nothing(tmp_path, data_dir, t5_tokenizer_dir, capsys):
+    cfg = _write_config(tmp_path / "c")
+    for item, needle in [("nope=1", "has no field 'nope'"), ("steps=x", "'x' is not an integer")]:
+        code = _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir, "--set", item)
+        _bad(capsys, code, f"--set {item}", needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_tracin_refuses_before_training_what_cannot_fit(
+    tmp_path, data_dir, t5_tokenizer_dir, capsys, monkeypatch
+):
+    from finetune import tracin
+    from finetune.config import load_experiment_config
+
+    cfg = _write_config(tmp_path / "c")
+    config, _ = load_experiment_config(cfg)
+    est = tracin.check_config_memory(config, device_bytes=10**15)
+    monkeypatch.setattr(tracin, "device_memory", lambda: (est["total"] - 1, "the fake device"))
+    code = _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir, "--tracin")
+    _bad(capsys, code, "TracIn-CP in exact mode needs at least", "the fake device has")
+    sets = ["--set", "tracin_mode=projected", "--set", "tracin_proj_dim=5000"]
+    code = _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir, "--tracin", *sets)
+    _bad(capsys, code, "tracin_proj_dim=5000 exceeds the 1368 trainable parameters")
+    assert not (tmp_path / "out").exists()  # refused before anything was prepared or trained
+
+
+def test_tracin_estimate_prints_the_refusal_without_a_device(tmp_path, capsys):
+    from finetune import tracin
+    from finetune.config import load_experiment_config
+
+    cfg = _write_config(tmp_path / "c")
+    est = tracin.check_config_memory(load_experiment_config(cfg)[0], device_bytes=10**15)
+    small = est["total"] - 1
+    assert main(["tracin-estimate", str(cfg), "--device-memory", str(small)]) == 0
+    out = capsys.readouterr().out
+    total = next(x.split() for x in out.splitlines() if x.strip().startswith("total"))
+    assert total[1:] == [f"{est['total'] / 1e9:.3f}", "GB"]
+    refusal = next(x for x in out.splitlines() if x.startswith("refused: error: "))
+    assert "TracIn-CP in exact mode needs at least" in refusal
+    assert f"(--device-memory {float(small):g}) has" in refusal
+    assert main(["tracin-estimate", str(cfg), "--device-memory", "1e15", "--set", "n_test=2"]) == 0
+    assert "fits" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["tracin-estimate", str(cfg), "--device-memory", "-1"])
+    _bad(capsys, e.value.code, "--device-memory", "'-1' is not a positive number")
+    assert not (tmp_path / "c" / "output").exists()

@@ -80,6 +80,10 @@ def test_round_trip():
         ({"checkpoint_steps": 2}, "checkpoint_steps=2 must be a tuple of integers"),
         ({"random_init": ["d_model", 8]}, r"random_init=\['d_model', 8\] must be a dict"),
         ({"warmup": 3}, "warmup=3 must be a WarmupConfig"),
+        ({"tracin_mode": "fast"}, "tracin_mode='fast'; choose 'exact' or 'projected'"),
+        ({"tracin_proj_dim": 0}, "tracin_proj_dim=0 must be >= 1"),
+        ({"tracin_chunk_size": 0}, "tracin_chunk_size=0 must be >= 1"),
+        ({"tracin_seed": 1.5}, "tracin_seed=1.5 must be an integer"),
     ],
 )
 def test_bad_fields(kw, match):
@@ -114,6 +118,59 @@ def test_paper_configs_load_and_document_themselves(name):
         assert config.learning_rate == 3e-3  # T-Few
 
 
+# What the paper experiments are, written from their description (docstrings, README) and the
+# T-Few recipe for IA3 in ../shared/reference/simfluence-notes.md section 7 (lr 3e-3, 1000
+# steps, Adafactor, linear decay after a 6% warm-up, clipping at 1, no weight decay, batch 8).
+_PAPER_FAMILY = {
+    "t0-3b-full": dict(
+        model="bigscience/T0_3B", method="full", learning_rate=1e-4, schedule="constant",
+        warmup_steps=0, grad_clip_norm=None, runs_together=2, scan_layers=True,
+        checkpoint_steps=(0, 500, 1000), train_length_groups=None,
+        tracin_mode="projected", tracin_chunk_size=4,
+    ),
+    "t0-3b-ia3": dict(
+        model="bigscience/T0_3B", method="ia3", learning_rate=3e-3, schedule="linear",
+        warmup_steps=60, grad_clip_norm=1.0, runs_together=8, scan_layers=False,
+        checkpoint_steps=(0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000),
+        train_length_groups=4, tracin_mode="exact", tracin_chunk_size=32,
+    ),
+    "t5-base-lm-adapt-full": dict(
+        model="google/t5-base-lm-adapt", method="full", learning_rate=1e-3, schedule="constant",
+        warmup_steps=0, grad_clip_norm=None, runs_together=8, scan_layers=True,
+        checkpoint_steps=(0, 200, 400, 600, 800, 1000), train_length_groups=None,
+        tracin_mode="projected", tracin_chunk_size=32,
+    ),
+}  # fmt: skip
+_PAPER_COMMON = dict(
+    dtype="bfloat16", optimizer="adafactor", weight_decay=0.0, n_test=100, num_runs=32,
+    steps=1000, batch_size=8, curriculum="uniform", checkpoint_runs=20, max_input_length=256,
+    max_target_length=32, length_multiple=16, train_split="train", test_split="validation",
+    freeze_embeddings=False, attention="einsum", tracin_proj_dim=4096, tracin_seed=0,
+    data_seed=0, curriculum_seed=0, extra={"split": [20, 2, 10]},
+)  # fmt: skip
+_PAPER_POOL = {"copa": 400, "rte": 1000, "winogrande": 1000}  # COPA: its whole training split
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_configs_are_one_definition_with_the_papers_values(name):
+    """Each runs/<name>/config.py calls finetune.config.paper_config and yields the experiment
+    its docstring describes, field by field."""
+    family, task = name.rsplit("-", 1)
+    config, _ = load_experiment_config(RUNS / name)
+    source = (RUNS / name / "config.py").read_text()
+    assert f'paper_config("{family}", "{task}")' in source
+    assert "ExperimentConfig(" not in source  # no copy of the definition
+    want = {**_PAPER_COMMON, **_PAPER_FAMILY[family], "task": task, "n_train": _PAPER_POOL[task]}
+    got = {k: getattr(config, k) for k in want}
+    assert got == want
+    if config.method == "ia3":  # T-Few: warm-up over 6% of the steps
+        assert config.warmup_steps == round(0.06 * config.steps)
+    # Every other field keeps its default (nothing else differs between the nine).
+    defaults = ExperimentConfig(name=name, task=task, model="m")
+    rest = {f.name for f in dataclasses.fields(ExperimentConfig)} - set(want) - {"name", "model"}
+    assert {k: getattr(config, k) for k in rest} == {k: getattr(defaults, k) for k in rest}
+
+
 def test_demo_is_in_the_informative_regime():
     config, _ = load_experiment_config(RUNS / "demo")
     slots = config.steps * config.batch_size
@@ -136,3 +193,64 @@ def test_scan_layers_reaches_the_network():
 
 
 _TINY = dict(vocab_size=32, d_model=8, d_ff=16, d_kv=4, num_heads=2, num_layers=2)
+
+
+def test_set_overrides_parse_against_the_field_types():
+    from finetune.config import apply_overrides
+
+    c = _base(warmup=WarmupConfig(steps=3), checkpoint_steps=(0, 2))
+    got = apply_overrides(
+        c,
+        [
+            "learning_rate=3e-4",
+            "steps=7",
+            "grad_clip_norm=none",
+            "grad_clip_norm=0.5",
+            "scan_layers=true",
+            "checkpoint_steps=0,5",
+            "warmup.steps=4",
+            'random_init={"d_model": 16}',
+            "tracin_mode=projected",
+            "notes=a=b",
+            "steps=6",  # the last one of a key wins
+        ],
+    )
+    want = dataclasses.replace(
+        c,
+        learning_rate=3e-4,
+        steps=6,
+        grad_clip_norm=0.5,
+        scan_layers=True,
+        checkpoint_steps=(0, 5),
+        warmup=WarmupConfig(steps=4),
+        random_init={"d_model": 16},
+        tracin_mode="projected",
+        notes="a=b",
+    )
+    assert got == want and type(got.learning_rate) is float and type(got.steps) is int
+    assert apply_overrides(c, ["warmup=none"]).warmup is None
+    assert apply_overrides(c, []) == c
+
+
+@pytest.mark.parametrize(
+    ("item", "match"),
+    [
+        ("lr=1", "ExperimentConfig has no field 'lr'"),
+        ("learnin_rate=1", "did you mean 'learning_rate'"),
+        ("steps=abc", "'abc' is not an integer"),
+        ("steps", "expected KEY=VALUE"),
+        ("steps=0", "steps=0 must be an integer >= 1"),
+        ("scan_layers=maybe", "'maybe' is not true or false"),
+        ("learning_rate=fast", "'fast' is not a number"),
+        ("warmup.foo=1", "WarmupConfig has no field 'foo'"),
+        ("warmup.steps=0", "warmup.steps=0 must be >= 1"),
+        ("random_init=[1]", "is not a JSON object"),
+        ("grad_clip_norm=x", "'x' is not a number"),
+    ],
+)
+def test_bad_set_overrides_name_the_override(item, match):
+    from finetune.config import apply_overrides
+
+    with pytest.raises(ConfigError, match=re.escape(match)) as e:
+        apply_overrides(_base(warmup=WarmupConfig(steps=3)), [item])
+    assert f"--set {item}" in str(e.value) and "\n" not in str(e.value)

@@ -273,10 +273,12 @@ def _parser():
 
 def test_cli_mirrors_the_library_modes_and_chunk_size():
     """finetune.cli keeps its own copies (so that `--help` loads no JAX); they must agree."""
-    from finetune import cli
+    from finetune import cli, config
 
-    assert cli._TRACIN_MODES == tracin.MODES
+    assert cli._TRACIN_MODES == tracin.MODES == config.TRACIN_MODES
     assert cli._TRACIN_CHUNK == tracin._DEFAULT_CHUNK
+    fields = {f.name: f.default for f in config.dataclasses.fields(config.ExperimentConfig)}
+    assert fields["tracin_chunk_size"] == tracin._DEFAULT_CHUNK
 
 
 def test_cli_parses_flags_and_help_explains_each(capsys):
@@ -582,3 +584,181 @@ def test_run_tracin_skips_a_checkpoint_at_the_runs_last_step(
         assert f"run_{r:03d}: checkpoint at step 2, the run's last step, skipped" in err
     # The skipped step does not make the finished runs look stale: nothing is recomputed.
     assert tracin.run_tracin(exp_dir, progress=False) == []
+
+
+# ---- exact mode streams; the memory estimate and the refusal (issue 16 part 1) -----------------
+
+
+def _f32_sizes(jaxpr) -> list[int]:
+    """Sizes of every float32 value a (closed) jaxpr and its sub-jaxprs compute."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    out = []
+    for eqn in jaxpr.eqns:
+        out += [int(np.prod(v.aval.shape)) for v in eqn.outvars if v.aval.dtype == jnp.float32]
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, list | tuple) else [p]:
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    out += _f32_sizes(sub)
+    return out
+
+
+@pytest.mark.parametrize("same_shapes", [True, False])
+def test_exact_mode_streams_and_equals_the_loop_reference(same_shapes):
+    """10 test examples in chunks of 3 (4 test chunks, the pool streamed past each): the dots
+    equal single-example grad loops, and no value of the program holds n_test gradients."""
+    trainable, frozen, train, test = _mlp_setup(n_train=7, n_test=10, seed=1)
+    if not same_shapes:  # the two-map path (pool and test of different trailing shapes)
+        train = {**train, "tokens": jnp.ones((7, 3), jnp.int32)}
+        test = {**test, "tokens": jnp.ones((10, 5), jnp.int32)}
+    g_train = _loop_grads(_mlp_loss, trainable, frozen, train)
+    g_test = _loop_grads(_mlp_loss, trainable, frozen, test)
+    got = tracin.compute_dots(
+        _mlp_loss, trainable, frozen, train, test, chunk_size=3, combine=_combine
+    )
+    np.testing.assert_allclose(np.asarray(got), g_test @ g_train.T, rtol=1e-4, atol=1e-5)
+    fn = tracin._make_dots_fn(_mlp_loss, _combine, "exact", 0, 3, 7, 10)
+    sizes = _f32_sizes(jax.make_jaxpr(fn)(trainable, frozen, train, test, jax.random.key(0)))
+    n_params = g_train.shape[1]
+    assert max(sizes) < 10 * n_params  # the old [n_test, P] buffer is gone
+    assert 3 * n_params in sizes  # a chunk of flattened gradients [3, P] is there
+
+
+def _wide_loss(params, batch):  # batch {"x": [b, 2000]} -> [b]; 100k weights, tiny activations
+    h = jnp.tanh(batch["x"] @ params["w"])  # [b, 50]
+    return jnp.sum(h * h, axis=1) + 0.0 * params["b"]
+
+
+def test_memory_estimate_bounds_the_compiled_buffers():
+    """On a model whose per-example gradients dominate memory, XLA's own buffer assignment
+    (compiled memory_analysis: arguments + temporaries + outputs) is at least the estimate
+    (it is a lower bound) and, in exact mode, within 25% of it (it counts what matters, and
+    16 test examples in chunks of 8 hold one chunk of test gradients, not all 16)."""
+    k = jax.random.split(jax.random.key(0), 3)
+    trainable, frozen = {"w": jax.random.normal(k[0], (2000, 50)) / 40}, {"b": jnp.float32(0)}
+    n_params = 2000 * 50
+    train = {"x": jax.random.normal(k[1], (24, 2000))}
+
+    def measured(mode, n_test):
+        test = {"x": jax.random.normal(k[2], (n_test, 2000))}
+        d = 64 if mode == "projected" else 0
+        fn = tracin._make_dots_fn(_wide_loss, _combine, mode, d, 8, 24, n_test)
+        m = fn.lower(trainable, frozen, train, test, jax.random.key(0)).compile()
+        m = m.memory_analysis()
+        est = tracin.estimate_memory(
+            n_params=n_params + 1,
+            n_trainable=n_params,
+            n_train=24,
+            n_test=n_test,
+            mode=mode,
+            proj_dim=64,
+            chunk_size=8,
+            largest_leaf=n_params,
+        )
+        # The estimate also counts the restored checkpoint, held outside the jitted function.
+        inside = est["total"] - 4 * n_params
+        total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+        return inside, total
+
+    inside, total = measured("exact", 16)
+    assert inside <= total <= 1.25 * inside  # 1.10x; a held [16, P] would add 8 x P: 1.57x
+    inside, total = measured("projected", 8)
+    assert inside <= total
+
+
+def test_param_counts_match_the_t5_closed_form():
+    """jax.eval_shape counts against the T5 v1.1 formula: embeddings, 4 attention matrices per
+    attention, 3 gated-FFN matrices, layer norms, relative position biases; IA3 adds l_k, l_v
+    per attention and l_ff per FFN."""
+    from finetune.config import ExperimentConfig
+
+    d, ff, inner, heads, layers, vocab, buckets = 16, 24, 8, 2, 2, 100, 8
+    t5 = dict(
+        vocab_size=vocab, d_model=d, d_ff=ff, d_kv=inner // heads, num_heads=heads,
+        num_layers=layers, num_decoder_layers=layers, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, relative_attention_num_buckets=buckets,
+    )  # fmt: skip
+    enc = 4 * d * inner + 3 * d * ff + 2 * d
+    dec = 8 * d * inner + 3 * d * ff + 3 * d
+    total = 2 * vocab * d + layers * (enc + dec) + 2 * buckets * heads + 2 * d
+    base = dict(name="n", task="rte", random_init=t5, n_train=10, n_test=4, batch_size=2)
+    assert tracin.param_counts(ExperimentConfig(**base))[:2] == (total, total)
+    frozen_emb = tracin.param_counts(ExperimentConfig(**base, freeze_embeddings=True))
+    assert frozen_emb[:2] == (total, total - vocab * d)
+    assert frozen_emb[2] == vocab * d  # largest trainable leaf: lm_head
+    ia3 = layers * (2 * inner + ff) + layers * (4 * inner + ff)
+    assert tracin.param_counts(ExperimentConfig(**base, method="ia3"))[:2] == (total + ia3, ia3)
+
+
+def test_check_memory_refuses_with_a_fix_that_fits():
+    sizes = dict(n_params=10**6, n_trainable=10**6, n_train=100, n_test=50, largest_leaf=10**6)
+    est = tracin.estimate_memory(**sizes, mode="exact", proj_dim=64, chunk_size=32)
+    kw = dict(**sizes, mode="exact", proj_dim=64, chunk_size=32, where="EXP")
+    assert tracin.check_memory(**kw, device_bytes=est["total"]) == est
+    device = est["total"] // 3
+    with pytest.raises(tracin.TracinMemoryError) as e:
+        tracin.check_memory(**kw, device_bytes=device, device_name="the fake device")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("EXP: TracIn-CP in exact mode needs at least")
+    assert f"at least {tracin._gb(est['total'])} " in msg and f"has {tracin._gb(device)};" in msg
+    c = int(msg.split("lower the chunk size to ")[1].split()[0])
+    fits = [
+        tracin.estimate_memory(**sizes, mode="exact", proj_dim=64, chunk_size=n)["total"] <= device
+        for n in (c, c + 1)
+    ]
+    assert fits == [True, False] and "--chunk-size" in msg and "--mode projected" in msg
+
+
+def test_finetune_tracin_honours_the_config_and_refuses_what_cannot_fit(
+    tiny_exp, tmp_path, monkeypatch, capsys
+):
+    """The recorded config's tracin_mode/proj_dim apply unless a flag overrides them; a setting
+    above the device's memory exits 2 with one line before any gradient work, writing nothing."""
+    import json
+    import shutil
+
+    from finetune.cli import main as finetune_main
+    from finetune.experiment import read_config
+
+    exp_dir = tmp_path / "exp"
+    shutil.copytree(tiny_exp[0], exp_dir)
+    info = json.loads((exp_dir / "experiment.json").read_text())
+    info["config"].update(tracin_mode="projected", tracin_proj_dim=8, tracin_chunk_size=2)
+    (exp_dir / "experiment.json").write_text(json.dumps(info))
+    config = read_config(exp_dir)
+    est = tracin.check_config_memory(config, device_bytes=10**15)
+    n_params, n_trainable, _ = tracin.param_counts(config)
+    assert est["pool gradients"] == 4 * 2 * n_trainable  # the config's chunk of 2
+    monkeypatch.setattr(tracin, "device_memory", lambda: (est["total"] - 1, "the fake device"))
+    for flags, mode, what in [
+        ([], "projected", "3 projections of 8"),
+        (["--mode", "exact", "--chunk-size", "3"], "exact", "2 chunks of 3 gradients"),
+    ]:
+        assert finetune_main(["tracin", str(exp_dir), "--runs", "0", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {exp_dir}: TracIn-CP in {mode} mode needs at least")
+        assert what in err and "the fake device has" in err and "\n" not in err
+    assert not list(exp_dir.glob("run_*/tracin.npz"))  # nothing written
+
+
+def test_param_counts_of_a_checkpoint_equal_the_loaded_model(tiny_t5_dir, monkeypatch):
+    """eval_shape counts (no weights read) against the model load_pretrained allocates; a hub
+    name whose config.json cannot be found offline is a one-line error naming it."""
+    from flax import nnx
+
+    from finetune import hf
+    from finetune.config import ExperimentConfig
+
+    base = dict(name="n", task="rte", n_train=10, n_test=4, batch_size=2)
+    config = ExperimentConfig(**base, model=str(tiny_t5_dir), freeze_embeddings=True)
+    model, _ = hf.load_pretrained(tiny_t5_dir)
+    _, params = nnx.split(model)
+    from finetune.experiment import make_mask
+    from finetune.model import partition
+
+    trainable, _ = partition(params, make_mask(config, params))
+    counts = tracin.param_counts(config)
+    assert counts[:2] == (tracin.count_params(params), tracin.count_params(trainable))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"model nobody/no-such-t5: its config.json") as e:
+        tracin.param_counts(ExperimentConfig(**base, model="nobody/no-such-t5"))
+    assert "\n" not in str(e.value)

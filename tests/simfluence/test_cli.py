@@ -163,6 +163,11 @@ def test_fit_simulate_influence_plot_figures(work, tmp_path, capsys):
     assert "additive" in res.out
     sim = simulators.load_simulator(sim_path)
     assert sim.variant == "additive" and sim.A.shape == (5, 12)
+    # The file records the lambda search (the validation curve `figures` draws); the chosen
+    # lambda is among its points with the lowest validation MSE (ties within 1e-4 relative).
+    search = simulators.read_origin(sim_path)["lambda_search"]
+    (chosen,) = [r for r in search if (r["l2_a"], r["l2_b"]) == (0.0, sim.l2_b)]
+    assert chosen["valid_mse"] <= min(r["valid_mse"] for r in search) * (1 + 1e-4)
     pred_path = tmp_path / "pred.npy"
     _ok(
         [
@@ -224,12 +229,15 @@ def test_fit_simulate_influence_plot_figures(work, tmp_path, capsys):
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
     figs = tmp_path / "figs"
     _ok(
-        ["figures", exp, "--sim", d / "sim.npz", "--out", figs, "--test", "1", "--top", "4"], capsys
+        ["figures", exp, "--sim", d / "sim.npz", "--out", figs, "--test", "1", "--top", "4"]
+        + ["--tests", "0"],
+        capsys,
     )
     assert sorted(p.name for p in figs.iterdir()) == [
         "influence.json",
         "influence.txt",
-        "parameters.png",
+        *(f"{stem}.{ext}" for stem in ("lds", "parameters_linear") for ext in ("pdf", "png")),
+        "trajectories.pdf",
         "trajectories.png",
     ]
     assert json.loads((figs / "influence.json").read_text())["run"] == 8
@@ -440,7 +448,10 @@ def test_plot_and_figures_work_without_examples_json(work, tmp_path, capsys):
     _ok(["plot", exp, "--sim", d / "sim.npz", "--runs", "7,8", "--out", fig], capsys)
     assert fig.read_bytes()[:4] == b"\x89PNG"
     figs = tmp_path / "figs"
-    res = _ok(["figures", exp, "--sim", d / "sim.npz", "--out", figs, "--top", "3"], capsys)
+    res = _ok(
+        ["figures", exp, "--sim", d / "sim.npz", "--out", figs, "--top", "3", "--tests", "0"],
+        capsys,
+    )
     rows = json.loads((figs / "influence.json").read_text())["top"]
     assert len(rows) == 3 and all("text" not in r for r in rows)
     assert "synthetic" not in res.out  # no texts to show

@@ -109,6 +109,10 @@ def test_metrics_recomputed_independently(exp, results):
     jack = np.sqrt(3 / 4 * np.sum((theta - theta.mean()) ** 2))
     assert lin["across_run_spearman"]["mean"] == pytest.approx(across(pf, tf), abs=1e-6)
     assert lin["across_run_spearman"]["stderr"] == pytest.approx(jack, abs=1e-6)
+    # "lds" is the metric's name; "across_run_spearman" its alias: the same value, every variant.
+    assert lin["lds"]["mean"] == pytest.approx(across(pf, tf), abs=1e-6)
+    for name, entry in results["variants"].items():
+        assert entry["lds"] == entry["across_run_spearman"], name
 
 
 def test_default_variants_without_tracin_and_fixed_lambdas(tmp_path):

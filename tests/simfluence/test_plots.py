@@ -106,3 +106,42 @@ def test_a_non_finite_simulated_loss_is_refused_naming_run_and_step(tmp_path):
     assert not out.exists()
     plot_trajectories(out, true, pred, labels, [0, 1])  # test 2 is not drawn: fine
     assert out.exists()
+
+
+def test_describe_examples_strips_the_shared_template_and_splits_off_the_gold():
+    from simfluence.plots import describe_examples, example_labels
+
+    texts = [
+        "Q? Yes or no?\nHypothesis: a b.\nPremise: c => Yes",
+        "Q? Yes or no?\nHypothesis: d => e.\nPremise: f => No",  # " => " inside the input
+        "Q? Yes or no?\nHypothesis: g.\nPremise: h => No",
+    ]
+    stripped, golds, template = describe_examples(texts)
+    assert template == "Q? Yes or no?\n"  # cut back to the line (not inside "Hypothesis: ")
+    assert stripped[1] == "Hypothesis: d => e.\nPremise: f" and golds == ["Yes", "No", "No"]
+    assert example_labels(golds) == golds
+    # No " => ": no gold answers, nothing to split the histograms by; one text: no template.
+    assert describe_examples(["plain one", "plain two"]) == (["one", "two"], [None, None], "plain ")
+    assert example_labels([None, None]) is None and example_labels(["a", "a"]) is None
+    assert describe_examples(["only => x"]) == (["only"], ["x"], "")
+
+
+def test_metric_bars_read_the_lds_or_its_alias_in_older_results():
+    from matplotlib.container import BarContainer
+
+    from simfluence.plots import _metric_bars_figure
+
+    rng = np.random.default_rng(1)
+
+    def stat():
+        return {"mean": float(rng.normal()), "stderr": float(rng.uniform(0.01, 0.1))}
+
+    keys = ("all_steps_mse", "final_step_spearman", "final_step_mse", "across_run_spearman")
+    old = {"variants": {v: {k: stat() for k in keys} for v in ("linear", "additive")}}
+    fig = _metric_bars_figure(old)  # written before the "lds" key: the alias is drawn
+    for ax, key in zip(fig.axes, keys, strict=True):
+        (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+        want = [old["variants"][v][key]["mean"] for v in ("linear", "additive")]
+        assert [p.get_height() for p in bars.patches] == want
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["linear", "additive"]
+    assert fig.axes[3].get_title() == "LDS (across-run Spearman)"

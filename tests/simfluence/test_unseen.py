@@ -65,7 +65,7 @@ def test_four_settings_scored_from_the_run_files(truth_exp):
         dims=(2,),
         grid=(1e-8, 1e-2),
         residual_grid=(np.inf,),
-        linear_grid=(1e-2, 1.0),
+        linear_grid=(1.0,),
     )
     s = res["settings"]
     assert list(s) == list(unseen.SETTINGS)

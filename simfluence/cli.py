@@ -250,7 +250,7 @@ def _evaluate_unseen(args, out) -> None:
 
 
 def _cmd_fit(args) -> None:
-    from simfluence import scheduled, simulators
+    from simfluence import momentum, scheduled, simulators
     from simfluence.baselines import BASELINES
     from simfluence.runlog import experiment_sha256, load_runs, read_experiment
     from simfluence.tracin import TRACIN_VARIANTS
@@ -268,8 +268,14 @@ def _cmd_fit(args) -> None:
         "fit_runs": fit_idx,
         "valid_runs": _parse_indices(args.valid_runs, "--valid-runs") if args.valid_runs else [],
     }
+    if args.decay is not None:
+        momentum.check_decay(args.decay, "--decay")
+        if args.variant not in (*momentum.MOMENTUM_VARIANTS, momentum.TRACIN_MOMENTUM):
+            raise ValueError(
+                f"--decay is for the -momentum variants; leave it out for {args.variant}"
+            )
     if args.variant in TRACIN_VARIANTS:
-        _fit_tracin(args, runs, out, origin)
+        _fit_tracin(args, runs, out, origin, fit_idx)
         return
     if args.variant in ("linear-feat", "additive-feat"):
         _fit_featurized(args, runs, out, origin)
@@ -281,12 +287,30 @@ def _cmd_fit(args) -> None:
         return
     curs, losses = [r.curriculum for r in runs], [r.losses for r in runs]
     inputs = scheduled.fit_inputs(runs, args.variant)  # lrs, b_prior of the -lr variants
-    if args.valid_runs:
-        valid_idx = _parse_indices(args.valid_runs, "--valid-runs")
-        overlap = sorted(set(valid_idx) & set(fit_idx))
-        if overlap:
-            raise ValueError(f"--valid-runs {overlap} also appear in --runs; keep them apart")
-        valid = load_runs(args.exp, valid_idx)
+    if args.variant in momentum.MOMENTUM_VARIANTS:
+        inputs["decay"] = momentum.DEFAULT_DECAY if args.decay is None else args.decay
+    if args.valid_runs and args.variant in momentum.MOMENTUM_VARIANTS and args.decay is None:
+        valid = _valid_runs(args, fit_idx)
+        sys.stderr.write(
+            f"{PROG}: choosing the decay and lambdas for {args.variant} on {len(valid)} "
+            "validation run(s)...\n"
+        )
+        inputs["decay"], l2_a, l2_b, search = momentum.select(
+            curs,
+            losses,
+            [r.curriculum for r in valid],
+            [r.losses for r in valid],
+            n_train=info["n_train"],
+            variant=args.variant,
+            a_prior=args.a_prior,
+            lrs=inputs.get("lrs"),
+            valid_lrs=scheduled.run_lrs(valid, args.variant) if "lrs" in inputs else None,
+        )
+        source = f"chosen on runs {args.valid_runs}"
+        # The validation curve at the chosen decay (`simfluence figures` draws it).
+        origin["lambda_search"] = [r for r in search if r["decay"] == inputs["decay"]]
+    elif args.valid_runs:
+        valid = _valid_runs(args, fit_idx)
         sys.stderr.write(
             f"{PROG}: choosing lambdas for {args.variant} on {len(valid)} validation run(s)...\n"
         )
@@ -298,7 +322,7 @@ def _cmd_fit(args) -> None:
             n_train=info["n_train"],
             variant=args.variant,
             a_prior=args.a_prior,
-            valid_lrs=scheduled.run_lrs(valid, args.variant) if inputs else None,
+            valid_lrs=scheduled.run_lrs(valid, args.variant) if "lrs" in inputs else None,
             **inputs,
         )
         source = f"chosen on runs {args.valid_runs}"
@@ -323,6 +347,7 @@ def _cmd_fit(args) -> None:
         f"fitted {args.variant} on {len(runs)} runs (n_test={sim.n_test}, n_train={sim.n_train}); "
         f"l2_a={sim.l2_a:g}, l2_b={sim.l2_b:g} ({source}), a_prior={sim.a_prior:g}"
         + ("" if sim.lr_max is None else f", lr_max={sim.lr_max:g}")
+        + ("" if sim.decay is None else f", decay={sim.decay:g}")
         + f"; wrote {out}"
     )
 
@@ -381,21 +406,40 @@ def _fit_baseline(args, runs, info: dict, out: Path, origin: dict) -> None:
     )
 
 
-def _fit_tracin(args, runs, out: Path, origin: dict) -> None:
-    """`fit --variant tracin-cp[-rescaled]`: the averaged dots of the fitting runs (and the
-    least-squares scale) into a TracIn-CP simulator file."""
-    from simfluence import tracin
+def _valid_runs(args, fit_idx):
+    """The --valid-runs of `fit`, loaded; refused when they overlap the fitting runs."""
+    from simfluence.runlog import load_runs
 
-    if args.valid_runs or args.l2_a is not None or args.a_prior is not None:
+    valid_idx = _parse_indices(args.valid_runs, "--valid-runs")
+    overlap = sorted(set(valid_idx) & set(fit_idx))
+    if overlap:
+        raise ValueError(f"--valid-runs {overlap} also appear in --runs; keep them apart")
+    return load_runs(args.exp, valid_idx)
+
+
+def _fit_tracin(args, runs, out: Path, origin: dict, fit_idx) -> None:
+    """`fit --variant tracin-cp[-rescaled|-momentum]`: the averaged dots of the fitting runs
+    (and the least-squares scale; the decay chosen on --valid-runs) into a TracIn-CP file."""
+    from simfluence import momentum, tracin
+
+    spread = args.variant == momentum.TRACIN_MOMENTUM
+    if (args.valid_runs and not spread) or args.l2_a is not None or args.a_prior is not None:
         raise ValueError(
-            f"--variant {args.variant} has no lambdas or prior; leave out --valid-runs, "
-            "--l2-a, --l2-b and --a-prior"
+            f"--variant {args.variant} has no lambdas or prior; leave out "
+            + ("" if spread else "--valid-runs, ")
+            + "--l2-a, --l2-b and --a-prior"
         )
-    sim = tracin.from_runs(runs, variant=args.variant)
+    if spread:
+        valid = _valid_runs(args, fit_idx) if args.valid_runs and args.decay is None else []
+        sim, _ = momentum.tracin_from_runs(runs, valid, decay=args.decay)
+    else:
+        sim = tracin.from_runs(runs, variant=args.variant)
     tracin.save_tracin_simulator(out, sim, origin=origin)
     print(
         f"built {args.variant} from the tracin.npz of runs "
-        f"{','.join(map(str, sim.source_runs))} (scale {sim.scale:g}); wrote {out}"
+        f"{','.join(map(str, sim.source_runs))} (scale {sim.scale:g}"
+        + (f", decay {sim.decay:g}" if spread else "")
+        + f"); wrote {out}"
     )
 
 
@@ -908,7 +952,7 @@ def _cmd_cf_propose(args) -> None:
 def _cmd_cf_score(args) -> None:
     from simfluence import counterfactual as cf
 
-    report = cf.score(args.exp)
+    report = cf.score(args.exp, _parse_sims(args.sims) if args.sims else None)
     paths = cf.write_report(args.exp, report)
     sys.stdout.write(cf.format_report(report))
     print("\nwrote " + ", ".join(str(p) for p in paths))
@@ -990,9 +1034,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         default=None,
         help="comma-separated variants among linear, additive, multiplicative, constant, "
-        "mean-trajectory, tracin-cp, tracin-cp-rescaled, linear-lr, additive-lr, "
-        "linear-lr-tracin-prior (default: all; the tracin ones only when fitting runs have "
-        "tracin.npz, the -lr ones only when every run has lr.npy)",
+        "mean-trajectory, tracin-cp, tracin-cp-rescaled, tracin-cp-momentum, linear-lr, "
+        "additive-lr, linear-lr-tracin-prior, linear-lr-momentum, linear-momentum (default: "
+        "all; the tracin ones only when fitting runs have tracin.npz, the -lr ones only when "
+        "every run has lr.npy; the -momentum ones choose their decay on VALID too)",
     )
     _add_lambda_flags(p)
     p.add_argument(
@@ -1043,12 +1088,17 @@ def build_parser() -> argparse.ArgumentParser:
             "linear-lr-tracin-prior",
             "linear-feat",
             "additive-feat",
+            "linear-momentum",
+            "linear-lr-momentum",
+            "tracin-cp-momentum",
             "constant",
             "mean-trajectory",
         ],
         help="simulator variant (default linear); the tracin ones average the fitting runs' "
         "tracin.npz; the -lr ones scale each step by the run's learning rate (need lr.npy; "
-        "linear-lr-tracin-prior also tracin.npz); the -feat ones are featurized (tables from "
+        "linear-lr-tracin-prior also tracin.npz); the -momentum ones spread each batch's change "
+        "over later steps with AdamW's first-moment weights (1-d) d^(t-s), d chosen with "
+        "--valid-runs (else --decay, default 0.9); the -feat ones are featurized (tables from "
         "example features, `finetune features`; need --valid-runs), saved as per-pair tables "
         "of the whole pool; constant and mean-trajectory are the curriculum-blind baselines. "
         "Every file works with simulate, influence (not the baselines: their influences are "
@@ -1059,6 +1109,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="KIND",
         help="feature kind of the -feat variants: tracin (default) or hidden",
+    )
+    p.add_argument(
+        "--decay",
+        type=float,
+        default=None,
+        help="first-moment decay d in [0, 1) of the -momentum variants (default: chosen on "
+        "--valid-runs from 0,0.3,0.5,0.7,0.8,0.9; without them 0.9, AdamW's beta_1)",
     )
     p.add_argument(
         "--valid-runs",
@@ -1317,6 +1374,13 @@ def build_parser() -> argparse.ArgumentParser:
         "EXP/counterfactual/report.json, report.md and predicted_vs_actual.png.",
     )
     q.add_argument("exp", metavar="EXP", help="experiment folder")
+    q.add_argument(
+        "--sims",
+        default=None,
+        help="VARIANT=FILE,... more simulators to score beside those recorded in the "
+        "proposals (e.g. fitted after training; FILE relative to EXP or absolute); they must "
+        "not be fitted on a base run",
+    )
     q.set_defaults(func=_cmd_cf_score)
     for p in [*sub.choices.values(), *cf_sub.choices.values()]:  # --debug after the command too
         _add_debug_flag(p, default=argparse.SUPPRESS)

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float, Int
 
-from simfluence import baselines, runlog, scheduled, simulators, tracin
+from simfluence import baselines, momentum, runlog, scheduled, simulators, tracin
 from simfluence.runlog import Run, RunLogError
 
 __all__ = [
@@ -78,7 +78,12 @@ DEFAULT_KINDS = KINDS[:5]
 # Featurized simulators (`simfluence.featurized`) are saved as per-pair tables of the whole pool.
 FEATURIZED_VARIANTS = ("linear-feat", "additive-feat")
 REMOVAL_KINDS = ("remove-top", "remove-bottom", "remove-random")
-PROPOSER_VARIANTS = simulators.VARIANTS + simulators.SCHEDULED_VARIANTS
+# Momentum variants are scored, not proposers: `optimize` needs per-slot terms given L_{t-1}.
+PROPOSER_VARIANTS = tuple(
+    v
+    for v in simulators.VARIANTS + simulators.SCHEDULED_VARIANTS
+    if v not in simulators.MOMENTUM_VARIANTS
+)
 REPORT_JSON, REPORT_MD, REPORT_PNG = runlog.COUNTERFACTUAL_REPORT_FILES
 _NO_CHANGE = baselines.BASELINES  # same-length curricula: these predict a change of exactly 0
 
@@ -254,6 +259,7 @@ def default_simulator_files(exp_dir: str | os.PathLike) -> dict[str, str]:
         simulators.VARIANTS
         + tracin.TRACIN_VARIANTS
         + simulators.SCHEDULED_VARIANTS
+        + simulators.MOMENTUM_VARIANTS
         + FEATURIZED_VARIANTS
     )
     return {v: f"sim_{v}.npz" for v in names if (exp_dir / f"sim_{v}.npz").is_file()}
@@ -476,7 +482,12 @@ def propose(
             )
     if simulator_files is None:
         simulator_files = default_simulator_files(exp_dir)
-    known = PROPOSER_VARIANTS + tracin.TRACIN_VARIANTS + FEATURIZED_VARIANTS
+    known = (
+        PROPOSER_VARIANTS
+        + tracin.TRACIN_VARIANTS
+        + simulators.MOMENTUM_VARIANTS
+        + FEATURIZED_VARIANTS
+    )
     unknown = sorted(set(simulator_files) - set(known))
     if unknown:
         raise ValueError(
@@ -647,6 +658,13 @@ def _rollout64(sim: simulators.Simulator, curricula, l0, lr) -> np.ndarray:
     multiplicative: sums and products of per-step terms) spurious nonzero predictions for a
     reorder. In float64 that noise is about 1e-16 and is zeroed by `_ROUNDOFF`.
     """
+    if sim.variant in simulators.MOMENTUM_VARIANTS:
+        w = None
+        if sim.lr_max is not None:  # linear-lr-momentum
+            if lr is None:
+                raise ValueError(f"the {sim.variant} simulator needs the base runs' lr.npy")
+            w = np.asarray(lr, np.float64) / float(sim.lr_max)  # [P, T]
+        return momentum.rollout64(sim.A, sim.B, curricula, l0, float(sim.decay), w)
     A = np.asarray(sim.A, np.float64)  # [n_test, n_train]
     B = np.asarray(sim.B, np.float64)
     scheduled = sim.variant in simulators.SCHEDULED_VARIANTS
@@ -767,12 +785,17 @@ def _mean_se(values: Sequence[float]) -> dict:
     return {"mean": float(x.mean()), "stderr": se, "n": int(x.size)}
 
 
-def score(exp_dir: str | os.PathLike) -> dict:
+def score(exp_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> dict:
     """Scores every recorded simulator (and the baselines) against the trained proposals.
 
     Args:
         exp_dir: experiment folder whose ``counterfactual/`` holds proposals and, for each
             proposal, its complete trained run.
+        extra_files: {variant: .npz path} of simulators to score beside the recorded ones
+            (relative to EXP or absolute), e.g. variants fitted after the proposals were
+            trained. They did not propose anything; like the recorded ones they must record
+            this experiment and must not have been fitted on a base run. Their hashes go into
+            the report (``extra_simulator_files``).
 
     Returns:
         The report (see ``report.json`` in the README): ``{"simulator_files", "settings",
@@ -852,6 +875,27 @@ def score(exp_dir: str | os.PathLike) -> dict:
                 f"{r.path / 'meta.json'}: {', '.join(wrong)} disagree with proposal {p['id']}; "
                 f"delete {r.path} and train it again (`finetune counterfactual {exp_dir}`)"
             )
+    extra = {}
+    if extra_files:
+        known = PROPOSER_VARIANTS + tracin.TRACIN_VARIANTS + simulators.MOMENTUM_VARIANTS
+        bad = sorted(set(extra_files) - set(known))
+        again = sorted(set(extra_files) & set(files))
+        if bad or again:
+            raise ValueError(
+                f"--sims: {bad} are unknown variants (use {', '.join(known)})"
+                if bad
+                else f"--sims: {again} are already recorded in the proposals; leave them out"
+            )
+        extra = {
+            v: _relative(p, exp_dir) if Path(p).is_absolute() else str(p)
+            for v, p in extra_files.items()
+        }
+    extra_sha = {
+        v: _file_sha256(Path(os.path.normpath(exp_dir / p)))
+        for v, p in extra.items()
+        if Path(os.path.normpath(exp_dir / p)).is_file()
+    }
+    files = {**files, **extra}
     sims = _load_sims(exp_dir, files, {"base": base_ids})
     bases = [base[p["base_run"]] for p in proposals]
     base_cur = np.stack([b.curriculum for b in bases])
@@ -947,7 +991,8 @@ def score(exp_dir: str | os.PathLike) -> dict:
         "experiment_sha256": data["experiment_sha256"],
         "settings": data["settings"],
         "simulator_files": {**files, **{v: None for v in _NO_CHANGE}},
-        "simulator_sha256": data["simulator_sha256"],
+        "simulator_sha256": {**data["simulator_sha256"], **extra_sha},
+        "extra_simulator_files": sorted(extra),
         "baselines": {
             v: "predicts no change for a curriculum of the base run's length" for v in _NO_CHANGE
         },

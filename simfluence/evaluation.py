@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simfluence import baselines, scheduled, simulators, tracin
+from simfluence import baselines, momentum, scheduled, simulators, tracin
 from simfluence.runlog import (
     Run,
     RunLogError,
@@ -58,13 +58,16 @@ from simfluence.scoring import (
 
 __all__ = ["ALL_VARIANTS", "DEFAULT_SPLIT", "evaluate", "default_variants", "check_variants"]
 
-ALL_VARIANTS = (
-    simulators.VARIANTS
-    + baselines.BASELINES
-    + tracin.TRACIN_VARIANTS
-    + scheduled.SCHEDULED_VARIANTS
+ALL_VARIANTS = tuple(
+    dict.fromkeys(
+        simulators.VARIANTS
+        + baselines.BASELINES
+        + tracin.TRACIN_VARIANTS
+        + scheduled.SCHEDULED_VARIANTS
+        + momentum.MOMENTUM_VARIANTS
+    )
 )
-_SIMFLUENCE = simulators.VARIANTS + scheduled.SCHEDULED_VARIANTS
+_SIMFLUENCE = simulators.VARIANTS + scheduled.SCHEDULED_VARIANTS + momentum.MOMENTUM_VARIANTS
 DEFAULT_SPLIT = (20, 2, 10)
 
 
@@ -118,8 +121,9 @@ def default_variants(fit_runs: Sequence[Run], other_runs: Sequence[Run] = ()) ->
         other_runs: the validation and held-out runs (they need lr.npy for the -lr variants).
 
     Returns:
-        Variant names in `ALL_VARIANTS` order: TracIn-CP when a fitting run has tracin.npz;
-        linear-lr and additive-lr when every run has lr.npy; linear-lr-tracin-prior when both.
+        Variant names in `ALL_VARIANTS` order: TracIn-CP (tracin-cp-momentum included) when a
+        fitting run has tracin.npz; linear-lr, additive-lr and linear-lr-momentum when every
+        run has lr.npy; linear-lr-tracin-prior when both; linear-momentum always.
     """
     out = list(simulators.VARIANTS + baselines.BASELINES)
     has_tracin = tracin.has_tracin(fit_runs)
@@ -129,7 +133,8 @@ def default_variants(fit_runs: Sequence[Run], other_runs: Sequence[Run] = ()) ->
         out += [v for v in scheduled.SCHEDULED_VARIANTS if v not in scheduled.PRIOR_VARIANTS]
         if has_tracin:
             out += list(scheduled.PRIOR_VARIANTS)
-    return out
+    out += [v for v in momentum.MOMENTUM_VARIANTS if v not in scheduled.SCHEDULED_VARIANTS]
+    return [v for v in ALL_VARIANTS if v in out]
 
 
 def _check_split(split: Sequence[int]) -> tuple[int, int, int]:
@@ -148,6 +153,42 @@ def _check_split(split: Sequence[int]) -> tuple[int, int, int]:
             "across-run Spearman need two or more)"
         )
     return parts
+
+
+def _momentum_choice(name, fit_runs, valid_runs, n_train, a_prior, grid, l2_a, l2_b):
+    """(l2_a, l2_b, source, search, fit inputs: {"decay": d} and the -lr variant's "lrs")
+    of a momentum variant.
+
+    The decay d is chosen with the lambdas on the validation runs, never on held-out runs
+    (`momentum.select`); given lambdas fix the lambda grid to that pair. Without validation
+    runs: d is `momentum.DEFAULT_DECAY` (AdamW's beta_1) with the default (or given) lambdas.
+    """
+    inputs = scheduled.fit_inputs(fit_runs, name)  # the -lr variant's "lrs"
+    if not valid_runs:
+        given = l2_a is not None
+        la = float(l2_a) if given else simulators.DEFAULT_L2_A
+        lb = float(l2_b) if given else simulators.DEFAULT_L2_B
+        source = "given" if given else "default"
+        return la, lb, source, None, {**inputs, "decay": momentum.DEFAULT_DECAY}
+    fixed = None if l2_a is None else [(float(l2_a), float(l2_b))]
+    d, la, lb, search = momentum.select(
+        [r.curriculum for r in fit_runs],
+        [r.losses for r in fit_runs],
+        [r.curriculum for r in valid_runs],
+        [r.losses for r in valid_runs],
+        n_train=n_train,
+        variant=name,
+        a_prior=a_prior,
+        grid=grid if fixed is None else fixed,
+        valid_lrs=scheduled.run_lrs(valid_runs, name) if inputs else None,
+        **inputs,
+    )
+    return la, lb, "validation" if fixed is None else "given", search, {**inputs, "decay": d}
+
+
+def _at(search: list[dict], sim) -> list[dict]:
+    """The lambda-search rows at the simulator's decay (all rows for a variant without one)."""
+    return [r for r in search if r.get("decay", sim.decay) == sim.decay]
 
 
 def _predict_simfluence(sim, runs: Sequence[Run]) -> list[np.ndarray]:
@@ -420,7 +461,11 @@ def evaluate(
     for name in bar:
         bar.set_postfix_str(name)
         extra: dict = {"l2_a": None, "l2_b": None}
-        if name in _SIMFLUENCE:
+        if name in momentum.MOMENTUM_VARIANTS:
+            la, lb, source, search, inputs = _momentum_choice(
+                name, fit_runs, valid_runs, n_train, a_prior, grid, l2_a, l2_b
+            )
+        elif name in _SIMFLUENCE:
             inputs = scheduled.fit_inputs(fit_runs, name)  # lrs, b_prior of the -lr variants
             if l2_a is not None:
                 la, lb, source, search = float(l2_a), float(l2_b), "given", None
@@ -445,6 +490,7 @@ def evaluate(
                     "default",
                     None,
                 )
+        if name in _SIMFLUENCE:
             sim = simulators.fit(
                 fit_c,
                 fit_l,
@@ -456,7 +502,8 @@ def evaluate(
                 **inputs,
             )
             if save_dir is not None:  # with the lambda search, as `fit --valid-runs` records it
-                own = origin if search is None else {**origin, "lambda_search": search}
+                # (momentum variants: the search at the chosen decay, the curve `figures` draws)
+                own = origin if search is None else {**origin, "lambda_search": _at(search, sim)}
                 simulators.save_simulator(save_dir / f"sim_{name}.npz", sim, origin=own)
             preds = _predict_simfluence(sim, test_runs)
             # An ablation ignores one lambda: report it as None (not applicable), not 0.
@@ -468,12 +515,15 @@ def evaluate(
             }
             if sim.lr_max is not None:
                 extra["lr_max"] = float(sim.lr_max)
+            if sim.decay is not None:
+                extra["decay"] = float(sim.decay)
+                extra["decay_source"] = "default" if search is None else "validation"
             if search is not None:
                 extra["lambda_search"] = search
                 # Whether the choice is limited by the searched range: with the default grid
                 # an edge is a cap of its extension, with a given grid the grid's own edge.
-                edges = simulators.lambda_edges(search, name, la, lb)
-                extra["lambda_grid"] = "default" if grid is None else "given"
+                edges = simulators.lambda_edges(_at(search, sim), name, la, lb)
+                extra["lambda_grid"] = "default" if grid is None and source != "given" else "given"
                 extra["lambda_at_edge"] = bool(edges)
                 extra["lambda_edges"] = edges
         elif name in baselines.BASELINES:
@@ -488,11 +538,19 @@ def evaluate(
             else:
                 preds = mean_preds
         else:  # TracIn-CP variants
-            tsim = tracin.from_runs(fit_runs, variant=name)
+            if name == momentum.TRACIN_MOMENTUM:  # d chosen on the validation runs
+                tsim, dsearch = momentum.tracin_from_runs(fit_runs, valid_runs)
+                extra["decay"] = float(tsim.decay)
+                extra["decay_source"] = "validation" if dsearch else "default"
+                extra["decay_search"] = dsearch
+            else:
+                tsim, dsearch = tracin.from_runs(fit_runs, variant=name), []
             if save_dir is not None:
-                # TracIn-CP has no lambdas: no validation runs, as `fit` records it.
+                # TracIn-CP has no lambdas: validation runs only where they chose the decay,
+                # as `fit` records it.
+                used = [r.index for r in valid_runs] if dsearch else []
                 tracin.save_tracin_simulator(
-                    save_dir / f"sim_{name}.npz", tsim, origin={**origin, "valid_runs": []}
+                    save_dir / f"sim_{name}.npz", tsim, origin={**origin, "valid_runs": used}
                 )
             preds = [
                 tracin.simulate_tracin(tsim, r.curriculum, r.losses[0], r.lr) for r in test_runs

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from simfluence import tracin
+from simfluence import momentum, tracin
 from simfluence.runlog import Run
 
 __all__ = [
@@ -60,7 +60,13 @@ __all__ = [
     "fit_inputs",
 ]
 
-SCHEDULED_VARIANTS = ("linear-lr", "additive-lr", "linear-lr-tracin-prior")
+# linear-lr-momentum (`simfluence.momentum`) is schedule-aware too: it needs the runs' rates.
+SCHEDULED_VARIANTS = (
+    "linear-lr",
+    "additive-lr",
+    "linear-lr-tracin-prior",
+    *momentum.LR_MOMENTUM_VARIANTS,
+)
 # Variants whose b is shrunk towards a per-coefficient prior (from TracIn-CP).
 PRIOR_VARIANTS = ("linear-lr-tracin-prior",)
 

@@ -43,13 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from simfluence import _solvers, scheduled
+from simfluence import _solvers, momentum, scheduled
+from simfluence.momentum import MOMENTUM_VARIANTS
 from simfluence.runlog import atomic_savez
 from simfluence.scheduled import PRIOR_VARIANTS, SCHEDULED_VARIANTS
 
-# The schedule-free variants; SCHEDULED_VARIANTS (learning-rate aware) are fitted here too.
+# The schedule-free variants; SCHEDULED_VARIANTS (learning-rate aware) and MOMENTUM_VARIANTS
+# (AdamW's first moment, `simfluence.momentum`) are fitted here too.
 VARIANTS = ("linear", "additive", "multiplicative")
-_ALL = VARIANTS + SCHEDULED_VARIANTS
+_ALL = tuple(dict.fromkeys(VARIANTS + SCHEDULED_VARIANTS + MOMENTUM_VARIANTS))
 
 # Default ridge strengths; `select_lambdas` tunes them on validation runs.
 DEFAULT_L2_A = 1e-2
@@ -90,6 +92,9 @@ class Simulator:
             near 1/batch, so a curriculum of another batch size is refused, not simulated.
         lr_max: eta_max, the largest learning rate of the fitting runs (schedule-aware variants
             only; None for the others): a rollout's w_t is its rate over this.
+        decay: the first-moment decay d in [0, 1) of the momentum variants (None for the
+            others): each batch's change is spread over later steps with weights
+            (1 - d) d^(t - s), see `simfluence.momentum`.
     """
 
     A: jax.Array | np.ndarray  # [n_test, n_train]
@@ -100,6 +105,7 @@ class Simulator:
     a_prior: float
     batch: int | None = None
     lr_max: float | None = None
+    decay: float | None = None
 
     @property
     def n_test(self) -> int:
@@ -115,7 +121,7 @@ class Simulator:
 jax.tree_util.register_dataclass(
     Simulator,
     data_fields=["A", "B"],
-    meta_fields=["variant", "l2_a", "l2_b", "a_prior", "batch", "lr_max"],
+    meta_fields=["variant", "l2_a", "l2_b", "a_prior", "batch", "lr_max", "decay"],
 )
 
 
@@ -250,6 +256,8 @@ def _features(variant: str) -> tuple[bool, bool]:
         "linear-lr": (True, True),
         "additive-lr": (False, True),
         "linear-lr-tracin-prior": (True, True),
+        "linear-momentum": (True, True),
+        "linear-lr-momentum": (True, True),
     }[variant]
 
 
@@ -267,7 +275,9 @@ _TOL, _MAX_ITER = _solvers.DEFAULT_TOL, _solvers.DEFAULT_MAX_ITER  # the CG solv
 class _Problem:
     """Fitting runs flattened to rows, ready for the solver (host arrays)."""
 
-    def __init__(self, curs, ls, n_train, variant, a_prior, batch, lrs=None, b_prior=None):
+    def __init__(
+        self, curs, ls, n_train, variant, a_prior, batch, lrs=None, b_prior=None, decay=None
+    ):
         self.n_train = n_train
         self.variant = variant
         self.batch = batch
@@ -286,6 +296,13 @@ class _Problem:
         if variant in SCHEDULED_VARIANTS:
             self.lr_max = scheduled.lr_max_of(lrs, variant)
             self.w = np.concatenate([lr / np.float32(self.lr_max) for lr in lrs])  # [rows]
+        # Momentum variants: every row is scaled by 1 - d (times w_t for linear-lr-momentum) and
+        # the target is D_t - d D_{t-1} (`momentum.targets`); d = 0 is exactly linear
+        # (linear-lr).
+        self.decay = decay
+        if decay is not None:
+            scale = np.float32(1.0 - decay)
+            self.w = np.full(self.n_rows, scale) if self.w is None else scale * self.w  # [rows]
         self.b_prior = b_prior  # f32 [n_test, n_train] or None (B shrunk towards 0)
         self.chunks = _test_chunks(self.n_test, self.n_rows)
         self.chunk_size = max(j1 - j0 for j0, j1 in self.chunks)
@@ -371,7 +388,10 @@ class _Problem:
             t = loss.shape[0] - 1
             prev = loss[:-1, j0:j1]
             x[r : r + t, : j1 - j0] = prev
-            y[r : r + t, : j1 - j0] = loss[1:, j0:j1] - prev
+            if self.decay is None:
+                y[r : r + t, : j1 - j0] = loss[1:, j0:j1] - prev
+            else:
+                y[r : r + t, : j1 - j0] = momentum.targets(loss[:, j0:j1], self.decay)
             r += t
         if self.w is not None:
             x *= self.w[:, None]
@@ -398,11 +418,21 @@ class _Problem:
             a_prior=float(self.a_prior),
             batch=int(self.batch),
             lr_max=self.lr_max,
+            decay=self.decay,
         )
 
 
 def _prepare(
-    curricula, losses, n_train, variant, a_prior, what="fitting", *, lrs=None, b_prior=None
+    curricula,
+    losses,
+    n_train,
+    variant,
+    a_prior,
+    what="fitting",
+    *,
+    lrs=None,
+    b_prior=None,
+    decay=None,
 ) -> _Problem:
     _check_variant(variant)
     curs, ls, batch, n_test = _check_runs(curricula, losses, n_train, what)
@@ -416,7 +446,19 @@ def _prepare(
         raise ValueError(
             f"b_prior is only used by {', '.join(PRIOR_VARIANTS)}; leave it out for {variant}"
         )
-    return _Problem(curs, ls, int(n_train), variant, a0, batch, lrs, b_prior)
+    if variant in MOMENTUM_VARIANTS:
+        if decay is None:
+            raise ValueError(
+                f"{variant} spreads each batch's change over later steps: pass decay=d in "
+                f"[0, 1) (momentum.select chooses it on validation runs; AdamW's beta_1 is "
+                f"{momentum.DEFAULT_DECAY})"
+            )
+        decay = momentum.check_decay(decay)
+    elif decay is not None:
+        raise ValueError(
+            f"decay is only used by {', '.join(MOMENTUM_VARIANTS)}; leave it out for {variant}"
+        )
+    return _Problem(curs, ls, int(n_train), variant, a0, batch, lrs, b_prior, decay)
 
 
 def _physical_memory() -> int | None:
@@ -481,6 +523,7 @@ def fit(
     max_iter: int = _MAX_ITER,
     lrs: Sequence[Float[ArrayLike, " steps"]] | None = None,
     b_prior: Float[ArrayLike, "n_test n_train"] | None = None,
+    decay: float | None = None,
 ) -> Simulator:
     """Fits one simulator per test example on teacher-forced fitting runs.
 
@@ -522,10 +565,13 @@ def fit(
             required by the schedule-aware variants, ignored by the others.
         b_prior: f32 [n_test, n_train], the value B is shrunk towards; required by
             linear-lr-tracin-prior (`scheduled.tracin_prior`), refused by the others.
+        decay: the first-moment decay d in [0, 1); required by linear-momentum (which fits
+            (1 - d) sum (a_i L_{t-1} + b_i) to D_t - d D_{t-1}, see `simfluence.momentum`),
+            refused by the others.
 
     Returns:
         A `Simulator` with A, B f32 [n_test, n_train] (and `lr_max` for the schedule-aware
-        variants).
+        variants, `decay` for the momentum ones).
 
     Raises:
         ValueError: unknown variant, ids out of range, mismatched shapes or batch sizes,
@@ -543,7 +589,9 @@ def fit(
     l2_a = _check_lambda("l2_a", l2_a)
     l2_b = _check_lambda("l2_b", l2_b)
     tol, max_iter = _check_solver_args(tol, max_iter)
-    problem = _prepare(curricula, losses, n_train, variant, a_prior, lrs=lrs, b_prior=b_prior)
+    problem = _prepare(
+        curricula, losses, n_train, variant, a_prior, lrs=lrs, b_prior=b_prior, decay=decay
+    )
     theta = _solve_all(problem, l2_a, l2_b, tol=tol, max_iter=max_iter)
     return problem.to_simulator(theta, l2_a, l2_b)
 
@@ -619,6 +667,8 @@ def _check_sim(sim: Simulator) -> None:
                 f"{sim.variant} Simulator has lr_max={lr_max!r}; it must be the fitting runs' "
                 "largest learning rate (> 0): refit it with fit()"
             )
+    if sim.variant in MOMENTUM_VARIANTS:
+        momentum.check_decay(sim.decay, f"{sim.variant} Simulator decay")
 
 
 def _rates(sim: Simulator, lr, curriculum, batched: bool):
@@ -673,6 +723,16 @@ def simulate(
     """
     _check_sim(sim)
     curriculum, initial_losses = _check_sim_inputs(sim, curriculum, initial_losses, batched=False)
+    if sim.variant in MOMENTUM_VARIANTS:
+        w = _rates(sim, lr, curriculum, batched=False) if sim.lr_max is not None else None
+        return momentum.rollout_runs(
+            sim.A,
+            sim.B,
+            curriculum[None],
+            initial_losses[None],
+            sim.decay,
+            None if w is None else w[None],
+        )[0]
     if sim.variant in SCHEDULED_VARIANTS:
         w = _rates(sim, lr, curriculum, batched=False)
         return scheduled.rollout_runs(
@@ -703,6 +763,9 @@ def simulate_many(
     """
     _check_sim(sim)
     curricula, initial_losses = _check_sim_inputs(sim, curricula, initial_losses, batched=True)
+    if sim.variant in MOMENTUM_VARIANTS:
+        w = _rates(sim, lr, curricula, batched=True) if sim.lr_max is not None else None
+        return momentum.rollout_runs(sim.A, sim.B, curricula, initial_losses, sim.decay, w)
     if sim.variant in SCHEDULED_VARIANTS:
         w = _rates(sim, lr, curricula, batched=True)
         return scheduled.rollout_runs(sim.A, sim.B, curricula, initial_losses, w, _additive(sim))
@@ -892,7 +955,9 @@ class _ValidationScore:
                 start = theta
                 sim = sub.to_simulator(np.asarray(theta)[: j1 - j0], *pts[g])
                 for cur, l0, true, weight, w in groups:
-                    if w is None:
+                    if problem.decay is not None:
+                        pred = momentum.rollout_runs(sim.A, sim.B, cur, l0, problem.decay, w)
+                    elif w is None:
                         pred = _rollout_runs(sim.A, sim.B, cur, l0, additive)  # [R, T + 1, chunk]
                     else:
                         pred = scheduled.rollout_runs(sim.A, sim.B, cur, l0, w, additive)
@@ -1018,6 +1083,7 @@ def select_lambdas(
     lrs: Sequence[Float[ArrayLike, " steps"]] | None = None,
     valid_lrs: Sequence[Float[ArrayLike, " steps"]] | None = None,
     b_prior: Float[ArrayLike, "n_test n_train"] | None = None,
+    decay: float | None = None,
 ) -> tuple[float, float, list[dict]]:
     """Chooses (l2_a, l2_b) on a log grid by all-steps MSE of rollouts on validation runs.
 
@@ -1056,6 +1122,7 @@ def select_lambdas(
             (schedule-aware variants: their rollouts are scaled by valid_lr / eta_max of the
             fitting runs).
         b_prior: as in `fit` (linear-lr-tracin-prior).
+        decay: as in `fit` (linear-momentum; `momentum.select` searches it too).
 
     Returns:
         (l2_a, l2_b, table): the chosen pair (lowest finite validation MSE, ties broken as
@@ -1077,7 +1144,14 @@ def select_lambdas(
         Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
     """
     problem = _prepare(
-        fit_curricula, fit_losses, n_train, variant, a_prior, lrs=lrs, b_prior=b_prior
+        fit_curricula,
+        fit_losses,
+        n_train,
+        variant,
+        a_prior,
+        lrs=lrs,
+        b_prior=b_prior,
+        decay=decay,
     )
     vcurs, vls, _, vn_test = _check_runs(valid_curricula, valid_losses, n_train, "validation")
     if vn_test != problem.n_test:
@@ -1208,6 +1282,12 @@ def removal_influence(
     c = np.asarray(cur)
     mult = (c[:, :, None] == c[:, None, :]).sum(-1).astype(np.float32)  # [T, batch]
     j = int(test_index)
+    if sim.variant in MOMENTUM_VARIANTS:
+        w = _rates(sim, lr, cur, batched=False) if sim.lr_max is not None else None
+        a = jnp.asarray(sim.A, jnp.float32)[j] - jnp.float32(1.0 / c.shape[1])
+        return momentum.removal(
+            a, jnp.asarray(sim.B, jnp.float32)[j], cur, jnp.asarray(mult), l0[j], sim.decay, w
+        )
     if sim.variant in SCHEDULED_VARIANTS:
         w = _rates(sim, lr, cur, batched=False)
         a = jnp.asarray(sim.A, jnp.float32)[j] - jnp.float32(1.0 / c.shape[1])
@@ -1234,7 +1314,8 @@ def save_simulator(path, sim: Simulator, *, origin: dict | None = None) -> None:
 
     Args:
         path: destination file (its folder is created if needed; no suffix is appended).
-        sim: the `Simulator` to save (A, B, variant, l2_a, l2_b, a_prior, batch, lr_max).
+        sim: the `Simulator` to save (A, B, variant, l2_a, l2_b, a_prior, batch, lr_max,
+            decay).
         origin: optional JSON-able record of where it was fitted (`simfluence fit` stores
             ``{"experiment_sha256", "fit_runs", "valid_runs"}``); read back by `read_origin`.
 
@@ -1253,6 +1334,7 @@ def save_simulator(path, sim: Simulator, *, origin: dict | None = None) -> None:
         a_prior=np.asarray(sim.a_prior, np.float64),
         **({} if sim.batch is None else {"batch": np.asarray(sim.batch, np.int64)}),
         **({} if sim.lr_max is None else {"lr_max": np.asarray(sim.lr_max, np.float64)}),
+        **({} if sim.decay is None else {"decay": np.asarray(sim.decay, np.float64)}),
     )
 
 
@@ -1298,10 +1380,12 @@ def load_simulator(path) -> Simulator:
             data = {k: z[k] for k in keys}
             batch = z["batch"] if "batch" in z.files else None  # older files: unknown
             lr_max = z["lr_max"] if "lr_max" in z.files else None  # schedule-aware only
+            decay = z["decay"] if "decay" in z.files else None  # momentum only
         except Exception as e:  # zipfile errors, object arrays: one line naming the file
             raise ValueError(f"{path}: cannot read simulator ({type(e).__name__}: {e})") from None
     batch = None if batch is None else int(_file_scalar(path, "batch", batch, integer=True))
     lr_max = None if lr_max is None else _file_scalar(path, "lr_max", lr_max)
+    decay = None if decay is None else _file_scalar(path, "decay", decay)
     variant = str(data["variant"])
     if variant not in _ALL:
         raise ValueError(f"{path}: unknown simulator variant {variant!r}; use one of {_ALL}")
@@ -1312,6 +1396,12 @@ def load_simulator(path) -> Simulator:
             f"{path}: {variant} simulator without a valid lr_max ({lr_max}); refit it with "
             "`simfluence fit`"
         )
+    if variant in MOMENTUM_VARIANTS:
+        if decay is None:
+            raise ValueError(
+                f"{path}: {variant} simulator without its decay; refit it with `simfluence fit`"
+            )
+        momentum.check_decay(decay, f"{path}: decay")
     A, B = data["A"], data["B"]
     for name, arr in (("A", A), ("B", B)):
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
@@ -1332,6 +1422,7 @@ def load_simulator(path) -> Simulator:
         a_prior=_file_scalar(path, "a_prior", data["a_prior"]),
         batch=batch,
         lr_max=lr_max if variant in SCHEDULED_VARIANTS else None,
+        decay=decay if variant in MOMENTUM_VARIANTS else None,
     )
 
 

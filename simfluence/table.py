@@ -56,8 +56,11 @@ VARIANT_ORDER = (
     "linear-lr",
     "additive-lr",
     "linear-lr-tracin-prior",
+    "linear-momentum",
+    "linear-lr-momentum",
     "tracin-cp",
     "tracin-cp-rescaled",
+    "tracin-cp-momentum",
     "constant",
     "mean-trajectory",
 )

@@ -13,7 +13,10 @@ else the checkpoint's learning rate, b the batch size (the training loss is a ba
 - `tracin-cp`: s = 1 (first-order Taylor step of SGD);
 - `tracin-cp-rescaled`: one scalar s fitted by least squares to the observed per-step loss
   changes of the fitting runs, s = sum(pred_delta * obs_delta) / sum(pred_delta ** 2) over
-  all steps, test examples and fitting runs.
+  all steps, test examples and fitting runs;
+- `tracin-cp-momentum`: each step's predicted change spread over later steps with AdamW's
+  first-moment weights, D_t = d D_{t-1} + (1 - d) s delta_t (`simfluence.momentum`), s fitted
+  as for the rescaled variant to the spread predictions; d = 0 is tracin-cp-rescaled.
 
 Design choice: the dot products belong to the checkpoints of a particular run, but a held-out
 (or hypothetical) curriculum has no checkpoints of its own. We therefore simulate every run with
@@ -41,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float, Int
 
+from simfluence import momentum
 from simfluence.runlog import Run, RunLogError, atomic_savez, read_tracin
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "TracInSimulator",
     "has_tracin",
     "from_runs",
+    "with_decay",
     "fit_scale",
     "predicted_deltas",
     "removal_influence",
@@ -56,7 +61,7 @@ __all__ = [
     "load_tracin_simulator",
 ]
 
-TRACIN_VARIANTS = ("tracin-cp", "tracin-cp-rescaled")
+TRACIN_VARIANTS = ("tracin-cp", "tracin-cp-rescaled", momentum.TRACIN_MOMENTUM)
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,10 @@ class TracInSimulator:
         learning_rates: float32 [K] learning rate at each checkpoint (mean over source runs).
         dots: float32 [K, n_test, n_train] mean dot products over source runs.
         scale: s (1.0 for plain TracIn-CP).
-        variant: "tracin-cp" or "tracin-cp-rescaled".
+        variant: one of `TRACIN_VARIANTS`.
         source_runs: indices of the runs whose tracin.npz were averaged.
+        decay: first-moment decay d in [0, 1) spreading each step's change (tracin-cp-momentum;
+            0 for the others).
     """
 
     steps: Int[np.ndarray, " K"] = field(repr=False)
@@ -78,6 +85,7 @@ class TracInSimulator:
     scale: float = 1.0
     variant: str = "tracin-cp"
     source_runs: tuple[int, ...] = ()
+    decay: float = 0.0
 
 
 def has_tracin(runs: Sequence[Run]) -> bool:
@@ -92,12 +100,17 @@ def has_tracin(runs: Sequence[Run]) -> bool:
     return any((r.path / "tracin.npz").is_file() for r in runs)
 
 
-def from_runs(runs: Sequence[Run], *, variant: str = "tracin-cp") -> TracInSimulator:
+def from_runs(
+    runs: Sequence[Run], *, variant: str = "tracin-cp", decay: float | None = None
+) -> TracInSimulator:
     """Build a TracIn-CP simulator from the fitting runs' tracin.npz (averaged).
 
     Args:
         runs: the fitting runs; those with tracin.npz are averaged, the others are ignored.
-        variant: "tracin-cp" (s = 1) or "tracin-cp-rescaled" (s fitted on `runs`).
+        variant: "tracin-cp" (s = 1), "tracin-cp-rescaled" (s fitted on `runs`) or
+            "tracin-cp-momentum" (changes spread with decay d, s fitted on `runs`).
+        decay: d in [0, 1), required by tracin-cp-momentum (`momentum.tracin_from_runs`
+            chooses it on validation runs), refused by the others.
 
     Returns:
         A `TracInSimulator`.
@@ -109,6 +122,11 @@ def from_runs(runs: Sequence[Run], *, variant: str = "tracin-cp") -> TracInSimul
     """
     if variant not in TRACIN_VARIANTS:
         raise ValueError(f"unknown TracIn variant {variant!r}; choose one of {TRACIN_VARIANTS}")
+    if (decay is None) == (variant == momentum.TRACIN_MOMENTUM):
+        raise ValueError(
+            f"decay is required by {momentum.TRACIN_MOMENTUM} and refused by the other TracIn "
+            f"variants (got variant {variant!r}, decay {decay!r})"
+        )
     loaded = [(r, read_tracin(r.path)) for r in runs]
     loaded = [(r, t) for r, t in loaded if t is not None]
     if not loaded:
@@ -146,7 +164,28 @@ def from_runs(runs: Sequence[Run], *, variant: str = "tracin-cp") -> TracInSimul
     )
     if variant == "tracin-cp-rescaled":
         sim = replace(sim, scale=fit_scale(sim, runs), variant=variant)
+    elif variant == momentum.TRACIN_MOMENTUM:
+        sim = with_decay(sim, runs, decay)
     return sim
+
+
+def with_decay(sim: TracInSimulator, runs: Sequence[Run], decay: float) -> TracInSimulator:
+    """The tracin-cp-momentum simulator of ``sim``'s dots: decay d, scale refitted on ``runs``.
+
+    Args:
+        sim: a TracIn-CP simulator (its dots and checkpoint rates are kept).
+        runs: the fitting runs the scale is fitted on.
+        decay: d in [0, 1).
+
+    Returns:
+        A `TracInSimulator` with variant tracin-cp-momentum.
+
+    Raises:
+        ValueError: d outside [0, 1), or every predicted change is zero.
+    """
+    d = momentum.check_decay(decay)
+    spread = replace(sim, scale=1.0, variant=momentum.TRACIN_MOMENTUM, decay=d)
+    return replace(spread, scale=fit_scale(spread, runs))
 
 
 def _settings(t: dict) -> dict:
@@ -245,6 +284,8 @@ def simulate_tracin(
     if l0.shape != (sim.dots.shape[1],):
         raise ValueError(f"initial_losses must be [{sim.dots.shape[1]}], got {l0.shape}")
     d = predicted_deltas(sim, curriculum, lr) * np.float32(sim.scale)
+    if sim.decay:  # tracin-cp-momentum: D_t = d D_{t-1} + (1 - d) s delta_t
+        d = momentum.spread(d, sim.decay)
     out = np.empty((d.shape[0] + 1, l0.shape[0]), np.float32)
     out[0] = l0
     out[1:] = l0 + np.cumsum(d, axis=0, dtype=np.float64)
@@ -302,7 +343,8 @@ def fit_scale(sim: TracInSimulator, runs: Sequence[Run]) -> float:
     """Least-squares scale s of the predicted per-step loss changes on the fitting runs.
 
     Minimises sum over runs, steps, test examples of (s * pred_delta - obs_delta)^2, whose
-    solution is s = sum(pred_delta * obs_delta) / sum(pred_delta^2).
+    solution is s = sum(pred_delta * obs_delta) / sum(pred_delta^2). For tracin-cp-momentum
+    pred_delta is the spread change (`momentum.spread` with the simulator's decay).
 
     Args:
         sim: the TracIn-CP simulator (averaged dots).
@@ -317,13 +359,13 @@ def fit_scale(sim: TracInSimulator, runs: Sequence[Run]) -> float:
     num = 0.0
     den = 0.0
     for r in runs:
-        pred = predicted_deltas(sim, r.curriculum, r.lr).astype(np.float64)
+        pred = momentum.spread(predicted_deltas(sim, r.curriculum, r.lr), sim.decay)
         obs = np.diff(r.losses.astype(np.float64), axis=0)
         num += float((pred * obs).sum())
         den += float((pred * pred).sum())
     if den <= 0.0:
         raise ValueError(
-            "tracin-cp-rescaled: every predicted loss change is zero on the fitting runs "
+            f"{sim.variant}: every predicted loss change is zero on the fitting runs "
             "(all dots are 0?); the scale is undefined"
         )
     return num / den
@@ -350,6 +392,7 @@ def save_tracin_simulator(path, sim: TracInSimulator, *, origin: dict | None = N
         scale=np.asarray(sim.scale, np.float64),
         variant=np.asarray(sim.variant),
         source_runs=np.asarray(sim.source_runs, np.int64),
+        decay=np.asarray(sim.decay, np.float64),
         **extra,
     )
 
@@ -378,6 +421,7 @@ def load_tracin_simulator(path) -> TracInSimulator:
                     "write one with `simfluence fit --variant tracin-cp-rescaled`"
                 )
             data = {k: z[k] for k in _FILE_KEYS}
+            decay = z["decay"] if "decay" in z.files else None  # older files: none (0)
     except ValueError:
         raise
     except Exception as e:  # OSError, zipfile errors: one line naming the file
@@ -392,6 +436,13 @@ def load_tracin_simulator(path) -> TracInSimulator:
         )
     if not (np.isfinite(dots).all() and np.isfinite(data["scale"])):
         raise ValueError(f"{path}: dots or scale contain NaN or inf; build it again")
+    if variant == momentum.TRACIN_MOMENTUM and decay is None:
+        raise ValueError(f"{path}: {variant} simulator without its decay; build it again")
+    if decay is not None and (decay.shape != () or not np.issubdtype(decay.dtype, np.number)):
+        raise ValueError(f"{path}: decay must be a number, got {decay.dtype} {decay.shape}")
+    d = 0.0 if decay is None else momentum.check_decay(float(decay), f"{path}: decay")
+    if d and variant != momentum.TRACIN_MOMENTUM:
+        raise ValueError(f"{path}: a {variant} simulator with decay {d}; build it again")
     return TracInSimulator(
         steps=data["steps"].astype(np.int32),
         learning_rates=data["learning_rates"].astype(np.float32),
@@ -399,4 +450,5 @@ def load_tracin_simulator(path) -> TracInSimulator:
         scale=float(data["scale"]),
         variant=variant,
         source_runs=tuple(int(i) for i in data["source_runs"]),
+        decay=d,
     )

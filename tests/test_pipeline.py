@@ -55,6 +55,9 @@ VARIANTS = (
     "linear-lr-tracin-prior",
     "tracin-cp",
     "tracin-cp-rescaled",
+    "tracin-cp-momentum",
+    "linear-lr-momentum",
+    "linear-momentum",
     "constant",
     "mean-trajectory",
 )

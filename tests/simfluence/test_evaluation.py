@@ -124,8 +124,10 @@ def test_default_variants_without_tracin_and_fixed_lambdas(tmp_path):
         "multiplicative",
         "constant",
         "mean-trajectory",
+        "linear-momentum",
     ]
     assert res["variants"]["linear"]["lambda_source"] == "given"
+    assert res["variants"]["linear-momentum"]["decay_source"] == "default"  # no validation runs
     with pytest.raises(RunLogError, match="tracin.npz"):
         evaluate(e, split=(4, 0, 3), variants=["tracin-cp"])
 

@@ -2,6 +2,8 @@
 #   make runs CONFIG=runs/<name>      training runs        -> $(EXP) (default runs/<name>/output)
 #   make tracin CONFIG=runs/<name>    TracIn-CP dots       -> $(EXP)/run_XXX/tracin.npz
 #   make simulate CONFIG=runs/<name>  every simulator      -> $(EXP)/results.json, sim_<variant>.npz
+#   make features CONFIG=runs/<name>  example features     -> $(EXP)/features/<kind>.npz
+#   make unseen CONFIG=runs/<name>    four settings        -> $(EXP)/results_unseen.{json,md}
 #   make counterfactual CONFIG=...    train proposals      -> $(EXP)/counterfactual/report.md
 #   make figures CONFIG=runs/<name>   plots + influences   -> $(EXP)/figures/
 #   make table                        every results.json   -> results/table.md (+ table.json)
@@ -10,6 +12,7 @@
 # Install level per target: `simulate`, `figures` and `table` need only the simulator half
 # (`install-sim`: pip install -e .); the others the whole stack (`install`: ".[finetune,test]").
 SHELL := /bin/bash
+comma := ,
 PY_BOOT ?= python3
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
@@ -34,12 +37,21 @@ DEMO_EXP = $(if $(OUT),$(OUT),runs/demo/output)
 # Empty: `simfluence evaluate` and `counterfactual propose` take the split experiment.json
 # records (the config's extra.split), else 20,2,10. Set it to pass --split FIT,VALID,TEST.
 SPLIT ?=
+# Fitting and validation runs of the featurized simulator files (sim_linear-feat.npz, ...).
+FEAT_FIT_RUNS ?= 0-19
+FEAT_VALID_RUNS ?= 20-21
 PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
 CF_ARGS ?=
-# The demo's: every kind, flip (needs EXP/sim_linear_margin.npz, fitted by `simulate`) included.
-DEMO_CF_ARGS ?= --kinds remove-top,remove-bottom,remove-random,reorder,optimize,flip,flip-random
+# Featurized Simfluence (issue 19): feature kinds to compute, the kinds and unseen test
+# examples of `make unseen`.
+FEATURE_KINDS ?= hidden,tracin
+UNSEEN_FEATURES ?= tracin
+UNSEEN_TESTS ?= 25-49
+# The demo's proposals: every kind; flip needs EXP/sim_linear_margin.npz (fitted by `simulate`),
+# swap-in the held-out pool examples of the demo config.
+DEMO_CF_ARGS ?= --kinds remove-top,remove-bottom,remove-random,reorder,optimize,flip,flip-random,swap-in
 TABLE_INPUTS ?= $(wildcard runs/*/output/results.json)
 TABLE_OUT ?= results/table.md
 # Tests run the targets with INSTALL_DEP= and PYTHON=<their interpreter>; INSTALL_DEP= skips
@@ -51,17 +63,24 @@ FINETUNE = $(PYTHON) -m finetune.cli
 SIMFLUENCE = $(PYTHON) -m simfluence.cli
 
 .PHONY: help install install-sim test test-all demo runs tracin simulate counterfactual table \
-  figures bench lint tpu-submit
+  figures bench lint tpu-submit features unseen
 
 # `make help` prints these with their current values (VAR=value on the command line sets one).
-HELP_VARS := CONFIG OUT SPLIT PLOT_RUN TESTS CF_ARGS TABLE_INPUTS TABLE_OUT \
-  VENV PY_BOOT PYTHON INSTALL_DEP SHARED
+HELP_VARS := CONFIG OUT SPLIT PLOT_RUN TESTS CF_ARGS DEMO_CF_ARGS FEATURE_KINDS UNSEEN_FEATURES \
+  UNSEEN_TESTS FEAT_FIT_RUNS FEAT_VALID_RUNS TABLE_INPUTS TABLE_OUT VENV PY_BOOT PYTHON \
+  INSTALL_DEP SHARED
 HELP_CONFIG := experiment config: runs/<name> or runs/<name>/config.py
 HELP_OUT := output folder (empty: <CONFIG>/output)
 HELP_SPLIT := FIT,VALID,TEST runs of simulate and counterfactual (empty: experiment.json's)
 HELP_PLOT_RUN := held-out run `make figures` plots
 HELP_TESTS := test examples `make figures` plots
 HELP_CF_ARGS := extra flags of `simfluence counterfactual propose`
+HELP_DEMO_CF_ARGS := the proposal flags `make demo` passes as CF_ARGS
+HELP_FEATURE_KINDS := feature kinds of `make features` (hidden,tracin)
+HELP_UNSEEN_FEATURES := feature kinds of the featurized simulators (simulate, unseen)
+HELP_UNSEEN_TESTS := test examples `make unseen` holds out of fitting
+HELP_FEAT_FIT_RUNS := fitting runs of sim_linear-feat.npz and sim_additive-feat.npz
+HELP_FEAT_VALID_RUNS := validation runs of the featurized simulator files
 HELP_TABLE_INPUTS := results.json files of `make table`
 HELP_TABLE_OUT := where `make table` writes (.md, .csv or .tex)
 HELP_VENV := virtual environment the install targets create
@@ -103,11 +122,11 @@ test-all: install  ## Every test, the slow ones too.
 	$(PYTHON) -m pytest -q -m "slow or not slow" tests
 
 demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP, simulators, table, plots, counterfactual check).
-	$(MAKE) --no-print-directory runs tracin simulate figures counterfactual \
+	$(MAKE) --no-print-directory runs tracin features simulate figures unseen counterfactual \
 	  CONFIG=runs/demo OUT=$(DEMO_EXP) INSTALL_DEP=$(INSTALL_DEP) PYTHON=$(PYTHON) \
-	  CF_ARGS="$(DEMO_CF_ARGS)"
+	  CF_ARGS="$(DEMO_CF_ARGS)" FEATURE_KINDS=tracin
 	$(SIMFLUENCE) table $(DEMO_EXP)/results.json --out $(DEMO_EXP)/table.md
-	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, figures/, counterfactual/report.md"
+	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, results_unseen.md, figures/, counterfactual/report.md"
 
 runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interrupted experiment).
 	$(FINETUNE) run $(CONFIG) --out $(EXP)
@@ -115,12 +134,26 @@ runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interru
 tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
 	$(FINETUNE) tracin $(EXP)
 
-simulate: $(INSTALL_SIM_DEP)  ## `simfluence evaluate` with every variant on $(EXP); saves each to $(EXP)/sim_<variant>.npz (+ sim_linear_margin.npz).
+simulate: $(INSTALL_SIM_DEP)  ## `simfluence evaluate` with every variant on $(EXP); saves each to $(EXP)/sim_<variant>.npz (+ sim_linear_margin.npz, featurized ones).
 	$(SIMFLUENCE) evaluate $(EXP) $(SPLIT_FLAG) --out $(EXP)/results.json --save-simulators $(EXP)
 	if compgen -G "$(EXP)/run_*/choice_losses.npy" > /dev/null; then \
 	  $(SIMFLUENCE) evaluate $(EXP) $(SPLIT_FLAG) --metric margin --variants linear \
 	    --out $(EXP)/results_margin.json --save-simulators $(EXP) > /dev/null || exit; \
 	fi
+	if [ -f "$(EXP)/features/$(firstword $(subst $(comma), ,$(UNSEEN_FEATURES))).npz" ]; then \
+	  for v in linear-feat additive-feat; do \
+	    $(SIMFLUENCE) fit $(EXP) --runs $(FEAT_FIT_RUNS) --valid-runs $(FEAT_VALID_RUNS) --variant $$v \
+	      --features $(firstword $(subst $(comma), ,$(UNSEEN_FEATURES))) \
+	      --out $(EXP)/sim_$$v.npz || exit; done; \
+	fi
+
+features: $(INSTALL_DEP)  ## Example features from the starting model (hidden states, step-0 TracIn gradient) -> $(EXP)/features/.
+	$(FINETUNE) features $(EXP) --kind $(FEATURE_KINDS)
+
+unseen: $(INSTALL_SIM_DEP)  ## Featurized Simfluence on examples never seen: four settings -> $(EXP)/results_unseen.{json,md}.
+	$(SIMFLUENCE) evaluate $(EXP) $(SPLIT_FLAG) --test-examples $(UNSEEN_TESTS) \
+	  --features $(UNSEEN_FEATURES) --out $(EXP)/results_unseen.json > $(EXP)/.results_unseen.md
+	mv $(EXP)/.results_unseen.md $(EXP)/results_unseen.md && cat $(EXP)/results_unseen.md
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.
 	$(SIMFLUENCE) counterfactual propose $(EXP) $(SPLIT_FLAG) $(CF_ARGS)

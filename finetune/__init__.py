@@ -35,6 +35,8 @@ _EXPORTS = {
     "run_counterfactuals": "counterfactual",
     "compute_dots": "tracin",
     "run_tracin": "tracin",
+    "projected_gradients": "tracin",
+    "compute_features": "features",
     "estimate_memory": "tracin",
     "check_config_memory": "tracin",
 }

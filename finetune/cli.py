@@ -239,6 +239,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_tracin(sub)
     _add_tracin_estimate(sub)
     _add_counterfactual(sub)
+    _add_features(sub)
     for p in sub.choices.values():  # --debug after the command too
         _add_debug_flag(p, default=argparse.SUPPRESS)
     return parser
@@ -563,6 +564,67 @@ def _counterfactual(args: argparse.Namespace) -> int:
         )
     else:
         print(done)
+    return 0
+
+
+def _add_features(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``finetune features EXP ...`` (cached example features for featurized
+    Simfluence)."""
+    parser = subparsers.add_parser(
+        "features",
+        help="example features from the starting model -> EXP/features/<kind>.npz",
+        description=(
+            "Compute the features of every pool and tracked test example from EXP's starting "
+            "model (after its warm-up): hidden = the encoder's mean-pooled hidden states of the "
+            "input followed by the answer; tracin = the projected per-example gradient at the "
+            "starting model (TracIn-CP's step 0). Cached in EXP/features/<kind>.npz with a "
+            "hash of the starting model and of the examples; a cached file is reused only when "
+            "both and the settings match."
+        ),
+    )
+    parser.add_argument("exp", type=Path, metavar="EXP", help="experiment directory")
+    parser.add_argument(
+        "--kind",
+        default="hidden,tracin",
+        help="comma-separated feature kinds: hidden, tracin (default: both)",
+    )
+    parser.add_argument(
+        "--proj-dim",
+        type=_positive_int,
+        default=512,
+        help="projection dimension of the tracin kind (default 512, at most the number of "
+        "trainable parameters)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="projection seed (default 0)")
+    parser.add_argument(
+        "--outside",
+        type=int,
+        default=0,
+        help="also the first N training examples outside the pool (the warm-up set; default 0)",
+    )
+    parser.set_defaults(handler=_features)
+    return parser
+
+
+def _features(args: argparse.Namespace) -> int:
+    from finetune.features import FEATURE_KINDS, compute_features
+
+    kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in FEATURE_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"--kind {args.kind!r}: use one or more of {', '.join(FEATURE_KINDS)}")
+    if args.outside < 0:
+        raise ValueError(f"--outside {args.outside}: must be >= 0")
+    for kind in kinds:
+        path, reused = compute_features(
+            args.exp,
+            kind,
+            proj_dim=args.proj_dim,
+            seed=args.seed,
+            n_outside=args.outside,
+            progress=True,
+        )
+        print(f"{path}: {'up to date (cached)' if reused else 'written'}")
     return 0
 
 

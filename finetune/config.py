@@ -168,6 +168,11 @@ class ExperimentConfig:
     train_length_groups: int | None = None  # IA3 only: sort the R x batch examples of a step
     #   by length into this many groups of fixed padded length (each example uses its own run's
     #   IA3 vectors) instead of padding all runs to the step's longest input; None: off
+    held_out_pool: int = 0  # training examples appended to the pool (positions n_train..
+    #   n_train + held_out_pool - 1; experiment.json's n_train counts them) that only the
+    #   held-out runs train on: examples no fitting run sees (featurized Simfluence, issue 19)
+    held_out_runs: int = 0  # the last held_out_runs of the num_runs runs draw their curricula
+    #   from the whole pool, held-out examples included; the others from the first n_train
     checkpoint_steps: tuple[int, ...] = ()  # saved states (orbax), after that many steps; 0=start
     checkpoint_runs: int | None = None  # only runs 0..checkpoint_runs-1 save checkpoints; None=all
     warmup: WarmupConfig | None = None  # optional warm-up phase before all runs (random init)
@@ -286,6 +291,21 @@ class ExperimentConfig:
         if list(steps) != sorted(set(steps)):
             bad(f"checkpoint_steps {list(steps)} must be increasing without repeats")
         object.__setattr__(self, "checkpoint_steps", steps)
+        for name in ("held_out_pool", "held_out_runs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                bad(f"{name}={value!r} must be an integer >= 0")
+        if (self.held_out_pool > 0) != (self.held_out_runs > 0):
+            bad(
+                f"held_out_pool={self.held_out_pool} and held_out_runs={self.held_out_runs}: "
+                "give both (examples no fitting run sees, and the runs that train on them) or "
+                "neither"
+            )
+        if self.held_out_runs >= self.num_runs:
+            bad(
+                f"held_out_runs={self.held_out_runs} must be smaller than num_runs="
+                f"{self.num_runs} (the other runs fit the simulators)"
+            )
         if self.tracin_mode not in TRACIN_MODES:
             bad(f"tracin_mode={self.tracin_mode!r}; choose 'exact' or 'projected'")
         if self.tracin_proj_dim < 1:
@@ -329,6 +349,18 @@ class ExperimentConfig:
         if d.get("warmup") is not None:
             d["warmup"] = WarmupConfig(**d["warmup"])
         return cls(**d)
+
+    def run_pool_size(self, run_index: int) -> int:
+        """Number of pool positions run ``run_index``'s curriculum draws from.
+
+        Args:
+            run_index: the run (0-based).
+
+        Returns:
+            n_train + held_out_pool for the last ``held_out_runs`` runs, else n_train.
+        """
+        held = run_index >= self.num_runs - self.held_out_runs and self.held_out_runs > 0
+        return self.n_train + (self.held_out_pool if held else 0)
 
     def saves_checkpoints(self, run_index: int) -> bool:
         """Whether run ``run_index`` saves checkpoints.

@@ -69,6 +69,7 @@ __all__ = [
     "device_memory",
     "estimate_memory",
     "param_counts",
+    "projected_gradients",
     "run_tracin",
 ]
 
@@ -401,6 +402,69 @@ def compute_dots(
         n_test,
     )
     return fn(trainable, frozen, train_batch, test_batch, jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _make_projected_fn(
+    per_example_loss: LossFn, combine: CombineFn, proj_dim: int, chunk_size: int, n: int
+) -> Callable[..., jax.Array]:
+    """Jitted (trainable, frozen, batch, key) -> f32 [n, proj_dim]."""
+    features = _make_features(per_example_loss, combine, "projected", proj_dim)
+
+    def run(trainable, frozen, batch, key):
+        c = min(chunk_size, n)
+        out = _chunk_map(lambda ch: features(trainable, frozen, ch, key), batch, n, c)
+        return out.reshape(-1, proj_dim)[:n]
+
+    return jax.jit(run)
+
+
+def projected_gradients(
+    per_example_loss: LossFn,
+    trainable: PyTree,
+    frozen: PyTree,
+    batch: Batch,
+    *,
+    proj_dim: int = 4096,
+    seed: int = 0,
+    chunk_size: int = _DEFAULT_CHUNK,
+    combine: CombineFn | None = None,
+) -> Float[Array, "n proj_dim"]:
+    """The projected per-example gradients of ``compute_dots``'s projected mode.
+
+    ``compute_dots(..., mode="projected")`` returns the dot products of exactly these rows (same
+    seed, same Gaussian matrix), so ``projected_gradients(test) @ projected_gradients(pool).T``
+    is its output. Used as example features (`finetune.features`).
+
+    Args:
+        per_example_loss: ``(params, batch) -> f32 [b]``.
+        trainable: trainable parameters; frozen: the others.
+        batch: dict of arrays with leading axis n.
+        proj_dim: projection dimension (at most the number of trainable parameters).
+        seed: projection seed.
+        chunk_size: examples per vmapped chunk.
+        combine: ``(trainable, frozen) -> params``; default ``finetune.model.combine``.
+
+    Returns:
+        f32 [n, proj_dim].
+
+    Raises:
+        ValueError: bad proj_dim or chunk_size, no trainable parameters, an empty batch.
+
+    References:
+        Pruthi et al. 2020, https://arxiv.org/abs/2002.08484 (Section 3.2, projections).
+    """
+    _check_mode("projected", proj_dim, chunk_size)
+    n_params = count_params(trainable)
+    if n_params == 0:
+        raise ValueError("the trainable parameters are empty; check the trainable mask")
+    if proj_dim > n_params:
+        raise ValueError(f"proj_dim={proj_dim} exceeds the {n_params} trainable parameters")
+    n = _batch_size(batch, "batch")
+    fn = _make_projected_fn(
+        per_example_loss, combine or _model_combine, int(proj_dim), int(chunk_size), n
+    )
+    return fn(trainable, frozen, batch, jax.random.key(seed))
 
 
 # --------------------------------------------------------------------------------------------

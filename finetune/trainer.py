@@ -27,6 +27,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -82,8 +83,14 @@ def _same_config(info: dict, config: ExperimentConfig) -> list[str]:
     """
     old = info.get("config", {})
     new = json.loads(json.dumps(config.to_dict(), default=str))
+    # A field an older experiment.json lacks had its default then (fields added later).
+    default = {f.name: f.default for f in dataclasses.fields(config) if f.name in _ADDED_FIELDS}
     keys = (set(old) | set(new)) - set(TRACIN_FIELDS)
-    return sorted(k for k in keys if old.get(k) != new.get(k))
+    return sorted(k for k in keys if old.get(k, default.get(k)) != new.get(k))
+
+
+# Config fields added after experiments were first written (absent from older experiment.json).
+_ADDED_FIELDS = ("held_out_pool", "held_out_runs")
 
 
 def _check_out(exp_dir: Path) -> None:
@@ -275,7 +282,7 @@ def _prepare(
     same = config.train_split == config.test_split or (
         _is_training_split(config.train_split) and _is_training_split(config.test_split)
     )
-    n_used = config.n_train + n_warm + (config.n_test if same else 0)
+    n_used = config.n_train + config.held_out_pool + n_warm + (config.n_test if same else 0)
     if n_used > len(train):
         extra = f" + warmup.n_examples={n_warm}" if n_warm else ""
         where = "same split" if config.train_split == config.test_split else "a training file"
@@ -322,7 +329,19 @@ def _prepare(
         if n_warm
         else np.zeros(0, int)
     )
-    pool = [train[i] for i in pool_idx]
+    # Held-out pool examples: their own stream, so the pool, tracked and warm-up draws (and
+    # every run that does not use them) are those of the config without them.
+    extra_idx = (
+        draw(
+            len(train),
+            config.held_out_pool,
+            3,
+            exclude=np.concatenate([pool_idx, held, warm_idx]),
+        )
+        if config.held_out_pool
+        else np.zeros(0, int)
+    )
+    pool = [train[i] for i in np.concatenate([pool_idx, extra_idx]).astype(int)]
     tracked = [test[i] for i in test_idx]
     warm = [train[i] for i in warm_idx]
     kw = dict(max_input_length=config.max_input_length, max_target_length=config.max_target_length)
@@ -361,7 +380,7 @@ def _prepare(
         },
     )
     info = {
-        "n_train": config.n_train,
+        "n_train": config.n_train + config.held_out_pool,
         "n_test": config.n_test,
         "task": config.task,
         "model": config.model or "random-init",
@@ -379,6 +398,9 @@ def _prepare(
         "provenance": runlog.provenance(),
         "overrides": list(overrides),
     }
+    if config.held_out_pool:  # pool positions no fitting run uses, and the runs that do
+        info["held_out_pool"] = list(range(config.n_train, config.n_train + config.held_out_pool))
+        info["held_out_runs"] = list(range(config.num_runs - config.held_out_runs, config.num_runs))
     runlog.write_experiment(exp_dir, info)
     return runlog.read_experiment(exp_dir), base
 
@@ -736,7 +758,7 @@ def run_experiment(
     curricula = {
         r: make_curriculum(
             config.curriculum,
-            n_train=config.n_train,
+            n_train=config.run_pool_size(r),
             steps=config.steps,
             batch_size=config.batch_size,
             seed=config.curriculum_seed,

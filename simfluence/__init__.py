@@ -42,6 +42,8 @@ _EXPORTS = {
     "across_run_spearman": "scoring",
     "mean_stderr": "scoring",
     "evaluate": "evaluation",
+    "evaluate_unseen": "unseen",
+    "FeatSimulator": "featurized",
     "RunLogError": "runlog",
     "Run": "runlog",
     "load_runs": "runlog",

@@ -190,6 +190,11 @@ def _cmd_evaluate(args) -> None:
             f"--out {out} is one of the experiment's own files and would be overwritten; "
             f"choose another path (e.g. {Path(args.exp) / 'results.json'})"
         )
+    if args.test_examples is not None:
+        _evaluate_unseen(args, out)
+        return
+    if args.features is not None:
+        raise ValueError("--features selects the featurized variants of --test-examples; give both")
     variants = check_variants(args.variants.split(",")) if args.variants else None
     results = evaluate(
         args.exp,
@@ -241,6 +246,47 @@ def _check_metric_of(sim_path: str, metric: str) -> None:
     choice_metrics.check_sim_metric(sim_path, simulators.read_origin(sim_path), metric)
 
 
+def _evaluate_unseen(args, out) -> None:
+    from simfluence.evaluation import resolve_split
+    from simfluence.runlog import FEATURE_KINDS, atomic_write_json, read_experiment
+    from simfluence.unseen import evaluate_unseen, format_unseen, parse_indices
+
+    for flag in ("variants", "l2_a", "l2_b", "a_prior", "save_simulators"):
+        if getattr(args, flag) is not None:
+            name = "--" + flag.replace("_", "-")
+            raise ValueError(
+                f"{name} does not apply with --test-examples (the featurized variants, "
+                "Simfluence-Linear, TracIn-CP rescaled and the baselines are all scored, their "
+                "hyperparameters chosen on the validation runs); leave it out"
+            )
+    if args.metric != "loss":
+        raise ValueError(
+            f"--metric {args.metric}: --test-examples scores the loss only; leave --metric out"
+        )
+    info = read_experiment(args.exp)
+    tests = parse_indices(args.test_examples, info["n_test"])
+    kinds = None
+    if args.features is not None:
+        kinds = [k.strip() for k in args.features.split(",") if k.strip()]
+        bad = [k for k in kinds if k not in FEATURE_KINDS]
+        if bad or not kinds:
+            raise ValueError(
+                f"--features {args.features!r}: use one or more of {', '.join(FEATURE_KINDS)}"
+            )
+    results = evaluate_unseen(
+        args.exp,
+        split=resolve_split(args.exp, _parse_split(args.split) if args.split else None)[0],
+        test_examples=tests,
+        kinds=kinds,
+        progress=sys.stderr.isatty(),
+    )
+    if out is not None:
+        atomic_write_json(out, results)
+    sys.stdout.write(format_unseen(results))
+    if out is not None:
+        sys.stdout.write(f"\nwrote {out}\n")
+
+
 def _cmd_fit(args) -> None:
     from simfluence import choice_metrics, momentum, scheduled, simulators
     from simfluence.baselines import BASELINES
@@ -278,6 +324,11 @@ def _cmd_fit(args) -> None:
     if args.variant in TRACIN_VARIANTS:
         _fit_tracin(args, runs, out, origin, fit_idx)
         return
+    if args.variant in ("linear-feat", "additive-feat"):
+        _fit_featurized(args, runs, out, origin)
+        return
+    if args.features is not None:
+        raise ValueError("--features is for --variant linear-feat or additive-feat; leave it out")
     if args.variant in BASELINES:
         _fit_baseline(args, runs, info, out, origin)
         return
@@ -346,6 +397,43 @@ def _cmd_fit(args) -> None:
         + ("" if sim.lr_max is None else f", lr_max={sim.lr_max:g}")
         + ("" if sim.decay is None else f", decay={sim.decay:g}")
         + f"; wrote {out}"
+    )
+
+
+def _fit_featurized(args, runs, out: Path, origin: dict) -> None:
+    """`fit --variant linear-feat|additive-feat`: the featurized tables of the whole pool."""
+    from simfluence import featurized, simulators
+    from simfluence.runlog import FEATURE_KINDS, load_runs, read_features
+
+    if args.l2_a is not None or args.a_prior is not None:
+        raise ValueError(
+            f"--variant {args.variant} chooses its feature size and lambdas on --valid-runs; "
+            "leave out --l2-a, --l2-b and --a-prior"
+        )
+    if not args.valid_runs:
+        raise ValueError(f"--variant {args.variant} needs --valid-runs (e.g. 20-21)")
+    kind = args.features or "tracin"
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"--features {kind!r}: use one of {', '.join(FEATURE_KINDS)}")
+    feats = read_features(args.exp, kind)
+    if feats is None:
+        raise ValueError(
+            f"{Path(args.exp) / 'features' / (kind + '.npz')} not found; run `finetune features "
+            f"{args.exp}` (make features) first"
+        )
+    valid_idx = _parse_indices(args.valid_runs, "--valid-runs")
+    overlap = sorted(set(valid_idx) & set(origin["fit_runs"]))
+    if overlap:
+        raise ValueError(f"--valid-runs {overlap} also appear in --runs; keep them apart")
+    valid = load_runs(args.exp, valid_idx)
+    sim, sel = featurized.fit_runs(runs, valid, feats, variant=args.variant)
+    origin = {**origin, "featurized": args.variant, "features": kind, "selection": sel}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    simulators.save_simulator(out, sim, origin=origin)
+    lam = f"l2_b={sel['l2_b']:g}" + ("" if sel["l2_a"] is None else f", l2_a={sel['l2_a']:g}")
+    print(
+        f"fitted {args.variant} on {len(runs)} runs with {kind} features (dim {sel['dim']}, "
+        f"{lam}, chosen on runs {args.valid_runs}; tables {sim.variant}); wrote {out}"
     )
 
 
@@ -1021,6 +1109,22 @@ def build_parser() -> argparse.ArgumentParser:
         "the per-example trajectory to fit and score (margin also reports the "
         "accuracy of the simulated final sign)",
     )
+    p.add_argument(
+        "--test-examples",
+        default=None,
+        metavar="IDX",
+        help="tracked test examples never fitted on, e.g. 25-49 or 0,3,5-7: score the "
+        "featurized simulators (linear-feat, additive-feat; needs `finetune features EXP`) in "
+        "four settings (seen/seen, unseen training examples, unseen test examples, both) "
+        "against Simfluence-Linear, TracIn-CP rescaled and the baselines",
+    )
+    p.add_argument(
+        "--features",
+        default=None,
+        metavar="KINDS",
+        help="with --test-examples: feature kinds to use, hidden and/or tracin (default: every "
+        "kind EXP/features holds)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here (.json)")
     p.add_argument(
         "--save-simulators",
@@ -1051,6 +1155,8 @@ def build_parser() -> argparse.ArgumentParser:
             "linear-lr",
             "additive-lr",
             "linear-lr-tracin-prior",
+            "linear-feat",
+            "additive-feat",
             "linear-momentum",
             "linear-lr-momentum",
             "tracin-cp-momentum",
@@ -1061,9 +1167,17 @@ def build_parser() -> argparse.ArgumentParser:
         "tracin.npz; the -lr ones scale each step by the run's learning rate (need lr.npy; "
         "linear-lr-tracin-prior also tracin.npz); the -momentum ones spread each batch's change "
         "over later steps with AdamW's first-moment weights (1-d) d^(t-s), d chosen with "
-        "--valid-runs (else --decay, default 0.9); constant and mean-trajectory are the "
-        "curriculum-blind baselines. Every file works with simulate, influence (not the "
-        "baselines: their influences are all 0), plot and figures",
+        "--valid-runs (else --decay, default 0.9); the -feat ones are featurized (tables from "
+        "example features, `finetune features`; need --valid-runs), saved as per-pair tables "
+        "of the whole pool; constant and mean-trajectory are the curriculum-blind baselines. "
+        "Every file works with simulate, influence (not the baselines: their influences are "
+        "all 0), plot and figures",
+    )
+    p.add_argument(
+        "--features",
+        default=None,
+        metavar="KIND",
+        help="feature kind of the -feat variants: tracin (default) or hidden",
     )
     p.add_argument(
         "--decay",
@@ -1313,8 +1427,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(("remove-top", "remove-bottom", "remove-random", "reorder", "optimize")),
         help="proposal kinds among remove-top, remove-bottom, remove-random, reorder, optimize, "
         "flip (the smallest top-k removal, k in 1,2,4,..,32, that the margin simulator predicts "
-        "flips the target's prediction) and flip-random (random removal of flip's k; needs "
-        "flip) (default: the first five)",
+        "flips the target's prediction), flip-random (random removal of flip's k; needs flip) "
+        "and swap-in (k base examples swapped for held-out pool examples, for experiments with "
+        "held_out_pool) (default: the first five)",
     )
     q.add_argument("--k", type=int, default=10, help="examples removed per removal proposal (10)")
     q.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")

@@ -19,6 +19,10 @@ the simulators answer:
      margin predicts flips the target's prediction (`flip_search`);
    - ``flip-random``: k random examples of the base curriculum, k that of the target's
      ``flip`` proposal (its control).
+   - ``swap-in``: k random examples of the base curriculum each replaced, in every slot, by a
+     distinct held-out pool example (experiment.json ``held_out_pool``: training examples no
+     fitting run contains), so the featurized simulators (``sim_linear-feat.npz``,
+     ``sim_additive-feat.npz``) predict examples they never saw trained.
 
    Removal rule, the same for every removal kind (`remove_examples`): each slot holding a
    removed example gets an example drawn uniformly (seeded) from the pool minus the removed
@@ -82,8 +86,12 @@ KINDS = (
     "optimize",
     "flip",
     "flip-random",
+    "swap-in",
 )
+# The default proposals; swap-in needs held-out pool examples (config held_out_pool).
 DEFAULT_KINDS = KINDS[:5]
+# Featurized simulators (`simfluence.featurized`) are saved as per-pair tables of the whole pool.
+FEATURIZED_VARIANTS = ("linear-feat", "additive-feat")
 REMOVAL_KINDS = ("remove-top", "remove-bottom", "remove-random", "flip", "flip-random")
 FLIP_KS = (1, 2, 4, 8, 16, 32)  # the removal sizes `flip_search` tries, smallest first
 # Momentum variants are scored, not proposers: `optimize` needs per-slot terms given L_{t-1}.
@@ -368,6 +376,7 @@ def default_simulator_files(exp_dir: str | os.PathLike, metric: str = "loss") ->
         + tracin.TRACIN_VARIANTS
         + simulators.SCHEDULED_VARIANTS
         + simulators.MOMENTUM_VARIANTS
+        + FEATURIZED_VARIANTS
     )
     files = {v: choice_metrics.sim_file_name(v, metric) for v in names}
     return {v: f for v, f in files.items() if (exp_dir / f).is_file()}
@@ -398,9 +407,10 @@ def _load_sims(
                 f"{exp_dir} --variant {variant} ...` (make simulate writes EXP/sim_<variant>.npz)"
             )
         sim = load_simulator_file(path)
-        if _variant(sim) != variant:
-            raise ValueError(f"{path} holds a {_variant(sim)} simulator, not {variant}")
         origin = simulators.read_origin(path)
+        held = (origin or {}).get("featurized") if variant in FEATURIZED_VARIANTS else None
+        if _variant(sim) != variant and held != variant:
+            raise ValueError(f"{path} holds a {_variant(sim)} simulator, not {variant}")
         if origin is None or origin.get("experiment_sha256") != exp_sha:
             why = (
                 "records no experiment it was fitted on (written by an older version or "
@@ -512,7 +522,7 @@ def propose(
         tests: target test examples (None: ``n_targets`` drawn; give one or the other).
         n_targets: how many targets to draw (None: min(12, n_test)).
         kinds: proposal kinds from `KINDS`.
-        k: examples removed by each removal proposal.
+        k: examples removed by each removal proposal (swapped out by swap-in).
         seed: seed of every draw.
         optimize_cap: most uses of one example in an ``optimize`` curriculum (None: the largest
             count of any example in the base curriculum).
@@ -537,8 +547,17 @@ def propose(
     exp_dir = Path(exp_dir)
     info = runlog.read_experiment(exp_dir)
     n_train, n_test = info["n_train"], info["n_test"]
+    # Pool positions held out of the fitting runs (issue 19) come last; removals never draw them.
+    outside = [int(i) for i in info.get("held_out_pool", []) or []]
+    n_fit_pool = n_train - len(outside)
     metric = choice_metrics.check_metric(metric)
     kinds = _check_kinds(kinds)
+    if "swap-in" in kinds and not outside:
+        raise ValueError(
+            f"{Path(exp_dir) / 'experiment.json'} records no held-out pool examples; swap-in "
+            "needs them (held_out_pool and held_out_runs in the experiment config): leave "
+            "swap-in out of --kinds"
+        )
     if "flip-random" in kinds:
         if "flip" not in kinds:
             raise ValueError("--kinds flip-random removes flip's k at random: add flip to --kinds")
@@ -595,7 +614,12 @@ def propose(
             )
     if simulator_files is None:
         simulator_files = default_simulator_files(exp_dir, metric)
-    known = PROPOSER_VARIANTS + tracin.TRACIN_VARIANTS + simulators.MOMENTUM_VARIANTS
+    known = (
+        PROPOSER_VARIANTS
+        + tracin.TRACIN_VARIANTS
+        + simulators.MOMENTUM_VARIANTS
+        + FEATURIZED_VARIANTS
+    )
     unknown = sorted(set(simulator_files) - set(known))
     if unknown:
         raise ValueError(
@@ -675,7 +699,7 @@ def propose(
                     mrun.losses[0],
                     float(mrun.losses[-1][j]),
                     j,
-                    n_train,
+                    n_fit_pool,
                     lambda pid=pid: np.random.default_rng(np.random.SeedSequence([seed, 2, pid])),
                     lr=_lr(margin_sim, run),
                 )
@@ -687,7 +711,16 @@ def propose(
             if kind == "flip":
                 cur = flip["curriculum"]
             elif kind in REMOVAL_KINDS:
-                cur = remove_examples(run.curriculum, removed, n_train, rng)
+                cur = remove_examples(run.curriculum, removed, n_fit_pool, rng)
+            elif kind == "swap-in":
+                kk = min(k, len(outside), present.size)
+                removed = sorted(int(i) for i in rng.choice(present, size=kk, replace=False))
+                incoming = [int(i) for i in rng.choice(outside, size=kk, replace=False)]
+                cur = np.array(run.curriculum, np.int32, copy=True)
+                for out_id, in_id in zip(removed, incoming, strict=True):
+                    cur[run.curriculum == out_id] = in_id
+                entry["swapped_in"] = incoming
+                entry["slots_replaced"] = int(np.isin(run.curriculum, removed).sum())
             elif kind == "reorder":
                 cur, perm = reorder_batches(run.curriculum, rng)
                 entry["permutation"] = [int(p) for p in perm]

@@ -19,6 +19,9 @@ write run logs without importing the simulator stack. Layout::
                         #   dots float32 [K, n_test, n_train], mode "exact"|"projected",
                         #   proj_dim int (0 for exact), seed int
         meta.json       # {"status": "complete", ...}, written LAST; without it a run is incomplete
+      features/<kind>.npz  # optional (finetune features): pool float32 [n_train, d], test
+                           #   float32 [n_test, d], outside float32 [n_out, d], outside_ids,
+                           #   model_sha256, ids_sha256, settings (JSON); kind hidden | tracin
 
 Every writer goes through a temporary name in the destination folder and `os.replace`, so a
 reader never sees a half-written file. Every validation failure raises `RunLogError` with a
@@ -81,6 +84,10 @@ __all__ = [
     "provenance",
     "PROVENANCE_PACKAGES",
     "describe_machine",
+    "FEATURE_KINDS",
+    "features_path",
+    "write_features",
+    "read_features",
 ]
 
 EXPERIMENT_FILE = "experiment.json"
@@ -1433,3 +1440,142 @@ def load_counterfactual_runs(
         RunLogError: as `load_runs`.
     """
     return load_runs(exp_dir, indices, _folder=counterfactual_dir(exp_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# Example features (EXP/features/<kind>.npz), written by `finetune features`
+# ----------------------------------------------------------------------------------------------
+
+FEATURES_DIR = "features"
+# hidden: mean-pooled encoder states of input and answer; tracin: projected step-0 gradient.
+FEATURE_KINDS = ("hidden", "tracin")
+
+
+def features_path(exp_dir: str | os.PathLike, kind: str) -> Path:
+    """`EXP/features/<kind>.npz` (nothing is created).
+
+    Raises:
+        RunLogError: an unknown kind.
+    """
+    if kind not in FEATURE_KINDS:
+        raise _error(f"unknown feature kind {kind!r}; use one of {', '.join(FEATURE_KINDS)}")
+    return Path(exp_dir) / FEATURES_DIR / f"{kind}.npz"
+
+
+def _check_features(arrays: dict, origin: str, info: dict | None) -> dict:
+    out = {}
+    dim = None
+    for key in ("pool", "test", "outside"):
+        a = np.asarray(arrays[key])
+        if a.ndim != 2 or not np.issubdtype(a.dtype, np.floating):
+            raise _error(
+                f"{origin}: {key} has dtype {a.dtype} shape {a.shape}; expected float [n, d]"
+            )
+        if dim is None:
+            dim = a.shape[1]
+        elif a.shape[1] != dim:
+            raise _error(f"{origin}: {key} has {a.shape[1]} columns, pool {dim}; recompute it")
+        if not np.isfinite(a).all():
+            raise _error(f"{origin}: {key} holds NaN or inf; delete it and recompute")
+        out[key] = a.astype(np.float32)
+    if info is not None:
+        for key, n in (("pool", info["n_train"]), ("test", info["n_test"])):
+            if out[key].shape[0] != n:
+                raise _error(
+                    f"{origin}: {key} has {out[key].shape[0]} rows but experiment.json says "
+                    f"{n}; it belongs to another experiment: delete it and recompute"
+                )
+    ids = [str(x) for x in np.asarray(arrays["outside_ids"]).tolist()]
+    if len(ids) != out["outside"].shape[0]:
+        raise _error(f"{origin}: {len(ids)} outside_ids for {out['outside'].shape[0]} rows")
+    out["outside_ids"] = ids
+    for key in ("model_sha256", "ids_sha256"):
+        out[key] = str(np.asarray(arrays[key]))
+    settings = arrays["settings"]
+    out["settings"] = (
+        json.loads(str(np.asarray(settings))) if not isinstance(settings, dict) else settings
+    )
+    return out
+
+
+def write_features(
+    exp_dir: str | os.PathLike,
+    kind: str,
+    *,
+    pool: Float[ArrayLike, "n_train d"],
+    test: Float[ArrayLike, "n_test d"],
+    outside: Float[ArrayLike, "n_out d"],
+    outside_ids: Sequence[str],
+    model_sha256: str,
+    ids_sha256: str,
+    settings: dict,
+) -> Path:
+    """Validate and write `EXP/features/<kind>.npz` atomically.
+
+    Args:
+        exp_dir: experiment folder.
+        kind: one of `FEATURE_KINDS`.
+        pool: f32 [n_train, d] features of the training pool (rows = pool positions).
+        test: f32 [n_test, d] features of the tracked test examples.
+        outside: f32 [n_out, d] features of training-split examples outside the pool (n_out may
+            be 0).
+        outside_ids: n_out dataset ids of those examples.
+        model_sha256: hash of the starting model's parameters the features came from.
+        ids_sha256: hash of the example ids (and tokens) the features are of.
+        settings: JSON-ready dict (projection dim, seed, ...).
+
+    Returns:
+        The path written.
+
+    Raises:
+        RunLogError: bad shapes or values, or sizes disagreeing with experiment.json.
+    """
+    path = features_path(exp_dir, kind)
+    arrays = dict(
+        pool=pool,
+        test=test,
+        outside=outside,
+        outside_ids=np.asarray(list(outside_ids), dtype=str),
+        model_sha256=model_sha256,
+        ids_sha256=ids_sha256,
+        settings=json.dumps(settings, sort_keys=True),
+    )
+    checked = _check_features(arrays, str(path), read_experiment(exp_dir))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_savez(
+        path,
+        pool=checked["pool"],
+        test=checked["test"],
+        outside=checked["outside"],
+        outside_ids=np.asarray(checked["outside_ids"], dtype=str),
+        model_sha256=np.array(model_sha256),
+        ids_sha256=np.array(ids_sha256),
+        settings=np.array(json.dumps(settings, sort_keys=True)),
+    )
+
+
+def read_features(exp_dir: str | os.PathLike, kind: str) -> dict | None:
+    """Read and validate `EXP/features/<kind>.npz`.
+
+    Returns:
+        None when absent; else {"pool" f32 [n_train, d], "test" f32 [n_test, d], "outside"
+        f32 [n_out, d], "outside_ids" list[str], "model_sha256", "ids_sha256", "settings"}.
+
+    Raises:
+        RunLogError: unreadable file, missing keys, bad shapes or values.
+    """
+    path = features_path(exp_dir, kind)
+    if not path.is_file():
+        return None
+    keys = ("pool", "test", "outside", "outside_ids", "model_sha256", "ids_sha256", "settings")
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise _error(f"{path}: missing arrays {missing}; recompute it (finetune features)")
+            arrays = {k: data[k] for k in keys}
+    except RunLogError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _error(f"{path}: cannot read as .npz ({exc}); delete it and recompute") from exc
+    return _check_features(arrays, str(path), read_experiment(exp_dir))

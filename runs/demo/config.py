@@ -40,6 +40,10 @@ What it does:
   the 50 tracked examples are one chunk, so the pool's gradients are computed once per
   checkpoint (0.54 s per checkpoint against 1.60 s in chunks of 32, measured on this 2-core CPU
   shared with other jobs).
+- Examples never seen (issue 19, featurized Simfluence): 20 more RTE training examples are
+  appended to the pool (positions 100-119, ``held_out_pool``) and only 8 more runs (32-39,
+  ``held_out_runs``) train on them, drawing from all 120; runs 0-31 are those without the
+  option, bit for bit. ``make unseen`` scores the four settings on them.
 """
 
 from finetune.config import ExperimentConfig, WarmupConfig
@@ -75,14 +79,16 @@ def get_config() -> ExperimentConfig:
         max_target_length=8,
         length_multiple=32,
         data_seed=0,
-        num_runs=32,
+        num_runs=40,
         steps=26,
         batch_size=8,
         curriculum="uniform",
         curriculum_seed=0,
-        runs_together=32,
+        runs_together=40,
         checkpoint_steps=(0, 13),
         checkpoint_runs=20,
+        held_out_pool=20,
+        held_out_runs=8,
         tracin_chunk_size=64,
         warmup=WarmupConfig(steps=200, batch_size=16, n_examples=1000, learning_rate=2e-3),
         extra={"split": [20, 2, 10]},

@@ -177,7 +177,7 @@ def test_demo_is_in_the_informative_regime():
     assert slots % config.n_train != 0  # issue 7: counts must differ between runs
     fit_runs = 20
     assert fit_runs * slots / config.n_train >= 40  # each example seen >= 40x on average
-    assert config.num_runs == 32 and config.extra["split"] == [20, 2, 10]
+    assert config.num_runs - config.held_out_runs == 32 and config.extra["split"] == [20, 2, 10]
     assert config.random_init["vocab_size"] == 32128 and config.warmup is not None
     assert config.checkpoint_runs >= fit_runs and config.checkpoint_steps
 

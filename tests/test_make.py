@@ -66,8 +66,10 @@ def test_help_lists_every_variable_with_its_current_value():
 
 
 def _command(lines: list[str], word: str) -> str:
-    (line,) = [ln for ln in lines if word in ln]
-    return line
+    """Every printed recipe line that runs ``word`` (simulate runs evaluate twice)."""
+    found = [ln for ln in lines if word in ln]
+    assert found, f"no {word!r} in {lines}"
+    return "\n".join(found)
 
 
 @pytest.mark.parametrize(

@@ -102,3 +102,11 @@ def test_bring_your_own_runs_recipe_runs_loads_and_fits(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["split"] == {"fit": [0, 1, 2, 3, 4, 5], "valid": [6], "test": [7, 8, 9]}
     assert results["split_source"] == "experiment.json split"
+
+
+def test_top_level_sections_come_in_the_user_order():
+    text = (REPO_ROOT / "README.md").read_text()
+    titles = re.findall(r"(?m)^## (.*)$", text)
+    order = ["Set-up", "The pipeline", "Using the library", "Bring your own runs"]
+    idx = [next(i for i, t in enumerate(titles) if t.startswith(o)) for o in order]
+    assert idx == sorted(idx), titles

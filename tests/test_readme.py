@@ -148,3 +148,19 @@ def test_quick_start_commands_run_as_printed(tmp_path, monkeypatch, capsys):
     for f in ["exp/experiment.json", "exp/results.json", "sim.npz", "figs/trajectories.png"]:
         assert (tmp_path / f).exists(), f
     assert (tmp_path / "figs/influence.txt").exists()
+
+
+def test_implementation_notes_live_in_docs_and_links_resolve():
+    readme = (REPO_ROOT / "README.md").read_text()
+    impl = (REPO_ROOT / "docs" / "implementation.md").read_text()
+    for phrase in ["counter-based hash", "dynamic\n  program", "batching rule"]:
+        assert phrase not in readme, phrase
+    for phrase in ["counter-based hash", "dynamic", "batching rule"]:
+        assert phrase in impl, phrase
+    for path, anchor in re.findall(r"\((docs/[\w.-]+\.md)(?:#([\w-]+))?\)", readme):
+        doc = REPO_ROOT / path
+        assert doc.exists(), path
+        if anchor:
+            heads = re.findall(r"(?m)^#+ (.*)$", doc.read_text())
+            slugs = {re.sub(r"[^\w -]", "", h).strip().lower().replace(" ", "-") for h in heads}
+            assert anchor in slugs, (path, anchor)

@@ -1026,11 +1026,11 @@ def _train_group_body(
     losses = np.zeros((R, config.steps + 1, config.n_test), np.float32)
     train_loss = np.zeros((R, config.steps), np.float32)
 
-    def log(i: int) -> dict:  # run i's log, as checkpoints hold it
+    def run_log(i: int) -> dict:  # run i's log, as checkpoints hold it
         return {"losses": losses[i], "choice_losses": choice[i], "train_loss": train_loss[i]}
 
     if s0 > 0:
-        restored = [E.restore_checkpoint(d, s0, ctx.trainable0, ctx.opt0, log(0)) for d in dirs]
+        restored = [E.restore_checkpoint(d, s0, ctx.trainable0, ctx.opt0, run_log(0)) for d in dirs]
         tr = place(stack_runs([x[0] for x in restored]), mesh)
         op = place(stack_runs([x[1] for x in restored]), mesh)
         for i, x in enumerate(restored):
@@ -1106,7 +1106,7 @@ def _train_group_body(
         for i, d in enumerate(dirs):
             if saves[i]:
                 # The log so far, at full length (rows after `step` are zero).
-                E.save_checkpoint(d, step, take_run(host_tr, i), take_run(host_op, i), log(i))
+                E.save_checkpoint(d, step, take_run(host_tr, i), take_run(host_op, i), run_log(i))
 
     if s0 == 0 and 0 in config.checkpoint_steps:
         save(0, tr, op)

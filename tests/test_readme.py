@@ -102,3 +102,65 @@ def test_bring_your_own_runs_recipe_runs_loads_and_fits(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["split"] == {"fit": [0, 1, 2, 3, 4, 5], "valid": [6], "test": [7, 8, 9]}
     assert results["split_source"] == "experiment.json split"
+
+
+def test_top_level_sections_come_in_the_user_order():
+    text = (REPO_ROOT / "README.md").read_text()
+    titles = re.findall(r"(?m)^## (.*)$", text)
+    order = [
+        "Set-up",
+        "Quick start without a model",
+        "The pipeline",
+        "Using the library",
+        "Bring your own runs",
+    ]
+    idx = [next(i for i, t in enumerate(titles) if t.startswith(o)) for o in order]
+    assert idx == sorted(idx), titles
+
+
+QUICK = "## Quick start without a model"
+
+
+def test_quick_start_commands_run_as_printed(tmp_path, monkeypatch, capsys):
+    import shlex
+    import subprocess
+    import sys
+
+    from simfluence.cli import main
+
+    text = (REPO_ROOT / "README.md").read_text()
+    start = text.index(f"\n{QUICK}\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    for line in block.splitlines():
+        cmd = line.split("  #")[0].strip()
+        if cmd.startswith("simfluence "):
+            assert main(shlex.split(cmd)[1:]) == 0, cmd
+        else:
+            subprocess.run([sys.executable, *shlex.split(cmd)[1:]], check=True)
+        if cmd.startswith("simfluence evaluate"):
+            assert "| linear |" in capsys.readouterr().out
+        if cmd.startswith("simfluence influence"):
+            assert "opponents" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("exp/run_*"))) == 32
+    for f in ["exp/experiment.json", "exp/results.json", "sim.npz", "figs/trajectories.png"]:
+        assert (tmp_path / f).exists(), f
+    assert (tmp_path / "figs/influence.txt").exists()
+
+
+def test_implementation_notes_live_in_docs_and_links_resolve():
+    readme = (REPO_ROOT / "README.md").read_text()
+    impl = (REPO_ROOT / "docs" / "implementation.md").read_text()
+    for phrase in ["counter-based hash", "dynamic\n  program", "batching rule"]:
+        assert phrase not in readme, phrase
+    for phrase in ["counter-based hash", "dynamic", "batching rule"]:
+        assert phrase in impl, phrase
+    for path, anchor in re.findall(r"\((docs/[\w.-]+\.md)(?:#([\w-]+))?\)", readme):
+        doc = REPO_ROOT / path
+        assert doc.exists(), path
+        if anchor:
+            heads = re.findall(r"(?m)^#+ (.*)$", doc.read_text())
+            slugs = {re.sub(r"[^\w -]", "", h).strip().lower().replace(" ", "-") for h in heads}
+            assert anchor in slugs, (path, anchor)

@@ -238,37 +238,27 @@ def evaluate_unseen(
             name = f"{v}[{kind}]"
             say(f"choosing {name} on validation runs")
             if len(unseen_t):  # choose for other test examples: fit on half, validate on half
-                a, b = seen_t[:half], seen_t[half:]
-                best, table = featurized.select(
-                    fc,
-                    [r.losses[:, a] for r in fit_runs],
-                    vc,
-                    [r.losses[:, b] for r in valid_runs],
-                    f["pool"],
-                    f["test"][a],
-                    f["test"][b],
-                    variant=v,
-                    dims=dims,
-                    grid=grid,
-                    basis_test=f["test"][seen_t],
-                    fit_lrs=flr,
-                    valid_lrs=vlr,
-                )
+                fit_t, valid_t = seen_t[:half], seen_t[half:]
+                fit_losses = [r.losses[:, fit_t] for r in fit_runs]
+                valid_feats = f["test"][valid_t]
             else:
-                best, table = featurized.select(
-                    fc,
-                    fl,
-                    vc,
-                    [r.losses[:, seen_t] for r in valid_runs],
-                    f["pool"],
-                    f["test"][seen_t],
-                    variant=v,
-                    dims=dims,
-                    grid=grid,
-                    basis_test=f["test"][seen_t],
-                    fit_lrs=flr,
-                    valid_lrs=vlr,
-                )
+                fit_t = valid_t = seen_t
+                fit_losses, valid_feats = fl, None
+            best, table = featurized.select(
+                fc,
+                fit_losses,
+                vc,
+                [r.losses[:, valid_t] for r in valid_runs],
+                f["pool"],
+                f["test"][fit_t],
+                valid_feats,
+                variant=v,
+                dims=dims,
+                grid=grid,
+                basis_test=f["test"][seen_t],
+                fit_lrs=flr,
+                valid_lrs=vlr,
+            )
             # The PCA bases are unsupervised: every pool example and every tracked test's
             # features (no loss of an unseen example is read).
             bphi = featurized.Basis.fit(f["pool"], best["dim"])

@@ -42,6 +42,8 @@ FEAT_FIT_RUNS ?= 0-19
 FEAT_VALID_RUNS ?= 20-21
 PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
+# Simulators `make figures` draws beside sim_linear.npz, where their files exist.
+FIGURE_EXTRA_SIMS ?= tracin-cp-rescaled linear-lr-momentum
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
 CF_ARGS ?=
 # Featurized Simfluence (issue 19): feature kinds to compute, the kinds and unseen test
@@ -66,7 +68,7 @@ SIMFLUENCE = $(PYTHON) -m simfluence.cli
   figures bench lint tpu-submit features unseen
 
 # `make help` prints these with their current values (VAR=value on the command line sets one).
-HELP_VARS := CONFIG OUT SPLIT PLOT_RUN TESTS CF_ARGS DEMO_CF_ARGS FEATURE_KINDS UNSEEN_FEATURES \
+HELP_VARS := CONFIG OUT SPLIT PLOT_RUN TESTS FIGURE_EXTRA_SIMS CF_ARGS DEMO_CF_ARGS FEATURE_KINDS UNSEEN_FEATURES \
   UNSEEN_TESTS FEAT_FIT_RUNS FEAT_VALID_RUNS TABLE_INPUTS TABLE_OUT VENV PY_BOOT PYTHON \
   INSTALL_DEP SHARED
 HELP_CONFIG := experiment config: runs/<name> or runs/<name>/config.py
@@ -74,6 +76,7 @@ HELP_OUT := output folder (empty: <CONFIG>/output)
 HELP_SPLIT := FIT,VALID,TEST runs of simulate and counterfactual (empty: experiment.json's)
 HELP_PLOT_RUN := held-out run `make figures` plots
 HELP_TESTS := test examples `make figures` plots
+HELP_FIGURE_EXTRA_SIMS := variants `make figures` draws beside linear (their sim_<variant>.npz)
 HELP_CF_ARGS := extra flags of `simfluence counterfactual propose`
 HELP_DEMO_CF_ARGS := the proposal flags `make demo` passes as CF_ARGS
 HELP_FEATURE_KINDS := feature kinds of `make features` (hidden,tracin)
@@ -162,8 +165,8 @@ counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them
 
 figures: $(INSTALL_SIM_DEP)  ## Trajectories, A/B, LDS, metric bars, lambda curve (PNG + PDF) and top influences for $(EXP).
 	$(SIMFLUENCE) figures $(EXP) --runs $(PLOT_RUN) --tests $(TESTS) --out $(EXP)/figures \
-	  --sim $(EXP)/sim_linear.npz$$(test -f $(EXP)/sim_tracin-cp-rescaled.npz && \
-	    echo ,$(EXP)/sim_tracin-cp-rescaled.npz)
+	  --sim $(EXP)/sim_linear.npz$$(for v in $(FIGURE_EXTRA_SIMS); do \
+	    test -f $(EXP)/sim_$$v.npz && printf ,$(EXP)/sim_$$v.npz; done)
 
 table: $(INSTALL_SIM_DEP)  ## All finished experiments (runs/*/output) into results/table.md and .json.
 	@if [ -z "$(strip $(TABLE_INPUTS))" ]; then \

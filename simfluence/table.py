@@ -265,7 +265,7 @@ def format_results(results: dict) -> str:
         "all-steps MSE",
         "final-step ρ",
         "final-step MSE",
-        "across-run ρ",
+        "LDS (across-run ρ)",
         "skill",
         "λ_A",
         "λ_B",
@@ -276,7 +276,7 @@ def format_results(results: dict) -> str:
         f"experiment {exp.get('name', '?')}: fit runs {len(split.get('fit', []))}, "
         f"validation runs {len(split.get('valid', []))}, held-out runs "
         f"{len(split.get('test', []))}; mean ± stderr (per-run metrics over held-out runs, "
-        "across-run ρ by a jackknife over held-out runs); skill = 1 - MSE / MSE(mean-trajectory)",
+        "LDS = across-run ρ, by a jackknife over held-out runs); skill = 1 - MSE / MSE(mean-trajectory)",
         machine_line(results),
         "",
     ]
@@ -522,7 +522,7 @@ def format_table(results: Sequence[dict]) -> str:
         "",
         *_md(["variant", *labels], rows1),
         "",
-        "Across-run Spearman ρ ± stderr (jackknife over held-out runs) / skill = 1 - "
+        "LDS (across-run Spearman ρ) ± stderr (jackknife over held-out runs) / skill = 1 - "
         "MSE/MSE(mean trajectory) / final-step MSE ± stderr (over held-out runs)",
         "",
         *_md(["variant", *labels], rows2),

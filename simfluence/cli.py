@@ -851,7 +851,7 @@ def _cmd_figures(args) -> None:
             (A, B),
             {"variant": sim.variant, "a_prior": a0, "labels": plots.example_labels(golds)},
         )
-    held = _held_out(sims, complete)
+    held = _held_out(sims, complete, info, results)
     if isinstance(held, str):
         skipped.append(f"lds ({held})")
     else:
@@ -934,13 +934,22 @@ def _cmd_figures(args) -> None:
     print("wrote " + ", ".join(str(p) for p in written))
 
 
-def _held_out(sims, complete: list[int]) -> list[int] | str:
-    """Complete runs none of the simulators was fitted or validated on, or why there are too
-    few to draw the LDS picture."""
+def _held_out(sims, complete: list[int], info: dict, results: dict | None) -> list[int] | str:
+    """The held-out runs of the LDS picture, or why there are too few to draw it.
+
+    Complete runs none of the simulators was fitted or validated on, less the experiment's
+    ``held_out_runs`` (they train on pool examples no fitting run saw: the unseen-example
+    setting, scored by ``evaluate --test-examples``). Where ``results.json`` records a split,
+    only its held-out runs, so the picture's runs are the table's.
+    """
     if any(s.origin is None for s in sims):
         return "a simulator file records no fitting runs, so the held-out runs are unknown"
     used = {i for s in sims for k in ("fit_runs", "valid_runs") for i in s.origin.get(k, [])}
+    used |= {int(i) for i in info.get("held_out_runs") or []}
     held = [i for i in complete if i not in used]
+    recorded = set((results or {}).get("split", {}).get("test") or [])
+    if len([i for i in held if i in recorded]) >= 2:
+        held = [i for i in held if i in recorded]
     if len(held) < 2:
         return f"{len(held)} complete run(s) held out from every simulator; 2 or more needed"
     return held

@@ -409,7 +409,9 @@ def _lds_figure(actual, predicted, tests, test_labels=None, title=None):
             label += ": " + (text if len(text) <= 34 else text[:31] + "...")
             if rest.strip():
                 label += "\n" + _clip(rest, 40)
-        ax.set_title(label + "\nrho: " + ", ".join(rhos), fontsize=7)
+        # Two simulators per line, so three or more stay inside the panel.
+        rho_lines = [", ".join(rhos[i : i + 2]) for i in range(0, len(rhos), 2)]
+        ax.set_title(label + "\nrho: " + "\n".join(rho_lines), fontsize=7)
         ax.set_xlabel("actual final loss", fontsize=8)
         ax.set_ylabel("predicted final loss", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -11,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -214,3 +215,14 @@ def test_bench_fit_warm_is_a_median(load, monkeypatch):
     times = iter([5.0, 1.0, 3.0])
     monkeypatch.setattr(bf, "_timed", lambda fn, *a, **k: (None, next(times)))
     assert bf._median_timed(3, None) == 3.0
+
+
+@pytest.mark.parametrize("n, nb", [(30, 7), (30, 30), (12, 64)])
+def test_bench_fit_blocked_cholesky_is_lapacks(load, n, nb):
+    """The baseline's blocked Cholesky (any block size) equals numpy's LAPACK factor."""
+    bf = load("bench_fit")
+    rng = np.random.default_rng(n + nb)
+    A = rng.standard_normal((n, n + 3))
+    G = A @ A.T + 0.1 * np.eye(n)
+    want = np.linalg.cholesky(G)
+    np.testing.assert_allclose(bf._blocked_cholesky(G.copy(), nb=nb), want, rtol=1e-10, atol=1e-12)

@@ -243,6 +243,24 @@ def test_fit_simulate_influence_plot_figures(work, tmp_path, capsys):
     assert json.loads((figs / "influence.json").read_text())["run"] == 8
 
 
+def test_lds_picture_uses_the_tables_held_out_runs():
+    """The LDS picture leaves out runs with unseen pool examples and keeps the recorded split."""
+    from types import SimpleNamespace
+
+    from simfluence.cli import _held_out
+
+    sims = [SimpleNamespace(origin={"fit_runs": [0, 1, 2, 3, 4], "valid_runs": [5]})]
+    complete = list(range(12))
+    info = {"held_out_runs": [10, 11]}
+    assert _held_out(sims, complete, info, None) == [6, 7, 8, 9]
+    assert _held_out(sims, complete, {}, None) == [6, 7, 8, 9, 10, 11]
+    split = {"split": {"fit": [0, 1, 2, 3, 4], "valid": [5], "test": [6, 7, 8]}}
+    assert _held_out(sims, complete, info, split) == [6, 7, 8]
+    # A recorded split with fewer than 2 of these runs is ignored (another experiment's file).
+    assert _held_out(sims, complete, info, {"split": {"test": [9, 30]}}) == [6, 7, 8, 9]
+    assert "2 or more needed" in _held_out(sims, [0, 1, 2, 3, 4, 5, 6], info, None)
+
+
 def test_bad_inputs_exit_2_with_one_line(work, tmp_path, capsys):
     d, exp = work
     out_json = tmp_path / "r.json"

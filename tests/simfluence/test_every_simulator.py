@@ -303,7 +303,11 @@ def test_figures_draw_the_run_files_results_and_lambda_search(
             np.testing.assert_array_equal(xy[:, 0], actual[:, j])
             np.testing.assert_allclose(xy[:, 1], want, rtol=RTOL, atol=ATOL)
             rhos.append(f"{v} {stats.spearmanr(want, actual[:, j]).statistic:.2f}")
-        assert ax.get_title().splitlines()[-1] == "rho: " + ", ".join(rhos)
+        # The rho part of the title: "rho: " then two simulators per line.
+        lines = ax.get_title().splitlines()
+        first = next(i for i, ln in enumerate(lines) if ln.startswith("rho: "))
+        assert ", ".join(lines[first:]) == "rho: " + ", ".join(rhos)
+        assert [ln.count(" ") for ln in lines[first:]] == [4, 1]  # "rho: a x, b y" / "c z"
     # Metric bars: heights and error bars are results.json's means and standard errors.
     on_file = json.loads((tmp_path / "results.json").read_text())["variants"]
     for ax, key in zip(

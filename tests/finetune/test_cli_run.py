@@ -15,63 +15,11 @@ from finetune import experiment as E
 from finetune.cli import main
 from simfluence import runlog
 
-TINY = dict(
-    name="tiny",
-    task="rte",
-    random_init=dict(
-        vocab_size=32128,
-        d_model=8,
-        d_ff=16,
-        d_kv=4,
-        num_heads=2,
-        num_layers=1,
-        num_decoder_layers=1,
-        feed_forward_proj="relu",
-        dropout_rate=0.0,
-        relative_attention_num_buckets=8,
-    ),
-    freeze_embeddings=True,
-    learning_rate=1e-2,
-    n_train=8,
-    n_test=4,
-    max_input_length=32,
-    max_target_length=4,
-    length_multiple=32,
-    num_runs=2,
-    steps=4,
-    batch_size=2,
-    curriculum="epochs",
-    runs_together=2,
-    checkpoint_steps=(2, 4),
-)
-
-
-def _write_config(folder: Path, **overrides) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    fields = {**TINY, **overrides}
-    args = ",\n        ".join(f"{k}={v!r}" for k, v in fields.items())
-    (folder / "config.py").write_text(
-        '"""Tiny test config."""\n\nfrom finetune.config import ExperimentConfig, WarmupConfig\n\n'
-        f"\ndef get_config():\n    return ExperimentConfig(\n        {args})\n"
-    )
-    return folder
+from ._tiny import run_argv, tiny_fields, tiny_t5, write_config
 
 
 def _run(config_dir, out, data_dir, tok, *extra):
-    return main(
-        [
-            "run",
-            str(config_dir),
-            "--out",
-            str(out),
-            "--data-dir",
-            str(data_dir),
-            "--tokenizer",
-            str(tok),
-            "--no-progress",
-            *extra,
-        ]
-    )
+    return main(run_argv(config_dir, out, data_dir, tok, "--no-progress", *extra))
 
 
 FILES = ("curriculum.npy", "losses.npy", "lr.npy", "metrics.jsonl")
@@ -81,7 +29,7 @@ FILES = ("curriculum.npy", "losses.npy", "lr.npy", "metrics.jsonl")
 def finished(tmp_path_factory, data_dir, t5_tokenizer_dir):
     """One uninterrupted run of the tiny config."""
     root = tmp_path_factory.mktemp("cli")
-    cfg = _write_config(root / "tiny")
+    cfg = write_config(root / "tiny")
     out = root / "out"
     assert _run(cfg, out, data_dir, t5_tokenizer_dir) == 0
     return root, cfg, out
@@ -129,7 +77,7 @@ def test_resume_is_bitwise_identical(finished, data_dir, t5_tokenizer_dir):
 
 def test_resume_from_step_0_after_a_kill(tmp_path, data_dir, t5_tokenizer_dir, capsys):
     """A run killed before its second checkpoint resumes from step 0, which is checkpointed."""
-    cfg = _write_config(tmp_path / "c0", checkpoint_steps=(0, 4))
+    cfg = write_config(tmp_path / "c0", checkpoint_steps=(0, 4))
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert _run(cfg, whole, data_dir, t5_tokenizer_dir) == 0
     # A budget that cannot reach the next checkpoint would be thrown away: refused up front.
@@ -178,7 +126,7 @@ def test_a_kill_during_a_groups_final_writes_resumes_bitwise(finished, data_dir,
 def test_ia3_length_groups_end_to_end_and_resume(tmp_path, data_dir, t5_tokenizer_dir):
     """IA3 with the runs' examples in length groups: complete files, and a resumed experiment
     bitwise identical to an uninterrupted one."""
-    cfg = _write_config(
+    cfg = write_config(
         tmp_path / "g",
         method="ia3",
         freeze_embeddings=False,
@@ -228,13 +176,13 @@ def _bad(capsys, code, *needles):
 def test_bad_config_exits_2_writing_nothing(
     tmp_path, data_dir, t5_tokenizer_dir, capsys, overrides, needles
 ):
-    cfg = _write_config(tmp_path / "bad", **overrides)
+    cfg = write_config(tmp_path / "bad", **overrides)
     _bad(capsys, _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir), *needles)
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_data_dir_exits_2(tmp_path, data_dir, t5_tokenizer_dir, capsys):
-    cfg = _write_config(tmp_path / "c")
+    cfg = write_config(tmp_path / "c")
     empty = tmp_path / "data"
     (empty / "rte").mkdir(parents=True)
     _bad(
@@ -256,7 +204,7 @@ def test_bad_data_dir_exits_2(tmp_path, data_dir, t5_tokenizer_dir, capsys):
 def test_workdir_with_other_config_is_refused(finished, data_dir, t5_tokenizer_dir, capsys):
     root, _, out = finished
     before = (out / "run_000" / "losses.npy").read_bytes()
-    other = _write_config(root / "other", learning_rate=0.5)
+    other = write_config(root / "other", learning_rate=0.5)
     _bad(
         capsys,
         _run(other, out, data_dir, t5_tokenizer_dir),
@@ -273,7 +221,7 @@ def test_missing_config_exits_2(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_non_finite_loss_names_the_step(tmp_path, data_dir, t5_tokenizer_dir, capsys):
-    cfg = _write_config(tmp_path / "nan", learning_rate=1e30, checkpoint_steps=())
+    cfg = write_config(tmp_path / "nan", learning_rate=1e30, checkpoint_steps=())
     code = _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir)
     err = capsys.readouterr().err.strip()
     assert code == 1 and "non-finite loss at step" in err, err
@@ -327,17 +275,17 @@ def test_package_reexports_resolve():
 def test_config_file_errors_name_the_file(tmp_path, capsys):
     """get_config() raising (unknown field, ill-typed value) is one line naming config.py, not a
     traceback with exit code 1."""
-    cfg = _write_config(tmp_path / "unknown", bogus_field=1)
+    cfg = write_config(tmp_path / "unknown", bogus_field=1)
     code = main(["run", str(cfg), "--out", str(tmp_path / "out")])
     _bad(capsys, code, f"{cfg / 'config.py'}: get_config() failed", "bogus_field")
-    cfg = _write_config(tmp_path / "typed", learning_rate="1e-3")
+    cfg = write_config(tmp_path / "typed", learning_rate="1e-3")
     code = main(["run", str(cfg), "--out", str(tmp_path / "out")])
     _bad(capsys, code, f"{cfg / 'config.py'}: ", "learning_rate='1e-3' must be a number")
     assert not (tmp_path / "out").exists()
 
 
 def test_out_that_is_a_file_exits_2(tmp_path, data_dir, t5_tokenizer_dir, capsys):
-    cfg = _write_config(tmp_path / "c")
+    cfg = write_config(tmp_path / "c")
     afile = tmp_path / "afile"
     afile.write_text("keep me")
     for out in (afile, afile / "sub"):
@@ -352,7 +300,7 @@ def tiny_checkpoint(tmp_path_factory):
 
     from finetune import hf
 
-    config = transformers.T5Config(**{**TINY["random_init"], "num_decoder_layers": 2})
+    config = transformers.T5Config(**tiny_t5(num_decoder_layers=2))
     path = tmp_path_factory.mktemp("ckpt")
     hf.save_pretrained_safetensors(hf.init_random(config, seed=0), config, path)
     return path
@@ -366,7 +314,7 @@ def test_pretrained_checkpoint_trains_loading_it_once(
     calls = []
     build = E.build_base_model
     monkeypatch.setattr(E, "build_base_model", lambda c: calls.append(c.model) or build(c))
-    cfg = _write_config(
+    cfg = write_config(
         tmp_path / "p", model=str(tiny_checkpoint), random_init=None, steps=2, checkpoint_steps=()
     )
     assert _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir) == 0
@@ -403,11 +351,10 @@ def test_bad_model_exits_2_writing_nothing(
     """A bad checkpoint or random_init used to be found after data.npz, examples.json and
     experiment.json were written (and a fixed config was then refused as a different one)."""
     if how == "bad random_init":
-        init = {**TINY["random_init"], "feed_forward_proj": "gated-swishy"}
-        cfg = _write_config(tmp_path / "c", random_init=init)
+        cfg = write_config(tmp_path / "c", random_init=dict(feed_forward_proj="gated-swishy"))
     else:
         model = _break_checkpoint(tiny_checkpoint, tmp_path / "model", how)
-        cfg = _write_config(tmp_path / "c", model=str(model), random_init=None)
+        cfg = write_config(tmp_path / "c", model=str(model), random_init=None)
     _bad(capsys, _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir), needle)
     assert not (tmp_path / "out").exists()
 
@@ -417,7 +364,7 @@ def test_tokenizer_larger_than_the_embedding_exits_2(
 ):
     """A 32100-token tokenizer on a 1000-row embedding used to train into NaN and blame the
     learning rate (exit code 1, run folders left)."""
-    cfg = _write_config(tmp_path / "c", random_init={**TINY["random_init"], "vocab_size": 1000})
+    cfg = write_config(tmp_path / "c", random_init=dict(vocab_size=1000))
     out = tmp_path / "out"
     _bad(
         capsys,
@@ -477,7 +424,7 @@ def test_rerun_with_other_tokenizer_or_data_is_refused(
     ],
 )
 def test_flag_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, argv, needle):
-    cfg = _write_config(tmp_path / "c")
+    cfg = write_config(tmp_path / "c")
     argv = [str(cfg) if a == "CFG" else str(tmp_path / "e") if a == "EXP" else a for a in argv]
     with pytest.raises(SystemExit) as exc:
         main([*argv[:2], "--out", str(tmp_path / "out"), *argv[2:]] if argv[0] == "run" else argv)
@@ -495,7 +442,7 @@ def test_tracked_examples_from_the_train_split_stay_out_of_pool_and_warmup(
 
     # RTE train has 2490 examples: this draw leaves no room for overlap to hide by chance.
     config = ExperimentConfig(
-        **{**TINY, "n_train": 2400, "n_test": 80, "test_split": "train"},
+        **tiny_fields(n_train=2400, n_test=80, test_split="train"),
         warmup=WarmupConfig(steps=1, batch_size=2, n_examples=10),
     )
     info = prepare_experiment(
@@ -504,7 +451,7 @@ def test_tracked_examples_from_the_train_split_stay_out_of_pool_and_warmup(
     pool, test, warm = (set(info[k]) for k in ("pool_ids", "test_ids", "warmup_ids"))
     assert (len(pool), len(test), len(warm)) == (2400, 80, 10)
     assert not pool & test and not warm & test and not warm & pool
-    too_many = ExperimentConfig(**{**TINY, "n_train": 2420, "n_test": 80, "test_split": "train"})
+    too_many = ExperimentConfig(**tiny_fields(n_train=2420, n_test=80, test_split="train"))
     with pytest.raises(ValueError, match=r"n_train=2420 \+ n_test=80 \(same split\) exceeds"):
         prepare_experiment(
             too_many, tmp_path / "big", data_dir=data_dir, tokenizer=str(t5_tokenizer_dir)
@@ -539,7 +486,7 @@ def test_unparsable_spiece_model_exits_2_naming_it(tmp_path, data_dir, capfd):
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "spiece.model").write_bytes(np.random.default_rng(0).bytes(5000))
-    cfg = _write_config(tmp_path / "c")
+    cfg = write_config(tmp_path / "c")
     code = _run(cfg, tmp_path / "out", data_dir, tok)
     err = capfd.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
@@ -654,7 +601,7 @@ def test_set_overrides_reach_the_run_and_are_recorded(
 
 
 def test_bad_set_is_one_line_exit_2_writing_nothing(tmp_path, data_dir, t5_tokenizer_dir, capsys):
-    cfg = _write_config(tmp_path / "c")
+    cfg = write_config(tmp_path / "c")
     for item, needle in [("nope=1", "has no field 'nope'"), ("steps=x", "'x' is not an integer")]:
         code = _run(cfg, tmp_path / "out", data_dir, t5_tokenizer_dir, "--set", item)
         _bad(capsys, code, f"--set {item}", needle)
@@ -667,7 +614,7 @@ def test_run_tracin_refuses_before_training_what_cannot_fit(
     from finetune import tracin
     from finetune.config import load_experiment_config
 
-    cfg = _write_config(tmp_path / "c")
+    cfg = write_config(tmp_path / "c")
     config, _ = load_experiment_config(cfg)
     est = tracin.check_config_memory(config, device_bytes=10**15)
     monkeypatch.setattr(tracin, "device_memory", lambda: (est["total"] - 1, "the fake device"))
@@ -683,7 +630,7 @@ def test_tracin_estimate_prints_the_refusal_without_a_device(tmp_path, capsys):
     from finetune import tracin
     from finetune.config import load_experiment_config
 
-    cfg = _write_config(tmp_path / "c")
+    cfg = write_config(tmp_path / "c")
     est = tracin.check_config_memory(load_experiment_config(cfg)[0], device_bytes=10**15)
     small = est["total"] - 1
     assert main(["tracin-estimate", str(cfg), "--device-memory", str(small)]) == 0

@@ -17,37 +17,19 @@ from finetune.counterfactual import run_counterfactuals
 from finetune.trainer import run_experiment
 from simfluence import runlog
 
+from ._tiny import tiny_fields
+
 # 4 runs in EXP groups [0, 1, 2] and [3] (vmap widths 3 and 1). The 5 proposals train in groups
 # [0, 1, 2], [3, pad, pad] (width of their base runs' group: 3) and [4] (base run 3: width 1).
+# TINY's length_multiple=32 is one padded length: a proposal's batches pad as its base run's did.
 CONFIG = ExperimentConfig(
-    name="tiny_cf",
-    task="rte",
-    random_init=dict(
-        vocab_size=32128,
-        d_model=8,
-        d_ff=16,
-        d_kv=4,
-        num_heads=2,
-        num_layers=1,
-        num_decoder_layers=1,
-        feed_forward_proj="relu",
-        dropout_rate=0.0,
-        relative_attention_num_buckets=8,
-    ),
-    freeze_embeddings=True,
-    learning_rate=1e-2,
-    n_train=8,
-    n_test=4,
-    max_input_length=32,
-    max_target_length=4,
-    length_multiple=32,  # one padded length: a proposal's batches pad as its base run's did
-    num_runs=4,
-    steps=4,
-    batch_size=2,
-    curriculum="epochs",
-    runs_together=3,
-    checkpoint_steps=(4,),  # EXP's runs save one; counterfactual runs must not
-    warmup=WarmupConfig(steps=2, batch_size=2, n_examples=4),
+    **tiny_fields(
+        name="tiny_cf",
+        num_runs=4,
+        runs_together=3,
+        checkpoint_steps=(4,),  # EXP's runs save one; counterfactual runs must not
+        warmup=WarmupConfig(steps=2, batch_size=2, n_examples=4),
+    )
 )
 WIDTHS = [3, 3, 3, 3, 1]  # the vmap width each proposal trains in
 FILES = ("curriculum.npy", "losses.npy", "lr.npy", "metrics.jsonl", "meta.json")

@@ -7,22 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ._tiny import tiny_t5
+
 # Fixed up front: float32 forward passes of the same example, batched vs alone.
 RTOL, ATOL = 1e-5, 1e-6
 
-_TINY_T5 = dict(
-    vocab_size=32128,
-    d_model=8,
-    d_kv=4,
-    d_ff=8,
-    num_layers=1,
-    num_decoder_layers=1,
-    num_heads=2,
-    feed_forward_proj="relu",
-    tie_word_embeddings=True,
-    dropout_rate=0.0,
-    relative_attention_num_buckets=4,
-)
+_TINY_T5 = tiny_t5(d_ff=8, relative_attention_num_buckets=4, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,10 @@ from finetune.config import ExperimentConfig, WarmupConfig
 from finetune.tasks import load_split
 from finetune.trainer import prepare_experiment
 
-TINY = dict(
-    vocab_size=32128,
-    d_model=8,
-    d_ff=16,
-    d_kv=4,
-    num_heads=2,
-    num_layers=1,
-    num_decoder_layers=1,
-    dropout_rate=0.0,
-    relative_attention_num_buckets=8,
-)
+from ._tiny import TINY_T5
+
+# TINY_T5, leaving feed_forward_proj to T5Config's default (relu, the same network)
+_T5 = {k: v for k, v in TINY_T5.items() if k != "feed_forward_proj"}
 
 
 @pytest.mark.parametrize("train_split,test_split", [("train", "train_xs"), ("train", "train_l")])
@@ -33,7 +26,7 @@ def test_tracked_training_examples_are_excluded_by_id(
     config = ExperimentConfig(
         name="wg",
         task="winogrande",
-        random_init=TINY,
+        random_init=_T5,
         train_split=train_split,
         test_split=test_split,
         n_train=2000,

@@ -1,7 +1,7 @@
 """Live training metrics (TensorBoard, wandb, batch-log lines) and the runs' provenance.
 
-The config is test_cli_run's TINY (same network, optimizer and shapes), so in a full test run
-its programs are already compiled in this process and these tests only execute them.
+The config is _tiny.TINY, as in test_cli_run (same network, optimizer and shapes), so in a full
+test run its programs are already compiled in this process and these tests only execute them.
 """
 
 import importlib.machinery
@@ -18,61 +18,10 @@ from finetune import trainer
 from finetune.cli import main
 from simfluence import runlog
 
-TINY = dict(
-    name="tiny",
-    task="rte",
-    random_init=dict(
-        vocab_size=32128,
-        d_model=8,
-        d_ff=16,
-        d_kv=4,
-        num_heads=2,
-        num_layers=1,
-        num_decoder_layers=1,
-        feed_forward_proj="relu",
-        dropout_rate=0.0,
-        relative_attention_num_buckets=8,
-    ),
-    freeze_embeddings=True,
-    learning_rate=1e-2,
-    n_train=8,
-    n_test=4,
-    max_input_length=32,
-    max_target_length=4,
-    length_multiple=32,
-    num_runs=2,
-    steps=4,
-    batch_size=2,
-    curriculum="epochs",
-    runs_together=2,
-    checkpoint_steps=(2, 4),
-)
+from ._tiny import run_argv, write_config
+
 FILES = ("curriculum.npy", "losses.npy", "lr.npy", "metrics.jsonl")
 RTOL = 1e-6  # event files store float32; the means are float64 of the float32 run files
-
-
-def _config(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    args = ",\n        ".join(f"{k}={v!r}" for k, v in TINY.items())
-    (folder / "config.py").write_text(
-        '"""Tiny test config."""\n\nfrom finetune.config import ExperimentConfig\n\n'
-        f"\ndef get_config():\n    return ExperimentConfig(\n        {args})\n"
-    )
-    return folder
-
-
-def _argv(cfg, out, data_dir, tok, *extra):
-    return [
-        "run",
-        str(cfg),
-        "--out",
-        str(out),
-        "--data-dir",
-        str(data_dir),
-        "--tokenizer",
-        str(tok),
-        *extra,
-    ]
 
 
 def _means(out: Path):
@@ -97,7 +46,7 @@ def logged(tmp_path_factory, data_dir, t5_tokenizer_dir):
     """One batch-mode call with TensorBoard every 3 steps; each log point is checked on disk
     as it happens (the run files are written only when the group ends)."""
     root = tmp_path_factory.mktemp("live")
-    cfg, out = _config(root / "tiny"), root / "out"
+    cfg, out = write_config(root / "tiny"), root / "out"
     seen = []
 
     class Probe(M.LiveMetrics):
@@ -120,7 +69,7 @@ def logged(tmp_path_factory, data_dir, t5_tokenizer_dir):
 
     mp.setattr(sys, "stderr", Stderr())
     try:
-        argv = _argv(cfg, out, data_dir, t5_tokenizer_dir, "--no-progress", "--log-every", "3")
+        argv = run_argv(cfg, out, data_dir, t5_tokenizer_dir, "--no-progress", "--log-every", "3")
         assert main(argv) == 0
     finally:
         mp.undo()
@@ -200,7 +149,7 @@ def test_wandb_and_the_progress_bar_log_the_same_without_changing_a_bit(
     fake = _FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = logged["root"] / "wandb"
-    argv = _argv(logged["cfg"], out, data_dir, t5_tokenizer_dir, "--report-to", "wandb")
+    argv = run_argv(logged["cfg"], out, data_dir, t5_tokenizer_dir, "--report-to", "wandb")
     assert main([*argv, "--log-every", "1"]) == 0
     # Logging at every step (a host sync each step) leaves every run file as it was.
     for r in range(2):
@@ -237,8 +186,8 @@ def test_bad_report_to_is_one_line_exit_2_before_anything(
     tmp_path, data_dir, t5_tokenizer_dir, monkeypatch, capsys, flags, needle
 ):
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed, even where it is
-    cfg, out = _config(tmp_path / "c"), tmp_path / "out"
-    assert main(_argv(cfg, out, data_dir, t5_tokenizer_dir, "--no-progress", *flags)) == 2
+    cfg, out = write_config(tmp_path / "c"), tmp_path / "out"
+    assert main(run_argv(cfg, out, data_dir, t5_tokenizer_dir, "--no-progress", *flags)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and needle in err, err
     assert not out.exists()

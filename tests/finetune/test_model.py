@@ -19,26 +19,13 @@ from finetune.model import (  # noqa: E402
     trainable_mask,
 )
 
+from ._tiny import SMALL_T5  # noqa: E402
+
 TOL = 1e-4
 
 
 def _config(**kw):
-    base = dict(
-        vocab_size=64,
-        d_model=16,
-        d_kv=4,
-        d_ff=24,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        decoder_start_token_id=0,
-        dropout_rate=0.0,
-    )
-    base.update(kw)
-    return transformers.T5Config(**base)
+    return transformers.T5Config(**{**SMALL_T5, **kw})
 
 
 def _batch(vocab=64, b=3):

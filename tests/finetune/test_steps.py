@@ -13,22 +13,11 @@ from finetune.hf import init_random  # noqa: E402
 from finetune.model import combine, make_per_example_loss, partition, trainable_mask  # noqa: E402
 from finetune.steps import make_optimizer, make_train_step  # noqa: E402
 
+from ._tiny import SMALL_T5  # noqa: E402
+
 
 def _model():
-    cfg = transformers.T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_kv=4,
-        d_ff=24,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        decoder_start_token_id=0,
-        dropout_rate=0.1,
-    )
+    cfg = transformers.T5Config(**{**SMALL_T5, "dropout_rate": 0.1})
     return nnx.split(init_random(cfg, ia3=True, seed=3))
 
 

@@ -18,6 +18,8 @@ from jax.flatten_util import ravel_pytree
 
 from finetune import tracin
 
+from ._tiny import tiny_t5
+
 
 def _combine(trainable, frozen):
     return {**frozen, **trainable}
@@ -314,18 +316,11 @@ def test_cli_parses_flags_and_help_explains_each(capsys):
 
 # ---- end to end on a tiny experiment built through finetune.experiment / trainer ----------------
 
-_TINY_T5 = dict(
-    vocab_size=32128,
-    d_model=8,
-    d_kv=4,
+_TINY_T5 = tiny_t5(
     d_ff=8,
-    num_layers=1,
-    num_decoder_layers=1,
-    num_heads=2,
+    relative_attention_num_buckets=4,
     feed_forward_proj="gated-gelu",
     tie_word_embeddings=False,
-    dropout_rate=0.0,
-    relative_attention_num_buckets=4,
 )
 
 

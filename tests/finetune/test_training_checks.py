@@ -25,6 +25,8 @@ from finetune.steps import make_optimizer, make_train_step
 from finetune.tracin import run_tracin
 from simfluence import runlog
 
+from ._tiny import SMALL_T5, tiny_fields
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STEP_TOL = dict(rtol=1e-5, atol=1e-6)  # same float32 maths, another trace; fixed before running
 # float32 schedule against float64 hand values: 1e-6 of the rate, or of the peak rate near the
@@ -38,17 +40,9 @@ LR_ATOL = 1e-6  # times the peak rate
 
 
 def _tiny_model(ia3: bool):
+    # SMALL_T5 with T5Config's defaults for these two (relu, tied embeddings)
     cfg = transformers.T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_kv=4,
-        d_ff=24,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
+        **{**SMALL_T5, "feed_forward_proj": "relu", "tie_word_embeddings": True}
     )
     return nnx.split(hf.init_random(cfg, ia3=ia3, seed=5))
 
@@ -170,36 +164,13 @@ def test_accuracy_picks_the_lowest_loss_choice_of_a_hand_labelled_case():
 # A tiny experiment with a warm-up: trained once, cached, resumed, reproducible
 
 TINY = ExperimentConfig(
-    name="tiny_warm",
-    task="rte",
-    random_init=dict(
-        vocab_size=32128,
-        d_model=8,
-        d_ff=16,
-        d_kv=4,
-        num_heads=2,
-        num_layers=1,
-        num_decoder_layers=1,
-        feed_forward_proj="relu",
-        dropout_rate=0.0,
-        relative_attention_num_buckets=8,
-    ),
-    freeze_embeddings=True,
-    learning_rate=1e-2,
-    schedule="linear",
-    warmup_steps=2,
-    n_train=8,
-    n_test=4,
-    max_input_length=32,
-    max_target_length=4,
-    length_multiple=32,
-    num_runs=2,
-    steps=4,
-    batch_size=2,
-    curriculum="epochs",
-    runs_together=2,
-    checkpoint_steps=(2,),
-    warmup=WarmupConfig(steps=4, batch_size=2, n_examples=4, learning_rate=1e-2),
+    **tiny_fields(
+        name="tiny_warm",
+        schedule="linear",
+        warmup_steps=2,
+        checkpoint_steps=(2,),
+        warmup=WarmupConfig(steps=4, batch_size=2, n_examples=4, learning_rate=1e-2),
+    )
 )
 RUN_FILES = ("curriculum.npy", "losses.npy", "lr.npy", "metrics.jsonl")
 

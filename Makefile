@@ -42,6 +42,8 @@ FEAT_FIT_RUNS ?= 0-19
 FEAT_VALID_RUNS ?= 20-21
 PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
+# Flags of the training commands (finetune run, finetune counterfactual), e.g. --no-progress.
+TRAIN_ARGS ?=
 # Simulators `make figures` draws beside sim_linear.npz, where their files exist.
 FIGURE_EXTRA_SIMS ?= tracin-cp-rescaled linear-lr-momentum
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
@@ -68,7 +70,7 @@ SIMFLUENCE = $(PYTHON) -m simfluence.cli
   figures bench lint tpu-submit features unseen
 
 # `make help` prints these with their current values (VAR=value on the command line sets one).
-HELP_VARS := CONFIG OUT SPLIT PLOT_RUN TESTS FIGURE_EXTRA_SIMS CF_ARGS DEMO_CF_ARGS FEATURE_KINDS UNSEEN_FEATURES \
+HELP_VARS := CONFIG OUT SPLIT PLOT_RUN TESTS FIGURE_EXTRA_SIMS TRAIN_ARGS CF_ARGS DEMO_CF_ARGS FEATURE_KINDS UNSEEN_FEATURES \
   UNSEEN_TESTS FEAT_FIT_RUNS FEAT_VALID_RUNS TABLE_INPUTS TABLE_OUT VENV PY_BOOT PYTHON \
   INSTALL_DEP SHARED
 HELP_CONFIG := experiment config: runs/<name> or runs/<name>/config.py
@@ -76,6 +78,7 @@ HELP_OUT := output folder (empty: <CONFIG>/output)
 HELP_SPLIT := FIT,VALID,TEST runs of simulate and counterfactual (empty: experiment.json's)
 HELP_PLOT_RUN := held-out run `make figures` plots
 HELP_TESTS := test examples `make figures` plots
+HELP_TRAIN_ARGS := flags of finetune run and finetune counterfactual (--no-progress for batch logs)
 HELP_FIGURE_EXTRA_SIMS := variants `make figures` draws beside linear (their sim_<variant>.npz)
 HELP_CF_ARGS := extra flags of `simfluence counterfactual propose`
 HELP_DEMO_CF_ARGS := the proposal flags `make demo` passes as CF_ARGS
@@ -132,7 +135,7 @@ demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP
 	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, results_unseen.md, figures/, counterfactual/report.md"
 
 runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interrupted experiment).
-	$(FINETUNE) run $(CONFIG) --out $(EXP)
+	$(FINETUNE) run $(CONFIG) --out $(EXP)$(if $(strip $(TRAIN_ARGS)), $(TRAIN_ARGS))
 
 tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
 	$(FINETUNE) tracin $(EXP)
@@ -160,7 +163,7 @@ unseen: $(INSTALL_SIM_DEP)  ## Featurized Simfluence on examples never seen: fou
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.
 	$(SIMFLUENCE) counterfactual propose $(EXP) $(SPLIT_FLAG) $(CF_ARGS)
-	$(FINETUNE) counterfactual $(EXP)
+	$(FINETUNE) counterfactual $(EXP)$(if $(strip $(TRAIN_ARGS)), $(TRAIN_ARGS))
 	$(SIMFLUENCE) counterfactual score $(EXP)
 
 figures: $(INSTALL_SIM_DEP)  ## Trajectories, A/B, LDS, metric bars, lambda curve (PNG + PDF) and top influences for $(EXP).

@@ -221,3 +221,12 @@ def test_make_demo_ignores_another_config():
 def test_make_runs_accepts_the_folder_or_its_config_file(config):
     (line,) = [ln for ln in _dry_run("runs", f"CONFIG={config}") if "finetune.cli run" in ln]
     assert line.endswith("--out runs/demo/output"), line
+
+
+def test_make_train_args_reach_both_training_commands():
+    lines = _dry_run("demo", "TRAIN_ARGS=--no-progress --log-every 5")
+    train = [
+        ln for ln in lines if "finetune.cli run " in ln or "finetune.cli counterfactual " in ln
+    ]
+    assert len(train) == 2, lines
+    assert all(ln.endswith(" --no-progress --log-every 5") for ln in train), train

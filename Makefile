@@ -44,7 +44,9 @@ PLOT_RUN ?= 22
 TESTS ?= 0,1,2,3
 # Flags of the training commands (finetune run, finetune counterfactual), e.g. --no-progress.
 TRAIN_ARGS ?=
-# Simulators `make figures` draws beside sim_linear.npz, where their files exist.
+# Simulators `make figures` draws beside sim_linear.npz (spaces or commas), where their files
+# exist; a missing file is skipped with a line on stderr.
+comma := ,
 FIGURE_EXTRA_SIMS ?= tracin-cp-rescaled linear-lr-momentum
 # Extra flags of `simfluence counterfactual propose` (e.g. --targets 20 --k 16 --base-runs 22-31).
 CF_ARGS ?=
@@ -102,7 +104,7 @@ help:  ## List the targets and the variables.
 	@echo "Targets (make TARGET VAR=value ...):"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 	@echo "Variables (current value in brackets):"
-	@$(foreach v,$(HELP_VARS),printf '  %-15s %s [%s]\n' $(v) $(call shq,$(HELP_$(v))) \
+	@$(foreach v,$(HELP_VARS),printf '  %-18s %s [%s]\n' $(v) $(call shq,$(HELP_$(v))) \
 	  $(call shq,$(strip $($(v))));)
 
 # Two install levels, each with its stamp in $(VENV); the full one includes the simulator's.
@@ -121,7 +123,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed  ## Create .venv with the whole stack: the finetune and test extras (torch too).
 install-sim: $(if $(wildcard $(VENV)/.installed),$(VENV)/.installed,$(VENV)/.installed-sim)  ## Only the simulator half (pip install -e .): enough for simulate, figures and table.
 
-test: install  ## The default test suite (CPU, no network, two test processes, about 6.5 min on 2 cores).
+test: install  ## The default test suite (CPU, no network, two test processes, about 7 min on 2 cores).
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 test-all: install  ## Every test, the slow ones too.
@@ -168,8 +170,9 @@ counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them
 
 figures: $(INSTALL_SIM_DEP)  ## Trajectories, A/B, LDS, metric bars, lambda curve (PNG + PDF) and top influences for $(EXP).
 	$(SIMFLUENCE) figures $(EXP) --runs $(PLOT_RUN) --tests $(TESTS) --out $(EXP)/figures \
-	  --sim $(EXP)/sim_linear.npz$$(for v in $(FIGURE_EXTRA_SIMS); do \
-	    test -f $(EXP)/sim_$$v.npz && printf ,$(EXP)/sim_$$v.npz; done)
+	  --sim $(EXP)/sim_linear.npz$$(for v in $(subst $(comma), ,$(FIGURE_EXTRA_SIMS)); do \
+	    if test -f $(EXP)/sim_$$v.npz; then printf ,$(EXP)/sim_$$v.npz; else \
+	    echo "make figures: skipped FIGURE_EXTRA_SIMS variant $$v: no $(EXP)/sim_$$v.npz" >&2; fi; done)
 
 table: $(INSTALL_SIM_DEP)  ## All finished experiments (runs/*/output) into results/table.md and .json.
 	@if [ -z "$(strip $(TABLE_INPUTS))" ]; then \

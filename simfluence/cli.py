@@ -283,8 +283,8 @@ def _evaluate_unseen(args, out) -> None:
     if out is not None:
         atomic_write_json(out, results)
     sys.stdout.write(format_unseen(results))
-    if out is not None:
-        sys.stdout.write(f"\nwrote {out}\n")
+    if out is not None:  # stderr: stdout is the markdown table (make unseen keeps it as .md)
+        sys.stderr.write(f"wrote {out}\n")
 
 
 def _cmd_fit(args) -> None:
@@ -710,7 +710,7 @@ def _trajectory_inputs(sims, runs, texts, tests) -> dict:
             + ("" if golds[n + j] is None else f"\ngold: {golds[n + j]}")
             for j in tests
         ]
-    what = " and ".join(labels) if many else f"{labels[0]} simulator"
+    what = (", ".join(labels[:-1]) + " and " + labels[-1]) if many else f"{labels[0]} simulator"
     return {
         "true": [r.losses for r in runs],
         "pred": preds if many else preds[labels[0]],

@@ -276,7 +276,7 @@ def format_results(results: dict) -> str:
         f"experiment {exp.get('name', '?')}: fit runs {len(split.get('fit', []))}, "
         f"validation runs {len(split.get('valid', []))}, held-out runs "
         f"{len(split.get('test', []))}; mean ± stderr (per-run metrics over held-out runs, "
-        "LDS = across-run ρ, by a jackknife over held-out runs); "
+        "LDS = across-run ρ, its stderr by a jackknife over held-out runs); "
         "skill = 1 - MSE / MSE(mean-trajectory)",
         machine_line(results),
         "",

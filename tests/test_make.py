@@ -81,3 +81,21 @@ def test_split_is_passed_only_when_set(target, word):
     assert "--split" not in _command(_make(*base), word)
     assert "--split" not in _command(_make(*base, "SPLIT="), word)
     assert " --split 5,1,2 " in _command(_make(*base, "SPLIT=5,1,2"), word)
+
+
+def test_figures_draws_the_extra_simulators_whose_files_exist(tmp_path):
+    """FIGURE_EXTRA_SIMS (spaces or commas): present files join --sim, missing ones are named."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    for v in ("linear", "a", "b"):
+        (tmp_path / f"sim_{v}.npz").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "OUT", "SPLIT", "MAKEFLAGS")}
+    cmd = ["make", "--no-print-directory", "-C", str(REPO), "figures", f"OUT={tmp_path}"]
+    cmd += ["INSTALL_SIM_DEP=", "SIMFLUENCE=echo", "FIGURE_EXTRA_SIMS=a,missing b"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    sims = proc.stdout.split("--sim ")[-1].split()[0]
+    assert sims == ",".join(str(tmp_path / f"sim_{v}.npz") for v in ("linear", "a", "b"))
+    assert (
+        f"skipped FIGURE_EXTRA_SIMS variant missing: no {tmp_path}/sim_missing.npz" in proc.stderr
+    )

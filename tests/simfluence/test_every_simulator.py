@@ -239,7 +239,7 @@ def test_several_simulators_on_the_same_panels_name_each_and_the_runs_role(exp):
         "constant",
     ]
     assert fig._suptitle.get_text() == (
-        "linear and tracin-cp and constant vs true losses: fitted run 1; held-out run 6"
+        "linear, tracin-cp and constant vs true losses: fitted run 1; held-out run 6"
     )
     for ax, j in zip(fig.axes, [0, 3], strict=True):
         # the template is stripped, the gold answer shown

@@ -65,6 +65,7 @@ TABLE_OUT ?= results/table.md
 INSTALL_DEP ?= install
 INSTALL_SIM_DEP = $(if $(strip $(INSTALL_DEP)),install-sim)
 SPLIT_FLAG = $(if $(strip $(SPLIT)),--split $(strip $(SPLIT)))
+TRAIN_FLAGS = $(if $(strip $(TRAIN_ARGS)), $(strip $(TRAIN_ARGS)))
 FINETUNE = $(PYTHON) -m finetune.cli
 SIMFLUENCE = $(PYTHON) -m simfluence.cli
 
@@ -72,8 +73,8 @@ SIMFLUENCE = $(PYTHON) -m simfluence.cli
   figures bench lint tpu-submit features unseen
 
 # `make help` prints these with their current values (VAR=value on the command line sets one).
-HELP_VARS := CONFIG OUT SPLIT PLOT_RUN TESTS FIGURE_EXTRA_SIMS TRAIN_ARGS CF_ARGS DEMO_CF_ARGS FEATURE_KINDS UNSEEN_FEATURES \
-  UNSEEN_TESTS FEAT_FIT_RUNS FEAT_VALID_RUNS TABLE_INPUTS TABLE_OUT VENV PY_BOOT PYTHON \
+HELP_VARS := CONFIG OUT SPLIT PLOT_RUN TESTS FIGURE_EXTRA_SIMS TRAIN_ARGS CF_ARGS DEMO_CF_ARGS \
+  FEATURE_KINDS UNSEEN_FEATURES UNSEEN_TESTS FEAT_FIT_RUNS FEAT_VALID_RUNS TABLE_INPUTS TABLE_OUT VENV PY_BOOT PYTHON \
   INSTALL_DEP SHARED
 HELP_CONFIG := experiment config: runs/<name> or runs/<name>/config.py
 HELP_OUT := output folder (empty: <CONFIG>/output)
@@ -137,7 +138,7 @@ demo: $(INSTALL_DEP)  ## The embedded default end to end on CPU (runs, TracIn-CP
 	@echo "demo outputs in $(DEMO_EXP): results.json, table.md, results_unseen.md, figures/, counterfactual/report.md"
 
 runs: $(INSTALL_DEP)  ## Training runs of CONFIG=runs/<name> (resumes an interrupted experiment).
-	$(FINETUNE) run $(CONFIG) --out $(EXP)$(if $(strip $(TRAIN_ARGS)), $(TRAIN_ARGS))
+	$(FINETUNE) run $(CONFIG) --out $(EXP)$(TRAIN_FLAGS)
 
 tracin: $(INSTALL_DEP)  ## TracIn-CP dot products at every checkpoint of the runs in $(EXP).
 	$(FINETUNE) tracin $(EXP)
@@ -165,7 +166,7 @@ unseen: $(INSTALL_SIM_DEP)  ## Featurized Simfluence on examples never seen: fou
 
 counterfactual: $(INSTALL_DEP)  ## After simulate: propose curricula, train them (finetune), score every simulator.
 	$(SIMFLUENCE) counterfactual propose $(EXP) $(SPLIT_FLAG) $(CF_ARGS)
-	$(FINETUNE) counterfactual $(EXP)$(if $(strip $(TRAIN_ARGS)), $(TRAIN_ARGS))
+	$(FINETUNE) counterfactual $(EXP)$(TRAIN_FLAGS)
 	$(SIMFLUENCE) counterfactual score $(EXP)
 
 figures: $(INSTALL_SIM_DEP)  ## Trajectories, A/B, LDS, metric bars, lambda curve (PNG + PDF) and top influences for $(EXP).

@@ -948,8 +948,9 @@ def _held_out(sims, complete: list[int], info: dict, results: dict | None) -> li
     used |= {int(i) for i in info.get("held_out_runs") or []}
     held = [i for i in complete if i not in used]
     recorded = set((results or {}).get("split", {}).get("test") or [])
-    if len([i for i in held if i in recorded]) >= 2:
-        held = [i for i in held if i in recorded]
+    in_split = [i for i in held if i in recorded]
+    if len(in_split) >= 2:
+        held = in_split
     if len(held) < 2:
         return f"{len(held)} complete run(s) held out from every simulator; 2 or more needed"
     return held

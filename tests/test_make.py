@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET_SPECIFIC = {"TPU_TARGET", "ACCELERATOR", "TPU_VERSION", "AOT_VENV", "AOT_ARGS"}
 
 
-def _make(*args: str) -> list[str]:
+def _run_make(*args: str) -> subprocess.CompletedProcess:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     # Variables exported in the caller's shell would reach make; each test sets its own.
@@ -25,7 +25,11 @@ def _make(*args: str) -> list[str]:
     cmd = ["make", "--no-print-directory", "-C", str(REPO), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.replace("\\\n", " ").splitlines()
+    return proc
+
+
+def _make(*args: str) -> list[str]:
+    return _run_make(*args).stdout.replace("\\\n", " ").splitlines()
 
 
 def _pip_lines(lines: list[str]) -> list[str]:
@@ -85,15 +89,15 @@ def test_split_is_passed_only_when_set(target, word):
 
 def test_figures_draws_the_extra_simulators_whose_files_exist(tmp_path):
     """FIGURE_EXTRA_SIMS (spaces or commas): present files join --sim, missing ones are named."""
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed")
     for v in ("linear", "a", "b"):
         (tmp_path / f"sim_{v}.npz").write_bytes(b"")
-    env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "OUT", "SPLIT", "MAKEFLAGS")}
-    cmd = ["make", "--no-print-directory", "-C", str(REPO), "figures", f"OUT={tmp_path}"]
-    cmd += ["INSTALL_SIM_DEP=", "SIMFLUENCE=echo", "FIGURE_EXTRA_SIMS=a,missing b"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 0, proc.stderr
+    proc = _run_make(
+        "figures",
+        f"OUT={tmp_path}",
+        "INSTALL_SIM_DEP=",
+        "SIMFLUENCE=echo",
+        "FIGURE_EXTRA_SIMS=a,missing b",
+    )
     sims = proc.stdout.split("--sim ")[-1].split()[0]
     assert sims == ",".join(str(tmp_path / f"sim_{v}.npz") for v in ("linear", "a", "b"))
     assert (

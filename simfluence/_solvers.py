@@ -19,11 +19,11 @@ The solution is stored in float32, so a residual below the float32 rounding floo
 to float32 can cost at worst) cannot be reached; `solve` reports that floor beside the residual so
 callers can tell "stopped early" from "as exact as float32 coefficients can be".
 
-The whole solve, refinement included, is one compiled call: blocks of `BLOCK` test columns are
-solved one after another by `lax.map` and split over every device of `mesh()` by `shard_map`
-(test columns are independent). With fewer rows than unknowns a small residual does not mean
-small coefficient errors; there each column must also reach the bound ``||r|| / min(lam) <=
-COEF_TOL ||theta||`` (or its float32 floor). Notes and measurements: docs/solver.md.
+The whole solve, refinement included, is one compiled call: blocks of `block_width(rows)` test
+columns are solved one after another by `lax.map` and split over every device of `mesh()` by
+`shard_map` (test columns are independent). With fewer rows than unknowns a small residual does
+not mean small coefficient errors; there each column must also reach the bound ``||r|| /
+min(lam) <= COEF_TOL ||theta||`` (or its float32 floor). Notes and measurements: docs/solver.md.
 
 References:
     Guu et al. 2023, Simfluence. https://arxiv.org/abs/2303.08114
@@ -136,7 +136,8 @@ def solve(
     rounds stop once every test column's float64 relative residual is below `tol`.
 
     The whole solve, refinement rounds included, is one compiled call: the test columns are cut
-    into blocks of `BLOCK` (padded with zero columns), each block is solved to completion by a
+    into blocks of `block_width(rows)` (padded with zero columns), each block is solved to
+    completion by a
     `lax.map` (so a block's working set stays small), and the blocks are split over every device
     of `mesh()` with `shard_map` (test columns are independent, so no device talks to another
     except to return the result). The result does not depend on the number of devices.
@@ -170,7 +171,8 @@ def solve(
     n_f = int(use_x) + int(use_one)
     mesh_ = mesh()
     n_dev = mesh_.devices.size
-    block = min(BLOCK, -(-n // n_dev))  # no device gets only padding at small n
+    # No device gets only padding at small n.
+    block = min(block_width(x.shape[0]), -(-n // n_dev))
     n_pad = -(-n // (block * n_dev)) * block * n_dev
     lam = np.asarray(lam, np.float32)
     prior = np.asarray(prior, np.float32)
@@ -226,10 +228,23 @@ def solve(
 
 
 # Test columns per block of the compiled solve: each block runs its own CG to completion, so its
-# [rows, BLOCK] arrays stay in cache; wider blocks amortise the gathers' index work. Measured on
-# the 2-core CPU (docs/solver.md): 16-32 columns per block were ~2x faster per column-iteration
-# than one block of 800.
-BLOCK = 32
+# [rows, block] arrays stay near the cache; wider blocks amortise the gathers' index work. The
+# width is the widest of BLOCK_WIDTHS whose f32 [rows, block] array fits BLOCK_BYTES (the
+# narrowest otherwise), see `block_width`. Measured on the 2-core CPU (docs/solver.md): at 40,000
+# rows 16 columns per block were ~2x faster per column-iteration than one block of 800 (and 5-10%
+# faster than 32); at 200,000 rows 8 columns were ~1.3x faster than 32, and the compiled solve's
+# scratch memory, about 22 [rows, block] f32 arrays, fell from 531 to about 140 MiB.
+BLOCK_WIDTHS = (32, 16, 8)
+BLOCK_BYTES = 4 << 20
+BLOCK = BLOCK_WIDTHS[0]  # the widest block (small row counts)
+
+
+def block_width(rows: int) -> int:
+    """Test columns per solver block for a design of `rows` rows (see `BLOCK_BYTES`)."""
+    for width in BLOCK_WIDTHS:
+        if 4 * width * max(int(rows), 1) <= BLOCK_BYTES:
+            return width
+    return BLOCK_WIDTHS[-1]
 
 
 def initialize_distributed() -> bool:
@@ -402,8 +417,6 @@ def _solve_sharded(
     def local(ids, count_sq, rep_rows, rep_ids, rep_extra, w, x, y, lam, prior, theta0):
         rows, n = x.shape
         nb = n // block
-        xb = jnp.transpose(x.reshape(rows, nb, block), (1, 0, 2))  # [nb, rows, block]
-        yb = jnp.transpose(y.reshape(rows, nb, block), (1, 0, 2))
         kw = dict(n_train=n_train, use_x=use_x, use_one=use_one)
         structure = (ids, count_sq, rep_rows, rep_ids, rep_extra, w)
 
@@ -411,12 +424,15 @@ def _solve_sharded(
             f = a.shape[1]
             return jnp.transpose(a.reshape(nb, block, f, n_train), (0, 3, 2, 1))
 
-        mapped = [xb, yb]
+        # Each block's columns are sliced out when it runs (no second copy of the whole chunk).
+        mapped = [jnp.arange(nb, dtype=jnp.int32)]
         mapped.append(to_blocks(prior) if per_coef else None)
         mapped.append(None if theta0 is None else to_blocks(theta0))
 
         def one(args):
-            xk, yk, pk, tk = args
+            k, pk, tk = args
+            xk = jax.lax.dynamic_slice_in_dim(x, k * block, block, axis=1)  # [rows, block]
+            yk = jax.lax.dynamic_slice_in_dim(y, k * block, block, axis=1)
             pk = prior if pk is None else pk  # [1, F, 1] or [n_train, F, block]
             return _solve_block(
                 structure, xk, yk, lam, pk, tk, *tols, inner_tol, max_iter, max_rounds, **kw

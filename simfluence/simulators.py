@@ -264,13 +264,13 @@ def _features(variant: str) -> tuple[bool, bool]:
 def _test_chunks(n_test: int, n_rows: int, budget_bytes: int = 1 << 26) -> list[tuple[int, int]]:
     """Splits the test axis so one f32 [rows, chunk] array stays under `budget_bytes`.
 
-    Chunks are whole multiples of the solver's unit (`_solvers.BLOCK` test columns per device
-    of the mesh) where the budget allows, so the solver pads nothing but the last chunk; every
-    chunk has one padded width, so the solve compiles once. The loss logs are read (memory-
-    mapped) once per chunk; the host and device copies of a chunk's rows are the fit's working
-    memory.
+    Chunks are whole multiples of the solver's unit (`_solvers.block_width` test columns per
+    device of the mesh) where the budget allows, so the solver pads nothing but the last chunk;
+    every chunk has one padded width, so the solve compiles once. The loss logs are read
+    (memory-mapped) once per chunk; the host and device copies of a chunk's rows are the fit's
+    working memory.
     """
-    unit = _solvers.BLOCK * _solvers.mesh().devices.size
+    unit = _solvers.block_width(n_rows) * _solvers.mesh().devices.size
     max_chunk = max(1, budget_bytes // (4 * max(n_rows, 1)))
     if max_chunk >= unit:
         max_chunk -= max_chunk % unit

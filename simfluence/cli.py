@@ -795,6 +795,27 @@ def _figure_paths(out: Path, stem: str) -> list[Path]:
     return [out / f"{stem}.png", out / f"{stem}.pdf"]
 
 
+# `simfluence figures` lists the files it wrote here, so that a later call into the same folder
+# can remove what it no longer draws (a figure of a simulator left out, a skipped LDS picture).
+FIGURES_MANIFEST = "figures.json"
+
+
+def _figures_manifest(out: Path) -> list[str]:
+    """File names the previous `figures` call into `out` wrote ([] if none or unreadable)."""
+    import json
+
+    try:
+        names = json.loads((out / FIGURES_MANIFEST).read_text())["written"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not isinstance(names, list):
+        return []
+    # Plain names in `out` only: a hand-edited manifest cannot point anywhere else.
+    return [
+        n for n in names if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")
+    ]
+
+
 def _cmd_figures(args) -> None:
     from simfluence import plots
     from simfluence.runlog import (
@@ -917,6 +938,7 @@ def _cmd_figures(args) -> None:
         )
     # Everything is computed; only now write.
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _figures_manifest(out)
     written: list[Path] = []
     for stem, (fn, fargs, kwargs) in figures.items():
         written += fn(_figure_paths(out, stem), *fargs, **kwargs)
@@ -929,8 +951,16 @@ def _cmd_figures(args) -> None:
             )
         )
         sys.stdout.write(listing)
+    names = [p.name for p in written]
+    atomic_write_json(out / FIGURES_MANIFEST, {"written": names})
+    stale = sorted(n for n in set(earlier) - set(names) if n != FIGURES_MANIFEST)
+    for name in stale:
+        if (out / name).is_file():
+            (out / name).unlink()
     for what in skipped:
         print(f"skipped {what}")
+    if stale:
+        print(f"removed {', '.join(stale)} (drawn by an earlier call, not by this one)")
     print("wrote " + ", ".join(str(p) for p in written))
 
 

@@ -233,14 +233,46 @@ def test_fit_simulate_influence_plot_figures(work, tmp_path, capsys):
         + ["--tests", "0"],
         capsys,
     )
-    assert sorted(p.name for p in figs.iterdir()) == [
+    drawn = [
         "influence.json",
         "influence.txt",
         *(f"{stem}.{ext}" for stem in ("lds", "parameters_linear") for ext in ("pdf", "png")),
         "trajectories.pdf",
         "trajectories.png",
     ]
+    assert sorted(p.name for p in figs.iterdir()) == sorted([*drawn, "figures.json"])
+    assert sorted(json.loads((figs / "figures.json").read_text())["written"]) == drawn
     assert json.loads((figs / "influence.json").read_text())["run"] == 8
+
+
+def test_figures_removes_only_its_own_figures_that_it_no_longer_draws(work, tmp_path, capsys):
+    d, exp = work
+    add = tmp_path / "additive.npz"
+    _ok(["fit", exp, "--runs", "0-3", "--variant", "additive", "--out", add], capsys)
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    (figs / "notes.txt").write_text("mine")  # a user's file: never touched
+    base = ["figures", exp, "--out", figs, "--tests", "0", "--top", "2"]
+    _ok([*base, "--sim", f"{d / 'sim.npz'},{add}"], capsys)
+    two = {p.name for p in figs.iterdir()}
+    assert {"parameters_linear.png", "parameters_additive.png", "lds.png"} <= two
+    # Now with one simulator and a held-out split too small for the LDS picture (every
+    # complete run but one fitted or validated on).
+    narrow = tmp_path / "narrow.npz"
+    _ok(["fit", exp, "--runs", "0-7", "--l2-a", "0.1", "--l2-b", "0.01", "--out", narrow], capsys)
+    res = _ok([*base, "--sim", narrow], capsys)
+    gone = {f"{stem}.{ext}" for stem in ("parameters_additive", "lds") for ext in ("png", "pdf")}
+    left = {p.name for p in figs.iterdir()}
+    assert left == (two - gone) | {"notes.txt"}
+    assert "removed lds.pdf, lds.png, parameters_additive.pdf, parameters_additive.png" in res.out
+    assert (figs / "notes.txt").read_text() == "mine"
+    written = json.loads((figs / "figures.json").read_text())["written"]
+    assert set(written) == left - {"notes.txt", "figures.json"}
+    # A manifest naming a file outside the folder removes nothing there.
+    (figs / "figures.json").write_text(json.dumps({"written": ["../outside.txt", "/etc/x"]}))
+    (tmp_path / "outside.txt").write_text("keep")
+    res = _ok([*base, "--sim", narrow], capsys)
+    assert (tmp_path / "outside.txt").read_text() == "keep" and "removed" not in res.out
 
 
 def test_lds_picture_uses_the_tables_held_out_runs():

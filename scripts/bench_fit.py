@@ -216,12 +216,11 @@ def _cli_bench(args, steps: int) -> None:
         cmd += ["--l2-b", str(args.l2_b), "--out", str(out)]
         wall, status, usage, hwm = _run_cli(cmd)
         if status != 0:
-            raise SystemExit(f"simfluence fit failed (exit code {status})")
+            why = f"killed by signal {-status}" if status < 0 else f"exit code {status}"
+            raise SystemExit(f"simfluence fit failed ({why})")
         if hwm is None:  # no /proc (macOS): ru_maxrss, which includes the forked parent's size
-            peak, what = (
-                usage.ru_maxrss * (1 if platform.system() == "Darwin" else 1024),
-                "ru_maxrss",
-            )
+            peak = usage.ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
+            what = "ru_maxrss, at least this script's own size"
         else:
             peak, what = hwm, "VmHWM"
         print(

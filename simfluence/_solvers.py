@@ -231,12 +231,11 @@ def solve(
 # [rows, block] arrays stay near the cache; wider blocks amortise the gathers' index work. The
 # width is the widest of BLOCK_WIDTHS whose f32 [rows, block] array fits BLOCK_BYTES (the
 # narrowest otherwise), see `block_width`. Measured on the 2-core CPU (docs/solver.md): at 40,000
-# rows 16 columns per block were ~2x faster per column-iteration than one block of 800 (and 5-10%
+# rows 16 columns per block were ~2x faster per column-iteration than one block of 800 (and 3-10%
 # faster than 32); at 200,000 rows 8 columns were ~1.3x faster than 32, and the compiled solve's
-# scratch memory, about 22 [rows, block] f32 arrays, fell from 531 to about 140 MiB.
+# scratch memory for a 64-column chunk fell from 434 to 104 MiB (about 17 [rows, block] arrays).
 BLOCK_WIDTHS = (32, 16, 8)
 BLOCK_BYTES = 4 << 20
-BLOCK = BLOCK_WIDTHS[0]  # the widest block (small row counts)
 
 
 def block_width(rows: int) -> int:

@@ -795,25 +795,77 @@ def _figure_paths(out: Path, stem: str) -> list[Path]:
     return [out / f"{stem}.png", out / f"{stem}.pdf"]
 
 
-# `simfluence figures` lists the files it wrote here, so that a later call into the same folder
-# can remove what it no longer draws (a figure of a simulator left out, a skipped LDS picture).
+# `simfluence figures` records the files it wrote here (name, size, modification time), so that a
+# later call into the same folder can remove those it no longer draws (a figure of a simulator left
+# out, a skipped LDS picture) while they are unchanged.
 FIGURES_MANIFEST = "figures.json"
+_MANIFEST_MAX_BYTES = 1 << 20
 
 
-def _figures_manifest(out: Path) -> list[str]:
-    """File names the previous `figures` call into `out` wrote ([] if none or unreadable)."""
+def _file_stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _figures_manifest(out: Path) -> dict[str, list[int] | None]:
+    """The files an earlier `figures` call into `out` wrote: {name: [size, mtime_ns]}, or None
+    for a name an interrupted call was about to write; {} when there is no list.
+
+    Only plain file names count: a hand-edited list cannot point outside `out`.
+
+    Raises:
+        ValueError: `out/figures.json` exists but is not such a list (another file, a folder,
+            unreadable JSON); nothing is written over it.
+    """
     import json
 
+    path = out / FIGURES_MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return {}
+    bad = ValueError(
+        f"--out {out}: {path} is not the figure list of `simfluence figures`; move it away or "
+        "choose another --out"
+    )
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > _MANIFEST_MAX_BYTES:
+        raise bad
     try:
-        names = json.loads((out / FIGURES_MANIFEST).read_text())["written"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    if not isinstance(names, list):
-        return []
-    # Plain names in `out` only: a hand-edited manifest cannot point anywhere else.
-    return [
-        n for n in names if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")
-    ]
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        items = files.items()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise bad from None
+    out_files: dict[str, list[int] | None] = {}
+    for name, stamp in items:
+        plain = isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+        ok = stamp is None or (
+            isinstance(stamp, list) and len(stamp) == 2 and all(type(v) is int for v in stamp)
+        )
+        if plain and ok and name != FIGURES_MANIFEST:
+            out_files[name] = stamp
+    return out_files
+
+
+def _write_figures_manifest(out: Path, files: dict[str, list[int] | None]) -> Path:
+    from simfluence.runlog import atomic_write_json
+
+    return atomic_write_json(out / FIGURES_MANIFEST, {"files": dict(sorted(files.items()))})
+
+
+def _remove_stale_figures(out: Path, earlier: dict, written: list[Path]) -> tuple[list, list]:
+    """Removes the files of `earlier` this call did not write, where unchanged since: a listed
+    stamp that no longer matches (or a symlink, a folder) means someone else's file now.
+    Returns (removed names, kept names)."""
+    now = {p.name for p in written}
+    removed, kept = [], []
+    for name, stamp in sorted(earlier.items()):
+        path = out / name
+        if name in now or (not path.exists() and not path.is_symlink()):
+            continue
+        if path.is_symlink() or not path.is_file() or (stamp and _file_stamp(path) != stamp):
+            kept.append(name)
+            continue
+        path.unlink()
+        removed.append(name)
+    return removed, kept
 
 
 def _cmd_figures(args) -> None:
@@ -831,6 +883,7 @@ def _cmd_figures(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
+    earlier = _figures_manifest(out)  # what an earlier call into --out drew
     info = read_experiment(args.exp)
     sims = _load_sims(args.sim, info, args.exp)
     complete = [i for i, _, c in list_runs(args.exp) if c]
@@ -936,9 +989,12 @@ def _cmd_figures(args) -> None:
             f"simulator {inf_sim.name} ({inf_sim.variant}), curriculum of run {run0.index}\n"
             + plots.format_influences(rows, args.test, texts["test"][args.test] if texts else None)
         )
-    # Everything is computed; only now write.
+    # Everything is computed; only now write. The list names what is about to be written first,
+    # so that files an interrupted call leaves behind are still known to the next one.
     out.mkdir(parents=True, exist_ok=True)
-    earlier = _figures_manifest(out)
+    planned = [p.name for stem in figures for p in _figure_paths(out, stem)]
+    planned += [] if listing is None else ["influence.txt", "influence.json"]
+    _write_figures_manifest(out, {**earlier, **dict.fromkeys(planned)})
     written: list[Path] = []
     for stem, (fn, fargs, kwargs) in figures.items():
         written += fn(_figure_paths(out, stem), *fargs, **kwargs)
@@ -951,16 +1007,15 @@ def _cmd_figures(args) -> None:
             )
         )
         sys.stdout.write(listing)
-    names = [p.name for p in written]
-    atomic_write_json(out / FIGURES_MANIFEST, {"written": names})
-    stale = sorted(n for n in set(earlier) - set(names) if n != FIGURES_MANIFEST)
-    for name in stale:
-        if (out / name).is_file():
-            (out / name).unlink()
+    removed, kept = _remove_stale_figures(out, earlier, written)
+    # The list: this call's files only (a file kept as changed is no longer this command's).
+    _write_figures_manifest(out, {p.name: _file_stamp(p) for p in written})
     for what in skipped:
         print(f"skipped {what}")
-    if stale:
-        print(f"removed {', '.join(stale)} (drawn by an earlier call, not by this one)")
+    if removed:
+        print(f"removed {', '.join(removed)} (drawn by an earlier call, not by this one)")
+    if kept:
+        print(f"kept {', '.join(kept)} (listed by an earlier call but changed since)")
     print("wrote " + ", ".join(str(p) for p in written))
 
 

@@ -241,11 +241,13 @@ def test_fit_simulate_influence_plot_figures(work, tmp_path, capsys):
         "trajectories.png",
     ]
     assert sorted(p.name for p in figs.iterdir()) == sorted([*drawn, "figures.json"])
-    assert sorted(json.loads((figs / "figures.json").read_text())["written"]) == drawn
+    assert sorted(json.loads((figs / "figures.json").read_text())["files"]) == drawn
     assert json.loads((figs / "influence.json").read_text())["run"] == 8
 
 
-def test_figures_removes_only_its_own_figures_that_it_no_longer_draws(work, tmp_path, capsys):
+def test_figures_removes_only_its_own_figures_that_it_no_longer_draws(
+    work, tmp_path, capsys, monkeypatch
+):
     d, exp = work
     add = tmp_path / "additive.npz"
     _ok(["fit", exp, "--runs", "0-3", "--variant", "additive", "--out", add], capsys)
@@ -253,7 +255,8 @@ def test_figures_removes_only_its_own_figures_that_it_no_longer_draws(work, tmp_
     figs.mkdir()
     (figs / "notes.txt").write_text("mine")  # a user's file: never touched
     base = ["figures", exp, "--out", figs, "--tests", "0", "--top", "2"]
-    _ok([*base, "--sim", f"{d / 'sim.npz'},{add}"], capsys)
+    both = [*base, "--sim", f"{d / 'sim.npz'},{add}"]
+    _ok(both, capsys)
     two = {p.name for p in figs.iterdir()}
     assert {"parameters_linear.png", "parameters_additive.png", "lds.png"} <= two
     # Now with one simulator and a held-out split too small for the LDS picture (every
@@ -266,13 +269,69 @@ def test_figures_removes_only_its_own_figures_that_it_no_longer_draws(work, tmp_
     assert left == (two - gone) | {"notes.txt"}
     assert "removed lds.pdf, lds.png, parameters_additive.pdf, parameters_additive.png" in res.out
     assert (figs / "notes.txt").read_text() == "mine"
-    written = json.loads((figs / "figures.json").read_text())["written"]
-    assert set(written) == left - {"notes.txt", "figures.json"}
-    # A manifest naming a file outside the folder removes nothing there.
-    (figs / "figures.json").write_text(json.dumps({"written": ["../outside.txt", "/etc/x"]}))
+    listed = json.loads((figs / "figures.json").read_text())["files"]
+    assert set(listed) == left - {"notes.txt", "figures.json"}
+
+    # A listed file changed since (here: replaced by the user) is kept and no longer listed.
+    _ok(both, capsys)
+    (figs / "parameters_additive.png").write_bytes(b"my own picture")
+    res = _ok([*base, "--sim", narrow], capsys)
+    assert (figs / "parameters_additive.png").read_bytes() == b"my own picture"
+    assert not (figs / "parameters_additive.pdf").exists()
+    assert "kept parameters_additive.png (listed by an earlier call but changed since)" in res.out
+    assert "parameters_additive.png" not in json.loads((figs / "figures.json").read_text())["files"]
+    (figs / "parameters_additive.png").unlink()
+
+    # An interrupted call: what it wrote before the stop is still removed by the next call.
+    from simfluence import plots
+
+    def stop(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_lds", stop)  # drawn after both parameters_ figures
+    with pytest.raises(KeyboardInterrupt):
+        main([str(a) for a in both])
+    assert (figs / "parameters_additive.png").exists()
+    monkeypatch.undo()
+    res = _ok([*base, "--sim", narrow], capsys)
+    assert not (figs / "parameters_additive.png").exists()
+    assert "removed parameters_additive.pdf, parameters_additive.png" in res.out
+
+    # A list naming files outside the folder removes nothing there.
+    stamp = [1, 1]
+    bad_names = {"../outside.txt": stamp, "/etc/x": stamp, "..": None, "a/b": None}
+    (figs / "figures.json").write_text(json.dumps({"files": bad_names}))
     (tmp_path / "outside.txt").write_text("keep")
     res = _ok([*base, "--sim", narrow], capsys)
     assert (tmp_path / "outside.txt").read_text() == "keep" and "removed" not in res.out
+
+
+@pytest.mark.parametrize("kind", ["other-json", "not-json", "folder", "fifo"])
+def test_figures_refuses_a_figures_json_it_did_not_write(work, tmp_path, capsys, kind):
+    import os
+
+    d, exp = work
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    target = figs / "figures.json"
+    if kind == "other-json":
+        target.write_text(json.dumps({"my": "paper figure list"}))
+    elif kind == "not-json":
+        target.write_text("[" * 100_000)
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        os.mkfifo(target)  # reading it would block
+    before = sorted(p.name for p in figs.iterdir())
+    line = _bad(
+        ["figures", exp, "--sim", d / "sim.npz", "--out", figs, "--tests", "0"],
+        capsys,
+        "is not the figure list of `simfluence figures`",
+    )
+    assert str(target) in line and "choose another --out" in line
+    assert sorted(p.name for p in figs.iterdir()) == before  # nothing written
+    if kind == "other-json":
+        assert json.loads(target.read_text()) == {"my": "paper figure list"}
 
 
 def test_lds_picture_uses_the_tables_held_out_runs():

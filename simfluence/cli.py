@@ -802,8 +802,12 @@ FIGURES_MANIFEST = "figures.json"
 _MANIFEST_MAX_BYTES = 1 << 20
 
 
-def _file_stamp(path: Path) -> list[int]:
-    st = path.stat()
+def _file_stamp(path: Path) -> list[int] | None:
+    """[size, mtime_ns] of a file, or None when it is gone."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
     return [int(st.st_size), int(st.st_mtime_ns)]
 
 

@@ -14,37 +14,20 @@ from pathlib import Path
 
 import pytest
 
+from .finetune._tiny import write_config
+
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_CONFIG = '''"""Tiny pipeline-test config."""
-
-from finetune.config import ExperimentConfig
-
-
-def get_config():
-    return ExperimentConfig(
-        name="pipeline",
-        task="rte",
-        random_init=dict(
-            vocab_size=32128, d_model=8, d_ff=16, d_kv=4, num_heads=2, num_layers=1,
-            num_decoder_layers=1, feed_forward_proj="relu", dropout_rate=0.0,
-            relative_attention_num_buckets=8,
-        ),
-        freeze_embeddings=True,
-        learning_rate=1e-2,
-        n_train=8,
-        n_test=4,
-        max_input_length=32,
-        max_target_length=4,
-        length_multiple=32,
-        num_runs=5,
-        steps=5,
-        batch_size=2,
-        curriculum="uniform",
-        runs_together=5,
-        checkpoint_steps=(0, 3),
-    )
-'''
+# The shared tiny experiment (tests/finetune/_tiny.py), five uniform runs of 5 steps trained
+# together, with a checkpoint at step 0 and at step 3 for TracIn-CP.
+PIPELINE = dict(
+    name="pipeline",
+    num_runs=5,
+    steps=5,
+    curriculum="uniform",
+    runs_together=5,
+    checkpoint_steps=(0, 3),
+)
 
 VARIANTS = (
     "linear",
@@ -102,9 +85,7 @@ def _snapshot(exp: Path) -> dict[str, bytes]:
 
 
 def test_make_targets_end_to_end_and_rerun(tmp_path, data_dir, t5_tokenizer_dir):
-    config = tmp_path / "pipeline"
-    config.mkdir()
-    (config / "config.py").write_text(TINY_CONFIG)
+    config = write_config(tmp_path / "pipeline", **PIPELINE)
     exp = tmp_path / "exp"
     table = tmp_path / "results" / "table.md"
     args = (config, exp, data_dir, t5_tokenizer_dir)
